@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# poolpipe setup: installs everything a fresh Debian 12 machine needs, idempotently.
+#
+#   ./setup.sh          install system packages, ONNX Runtime, models, sample media; build the release binary
+#   ./setup.sh demo     ... then run the demo pipeline (pipelines/demo.toml) on the bundled sample
+#   ./setup.sh test     ... then run the whole test suite (what .ci/run runs)
+#
+# Every step checks whether its result is already there, so running it twice is cheap.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+
+ORT_VERSION=1.31.1          # ONNX Runtime shared library (PyPI wheel `onnxruntime`)
+RAPIDOCR_VERSION=1.4.4      # PP-OCRv4 detection + recognition ONNX models (PyPI wheel `rapidocr-onnxruntime`)
+ONNX_PY_VERSION=1.19.1      # `onnx` Python package, used by the benchmark-model generator
+NUMPY_VERSION=2.3.4
+
+APT_PACKAGES=(
+  pkg-config unzip python3-venv
+  libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
+  gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-x gstreamer1.0-rtsp libgstrtspserver-1.0-dev
+  fonts-dejavu-core
+)
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+# --- 1. System packages --------------------------------------------------------------------------
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  log "Installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  log "Debian packages present."
+fi
+
+DL="$ROOT/.cache/downloads"
+mkdir -p "$DL"
+pip_download() { # $1 = requirement; downloads a wheel for CPython 3.11 / manylinux x86_64 into $DL
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform any \
+    -d "$DL" "$1"
+}
+
+# --- 2. ONNX Runtime shared library -----------------------------------------------------------------
+ORT_DIR="$ROOT/engines/lib"
+if [ ! -f "$ORT_DIR/libonnxruntime.so.$ORT_VERSION" ]; then
+  log "Fetching ONNX Runtime $ORT_VERSION from PyPI."
+  pip_download "onnxruntime==$ORT_VERSION"
+  mkdir -p "$ORT_DIR"
+  unzip -o -j -q "$DL"/onnxruntime-"$ORT_VERSION"-*.whl "onnxruntime/capi/libonnxruntime.so*" -d "$ORT_DIR"
+fi
+ln -sf "libonnxruntime.so.$ORT_VERSION" "$ORT_DIR/libonnxruntime.so"
+
+# --- 3. PP-OCR models ---------------------------------------------------------------------------------
+OCR_DIR="$ROOT/engines/ppocr"
+if [ ! -f "$OCR_DIR/ch_PP-OCRv4_rec_infer.onnx" ] || [ ! -f "$OCR_DIR/ch_PP-OCRv4_det_infer.onnx" ]; then
+  log "Fetching PP-OCRv4 models (rapidocr-onnxruntime $RAPIDOCR_VERSION) from PyPI."
+  pip_download "rapidocr-onnxruntime==$RAPIDOCR_VERSION"
+  mkdir -p "$OCR_DIR"
+  unzip -o -j -q "$DL"/rapidocr_onnxruntime-"$RAPIDOCR_VERSION"-*.whl \
+    rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx -d "$OCR_DIR"
+fi
+
+# --- 4. Python tools: benchmark-model generator and the Python baseline of `poolpipe bench` -----------
+VENV="$ROOT/.venv"
+if ! "$VENV/bin/python" -c "import onnx, numpy, onnxruntime" 2>/dev/null; then
+  log "Creating $VENV (onnx, numpy, onnxruntime)."
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "onnx==$ONNX_PY_VERSION" "numpy==$NUMPY_VERSION" "onnxruntime==$ORT_VERSION"
+fi
+
+# --- 5. Benchmark CNNs with random weights -------------------------------------------------------------
+BENCH_DIR="$ROOT/engines/bench"
+for m in resnet18 resnet50 mobilenetv2; do
+  if [ ! -f "$BENCH_DIR/$m.onnx" ]; then
+    log "Generating benchmark model $m."
+    "$VENV/bin/python" engines/gen_bench_models.py --out "$BENCH_DIR" "$m"
+  fi
+done
+
+# --- 6. Sample media -----------------------------------------------------------------------------------
+SAMPLE="$ROOT/samples/campus.mp4"
+if [ ! -f "$SAMPLE" ]; then
+  log "Building the sample clip from Debian's opencv-doc vtest.avi."
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download opencv-doc >/dev/null 2>&1 || { apt-get update -q && apt-get download opencv-doc; })
+  dpkg -x "$tmp"/opencv-doc_*.deb "$tmp/x"
+  bash samples/make_sample.sh "$tmp/x/usr/share/doc/opencv-doc/examples/data/vtest.avi" "$SAMPLE"
+  rm -rf "$tmp"
+fi
+
+# --- 7. Build ------------------------------------------------------------------------------------------
+if ! command -v cargo >/dev/null; then
+  log "cargo is not installed: install Rust (https://rustup.rs) and run this again."; exit 1
+fi
+log "Building the release binary."
+cargo build --release --locked
+export ORT_DYLIB_PATH="$ORT_DIR/libonnxruntime.so"
+
+case "${1:-}" in
+  "") log "Done. Run the demo: ./target/release/poolpipe run pipelines/demo.toml" ;;
+  demo) exec ./target/release/poolpipe run pipelines/demo.toml "${@:2}" ;;
+  test)
+    log "Running the test suite."
+    cargo fmt --all -- --check
+    cargo test --release --locked -- --test-threads=2 "${@:2}"
+    ;;
+  *) log "Unknown mode '$1' (expected: demo, test)."; exit 2 ;;
+esac

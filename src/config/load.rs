@@ -1,0 +1,638 @@
+//! Parsing and validating pipeline files: every problem is collected, none stops the others.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::diag::{ConfigErrors, Diagnostic, SourceText, SpanIndex};
+use super::manifest::{ModelKind, load_manifest};
+use super::*;
+
+/// A parsed TOML file with the spans of its keys.
+pub(crate) struct ParsedFile<'a> {
+    /// Path and text, for positions.
+    pub src: SourceText<'a>,
+    /// The document.
+    pub table: Spanned<DeTable<'a>>,
+    /// Spans of every key.
+    pub index: SpanIndex,
+}
+
+impl<'a> ParsedFile<'a> {
+    /// Parses `text`; syntax errors are all reported (the parser recovers where it can).
+    pub fn parse(path: &'a Path, text: &'a str) -> Result<Self, ConfigErrors> {
+        let src = SourceText { path, text };
+        let (table, errors) = DeTable::parse_recoverable(text);
+        if !errors.is_empty() {
+            return Err(ConfigErrors(
+                errors
+                    .iter()
+                    .map(|e| src.diag(e.span(), "", format!("TOML syntax: {}", e.message().trim())))
+                    .collect(),
+            ));
+        }
+        let index = SpanIndex::build(table.get_ref());
+        Ok(Self { src, table, index })
+    }
+
+    /// The whole document as a value.
+    pub fn root_value(&self) -> Spanned<DeValue<'a>> {
+        Spanned::new(
+            self.table.span(),
+            DeValue::Table(self.table.get_ref().clone()),
+        )
+    }
+
+    /// A diagnostic for the value at `key` (or the nearest enclosing key the file has).
+    pub fn diag_at(&self, key: &str, message: impl Into<String>) -> Diagnostic {
+        // A key the file does not have (a missing section) is reported at the top of the file.
+        self.src
+            .diag(self.index.nearest_span(key).or(Some(0..0)), key, message)
+    }
+}
+
+/// Deserialises one component, turning a serde error into a diagnostic that names the key.
+pub(crate) fn deserialize_part<'a, T: Deserialize<'a>>(
+    parsed: &ParsedFile<'a>,
+    base: &str,
+    value: Spanned<DeValue<'a>>,
+) -> Result<T, Diagnostic> {
+    let whole = value.span();
+    T::deserialize(ValueDeserializer::from(value)).map_err(|e| {
+        let span = e.span().unwrap_or(whole);
+        let key = parsed.index.path_at(&span).unwrap_or(base).to_string();
+        parsed
+            .src
+            .diag(Some(span), key, clean_serde_message(e.message()))
+    })
+}
+
+/// serde's messages say `variant` and `field`; users wrote values and keys.
+fn clean_serde_message(m: &str) -> String {
+    m.trim()
+        .replace("unknown variant", "unknown value")
+        .replace("unknown field", "unknown key")
+        .replace("missing field", "missing key")
+}
+
+/// Reads and validates a pipeline file.
+pub fn load_pipeline(path: &Path) -> Result<Pipeline, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read pipeline file: {e}"),
+        }])
+    })?;
+    load_pipeline_str(path, &text)
+}
+
+/// Validates pipeline text as if it were the file at `path` (relative paths resolve from there).
+pub fn load_pipeline_str(path: &Path, text: &str) -> Result<Pipeline, ConfigErrors> {
+    let parsed = ParsedFile::parse(path, text)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut v = Validator {
+        parsed: &parsed,
+        dir,
+        errors: Vec::new(),
+    };
+    let pipeline = v.pipeline();
+    let mut errors = v.errors;
+    errors.sort_by_key(|d| (d.file != path, d.file.clone(), d.line, d.column));
+    match pipeline {
+        Some(p) if errors.is_empty() => Ok(p),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+const SECTIONS: [&str; 4] = ["pipeline", "source", "stage", "sink"];
+
+/// videotestsrc patterns (GStreamer 1.22).
+const TEST_PATTERNS: [&str; 26] = [
+    "smpte",
+    "snow",
+    "black",
+    "white",
+    "red",
+    "green",
+    "blue",
+    "checkers-1",
+    "checkers-2",
+    "checkers-4",
+    "checkers-8",
+    "circular",
+    "blink",
+    "smpte75",
+    "zone-plate",
+    "gamut",
+    "chroma-zone-plate",
+    "solid-color",
+    "ball",
+    "smpte100",
+    "bar",
+    "pinwheel",
+    "spokes",
+    "gradient",
+    "colors",
+    "smpte-rp-219",
+];
+
+struct Validator<'p, 'a> {
+    parsed: &'p ParsedFile<'a>,
+    dir: &'p Path,
+    errors: Vec<Diagnostic>,
+}
+
+impl<'a> Validator<'_, 'a> {
+    fn err(&mut self, key: &str, message: impl Into<String>) {
+        let d = self.parsed.diag_at(key, message);
+        self.errors.push(d);
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.parsed.index.value_span(key).is_some()
+    }
+
+    fn section(&self, name: &str) -> Option<Spanned<DeValue<'a>>> {
+        self.parsed
+            .table
+            .get_ref()
+            .iter()
+            .find(|(k, _)| k.get_ref() == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// The elements of an array-of-tables section, each with its path.
+    fn items(&mut self, name: &str) -> Vec<(String, Spanned<DeValue<'a>>)> {
+        match self.section(name) {
+            None => {
+                self.errors.push(self.parsed.src.diag(
+                    Some(0..0),
+                    name,
+                    format!("missing: the pipeline needs at least one [[{name}]]"),
+                ));
+                Vec::new()
+            }
+            Some(v) => match v.get_ref() {
+                DeValue::Array(items) if !items.is_empty() => items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| (format!("{name}[{i}]"), item.clone()))
+                    .collect(),
+                _ => {
+                    self.err(name, format!("expected one or more [[{name}]] tables"));
+                    Vec::new()
+                }
+            },
+        }
+    }
+
+    fn part<T: Deserialize<'a>>(&mut self, base: &str, value: Spanned<DeValue<'a>>) -> Option<T> {
+        match deserialize_part(self.parsed, base, value) {
+            Ok(t) => Some(t),
+            Err(d) => {
+                self.errors.push(d);
+                None
+            }
+        }
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    fn pipeline(&mut self) -> Option<Pipeline> {
+        let keys: Vec<(String, Range<usize>)> = self
+            .parsed
+            .table
+            .get_ref()
+            .keys()
+            .map(|k| (k.get_ref().to_string(), k.span()))
+            .collect();
+        for (k, span) in keys {
+            if !SECTIONS.contains(&k.as_str()) {
+                let d = self.parsed.src.diag(
+                    Some(span),
+                    k.clone(),
+                    format!(
+                        "unknown section `{k}`, expected one of: {}",
+                        SECTIONS.join(", ")
+                    ),
+                );
+                self.errors.push(d);
+            }
+        }
+        let header: Option<PipelineSection> = match self.section("pipeline") {
+            Some(v) => self.part("pipeline", v),
+            None => {
+                self.errors.push(self.parsed.src.diag(
+                    Some(0..0),
+                    "pipeline",
+                    "missing: a [pipeline] table with `name` and `slo_ms`",
+                ));
+                None
+            }
+        };
+        if let Some(h) = &header {
+            if h.name.trim().is_empty() {
+                self.err("pipeline.name", "must not be empty");
+            }
+            if h.slo_ms == 0 || h.slo_ms > 3_600_000 {
+                self.err(
+                    "pipeline.slo_ms",
+                    format!(
+                        "{} is not a latency budget: expected 1..=3600000 milliseconds",
+                        h.slo_ms
+                    ),
+                );
+            }
+            if let Some(lib) = &h.onnxruntime
+                && !self.resolve(lib).is_file()
+            {
+                self.err(
+                    "pipeline.onnxruntime",
+                    format!("{} does not exist", self.resolve(lib).display()),
+                );
+            }
+        }
+        let sources = self.sources();
+        let engines_dir = header
+            .as_ref()
+            .map(|h| self.resolve(&h.engines_dir))
+            .unwrap_or_else(|| self.dir.join("../engines"));
+        let stages = self.stages(&engines_dir, header.as_ref().map(|h| h.slo_ms));
+        let sinks = self.sinks();
+        let h = header?;
+        Some(Pipeline {
+            file: self.parsed.src.path.to_path_buf(),
+            name: h.name,
+            slo: Duration::from_millis(h.slo_ms),
+            onnxruntime: h.onnxruntime.map(|p| self.resolve(&p)),
+            sources: sources?,
+            stages: stages?,
+            sinks: sinks?,
+        })
+    }
+
+    fn check_name(&mut self, key: &str, name: &str, seen: &mut HashSet<String>, what: &str) {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            self.err(key, format!("{what} name `{name}` must be non-empty and use only letters, digits, `-`, `_`, `.`"));
+        } else if !seen.insert(name.to_string()) {
+            self.err(key, format!("duplicate {what} name `{name}`"));
+        }
+    }
+
+    fn sources(&mut self) -> Option<Vec<SourceSpec>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        let mut seen = HashSet::new();
+        for (base, value) in self.items("source") {
+            let Some(c) = self.part::<SourceConfig>(&base, value) else {
+                ok = false;
+                continue;
+            };
+            let n = self.errors.len();
+            self.check_name(&format!("{base}.name"), &c.name, &mut seen, "source");
+            let kind = self.source_kind(&base, &c);
+            let uri = c.uri.trim();
+            let is_rtsp = uri.starts_with("rtsp://") || uri.starts_with("rtsps://");
+            let is_test = uri.starts_with("test://");
+            for key in ["transport", "latency_ms"] {
+                if !is_rtsp && self.has(&format!("{base}.{key}")) {
+                    self.err(
+                        &format!("{base}.{key}"),
+                        format!("`{key}` applies to rtsp:// sources only"),
+                    );
+                }
+            }
+            for key in ["loop", "pace"] {
+                if is_rtsp && self.has(&format!("{base}.{key}")) {
+                    self.err(
+                        &format!("{base}.{key}"),
+                        format!("`{key}` applies to files and test sources, not to live cameras"),
+                    );
+                }
+            }
+            if !is_test && self.has(&format!("{base}.num_buffers")) {
+                self.err(
+                    &format!("{base}.num_buffers"),
+                    "`num_buffers` applies to test:// sources only",
+                );
+            }
+            if let Some(f) = c.max_fps
+                && !(1..=1000).contains(&f)
+            {
+                self.err(
+                    &format!("{base}.max_fps"),
+                    format!("{f} frames per second: expected 1..=1000"),
+                );
+            }
+            if c.reconnect_min_ms == 0 {
+                self.err(
+                    &format!("{base}.reconnect_min_ms"),
+                    "must be at least 1 millisecond",
+                );
+            }
+            if c.reconnect_max_ms < c.reconnect_min_ms {
+                self.err(
+                    &format!("{base}.reconnect_max_ms"),
+                    format!(
+                        "{} is below reconnect_min_ms = {}",
+                        c.reconnect_max_ms, c.reconnect_min_ms
+                    ),
+                );
+            }
+            if c.stall_timeout_ms < 100 {
+                self.err(
+                    &format!("{base}.stall_timeout_ms"),
+                    "must be at least 100 milliseconds",
+                );
+            }
+            if c.num_buffers == Some(0) {
+                self.err(&format!("{base}.num_buffers"), "must be at least 1");
+            }
+            let (Some(kind), true) = (kind, self.errors.len() == n) else {
+                ok = false;
+                continue;
+            };
+            out.push(SourceSpec {
+                name: c.name,
+                kind,
+                max_fps: c.max_fps,
+                looping: c.looping,
+                pace: c.pace.unwrap_or(Pace::Realtime),
+                reconnect_min: Duration::from_millis(c.reconnect_min_ms),
+                reconnect_max: Duration::from_millis(c.reconnect_max_ms),
+                stall_timeout: Duration::from_millis(c.stall_timeout_ms),
+                num_buffers: c.num_buffers,
+            });
+        }
+        ok.then_some(out)
+    }
+
+    fn source_kind(&mut self, base: &str, c: &SourceConfig) -> Option<SourceKind> {
+        let key = format!("{base}.uri");
+        let uri = c.uri.trim();
+        if uri.starts_with("rtsp://") || uri.starts_with("rtsps://") {
+            let host = uri
+                .split("://")
+                .nth(1)
+                .unwrap_or("")
+                .split(['/', '?'])
+                .next()
+                .unwrap_or("");
+            let host = host.rsplit('@').next().unwrap_or("");
+            if host.is_empty() || host.starts_with(':') {
+                self.err(&key, format!("`{}` has no host", super::redact_url(uri)));
+                return None;
+            }
+            return Some(SourceKind::Rtsp {
+                url: uri.to_string(),
+                transport: c.transport,
+                latency_ms: c.latency_ms,
+            });
+        }
+        if let Some(pattern) = uri.strip_prefix("test://") {
+            if !TEST_PATTERNS.contains(&pattern) {
+                self.err(
+                    &key,
+                    format!(
+                        "unknown test pattern `{pattern}`, expected one of: {}",
+                        TEST_PATTERNS.join(", ")
+                    ),
+                );
+                return None;
+            }
+            return Some(SourceKind::Test {
+                pattern: pattern.to_string(),
+            });
+        }
+        let path = if let Some(p) = uri.strip_prefix("file://") {
+            p
+        } else if let Some((scheme, _)) = uri.split_once("://") {
+            self.err(&key, format!("unsupported scheme `{scheme}://`, expected rtsp://, rtsps://, file://, test:// or a path"));
+            return None;
+        } else {
+            uri
+        };
+        if path.is_empty() {
+            self.err(&key, "empty path");
+            return None;
+        }
+        let full = self.resolve(Path::new(path));
+        if !full.is_file() {
+            self.err(&key, format!("file {} does not exist", full.display()));
+            return None;
+        }
+        Some(SourceKind::File { path: full })
+    }
+
+    fn stages(&mut self, engines_dir: &Path, slo_ms: Option<u64>) -> Option<Vec<StageSpec>> {
+        let mut out: Vec<StageSpec> = Vec::new();
+        let mut ok = true;
+        let mut seen = HashSet::new();
+        for (i, (base, value)) in self.items("stage").into_iter().enumerate() {
+            let Some(c) = self.part::<StageConfig>(&base, value) else {
+                ok = false;
+                continue;
+            };
+            let n = self.errors.len();
+            self.check_name(&format!("{base}.name"), &c.name, &mut seen, "stage");
+            let device = self.device(&base, &c.device);
+            let ranges: [(&str, u64, u64, u64); 5] = [
+                ("workers", c.workers.into(), 1, 64),
+                ("threads", c.threads.into(), 1, 256),
+                ("max_batch", c.max_batch.into(), 1, 256),
+                ("queue", c.queue.into(), 1, 4096),
+                ("max_wait_ms", c.max_wait_ms, 0, 10_000),
+            ];
+            for (key, value, lo, hi) in ranges {
+                if value < lo || value > hi {
+                    self.err(
+                        &format!("{base}.{key}"),
+                        format!("{value} is out of range: expected {lo}..={hi}"),
+                    );
+                }
+            }
+            if let Some(slo) = slo_ms
+                && c.max_wait_ms >= slo
+            {
+                self.err(
+                    &format!("{base}.max_wait_ms"),
+                    format!("{} ms leaves nothing of the {slo} ms SLO", c.max_wait_ms),
+                );
+            }
+            let manifest_path = if c.model.ends_with(".toml") || c.model.contains('/') {
+                self.resolve(Path::new(&c.model))
+            } else {
+                engines_dir.join(format!("{}.toml", c.model))
+            };
+            let model = if !manifest_path.is_file() {
+                self.err(
+                    &format!("{base}.model"),
+                    format!("no model manifest at {}", manifest_path.display()),
+                );
+                None
+            } else {
+                match load_manifest(&manifest_path) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        self.err(
+                            &format!("{base}.model"),
+                            format!(
+                                "model manifest {} is invalid (see below)",
+                                manifest_path.display()
+                            ),
+                        );
+                        self.errors.extend(e.0);
+                        None
+                    }
+                }
+            };
+            let mut boxes_from = None;
+            if let Some(m) = &model {
+                if i == 0 && m.kind == ModelKind::TextRecognize {
+                    self.err(&format!("{base}.model"), "a text_recognize stage reads boxes of an earlier text_detect stage; it cannot come first");
+                }
+                if m.kind == ModelKind::TextRecognize {
+                    boxes_from = match &c.input {
+                        Some(name) => {
+                            let found = out.iter().position(|s| &s.name == name);
+                            match found {
+                                Some(j) if out[j].model.kind == ModelKind::TextDetect => Some(j),
+                                Some(_) => {
+                                    self.err(
+                                        &format!("{base}.input"),
+                                        format!("stage `{name}` is not a text_detect stage"),
+                                    );
+                                    None
+                                }
+                                None => {
+                                    self.err(
+                                        &format!("{base}.input"),
+                                        format!("no earlier stage named `{name}`"),
+                                    );
+                                    None
+                                }
+                            }
+                        }
+                        None => {
+                            let j = out
+                                .iter()
+                                .rposition(|s| s.model.kind == ModelKind::TextDetect);
+                            if j.is_none() && i > 0 {
+                                self.err(
+                                    &format!("{base}.model"),
+                                    "a text_recognize stage needs an earlier text_detect stage",
+                                );
+                            }
+                            j
+                        }
+                    };
+                } else if c.input.is_some() {
+                    self.err(
+                        &format!("{base}.input"),
+                        "`input` applies to text_recognize stages only",
+                    );
+                }
+                if m.kind.takes_whole_image()
+                    && let Some(first) = out.iter().find(|s| s.model.kind.takes_whole_image())
+                    && let (Some(a), Some(b)) = (&first.model.image, &m.image)
+                    && (a.width, a.height, a.pixel_format) != (b.width, b.height, b.pixel_format)
+                {
+                    self.err(
+                        &format!("{base}.model"),
+                        format!(
+                            "takes {}x{} {:?} images but stage `{}` takes {}x{} {:?}: every whole-image stage of a pipeline must take the same size",
+                            b.width, b.height, b.pixel_format, first.name, a.width, a.height, a.pixel_format
+                        ),
+                    );
+                }
+            }
+            let (Some(model), Some(device), true) = (model, device, self.errors.len() == n) else {
+                ok = false;
+                continue;
+            };
+            out.push(StageSpec {
+                name: c.name,
+                model,
+                device,
+                workers: c.workers as usize,
+                threads: c.threads as usize,
+                max_batch: c.max_batch as usize,
+                max_wait: Duration::from_millis(c.max_wait_ms),
+                queue: c.queue as usize,
+                boxes_from,
+            });
+        }
+        ok.then_some(out)
+    }
+
+    fn device(&mut self, base: &str, device: &str) -> Option<Device> {
+        let key = format!("{base}.device");
+        match device {
+            "cpu" => Some(Device::Cpu),
+            d if d.starts_with("cuda:") || d.starts_with("tensorrt:") => {
+                self.err(&key, format!("device `{d}` needs a GPU backend, which this build does not include; use `cpu`"));
+                None
+            }
+            d if d.starts_with("emulated:") => {
+                self.err(
+                    &key,
+                    format!("device `{d}`: emulated devices are not available yet; use `cpu`"),
+                );
+                None
+            }
+            d => {
+                self.err(&key, format!("unknown device `{d}`, expected `cpu`"));
+                None
+            }
+        }
+    }
+
+    fn sinks(&mut self) -> Option<Vec<SinkSpec>> {
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (base, value) in self.items("sink") {
+            let Some(c) = self.part::<SinkConfig>(&base, value) else {
+                ok = false;
+                continue;
+            };
+            match c.kind {
+                SinkKind::Jsonl if c.path == "-" => out.push(SinkSpec::Stdout),
+                SinkKind::Jsonl => {
+                    let p = self.resolve(Path::new(&c.path));
+                    match p.parent() {
+                        Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => {
+                            self.err(
+                                &format!("{base}.path"),
+                                format!("folder {} does not exist", d.display()),
+                            );
+                            ok = false;
+                        }
+                        _ => out.push(SinkSpec::File(p)),
+                    }
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+}

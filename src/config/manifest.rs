@@ -1,0 +1,301 @@
+//! Model manifests (`engines/*.toml`): what a model file is and how to feed and read it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::diag::{ConfigErrors, Diagnostic};
+use super::load::{ParsedFile, deserialize_part};
+use crate::frame::PixelFormat;
+
+/// Which engine runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// ONNX Runtime on the CPU.
+    #[default]
+    Onnxruntime,
+    /// No inference at all: measures the pipeline's own overhead.
+    Noop,
+}
+
+/// What the model computes, which decides its pre- and post-processing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Image -> class scores; publishes the top classes.
+    Classify,
+    /// Image -> text probability map (DB); publishes text boxes.
+    TextDetect,
+    /// Crops of an earlier stage's text boxes -> characters (CTC); publishes text.
+    TextRecognize,
+    /// Runs nothing; frames pass through (with the `noop` backend).
+    Passthrough,
+}
+
+impl ModelKind {
+    /// Whether the model's input is the whole frame (so ingest scales frames to its size).
+    pub fn takes_whole_image(self) -> bool {
+        matches!(self, ModelKind::Classify | ModelKind::TextDetect)
+    }
+}
+
+/// Tensor layout of an image input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum Layout {
+    /// Batch, channels, height, width.
+    #[default]
+    NCHW,
+    /// Batch, height, width, channels.
+    NHWC,
+}
+
+/// `[image]`: the image a model takes and how to normalise it: `(pixel / 255 - mean) / std`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    /// Input width in pixels (text recognisers: the smallest padded width).
+    pub width: u32,
+    /// Input height in pixels.
+    pub height: u32,
+    /// Channel order the model was trained on.
+    #[serde(default = "default_pixel_format")]
+    pub pixel_format: PixelFormat,
+    /// Tensor layout.
+    #[serde(default)]
+    pub layout: Layout,
+    /// Per-channel mean, in the model's channel order.
+    #[serde(default = "default_mean")]
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation.
+    #[serde(default = "default_std")]
+    pub std: [f32; 3],
+}
+
+fn default_pixel_format() -> PixelFormat {
+    PixelFormat::RGB
+}
+fn default_mean() -> [f32; 3] {
+    [0.485, 0.456, 0.406]
+}
+fn default_std() -> [f32; 3] {
+    [0.229, 0.224, 0.225]
+}
+
+impl ImageSpec {
+    /// What sources deliver when no stage takes whole images: a small RGB frame.
+    pub fn passthrough() -> Self {
+        Self {
+            width: 320,
+            height: 240,
+            pixel_format: PixelFormat::RGB,
+            layout: Layout::NCHW,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        }
+    }
+}
+
+/// `[classify]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifyParams {
+    /// Classes published per frame.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Labels file, one per line (else `class_<id>`).
+    #[serde(default)]
+    pub labels: Option<PathBuf>,
+}
+
+fn default_top_k() -> usize {
+    5
+}
+
+impl Default for ClassifyParams {
+    fn default() -> Self {
+        Self {
+            top_k: default_top_k(),
+            labels: None,
+        }
+    }
+}
+
+/// `[text_detect]`: DB post-processing.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextDetectParams {
+    /// Probability above which a pixel is text.
+    pub thresh: f32,
+    /// Mean probability a region needs to be kept.
+    pub box_thresh: f32,
+    /// How far a region is grown (DB shrinks text regions in training).
+    pub unclip_ratio: f32,
+    /// Shortest side a region needs, in map pixels.
+    pub min_size: f32,
+    /// Most regions kept per frame.
+    pub max_candidates: usize,
+    /// Dilate the bitmap by 2x2 before finding regions.
+    pub dilate: bool,
+}
+
+impl Default for TextDetectParams {
+    fn default() -> Self {
+        Self {
+            thresh: 0.3,
+            box_thresh: 0.5,
+            unclip_ratio: 1.6,
+            min_size: 3.0,
+            max_candidates: 1000,
+            dilate: true,
+        }
+    }
+}
+
+/// `[text_recognize]`: crops and CTC decoding.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextRecognizeParams {
+    /// Model metadata key that holds the character list, one per line.
+    pub charset_metadata_key: String,
+    /// Widest crop after resizing to the input height, in pixels.
+    pub max_width: u32,
+    /// Most crops in one inference.
+    pub max_crops: usize,
+    /// Lines with a lower mean probability are not published.
+    pub min_score: f32,
+}
+
+impl Default for TextRecognizeParams {
+    fn default() -> Self {
+        Self {
+            charset_metadata_key: "character".into(),
+            max_width: 1280,
+            max_crops: 16,
+            min_score: 0.5,
+        }
+    }
+}
+
+/// A model manifest, with paths made absolute.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelManifest {
+    /// Model name.
+    pub name: String,
+    /// Engine backend.
+    #[serde(default)]
+    pub backend: Backend,
+    /// The ONNX file (relative to the manifest in the file; absolute once loaded).
+    #[serde(default)]
+    pub onnx: Option<PathBuf>,
+    /// Name of the image input (default: the model's first input).
+    #[serde(default)]
+    pub input: Option<String>,
+    /// What the model computes.
+    pub kind: ModelKind,
+    /// Input image and normalisation.
+    #[serde(default)]
+    pub image: Option<ImageSpec>,
+    /// Classifier settings.
+    #[serde(default)]
+    pub classify: ClassifyParams,
+    /// Text detector settings.
+    #[serde(default)]
+    pub text_detect: TextDetectParams,
+    /// Text recogniser settings.
+    #[serde(default)]
+    pub text_recognize: TextRecognizeParams,
+    /// The manifest file.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// Loads and checks a manifest; every problem is reported against the manifest file.
+pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read model manifest: {e}"),
+        }])
+    })?;
+    let parsed = ParsedFile::parse(path, &text)?;
+    let mut m: ModelManifest =
+        deserialize_part(&parsed, "", parsed.root_value()).map_err(|d| ConfigErrors(vec![d]))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    m.path = path.to_path_buf();
+    m.onnx = m.onnx.map(|p| dir.join(p));
+    m.classify.labels = m.classify.labels.map(|p| dir.join(p));
+    let mut errs = Vec::new();
+    let mut err = |key: &str, msg: String| errs.push(parsed.diag_at(key, msg));
+    match (m.backend, &m.onnx) {
+        (Backend::Onnxruntime, None) => err(
+            "onnx",
+            "the onnxruntime backend needs `onnx = \"FILE.onnx\"`".into(),
+        ),
+        (Backend::Onnxruntime, Some(p)) if !p.is_file() => err(
+            "onnx",
+            format!(
+                "model file {} does not exist (run ./setup.sh to fetch and generate models)",
+                p.display()
+            ),
+        ),
+        _ => {}
+    }
+    if let Some(l) = &m.classify.labels
+        && !l.is_file()
+    {
+        err(
+            "classify.labels",
+            format!("labels file {} does not exist", l.display()),
+        );
+    }
+    match (&m.image, m.kind) {
+        (None, k) if k != ModelKind::Passthrough => err(
+            "image",
+            format!("a `{k:?}` model needs an [image] section (width, height, ...)"),
+        ),
+        (Some(img), _) => {
+            if img.width == 0 || img.height == 0 || img.width > 8192 || img.height > 8192 {
+                err(
+                    "image",
+                    format!(
+                        "image size {}x{} must be between 1 and 8192",
+                        img.width, img.height
+                    ),
+                );
+            }
+            if img.std.iter().any(|s| *s <= 0.0) {
+                err("image.std", "every std must be > 0".into());
+            }
+        }
+        _ => {}
+    }
+    if m.kind == ModelKind::Passthrough && m.backend != Backend::Noop {
+        err(
+            "kind",
+            "`passthrough` models run on the `noop` backend".into(),
+        );
+    }
+    if m.classify.top_k == 0 {
+        err("classify.top_k", "must be at least 1".into());
+    }
+    if m.text_recognize.max_crops == 0 {
+        err("text_recognize.max_crops", "must be at least 1".into());
+    }
+    let td = &m.text_detect;
+    if !(0.0..=1.0).contains(&td.thresh) || !(0.0..=1.0).contains(&td.box_thresh) {
+        err(
+            "text_detect",
+            "thresh and box_thresh are probabilities in [0, 1]".into(),
+        );
+    }
+    if errs.is_empty() {
+        Ok(m)
+    } else {
+        Err(ConfigErrors(errs))
+    }
+}

@@ -1,0 +1,360 @@
+//! Pipeline files and model manifests.
+//!
+//! Loading has two phases, as in vector: a pure *validation* phase that parses the TOML, checks
+//! every component and collects every problem with file:line:column and key path (nothing is
+//! opened but the files that the config names, to check that they exist), and a *build* phase
+//! (in [`crate::pipeline`]) that starts GStreamer and loads engines from the validated
+//! [`Pipeline`].
+//!
+//! Relative paths in a file are relative to the folder of that file.
+
+mod diag;
+mod load;
+mod manifest;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use diag::{ConfigErrors, Diagnostic, SourceText, SpanIndex};
+pub use load::{load_pipeline, load_pipeline_str};
+pub use manifest::{
+    Backend, ClassifyParams, ImageSpec, Layout, ModelKind, ModelManifest, TextDetectParams,
+    TextRecognizeParams, load_manifest,
+};
+
+/// `[pipeline]`: settings of the whole pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Name shown in logs and reports.
+    pub name: String,
+    /// Latency budget of every frame, from capture to publication, in milliseconds.
+    pub slo_ms: u64,
+    /// Folder of model manifests that `stage.model` names are looked up in.
+    #[serde(default = "default_engines_dir")]
+    pub engines_dir: PathBuf,
+    /// Path of the ONNX Runtime shared library (else `ORT_DYLIB_PATH`, else `engines/lib`).
+    #[serde(default)]
+    pub onnxruntime: Option<PathBuf>,
+}
+
+fn default_engines_dir() -> PathBuf {
+    PathBuf::from("../engines")
+}
+
+/// How a non-live source is paced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pace {
+    /// At the media's own frame rate, like a camera; frames are dropped when the pipeline is full.
+    Realtime,
+    /// As fast as the pipeline takes them; the source waits when the pipeline is full (offline
+    /// processing and benchmarks), so nothing is dropped at the source.
+    Fast,
+}
+
+/// RTSP lower transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// RTP interleaved in the RTSP TCP connection (works through NAT and firewalls).
+    #[default]
+    Tcp,
+    /// RTP over UDP.
+    Udp,
+}
+
+/// `[[source]]`: one camera or file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Stream name, unique in the pipeline.
+    pub name: String,
+    /// `rtsp://…`, `file://…`, a path, or `test://PATTERN` (a GStreamer videotestsrc pattern).
+    pub uri: String,
+    /// Drop frames in GStreamer above this many frames per second.
+    #[serde(default)]
+    pub max_fps: Option<u32>,
+    /// Files and test sources: start again at the end.
+    #[serde(default, rename = "loop")]
+    pub looping: bool,
+    /// Files and test sources: `realtime` (default) or `fast`.
+    #[serde(default)]
+    pub pace: Option<Pace>,
+    /// RTSP: `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub transport: Transport,
+    /// RTSP: jitter buffer latency in milliseconds.
+    #[serde(default = "default_latency_ms")]
+    pub latency_ms: u32,
+    /// First reconnect delay of a live source, in milliseconds.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Cap of the exponential reconnect delay, in milliseconds.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// A live source that delivers no frame for this long is restarted, in milliseconds.
+    #[serde(default = "default_stall_timeout_ms")]
+    pub stall_timeout_ms: u64,
+    /// Test sources: end after this many frames.
+    #[serde(default)]
+    pub num_buffers: Option<u32>,
+}
+
+fn default_latency_ms() -> u32 {
+    200
+}
+fn default_reconnect_min_ms() -> u64 {
+    500
+}
+fn default_reconnect_max_ms() -> u64 {
+    10_000
+}
+fn default_stall_timeout_ms() -> u64 {
+    5_000
+}
+
+/// `[[stage]]`: one step of the model chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Stage name, unique in the pipeline; results are keyed by it.
+    pub name: String,
+    /// A manifest name in `engines_dir` (`ppocr-det` -> `ppocr-det.toml`) or a path to a manifest.
+    pub model: String,
+    /// Device kind of the stage's pool: `cpu`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Workers in the pool; each owns an engine instance and a thread.
+    #[serde(default = "one")]
+    pub workers: u32,
+    /// Threads each engine instance uses for one inference.
+    #[serde(default = "one")]
+    pub threads: u32,
+    /// Largest batch the stage runs.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: u32,
+    /// Longest time the first frame of a batch waits for more, in milliseconds.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+    /// Frames the stage's queue holds; when it is full upstream waits (or a source drops).
+    #[serde(default = "default_queue")]
+    pub queue: u32,
+    /// `text_recognize` stages: the `text_detect` stage whose boxes to read (default: the nearest
+    /// earlier one).
+    #[serde(default)]
+    pub input: Option<String>,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn one() -> u32 {
+    1
+}
+fn default_max_batch() -> u32 {
+    4
+}
+fn default_max_wait_ms() -> u64 {
+    10
+}
+fn default_queue() -> u32 {
+    8
+}
+
+/// Sink types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// JSON lines to stdout (`path = "-"`) or a file.
+    Jsonl,
+}
+
+/// `[[sink]]`: where results go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Sink type.
+    #[serde(rename = "type")]
+    pub kind: SinkKind,
+    /// `jsonl`: `-` for stdout, else a file path (created or truncated).
+    #[serde(default = "default_sink_path")]
+    pub path: String,
+}
+
+fn default_sink_path() -> String {
+    "-".into()
+}
+
+/// Where a source's frames come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceKind {
+    /// An RTSP camera.
+    Rtsp {
+        /// `rtsp://…` URL (may carry credentials; never logged as is).
+        url: String,
+        /// Lower transport.
+        transport: Transport,
+        /// Jitter buffer latency.
+        latency_ms: u32,
+    },
+    /// A media file.
+    File {
+        /// Absolute path.
+        path: PathBuf,
+    },
+    /// A GStreamer test pattern.
+    Test {
+        /// videotestsrc pattern name.
+        pattern: String,
+    },
+}
+
+/// A validated source.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    /// Stream name.
+    pub name: String,
+    /// Where frames come from.
+    pub kind: SourceKind,
+    /// Frame rate cap, frames per second.
+    pub max_fps: Option<u32>,
+    /// Restart at EOS (files, test sources).
+    pub looping: bool,
+    /// Pacing of files and test sources (RTSP is always real time).
+    pub pace: Pace,
+    /// First reconnect delay.
+    pub reconnect_min: Duration,
+    /// Largest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Restart a live source after this long without a frame.
+    pub stall_timeout: Duration,
+    /// Test sources: frames before EOS.
+    pub num_buffers: Option<u32>,
+}
+
+impl SourceSpec {
+    /// Live sources reconnect on errors and EOS; others end.
+    pub fn is_live(&self) -> bool {
+        matches!(self.kind, SourceKind::Rtsp { .. })
+    }
+
+    /// The URI with any password replaced by `***`, for logs.
+    pub fn redacted_uri(&self) -> String {
+        match &self.kind {
+            SourceKind::Rtsp { url, .. } => redact_url(url),
+            SourceKind::File { path } => path.display().to_string(),
+            SourceKind::Test { pattern } => format!("test://{pattern}"),
+        }
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` with `***`.
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                user.to_string()
+            };
+            return format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..]);
+        }
+    }
+    url.to_string()
+}
+
+/// Device kind of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// Real inference on the CPU.
+    Cpu,
+}
+
+/// A validated stage.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// Stage name.
+    pub name: String,
+    /// The model it runs.
+    pub model: ModelManifest,
+    /// Device kind of its pool.
+    pub device: Device,
+    /// Workers in the pool.
+    pub workers: usize,
+    /// Threads per engine instance.
+    pub threads: usize,
+    /// Largest batch.
+    pub max_batch: usize,
+    /// Longest wait of a batch's first frame.
+    pub max_wait: Duration,
+    /// Queue capacity in frames.
+    pub queue: usize,
+    /// `text_recognize`: index of the stage whose text boxes it reads.
+    pub boxes_from: Option<usize>,
+}
+
+/// A validated sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkSpec {
+    /// JSON lines to stdout.
+    Stdout,
+    /// JSON lines to a file.
+    File(PathBuf),
+}
+
+/// A validated pipeline, ready to build.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Name.
+    pub name: String,
+    /// Latency budget of every frame.
+    pub slo: Duration,
+    /// ONNX Runtime library named in the file.
+    pub onnxruntime: Option<PathBuf>,
+    /// Sources in file order; a frame's `stream` indexes this.
+    pub sources: Vec<SourceSpec>,
+    /// Stages in order.
+    pub stages: Vec<StageSpec>,
+    /// Sinks.
+    pub sinks: Vec<SinkSpec>,
+}
+
+impl Pipeline {
+    /// Size and pixel format of the images that sources deliver: the first stage's input.
+    pub fn ingest_format(&self) -> ImageSpec {
+        self.stages
+            .iter()
+            .find_map(|s| {
+                s.model
+                    .image
+                    .clone()
+                    .filter(|_| s.model.kind.takes_whole_image())
+            })
+            .unwrap_or_else(ImageSpec::passthrough)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("rtsp://admin:s3cret@10.0.0.5:554/live"),
+            "rtsp://admin:***@10.0.0.5:554/live"
+        );
+        assert_eq!(redact_url("rtsp://admin@cam/live"), "rtsp://admin@cam/live");
+        assert_eq!(redact_url("rtsp://cam:554/a@b"), "rtsp://cam:554/a@b");
+        assert_eq!(redact_url("file:///x"), "file:///x");
+    }
+}

@@ -1,0 +1,176 @@
+//! ONNX Runtime backend (`ort` crate, `load-dynamic`: the library is found at run time).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ndarray::{ArrayD, ArrayViewD};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{TensorRef, ValueType};
+
+use super::{Engine, EngineError, EngineInfo, TensorInfo};
+
+/// The file name `setup.sh` installs.
+pub const LIB_NAME: &str = "libonnxruntime.so";
+
+/// Where to look for the ONNX Runtime library, in order: the pipeline file's `onnxruntime`,
+/// `ORT_DYLIB_PATH`, `engines/lib/` next to the binary's repository (`target/*/poolpipe`), and
+/// `engines/lib/` under the current folder.
+pub fn candidate_paths(configured: Option<&Path>) -> Vec<PathBuf> {
+    let mut c = Vec::new();
+    if let Some(p) = configured {
+        c.push(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        c.push(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        // target/release/poolpipe or target/release/deps/test-binary
+        for up in exe.ancestors().skip(1).take(4) {
+            c.push(up.join("engines/lib").join(LIB_NAME));
+        }
+    }
+    c.push(PathBuf::from("engines/lib").join(LIB_NAME));
+    c
+}
+
+static ENV: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
+
+/// Loads the ONNX Runtime library once per process; later calls return the first result.
+pub fn init(
+    configured: Option<&Path>,
+) -> Result<(PathBuf, ort::environment::Environment), EngineError> {
+    ENV.get_or_init(|| {
+        let candidates = candidate_paths(configured);
+        let Some(found) = candidates.iter().find(|p| p.is_file()) else {
+            let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+            return Err(format!(
+                "{LIB_NAME} not found (looked in: {}). Run ./setup.sh, which installs it into engines/lib, \
+                 or set ORT_DYLIB_PATH to the library",
+                looked.join(", ")
+            ));
+        };
+        let builder = ort::init_from(found).map_err(|e| format!("cannot load {}: {e}", found.display()))?;
+        let env = builder
+            .with_name("poolpipe")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", found.display()))?;
+        tracing::debug!(path = %found.display(), "Loaded ONNX Runtime.");
+        Ok((found.clone(), env))
+    })
+    .clone()
+    .map_err(EngineError::Runtime)
+}
+
+/// One ONNX Runtime session.
+pub struct OrtEngine {
+    /// The session (`run` needs `&mut`).
+    session: Session,
+    /// Name of the input fed with the batch.
+    input: String,
+    /// Inputs and outputs.
+    info: EngineInfo,
+}
+
+/// How to load an ONNX model.
+#[derive(Debug, Clone)]
+pub struct OrtConfig {
+    /// The ONNX file.
+    pub model: PathBuf,
+    /// Name of the input to feed (default: the first).
+    pub input: Option<String>,
+    /// Intra-op threads.
+    pub threads: usize,
+    /// Library location from the pipeline file, if any.
+    pub library: Option<PathBuf>,
+}
+
+fn shape_of(t: &ValueType) -> Vec<i64> {
+    match t {
+        ValueType::Tensor { shape, .. } => shape.iter().copied().collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl OrtEngine {
+    /// Loads a model.
+    pub fn load(cfg: &OrtConfig) -> Result<Self, EngineError> {
+        let (_, env) = init(cfg.library.as_deref())?;
+        let load_err = |e: String| EngineError::Load {
+            model: cfg.model.display().to_string(),
+            message: e,
+        };
+        let session = Session::builder(&env)
+            .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::Level3)?))
+            .and_then(|b| Ok(b.with_intra_threads(cfg.threads.max(1))?))
+            .and_then(|b| Ok(b.with_inter_threads(1)?))
+            .and_then(|mut b| b.commit_from_file(&cfg.model))
+            .map_err(|e| load_err(e.to_string()))?;
+        let info = EngineInfo {
+            inputs: session
+                .inputs()
+                .iter()
+                .map(|o| TensorInfo {
+                    name: o.name().to_string(),
+                    shape: shape_of(o.dtype()),
+                })
+                .collect(),
+            outputs: session
+                .outputs()
+                .iter()
+                .map(|o| TensorInfo {
+                    name: o.name().to_string(),
+                    shape: shape_of(o.dtype()),
+                })
+                .collect(),
+        };
+        let input = match &cfg.input {
+            Some(name) if info.inputs.iter().any(|i| &i.name == name) => name.clone(),
+            Some(name) => {
+                let have: Vec<&str> = info.inputs.iter().map(|i| i.name.as_str()).collect();
+                return Err(load_err(format!(
+                    "no input named `{name}` (the model has: {})",
+                    have.join(", ")
+                )));
+            }
+            None => info
+                .inputs
+                .first()
+                .map(|i| i.name.clone())
+                .ok_or_else(|| load_err("the model has no inputs".into()))?,
+        };
+        Ok(Self {
+            session,
+            input,
+            info,
+        })
+    }
+}
+
+impl Engine for OrtEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn infer(&mut self, input: ArrayViewD<'_, f32>) -> Result<Vec<ArrayD<f32>>, EngineError> {
+        let tensor =
+            TensorRef::from_array_view(input).map_err(|e| EngineError::Input(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input.as_str() => tensor])
+            .map_err(|e| EngineError::Infer(e.to_string()))?;
+        let mut out = Vec::with_capacity(outputs.len());
+        for (_, v) in outputs.iter() {
+            let a = v
+                .try_extract_array::<f32>()
+                .map_err(|e| EngineError::Infer(e.to_string()))?;
+            out.push(a.to_owned());
+        }
+        Ok(out)
+    }
+
+    fn metadata(&self, key: &str) -> Option<String> {
+        self.session.metadata().ok()?.custom(key)
+    }
+}

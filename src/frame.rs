@@ -1,0 +1,154 @@
+//! The frame that flows through a pipeline, and the results stages attach to it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::clock::Nanos;
+
+/// Byte order of the three colour channels of a packed image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub enum PixelFormat {
+    /// Red, green, blue.
+    RGB,
+    /// Blue, green, red (what OpenCV-trained models such as PP-OCR expect).
+    BGR,
+}
+
+impl PixelFormat {
+    /// The GStreamer raw video format name.
+    pub fn gst_name(self) -> &'static str {
+        match self {
+            PixelFormat::RGB => "RGB",
+            PixelFormat::BGR => "BGR",
+        }
+    }
+}
+
+/// A packed 8-bit, 3-channel image (rows without padding).
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Channel order.
+    pub format: PixelFormat,
+    /// `height * width * 3` bytes, row-major.
+    pub data: Vec<u8>,
+}
+
+impl Image {
+    /// A black image.
+    pub fn black(width: u32, height: u32, format: PixelFormat) -> Self {
+        Self {
+            width,
+            height,
+            format,
+            data: vec![0; width as usize * height as usize * 3],
+        }
+    }
+}
+
+/// One decoded image of one stream, with its deadline and what stages found in it.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Index of the stream in the pipeline's source list.
+    pub stream: usize,
+    /// Sequence number within the stream, from 0, counting every frame that reached Rust.
+    pub seq: u64,
+    /// Presentation timestamp from GStreamer, when the source has one.
+    pub pts: Option<Duration>,
+    /// Wall-clock time at which the frame reached poolpipe (capture time).
+    pub captured_wall: SystemTime,
+    /// Capture time on the pipeline's monotonic clock.
+    pub captured: Nanos,
+    /// Capture time + the pipeline's SLO, on the same clock.
+    pub deadline: Nanos,
+    /// The image, scaled and converted to the first stage's input size and pixel format.
+    pub image: Arc<Image>,
+    /// What each finished stage produced, in stage order.
+    pub outputs: Vec<StageOutput>,
+    /// Time spent in each finished stage (queue + batching + inference), nanoseconds.
+    pub stage_nanos: Vec<Nanos>,
+    /// When the frame entered its current stage's queue.
+    pub entered_stage: Nanos,
+}
+
+/// An axis-aligned box in image pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BBox {
+    /// Left edge.
+    #[serde(serialize_with = "round1")]
+    pub x: f32,
+    /// Top edge.
+    #[serde(serialize_with = "round1")]
+    pub y: f32,
+    /// Width.
+    #[serde(serialize_with = "round1")]
+    pub w: f32,
+    /// Height.
+    #[serde(serialize_with = "round1")]
+    pub h: f32,
+}
+
+/// Pixels to 0.1: finer is noise.
+fn round1<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((*v as f64 * 10.0).round() / 10.0)
+}
+
+/// Scores to 4 decimals.
+fn round4<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((*v as f64 * 1e4).round() / 1e4)
+}
+
+/// One class with its score.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Class {
+    /// Class index in the model's output.
+    pub id: usize,
+    /// Label (from the manifest's labels, or `class_<id>`).
+    pub label: String,
+    /// Softmax probability.
+    #[serde(serialize_with = "round4")]
+    pub score: f32,
+}
+
+/// A region that a text detector believes holds text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TextBox {
+    /// Where, in image pixels.
+    #[serde(rename = "box")]
+    pub bbox: BBox,
+    /// Mean text probability inside the region.
+    #[serde(serialize_with = "round4")]
+    pub score: f32,
+}
+
+/// A line of recognised text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TextLine {
+    /// The text.
+    pub text: String,
+    /// Mean probability of the decoded characters.
+    #[serde(serialize_with = "round4")]
+    pub score: f32,
+    /// Where, in image pixels.
+    #[serde(rename = "box")]
+    pub bbox: BBox,
+}
+
+/// What one stage attached to a frame.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageOutput {
+    /// Top classes of a classifier.
+    Classes(Vec<Class>),
+    /// Regions of text found by a detector.
+    TextBoxes(Vec<TextBox>),
+    /// Text read by a recogniser.
+    Texts(Vec<TextLine>),
+    /// Nothing (a pass-through stage).
+    Nothing,
+}

@@ -1,0 +1,546 @@
+//! GStreamer sources -> frames.
+//!
+//! Each source runs on its own thread: it builds a GStreamer pipeline from a launch string
+//! (`rtspsrc`/`filesrc ! decodebin`/`videotestsrc`, then `videorate`, `videoconvert`,
+//! `videoscale` to the first stage's input size and pixel format, then `appsink`), pulls samples,
+//! and hands frames to the first stage's bounded queue. Decoding, scaling and colour conversion
+//! happen in GStreamer; Rust only copies the final image.
+//!
+//! A live source (RTSP) that errors, ends, or stalls is torn down and rebuilt after a capped
+//! exponential backoff, on its own thread, so other streams never notice. A file ends at EOS (or
+//! starts again with `loop = true`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+
+use crate::clock::{SharedClock, nanos};
+use crate::config::{ImageSpec, Pace, SourceKind, SourceSpec, Transport};
+use crate::frame::{Frame, Image};
+use crate::stats::Stats;
+
+/// Errors of sources.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// GStreamer could not be initialised.
+    #[error("GStreamer could not be initialised: {0}")]
+    Init(String),
+    /// A GStreamer element that the source needs is not installed.
+    #[error("GStreamer element `{element}` is missing: install {package}")]
+    MissingElement {
+        /// Element factory name.
+        element: String,
+        /// Debian package that ships it.
+        package: &'static str,
+    },
+    /// The launch string could not be turned into a pipeline.
+    #[error("cannot build the GStreamer pipeline: {0}")]
+    Build(String),
+    /// The pipeline reported an error.
+    #[error("GStreamer error from {element}: {message}")]
+    Pipeline {
+        /// The element that reported it.
+        element: String,
+        /// Error and debug text (credentials removed).
+        message: String,
+    },
+}
+
+/// Initialises GStreamer once.
+pub fn init() -> Result<(), IngestError> {
+    gst::init().map_err(|e| IngestError::Init(e.to_string()))
+}
+
+/// The Debian package that ships a GStreamer element (for error messages).
+fn package_of(element: &str) -> &'static str {
+    match element {
+        "rtspsrc" | "videoflip" | "rtph264depay" | "qtdemux" => "gstreamer1.0-plugins-good",
+        "x264enc" => "gstreamer1.0-plugins-ugly",
+        "avdec_h264" => "gstreamer1.0-libav",
+        "textoverlay" | "clockoverlay" => "gstreamer1.0-x (pango) and gstreamer1.0-plugins-base",
+        _ => "gstreamer1.0-plugins-base",
+    }
+}
+
+/// Checks that every element a launch string names is installed.
+pub fn check_elements(elements: &[&str]) -> Result<(), IngestError> {
+    for e in elements {
+        if gst::ElementFactory::find(e).is_none() {
+            return Err(IngestError::MissingElement {
+                element: (*e).to_string(),
+                package: package_of(e),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Quotes a launch-string property value.
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The launch string of a source and the elements it needs. The string may contain credentials:
+/// never log it.
+pub fn launch_string(spec: &SourceSpec, fmt: &ImageSpec) -> (String, Vec<&'static str>) {
+    let mut elements = vec!["videoconvert", "videoscale", "appsink"];
+    let head = match &spec.kind {
+        SourceKind::Rtsp {
+            url,
+            transport,
+            latency_ms,
+        } => {
+            elements.extend(["rtspsrc", "decodebin"]);
+            let proto = match transport {
+                Transport::Tcp => "tcp",
+                Transport::Udp => "udp",
+            };
+            format!(
+                "rtspsrc location={} protocols={proto} latency={latency_ms} ! decodebin",
+                quote(url)
+            )
+        }
+        SourceKind::File { path } => {
+            elements.extend(["filesrc", "decodebin"]);
+            format!(
+                "filesrc location={} ! decodebin",
+                quote(&path.to_string_lossy())
+            )
+        }
+        SourceKind::Test { pattern } => {
+            elements.push("videotestsrc");
+            let live = spec.pace == Pace::Realtime;
+            let n = spec
+                .num_buffers
+                .map_or(String::new(), |n| format!(" num-buffers={n}"));
+            let fps = spec.max_fps.unwrap_or(30);
+            format!(
+                "videotestsrc pattern={pattern} is-live={live}{n} ! video/x-raw,framerate={fps}/1"
+            )
+        }
+    };
+    let rate = match spec.max_fps {
+        Some(f) if !matches!(spec.kind, SourceKind::Test { .. }) => {
+            elements.push("videorate");
+            format!(" ! videorate drop-only=true max-rate={f}")
+        }
+        _ => String::new(),
+    };
+    // Files in real time are paced by the appsink clock; live sources pace themselves.
+    let sync = matches!(spec.kind, SourceKind::File { .. }) && spec.pace == Pace::Realtime;
+    let launch = format!(
+        "{head}{rate} ! videoconvert ! videoscale ! video/x-raw,format={},width={},height={},pixel-aspect-ratio=1/1 \
+         ! appsink name=sink sync={sync} max-buffers=2 drop=false",
+        fmt.pixel_format.gst_name(),
+        fmt.width,
+        fmt.height
+    );
+    (launch, elements)
+}
+
+/// What a source shares with the rest of the pipeline.
+#[derive(Clone)]
+pub struct SourceContext {
+    /// Index of the stream.
+    pub stream: usize,
+    /// First stage's queue.
+    pub tx: flume::Sender<Frame>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Pipeline clock (capture times and deadlines).
+    pub clock: SharedClock,
+    /// Latency budget.
+    pub slo: Duration,
+    /// Set when the source must stop.
+    pub stop: Arc<AtomicBool>,
+    /// Frames all sources together may still ingest (`--max-frames`), if limited.
+    pub budget: Option<Arc<AtomicU64>>,
+}
+
+/// Why one run of a GStreamer pipeline ended.
+#[derive(Debug)]
+enum RunEnd {
+    Eos,
+    Error(IngestError),
+    Stall,
+    Stop,
+}
+
+/// Starts a source thread.
+pub fn spawn(
+    spec: SourceSpec,
+    fmt: ImageSpec,
+    ctx: SourceContext,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("src-{}", spec.name))
+        .spawn(move || run_source(&spec, &fmt, &ctx))
+}
+
+fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(50)));
+    }
+}
+
+fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
+    let counters = &ctx.stats.streams[ctx.stream];
+    let uri = spec.redacted_uri();
+    let mut backoff = spec.reconnect_min;
+    let mut seq = 0u64;
+    loop {
+        if ctx.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let seq_before = seq;
+        let end = run_once(spec, fmt, ctx, &mut seq);
+        let got_frames = seq > seq_before;
+        match end {
+            RunEnd::Stop => break,
+            RunEnd::Error(e @ (IngestError::MissingElement { .. } | IngestError::Build(_))) => {
+                counters.source_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(stream = %spec.name, uri = %uri, error = %e, "Source cannot start.");
+                break;
+            }
+            RunEnd::Eos if !spec.is_live() => {
+                if spec.looping && got_frames {
+                    tracing::debug!(stream = %spec.name, "End of file, starting again.");
+                    continue;
+                }
+                tracing::info!(stream = %spec.name, frames = seq, "Source ended.");
+                break;
+            }
+            RunEnd::Error(e) if !spec.is_live() => {
+                counters.source_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(stream = %spec.name, uri = %uri, error = %e, "Source failed.");
+                break;
+            }
+            end => {
+                if got_frames {
+                    backoff = spec.reconnect_min;
+                }
+                let why = match end {
+                    RunEnd::Eos => "end of stream".to_string(),
+                    RunEnd::Stall => format!("no frame for {} ms", spec.stall_timeout.as_millis()),
+                    RunEnd::Error(e) => {
+                        counters.source_errors.fetch_add(1, Ordering::Relaxed);
+                        e.to_string()
+                    }
+                    RunEnd::Stop => unreachable!("handled above"),
+                };
+                tracing::warn!(stream = %spec.name, uri = %uri, reason = %why, retry_in_ms = backoff.as_millis() as u64, "Source lost, reconnecting.");
+                sleep_unless_stopped(backoff, &ctx.stop);
+                if ctx.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                backoff = (backoff * 2).min(spec.reconnect_max);
+            }
+        }
+    }
+}
+
+/// Removes the source's credentials from text that GStreamer produced.
+fn scrub(text: &str, spec: &SourceSpec) -> String {
+    match &spec.kind {
+        SourceKind::Rtsp { url, .. } => {
+            let mut t = text.replace(url.as_str(), &spec.redacted_uri());
+            if let Some(pw) = url
+                .split("://")
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+                .and_then(|auth| auth.rsplit_once('@'))
+                .and_then(|(userinfo, _)| userinfo.split_once(':'))
+                .map(|(_, pw)| pw)
+                .filter(|pw| !pw.is_empty())
+            {
+                t = t.replace(pw, "***");
+            }
+            t
+        }
+        _ => text.to_string(),
+    }
+}
+
+fn run_once(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext, seq: &mut u64) -> RunEnd {
+    let (launch, elements) = launch_string(spec, fmt);
+    if let Err(e) = check_elements(&elements) {
+        return RunEnd::Error(e);
+    }
+    let pipeline = match gst::parse::launch(&launch) {
+        Ok(p) => p,
+        Err(e) => return RunEnd::Error(IngestError::Build(scrub(&e.to_string(), spec))),
+    };
+    let end = match pipeline
+        .clone()
+        .dynamic_cast::<gst::Bin>()
+        .ok()
+        .and_then(|b| b.by_name("sink"))
+    {
+        Some(sink) => match sink.dynamic_cast::<gst_app::AppSink>() {
+            Ok(appsink) => pump(spec, ctx, &pipeline, &appsink, seq),
+            Err(_) => RunEnd::Error(IngestError::Build("`sink` is not an appsink".into())),
+        },
+        None => RunEnd::Error(IngestError::Build("no appsink in the pipeline".into())),
+    };
+    let _ = pipeline.set_state(gst::State::Null);
+    end
+}
+
+fn pump(
+    spec: &SourceSpec,
+    ctx: &SourceContext,
+    pipeline: &gst::Element,
+    appsink: &gst_app::AppSink,
+    seq: &mut u64,
+) -> RunEnd {
+    let bus = match pipeline.bus() {
+        Some(b) => b,
+        None => return RunEnd::Error(IngestError::Build("pipeline without a bus".into())),
+    };
+    if let Err(e) = pipeline.set_state(gst::State::Playing) {
+        // The bus usually holds the reason.
+        if let Some(end) = bus_error(&bus, spec) {
+            return end;
+        }
+        return RunEnd::Error(IngestError::Build(e.to_string()));
+    }
+    let mut last_frame = Instant::now();
+    let mut video_info: Option<gst_video::VideoInfo> = None;
+    loop {
+        if ctx.stop.load(Ordering::SeqCst) {
+            return RunEnd::Stop;
+        }
+        if let Some(end) = bus_error(&bus, spec) {
+            return end;
+        }
+        match appsink.try_pull_sample(gst::ClockTime::from_mseconds(100)) {
+            Some(sample) => {
+                last_frame = Instant::now();
+                if let Some(end) = deliver(spec, ctx, &sample, &mut video_info, seq) {
+                    return end;
+                }
+            }
+            None => {
+                if appsink.is_eos() {
+                    return RunEnd::Eos;
+                }
+                if spec.is_live() && last_frame.elapsed() > spec.stall_timeout {
+                    return RunEnd::Stall;
+                }
+            }
+        }
+    }
+}
+
+/// An error waiting on the bus, if any.
+fn bus_error(bus: &gst::Bus, spec: &SourceSpec) -> Option<RunEnd> {
+    while let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error, gst::MessageType::Warning]) {
+        match msg.view() {
+            gst::MessageView::Error(err) => {
+                let element = msg
+                    .src()
+                    .map(|s| s.path_string().to_string())
+                    .unwrap_or_else(|| "?".into());
+                let debug = err.debug().map(|d| format!(" ({d})")).unwrap_or_default();
+                return Some(RunEnd::Error(IngestError::Pipeline {
+                    element,
+                    message: scrub(&format!("{}{debug}", err.error()), spec),
+                }));
+            }
+            gst::MessageView::Warning(w) => {
+                tracing::debug!(stream = %spec.name, warning = %scrub(&w.error().to_string(), spec), "GStreamer warning.");
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Copies a sample into a frame and hands it on. Returns `Some` when the source must stop.
+fn deliver(
+    spec: &SourceSpec,
+    ctx: &SourceContext,
+    sample: &gst::Sample,
+    video_info: &mut Option<gst_video::VideoInfo>,
+    seq: &mut u64,
+) -> Option<RunEnd> {
+    let counters = &ctx.stats.streams[ctx.stream];
+    let (Some(buffer), Some(caps)) = (sample.buffer(), sample.caps()) else {
+        return None;
+    };
+    if video_info.is_none() {
+        *video_info = gst_video::VideoInfo::from_caps(caps).ok();
+    }
+    let info = video_info.as_ref()?;
+    let (w, h) = (info.width() as usize, info.height() as usize);
+    let stride = info.stride()[0] as usize;
+    let map = buffer.map_readable().ok()?;
+    let data = map.as_slice();
+    if data.len() < stride * (h - 1) + w * 3 {
+        return None;
+    }
+    let mut pixels = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        pixels.extend_from_slice(&data[y * stride..y * stride + w * 3]);
+    }
+    let format = if info.format() == gst_video::VideoFormat::Bgr {
+        crate::frame::PixelFormat::BGR
+    } else {
+        crate::frame::PixelFormat::RGB
+    };
+    let pts = buffer.pts().map(|t| Duration::from_nanos(t.nseconds()));
+    let this_seq = *seq;
+    *seq += 1;
+    if let Some(budget) = &ctx.budget
+        && budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+    {
+        return Some(RunEnd::Stop);
+    }
+    let now = ctx.clock.now();
+    let frame = Frame {
+        stream: ctx.stream,
+        seq: this_seq,
+        pts,
+        captured_wall: SystemTime::now(),
+        captured: now,
+        deadline: now + nanos(ctx.slo),
+        image: Arc::new(Image {
+            width: w as u32,
+            height: h as u32,
+            format,
+            data: pixels,
+        }),
+        outputs: Vec::new(),
+        stage_nanos: Vec::new(),
+        entered_stage: now,
+    };
+    let blocking = !spec.is_live() && spec.pace == Pace::Fast;
+    if blocking {
+        // Offline processing: wait for room, but stay responsive to a stop.
+        let mut frame = frame;
+        loop {
+            match ctx.tx.send_timeout(frame, Duration::from_millis(100)) {
+                Ok(()) => {
+                    counters.ingested.fetch_add(1, Ordering::Relaxed);
+                    ctx.stats.stages[0]
+                        .frames_in
+                        .fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                Err(flume::SendTimeoutError::Timeout(f)) => {
+                    if ctx.stop.load(Ordering::SeqCst) {
+                        return Some(RunEnd::Stop);
+                    }
+                    frame = f;
+                }
+                Err(flume::SendTimeoutError::Disconnected(_)) => return Some(RunEnd::Stop),
+            }
+        }
+    }
+    counters.ingested.fetch_add(1, Ordering::Relaxed);
+    match ctx.tx.try_send(frame) {
+        Ok(()) => {
+            ctx.stats.stages[0]
+                .frames_in
+                .fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        Err(flume::TrySendError::Full(_)) => {
+            counters.dropped_overload.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        Err(flume::TrySendError::Disconnected(_)) => {
+            // The pipeline is gone; the frame was counted, so count where it went.
+            counters.dropped_overload.fetch_add(1, Ordering::Relaxed);
+            Some(RunEnd::Stop)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec(kind: SourceKind) -> SourceSpec {
+        SourceSpec {
+            name: "cam".into(),
+            kind,
+            max_fps: Some(5),
+            looping: false,
+            pace: Pace::Realtime,
+            reconnect_min: Duration::from_millis(10),
+            reconnect_max: Duration::from_millis(100),
+            stall_timeout: Duration::from_secs(1),
+            num_buffers: None,
+        }
+    }
+
+    #[test]
+    fn launch_strings_scale_to_the_model_and_quote_paths() {
+        let fmt = ImageSpec::passthrough();
+        let (l, el) = launch_string(
+            &spec(SourceKind::File {
+                path: PathBuf::from("/tmp/a \"b\".mp4"),
+            }),
+            &fmt,
+        );
+        assert!(
+            l.starts_with("filesrc location=\"/tmp/a \\\"b\\\".mp4\" ! decodebin"),
+            "{l}"
+        );
+        assert!(l.contains("videorate drop-only=true max-rate=5"), "{l}");
+        assert!(l.contains("format=RGB,width=320,height=240"), "{l}");
+        assert!(
+            l.contains("sync=true"),
+            "real-time files are paced by the sink: {l}"
+        );
+        assert!(el.contains(&"filesrc"));
+        let (l, _) = launch_string(
+            &spec(SourceKind::Rtsp {
+                url: "rtsp://u:p@h/x".into(),
+                transport: Transport::Udp,
+                latency_ms: 50,
+            }),
+            &fmt,
+        );
+        assert!(l.contains("protocols=udp latency=50"), "{l}");
+        assert!(l.contains("sync=false"), "{l}");
+    }
+
+    #[test]
+    fn scrub_removes_passwords() {
+        let s = spec(SourceKind::Rtsp {
+            url: "rtsp://admin:hunter2@cam/live".into(),
+            transport: Transport::Tcp,
+            latency_ms: 50,
+        });
+        let t = scrub(
+            "could not open rtsp://admin:hunter2@cam/live; auth hunter2 failed",
+            &s,
+        );
+        assert!(!t.contains("hunter2"), "{t}");
+        assert!(t.contains("rtsp://admin:***@cam/live"), "{t}");
+    }
+
+    #[test]
+    fn a_missing_element_is_named() {
+        init().unwrap();
+        let e = check_elements(&["videoconvert", "no-such-element-xyz"]).unwrap_err();
+        assert!(e.to_string().contains("`no-such-element-xyz`"), "{e}");
+    }
+}

@@ -1,0 +1,36 @@
+//! poolpipe: a video analytics stream processor.
+//!
+//! Camera streams come in through GStreamer, every frame runs through a chain of neural-network
+//! stages on pools of workers, a batcher groups frames at every stage under per-frame deadlines,
+//! and results go to sinks. See `README.md` for how to run it and `../shared/DESIGN.md` for why.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (`run`, `validate`, `bench`, `serve-rtsp`); `main.rs` only calls it.
+//! - [`config`]: pipeline files and model manifests: load, validate (pure, collects every error
+//!   with file:line:column), resolve into a runnable description.
+//! - [`clock`]: monotonic time behind a trait, so time-dependent logic can be driven by tests.
+//! - [`frame`]: the frame that flows through a pipeline and what stages attach to it.
+//! - [`ingest`]: GStreamer sources (RTSP, files, test patterns) -> frames, with reconnects.
+//! - [`batcher`]: batching policies (pure state) that stages use to form batches.
+//! - [`engine`]: the synchronous `Engine` trait and its backends (ONNX Runtime on the CPU, no-op).
+//! - [`postprocess`]: turning model outputs into results (classes, text boxes, text).
+//! - [`pipeline`]: builds and runs the stage graph: channels, workers, accounting, shutdown.
+//! - [`sinks`]: where results go (JSON lines to stdout or a file).
+//! - [`stats`]: per-stream and per-stage counters and latency samples.
+//! - [`rtsp`]: a small RTSP server (used by tests and for local experiments).
+//! - [`bench`]: the `bench` subcommands that print measured figures.
+
+pub mod batcher;
+pub mod bench;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod frame;
+pub mod ingest;
+pub mod pipeline;
+pub mod postprocess;
+pub mod rtsp;
+pub mod sinks;
+pub mod stats;

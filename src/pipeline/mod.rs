@@ -1,0 +1,409 @@
+//! Builds and runs the stage graph.
+//!
+//! ```text
+//! sources --(bounded queue)--> batcher 1 --(bounded)--> workers of pool 1 --(bounded queue)-->
+//!   batcher 2 --> workers of pool 2 --> ... --(bounded)--> publisher --> sinks
+//! ```
+//!
+//! Every queue is a bounded flume channel. Workers block when the next queue is full, which
+//! pushes back to the first queue, where live sources drop frames (counted as
+//! `dropped_overload`) and files in `fast` pace wait. Batchers drop frames whose deadline has
+//! passed (`dropped_late`); the publisher drops frames that finished after their deadline, so that
+//! every published frame met its SLO.
+//!
+//! Shutdown (signal, `--duration`, `--max-frames`, or every source ended) stops the sources, and
+//! the rest drains in order as each channel's senders go away: nothing in flight is lost.
+
+pub mod stage;
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::batcher::{BatchPolicy, FixedPolicy};
+use crate::clock::{Clock, SharedClock, SystemClock, ms, nanos};
+use crate::config::Pipeline;
+use crate::frame::Frame;
+use crate::ingest::{self, IngestError, SourceContext};
+use crate::sinks::{self, Sink, SinkError};
+use crate::stats::{Stats, Summary};
+use stage::{StageRunner, build_runner};
+
+/// Errors that keep a pipeline from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// GStreamer is not usable.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// A stage's engine could not be loaded.
+    #[error("stage `{stage}`: {source}")]
+    Engine {
+        /// Stage name.
+        stage: String,
+        /// Why.
+        source: crate::engine::EngineError,
+    },
+    /// A sink could not be opened.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// A stop request shared by signal handlers, the API and the run loop.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown(Arc<AtomicBool>);
+
+impl Shutdown {
+    /// A fresh, untriggered handle.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Asks the pipeline to stop.
+    pub fn trigger(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether a stop was asked for.
+    pub fn is_triggered(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    /// The flag itself (for signal handlers).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.0.clone()
+    }
+}
+
+/// Limits and display of one run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Stop after this many frames have been ingested (all sources together).
+    pub max_frames: Option<u64>,
+    /// Print a progress line to stderr (when it is a terminal).
+    pub progress: bool,
+}
+
+/// Runs a validated pipeline until it ends or is stopped, and returns its counters.
+pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summary, PipelineError> {
+    ingest::init()?;
+    let system_clock = SystemClock::new();
+    let clock: SharedClock = Arc::new(system_clock);
+    let stats = Arc::new(Stats::new(
+        p.sources.iter().map(|s| s.name.clone()).collect(),
+        p.stages.iter().map(|s| s.name.clone()).collect(),
+    ));
+
+    // Build phase: engines and sinks, before any frame flows.
+    let mut runners: Vec<Vec<Box<dyn StageRunner>>> = Vec::new();
+    for s in &p.stages {
+        let mut pool = Vec::new();
+        for _ in 0..s.workers {
+            pool.push(build_runner(s, p.onnxruntime.as_deref()).map_err(|source| {
+                PipelineError::Engine {
+                    stage: s.name.clone(),
+                    source,
+                }
+            })?);
+        }
+        runners.push(pool);
+    }
+    let sinks: Vec<Box<dyn Sink>> = p.sinks.iter().map(sinks::open).collect::<Result<_, _>>()?;
+
+    let started = Instant::now();
+    let (publish_tx, publish_rx) = flume::bounded::<Frame>(64);
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    threads.push(spawn_publisher(
+        p,
+        publish_rx,
+        sinks,
+        stats.clone(),
+        clock.clone(),
+    )?);
+
+    // Stages, last first, each feeding the one after it.
+    let mut next_tx = publish_tx;
+    for (i, (spec, pool)) in p.stages.iter().zip(runners).enumerate().rev() {
+        let (in_tx, in_rx) = flume::bounded::<Frame>(spec.queue);
+        let (batch_tx, batch_rx) = flume::bounded::<Vec<Frame>>(spec.workers);
+        let policy = FixedPolicy::new(spec.max_batch, nanos(spec.max_wait));
+        threads.push(spawn_batcher(
+            i,
+            &spec.name,
+            in_rx,
+            batch_tx,
+            Box::new(policy),
+            stats.clone(),
+            system_clock,
+        )?);
+        for (w, runner) in pool.into_iter().enumerate() {
+            threads.push(spawn_worker(
+                i,
+                &spec.name,
+                w,
+                runner,
+                batch_rx.clone(),
+                next_tx.clone(),
+                stats.clone(),
+                clock.clone(),
+            )?);
+        }
+        next_tx = in_tx;
+    }
+    let first_tx = next_tx;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let budget = opts.max_frames.map(|n| Arc::new(AtomicU64::new(n)));
+    let fmt = p.ingest_format();
+    let mut sources = Vec::new();
+    for (i, s) in p.sources.iter().enumerate() {
+        tracing::info!(stream = %s.name, uri = %s.redacted_uri(), "Starting source.");
+        let ctx = SourceContext {
+            stream: i,
+            tx: first_tx.clone(),
+            stats: stats.clone(),
+            clock: clock.clone(),
+            slo: p.slo,
+            stop: stop.clone(),
+            budget: budget.clone(),
+        };
+        sources.push(ingest::spawn(s.clone(), fmt.clone(), ctx)?);
+    }
+    drop(first_tx);
+
+    let show_progress = opts.progress && std::io::stderr().is_terminal();
+    let mut last_progress = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let out_of_budget = budget
+            .as_ref()
+            .is_some_and(|b| b.load(Ordering::SeqCst) == 0);
+        let timed_out = opts.duration.is_some_and(|d| started.elapsed() >= d);
+        if shutdown.is_triggered()
+            || out_of_budget
+            || timed_out
+            || sources.iter().all(|s| s.is_finished())
+        {
+            break;
+        }
+        if show_progress && last_progress.elapsed() >= Duration::from_millis(500) {
+            last_progress = Instant::now();
+            let s = stats.summary(started.elapsed().as_secs_f64());
+            let ingested: u64 = s.streams.iter().map(|x| x.ingested).sum();
+            let dropped: u64 = s
+                .streams
+                .iter()
+                .map(|x| x.dropped_late + x.dropped_overload)
+                .sum();
+            eprint!(
+                "\r{ingested} frames, {:.1} fps published, {dropped} dropped   ",
+                s.published_fps()
+            );
+        }
+    }
+    if show_progress {
+        eprintln!();
+    }
+    tracing::info!("Stopping sources and draining.");
+    stop.store(true, Ordering::SeqCst);
+    for s in sources {
+        let _ = s.join();
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(stats.summary(started.elapsed().as_secs_f64()))
+}
+
+fn spawn_batcher(
+    stage: usize,
+    name: &str,
+    rx: flume::Receiver<Frame>,
+    tx: flume::Sender<Vec<Frame>>,
+    mut policy: Box<dyn BatchPolicy<Frame>>,
+    stats: Arc<Stats>,
+    clock: SystemClock,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("batch-{name}"))
+        .spawn(move || {
+            let counters = &stats.stages[stage];
+            let mut closing = false;
+            loop {
+                let now = clock.now();
+                for f in policy.take_late(now) {
+                    counters.dropped_late.fetch_add(1, Ordering::Relaxed);
+                    stats.streams[f.stream]
+                        .dropped_late
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(batch) = policy.next_batch(now, closing) {
+                    if let Err(flume::SendError(lost)) = tx.send(batch) {
+                        // Workers are gone (they only stop when this channel closes): count, never lose silently.
+                        for f in lost {
+                            counters.failed.fetch_add(1, Ordering::Relaxed);
+                            stats.streams[f.stream]
+                                .failed
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    continue;
+                }
+                if closing {
+                    break; // nothing queued and nothing more will come
+                }
+                // Room for more: wait for a frame, or until the policy wants to dispatch.
+                if policy.len() < policy.max_batch() {
+                    let got = match policy.next_wakeup() {
+                        Some(t) => rx
+                            .recv_deadline(clock.instant_at(t))
+                            .map_err(|e| matches!(e, flume::RecvTimeoutError::Disconnected)),
+                        None => rx.recv().map_err(|_| true),
+                    };
+                    match got {
+                        Ok(f) => {
+                            let now = clock.now();
+                            policy.push(f, now);
+                            // Take whatever else is already waiting, up to a batch.
+                            while policy.len() < policy.max_batch() {
+                                match rx.try_recv() {
+                                    Ok(f) => policy.push(f, now),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        Err(true) => closing = true,
+                        Err(false) => {}
+                    }
+                }
+            }
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_worker(
+    stage: usize,
+    name: &str,
+    worker: usize,
+    mut runner: Box<dyn StageRunner>,
+    rx: flume::Receiver<Vec<Frame>>,
+    next: flume::Sender<Frame>,
+    stats: Arc<Stats>,
+    clock: SharedClock,
+) -> std::io::Result<JoinHandle<()>> {
+    let stage_name = name.to_string();
+    std::thread::Builder::new().name(format!("{name}-{worker}")).spawn(move || {
+        let counters = &stats.stages[stage];
+        let next_counters = stats.stages.get(stage + 1);
+        for mut batch in rx.iter() {
+            let t0 = clock.now();
+            let result = runner.run(&mut batch);
+            let t1 = clock.now();
+            counters.batches.fetch_add(1, Ordering::Relaxed);
+            counters.busy_nanos.fetch_add(t1 - t0, Ordering::Relaxed);
+            if let Err(e) = result {
+                tracing::error!(stage = %stage_name, frames = batch.len(), error = %e, "Batch failed.");
+                for f in batch {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    stats.streams[f.stream].failed.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            for mut f in batch {
+                let spent = t1.saturating_sub(f.entered_stage);
+                counters.latency.record(spent);
+                counters.frames_out.fetch_add(1, Ordering::Relaxed);
+                f.stage_nanos.push(spent);
+                f.entered_stage = t1;
+                let stream = f.stream;
+                match next.send(f) {
+                    Ok(()) => {
+                        if let Some(c) = next_counters {
+                            c.frames_in.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(_) => {
+                        stats.streams[stream].failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The JSON object published for a frame (schema in the README).
+pub fn result_json(p: &Pipeline, f: &Frame, published: u64) -> serde_json::Value {
+    let mut stages = serde_json::Map::new();
+    let mut results = serde_json::Map::new();
+    for ((spec, spent), out) in p.stages.iter().zip(&f.stage_nanos).zip(&f.outputs) {
+        stages.insert(spec.name.clone(), json!(round3(ms(*spent))));
+        results.insert(
+            spec.name.clone(),
+            serde_json::to_value(out).unwrap_or(serde_json::Value::Null),
+        );
+    }
+    json!({
+        "pipeline": p.name,
+        "stream": p.sources[f.stream].name,
+        "seq": f.seq,
+        "pts_ms": f.pts.map(|d| round3(d.as_secs_f64() * 1e3)),
+        "captured_at": sinks::rfc3339_millis(f.captured_wall),
+        "captured_at_unix_ms": f.captured_wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        "latency_ms": {
+            "end_to_end": round3(ms(published.saturating_sub(f.captured))),
+            "stages": stages,
+        },
+        "deadline_slack_ms": round3(ms(f.deadline.saturating_sub(published))),
+        "results": results,
+    })
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+fn spawn_publisher(
+    p: &Pipeline,
+    rx: flume::Receiver<Frame>,
+    mut sinks: Vec<Box<dyn Sink>>,
+    stats: Arc<Stats>,
+    clock: SharedClock,
+) -> std::io::Result<JoinHandle<()>> {
+    let p = p.clone();
+    std::thread::Builder::new()
+        .name("publish".into())
+        .spawn(move || {
+            for f in rx.iter() {
+                let counters = &stats.streams[f.stream];
+                let now = clock.now();
+                if now > f.deadline {
+                    counters.dropped_late.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let line = result_json(&p, &f, now).to_string();
+                let mut ok = true;
+                for s in sinks.iter_mut() {
+                    if let Err(e) = s.publish(&line) {
+                        tracing::error!(sink = s.name(), error = %e, "Sink write failed.");
+                        ok = false;
+                    }
+                }
+                if ok {
+                    counters.published.fetch_add(1, Ordering::Relaxed);
+                    stats.end_to_end.record(now - f.captured);
+                } else {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            for s in sinks.iter_mut() {
+                if let Err(e) = s.flush() {
+                    tracing::error!(sink = s.name(), error = %e, "Sink flush failed.");
+                }
+            }
+        })
+}

@@ -1,0 +1,290 @@
+//! What a stage does to a batch of frames: pre-processing, inference, post-processing.
+
+use std::path::Path;
+
+use ndarray::{Array4, Axis, s};
+
+use crate::config::{
+    Backend, ImageSpec, ModelKind, StageSpec, TextDetectParams, TextRecognizeParams,
+};
+use crate::engine::ort::{OrtConfig, OrtEngine};
+use crate::engine::{Engine, EngineError, NoopEngine};
+use crate::frame::{Frame, StageOutput, TextLine};
+use crate::postprocess::{classify, ctc, image, text_detect};
+
+/// Errors of a stage on a batch (every frame of the batch counts as failed).
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The model gave an output of an unexpected shape.
+    #[error("unexpected output: {0}")]
+    Output(String),
+}
+
+/// Runs one stage on a batch and attaches one [`StageOutput`] to every frame.
+pub trait StageRunner: Send {
+    /// Processes the batch in place.
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError>;
+}
+
+/// Loads the engine of a stage and wraps it in the runner for its model kind.
+pub fn build_runner(
+    spec: &StageSpec,
+    library: Option<&Path>,
+) -> Result<Box<dyn StageRunner>, EngineError> {
+    let m = &spec.model;
+    let engine: Box<dyn Engine> = match m.backend {
+        Backend::Noop => Box::new(NoopEngine::default()),
+        Backend::Onnxruntime => Box::new(OrtEngine::load(&OrtConfig {
+            model: m.onnx.clone().unwrap_or_default(),
+            input: m.input.clone(),
+            threads: spec.threads,
+            library: library.map(Path::to_path_buf),
+        })?),
+    };
+    let image = m.image.clone().unwrap_or_else(ImageSpec::passthrough);
+    Ok(match m.kind {
+        ModelKind::Passthrough => Box::new(Passthrough),
+        ModelKind::Classify => {
+            let labels = match &m.classify.labels {
+                Some(p) => std::fs::read_to_string(p)
+                    .map_err(|e| EngineError::Load {
+                        model: p.display().to_string(),
+                        message: e.to_string(),
+                    })?
+                    .lines()
+                    .map(str::to_string)
+                    .collect(),
+                None => Vec::new(),
+            };
+            Box::new(Classify {
+                engine,
+                image,
+                top_k: m.classify.top_k,
+                labels,
+            })
+        }
+        ModelKind::TextDetect => Box::new(TextDetect {
+            engine,
+            image,
+            params: m.text_detect.clone(),
+        }),
+        ModelKind::TextRecognize => {
+            let key = &m.text_recognize.charset_metadata_key;
+            let charset: Vec<String> = engine
+                .metadata(key)
+                .ok_or_else(|| EngineError::Load {
+                    model: m.onnx.clone().unwrap_or_default().display().to_string(),
+                    message: format!("no `{key}` metadata with the character list"),
+                })?
+                .lines()
+                .map(str::to_string)
+                .collect();
+            Box::new(TextRecognize {
+                engine,
+                image,
+                params: m.text_recognize.clone(),
+                charset,
+                boxes_from: spec.boxes_from.unwrap_or(0),
+            })
+        }
+    })
+}
+
+/// Does nothing: for measuring the pipeline itself.
+struct Passthrough;
+
+impl StageRunner for Passthrough {
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
+        for f in frames {
+            f.outputs.push(StageOutput::Nothing);
+        }
+        Ok(())
+    }
+}
+
+/// Runs a whole-image model on the batch and returns its first output.
+fn infer_images(
+    engine: &mut dyn Engine,
+    image: &ImageSpec,
+    frames: &[Frame],
+) -> Result<ndarray::ArrayD<f32>, StageError> {
+    let images: Vec<&crate::frame::Image> = frames.iter().map(|f| f.image.as_ref()).collect();
+    let input = image::batch_tensor(&images, image);
+    let mut outs = engine.infer(input.view().into_dyn())?;
+    if outs.is_empty() {
+        return Err(StageError::Output("the model returned no outputs".into()));
+    }
+    let out = outs.swap_remove(0);
+    if out.shape().first() != Some(&frames.len()) {
+        return Err(StageError::Output(format!(
+            "first output has shape {:?} for a batch of {}",
+            out.shape(),
+            frames.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Classifier: top-k classes per frame.
+struct Classify {
+    engine: Box<dyn Engine>,
+    image: ImageSpec,
+    top_k: usize,
+    labels: Vec<String>,
+}
+
+impl StageRunner for Classify {
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
+        let out = infer_images(self.engine.as_mut(), &self.image, frames)?;
+        let n = frames.len();
+        let per_frame = out.len() / n.max(1);
+        let flat = out.into_shape_with_order((n, per_frame)).ok();
+        let out = match flat {
+            Some(a) => a,
+            None => {
+                return Err(StageError::Output(
+                    "cannot flatten the classifier output".into(),
+                ));
+            }
+        };
+        for (f, row) in frames.iter_mut().zip(out.outer_iter()) {
+            let row: Vec<f32> = row.iter().copied().collect();
+            f.outputs.push(StageOutput::Classes(classify::top_k(
+                &row,
+                self.top_k,
+                &self.labels,
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// DB text detector: text boxes per frame.
+struct TextDetect {
+    engine: Box<dyn Engine>,
+    image: ImageSpec,
+    params: TextDetectParams,
+}
+
+impl StageRunner for TextDetect {
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
+        let out = infer_images(self.engine.as_mut(), &self.image, frames)?;
+        if out.ndim() != 4 {
+            return Err(StageError::Output(format!(
+                "expected an N x 1 x H x W map, got {:?}",
+                out.shape()
+            )));
+        }
+        let (mh, mw) = (out.shape()[2], out.shape()[3]);
+        for (i, f) in frames.iter_mut().enumerate() {
+            let map = out.slice(s![i, 0, .., ..]);
+            let map: Vec<f32> = map.iter().copied().collect();
+            let boxes = text_detect::boxes(
+                &map,
+                mw,
+                mh,
+                f.image.width as f32,
+                f.image.height as f32,
+                &self.params,
+            );
+            f.outputs.push(StageOutput::TextBoxes(boxes));
+        }
+        Ok(())
+    }
+}
+
+/// CTC text recogniser over crops of an earlier stage's text boxes.
+struct TextRecognize {
+    engine: Box<dyn Engine>,
+    image: ImageSpec,
+    params: TextRecognizeParams,
+    charset: Vec<String>,
+    boxes_from: usize,
+}
+
+/// One crop waiting for recognition.
+struct Crop {
+    frame: usize,
+    order: usize,
+    bbox: crate::frame::BBox,
+    pixels: Vec<u8>,
+    width: usize,
+}
+
+impl StageRunner for TextRecognize {
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
+        let h = self.image.height as usize;
+        let mut crops = Vec::new();
+        for (fi, f) in frames.iter().enumerate() {
+            let Some(StageOutput::TextBoxes(boxes)) = f.outputs.get(self.boxes_from) else {
+                return Err(StageError::Output(format!(
+                    "frame has no text boxes from stage {}",
+                    self.boxes_from
+                )));
+            };
+            for (order, b) in boxes.iter().enumerate() {
+                let ratio = b.bbox.w / b.bbox.h.max(1.0);
+                let width =
+                    ((h as f32 * ratio).ceil() as usize).clamp(1, self.params.max_width as usize);
+                crops.push(Crop {
+                    frame: fi,
+                    order,
+                    bbox: b.bbox,
+                    pixels: image::crop_resize(&f.image, &b.bbox, width, h),
+                    width,
+                });
+            }
+        }
+        // Similar widths together, so that little of each batch is padding.
+        crops.sort_by_key(|c| c.width);
+        let mut lines: Vec<Vec<(usize, TextLine)>> = vec![Vec::new(); frames.len()];
+        for chunk in crops.chunks(self.params.max_crops) {
+            let w = chunk
+                .iter()
+                .map(|c| c.width)
+                .max()
+                .unwrap_or(1)
+                .max(self.image.width as usize);
+            let mut input = Array4::<f32>::zeros((chunk.len(), 3, h, w));
+            for (i, c) in chunk.iter().enumerate() {
+                let mut slot = input.index_axis_mut(Axis(0), i);
+                image::fill_crop(
+                    &c.pixels,
+                    c.width,
+                    &self.image,
+                    slot.slice_mut(s![.., .., 0..c.width]),
+                );
+            }
+            let mut outs = self.engine.infer(input.view().into_dyn())?;
+            if outs.is_empty() || outs[0].ndim() != 3 || outs[0].shape()[0] != chunk.len() {
+                return Err(StageError::Output("expected an N x T x C output".into()));
+            }
+            let out = outs.swap_remove(0);
+            let classes = out.shape()[2];
+            for (i, c) in chunk.iter().enumerate() {
+                let probs: Vec<f32> = out.index_axis(Axis(0), i).iter().copied().collect();
+                let (text, score) = ctc::greedy_decode(&probs, classes, &self.charset);
+                let text = text.trim().to_string();
+                if !text.is_empty() && score >= self.params.min_score {
+                    lines[c.frame].push((
+                        c.order,
+                        TextLine {
+                            text,
+                            score,
+                            bbox: c.bbox,
+                        },
+                    ));
+                }
+            }
+        }
+        for (f, mut l) in frames.iter_mut().zip(lines) {
+            l.sort_by_key(|(order, _)| *order);
+            f.outputs
+                .push(StageOutput::Texts(l.into_iter().map(|(_, t)| t).collect()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,130 @@
+//! Helpers shared by the integration tests: paths, running the binary, reading its output.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The poolpipe binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_poolpipe"))
+}
+
+/// Fails with a clear message when ./setup.sh has not been run.
+pub fn require(path: &str) -> PathBuf {
+    let p = root().join(path);
+    assert!(
+        p.exists(),
+        "{} is missing: run ./setup.sh first",
+        p.display()
+    );
+    p
+}
+
+/// A pipeline header whose model names resolve to the repository's engines/.
+pub fn header(name: &str, slo_ms: u64) -> String {
+    format!(
+        "[pipeline]\nname = \"{name}\"\nslo_ms = {slo_ms}\nengines_dir = \"{}\"\n\n",
+        root().join("engines").display()
+    )
+}
+
+/// Writes `text` as `name` in `dir` and returns its path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `poolpipe` with these arguments, run to completion.
+pub fn poolpipe(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run poolpipe")
+}
+
+/// Reads a JSON lines file.
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// Reads a `--summary-json` file.
+pub fn read_summary(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("summary written")).unwrap()
+}
+
+/// Asserts `ingested = published + dropped_late + dropped_overload + failed` for every stream,
+/// and returns the streams' counters by name.
+pub fn assert_balanced(summary: &Value) -> std::collections::HashMap<String, Value> {
+    let mut out = std::collections::HashMap::new();
+    for s in summary["streams"].as_array().unwrap() {
+        let n = |k: &str| s[k].as_u64().unwrap();
+        assert_eq!(
+            n("ingested"),
+            n("published") + n("dropped_late") + n("dropped_overload") + n("failed"),
+            "accounting identity broken for {s}"
+        );
+        out.insert(s["name"].as_str().unwrap().to_string(), s.clone());
+    }
+    out
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something listens on the port.
+pub fn wait_listening(port: u16, timeout: Duration) -> bool {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A child process killed when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `poolpipe serve-rtsp MEDIA --port PORT` and waits until it listens.
+pub fn start_rtsp_server(media: &str, port: u16) -> KillOnDrop {
+    let child = Command::new(bin())
+        .args(["serve-rtsp", media, "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start serve-rtsp");
+    let server = KillOnDrop(child);
+    assert!(
+        wait_listening(port, Duration::from_secs(10)),
+        "RTSP server did not start on port {port}"
+    );
+    server
+}

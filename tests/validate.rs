@@ -1,0 +1,252 @@
+//! `poolpipe validate`: every shipped pipeline validates; broken files get every error at once,
+//! each with file:line:column, key and what was expected.
+
+mod common;
+
+use common::*;
+use poolpipe::config::{Diagnostic, load_pipeline_str};
+
+#[test]
+fn every_shipped_pipeline_validates() {
+    require("engines/ppocr/ch_PP-OCRv4_det_infer.onnx");
+    let mut n = 0;
+    for entry in std::fs::read_dir(root().join("pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = poolpipe(&["validate", path.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{} does not validate:\n{}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "expected the shipped pipelines, found {n}");
+}
+
+/// Validates `text` as a file in a temporary folder; returns the diagnostics.
+fn errors(text: &str) -> Vec<Diagnostic> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    match load_pipeline_str(&path, text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0,
+    }
+}
+
+/// Asserts a diagnostic with this line, key and message fragment exists.
+fn has(errs: &[Diagnostic], line: usize, key: &str, fragment: &str) {
+    assert!(
+        errs.iter()
+            .any(|d| d.line == line && d.key == key && d.message.contains(fragment)),
+        "no error at line {line} for `{key}` containing {fragment:?}; got:\n{}",
+        errs.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+fn good_tail() -> String {
+    "[[stage]]\nname = \"s\"\nmodel = \"noop\"\n\n[[sink]]\ntype = \"jsonl\"\n".to_string()
+}
+
+#[test]
+fn reports_every_error_with_its_line_and_key() {
+    let text = format!(
+        "{}{}",
+        header("broken", 1000),
+        r#"[[source]]
+name = "a"
+uri = "test://nope"
+
+[[source]]
+name = "b"
+uri = "test://ball"
+max_fps = "fast"
+
+[[source]]
+name = "a"
+uri = "ftp://example/x.mp4"
+
+[[stage]]
+name = "det"
+model = "no-such-model"
+device = "gpu:0"
+max_batch = 0
+
+[[stage]]
+name = "rec"
+model = "ppocr-rec"
+input = "nowhere"
+
+[[sink]]
+type = "kafka"
+
+[[sink]]
+type = "jsonl"
+colour = "red"
+"#
+    );
+    let errs = errors(&text);
+    // The header is 5 lines; the first [[source]] is on line 6.
+    has(&errs, 8, "source[0].uri", "unknown test pattern `nope`");
+    has(
+        &errs,
+        13,
+        "source[1].max_fps",
+        "invalid type: string \"fast\", expected u32",
+    );
+    has(&errs, 16, "source[2].name", "duplicate source name `a`");
+    has(&errs, 17, "source[2].uri", "unsupported scheme `ftp://`");
+    has(&errs, 21, "stage[0].model", "no model manifest");
+    has(&errs, 22, "stage[0].device", "unknown device `gpu:0`");
+    has(&errs, 23, "stage[0].max_batch", "out of range");
+    has(
+        &errs,
+        28,
+        "stage[1].input",
+        "no earlier stage named `nowhere`",
+    );
+    has(&errs, 31, "sink[0].type", "unknown value `kafka`");
+    has(&errs, 35, "sink[1].colour", "unknown key `colour`");
+    assert_eq!(errs.len(), 10, "one error per problem, no more: {errs:#?}");
+}
+
+#[test]
+fn missing_sections_and_keys_are_named() {
+    let errs = errors(
+        "[pipeline]\nname = \"x\"\n\n[[sink]]\ntype = \"jsonl\"\npath = \"/no/such/dir/out.jsonl\"\n",
+    );
+    has(&errs, 1, "pipeline", "missing key `slo_ms`");
+    has(&errs, 1, "source", "at least one [[source]]");
+    has(&errs, 1, "stage", "at least one [[stage]]");
+    has(
+        &errs,
+        6,
+        "sink[0].path",
+        "folder /no/such/dir does not exist",
+    );
+}
+
+#[test]
+fn syntax_errors_point_at_the_line() {
+    let errs = errors("[pipeline]\nname = \"x\"\nslo_ms = = 5\n");
+    assert!(!errs.is_empty());
+    assert_eq!(errs[0].line, 3, "{errs:?}");
+    assert!(errs[0].message.starts_with("TOML syntax"), "{errs:?}");
+}
+
+#[test]
+fn impossible_values_and_dangling_references() {
+    let text = format!(
+        "{}{}",
+        header("x", 100),
+        r#"[[source]]
+name = "cam 1"
+uri = "rtsp://user:secret@/live"
+loop = true
+
+[[source]]
+name = "f"
+uri = "missing.mp4"
+transport = "udp"
+
+[[stage]]
+name = "s"
+model = "noop"
+max_wait_ms = 100
+workers = 65
+
+[[sink]]
+type = "jsonl"
+"#
+    );
+    let errs = errors(&text);
+    has(&errs, 7, "source[0].name", "only letters, digits");
+    has(&errs, 8, "source[0].uri", "has no host");
+    has(&errs, 9, "source[0].loop", "not to live cameras");
+    has(&errs, 13, "source[1].uri", "missing.mp4 does not exist");
+    has(&errs, 14, "source[1].transport", "rtsp:// sources only");
+    has(
+        &errs,
+        19,
+        "stage[0].max_wait_ms",
+        "leaves nothing of the 100 ms SLO",
+    );
+    has(&errs, 20, "stage[0].workers", "out of range");
+    assert!(
+        errs.iter().all(|d| !d.message.contains("secret")),
+        "password leaked: {errs:#?}"
+    );
+}
+
+#[test]
+fn a_broken_manifest_is_reported_against_its_own_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "bad.toml",
+        "name = \"bad\"\nkind = \"classify\"\nonnx = \"nope.onnx\"\n",
+    );
+    let text = format!(
+        "[pipeline]\nname = \"x\"\nslo_ms = 1000\nengines_dir = \".\"\n\n[[source]]\nname = \"t\"\nuri = \"test://ball\"\n\n[[stage]]\nname = \"s\"\nmodel = \"bad\"\n\n[[sink]]\ntype = \"jsonl\"\n"
+    );
+    let errs = match load_pipeline_str(&dir.path().join("p.toml"), &text) {
+        Ok(_) => panic!("accepted a broken manifest"),
+        Err(e) => e.0,
+    };
+    has(&errs, 12, "stage[0].model", "is invalid");
+    assert!(
+        errs.iter().any(|d| d.file.ends_with("bad.toml")
+            && d.line == 3
+            && d.key == "onnx"
+            && d.message.contains("nope.onnx does not exist")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|d| d.file.ends_with("bad.toml") && d.key == "image"),
+        "{errs:#?}"
+    );
+}
+
+#[test]
+fn the_cli_prints_every_error_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            "{}[[source]]\nname = \"a\"\nuri = \"test://nope\"\n\n{}[extra]\nx = 1\n",
+            header("x", 1000),
+            good_tail()
+        ),
+    );
+    let out = poolpipe(&["validate", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let file = p.display().to_string();
+    assert!(
+        stderr.contains(&format!(
+            "{file}:8:7: `source[0].uri`: unknown test pattern `nope`"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{file}:16:2: `extra`: unknown section `extra`")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 problem(s)"), "{stderr}");
+    let ok = poolpipe(&[
+        "validate",
+        root().join("pipelines/demo.toml").to_str().unwrap(),
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
