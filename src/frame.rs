@@ -26,8 +26,10 @@ impl PixelFormat {
     }
 }
 
+/// Pixel memory: a `Vec`, or a decoded GStreamer buffer held without copying.
+pub type Pixels = Box<dyn AsRef<[u8]> + Send + Sync>;
+
 /// A packed 8-bit, 3-channel image (rows without padding).
-#[derive(Debug, Clone)]
 pub struct Image {
     /// Width in pixels.
     pub width: u32,
@@ -36,18 +38,40 @@ pub struct Image {
     /// Channel order.
     pub format: PixelFormat,
     /// `height * width * 3` bytes, row-major.
-    pub data: Vec<u8>,
+    pub data: Pixels,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({}x{} {:?})", self.width, self.height, self.format)
+    }
 }
 
 impl Image {
-    /// A black image.
-    pub fn black(width: u32, height: u32, format: PixelFormat) -> Self {
+    /// An image over these bytes (`width * height * 3` of them).
+    pub fn from_vec(width: u32, height: u32, format: PixelFormat, data: Vec<u8>) -> Self {
+        debug_assert_eq!(data.len(), width as usize * height as usize * 3);
         Self {
             width,
             height,
             format,
-            data: vec![0; width as usize * height as usize * 3],
+            data: Box::new(data),
         }
+    }
+
+    /// A black image.
+    pub fn black(width: u32, height: u32, format: PixelFormat) -> Self {
+        Self::from_vec(
+            width,
+            height,
+            format,
+            vec![0; width as usize * height as usize * 3],
+        )
+    }
+
+    /// The pixels.
+    pub fn bytes(&self) -> &[u8] {
+        (*self.data).as_ref()
     }
 }
 

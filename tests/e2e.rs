@@ -10,19 +10,39 @@ use common::*;
 use serde_json::Value;
 
 /// Runs a pipeline file with extra arguments; returns (results, summary, stderr).
-fn run_pipeline(dir: &std::path::Path, pipeline: &str, args: &[&str]) -> (Vec<Value>, Value, String) {
+fn run_pipeline(
+    dir: &std::path::Path,
+    pipeline: &str,
+    args: &[&str],
+) -> (Vec<Value>, Value, String) {
     let p = write(dir, "p.toml", pipeline);
     let summary = dir.join("summary.json");
-    let mut all = vec!["run", p.to_str().unwrap(), "--summary-json", summary.to_str().unwrap()];
+    let mut all = vec![
+        "run",
+        p.to_str().unwrap(),
+        "--summary-json",
+        summary.to_str().unwrap(),
+    ];
     all.extend_from_slice(args);
     let out = poolpipe(&all);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "poolpipe run failed ({:?}):\n{stderr}", out.status);
-    (read_jsonl(&dir.join("out.jsonl")), read_summary(&summary), stderr)
+    assert!(
+        out.status.success(),
+        "poolpipe run failed ({:?}):\n{stderr}",
+        out.status
+    );
+    (
+        read_jsonl(&dir.join("out.jsonl")),
+        read_summary(&summary),
+        stderr,
+    )
 }
 
 fn sink(dir: &std::path::Path) -> String {
-    format!("[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n", dir.join("out.jsonl").display())
+    format!(
+        "[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+        dir.join("out.jsonl").display()
+    )
 }
 
 #[test]
@@ -42,11 +62,22 @@ fn test_pattern_through_a_classifier_to_json_lines() {
     assert_eq!(results.len(), 12);
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r["stream"], "pattern");
-        assert_eq!(r["seq"], i as u64, "frames of one stream are published in order");
-        let classes = r["results"]["classify"]["classes"].as_array().expect("classes");
+        assert_eq!(
+            r["seq"], i as u64,
+            "frames of one stream are published in order"
+        );
+        let classes = r["results"]["classify"]["classes"]
+            .as_array()
+            .expect("classes");
         assert_eq!(classes.len(), 5);
-        let scores: Vec<f64> = classes.iter().map(|c| c["score"].as_f64().unwrap()).collect();
-        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
+        let scores: Vec<f64> = classes
+            .iter()
+            .map(|c| c["score"].as_f64().unwrap())
+            .collect();
+        assert!(
+            scores.windows(2).all(|w| w[0] >= w[1]),
+            "best first: {scores:?}"
+        );
         assert!(scores.iter().sum::<f64>() <= 1.0 + 1e-3);
         assert!(r["latency_ms"]["end_to_end"].as_f64().unwrap() > 0.0);
         assert!(r["latency_ms"]["stages"]["classify"].as_f64().unwrap() > 0.0);
@@ -76,17 +107,30 @@ fn the_sample_clip_through_ocr_publishes_the_burned_in_camera_name() {
     assert_eq!(streams["north-gate"]["published"], 6);
     assert_eq!(results.len(), 6);
     for r in &results {
-        let boxes = r["results"]["det"]["text_boxes"].as_array().expect("text boxes");
+        let boxes = r["results"]["det"]["text_boxes"]
+            .as_array()
+            .expect("text boxes");
         assert!(!boxes.is_empty(), "the overlay is text: {r}");
-        let texts: Vec<&str> = r["results"]["ocr"]["texts"].as_array().unwrap().iter().map(|t| t["text"].as_str().unwrap()).collect();
+        let texts: Vec<&str> = r["results"]["ocr"]["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["text"].as_str().unwrap())
+            .collect();
         // The recogniser may read 0 as O; assert on words.
         assert!(
-            texts.iter().any(|t| t.contains("NORTH") && t.contains("GATE")),
+            texts
+                .iter()
+                .any(|t| t.contains("NORTH") && t.contains("GATE")),
             "camera name not read in frame {}: {texts:?}",
             r["seq"]
         );
         // The timestamp overlay: digits with dashes and colons.
-        assert!(texts.iter().any(|t| t.matches(':').count() == 2 && t.chars().filter(char::is_ascii_digit).count() >= 10), "{texts:?}");
+        assert!(
+            texts.iter().any(|t| t.matches(':').count() == 2
+                && t.chars().filter(char::is_ascii_digit).count() >= 10),
+            "{texts:?}"
+        );
     }
 }
 
@@ -95,7 +139,20 @@ fn a_looping_file_starts_again_and_keeps_counting() {
     let dir = tempfile::tempdir().unwrap();
     let clip = dir.path().join("short.mp4");
     let st = Command::new("gst-launch-1.0")
-        .args(["-q", "-e", "videotestsrc", "num-buffers=10", "!", "video/x-raw,width=160,height=120,framerate=10/1", "!", "x264enc", "!", "mp4mux", "!", "filesink"])
+        .args([
+            "-q",
+            "-e",
+            "videotestsrc",
+            "num-buffers=10",
+            "!",
+            "video/x-raw,width=160,height=120,framerate=10/1",
+            "!",
+            "x264enc",
+            "!",
+            "mp4mux",
+            "!",
+            "filesink",
+        ])
         .arg(format!("location={}", clip.display()))
         .status()
         .expect("gst-launch-1.0");
@@ -111,8 +168,15 @@ fn a_looping_file_starts_again_and_keeps_counting() {
     assert_balanced(&summary);
     assert_eq!(results.len(), 25, "a 10-frame clip looped to 25 frames");
     let seqs: Vec<u64> = results.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (0..25).collect::<Vec<_>>(), "sequence numbers keep counting across loops");
-    let pts: Vec<f64> = results.iter().map(|r| r["pts_ms"].as_f64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (0..25).collect::<Vec<_>>(),
+        "sequence numbers keep counting across loops"
+    );
+    let pts: Vec<f64> = results
+        .iter()
+        .map(|r| r["pts_ms"].as_f64().unwrap())
+        .collect();
     assert!(pts[10] < pts[9], "the clip started again: {pts:?}");
 }
 
@@ -134,8 +198,14 @@ fn overload_drops_are_counted_and_published_frames_meet_the_slo() {
     assert!(s["published"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(results.len() as u64, s["published"].as_u64().unwrap());
     for r in &results {
-        assert!(r["deadline_slack_ms"].as_f64().unwrap() >= 0.0, "published late: {r}");
-        assert!(r["latency_ms"]["end_to_end"].as_f64().unwrap() <= 400.0, "{r}");
+        assert!(
+            r["deadline_slack_ms"].as_f64().unwrap() >= 0.0,
+            "published late: {r}"
+        );
+        assert!(
+            r["latency_ms"]["end_to_end"].as_f64().unwrap() <= 400.0,
+            "{r}"
+        );
     }
 }
 
@@ -154,7 +224,12 @@ fn sigterm_stops_sources_drains_and_exits_zero() {
     );
     let summary = dir.path().join("summary.json");
     let mut child = Command::new(bin())
-        .args(["run", p.to_str().unwrap(), "--summary-json", summary.to_str().unwrap()])
+        .args([
+            "run",
+            p.to_str().unwrap(),
+            "--summary-json",
+            summary.to_str().unwrap(),
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -169,7 +244,11 @@ fn sigterm_stops_sources_drains_and_exits_zero() {
     let streams = assert_balanced(&s);
     let published = streams["live"]["published"].as_u64().unwrap();
     assert!(published >= 20, "{s}");
-    assert_eq!(read_jsonl(&dir.path().join("out.jsonl")).len() as u64, published, "every published frame was flushed");
+    assert_eq!(
+        read_jsonl(&dir.path().join("out.jsonl")).len() as u64,
+        published,
+        "every published frame was flushed"
+    );
 }
 
 unsafe extern "C" {
@@ -194,7 +273,14 @@ fn an_rtsp_camera_that_restarts_is_reconnected_while_another_stream_keeps_flowin
     let p = write(dir.path(), "p.toml", &pipeline);
     let summary = dir.path().join("summary.json");
     let run = Command::new(bin())
-        .args(["run", p.to_str().unwrap(), "--duration", "14", "--summary-json", summary.to_str().unwrap()])
+        .args([
+            "run",
+            p.to_str().unwrap(),
+            "--duration",
+            "14",
+            "--summary-json",
+            summary.to_str().unwrap(),
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -214,19 +300,44 @@ fn an_rtsp_camera_that_restarts_is_reconnected_while_another_stream_keeps_flowin
     assert!(streams["cam"]["reconnects"].as_u64().unwrap() >= 1, "{s}");
     let results = read_jsonl(&dir.path().join("out.jsonl"));
     let times = |stream: &str| -> Vec<u64> {
-        results.iter().filter(|r| r["stream"] == stream).map(|r| r["captured_at_unix_ms"].as_u64().unwrap()).collect()
+        results
+            .iter()
+            .filter(|r| r["stream"] == stream)
+            .map(|r| r["captured_at_unix_ms"].as_u64().unwrap())
+            .collect()
     };
     let cam = times("cam");
-    assert!(cam.iter().any(|t| *t < killed_at), "camera frames before the outage");
-    assert!(cam.iter().filter(|t| **t > restarted_at).count() >= 10, "camera frames resume after the restart: {} frames", cam.len());
+    assert!(
+        cam.iter().any(|t| *t < killed_at),
+        "camera frames before the outage"
+    );
+    assert!(
+        cam.iter().filter(|t| **t > restarted_at).count() >= 10,
+        "camera frames resume after the restart: {} frames",
+        cam.len()
+    );
     // The other stream did not notice: no gap longer than a second during the outage.
     let pattern = times("pattern");
-    let during: Vec<u64> = pattern.iter().copied().filter(|t| *t >= killed_at && *t <= restarted_at + 1000).collect();
-    assert!(during.len() >= 25, "pattern frames during the outage: {}", during.len());
+    let during: Vec<u64> = pattern
+        .iter()
+        .copied()
+        .filter(|t| *t >= killed_at && *t <= restarted_at + 1000)
+        .collect();
+    assert!(
+        during.len() >= 25,
+        "pattern frames during the outage: {}",
+        during.len()
+    );
     let worst_gap = during.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-    assert!(worst_gap < 1000, "the pattern stream stalled for {worst_gap} ms");
+    assert!(
+        worst_gap < 1000,
+        "the pattern stream stalled for {worst_gap} ms"
+    );
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }

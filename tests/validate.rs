@@ -191,10 +191,8 @@ fn a_broken_manifest_is_reported_against_its_own_file() {
         "bad.toml",
         "name = \"bad\"\nkind = \"classify\"\nonnx = \"nope.onnx\"\n",
     );
-    let text = format!(
-        "[pipeline]\nname = \"x\"\nslo_ms = 1000\nengines_dir = \".\"\n\n[[source]]\nname = \"t\"\nuri = \"test://ball\"\n\n[[stage]]\nname = \"s\"\nmodel = \"bad\"\n\n[[sink]]\ntype = \"jsonl\"\n"
-    );
-    let errs = match load_pipeline_str(&dir.path().join("p.toml"), &text) {
+    let text = "[pipeline]\nname = \"x\"\nslo_ms = 1000\nengines_dir = \".\"\n\n[[source]]\nname = \"t\"\nuri = \"test://ball\"\n\n[[stage]]\nname = \"s\"\nmodel = \"bad\"\n\n[[sink]]\ntype = \"jsonl\"\n";
+    let errs = match load_pipeline_str(&dir.path().join("p.toml"), text) {
         Ok(_) => panic!("accepted a broken manifest"),
         Err(e) => e.0,
     };

@@ -1,6 +1,27 @@
 //! `poolpipe bench ...`: measured figures, printed as a table or JSON.
+//!
+//! `bench pipeline` measures, in one run and side by side (alternating, medians of repeats):
+//! 1. frames/s through a poolpipe pipeline with a no-op engine vs GStreamer alone decoding and
+//!    scaling the same file to a fakesink: the ratio and the per-frame overhead;
+//! 2. the Rust ONNX Runtime engine vs the Python `onnxruntime` package on the same benchmark CNN
+//!    (ResNet-18, batch 1 and 8, the same thread count): images/s and their ratio;
+//! 3. the demo pipeline: published frames/s and p50/p99 end-to-end latency, at the clip's pace
+//!    and flat out.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
 use clap::Subcommand;
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use serde::Serialize;
+
+use crate::config::{self, Backend, ModelKind, ModelManifest, Pace, Pipeline, SinkSpec};
+use crate::engine::Engine;
+use crate::engine::ort::{OrtConfig, OrtEngine};
+use crate::pipeline::{self, RunOptions, Shutdown};
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
@@ -10,12 +31,430 @@ pub enum BenchCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Repeats of each measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Seconds of the real-time demo run.
+        #[arg(long, default_value_t = 20.0)]
+        demo_seconds: f64,
+        /// Threads for the engine comparison (both sides).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Python interpreter with `onnxruntime` and `numpy` (setup.sh makes `.venv`).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Repository root (pipelines/, engines/, samples/).
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
     },
 }
 
 /// Runs a benchmark.
 pub fn run(which: BenchCommand) -> anyhow::Result<()> {
     match which {
-        BenchCommand::Pipeline { json: _ } => anyhow::bail!("not built yet"),
+        BenchCommand::Pipeline {
+            json,
+            repeats,
+            demo_seconds,
+            threads,
+            python,
+            root,
+        } => {
+            let report = bench_pipeline(&root, &python, repeats.max(1), demo_seconds, threads)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.table());
+            }
+            Ok(())
+        }
     }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Everything `bench pipeline` measured.
+#[derive(Debug, Serialize)]
+pub struct PipelineReport {
+    /// Frames in the sample clip.
+    pub frames: u64,
+    /// GStreamer alone, frames/s (median).
+    pub gstreamer_fps: f64,
+    /// poolpipe with a no-op engine, frames/s (median).
+    pub noop_pipeline_fps: f64,
+    /// noop_pipeline_fps / gstreamer_fps.
+    pub overhead_ratio: f64,
+    /// Extra time per frame, microseconds.
+    pub overhead_us_per_frame: f64,
+    /// Engine comparison rows.
+    pub engines: Vec<EngineRow>,
+    /// Demo pipeline runs.
+    pub demo: Vec<DemoRow>,
+}
+
+/// Rust vs Python on one batch size.
+#[derive(Debug, Serialize)]
+pub struct EngineRow {
+    /// Model.
+    pub model: String,
+    /// Batch size.
+    pub batch: usize,
+    /// Threads (both sides).
+    pub threads: usize,
+    /// poolpipe's engine, images/s (median).
+    pub rust_images_per_s: f64,
+    /// Python onnxruntime, images/s (median), if it could run.
+    pub python_images_per_s: Option<f64>,
+    /// rust / python.
+    pub ratio: Option<f64>,
+}
+
+/// One demo run.
+#[derive(Debug, Serialize)]
+pub struct DemoRow {
+    /// How the clip was paced.
+    pub pace: String,
+    /// Frames published.
+    pub published: u64,
+    /// Frames dropped (late + overload).
+    pub dropped: u64,
+    /// Published frames/s.
+    pub fps: f64,
+    /// Median end-to-end latency, ms.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile end-to-end latency, ms.
+    pub p99_ms: Option<f64>,
+}
+
+impl PipelineReport {
+    fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "Pipeline overhead ({} frames of the sample, decode + scale to 768x576 BGR)",
+            self.frames
+        );
+        let _ = writeln!(
+            s,
+            "  GStreamer alone to fakesink     {:>9.1} frames/s",
+            self.gstreamer_fps
+        );
+        let _ = writeln!(
+            s,
+            "  poolpipe, no-op engine          {:>9.1} frames/s",
+            self.noop_pipeline_fps
+        );
+        let _ = writeln!(
+            s,
+            "  ratio {:.3}, overhead {:.1} us/frame\n",
+            self.overhead_ratio, self.overhead_us_per_frame
+        );
+        let _ = writeln!(
+            s,
+            "Engine: poolpipe (Rust, ort) vs Python onnxruntime, same model and threads"
+        );
+        let _ = writeln!(
+            s,
+            "  {:<10} {:>5} {:>7} {:>12} {:>12} {:>7}",
+            "model", "batch", "threads", "rust img/s", "python img/s", "ratio"
+        );
+        for r in &self.engines {
+            let py = r
+                .python_images_per_s
+                .map_or("n/a".to_string(), |v| format!("{v:.1}"));
+            let ratio = r.ratio.map_or("n/a".to_string(), |v| format!("{v:.3}"));
+            let _ = writeln!(
+                s,
+                "  {:<10} {:>5} {:>7} {:>12.1} {:>12} {:>7}",
+                r.model, r.batch, r.threads, r.rust_images_per_s, py, ratio
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nDemo pipeline (pipelines/demo.toml: PP-OCRv4 det + rec on the CPU)"
+        );
+        let _ = writeln!(
+            s,
+            "  {:<34} {:>9} {:>8} {:>7} {:>8} {:>8}",
+            "pace", "published", "dropped", "fps", "p50 ms", "p99 ms"
+        );
+        for d in &self.demo {
+            let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+            let _ = writeln!(
+                s,
+                "  {:<34} {:>9} {:>8} {:>7.2} {:>8} {:>8}",
+                d.pace,
+                d.published,
+                d.dropped,
+                d.fps,
+                f(d.p50_ms),
+                f(d.p99_ms)
+            );
+        }
+        s
+    }
+}
+
+fn bench_pipeline(
+    root: &Path,
+    python: &Path,
+    repeats: usize,
+    demo_seconds: f64,
+    threads: usize,
+) -> anyhow::Result<PipelineReport> {
+    crate::ingest::init()?;
+    let demo_path = root.join("pipelines/demo.toml");
+    let demo = config::load_pipeline(&demo_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let det_image = demo.ingest_format();
+    let sample = match &demo.sources[0].kind {
+        config::SourceKind::File { path } => path.clone(),
+        _ => bail!("the demo's first source is expected to be the sample file"),
+    };
+
+    // 1. Overhead: the same decode + scale with and without poolpipe around it.
+    let caps = format!(
+        "video/x-raw,format={},width={},height={},pixel-aspect-ratio=1/1",
+        det_image.pixel_format.gst_name(),
+        det_image.width,
+        det_image.height
+    );
+    let noop = noop_pipeline(&demo, &sample, root)?;
+    let (mut gst_fps, mut pipe_fps, mut frames) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..repeats {
+        let (n, secs) = gstreamer_alone(&sample, &caps)?;
+        frames = n;
+        gst_fps.push(n as f64 / secs);
+        let t = Instant::now();
+        let summary = pipeline::run(&noop, &RunOptions::default(), &Shutdown::new())?;
+        let secs = t.elapsed().as_secs_f64();
+        let published: u64 = summary.streams.iter().map(|s| s.published).sum();
+        if published != n {
+            bail!("the no-op pipeline published {published} of {n} frames");
+        }
+        pipe_fps.push(published as f64 / secs);
+    }
+    let (g, p) = (median(gst_fps), median(pipe_fps));
+
+    // 2. Engines.
+    let model = root.join("engines/bench/resnet18.onnx");
+    let mut engines = Vec::new();
+    for batch in [1usize, 8] {
+        let iters = if batch == 1 { 40 } else { 8 };
+        let (mut rust, mut py) = (Vec::new(), Vec::new());
+        for _ in 0..repeats {
+            rust.push(rust_images_per_s(&model, batch, threads, iters)?);
+            if let Some(v) = python_images_per_s(python, &model, batch, threads, iters) {
+                py.push(v);
+            }
+        }
+        let r = median(rust);
+        let py = (!py.is_empty()).then(|| median(py));
+        engines.push(EngineRow {
+            model: "resnet18".into(),
+            batch,
+            threads,
+            rust_images_per_s: r,
+            python_images_per_s: py,
+            ratio: py.map(|v| r / v),
+        });
+    }
+
+    // 3. The demo, as shipped (real time) and flat out.
+    let mut rows = Vec::new();
+    let mut demo = demo.clone();
+    demo.sinks = vec![SinkSpec::File(PathBuf::from("/dev/null"))];
+    let s = pipeline::run(
+        &demo,
+        &RunOptions {
+            duration: Some(Duration::from_secs_f64(demo_seconds)),
+            ..Default::default()
+        },
+        &Shutdown::new(),
+    )?;
+    rows.push(demo_row(
+        &format!("clip pace, max_fps 5, {demo_seconds:.0} s"),
+        &s,
+    ));
+    let mut fast = demo.clone();
+    fast.sources[0].pace = Pace::Fast;
+    fast.sources[0].max_fps = None;
+    let s = pipeline::run(
+        &fast,
+        &RunOptions {
+            max_frames: Some(60),
+            ..Default::default()
+        },
+        &Shutdown::new(),
+    )?;
+    rows.push(demo_row("flat out (pace fast), 60 frames", &s));
+
+    Ok(PipelineReport {
+        frames,
+        gstreamer_fps: g,
+        noop_pipeline_fps: p,
+        overhead_ratio: p / g,
+        overhead_us_per_frame: (1.0 / p - 1.0 / g) * 1e6,
+        engines,
+        demo: rows,
+    })
+}
+
+fn demo_row(pace: &str, s: &crate::stats::Summary) -> DemoRow {
+    DemoRow {
+        pace: pace.into(),
+        published: s.streams.iter().map(|x| x.published).sum(),
+        dropped: s
+            .streams
+            .iter()
+            .map(|x| x.dropped_late + x.dropped_overload)
+            .sum(),
+        fps: s.published_fps(),
+        p50_ms: s.end_to_end_p50_ms,
+        p99_ms: s.end_to_end_p99_ms,
+    }
+}
+
+/// The demo's source (flat out) into one pass-through stage that takes the detector's image size.
+fn noop_pipeline(demo: &Pipeline, sample: &Path, root: &Path) -> anyhow::Result<Pipeline> {
+    let mut p = demo.clone();
+    p.name = "bench-noop".into();
+    let mut src = demo.sources[0].clone();
+    src.kind = config::SourceKind::File {
+        path: sample.to_path_buf(),
+    };
+    src.pace = Pace::Fast;
+    src.max_fps = None;
+    p.sources = vec![src];
+    let mut stage = demo.stages[0].clone();
+    stage.name = "noop".into();
+    stage.model = ModelManifest {
+        name: "noop".into(),
+        backend: Backend::Noop,
+        onnx: None,
+        input: None,
+        kind: ModelKind::Passthrough,
+        image: Some(demo.ingest_format()),
+        classify: Default::default(),
+        text_detect: Default::default(),
+        text_recognize: Default::default(),
+        path: root.join("engines/noop.toml"),
+    };
+    stage.max_batch = 8;
+    stage.max_wait = Duration::ZERO;
+    stage.queue = 16;
+    p.stages = vec![stage];
+    p.sinks = vec![SinkSpec::File(PathBuf::from("/dev/null"))];
+    Ok(p)
+}
+
+/// Decodes and scales the file to a fakesink; returns (frames, seconds).
+fn gstreamer_alone(sample: &Path, caps: &str) -> anyhow::Result<(u64, f64)> {
+    let launch = format!(
+        "filesrc location=\"{}\" ! decodebin ! videoconvert ! videoscale ! {caps} ! fakesink name=sink sync=false",
+        sample.display()
+    );
+    let pipeline = gst::parse::launch(&launch)?;
+    let bin = pipeline
+        .clone()
+        .dynamic_cast::<gst::Bin>()
+        .map_err(|_| anyhow::anyhow!("not a bin"))?;
+    let pad = bin
+        .by_name("sink")
+        .context("fakesink")?
+        .static_pad("sink")
+        .context("sink pad")?;
+    // A pad probe counts buffers at almost no cost (a handoff signal would add its own overhead).
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = count.clone();
+    pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        gst::PadProbeReturn::Ok
+    });
+    let t = Instant::now();
+    pipeline.set_state(gst::State::Playing)?;
+    let bus = pipeline.bus().context("bus")?;
+    for msg in bus.iter_timed(gst::ClockTime::NONE) {
+        match msg.view() {
+            gst::MessageView::Eos(_) => break,
+            gst::MessageView::Error(e) => bail!("GStreamer: {}", e.error()),
+            _ => {}
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    pipeline.set_state(gst::State::Null)?;
+    Ok((count.load(std::sync::atomic::Ordering::Relaxed), secs))
+}
+
+fn rust_images_per_s(
+    model: &Path,
+    batch: usize,
+    threads: usize,
+    iters: usize,
+) -> anyhow::Result<f64> {
+    let mut engine = OrtEngine::load(&OrtConfig {
+        model: model.to_path_buf(),
+        input: None,
+        threads,
+        library: None,
+        spin: true, // as Python's onnxruntime does by default
+    })?;
+    let input = ndarray::Array4::<f32>::from_shape_fn((batch, 3, 224, 224), |(n, c, y, x)| {
+        ((n * 7 + c * 13 + y * 3 + x) % 255) as f32 / 255.0
+    });
+    for _ in 0..3 {
+        engine.infer(input.view().into_dyn())?;
+    }
+    let t = Instant::now();
+    for _ in 0..iters {
+        engine.infer(input.view().into_dyn())?;
+    }
+    Ok((batch * iters) as f64 / t.elapsed().as_secs_f64())
+}
+
+const PY_BENCH: &str = r#"
+import sys, time, numpy as np, onnxruntime as ort
+model, batch, threads, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+o = ort.SessionOptions()
+o.intra_op_num_threads = threads
+o.inter_op_num_threads = 1
+o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+s = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
+x = np.random.rand(batch, 3, 224, 224).astype(np.float32)
+name = s.get_inputs()[0].name
+for _ in range(3): s.run(None, {name: x})
+t = time.perf_counter()
+for _ in range(iters): s.run(None, {name: x})
+print(batch * iters / (time.perf_counter() - t))
+"#;
+
+fn python_images_per_s(
+    python: &Path,
+    model: &Path,
+    batch: usize,
+    threads: usize,
+    iters: usize,
+) -> Option<f64> {
+    let out = Command::new(python)
+        .args(["-c", PY_BENCH])
+        .arg(model)
+        .args([batch.to_string(), threads.to_string(), iters.to_string()])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        tracing::warn!(stderr = %String::from_utf8_lossy(&out.stderr), "Python onnxruntime benchmark failed.");
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }

@@ -329,7 +329,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Size and pixel format of the images that sources deliver: the first stage's input.
+    /// Size and pixel format of the images that sources deliver: the input of the first stage
+    /// that takes whole images (a pass-through stage may name one with an [image] section).
     pub fn ingest_format(&self) -> ImageSpec {
         self.stages
             .iter()
@@ -337,7 +338,7 @@ impl Pipeline {
                 s.model
                     .image
                     .clone()
-                    .filter(|_| s.model.kind.takes_whole_image())
+                    .filter(|_| s.model.kind != ModelKind::TextRecognize)
             })
             .unwrap_or_else(ImageSpec::passthrough)
     }

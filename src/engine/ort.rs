@@ -84,6 +84,9 @@ pub struct OrtConfig {
     pub threads: usize,
     /// Library location from the pipeline file, if any.
     pub library: Option<PathBuf>,
+    /// Let idle intra-op threads spin. Fastest for one model alone on a machine; several stages
+    /// sharing cores run better without (a spinning thread burns a core another stage needs).
+    pub spin: bool,
 }
 
 fn shape_of(t: &ValueType) -> Vec<i64> {
@@ -105,6 +108,7 @@ impl OrtEngine {
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::Level3)?))
             .and_then(|b| Ok(b.with_intra_threads(cfg.threads.max(1))?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
+            .and_then(|b| Ok(b.with_intra_op_spinning(cfg.spin)?))
             .and_then(|mut b| b.commit_from_file(&cfg.model))
             .map_err(|e| load_err(e.to_string()))?;
         let info = EngineInfo {

@@ -12,7 +12,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use gstreamer as gst;
@@ -172,17 +171,6 @@ enum RunEnd {
     Stop,
 }
 
-/// Starts a source thread.
-pub fn spawn(
-    spec: SourceSpec,
-    fmt: ImageSpec,
-    ctx: SourceContext,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("src-{}", spec.name))
-        .spawn(move || run_source(&spec, &fmt, &ctx))
-}
-
 fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
     let until = Instant::now() + d;
     while !stop.load(Ordering::SeqCst) {
@@ -194,7 +182,8 @@ fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
     }
 }
 
-fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
+/// Runs one source until it ends or is stopped (on the caller's thread).
+pub fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
     let counters = &ctx.stats.streams[ctx.stream];
     let uri = spec.redacted_uri();
     let mut backoff = spec.reconnect_min;
@@ -368,7 +357,21 @@ fn bus_error(bus: &gst::Bus, spec: &SourceSpec) -> Option<RunEnd> {
     None
 }
 
-/// Copies a sample into a frame and hands it on. Returns `Some` when the source must stop.
+/// A decoded GStreamer buffer whose first `len` bytes are the packed image.
+struct PackedPixels {
+    /// The buffer, mapped for reading for as long as the frame lives.
+    mapped: gst::MappedBuffer<gst::buffer::Readable>,
+    /// Bytes of the image (the buffer may be longer).
+    len: usize,
+}
+
+impl AsRef<[u8]> for PackedPixels {
+    fn as_ref(&self) -> &[u8] {
+        &self.mapped.as_slice()[..self.len]
+    }
+}
+
+/// Turns a sample into a frame and hands it on. Returns `Some` when the source must stop.
 fn deliver(
     spec: &SourceSpec,
     ctx: &SourceContext,
@@ -386,15 +389,28 @@ fn deliver(
     let info = video_info.as_ref()?;
     let (w, h) = (info.width() as usize, info.height() as usize);
     let stride = info.stride()[0] as usize;
-    let map = buffer.map_readable().ok()?;
-    let data = map.as_slice();
-    if data.len() < stride * (h - 1) + w * 3 {
-        return None;
-    }
-    let mut pixels = Vec::with_capacity(w * h * 3);
-    for y in 0..h {
-        pixels.extend_from_slice(&data[y * stride..y * stride + w * 3]);
-    }
+    let pixels: crate::frame::Pixels = if stride == w * 3 {
+        // Rows are packed: keep GStreamer's buffer, no copy.
+        let mapped = buffer.copy().into_mapped_buffer_readable().ok()?;
+        if mapped.len() < w * h * 3 {
+            return None;
+        }
+        Box::new(PackedPixels {
+            mapped,
+            len: w * h * 3,
+        })
+    } else {
+        let map = buffer.map_readable().ok()?;
+        let data = map.as_slice();
+        if data.len() < stride * (h - 1) + w * 3 {
+            return None;
+        }
+        let mut rows = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            rows.extend_from_slice(&data[y * stride..y * stride + w * 3]);
+        }
+        Box::new(rows)
+    };
     let format = if info.format() == gst_video::VideoFormat::Bgr {
         crate::frame::PixelFormat::BGR
     } else {

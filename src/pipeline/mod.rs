@@ -160,6 +160,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
     let stop = Arc::new(AtomicBool::new(false));
     let budget = opts.max_frames.map(|n| Arc::new(AtomicU64::new(n)));
     let fmt = p.ingest_format();
+    // Each source thread drops its end of this channel when it exits, so the loop below wakes at
+    // once when the last one ends.
+    let (done_tx, done_rx) = flume::bounded::<()>(1);
     let mut sources = Vec::new();
     for (i, s) in p.sources.iter().enumerate() {
         tracing::info!(stream = %s.name, uri = %s.redacted_uri(), "Starting source.");
@@ -172,23 +175,32 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
             stop: stop.clone(),
             budget: budget.clone(),
         };
-        sources.push(ingest::spawn(s.clone(), fmt.clone(), ctx)?);
+        let done = done_tx.clone();
+        let (spec, fmt) = (s.clone(), fmt.clone());
+        sources.push(
+            std::thread::Builder::new()
+                .name(format!("src-{}", s.name))
+                .spawn(move || {
+                    ingest::run_source(&spec, &fmt, &ctx);
+                    drop(done);
+                })?,
+        );
     }
     drop(first_tx);
+    drop(done_tx);
 
     let show_progress = opts.progress && std::io::stderr().is_terminal();
     let mut last_progress = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_millis(50));
+        let all_ended = matches!(
+            done_rx.recv_timeout(Duration::from_millis(50)),
+            Err(flume::RecvTimeoutError::Disconnected)
+        );
         let out_of_budget = budget
             .as_ref()
             .is_some_and(|b| b.load(Ordering::SeqCst) == 0);
         let timed_out = opts.duration.is_some_and(|d| started.elapsed() >= d);
-        if shutdown.is_triggered()
-            || out_of_budget
-            || timed_out
-            || sources.iter().all(|s| s.is_finished())
-        {
+        if shutdown.is_triggered() || out_of_budget || timed_out || all_ended {
             break;
         }
         if show_progress && last_progress.elapsed() >= Duration::from_millis(500) {

@@ -42,6 +42,7 @@ pub fn build_runner(
             input: m.input.clone(),
             threads: spec.threads,
             library: library.map(Path::to_path_buf),
+            spin: false,
         })?),
     };
     let image = m.image.clone().unwrap_or_else(ImageSpec::passthrough);

@@ -41,7 +41,7 @@ pub fn batch_tensor(images: &[&Image], spec: &ImageSpec) -> Array4<f32> {
     for (i, img) in images.iter().enumerate() {
         debug_assert_eq!((img.width as usize, img.height as usize), (w, h));
         fill_one(
-            &img.data,
+            img.bytes(),
             w,
             spec,
             t.index_axis_mut(ndarray::Axis(0), i),
@@ -58,6 +58,7 @@ pub fn crop_resize(img: &Image, bbox: &BBox, out_w: usize, out_h: usize) -> Vec<
     let y0 = bbox.y.clamp(0.0, ih as f32 - 1.0);
     let cw = bbox.w.clamp(1.0, iw as f32 - x0);
     let ch = bbox.h.clamp(1.0, ih as f32 - y0);
+    let data = img.bytes();
     let mut out = vec![0u8; out_w * out_h * 3];
     let sx = cw / out_w as f32;
     let sy = ch / out_h as f32;
@@ -72,7 +73,7 @@ pub fn crop_resize(img: &Image, bbox: &BBox, out_w: usize, out_h: usize) -> Vec<
             let x2 = (x1 + 1).min(iw - 1);
             let wx = fx - x1 as f32;
             for c in 0..3 {
-                let p = |x: usize, y: usize| img.data[(y * iw + x) * 3 + c] as f32;
+                let p = |x: usize, y: usize| data[(y * iw + x) * 3 + c] as f32;
                 let top = p(x1, y1) * (1.0 - wx) + p(x2, y1) * wx;
                 let bottom = p(x1, y2) * (1.0 - wx) + p(x2, y2) * wx;
                 out[(oy * out_w + ox) * 3 + c] = (top * (1.0 - wy) + bottom * wy).round() as u8;
@@ -106,8 +107,7 @@ mod tests {
 
     #[test]
     fn normalises_into_nchw() {
-        let mut img = Image::black(2, 1, PixelFormat::RGB);
-        img.data = vec![255, 0, 0, 0, 0, 255];
+        let img = Image::from_vec(2, 1, PixelFormat::RGB, vec![255, 0, 0, 0, 0, 255]);
         let t = batch_tensor(&[&img], &spec(2, 1));
         assert_eq!(t.shape(), &[1, 3, 1, 2]);
         assert!((t[[0, 0, 0, 0]] - 1.0).abs() < 1e-6);
@@ -117,12 +117,13 @@ mod tests {
 
     #[test]
     fn crop_of_uniform_region_is_uniform_and_sized() {
-        let mut img = Image::black(10, 10, PixelFormat::RGB);
+        let mut data = vec![0u8; 10 * 10 * 3];
         for y in 2..6 {
             for x in 2..8 {
-                img.data[(y * 10 + x) * 3] = 200;
+                data[(y * 10 + x) * 3] = 200;
             }
         }
+        let img = Image::from_vec(10, 10, PixelFormat::RGB, data);
         let out = crop_resize(
             &img,
             &BBox {
