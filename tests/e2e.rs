@@ -341,3 +341,33 @@ fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+#[test]
+fn a_missing_onnx_runtime_library_is_a_clear_error() {
+    require("engines/bench/resnet18.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            "{}[[source]]\nname = \"t\"\nuri = \"test://ball\"\nnum_buffers = 2\n\n[[stage]]\nname = \"c\"\nmodel = \"resnet18\"\n\n{}",
+            header("noort", 5000),
+            sink(dir.path())
+        ),
+    );
+    let out = Command::new(bin())
+        .args(["run", p.to_str().unwrap()])
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("stage `c`: ONNX Runtime library: libonnxruntime.so not found"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("/nonexistent/libonnxruntime.so") && stderr.contains("./setup.sh"),
+        "{stderr}"
+    );
+}

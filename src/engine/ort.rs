@@ -13,19 +13,20 @@ use super::{Engine, EngineError, EngineInfo, TensorInfo};
 /// The file name `setup.sh` installs.
 pub const LIB_NAME: &str = "libonnxruntime.so";
 
-/// Where to look for the ONNX Runtime library, in order: the pipeline file's `onnxruntime`,
-/// `ORT_DYLIB_PATH`, `engines/lib/` next to the binary's repository (`target/*/poolpipe`), and
+/// Where to look for the ONNX Runtime library. A path named by the pipeline file (`onnxruntime`)
+/// or by `ORT_DYLIB_PATH` is the only candidate: a user who names a library means that one. Else:
+/// `engines/lib/` of the repository the binary was built in (`target/*/poolpipe`), then
 /// `engines/lib/` under the current folder.
 pub fn candidate_paths(configured: Option<&Path>) -> Vec<PathBuf> {
-    let mut c = Vec::new();
     if let Some(p) = configured {
-        c.push(p.to_path_buf());
+        return vec![p.to_path_buf()];
     }
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        c.push(PathBuf::from(p));
+        return vec![PathBuf::from(p)];
     }
+    let mut c = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
-        // target/release/poolpipe or target/release/deps/test-binary
+        // target/release/poolpipe, or target/release/deps/<test binary>
         for up in exe.ancestors().skip(1).take(4) {
             c.push(up.join("engines/lib").join(LIB_NAME));
         }
