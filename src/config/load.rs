@@ -80,17 +80,22 @@ fn clean_serde_message(m: &str) -> String {
         .replace("missing field", "missing key")
 }
 
-/// Reads and validates a pipeline file.
-pub fn load_pipeline(path: &Path) -> Result<Pipeline, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+/// Reads a config file; failure is a diagnostic naming `what` the file was meant to be.
+pub(crate) fn read_config(path: &Path, what: &str) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![Diagnostic {
             file: path.to_path_buf(),
             line: 0,
             column: 0,
             key: String::new(),
-            message: format!("cannot read pipeline file: {e}"),
+            message: format!("cannot read {what}: {e}"),
         }])
-    })?;
+    })
+}
+
+/// Reads and validates a pipeline file.
+pub fn load_pipeline(path: &Path) -> Result<Pipeline, ConfigErrors> {
+    let text = read_config(path, "pipeline file")?;
     load_pipeline_str(path, &text)
 }
 

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::diag::{ConfigErrors, Diagnostic};
-use super::load::{ParsedFile, deserialize_part};
+use super::diag::ConfigErrors;
+use super::load::{ParsedFile, deserialize_part, read_config};
 use crate::frame::PixelFormat;
 
 /// Which engine runs the model.
@@ -213,15 +213,7 @@ pub struct ModelManifest {
 
 /// Loads and checks a manifest; every problem is reported against the manifest file.
 pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![Diagnostic {
-            file: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            key: String::new(),
-            message: format!("cannot read model manifest: {e}"),
-        }])
-    })?;
+    let text = read_config(path, "model manifest")?;
     let parsed = ParsedFile::parse(path, &text)?;
     let mut m: ModelManifest =
         deserialize_part(&parsed, "", parsed.root_value()).map_err(|d| ConfigErrors(vec![d]))?;

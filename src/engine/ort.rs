@@ -112,23 +112,18 @@ impl OrtEngine {
             .and_then(|b| Ok(b.with_intra_op_spinning(cfg.spin)?))
             .and_then(|mut b| b.commit_from_file(&cfg.model))
             .map_err(|e| load_err(e.to_string()))?;
+        let describe = |outlets: &[ort::value::Outlet]| -> Vec<TensorInfo> {
+            outlets
+                .iter()
+                .map(|o| TensorInfo {
+                    name: o.name().to_string(),
+                    shape: shape_of(o.dtype()),
+                })
+                .collect()
+        };
         let info = EngineInfo {
-            inputs: session
-                .inputs()
-                .iter()
-                .map(|o| TensorInfo {
-                    name: o.name().to_string(),
-                    shape: shape_of(o.dtype()),
-                })
-                .collect(),
-            outputs: session
-                .outputs()
-                .iter()
-                .map(|o| TensorInfo {
-                    name: o.name().to_string(),
-                    shape: shape_of(o.dtype()),
-                })
-                .collect(),
+            inputs: describe(session.inputs()),
+            outputs: describe(session.outputs()),
         };
         let input = match &cfg.input {
             Some(name) if info.inputs.iter().any(|i| &i.name == name) => name.clone(),
