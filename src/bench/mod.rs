@@ -92,7 +92,7 @@ pub struct PipelineReport {
     pub gstreamer_fps: f64,
     /// poolpipe with a no-op engine, frames/s (median).
     pub noop_pipeline_fps: f64,
-    /// noop_pipeline_fps / gstreamer_fps.
+    /// Median over repeats of noop_pipeline_fps / gstreamer_fps (paired).
     pub overhead_ratio: f64,
     /// Extra time per frame, microseconds.
     pub overhead_us_per_frame: f64,
@@ -115,7 +115,7 @@ pub struct EngineRow {
     pub rust_images_per_s: f64,
     /// Python onnxruntime, images/s (median), if it could run.
     pub python_images_per_s: Option<f64>,
-    /// rust / python.
+    /// Median over repeats of rust / python (paired).
     pub ratio: Option<f64>,
 }
 
@@ -244,6 +244,9 @@ fn bench_pipeline(
         }
         pipe_fps.push(published as f64 / secs);
     }
+    // Each repeat pairs the two measurements back to back; the ratio is the median of the paired
+    // ratios, which drifts less on a shared machine than a ratio of medians.
+    let overhead_ratio = median(pipe_fps.iter().zip(&gst_fps).map(|(p, g)| p / g).collect());
     let (g, p) = (median(gst_fps), median(pipe_fps));
 
     // 2. Engines.
@@ -258,6 +261,8 @@ fn bench_pipeline(
                 py.push(v);
             }
         }
+        let ratio = (py.len() == rust.len())
+            .then(|| median(rust.iter().zip(&py).map(|(r, p)| r / p).collect()));
         let r = median(rust);
         let py = (!py.is_empty()).then(|| median(py));
         engines.push(EngineRow {
@@ -266,7 +271,7 @@ fn bench_pipeline(
             threads,
             rust_images_per_s: r,
             python_images_per_s: py,
-            ratio: py.map(|v| r / v),
+            ratio,
         });
     }
 
@@ -303,7 +308,7 @@ fn bench_pipeline(
         frames,
         gstreamer_fps: g,
         noop_pipeline_fps: p,
-        overhead_ratio: p / g,
+        overhead_ratio,
         overhead_us_per_frame: (1.0 / p - 1.0 / g) * 1e6,
         engines,
         demo: rows,
