@@ -390,6 +390,7 @@ fn spawn_publisher(
     std::thread::Builder::new()
         .name("publish".into())
         .spawn(move || {
+            let mut failing = vec![false; sinks.len()];
             for f in rx.iter() {
                 let counters = &stats.streams[f.stream];
                 let now = clock.now();
@@ -399,10 +400,21 @@ fn spawn_publisher(
                 }
                 let line = result_json(&p, &f, now).to_string();
                 let mut ok = true;
-                for s in sinks.iter_mut() {
-                    if let Err(e) = s.publish(&line) {
-                        tracing::error!(sink = s.name(), error = %e, "Sink write failed.");
-                        ok = false;
+                for (s, failing) in sinks.iter_mut().zip(failing.iter_mut()) {
+                    match s.publish(&line) {
+                        // Log when a sink starts failing and when it recovers, not every frame.
+                        Err(e) => {
+                            if !*failing {
+                                tracing::error!(sink = s.name(), error = %e, "Sink write failed; frames count as failed until it recovers.");
+                            }
+                            *failing = true;
+                            ok = false;
+                        }
+                        Ok(()) if *failing => {
+                            tracing::info!(sink = s.name(), "Sink recovered.");
+                            *failing = false;
+                        }
+                        Ok(()) => {}
                     }
                 }
                 if ok {
