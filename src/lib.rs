@@ -16,6 +16,7 @@
 //! - [`engine`]: the synchronous `Engine` trait and its backends (ONNX Runtime on the CPU, no-op).
 //! - [`postprocess`]: turning model outputs into results (classes, text boxes, text).
 //! - [`pipeline`]: builds and runs the stage graph: channels, workers, accounting, shutdown.
+//! - [`profile`]: latency profiles per block, device class, share and batch size; cut sizes.
 //! - [`sinks`]: where results go (JSON lines to stdout or a file).
 //! - [`stats`]: per-stream and per-stage counters and latency samples.
 //! - [`rtsp`]: a small RTSP server (used by tests and for local experiments).
@@ -31,6 +32,7 @@ pub mod frame;
 pub mod ingest;
 pub mod pipeline;
 pub mod postprocess;
+pub mod profile;
 pub mod rtsp;
 pub mod sinks;
 pub mod stats;
