@@ -173,6 +173,23 @@ pub enum StageOutput {
     TextBoxes(Vec<TextBox>),
     /// Text read by a recogniser.
     Texts(Vec<TextLine>),
+    /// What an emulated device did (it computes no result of its own).
+    Emulated(EmulatedRun),
     /// Nothing (a pass-through stage).
     Nothing,
+}
+
+/// A batch held by an emulated device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EmulatedRun {
+    /// Device class emulated.
+    pub class: String,
+    /// Block range `[first, end)` of the profiled model.
+    pub blocks: [usize; 2],
+    /// Batch size the frame ran in.
+    pub batch: usize,
+    /// Profiled latency of the block range at this batch size, ms.
+    pub latency_ms: f64,
+    /// Time to send the batch's activations to the next stage's device, ms.
+    pub transfer_ms: f64,
 }

@@ -371,3 +371,53 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn heterogeneous_emulated_pools_publish_within_the_slo() {
+    let profiles = root().join("../shared/data/ppipe-profiles");
+    assert!(profiles.is_dir(), "{} is missing", profiles.display());
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(root().join("pipelines/emulated.toml")).unwrap();
+    let pipeline = shipped
+        .replace(
+            "\"../../shared/data/ppipe-profiles\"",
+            &format!("\"{}\"", profiles.display()),
+        )
+        .replace(
+            "path = \"-\"",
+            &format!("path = \"{}\"", dir.path().join("out.jsonl").display()),
+        );
+    let (results, summary, _) = run_pipeline(dir.path(), &pipeline, &["--duration", "3"]);
+    let streams = assert_balanced(&summary);
+    for name in ["cam-a", "cam-b"] {
+        assert!(
+            streams[name]["published"].as_u64().unwrap() >= 20,
+            "{summary}"
+        );
+    }
+    assert!(!results.is_empty());
+    for r in &results {
+        let head = &r["results"]["head"]["emulated"];
+        let tail = &r["results"]["tail"]["emulated"];
+        assert_eq!(head["class"], "L4");
+        assert_eq!(tail["class"], "T4");
+        assert_eq!(head["blocks"], serde_json::json!([0, 5]));
+        assert_eq!(tail["blocks"], serde_json::json!([5, 10]));
+        assert!(head["batch"].as_u64().unwrap() <= 4 && tail["batch"].as_u64().unwrap() <= 2);
+        // The head sends 2.2 MB per frame to the tail over 10 Gbit/s: about 1.8 ms a frame.
+        let per_frame = head["transfer_ms"].as_f64().unwrap() / head["batch"].as_f64().unwrap();
+        assert!((per_frame - 1.784).abs() < 0.01, "{head}");
+        let held = head["latency_ms"].as_f64().unwrap()
+            + head["transfer_ms"].as_f64().unwrap()
+            + tail["latency_ms"].as_f64().unwrap();
+        let e2e = r["latency_ms"]["end_to_end"].as_f64().unwrap();
+        assert!(
+            e2e >= held,
+            "end to end {e2e} ms is at least the emulated time {held} ms"
+        );
+        assert!(
+            e2e <= 150.0 && r["deadline_slack_ms"].as_f64().unwrap() >= 0.0,
+            "{r}"
+        );
+    }
+}

@@ -248,3 +248,88 @@ fn the_cli_prints_every_error_and_exits_2() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+/// The published profiles beside the repository (CI and development machines have them).
+fn shared_profiles() -> std::path::PathBuf {
+    let d = root().join("../shared/data/ppipe-profiles");
+    assert!(
+        d.is_dir(),
+        "{} is missing: the profile tests read the published profiles",
+        d.display()
+    );
+    d
+}
+
+#[test]
+fn emulated_stages_are_checked_against_the_profiles() {
+    let profiles = shared_profiles();
+    let text = format!(
+        "[pipeline]\nname = \"x\"\nslo_ms = 1000\nengines_dir = \"{}\"\nprofiles = \"{}\"\n\n\
+         [[source]]\nname = \"t\"\nuri = \"test://ball\"\n\n\
+         [[stage]]\nname = \"a\"\ndevice = \"emulated:A100\"\nprofile = \"wide_resnet101_2\"\nblocks = [0, 5]\n\n\
+         [[stage]]\nname = \"b\"\ndevice = \"emulated:T4\"\nprofile = \"wide_resnet101_2\"\nblocks = [6, 11]\n\n\
+         [[stage]]\nname = \"c\"\ndevice = \"emulated:T4\"\nprofile = \"wide_resnet101_2\"\nmax_batch = 9\nworkers = 0\n\n\
+         [[stage]]\nname = \"d\"\ndevice = \"emulated:P4\"\nshare = 2\nprofile = \"no_such_net\"\n\n\
+         [[stage]]\nname = \"e\"\ndevice = \"emulated:L4\"\n\n\
+         [[sink]]\ntype = \"jsonl\"\n",
+        root().join("engines").display(),
+        profiles.display()
+    );
+    let errs = errors(&text);
+    has(
+        &errs,
+        13,
+        "stage[0].device",
+        "has no profile for class `A100` with share 1 (has: L4/1",
+    );
+    has(
+        &errs,
+        21,
+        "stage[1].blocks",
+        "[6, 11] is not a block range of `wide_resnet101_2`",
+    );
+    has(&errs, 27, "stage[2].max_batch", "covers batch sizes 1..=8");
+    has(&errs, 28, "stage[2].workers", "0 is out of range");
+    has(
+        &errs,
+        34,
+        "stage[3].profile",
+        "no profile for model `no_such_net`",
+    );
+    has(
+        &errs,
+        38,
+        "stage[4].device",
+        "an emulated device needs `profile`",
+    );
+    assert_eq!(errs.len(), 6, "{errs:#?}");
+}
+
+#[test]
+fn consecutive_stages_of_one_model_run_consecutive_blocks() {
+    let profiles = shared_profiles();
+    let text = format!(
+        "[pipeline]\nname = \"x\"\nslo_ms = 1000\nprofiles = \"{}\"\n\n\
+         [[source]]\nname = \"t\"\nuri = \"test://ball\"\n\n\
+         [[stage]]\nname = \"a\"\ndevice = \"emulated:L4\"\nprofile = \"wide_resnet101_2\"\nblocks = [0, 5]\n\n\
+         [[stage]]\nname = \"b\"\ndevice = \"emulated:T4\"\nprofile = \"wide_resnet101_2\"\nblocks = [4, 10]\n\n\
+         [[sink]]\ntype = \"jsonl\"\n",
+        profiles.display()
+    );
+    let errs = errors(&text);
+    has(
+        &errs,
+        20,
+        "stage[1].blocks",
+        "starts at block 4 but stage `a` ends at block 5",
+    );
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    let no_dir = "[pipeline]\nname = \"x\"\nslo_ms = 1000\n\n[[source]]\nname = \"t\"\nuri = \"test://ball\"\n\n\
+                  [[stage]]\nname = \"a\"\ndevice = \"emulated:L4\"\nprofile = \"wide_resnet101_2\"\n\n[[sink]]\ntype = \"jsonl\"\n";
+    has(
+        &errors(no_dir),
+        12,
+        "stage[0].profile",
+        "set [pipeline] profiles",
+    );
+}

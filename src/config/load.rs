@@ -274,12 +274,41 @@ impl<'a> Validator<'_, 'a> {
                 );
             }
         }
+        let profiles = match header.as_ref().and_then(|h| h.profiles.clone()) {
+            Some(dir) => {
+                let dir = self.resolve(&dir);
+                match crate::profile::Profiles::load_dir(&dir, None) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        self.err(
+                            "pipeline.profiles",
+                            format!("cannot load profiles from {}: {e}", dir.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        if let Some(h) = &header
+            && !(h.bandwidth_gbps > 0.0 && h.bandwidth_gbps.is_finite())
+        {
+            self.err(
+                "pipeline.bandwidth_gbps",
+                format!("{} Gbit/s: expected a positive number", h.bandwidth_gbps),
+            );
+        }
         let sources = self.sources();
         let engines_dir = header
             .as_ref()
             .map(|h| self.resolve(&h.engines_dir))
             .unwrap_or_else(|| self.dir.join("../engines"));
-        let stages = self.stages(&engines_dir, header.as_ref().map(|h| h.slo_ms));
+        let bandwidth = header.as_ref().map_or(10.0, |h| h.bandwidth_gbps);
+        let stages = self.stages(
+            &engines_dir,
+            header.as_ref().map(|h| h.slo_ms),
+            profiles.as_ref().map(|p| (p, bandwidth)),
+        );
         let sinks = self.sinks();
         let h = header?;
         Some(Pipeline {
@@ -290,6 +319,7 @@ impl<'a> Validator<'_, 'a> {
             sources: sources?,
             stages: stages?,
             sinks: sinks?,
+            bandwidth_gbps: h.bandwidth_gbps,
         })
     }
 
@@ -450,7 +480,12 @@ impl<'a> Validator<'_, 'a> {
         Some(SourceKind::File { path: full })
     }
 
-    fn stages(&mut self, engines_dir: &Path, slo_ms: Option<u64>) -> Option<Vec<StageSpec>> {
+    fn stages(
+        &mut self,
+        engines_dir: &Path,
+        slo_ms: Option<u64>,
+        profiles: Option<(&crate::profile::Profiles, f64)>,
+    ) -> Option<Vec<StageSpec>> {
         let mut out: Vec<StageSpec> = Vec::new();
         let mut ok = true;
         let mut seen = HashSet::new();
@@ -485,32 +520,20 @@ impl<'a> Validator<'_, 'a> {
                     format!("{} ms leaves nothing of the {slo} ms SLO", c.max_wait_ms),
                 );
             }
-            let manifest_path = if c.model.ends_with(".toml") || c.model.contains('/') {
-                self.resolve(Path::new(&c.model))
-            } else {
-                engines_dir.join(format!("{}.toml", c.model))
-            };
-            let model = if !manifest_path.is_file() {
-                self.err(
-                    &format!("{base}.model"),
-                    format!("no model manifest at {}", manifest_path.display()),
-                );
-                None
-            } else {
-                match load_manifest(&manifest_path) {
-                    Ok(m) => Some(m),
-                    Err(e) => {
-                        self.err(
-                            &format!("{base}.model"),
-                            format!(
-                                "model manifest {} is invalid (see below)",
-                                manifest_path.display()
-                            ),
-                        );
-                        self.errors.extend(e.0);
-                        None
-                    }
+            let model = match (&c.model, &device) {
+                (Some(name), _) => self.manifest(&base, name, engines_dir),
+                (None, Some(Device::Emulated { .. })) => Some(ModelManifest::emulated()),
+                (None, _) => {
+                    self.err(
+                        &base,
+                        "missing key `model` (only emulated devices may leave it out)",
+                    );
+                    None
                 }
+            };
+            let profile = match &device {
+                Some(d) => self.stage_profile(&base, &c, d, profiles, out.last()),
+                None => None,
             };
             let mut boxes_from = None;
             if let Some(m) = &model {
@@ -580,6 +603,7 @@ impl<'a> Validator<'_, 'a> {
                 name: c.name,
                 model,
                 device,
+                profile,
                 workers: c.workers as usize,
                 threads: c.threads as usize,
                 max_batch: c.max_batch as usize,
@@ -591,6 +615,142 @@ impl<'a> Validator<'_, 'a> {
         ok.then_some(out)
     }
 
+    fn manifest(&mut self, base: &str, name: &str, engines_dir: &Path) -> Option<ModelManifest> {
+        let manifest_path = if name.ends_with(".toml") || name.contains('/') {
+            self.resolve(Path::new(name))
+        } else {
+            engines_dir.join(format!("{name}.toml"))
+        };
+        if !manifest_path.is_file() {
+            self.err(
+                &format!("{base}.model"),
+                format!("no model manifest at {}", manifest_path.display()),
+            );
+            return None;
+        }
+        match load_manifest(&manifest_path) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.err(
+                    &format!("{base}.model"),
+                    format!(
+                        "model manifest {} is invalid (see below)",
+                        manifest_path.display()
+                    ),
+                );
+                self.errors.extend(e.0);
+                None
+            }
+        }
+    }
+
+    /// Resolves `profile`/`blocks`/`share` of a stage against the profiles folder.
+    fn stage_profile(
+        &mut self,
+        base: &str,
+        c: &StageConfig,
+        device: &Device,
+        profiles: Option<(&crate::profile::Profiles, f64)>,
+        previous: Option<&StageSpec>,
+    ) -> Option<StageProfile> {
+        let emulated = matches!(device, Device::Emulated { .. });
+        let Some(model) = &c.profile else {
+            if emulated {
+                self.err(&format!("{base}.device"), "an emulated device needs `profile` (a model of [pipeline] profiles) to know its latency");
+            }
+            for key in ["blocks", "share"] {
+                if self.has(&format!("{base}.{key}")) {
+                    self.err(&format!("{base}.{key}"), format!("`{key}` needs `profile`"));
+                }
+            }
+            return None;
+        };
+        let Some((profiles, bandwidth_gbps)) = profiles else {
+            if !self.has("pipeline.profiles") {
+                self.err(
+                    &format!("{base}.profile"),
+                    "set [pipeline] profiles to the folder of latency profiles",
+                );
+            }
+            return None;
+        };
+        let class = device.class().to_string();
+        let share = c.share;
+        let timing = match profiles.timing(model, &class, share) {
+            Ok(t) => t,
+            Err(e) => {
+                let key = if matches!(e, crate::profile::ProfileError::NoModel(_)) {
+                    "profile"
+                } else {
+                    "device"
+                };
+                self.err(&format!("{base}.{key}"), e.to_string());
+                return None;
+            }
+        };
+        let nblocks = timing.us.len();
+        let blocks = c.blocks.unwrap_or([0, nblocks]);
+        if blocks[0] >= blocks[1] || blocks[1] > nblocks {
+            self.err(
+                &format!("{base}.blocks"),
+                format!("[{}, {}] is not a block range of `{model}`: expected [first, end) with 0 <= first < end <= {nblocks}", blocks[0], blocks[1]),
+            );
+            return None;
+        }
+        if let Some(prev) = previous.and_then(|p| p.profile.as_ref().map(|pp| (p, pp)))
+            && prev.1.model == *model
+            && prev.1.blocks[1] != blocks[0]
+        {
+            self.err(
+                &format!("{base}.blocks"),
+                format!(
+                    "starts at block {} but stage `{}` ends at block {}: stages of one model run consecutive blocks",
+                    blocks[0], prev.0.name, prev.1.blocks[1]
+                ),
+            );
+        }
+        if c.max_batch as usize > timing.max_batch() {
+            self.err(
+                &format!("{base}.max_batch"),
+                format!(
+                    "{}: the profile of `{model}` on {class}/{share} covers batch sizes 1..={}",
+                    c.max_batch,
+                    timing.max_batch()
+                ),
+            );
+            return None;
+        }
+        let latency = (1..=c.max_batch as usize)
+            .map(|b| {
+                profiles
+                    .latency(model, &class, share, blocks[0]..blocks[1], b)
+                    .unwrap_or_default()
+            })
+            .collect();
+        let cut_bytes = profiles
+            .model(model)
+            .ok()
+            .and_then(|m| m.cut_bytes.get(blocks[1] - 1).copied())
+            .filter(|_| blocks[1] < nblocks);
+        let transfer = (1..=c.max_batch as usize)
+            .map(|b| match cut_bytes {
+                Some(_) => profiles
+                    .transfer(model, blocks[1] - 1, b, bandwidth_gbps)
+                    .unwrap_or_default(),
+                None => Duration::ZERO,
+            })
+            .collect();
+        Some(StageProfile {
+            transfer,
+            model: model.clone(),
+            class,
+            share,
+            blocks,
+            latency,
+            cut_bytes,
+        })
+    }
+
     fn device(&mut self, base: &str, device: &str) -> Option<Device> {
         let key = format!("{base}.device");
         match device {
@@ -600,14 +760,27 @@ impl<'a> Validator<'_, 'a> {
                 None
             }
             d if d.starts_with("emulated:") => {
-                self.err(
-                    &key,
-                    format!("device `{d}`: emulated devices are not available yet; use `cpu`"),
-                );
-                None
+                let class = &d["emulated:".len()..];
+                if class.is_empty()
+                    || !class
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+                {
+                    self.err(
+                        &key,
+                        format!("device `{d}`: expected emulated:<class>, e.g. emulated:T4"),
+                    );
+                    return None;
+                }
+                Some(Device::Emulated {
+                    class: class.to_string(),
+                })
             }
             d => {
-                self.err(&key, format!("unknown device `{d}`, expected `cpu`"));
+                self.err(
+                    &key,
+                    format!("unknown device `{d}`, expected `cpu` or `emulated:<class>`"),
+                );
                 None
             }
         }

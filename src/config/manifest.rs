@@ -211,6 +211,24 @@ pub struct ModelManifest {
     pub path: PathBuf,
 }
 
+impl ModelManifest {
+    /// The stand-in model of an emulated stage without a manifest: computes nothing.
+    pub fn emulated() -> Self {
+        Self {
+            name: "emulated".into(),
+            backend: Backend::Noop,
+            onnx: None,
+            input: None,
+            kind: ModelKind::Passthrough,
+            image: None,
+            classify: ClassifyParams::default(),
+            text_detect: TextDetectParams::default(),
+            text_recognize: TextRecognizeParams::default(),
+            path: PathBuf::new(),
+        }
+    }
+}
+
 /// Loads and checks a manifest; every problem is reported against the manifest file.
 pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
     let text = read_config(path, "model manifest")?;

@@ -38,6 +38,16 @@ pub struct PipelineSection {
     /// Path of the ONNX Runtime shared library (else `ORT_DYLIB_PATH`, else `engines/lib`).
     #[serde(default)]
     pub onnxruntime: Option<PathBuf>,
+    /// Folder of latency profiles (see [`crate::profile`]) for emulated and profiled stages.
+    #[serde(default)]
+    pub profiles: Option<PathBuf>,
+    /// Link bandwidth between stages, gigabits per second (transfer time of cuts).
+    #[serde(default = "default_bandwidth_gbps")]
+    pub bandwidth_gbps: f64,
+}
+
+fn default_bandwidth_gbps() -> f64 {
+    10.0
 }
 
 fn default_engines_dir() -> PathBuf {
@@ -122,11 +132,22 @@ fn default_stall_timeout_ms() -> u64 {
 pub struct StageConfig {
     /// Stage name, unique in the pipeline; results are keyed by it.
     pub name: String,
-    /// A manifest name in `engines_dir` (`ppocr-det` -> `ppocr-det.toml`) or a path to a manifest.
-    pub model: String,
-    /// Device kind of the stage's pool: `cpu`.
+    /// A manifest name in `engines_dir` (`ppocr-det` -> `ppocr-det.toml`) or a path to a manifest
+    /// (optional on emulated devices, which compute nothing).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Device kind of the stage's pool: `cpu` or `emulated:<class>` (e.g. `emulated:T4`).
     #[serde(default = "default_device")]
     pub device: String,
+    /// Processes sharing one device (profiles are per share; 1 = the whole device).
+    #[serde(default = "one")]
+    pub share: u32,
+    /// Model name in the profiles folder whose timings this stage follows.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Block range `[first, end)` of the profiled model that this stage runs (default: all).
+    #[serde(default)]
+    pub blocks: Option<[usize; 2]>,
     /// Workers in the pool; each owns an engine instance and a thread.
     #[serde(default = "one")]
     pub workers: u32,
@@ -275,6 +296,41 @@ pub fn redact_url(url: &str) -> String {
 pub enum Device {
     /// Real inference on the CPU.
     Cpu,
+    /// Behaves like a device of this class: holds each batch for its profiled latency.
+    Emulated {
+        /// Device class, e.g. `T4`.
+        class: String,
+    },
+}
+
+impl Device {
+    /// The profile class of the device (`cpu`, `T4`, ...).
+    pub fn class(&self) -> &str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Emulated { class } => class,
+        }
+    }
+}
+
+/// The profiled cost of a stage, resolved from the profiles folder at validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageProfile {
+    /// Model name in the profiles.
+    pub model: String,
+    /// Device class.
+    pub class: String,
+    /// Processes per device.
+    pub share: u32,
+    /// Block range `[first, end)`.
+    pub blocks: [usize; 2],
+    /// Latency of the block range at batch `b`, at index `b - 1` (up to the stage's max batch).
+    pub latency: Vec<Duration>,
+    /// Bytes per frame sent to the next stage (none after the model's last block).
+    pub cut_bytes: Option<u64>,
+    /// Time to send a batch of `b` frames to the next stage at the pipeline's bandwidth, at
+    /// index `b - 1` (zero after the model's last block).
+    pub transfer: Vec<Duration>,
 }
 
 /// A validated stage.
@@ -286,6 +342,8 @@ pub struct StageSpec {
     pub model: ModelManifest,
     /// Device kind of its pool.
     pub device: Device,
+    /// Profiled cost, when the stage names a profile (always, for emulated devices).
+    pub profile: Option<StageProfile>,
     /// Workers in the pool.
     pub workers: usize,
     /// Threads per engine instance.
@@ -326,6 +384,8 @@ pub struct Pipeline {
     pub stages: Vec<StageSpec>,
     /// Sinks.
     pub sinks: Vec<SinkSpec>,
+    /// Link bandwidth between stages, Gbit/s.
+    pub bandwidth_gbps: f64,
 }
 
 impl Pipeline {
