@@ -1,11 +1,19 @@
 //! Batching policies.
 //!
 //! A policy is plain state with pure methods driven by the time passed in (`now`), as in
-//! text-generation-inference's queue: tests drive it directly; the stage's batcher thread in
-//! [`crate::pipeline`] only wires it to the channel and the clock. This policy is
-//! [`FixedPolicy`] (dispatch at `max_batch` frames or `max_wait` after the first one queued, as
-//! Triton's dynamic batcher and DeepStream's batched-push-timeout do); deadline-aware policies
-//! implement the same [`BatchPolicy`] trait.
+//! text-generation-inference's queue: tests drive it directly, and so can the simulator; the
+//! stage's batcher thread in [`crate::pipeline`] only wires it to channels and the clock.
+//!
+//! - [`FixedPolicy`]: dispatch at `max_batch` frames or `max_wait` after the first one queued
+//!   (Triton's dynamic batcher, DeepStream's batched-push-timeout).
+//! - [`AimdPolicy`]: the batch size grows by one after an on-time batch and halves after a late
+//!   one (Clipper).
+//! - [`deadline::DeadlinePolicy`]: reservation-based adaptive batching (the default where the
+//!   stage's latency is known): dispatch when full, or at the last moment a batch of what is
+//!   queued can still meet the oldest frame's deadline through every remaining stage, reserving
+//!   a slot on a worker of each of them first.
+
+pub mod deadline;
 
 use std::collections::VecDeque;
 
@@ -23,14 +31,45 @@ impl Deadline for crate::frame::Frame {
     }
 }
 
+/// One reserved step of a batch's route: a worker of a stage, from `start` to `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    /// Stage index in the pipeline.
+    pub stage: usize,
+    /// Worker index in the stage's pool.
+    pub worker: usize,
+    /// Reserved start.
+    pub start: Nanos,
+    /// Reserved end (start + profiled latency).
+    pub end: Nanos,
+}
+
+/// What a policy hands to its stage: the items, and for reservation-based policies the route
+/// (first hop: this stage) that every later stage must follow.
+#[derive(Debug)]
+pub struct Dispatch<T> {
+    /// The batch, in queue order.
+    pub items: Vec<T>,
+    /// Reserved route, if the policy reserves one.
+    pub route: Option<Vec<Hop>>,
+}
+
+impl<T> Dispatch<T> {
+    /// A batch without a reserved route.
+    pub fn unrouted(items: Vec<T>) -> Self {
+        Self { items, route: None }
+    }
+}
+
 /// A batching policy: what to dispatch, and when to look again.
 pub trait BatchPolicy<T>: Send {
     /// Queues an item that arrived at `now`.
     fn push(&mut self, item: T, now: Nanos);
-    /// Items whose deadline has passed at `now`, removed from the queue (to be dropped late).
+    /// Items that can no longer meet their deadline at `now`, removed from the queue (to be
+    /// dropped late).
     fn take_late(&mut self, now: Nanos) -> Vec<T>;
     /// The batch to dispatch at `now`, if any. With `closing`, whatever is queued goes now.
-    fn next_batch(&mut self, now: Nanos, closing: bool) -> Option<Vec<T>>;
+    fn next_batch(&mut self, now: Nanos, closing: bool) -> Option<Dispatch<T>>;
     /// When `next_batch` may next return something without new arrivals.
     fn next_wakeup(&self) -> Option<Nanos>;
     /// Items queued.
@@ -41,6 +80,8 @@ pub trait BatchPolicy<T>: Send {
     }
     /// Largest batch; the batcher pulls no more than this from its channel.
     fn max_batch(&self) -> usize;
+    /// Whether a dispatched batch finished by the earliest deadline in it.
+    fn feedback(&mut self, _on_time: bool) {}
 }
 
 /// Dispatch when `max_batch` items are queued, or `max_wait` after the oldest arrived.
@@ -80,12 +121,14 @@ impl<T: Deadline + Send> BatchPolicy<T> for FixedPolicy<T> {
         late.into_iter().map(|(t, _)| t).collect()
     }
 
-    fn next_batch(&mut self, now: Nanos, closing: bool) -> Option<Vec<T>> {
+    fn next_batch(&mut self, now: Nanos, closing: bool) -> Option<Dispatch<T>> {
         let (_, oldest) = self.queue.front()?;
         let due = now >= oldest.saturating_add(self.max_wait);
         if self.queue.len() >= self.max_batch || due || closing {
             let n = self.queue.len().min(self.max_batch);
-            Some(self.queue.drain(..n).map(|(t, _)| t).collect())
+            Some(Dispatch::unrouted(
+                self.queue.drain(..n).map(|(t, _)| t).collect(),
+            ))
         } else {
             None
         }
@@ -103,6 +146,62 @@ impl<T: Deadline + Send> BatchPolicy<T> for FixedPolicy<T> {
 
     fn max_batch(&self) -> usize {
         self.max_batch
+    }
+}
+
+/// Clipper's additive-increase, multiplicative-decrease batch sizing on top of [`FixedPolicy`]:
+/// the batch size grows by one after an on-time batch and halves after a late one, between 1 and
+/// `max_batch`; a partial batch still goes after `max_wait`.
+#[derive(Debug)]
+pub struct AimdPolicy<T> {
+    /// Queue and size-or-wait dispatch, with the current target as its batch size.
+    inner: FixedPolicy<T>,
+    /// Upper bound of the target.
+    max_batch: usize,
+}
+
+impl<T> AimdPolicy<T> {
+    /// Starts at batch size 1.
+    pub fn new(max_batch: usize, max_wait: Nanos) -> Self {
+        Self {
+            inner: FixedPolicy::new(1, max_wait),
+            max_batch: max_batch.max(1),
+        }
+    }
+
+    /// The batch size it aims for now.
+    pub fn target(&self) -> usize {
+        self.inner.max_batch
+    }
+}
+
+impl<T: Deadline + Send> BatchPolicy<T> for AimdPolicy<T> {
+    fn push(&mut self, item: T, now: Nanos) {
+        self.inner.push(item, now);
+    }
+    fn take_late(&mut self, now: Nanos) -> Vec<T> {
+        self.inner.take_late(now)
+    }
+    fn next_batch(&mut self, now: Nanos, closing: bool) -> Option<Dispatch<T>> {
+        self.inner.next_batch(now, closing)
+    }
+    fn next_wakeup(&self) -> Option<Nanos> {
+        self.inner.next_wakeup()
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn max_batch(&self) -> usize {
+        // Pull up to the ceiling so that a grown target finds frames waiting.
+        self.max_batch
+    }
+    fn feedback(&mut self, on_time: bool) {
+        let t = self.inner.max_batch;
+        self.inner.max_batch = if on_time {
+            (t + 1).min(self.max_batch)
+        } else {
+            (t / 2).max(1)
+        };
     }
 }
 
@@ -128,7 +227,7 @@ mod tests {
         for i in 0..4 {
             p.push(Item(i, u64::MAX), 0);
         }
-        let b = p.next_batch(0, false).unwrap();
+        let b = p.next_batch(0, false).unwrap().items;
         assert_eq!(
             b.iter().map(|i| i.0).collect::<Vec<_>>(),
             vec![0, 1, 2],
@@ -150,7 +249,7 @@ mod tests {
         assert!(p.next_batch(clock.now(), false).is_none(), "9 ms: not due");
         clock.advance(Duration::from_millis(1));
         assert_eq!(
-            p.next_batch(clock.now(), false).unwrap().len(),
+            p.next_batch(clock.now(), false).unwrap().items.len(),
             2,
             "10 ms: due"
         );
@@ -163,9 +262,41 @@ mod tests {
         for i in 0..3 {
             p.push(Item(i, u64::MAX), 0);
         }
-        assert_eq!(p.next_batch(0, true).unwrap().len(), 2);
-        assert_eq!(p.next_batch(0, true).unwrap().len(), 1);
+        assert_eq!(p.next_batch(0, true).unwrap().items.len(), 2);
+        assert_eq!(p.next_batch(0, true).unwrap().items.len(), 1);
         assert!(p.next_batch(0, true).is_none());
+    }
+
+    #[test]
+    fn aimd_grows_by_one_and_halves() {
+        let mut p: AimdPolicy<Item> = AimdPolicy::new(8, 10 * MS);
+        assert_eq!(p.target(), 1);
+        for _ in 0..5 {
+            BatchPolicy::<Item>::feedback(&mut p, true);
+        }
+        assert_eq!(p.target(), 6);
+        BatchPolicy::<Item>::feedback(&mut p, false);
+        assert_eq!(p.target(), 3);
+        for _ in 0..10 {
+            BatchPolicy::<Item>::feedback(&mut p, true);
+        }
+        assert_eq!(p.target(), 8, "capped at max_batch");
+        for _ in 0..5 {
+            BatchPolicy::<Item>::feedback(&mut p, false);
+        }
+        assert_eq!(p.target(), 1, "never below 1");
+        // The target is the batch size: 3 queued with target 2 -> a batch of 2 at once.
+        BatchPolicy::<Item>::feedback(&mut p, true);
+        for i in 0..3 {
+            p.push(Item(i, u64::MAX), 0);
+        }
+        assert_eq!(p.next_batch(0, false).unwrap().items.len(), 2);
+        assert!(p.next_batch(MS, false).is_none());
+        assert_eq!(
+            p.next_batch(10 * MS, false).unwrap().items.len(),
+            1,
+            "partial batch after max_wait"
+        );
     }
 
     #[test]
@@ -178,7 +309,7 @@ mod tests {
         assert!(p.take_late(4 * MS).is_empty());
         let late = p.take_late(6 * MS);
         assert_eq!(late, vec![Item(1, 5 * MS), Item(3, 6 * MS)]);
-        let b = p.next_batch(20 * MS, false).unwrap();
+        let b = p.next_batch(20 * MS, false).unwrap().items;
         assert_eq!(b, vec![Item(2, 50 * MS), Item(4, 60 * MS)]);
     }
 }

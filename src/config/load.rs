@@ -599,11 +599,35 @@ impl<'a> Validator<'_, 'a> {
                 ok = false;
                 continue;
             };
+            let policy = match (c.policy, &profile) {
+                (Some(PolicyKind::Deadline), None) => {
+                    self.err(
+                        &format!("{base}.policy"),
+                        "the deadline policy needs the stage's latency: give the stage a `profile`",
+                    );
+                    PolicyKind::Fixed
+                }
+                (Some(p), _) => p,
+                (None, Some(_)) => PolicyKind::Deadline,
+                (None, None) => PolicyKind::Fixed,
+            };
+            if !(c.margin_ms >= 0.0 && c.margin_ms < 10_000.0) {
+                self.err(
+                    &format!("{base}.margin_ms"),
+                    format!("{} ms: expected 0 <= margin_ms < 10000", c.margin_ms),
+                );
+            }
+            if self.errors.len() != n {
+                ok = false;
+                continue;
+            }
             out.push(StageSpec {
                 name: c.name,
                 model,
                 device,
                 profile,
+                policy,
+                margin: Duration::from_secs_f64(c.margin_ms.max(0.0) / 1e3),
                 workers: c.workers as usize,
                 threads: c.threads as usize,
                 max_batch: c.max_batch as usize,

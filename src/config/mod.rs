@@ -148,6 +148,13 @@ pub struct StageConfig {
     /// Block range `[first, end)` of the profiled model that this stage runs (default: all).
     #[serde(default)]
     pub blocks: Option<[usize; 2]>,
+    /// Batching policy: `deadline` (default where the stage has a profile), `fixed` (default
+    /// otherwise) or `aimd`.
+    #[serde(default)]
+    pub policy: Option<PolicyKind>,
+    /// `deadline`: safety margin added to every planned finish, in milliseconds.
+    #[serde(default = "default_margin_ms")]
+    pub margin_ms: f64,
     /// Workers in the pool; each owns an engine instance and a thread.
     #[serde(default = "one")]
     pub workers: u32,
@@ -167,6 +174,23 @@ pub struct StageConfig {
     /// earlier one).
     #[serde(default)]
     pub input: Option<String>,
+}
+
+fn default_margin_ms() -> f64 {
+    2.0
+}
+
+/// Batching policy of a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Dispatch at `max_batch` frames or `max_wait_ms` after the first.
+    Fixed,
+    /// Batch size +1 after an on-time batch, halved after a late one (Clipper).
+    Aimd,
+    /// Reservation-based: the largest batch whose whole route meets the oldest deadline, at the
+    /// last moment it still does; reserves a worker of every following `deadline` stage.
+    Deadline,
 }
 
 fn default_device() -> String {
@@ -344,6 +368,10 @@ pub struct StageSpec {
     pub device: Device,
     /// Profiled cost, when the stage names a profile (always, for emulated devices).
     pub profile: Option<StageProfile>,
+    /// Batching policy.
+    pub policy: PolicyKind,
+    /// `deadline`: safety margin of planned finishes.
+    pub margin: Duration,
     /// Workers in the pool.
     pub workers: usize,
     /// Threads per engine instance.

@@ -17,16 +17,17 @@
 pub mod stage;
 
 use std::io::IsTerminal;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::batcher::{BatchPolicy, FixedPolicy};
+use crate::batcher::deadline::{DeadlineConfig, DeadlinePolicy, StageCost, Timeline};
+use crate::batcher::{AimdPolicy, BatchPolicy, FixedPolicy, Hop};
 use crate::clock::{Clock, SharedClock, SystemClock, ms, nanos};
-use crate::config::Pipeline;
+use crate::config::{Pipeline, PolicyKind};
 use crate::frame::Frame;
 use crate::ingest::{self, IngestError, SourceContext};
 use crate::sinks::{self, Sink, SinkError};
@@ -126,36 +127,63 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
         clock.clone(),
     )?);
 
-    // Stages, last first, each feeding the one after it.
-    let mut next_tx = publish_tx;
-    for (i, (spec, pool)) in p.stages.iter().zip(runners).enumerate().rev() {
+    // Stages, last first, each feeding the one after it: frames one by one through the next
+    // stage's queue, or, for a batch with a reserved route, as a batch straight to the reserved
+    // worker of the next stage.
+    let timeline = Arc::new(Mutex::new(Timeline::new(
+        &p.stages.iter().map(|s| s.workers).collect::<Vec<_>>(),
+    )));
+    let mut next = Downstream {
+        queue: publish_tx,
+        pool: Pool {
+            workers: Vec::new(),
+            in_flight: Arc::new(Vec::new()),
+        },
+    };
+    for (i, (spec, engines)) in p.stages.iter().zip(runners).enumerate().rev() {
         let (in_tx, in_rx) = flume::bounded::<Frame>(spec.queue);
-        let (batch_tx, batch_rx) = flume::bounded::<Vec<Frame>>(spec.workers);
-        let policy = FixedPolicy::new(spec.max_batch, nanos(spec.max_wait));
+        let chans: Vec<(flume::Sender<Batch>, flume::Receiver<Batch>)> = (0..spec.workers)
+            .map(|_| flume::bounded::<Batch>(2))
+            .collect();
+        let senders: Vec<flume::Sender<Batch>> = chans.iter().map(|c| c.0.clone()).collect();
+        let in_flight: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..spec.workers).map(|_| AtomicUsize::new(0)).collect());
+        let (fb_tx, fb_rx) = flume::bounded::<bool>(256);
+        let pool = Pool {
+            workers: senders,
+            in_flight: in_flight.clone(),
+        };
         threads.push(spawn_batcher(
             i,
             &spec.name,
             in_rx,
-            batch_tx,
-            Box::new(policy),
+            pool.clone(),
+            fb_rx,
+            make_policy(p, i, timeline.clone()),
             stats.clone(),
             system_clock,
         )?);
-        for (w, runner) in pool.into_iter().enumerate() {
+        for (w, (runner, (_, rx))) in engines.into_iter().zip(chans).enumerate() {
             threads.push(spawn_worker(
-                i,
-                &spec.name,
-                w,
+                WorkerContext {
+                    stage: i,
+                    name: spec.name.clone(),
+                    worker: w,
+                    in_flight: in_flight.clone(),
+                    next: next.clone(),
+                    feedback: fb_tx.clone(),
+                    timeline: timeline.clone(),
+                    stats: stats.clone(),
+                    clock: clock.clone(),
+                },
                 runner,
-                batch_rx.clone(),
-                next_tx.clone(),
-                stats.clone(),
-                clock.clone(),
+                rx,
             )?);
         }
-        next_tx = in_tx;
+        next = Downstream { queue: in_tx, pool };
     }
-    let first_tx = next_tx;
+    let first_tx = next.queue.clone();
+    drop(next);
 
     let stop = Arc::new(AtomicBool::new(false));
     let budget = opts.max_frames.map(|n| Arc::new(AtomicU64::new(n)));
@@ -232,11 +260,98 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
     Ok(stats.summary(started.elapsed().as_secs_f64()))
 }
 
+/// A batch on its way to a worker, with the route reserved for it, if any.
+struct Batch {
+    /// Frames in queue order.
+    frames: Vec<Frame>,
+    /// Reserved hops (first: the stage it is sent to).
+    route: Option<Vec<Hop>>,
+}
+
+/// The workers of a stage, as seen by whoever sends them batches.
+#[derive(Clone)]
+struct Pool {
+    /// One channel per worker.
+    workers: Vec<flume::Sender<Batch>>,
+    /// Batches sent to each worker and not finished.
+    in_flight: Arc<Vec<AtomicUsize>>,
+}
+
+/// Where a stage's output goes: the next stage's queue (or the publisher), and its pool for
+/// batches with a reserved route.
+#[derive(Clone)]
+struct Downstream {
+    /// Frames one by one.
+    queue: flume::Sender<Frame>,
+    /// The next stage's workers (none after the last stage).
+    pool: Pool,
+}
+
+impl Pool {
+    /// Sends a batch to a worker: the reserved one, else the one with the least work.
+    fn send_batch(&self, batch: Batch, rr: &mut usize) -> Result<(), Batch> {
+        let n = self.workers.len();
+        let w = match batch.route.as_ref().and_then(|r| r.first()) {
+            Some(hop) => hop.worker,
+            None => {
+                *rr = (*rr + 1) % n;
+                (0..n)
+                    .map(|k| (*rr + k) % n)
+                    .min_by_key(|w| self.in_flight[*w].load(Ordering::SeqCst))
+                    .unwrap_or(0)
+            }
+        };
+        self.in_flight[w].fetch_add(1, Ordering::SeqCst);
+        self.workers[w].send(batch).map_err(|flume::SendError(b)| {
+            self.in_flight[w].fetch_sub(1, Ordering::SeqCst);
+            b
+        })
+    }
+}
+
+/// The batching policy of stage `i`. A `deadline` stage right after another `deadline` stage
+/// follows the routes that stage reserves; a `deadline` stage after any other reserves the
+/// route through itself and every `deadline` stage that directly follows it.
+fn make_policy(
+    p: &Pipeline,
+    i: usize,
+    timeline: Arc<Mutex<Timeline>>,
+) -> Box<dyn BatchPolicy<Frame>> {
+    let s = &p.stages[i];
+    let ns = |d: &Duration| nanos(*d);
+    match (s.policy, &s.profile) {
+        (PolicyKind::Deadline, Some(_)) => {
+            let costs = p.stages[i..]
+                .iter()
+                .take_while(|t| t.policy == PolicyKind::Deadline)
+                .map_while(|t| t.profile.as_ref())
+                .map(|prof| StageCost {
+                    latency: prof.latency.iter().map(ns).collect(),
+                    transfer: prof.transfer.iter().map(ns).collect(),
+                })
+                .collect();
+            Box::new(DeadlinePolicy::new(
+                DeadlineConfig {
+                    stage: i,
+                    costs,
+                    planned: s.max_batch,
+                    margin: nanos(s.margin),
+                },
+                timeline,
+            ))
+        }
+        (PolicyKind::Aimd, _) => Box::new(AimdPolicy::new(s.max_batch, nanos(s.max_wait))),
+        _ => Box::new(FixedPolicy::new(s.max_batch, nanos(s.max_wait))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn spawn_batcher(
     stage: usize,
     name: &str,
     rx: flume::Receiver<Frame>,
-    tx: flume::Sender<Vec<Frame>>,
+    out: Pool,
+    feedback: flume::Receiver<bool>,
     mut policy: Box<dyn BatchPolicy<Frame>>,
     stats: Arc<Stats>,
     clock: SystemClock,
@@ -246,18 +361,29 @@ fn spawn_batcher(
         .spawn(move || {
             let counters = &stats.stages[stage];
             let mut closing = false;
+            let mut rr = 0;
             loop {
+                for on_time in feedback.try_iter() {
+                    policy.feedback(on_time);
+                }
                 let now = clock.now();
-                for f in policy.take_late(now) {
+                let mut late = policy.take_late(now);
+                let dispatch = policy.next_batch(now, closing);
+                late.extend(policy.take_late(now));
+                for f in late {
                     counters.dropped_late.fetch_add(1, Ordering::Relaxed);
                     stats.streams[f.stream]
                         .dropped_late
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                if let Some(batch) = policy.next_batch(now, closing) {
-                    if let Err(flume::SendError(lost)) = tx.send(batch) {
-                        // Workers are gone (they only stop when this channel closes): count, never lose silently.
-                        for f in lost {
+                if let Some(d) = dispatch {
+                    let batch = Batch {
+                        frames: d.items,
+                        route: d.route,
+                    };
+                    if let Err(lost) = out.send_batch(batch, &mut rr) {
+                        // Workers are gone (they only stop when this batcher is): count, never lose silently.
+                        for f in lost.frames {
                             counters.failed.fetch_add(1, Ordering::Relaxed);
                             stats.streams[f.stream]
                                 .failed
@@ -266,11 +392,11 @@ fn spawn_batcher(
                     }
                     continue;
                 }
-                if closing {
+                if closing && policy.is_empty() {
                     break; // nothing queued and nothing more will come
                 }
-                // Room for more: wait for a frame, or until the policy wants to dispatch.
-                if policy.len() < policy.max_batch() {
+                // Room for more: wait for a frame, or until the policy wants to look again.
+                if policy.len() < policy.max_batch() && !closing {
                     let got = match policy.next_wakeup() {
                         Some(t) => rx
                             .recv_deadline(clock.instant_at(t))
@@ -292,48 +418,87 @@ fn spawn_batcher(
                         Err(true) => closing = true,
                         Err(false) => {}
                     }
+                } else if let Some(t) = policy.next_wakeup() {
+                    std::thread::sleep(
+                        clock
+                            .instant_at(t)
+                            .saturating_duration_since(std::time::Instant::now()),
+                    );
                 }
             }
         })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn spawn_worker(
+/// What a worker thread shares with the rest of the pipeline.
+struct WorkerContext {
     stage: usize,
-    name: &str,
+    name: String,
     worker: usize,
-    mut runner: Box<dyn StageRunner>,
-    rx: flume::Receiver<Vec<Frame>>,
-    next: flume::Sender<Frame>,
+    /// This stage's in-flight counters (decremented when a batch is done).
+    in_flight: Arc<Vec<AtomicUsize>>,
+    next: Downstream,
+    feedback: flume::Sender<bool>,
+    timeline: Arc<Mutex<Timeline>>,
     stats: Arc<Stats>,
     clock: SharedClock,
+}
+
+fn spawn_worker(
+    cx: WorkerContext,
+    mut runner: Box<dyn StageRunner>,
+    rx: flume::Receiver<Batch>,
 ) -> std::io::Result<JoinHandle<()>> {
-    let stage_name = name.to_string();
-    std::thread::Builder::new().name(format!("{name}-{worker}")).spawn(move || {
-        let counters = &stats.stages[stage];
-        let next_counters = stats.stages.get(stage + 1);
-        for mut batch in rx.iter() {
-            let t0 = clock.now();
-            let result = runner.run(&mut batch);
-            let t1 = clock.now();
+    std::thread::Builder::new().name(format!("{}-{}", cx.name, cx.worker)).spawn(move || {
+        let stats = &cx.stats;
+        let counters = &stats.stages[cx.stage];
+        let next_counters = stats.stages.get(cx.stage + 1);
+        let mut rr = 0;
+        for Batch { mut frames, route } in rx.iter() {
+            let t0 = cx.clock.now();
+            let result = runner.run(&mut frames);
+            let t1 = cx.clock.now();
+            cx.in_flight[cx.worker].fetch_sub(1, Ordering::SeqCst);
+            cx.timeline.lock().unwrap_or_else(|e| e.into_inner()).finished(cx.stage, cx.worker, t1);
             counters.batches.fetch_add(1, Ordering::Relaxed);
             counters.busy_nanos.fetch_add(t1 - t0, Ordering::Relaxed);
+            let earliest = frames.iter().map(|f| f.deadline).min().unwrap_or(u64::MAX);
+            let _ = cx.feedback.try_send(t1 <= earliest);
             if let Err(e) = result {
-                tracing::error!(stage = %stage_name, frames = batch.len(), error = %e, "Batch failed.");
-                for f in batch {
+                tracing::error!(stage = %cx.name, frames = frames.len(), error = %e, "Batch failed.");
+                for f in frames {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                     stats.streams[f.stream].failed.fetch_add(1, Ordering::Relaxed);
                 }
                 continue;
             }
-            for mut f in batch {
+            for f in frames.iter_mut() {
                 let spent = t1.saturating_sub(f.entered_stage);
                 counters.latency.record(spent);
                 counters.frames_out.fetch_add(1, Ordering::Relaxed);
                 f.stage_nanos.push(spent);
                 f.entered_stage = t1;
+            }
+            // The rest of a reserved route goes as a batch to the reserved worker.
+            let rest: Option<Vec<Hop>> = route.filter(|r| r.len() > 1).map(|r| r[1..].to_vec());
+            if let Some(rest) = rest {
+                let n = frames.len() as u64;
+                match cx.next.pool.send_batch(Batch { frames, route: Some(rest) }, &mut rr) {
+                    Ok(()) => {
+                        if let Some(c) = next_counters {
+                            c.frames_in.fetch_add(n, Ordering::Relaxed);
+                        }
+                    }
+                    Err(lost) => {
+                        for f in lost.frames {
+                            stats.streams[f.stream].failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                continue;
+            }
+            for f in frames {
                 let stream = f.stream;
-                match next.send(f) {
+                match cx.next.queue.send(f) {
                     Ok(()) => {
                         if let Some(c) = next_counters {
                             c.frames_in.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,528 @@
+//! Reservation-based adaptive batching under per-frame deadlines.
+//!
+//! The stage that runs this policy (the *head* of a route) decides for every following stage on
+//! the route too. For a candidate batch of `b` frames it plans the route: on each stage the
+//! worker that is free earliest, from `max(arrival of the batch, worker free)` for the stage's
+//! profiled latency at batch `b`, then the transfer of the cut to the next stage. The batch can
+//! go when the planned finish plus a safety margin is no later than the earliest deadline in it.
+//!
+//! - It tries batch sizes from the planned size downwards and takes the largest that fits.
+//! - A full batch goes at once. A smaller one waits for more frames until the last moment at
+//!   which it still fits (minus the margin, which also absorbs the batcher's wake-up delay); if a
+//!   larger batch no longer fits, what fits goes at once.
+//! - If not even the oldest frame alone fits, it is dropped at once (late), never run late.
+//! - Before a batch goes, its route is booked in the shared [`Timeline`]; later stages run it on
+//!   the reserved workers. Bookings only ever start after a worker's last booking, so
+//!   reservations on one worker never overlap.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use super::{BatchPolicy, Deadline, Dispatch, Hop};
+use crate::clock::Nanos;
+
+/// Cost of one stage of a route, from its profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageCost {
+    /// Latency at batch `b`, at index `b - 1`.
+    pub latency: Vec<Nanos>,
+    /// Time to send a batch of `b` to the next stage, at index `b - 1`.
+    pub transfer: Vec<Nanos>,
+}
+
+/// Until when each worker of each stage is reserved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeline {
+    /// `busy_until[stage][worker]`.
+    busy_until: Vec<Vec<Nanos>>,
+}
+
+impl Timeline {
+    /// All workers free from time 0.
+    pub fn new(workers_per_stage: &[usize]) -> Self {
+        Self {
+            busy_until: workers_per_stage
+                .iter()
+                .map(|w| vec![0; (*w).max(1)])
+                .collect(),
+        }
+    }
+
+    /// When a worker's last reservation ends.
+    pub fn busy_until(&self, stage: usize, worker: usize) -> Nanos {
+        self.busy_until[stage][worker]
+    }
+
+    /// The worker of a stage that is free first (lowest index on ties), and when.
+    pub fn earliest(&self, stage: usize) -> (usize, Nanos) {
+        let ws = &self.busy_until[stage];
+        let (w, t) = ws
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, t)| (**t, *i))
+            .expect("a stage has workers");
+        (w, *t)
+    }
+
+    /// Books a hop. It must start at or after the worker's last reservation.
+    pub fn book(&mut self, hop: &Hop) {
+        let t = &mut self.busy_until[hop.stage][hop.worker];
+        debug_assert!(
+            hop.start >= *t,
+            "overlapping reservation {hop:?} (busy until {t})"
+        );
+        *t = hop.end;
+    }
+
+    /// A worker finished a batch at `at`: later bookings start no earlier (corrects for a device
+    /// that ran slower than its profile).
+    pub fn finished(&mut self, stage: usize, worker: usize, at: Nanos) {
+        let t = &mut self.busy_until[stage][worker];
+        *t = (*t).max(at);
+    }
+}
+
+/// How a deadline policy is set up.
+#[derive(Debug, Clone)]
+pub struct DeadlineConfig {
+    /// Index of the head stage in the pipeline.
+    pub stage: usize,
+    /// Costs of the head stage and every following stage it reserves, in order.
+    pub costs: Vec<StageCost>,
+    /// Planned (largest) batch size.
+    pub planned: usize,
+    /// Safety margin added to every planned finish, and lead time of wake-ups.
+    pub margin: Nanos,
+}
+
+/// The policy (see the module documentation).
+#[derive(Debug)]
+pub struct DeadlinePolicy<T> {
+    /// Settings, with `planned` clamped to what every stage's profile covers.
+    cfg: DeadlineConfig,
+    /// Reservations shared with the pipeline's workers.
+    timeline: Arc<Mutex<Timeline>>,
+    /// Queued items with their arrival times, in arrival order.
+    queue: VecDeque<(T, Nanos)>,
+    /// Items found unable to meet their deadline, waiting for `take_late`.
+    late: Vec<T>,
+    /// When a waiting batch must go at the latest.
+    wakeup: Option<Nanos>,
+}
+
+impl<T: Deadline> DeadlinePolicy<T> {
+    /// A policy over the shared timeline.
+    pub fn new(mut cfg: DeadlineConfig, timeline: Arc<Mutex<Timeline>>) -> Self {
+        let covered = cfg
+            .costs
+            .iter()
+            .map(|c| c.latency.len().min(c.transfer.len()))
+            .min()
+            .unwrap_or(1);
+        cfg.planned = cfg.planned.clamp(1, covered.max(1));
+        Self {
+            cfg,
+            timeline,
+            queue: VecDeque::new(),
+            late: Vec::new(),
+            wakeup: None,
+        }
+    }
+
+    /// The route a batch of `b` would take if it left at `now`.
+    pub fn plan(&self, tl: &Timeline, now: Nanos, b: usize) -> Vec<Hop> {
+        let mut t = now;
+        let mut hops = Vec::with_capacity(self.cfg.costs.len());
+        for (k, cost) in self.cfg.costs.iter().enumerate() {
+            let stage = self.cfg.stage + k;
+            let (worker, free) = tl.earliest(stage);
+            let start = t.max(free);
+            let end = start + cost.latency[b - 1];
+            hops.push(Hop {
+                stage,
+                worker,
+                start,
+                end,
+            });
+            t = end
+                + if k + 1 < self.cfg.costs.len() {
+                    cost.transfer[b - 1]
+                } else {
+                    0
+                };
+        }
+        hops
+    }
+
+    /// Earliest deadline among the first `b` queued items.
+    fn min_deadline(&self, b: usize) -> Nanos {
+        self.queue
+            .iter()
+            .take(b)
+            .map(|(t, _)| t.deadline())
+            .min()
+            .unwrap_or(Nanos::MAX)
+    }
+
+    /// The largest batch of the queue's head that fits, with its route and slack.
+    fn largest_fit(&self, tl: &Timeline, now: Nanos) -> Option<(usize, Vec<Hop>, Nanos)> {
+        let n = self.queue.len().min(self.cfg.planned);
+        (1..=n).rev().find_map(|b| {
+            let route = self.plan(tl, now, b);
+            let finish = route.last().map_or(now, |h| h.end) + self.cfg.margin;
+            let deadline = self.min_deadline(b);
+            (finish <= deadline).then(|| (b, route, deadline - finish))
+        })
+    }
+}
+
+impl<T: Deadline + Send> BatchPolicy<T> for DeadlinePolicy<T> {
+    fn push(&mut self, item: T, now: Nanos) {
+        self.queue.push_back((item, now));
+    }
+
+    fn take_late(&mut self, now: Nanos) -> Vec<T> {
+        {
+            let tl = self.timeline.lock().unwrap_or_else(|e| e.into_inner());
+            while let Some((front, _)) = self.queue.front() {
+                let route = self.plan(&tl, now, 1);
+                let finish = route.last().map_or(now, |h| h.end) + self.cfg.margin;
+                if finish <= front.deadline() {
+                    break;
+                }
+                let (t, _) = self.queue.pop_front().expect("front exists");
+                self.late.push(t);
+            }
+        }
+        std::mem::take(&mut self.late)
+    }
+
+    fn next_batch(&mut self, now: Nanos, closing: bool) -> Option<Dispatch<T>> {
+        self.wakeup = None;
+        let timeline = self.timeline.clone();
+        let mut tl = timeline.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.queue.is_empty() {
+                return None;
+            }
+            let Some((b, route, slack)) = self.largest_fit(&tl, now) else {
+                // Not even the oldest frame alone can make it: drop it now, never run it late.
+                let (t, _) = self.queue.pop_front().expect("not empty");
+                self.late.push(t);
+                continue;
+            };
+            let full = b == self.cfg.planned;
+            let larger_no_longer_fits = b < self.queue.len();
+            if full || larger_no_longer_fits || closing || slack <= self.cfg.margin {
+                for hop in &route {
+                    tl.book(hop);
+                }
+                let items = self.queue.drain(..b).map(|(t, _)| t).collect();
+                return Some(Dispatch {
+                    items,
+                    route: Some(route),
+                });
+            }
+            // Wait for more frames, until the last moment this batch still fits.
+            self.wakeup = Some(now + slack - self.cfg.margin);
+            return None;
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<Nanos> {
+        if !self.late.is_empty() {
+            return Some(0);
+        }
+        self.wakeup
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len() + self.late.len()
+    }
+
+    fn max_batch(&self) -> usize {
+        self.cfg.planned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: Nanos = 1_000_000;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Item {
+        id: usize,
+        deadline: Nanos,
+    }
+    impl Deadline for Item {
+        fn deadline(&self) -> Nanos {
+            self.deadline
+        }
+    }
+
+    /// Latency `base + per * b` ms, transfer `tr * b` ms.
+    fn cost(base: u64, per: u64, tr: u64) -> StageCost {
+        StageCost {
+            latency: (1..=8).map(|b| (base + per * b) * MS).collect(),
+            transfer: (1..=8).map(|b| tr * b * MS).collect(),
+        }
+    }
+
+    fn policy(
+        costs: Vec<StageCost>,
+        workers: &[usize],
+        planned: usize,
+        margin: Nanos,
+    ) -> (DeadlinePolicy<Item>, Arc<Mutex<Timeline>>) {
+        let tl = Arc::new(Mutex::new(Timeline::new(workers)));
+        let p = DeadlinePolicy::new(
+            DeadlineConfig {
+                stage: 0,
+                costs,
+                planned,
+                margin,
+            },
+            tl.clone(),
+        );
+        (p, tl)
+    }
+
+    #[test]
+    fn waits_until_the_last_moment_then_sends_what_is_queued_with_its_route() {
+        // Stage 0: 2 + 1*b ms; transfer 1*b ms; stage 1: 3 + 2*b ms.
+        let (mut p, tl) = policy(vec![cost(2, 1, 1), cost(3, 2, 0)], &[1, 1], 4, 0);
+        p.push(
+            Item {
+                id: 0,
+                deadline: 30 * MS,
+            },
+            0,
+        );
+        p.push(
+            Item {
+                id: 1,
+                deadline: 31 * MS,
+            },
+            0,
+        );
+        // b = 2 at t: 2+2 =4 ms, +2 ms transfer, +3+4 = 7 ms -> 13 ms; deadline 30 -> slack 17.
+        assert!(p.next_batch(0, false).is_none());
+        assert_eq!(p.next_wakeup(), Some(17 * MS));
+        // At 17 ms the batch goes, with its route booked.
+        let d = p.next_batch(17 * MS, false).expect("the last moment");
+        assert_eq!(d.items.iter().map(|i| i.id).collect::<Vec<_>>(), vec![0, 1]);
+        let route = d.route.unwrap();
+        assert_eq!(
+            route,
+            vec![
+                Hop {
+                    stage: 0,
+                    worker: 0,
+                    start: 17 * MS,
+                    end: 21 * MS
+                },
+                Hop {
+                    stage: 1,
+                    worker: 0,
+                    start: 23 * MS,
+                    end: 30 * MS
+                },
+            ]
+        );
+        assert_eq!(tl.lock().unwrap().busy_until(1, 0), 30 * MS);
+    }
+
+    #[test]
+    fn a_full_batch_goes_at_once_and_the_largest_fitting_size_is_taken() {
+        let (mut p, _) = policy(vec![cost(0, 10, 0)], &[1], 3, 0);
+        for id in 0..3 {
+            p.push(
+                Item {
+                    id,
+                    deadline: 100 * MS,
+                },
+                0,
+            );
+        }
+        assert_eq!(p.next_batch(0, false).unwrap().items.len(), 3, "full");
+        // The worker is now busy until 30 ms. Three more with deadline 65 ms:
+        // b=3 ends 60 fits; so does... b=3 is full -> goes at once.
+        for id in 3..6 {
+            p.push(
+                Item {
+                    id,
+                    deadline: 55 * MS,
+                },
+                0,
+            );
+        }
+        // b=3 would end at 60 > 55; b=2 ends at 50 <= 55: two go now, one stays.
+        let d = p.next_batch(0, false).unwrap();
+        assert_eq!(d.items.iter().map(|i| i.id).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(
+            d.route.unwrap()[0],
+            Hop {
+                stage: 0,
+                worker: 0,
+                start: 30 * MS,
+                end: 50 * MS
+            }
+        );
+        // The last one would start at 50 and end at 60 > 55: dropped, not run late.
+        assert!(p.next_batch(0, false).is_none());
+        assert_eq!(
+            p.take_late(0).iter().map(|i| i.id).collect::<Vec<_>>(),
+            vec![5]
+        );
+    }
+
+    #[test]
+    fn picks_the_worker_that_is_free_first_on_every_stage() {
+        let (mut p, tl) = policy(vec![cost(5, 0, 0), cost(5, 0, 0)], &[1, 2], 1, 0);
+        tl.lock().unwrap().book(&Hop {
+            stage: 1,
+            worker: 0,
+            start: 0,
+            end: 40 * MS,
+        });
+        p.push(
+            Item {
+                id: 0,
+                deadline: 100 * MS,
+            },
+            0,
+        );
+        let route = p.next_batch(0, false).unwrap().route.unwrap();
+        assert_eq!(
+            route[1],
+            Hop {
+                stage: 1,
+                worker: 1,
+                start: 5 * MS,
+                end: 10 * MS
+            }
+        );
+    }
+
+    #[test]
+    fn the_margin_makes_room_for_late_wakeups() {
+        let (mut p, _) = policy(vec![cost(0, 10, 0)], &[1], 4, 2 * MS);
+        p.push(
+            Item {
+                id: 0,
+                deadline: 50 * MS,
+            },
+            0,
+        );
+        // b=1: finish 10 + margin 2 -> slack 38; wake 2 ms early, at 36 ms.
+        assert!(p.next_batch(0, false).is_none());
+        assert_eq!(p.next_wakeup(), Some(36 * MS));
+        // Woken 1 ms late, it still fits.
+        let d = p.next_batch(37 * MS, false).unwrap();
+        assert_eq!(d.route.unwrap()[0].end, 47 * MS);
+    }
+
+    /// Drives the policy over scripted arrivals on a controlled clock, the way the batcher thread
+    /// does: at every arrival and every wake-up, take the late and dispatch what is due.
+    fn simulate(
+        arrivals: &[(Nanos, Nanos)],
+        costs: Vec<StageCost>,
+        workers: &[usize],
+        planned: usize,
+    ) -> (Vec<Dispatch<Item>>, Vec<Item>) {
+        let (mut p, _) = policy(costs, workers, planned, MS);
+        let mut dispatched = Vec::new();
+        let mut late = Vec::new();
+        let mut i = 0;
+        let mut now = 0;
+        loop {
+            while i < arrivals.len() && arrivals[i].0 <= now {
+                p.push(
+                    Item {
+                        id: i,
+                        deadline: arrivals[i].0 + arrivals[i].1,
+                    },
+                    now,
+                );
+                i += 1;
+            }
+            let closing = i == arrivals.len();
+            late.extend(p.take_late(now));
+            while let Some(d) = p.next_batch(now, closing) {
+                dispatched.push(d);
+            }
+            late.extend(p.take_late(now));
+            if closing && p.is_empty() {
+                break;
+            }
+            let next_arrival = arrivals.get(i).map(|a| a.0);
+            now = match (next_arrival, p.next_wakeup()) {
+                (Some(a), Some(w)) => a.min(w).max(now),
+                (Some(a), None) => a.max(now),
+                (None, Some(w)) => w.max(now),
+                (None, None) => now,
+            };
+        }
+        (dispatched, late)
+    }
+
+    proptest! {
+        #[test]
+        fn routes_meet_deadlines_never_overlap_and_nothing_is_lost(
+            gaps in proptest::collection::vec(0u64..20, 1..120),
+            slo in 20u64..200,
+            base in proptest::collection::vec(0u64..10, 1..4),
+            per in 1u64..10,
+            workers in proptest::collection::vec(1usize..4, 3),
+            planned in 1usize..8,
+        ) {
+            let mut t = 0;
+            let arrivals: Vec<(Nanos, Nanos)> = gaps.iter().map(|g| { t += g * MS; (t, slo * MS) }).collect();
+            let costs: Vec<StageCost> = base.iter().map(|b| cost(*b, per, 1)).collect();
+            let w = &workers[..costs.len()];
+            let (dispatched, late) = simulate(&arrivals, costs.clone(), w, planned);
+            // Every frame exactly once: dispatched or late.
+            let mut seen: Vec<usize> = dispatched.iter().flat_map(|d| d.items.iter().map(|i| i.id)).chain(late.iter().map(|i| i.id)).collect();
+            seen.sort();
+            prop_assert_eq!(seen, (0..arrivals.len()).collect::<Vec<_>>());
+            let mut booked: std::collections::HashMap<(usize, usize), Vec<(Nanos, Nanos)>> = Default::default();
+            for d in &dispatched {
+                let route = d.route.as_ref().unwrap();
+                prop_assert!(d.items.len() <= planned);
+                prop_assert_eq!(route.len(), costs.len());
+                // No batch holds a frame whose deadline its route cannot meet.
+                let finish = route.last().unwrap().end;
+                prop_assert!(d.items.iter().all(|i| finish <= i.deadline), "{:?}", d);
+                // Frames stay in arrival order.
+                prop_assert!(d.items.windows(2).all(|w| w[0].id < w[1].id));
+                for h in route {
+                    booked.entry((h.stage, h.worker)).or_default().push((h.start, h.end));
+                }
+            }
+            for v in booked.values_mut() {
+                v.sort();
+                prop_assert!(v.windows(2).all(|w| w[0].1 <= w[1].0), "overlap: {:?}", v);
+            }
+        }
+
+        #[test]
+        fn with_ample_capacity_and_steady_load_nothing_is_dropped(
+            n in 1usize..200,
+            gap in 5u64..20,
+            planned in 1usize..8,
+        ) {
+            // 1 ms + 0.5 ms per frame on each of two stages, a frame every 5..20 ms, SLO 100 ms.
+            let costs = vec![
+                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8] },
+                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8] },
+            ];
+            let arrivals: Vec<(Nanos, Nanos)> = (0..n).map(|i| (i as u64 * gap * MS, 100 * MS)).collect();
+            let (dispatched, late) = simulate(&arrivals, costs, &[1, 1], planned);
+            prop_assert!(late.is_empty(), "dropped {} of {}", late.len(), n);
+            prop_assert_eq!(dispatched.iter().map(|d| d.items.len()).sum::<usize>(), n);
+        }
+    }
+}
