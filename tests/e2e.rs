@@ -421,3 +421,32 @@ fn heterogeneous_emulated_pools_publish_within_the_slo() {
         );
     }
 }
+
+#[test]
+fn cpu_pools_with_the_aimd_and_fixed_policies_run_a_real_model() {
+    require("engines/bench/mobilenetv2.onnx");
+    for policy in ["aimd", "fixed"] {
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = format!(
+            "{}[[source]]\nname = \"a\"\nuri = \"test://ball\"\nnum_buffers = 16\npace = \"fast\"\n\n\
+             [[source]]\nname = \"b\"\nuri = \"test://smpte\"\nnum_buffers = 16\npace = \"fast\"\n\n\
+             [[stage]]\nname = \"classify\"\nmodel = \"mobilenetv2\"\nworkers = 2\nmax_batch = 4\npolicy = \"{policy}\"\n\n{}",
+            header("cpu-pools", 60_000),
+            sink(dir.path())
+        );
+        let (results, summary, _) = run_pipeline(dir.path(), &pipeline, &[]);
+        let streams = assert_balanced(&summary);
+        assert_eq!(streams["a"]["published"], 16, "{policy}: {summary}");
+        assert_eq!(streams["b"]["published"], 16, "{policy}: {summary}");
+        assert_eq!(results.len(), 32);
+        assert!(results.iter().all(|r| {
+            r["results"]["classify"]["classes"]
+                .as_array()
+                .is_some_and(|c| c.len() == 5)
+        }));
+        assert!(
+            summary["stages"][0]["batches"].as_u64().unwrap() >= 8,
+            "at most 4 a batch: {summary}"
+        );
+    }
+}

@@ -333,3 +333,25 @@ fn consecutive_stages_of_one_model_run_consecutive_blocks() {
         "set [pipeline] profiles",
     );
 }
+
+#[test]
+fn the_deadline_policy_needs_a_profile() {
+    let text = format!(
+        "{}[[source]]\nname = \"t\"\nuri = \"test://ball\"\n\n[[stage]]\nname = \"s\"\nmodel = \"noop\"\npolicy = \"deadline\"\n\n[[stage]]\nname = \"u\"\nmodel = \"noop\"\npolicy = \"eager\"\n\n[[sink]]\ntype = \"jsonl\"\n",
+        header("x", 1000)
+    );
+    let errs = errors(&text);
+    has(
+        &errs,
+        13,
+        "stage[0].policy",
+        "the deadline policy needs the stage's latency",
+    );
+    has(
+        &errs,
+        18,
+        "stage[1].policy",
+        "unknown value `eager`, expected one of `fixed`, `aimd`, `deadline`",
+    );
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+}

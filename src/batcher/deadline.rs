@@ -3,8 +3,9 @@
 //! The stage that runs this policy (the *head* of a route) decides for every following stage on
 //! the route too. For a candidate batch of `b` frames it plans the route: on each stage the
 //! worker that is free earliest, from `max(arrival of the batch, worker free)` for the stage's
-//! profiled latency at batch `b`, then the transfer of the cut to the next stage. The batch can
-//! go when the planned finish plus a safety margin is no later than the earliest deadline in it.
+//! profiled latency at batch `b` plus the transfer of the cut to the next stage (the worker is
+//! busy while it sends). The batch can go when the planned finish plus a safety margin is no
+//! later than the earliest deadline in it.
 //!
 //! - It tries batch sizes from the planned size downwards and takes the largest that fits.
 //! - A full batch goes at once. A smaller one waits for more frames until the last moment at
@@ -129,27 +130,26 @@ impl<T: Deadline> DeadlinePolicy<T> {
         }
     }
 
-    /// The route a batch of `b` would take if it left at `now`.
+    /// The route a batch of `b` would take if it left at `now`. A hop holds its worker for the
+    /// stage's latency plus the transfer of the cut to the next stage (sending is part of the
+    /// stage's work); the next hop starts no earlier than that.
     pub fn plan(&self, tl: &Timeline, now: Nanos, b: usize) -> Vec<Hop> {
         let mut t = now;
+        let last = self.cfg.costs.len() - 1;
         let mut hops = Vec::with_capacity(self.cfg.costs.len());
         for (k, cost) in self.cfg.costs.iter().enumerate() {
             let stage = self.cfg.stage + k;
             let (worker, free) = tl.earliest(stage);
             let start = t.max(free);
-            let end = start + cost.latency[b - 1];
+            let hold = cost.latency[b - 1] + if k < last { cost.transfer[b - 1] } else { 0 };
+            let end = start + hold;
             hops.push(Hop {
                 stage,
                 worker,
                 start,
                 end,
             });
-            t = end
-                + if k + 1 < self.cfg.costs.len() {
-                    cost.transfer[b - 1]
-                } else {
-                    0
-                };
+            t = end;
         }
         hops
     }
@@ -308,7 +308,7 @@ mod tests {
             },
             0,
         );
-        // b = 2 at t: 2+2 =4 ms, +2 ms transfer, +3+4 = 7 ms -> 13 ms; deadline 30 -> slack 17.
+        // b = 2 at t: 2+2 = 4 ms, +2 ms transfer, +3+4 = 7 ms -> 13 ms; deadline 30 -> slack 17.
         assert!(p.next_batch(0, false).is_none());
         assert_eq!(p.next_wakeup(), Some(17 * MS));
         // At 17 ms the batch goes, with its route booked.

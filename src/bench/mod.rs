@@ -8,6 +8,8 @@
 //! 3. the demo pipeline: published frames/s and p50/p99 end-to-end latency, at the clip's pace
 //!    and flat out.
 
+pub mod batcher;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -47,11 +49,52 @@ pub enum BenchCommand {
         #[arg(long, default_value = ".")]
         root: PathBuf,
     },
+    /// Batching policies side by side on two emulated pools, on a virtual clock.
+    Batcher {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Folder of latency profiles.
+        #[arg(long, default_value = "../shared/data/ppipe-profiles")]
+        profiles: PathBuf,
+        /// Profiled model.
+        #[arg(long, default_value = "wide_resnet101_2")]
+        model: String,
+        /// High-class device of the first stage.
+        #[arg(long, default_value = "L4")]
+        high: String,
+        /// Low-class device of the second stage.
+        #[arg(long, default_value = "T4")]
+        low: String,
+        /// Simulated seconds per run.
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// Link bandwidth, Gbit/s.
+        #[arg(long, default_value_t = 10.0)]
+        bandwidth_gbps: f64,
+    },
 }
 
 /// Runs a benchmark.
 pub fn run(which: BenchCommand) -> anyhow::Result<()> {
     match which {
+        BenchCommand::Batcher {
+            json,
+            profiles,
+            model,
+            high,
+            low,
+            seconds,
+            bandwidth_gbps,
+        } => {
+            let report = batcher::run(&profiles, &model, &high, &low, seconds, bandwidth_gbps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.table());
+            }
+            Ok(())
+        }
         BenchCommand::Pipeline {
             json,
             repeats,

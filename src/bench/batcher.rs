@@ -1,0 +1,708 @@
+//! `poolpipe bench batcher`: the batching policies side by side on two emulated pools, on a
+//! controlled (virtual) clock.
+//!
+//! One model from the published profiles is cut in two stages: the first blocks on a pool of
+//! high-class devices, the rest on a pool of low-class ones (the cut and pool sizes are chosen so
+//! that the two pools have about the same capacity). Frames arrive as a Poisson process or in
+//! bursts (a two-state Markov-modulated Poisson process) at 50%..120% of the pipeline's capacity.
+//! A discrete-event loop drives the very policy code the runtime uses (`fixed` tuned for the SLO,
+//! `aimd`, `deadline`) with devices that hold a batch for its profiled latency (and the transfer
+//! of the cut), as `emulated:<class>` devices do.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+
+use crate::batcher::deadline::{DeadlineConfig, DeadlinePolicy, StageCost, Timeline};
+use crate::batcher::{AimdPolicy, BatchPolicy, Deadline, FixedPolicy, Hop};
+use crate::clock::Nanos;
+use crate::config::PolicyKind;
+use crate::profile::Profiles;
+
+const MS: Nanos = 1_000_000;
+
+/// A frame in the simulation.
+#[derive(Debug, Clone)]
+struct SimFrame {
+    arrival: Nanos,
+    deadline: Nanos,
+}
+
+impl Deadline for SimFrame {
+    fn deadline(&self) -> Nanos {
+        self.deadline
+    }
+}
+
+/// splitmix64: a small, fast, seedable generator (benchmarks only).
+struct Rng(u64);
+
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn exp(&mut self, rate_per_ns: f64) -> Nanos {
+        (-(1.0 - self.next_f64()).ln() / rate_per_ns) as Nanos
+    }
+}
+
+/// Arrival processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arrivals {
+    /// Poisson.
+    Poisson,
+    /// Two-state MMPP: bursts at 3x the mean rate a fifth of the time, half the mean otherwise
+    /// (0.2 * 3 + 0.8 * 0.5 = 1), states lasting 500 ms on average.
+    Bursty,
+}
+
+/// Arrival times over `duration` at a mean of `rate` frames per second.
+fn arrival_times(kind: Arrivals, rate: f64, duration: Nanos, seed: u64) -> Vec<Nanos> {
+    let mut rng = Rng(seed);
+    let mut out = Vec::new();
+    let mut t = 0;
+    let mut burst = false;
+    let mut switch_at = rng.exp(1.0 / (500.0 * MS as f64));
+    loop {
+        let r = match (kind, burst) {
+            (Arrivals::Poisson, _) => rate,
+            (Arrivals::Bursty, true) => rate * 3.0,
+            (Arrivals::Bursty, false) => rate * 0.5,
+        };
+        let next = t + rng.exp(r / 1e9);
+        if kind == Arrivals::Bursty && next > switch_at {
+            t = switch_at;
+            burst = !burst;
+            // Bursts last a quarter as long as calm spells: 20% of the time.
+            let mean = if burst { 125.0 } else { 500.0 };
+            switch_at = t + rng.exp(1.0 / (mean * MS as f64));
+            continue;
+        }
+        t = next;
+        if t >= duration {
+            return out;
+        }
+        out.push(t);
+    }
+}
+
+/// The two-stage setup under test.
+#[derive(Debug, Clone, Serialize)]
+pub struct Setup {
+    /// Profiled model.
+    pub model: String,
+    /// High-class device and count, blocks.
+    pub head: (String, usize, [usize; 2]),
+    /// Low-class device and count, blocks.
+    pub tail: (String, usize, [usize; 2]),
+    /// SLO, ms (5 x the whole model's batch-1 latency on the high class).
+    pub slo_ms: f64,
+    /// Planned batch size.
+    pub batch: usize,
+    /// Capacity at the planned batch, frames/s.
+    pub capacity_fps: f64,
+    /// Link bandwidth, Gbit/s.
+    pub bandwidth_gbps: f64,
+}
+
+struct Stage {
+    cost: StageCost,
+    workers: usize,
+}
+
+/// Picks the cut and pool sizes.
+fn setup(
+    profiles: &Profiles,
+    model: &str,
+    high: &str,
+    low: &str,
+    gbps: f64,
+) -> anyhow::Result<(Setup, Vec<Stage>)> {
+    let blocks = profiles.model(model)?.blocks();
+    let slo = profiles.latency(model, high, 1, 0..blocks, 1)? * 5;
+    let lat = |class: &str, r: std::ops::Range<usize>, b: usize| {
+        profiles
+            .latency(model, class, 1, r, b)
+            .map(|d| d.as_nanos() as Nanos)
+    };
+    // The paper's clusters have three low-class devices per high-class one: one high, three low.
+    // For every cut, the planned batch is the largest whose route takes at most 80% of the SLO;
+    // take the cut with the most capacity at its planned batch.
+    let tails = 3;
+    let budget = slo.as_nanos() as Nanos * 4 / 5;
+    let mut best: Option<(f64, usize, usize)> = None;
+    for cut in 1..blocks {
+        for b in (1..=8).rev() {
+            let head = lat(high, 0..cut, b)?;
+            let tail = lat(low, cut..blocks, b)?;
+            let tr = profiles.transfer(model, cut - 1, b, gbps)?.as_nanos() as Nanos;
+            if head + tr + tail > budget {
+                continue;
+            }
+            let cap = (b as f64 / ((head + tr) as f64 / 1e9))
+                .min(tails as f64 * b as f64 / (tail as f64 / 1e9));
+            if best.is_none_or(|x| cap > x.0) {
+                best = Some((cap, cut, b));
+            }
+            break;
+        }
+    }
+    let Some((_, cut, b)) = best else {
+        bail!("no cut of {model} fits its SLO on {high} -> {low}");
+    };
+    let stage = |class: &str,
+                 r: std::ops::Range<usize>,
+                 transfer_after: Option<usize>|
+     -> anyhow::Result<StageCost> {
+        Ok(StageCost {
+            latency: (1..=8)
+                .map(|b| lat(class, r.clone(), b))
+                .collect::<Result<_, _>>()?,
+            transfer: (1..=8)
+                .map(|b| match transfer_after {
+                    Some(c) => profiles
+                        .transfer(model, c, b, gbps)
+                        .map(|d| d.as_nanos() as Nanos),
+                    None => Ok(0),
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    };
+    let head = stage(high, 0..cut, Some(cut - 1))?;
+    let tail = stage(low, cut..blocks, None)?;
+    let cap = (b as f64 / ((head.latency[b - 1] + head.transfer[b - 1]) as f64 / 1e9))
+        .min(tails as f64 * b as f64 / (tail.latency[b - 1] as f64 / 1e9));
+    Ok((
+        Setup {
+            model: model.into(),
+            head: (high.into(), 1, [0, cut]),
+            tail: (low.into(), tails, [cut, blocks]),
+            slo_ms: slo.as_secs_f64() * 1e3,
+            batch: b,
+            capacity_fps: cap,
+            bandwidth_gbps: gbps,
+        },
+        vec![
+            Stage {
+                cost: head,
+                workers: 1,
+            },
+            Stage {
+                cost: tail,
+                workers: tails,
+            },
+        ],
+    ))
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// Policy.
+    pub policy: String,
+    /// Arrival process.
+    pub arrivals: Arrivals,
+    /// Offered load, fraction of capacity.
+    pub load: f64,
+    /// Frames offered.
+    pub offered: u64,
+    /// Share of offered frames published within their deadline.
+    pub attainment: f64,
+    /// Frames per second published within their deadline.
+    pub goodput_fps: f64,
+    /// Median latency of frames that finished, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency of frames that finished, ms.
+    pub p99_ms: f64,
+    /// Dropped by a batcher because their deadline could not be met.
+    pub dropped_late: u64,
+    /// Dropped because a queue was full.
+    pub dropped_overload: u64,
+    /// Finished after their deadline (the runtime's publisher drops these).
+    pub finished_late: u64,
+    /// Busy share of the high-class pool.
+    pub busy_high: f64,
+    /// Busy share of the low-class pool.
+    pub busy_low: f64,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    /// A worker finished: (stage, worker).
+    Done(usize, usize),
+    /// A frame arrives at stage 0.
+    Arrive(usize),
+    /// A batcher asked to look again.
+    Wake(usize),
+}
+
+struct Worker {
+    queue: VecDeque<(Vec<SimFrame>, Option<Vec<Hop>>)>,
+    running: Option<(Vec<SimFrame>, Option<Vec<Hop>>)>,
+    in_flight: usize,
+    busy: Nanos,
+}
+
+const QUEUE: usize = 64;
+
+/// Simulates one policy on one arrival trace.
+fn simulate(
+    stages: &[Stage],
+    policy: PolicyKind,
+    planned: usize,
+    slo: Nanos,
+    times: &[Nanos],
+    duration: Nanos,
+) -> RunResult {
+    let timeline = Arc::new(Mutex::new(Timeline::new(
+        &stages.iter().map(|s| s.workers).collect::<Vec<_>>(),
+    )));
+    let route_latency = |b: usize| {
+        stages
+            .iter()
+            .map(|s| s.cost.latency[b - 1] + s.cost.transfer[b - 1])
+            .sum::<Nanos>()
+    };
+    // `fixed` tuned for the SLO: the planned batch; the first stage waits at most half of what the
+    // route leaves of the SLO, later stages take what has arrived (it comes in batches already).
+    let slack = slo.saturating_sub(route_latency(planned));
+    let wait = |i: usize| if i == 0 { slack / 2 } else { 0 };
+    let mut policies: Vec<Box<dyn BatchPolicy<SimFrame>>> = (0..stages.len())
+        .map(|i| -> Box<dyn BatchPolicy<SimFrame>> {
+            match policy {
+                PolicyKind::Fixed => Box::new(FixedPolicy::new(planned, wait(i))),
+                PolicyKind::Aimd => Box::new(AimdPolicy::new(planned, wait(i))),
+                PolicyKind::Deadline => Box::new(DeadlinePolicy::new(
+                    DeadlineConfig {
+                        stage: i,
+                        costs: stages[i..].iter().map(|s| s.cost.clone()).collect(),
+                        planned,
+                        margin: MS / 2,
+                    },
+                    timeline.clone(),
+                )),
+            }
+        })
+        .collect();
+    let routed = policy == PolicyKind::Deadline;
+    let mut queues: Vec<VecDeque<SimFrame>> = stages.iter().map(|_| VecDeque::new()).collect();
+    let mut workers: Vec<Vec<Worker>> = stages
+        .iter()
+        .map(|s| {
+            (0..s.workers)
+                .map(|_| Worker {
+                    queue: VecDeque::new(),
+                    running: None,
+                    in_flight: 0,
+                    busy: 0,
+                })
+                .collect()
+        })
+        .collect();
+    let mut events: BinaryHeap<Reverse<(Nanos, Event)>> = times
+        .iter()
+        .enumerate()
+        .map(|(i, t)| Reverse((*t, Event::Arrive(i))))
+        .collect();
+    let mut wake_at: Vec<Option<Nanos>> = vec![None; stages.len()];
+    let (mut dropped_late, mut dropped_overload, mut finished_late, mut on_time) =
+        (0u64, 0u64, 0u64, 0u64);
+    let mut latencies: Vec<Nanos> = Vec::new();
+    let last = stages.len() - 1;
+
+    // Starts the next batch of a worker if it is idle.
+    fn start(
+        stages: &[Stage],
+        workers: &mut [Vec<Worker>],
+        events: &mut BinaryHeap<Reverse<(Nanos, Event)>>,
+        s: usize,
+        w: usize,
+        now: Nanos,
+        horizon: Nanos,
+    ) {
+        let wk = &mut workers[s][w];
+        if wk.running.is_some() {
+            return;
+        }
+        if let Some((frames, route)) = wk.queue.pop_front() {
+            let b = frames.len();
+            let hold = stages[s].cost.latency[b - 1] + stages[s].cost.transfer[b - 1];
+            // Busy time counts within the measured window only.
+            wk.busy += hold.min(horizon.saturating_sub(now));
+            wk.running = Some((frames, route));
+            events.push(Reverse((now + hold, Event::Done(s, w))));
+        }
+    }
+
+    while let Some(Reverse((now, ev))) = events.pop() {
+        let mut touched = vec![false; stages.len()];
+        match ev {
+            Event::Arrive(i) => {
+                let f = SimFrame {
+                    arrival: times[i],
+                    deadline: times[i] + slo,
+                };
+                if queues[0].len() >= QUEUE {
+                    dropped_overload += 1;
+                } else {
+                    queues[0].push_back(f);
+                }
+                touched[0] = true;
+            }
+            Event::Wake(s) => {
+                if wake_at[s] == Some(now) {
+                    wake_at[s] = None;
+                }
+                touched[s] = true;
+            }
+            Event::Done(s, w) => {
+                let (frames, route) = workers[s][w].running.take().expect("a running batch");
+                workers[s][w].in_flight -= 1;
+                timeline.lock().unwrap().finished(s, w, now);
+                let earliest = frames
+                    .iter()
+                    .map(|f| f.deadline)
+                    .min()
+                    .unwrap_or(Nanos::MAX);
+                policies[s].feedback(now <= earliest);
+                if s == last {
+                    for f in frames {
+                        latencies.push(now - f.arrival);
+                        if now <= f.deadline {
+                            on_time += 1;
+                        } else {
+                            finished_late += 1;
+                        }
+                    }
+                } else if let Some(rest) = route.filter(|r| r.len() > 1).map(|r| r[1..].to_vec()) {
+                    let nw = rest[0].worker;
+                    workers[s + 1][nw].in_flight += 1;
+                    workers[s + 1][nw].queue.push_back((frames, Some(rest)));
+                    start(stages, &mut workers, &mut events, s + 1, nw, now, duration);
+                } else {
+                    for f in frames {
+                        if queues[s + 1].len() >= QUEUE {
+                            dropped_overload += 1;
+                        } else {
+                            queues[s + 1].push_back(f);
+                        }
+                    }
+                    touched[s + 1] = true;
+                }
+                start(stages, &mut workers, &mut events, s, w, now, duration);
+                touched[s] = true;
+            }
+        }
+        // Let every touched batcher pull, drop and dispatch, as the batcher thread does.
+        for s in 0..stages.len() {
+            if !touched[s] || (routed && s > 0) {
+                continue;
+            }
+            let p = &mut policies[s];
+            loop {
+                while p.len() < p.max_batch() {
+                    match queues[s].pop_front() {
+                        Some(f) => p.push(f, now),
+                        None => break,
+                    }
+                }
+                let mut late = p.take_late(now).len();
+                let d = p.next_batch(now, false);
+                late += p.take_late(now).len();
+                dropped_late += late as u64;
+                let Some(d) = d else { break };
+                let w = match d.route.as_ref().and_then(|r| r.first()) {
+                    Some(h) => h.worker,
+                    None => (0..workers[s].len())
+                        .min_by_key(|w| (workers[s][*w].in_flight, *w))
+                        .unwrap_or(0),
+                };
+                workers[s][w].in_flight += 1;
+                workers[s][w].queue.push_back((d.items, d.route));
+                start(stages, &mut workers, &mut events, s, w, now, duration);
+            }
+            if let Some(t) = p.next_wakeup()
+                && wake_at[s].is_none_or(|x| t < x)
+            {
+                wake_at[s] = Some(t.max(now));
+                events.push(Reverse((t.max(now), Event::Wake(s))));
+            }
+        }
+    }
+    latencies.sort_unstable();
+    let q = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |v| *v as f64 / 1e6)
+    };
+    let busy = |s: usize| {
+        workers[s].iter().map(|w| w.busy).sum::<Nanos>() as f64
+            / (workers[s].len() as f64 * duration as f64)
+    };
+    let offered = times.len() as u64;
+    RunResult {
+        policy: format!("{policy:?}").to_lowercase(),
+        arrivals: Arrivals::Poisson,
+        load: 0.0,
+        offered,
+        attainment: if offered > 0 {
+            on_time as f64 / offered as f64
+        } else {
+            1.0
+        },
+        goodput_fps: on_time as f64 / (duration as f64 / 1e9),
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        dropped_late,
+        dropped_overload,
+        finished_late,
+        busy_high: busy(0),
+        busy_low: busy(last),
+    }
+}
+
+/// The batcher's decision cost: frames of `streams` streams through one deadline stage.
+fn decision_cost_ns(streams: usize, kind: PolicyKind) -> f64 {
+    let cost = StageCost {
+        latency: (1..=8).map(|b| (2 + b as u64) * MS).collect(),
+        transfer: vec![0; 8],
+    };
+    let timeline = Arc::new(Mutex::new(Timeline::new(&[4])));
+    let mut p: Box<dyn BatchPolicy<SimFrame>> = match kind {
+        PolicyKind::Deadline => Box::new(DeadlinePolicy::new(
+            DeadlineConfig {
+                stage: 0,
+                costs: vec![cost],
+                planned: 8,
+                margin: MS,
+            },
+            timeline,
+        )),
+        PolicyKind::Aimd => Box::new(AimdPolicy::new(8, 5 * MS)),
+        PolicyKind::Fixed => Box::new(FixedPolicy::new(8, 5 * MS)),
+    };
+    let rounds = 20;
+    let t = Instant::now();
+    let mut dispatched = 0usize;
+    for r in 0..rounds {
+        // One frame from each stream, 100 us apart, SLO 10 s (nothing late: measure deciding).
+        let base = r as u64 * streams as u64 * 100_000;
+        for s in 0..streams {
+            let now = base + s as u64 * 100_000;
+            p.push(
+                SimFrame {
+                    arrival: now,
+                    deadline: now + 10_000 * MS,
+                },
+                now,
+            );
+            dispatched += p.take_late(now).len();
+            while let Some(d) = p.next_batch(now, false) {
+                dispatched += d.items.len();
+            }
+        }
+    }
+    while let Some(d) = p.next_batch(u64::MAX / 2, true) {
+        dispatched += d.items.len();
+    }
+    assert_eq!(dispatched, rounds * streams, "every frame dispatched once");
+    t.elapsed().as_nanos() as f64 / (rounds * streams) as f64
+}
+
+/// Everything `bench batcher` measured.
+#[derive(Debug, Serialize)]
+pub struct BatcherReport {
+    /// The setup.
+    pub setup: Setup,
+    /// Simulated seconds per run.
+    pub seconds: f64,
+    /// Every run.
+    pub runs: Vec<RunResult>,
+    /// Per arrival process and policy: the highest load with >= 99% attainment (bisection) and
+    /// its goodput.
+    pub at_99: Vec<(Arrivals, String, f64, f64)>,
+    /// Decision cost per frame with 1,000 streams, ns, per policy.
+    pub decision_ns: BTreeMap<String, f64>,
+}
+
+/// Runs the benchmark.
+pub fn run(
+    profiles_dir: &Path,
+    model: &str,
+    high: &str,
+    low: &str,
+    seconds: f64,
+    gbps: f64,
+) -> anyhow::Result<BatcherReport> {
+    let profiles = Profiles::load_dir(profiles_dir, Some(&[model]))
+        .with_context(|| format!("profiles in {}", profiles_dir.display()))?;
+    let (setup, stages) = setup(&profiles, model, high, low, gbps)?;
+    let duration = (seconds * 1e9) as Nanos;
+    let slo = (setup.slo_ms * 1e6) as Nanos;
+    let mut runs = Vec::new();
+    let loads = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2];
+    for arrivals in [Arrivals::Poisson, Arrivals::Bursty] {
+        for (k, load) in loads.iter().enumerate() {
+            let times = arrival_times(arrivals, setup.capacity_fps * load, duration, 42 + k as u64);
+            for policy in [PolicyKind::Fixed, PolicyKind::Aimd, PolicyKind::Deadline] {
+                let mut r = simulate(&stages, policy, setup.batch, slo, &times, duration);
+                r.arrivals = arrivals;
+                r.load = *load;
+                runs.push(r);
+            }
+        }
+    }
+    // The highest load with >= 99% attainment, by bisection (same seed at every step).
+    let mut at_99 = Vec::new();
+    for arrivals in [Arrivals::Poisson, Arrivals::Bursty] {
+        for policy in [PolicyKind::Fixed, PolicyKind::Aimd, PolicyKind::Deadline] {
+            let attain = |load: f64| {
+                let times = arrival_times(arrivals, setup.capacity_fps * load, duration, 7);
+                simulate(&stages, policy, setup.batch, slo, &times, duration)
+            };
+            let (mut lo, mut hi) = (0.0, 1.5);
+            let mut best: Option<RunResult> = None;
+            for _ in 0..12 {
+                let mid = (lo + hi) / 2.0;
+                let r = attain(mid);
+                if r.attainment >= 0.99 {
+                    lo = mid;
+                    best = Some(r);
+                } else {
+                    hi = mid;
+                }
+            }
+            at_99.push((
+                arrivals,
+                format!("{policy:?}").to_lowercase(),
+                lo,
+                best.map_or(0.0, |r| r.goodput_fps),
+            ));
+        }
+    }
+    let mut decision_ns = BTreeMap::new();
+    for kind in [PolicyKind::Fixed, PolicyKind::Aimd, PolicyKind::Deadline] {
+        let mut v: Vec<f64> = (0..5).map(|_| decision_cost_ns(1000, kind)).collect();
+        v.sort_by(f64::total_cmp);
+        decision_ns.insert(format!("{kind:?}").to_lowercase(), v[2]);
+    }
+    Ok(BatcherReport {
+        setup,
+        seconds,
+        runs,
+        at_99,
+        decision_ns,
+    })
+}
+
+impl BatcherReport {
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let s0 = &self.setup;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{}: blocks {:?} on {}x{} -> blocks {:?} on {}x{}, {} Gbit/s; SLO {:.1} ms; planned batch {}; capacity {:.1} frames/s",
+            s0.model,
+            s0.head.2,
+            s0.head.1,
+            s0.head.0,
+            s0.tail.2,
+            s0.tail.1,
+            s0.tail.0,
+            s0.bandwidth_gbps,
+            s0.slo_ms,
+            s0.batch,
+            s0.capacity_fps
+        );
+        let _ = writeln!(
+            s,
+            "Virtual clock, {:.0} simulated seconds per run, the runtime's policy code.\n",
+            self.seconds
+        );
+        let _ = writeln!(
+            s,
+            "{:<8} {:>5} {:<9} {:>7} {:>10} {:>8} {:>8} {:>7} {:>8} {:>7} {:>6} {:>6}",
+            "arrivals",
+            "load",
+            "policy",
+            "attain",
+            "goodput/s",
+            "p50 ms",
+            "p99 ms",
+            "late",
+            "overload",
+            "fin.late",
+            "busyH",
+            "busyL"
+        );
+        for r in &self.runs {
+            let _ = writeln!(
+                s,
+                "{:<8} {:>5.2} {:<9} {:>7.4} {:>10.1} {:>8.1} {:>8.1} {:>7} {:>8} {:>7} {:>6.2} {:>6.2}",
+                format!("{:?}", r.arrivals).to_lowercase(),
+                r.load,
+                r.policy,
+                r.attainment,
+                r.goodput_fps,
+                r.p50_ms,
+                r.p99_ms,
+                r.dropped_late,
+                r.dropped_overload,
+                r.finished_late,
+                r.busy_high,
+                r.busy_low
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nHighest load with >= 99% attainment (bisection), and goodput there:"
+        );
+        for (a, p, load, g) in &self.at_99 {
+            let _ = writeln!(
+                s,
+                "  {:<8} {:<9} load {:>4.2}  goodput {:>7.1}/s",
+                format!("{a:?}").to_lowercase(),
+                p,
+                load,
+                g
+            );
+        }
+        for a in [Arrivals::Poisson, Arrivals::Bursty] {
+            let g = |p: &str| {
+                self.at_99
+                    .iter()
+                    .find(|x| x.0 == a && x.1 == p)
+                    .map_or(0.0, |x| x.3)
+            };
+            if g("fixed") > 0.0 {
+                let _ = writeln!(
+                    s,
+                    "  {:<8} deadline / fixed goodput at 99%: {:.3}",
+                    format!("{a:?}").to_lowercase(),
+                    g("deadline") / g("fixed")
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nDecision cost per frame, 1,000 streams into one stage (median of 5):"
+        );
+        for (p, ns) in &self.decision_ns {
+            let _ = writeln!(s, "  {p:<9} {ns:>8.0} ns");
+        }
+        let _ = Duration::ZERO;
+        s
+    }
+}
