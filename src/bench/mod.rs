@@ -58,7 +58,7 @@ pub enum BenchCommand {
         #[arg(long, default_value = "../shared/data/ppipe-profiles")]
         profiles: PathBuf,
         /// Profiled model.
-        #[arg(long, default_value = "wide_resnet101_2")]
+        #[arg(long, default_value = "convnext_large")]
         model: String,
         /// High-class device of the first stage.
         #[arg(long, default_value = "L4")]
