@@ -12,7 +12,8 @@
 //! - [`clock`]: monotonic time behind a trait, so time-dependent logic can be driven by tests.
 //! - [`frame`]: the frame that flows through a pipeline and what stages attach to it.
 //! - [`ingest`]: GStreamer sources (RTSP, files, test patterns) -> frames, with reconnects.
-//! - [`batcher`]: batching policies (pure state) that stages use to form batches.
+//! - [`batcher`]: batching policies (pure state): fixed, AIMD, reservation-based deadline.
+//! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`) and the emulated device.
 //! - [`engine`]: the synchronous `Engine` trait and its backends (ONNX Runtime on the CPU, no-op).
 //! - [`postprocess`]: turning model outputs into results (classes, text boxes, text).
 //! - [`pipeline`]: builds and runs the stage graph: channels, workers, accounting, shutdown.
@@ -27,6 +28,7 @@ pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod frame;
 pub mod ingest;

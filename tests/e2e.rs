@@ -430,7 +430,7 @@ fn cpu_pools_with_the_aimd_and_fixed_policies_run_a_real_model() {
         let pipeline = format!(
             "{}[[source]]\nname = \"a\"\nuri = \"test://ball\"\nnum_buffers = 16\npace = \"fast\"\n\n\
              [[source]]\nname = \"b\"\nuri = \"test://smpte\"\nnum_buffers = 16\npace = \"fast\"\n\n\
-             [[stage]]\nname = \"classify\"\nmodel = \"mobilenetv2\"\nworkers = 2\nmax_batch = 4\npolicy = \"{policy}\"\n\n{}",
+             [[stage]]\nname = \"classify\"\nmodel = \"mobilenetv2\"\nworkers = 3\nmax_batch = 4\nmax_wait_ms = 0\npolicy = \"{policy}\"\n\n{}",
             header("cpu-pools", 60_000),
             sink(dir.path())
         );

@@ -311,7 +311,7 @@ mod tests {
         // b = 2 at t: 2+2 = 4 ms, +2 ms transfer, +3+4 = 7 ms -> 13 ms; deadline 30 -> slack 17.
         assert!(p.next_batch(0, false).is_none());
         assert_eq!(p.next_wakeup(), Some(17 * MS));
-        // At 17 ms the batch goes, with its route booked.
+        // At 17 ms the batch goes, with its route booked: stage 0 holds its worker while it sends.
         let d = p.next_batch(17 * MS, false).expect("the last moment");
         assert_eq!(d.items.iter().map(|i| i.id).collect::<Vec<_>>(), vec![0, 1]);
         let route = d.route.unwrap();
@@ -322,7 +322,7 @@ mod tests {
                     stage: 0,
                     worker: 0,
                     start: 17 * MS,
-                    end: 21 * MS
+                    end: 23 * MS
                 },
                 Hop {
                     stage: 1,

@@ -776,38 +776,9 @@ impl<'a> Validator<'_, 'a> {
     }
 
     fn device(&mut self, base: &str, device: &str) -> Option<Device> {
-        let key = format!("{base}.device");
-        match device {
-            "cpu" => Some(Device::Cpu),
-            d if d.starts_with("cuda:") || d.starts_with("tensorrt:") => {
-                self.err(&key, format!("device `{d}` needs a GPU backend, which this build does not include; use `cpu`"));
-                None
-            }
-            d if d.starts_with("emulated:") => {
-                let class = &d["emulated:".len()..];
-                if class.is_empty()
-                    || !class
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
-                {
-                    self.err(
-                        &key,
-                        format!("device `{d}`: expected emulated:<class>, e.g. emulated:T4"),
-                    );
-                    return None;
-                }
-                Some(Device::Emulated {
-                    class: class.to_string(),
-                })
-            }
-            d => {
-                self.err(
-                    &key,
-                    format!("unknown device `{d}`, expected `cpu` or `emulated:<class>`"),
-                );
-                None
-            }
-        }
+        Device::parse(device)
+            .map_err(|e| self.err(&format!("{base}.device"), e))
+            .ok()
     }
 
     fn sinks(&mut self) -> Option<Vec<SinkSpec>> {

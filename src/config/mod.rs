@@ -315,27 +315,7 @@ pub fn redact_url(url: &str) -> String {
     url.to_string()
 }
 
-/// Device kind of a pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Device {
-    /// Real inference on the CPU.
-    Cpu,
-    /// Behaves like a device of this class: holds each batch for its profiled latency.
-    Emulated {
-        /// Device class, e.g. `T4`.
-        class: String,
-    },
-}
-
-impl Device {
-    /// The profile class of the device (`cpu`, `T4`, ...).
-    pub fn class(&self) -> &str {
-        match self {
-            Device::Cpu => "cpu",
-            Device::Emulated { class } => class,
-        }
-    }
-}
+pub use crate::device::Device;
 
 /// The profiled cost of a stage, resolved from the profiles folder at validation.
 #[derive(Debug, Clone, PartialEq)]

@@ -16,6 +16,7 @@
 
 pub mod stage;
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -138,6 +139,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
         pool: Pool {
             workers: Vec::new(),
             in_flight: Arc::new(Vec::new()),
+            dispatched: Arc::new(AtomicU64::new(0)),
         },
     };
     for (i, (spec, engines)) in p.stages.iter().zip(runners).enumerate().rev() {
@@ -152,7 +154,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
         let pool = Pool {
             workers: senders,
             in_flight: in_flight.clone(),
+            dispatched: Arc::new(AtomicU64::new(0)),
         };
+        let sequencer = Arc::new(Mutex::new(Sequencer::default()));
         threads.push(spawn_batcher(
             i,
             &spec.name,
@@ -171,6 +175,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
                     worker: w,
                     in_flight: in_flight.clone(),
                     next: next.clone(),
+                    sequencer: sequencer.clone(),
                     feedback: fb_tx.clone(),
                     timeline: timeline.clone(),
                     stats: stats.clone(),
@@ -266,7 +271,45 @@ struct Batch {
     frames: Vec<Frame>,
     /// Reserved hops (first: the stage it is sent to).
     route: Option<Vec<Hop>>,
+    /// Dispatch number within the stage (set when sent), for putting outputs back in order.
+    seq: u64,
 }
+
+/// Puts a stage's finished batches back in dispatch order, so that the frames of a stream leave
+/// a stage in the order they entered it, whichever worker ran them.
+struct Sequencer<T> {
+    /// The dispatch number to release next.
+    next: u64,
+    /// Finished out of order, by dispatch number.
+    parked: BTreeMap<u64, T>,
+}
+
+impl<T> Default for Sequencer<T> {
+    fn default() -> Self {
+        Self {
+            next: 0,
+            parked: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> Sequencer<T> {
+    /// Records that batch `seq` finished with `out`; returns every output now due, in order
+    /// (empty while an earlier batch is still running).
+    fn finish(&mut self, seq: u64, out: T) -> Vec<T> {
+        self.parked.insert(seq, out);
+        let mut due = Vec::new();
+        while let Some(o) = self.parked.remove(&self.next) {
+            due.push(o);
+            self.next += 1;
+        }
+        due
+    }
+}
+
+/// What a worker passes on for a batch: its frames and the rest of its route, or nothing when
+/// the batch failed.
+type Finished = Option<(Vec<Frame>, Option<Vec<Hop>>)>;
 
 /// The workers of a stage, as seen by whoever sends them batches.
 #[derive(Clone)]
@@ -275,6 +318,8 @@ struct Pool {
     workers: Vec<flume::Sender<Batch>>,
     /// Batches sent to each worker and not finished.
     in_flight: Arc<Vec<AtomicUsize>>,
+    /// Dispatch numbers of the stage.
+    dispatched: Arc<AtomicU64>,
 }
 
 /// Where a stage's output goes: the next stage's queue (or the publisher), and its pool for
@@ -289,7 +334,8 @@ struct Downstream {
 
 impl Pool {
     /// Sends a batch to a worker: the reserved one, else the one with the least work.
-    fn send_batch(&self, batch: Batch, rr: &mut usize) -> Result<(), Batch> {
+    fn send_batch(&self, mut batch: Batch, rr: &mut usize) -> Result<(), Batch> {
+        batch.seq = self.dispatched.fetch_add(1, Ordering::SeqCst);
         let n = self.workers.len();
         let w = match batch.route.as_ref().and_then(|r| r.first()) {
             Some(hop) => hop.worker,
@@ -380,6 +426,7 @@ fn spawn_batcher(
                     let batch = Batch {
                         frames: d.items,
                         route: d.route,
+                        seq: 0,
                     };
                     if let Err(lost) = out.send_batch(batch, &mut rr) {
                         // Workers are gone (they only stop when this batcher is): count, never lose silently.
@@ -437,6 +484,7 @@ struct WorkerContext {
     /// This stage's in-flight counters (decremented when a batch is done).
     in_flight: Arc<Vec<AtomicUsize>>,
     next: Downstream,
+    sequencer: Arc<Mutex<Sequencer<Finished>>>,
     feedback: flume::Sender<bool>,
     timeline: Arc<Mutex<Timeline>>,
     stats: Arc<Stats>,
@@ -451,9 +499,8 @@ fn spawn_worker(
     std::thread::Builder::new().name(format!("{}-{}", cx.name, cx.worker)).spawn(move || {
         let stats = &cx.stats;
         let counters = &stats.stages[cx.stage];
-        let next_counters = stats.stages.get(cx.stage + 1);
         let mut rr = 0;
-        for Batch { mut frames, route } in rx.iter() {
+        for Batch { mut frames, route, seq } in rx.iter() {
             let t0 = cx.clock.now();
             let result = runner.run(&mut frames);
             let t1 = cx.clock.now();
@@ -463,54 +510,77 @@ fn spawn_worker(
             counters.busy_nanos.fetch_add(t1 - t0, Ordering::Relaxed);
             let earliest = frames.iter().map(|f| f.deadline).min().unwrap_or(u64::MAX);
             let _ = cx.feedback.try_send(t1 <= earliest);
-            if let Err(e) = result {
-                tracing::error!(stage = %cx.name, frames = frames.len(), error = %e, "Batch failed.");
-                for f in frames {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                    stats.streams[f.stream].failed.fetch_add(1, Ordering::Relaxed);
+            let output = match result {
+                Err(e) => {
+                    tracing::error!(stage = %cx.name, frames = frames.len(), error = %e, "Batch failed.");
+                    for f in frames {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                        stats.streams[f.stream].failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None
                 }
-                continue;
-            }
-            for f in frames.iter_mut() {
-                let spent = t1.saturating_sub(f.entered_stage);
-                counters.latency.record(spent);
-                counters.frames_out.fetch_add(1, Ordering::Relaxed);
-                f.stage_nanos.push(spent);
-                f.entered_stage = t1;
-            }
-            // The rest of a reserved route goes as a batch to the reserved worker.
-            let rest: Option<Vec<Hop>> = route.filter(|r| r.len() > 1).map(|r| r[1..].to_vec());
-            if let Some(rest) = rest {
-                let n = frames.len() as u64;
-                match cx.next.pool.send_batch(Batch { frames, route: Some(rest) }, &mut rr) {
-                    Ok(()) => {
-                        if let Some(c) = next_counters {
-                            c.frames_in.fetch_add(n, Ordering::Relaxed);
-                        }
+                Ok(()) => {
+                    for f in frames.iter_mut() {
+                        let spent = t1.saturating_sub(f.entered_stage);
+                        counters.latency.record(spent);
+                        counters.frames_out.fetch_add(1, Ordering::Relaxed);
+                        f.stage_nanos.push(spent);
+                        f.entered_stage = t1;
                     }
-                    Err(lost) => {
-                        for f in lost.frames {
-                            stats.streams[f.stream].failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+                    Some((frames, route))
                 }
-                continue;
-            }
-            for f in frames {
-                let stream = f.stream;
-                match cx.next.queue.send(f) {
-                    Ok(()) => {
-                        if let Some(c) = next_counters {
-                            c.frames_in.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Err(_) => {
-                        stats.streams[stream].failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+            };
+            // Release finished batches in dispatch order (this one, and any it was holding up),
+            // forwarding under the lock so that no other worker can overtake.
+            let mut sq = cx.sequencer.lock().unwrap_or_else(|e| e.into_inner());
+            for (frames, route) in sq.finish(seq, output).into_iter().flatten() {
+                forward(&cx, frames, route, &mut rr);
             }
         }
     })
+}
+
+/// Passes a finished batch on: the rest of a reserved route as a batch to the reserved worker,
+/// else frame by frame to the next stage's queue (or the publisher).
+fn forward(cx: &WorkerContext, frames: Vec<Frame>, route: Option<Vec<Hop>>, rr: &mut usize) {
+    let stats = &cx.stats;
+    let next_counters = stats.stages.get(cx.stage + 1);
+    if let Some(rest) = route.filter(|r| r.len() > 1).map(|r| r[1..].to_vec()) {
+        let n = frames.len() as u64;
+        let batch = Batch {
+            frames,
+            route: Some(rest),
+            seq: 0,
+        };
+        match cx.next.pool.send_batch(batch, rr) {
+            Ok(()) => {
+                if let Some(c) = next_counters {
+                    c.frames_in.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            Err(lost) => {
+                for f in lost.frames {
+                    stats.streams[f.stream]
+                        .failed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        return;
+    }
+    for f in frames {
+        let stream = f.stream;
+        match cx.next.queue.send(f) {
+            Ok(()) => {
+                if let Some(c) = next_counters {
+                    c.frames_in.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                stats.streams[stream].failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// The JSON object published for a frame (schema in the README).
@@ -595,4 +665,19 @@ fn spawn_publisher(
                 }
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sequencer;
+
+    #[test]
+    fn the_sequencer_releases_in_dispatch_order() {
+        let mut s = Sequencer::default();
+        assert!(s.finish(1, "b").is_empty(), "0 is still running");
+        assert!(s.finish(3, "d").is_empty());
+        assert_eq!(s.finish(0, "a"), vec!["a", "b"]);
+        assert_eq!(s.finish(2, "c"), vec!["c", "d"]);
+        assert_eq!(s.finish(4, "e"), vec!["e"]);
+    }
 }

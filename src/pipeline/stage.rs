@@ -5,8 +5,7 @@ use std::path::Path;
 use ndarray::{Array4, Axis, s};
 
 use crate::config::{
-    Backend, Device, ImageSpec, ModelKind, StageProfile, StageSpec, TextDetectParams,
-    TextRecognizeParams,
+    Backend, Device, ImageSpec, ModelKind, StageSpec, TextDetectParams, TextRecognizeParams,
 };
 use crate::engine::ort::{OrtConfig, OrtEngine};
 use crate::engine::{Engine, EngineError, NoopEngine};
@@ -36,10 +35,10 @@ pub fn build_runner(
     library: Option<&Path>,
 ) -> Result<Box<dyn StageRunner>, EngineError> {
     if let (Device::Emulated { class }, Some(profile)) = (&spec.device, &spec.profile) {
-        return Ok(Box::new(Emulated {
-            class: class.clone(),
-            profile: profile.clone(),
-        }));
+        return Ok(Box::new(crate::device::emulated::EmulatedDevice::new(
+            class,
+            profile.clone(),
+        )));
     }
     let m = &spec.model;
     let engine: Box<dyn Engine> = match m.backend {
@@ -99,44 +98,6 @@ pub fn build_runner(
             })
         }
     })
-}
-
-/// An emulated device: holds each batch for the profiled latency of its block range at that
-/// batch size, so heterogeneous pools run (and can be tested and measured) without a GPU.
-struct Emulated {
-    class: String,
-    profile: StageProfile,
-}
-
-impl StageRunner for Emulated {
-    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
-        let b = frames.len();
-        let Some(latency) = self.profile.latency.get(b - 1).copied() else {
-            return Err(StageError::Output(format!(
-                "batch {b} is beyond the profiled batch sizes"
-            )));
-        };
-        // The batch is also held for sending its activations to the next stage's device.
-        let transfer = self
-            .profile
-            .transfer
-            .get(b - 1)
-            .copied()
-            .unwrap_or_default();
-        std::thread::sleep(latency + transfer);
-        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-        let run = crate::frame::EmulatedRun {
-            class: self.class.clone(),
-            blocks: self.profile.blocks,
-            batch: b,
-            latency_ms: ms(latency),
-            transfer_ms: ms(transfer),
-        };
-        for f in frames {
-            f.outputs.push(StageOutput::Emulated(run.clone()));
-        }
-        Ok(())
-    }
 }
 
 /// Does nothing: for measuring the pipeline itself.
