@@ -1,4 +1,4 @@
-//! The command line: `run`, `validate`, `bench`, `serve-rtsp`.
+//! The command line: `run`, `validate`, `split`, `profile`, `bench`, `serve-rtsp`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
@@ -58,6 +58,45 @@ pub enum Command {
     Validate {
         /// Pipeline file (TOML).
         pipeline: PathBuf,
+    },
+    /// Cut an ONNX model into K consecutive blocks of even measured latency; write the blocks
+    /// and a manifest (cut tensors, shapes, bytes per sample).
+    Split {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Number of blocks.
+        #[arg(long)]
+        blocks: usize,
+        /// Output folder (default: next to the model, `<name>.blocks`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Shape of one input sample, without the batch dimension.
+        #[arg(long, value_delimiter = ',', default_value = "3,224,224")]
+        input_shape: Vec<usize>,
+        /// Intra-op threads for measuring.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
+    /// Measure every block of a split at each batch size; write a profile in the layout of the
+    /// published profiles (block-timing/{model}-cpu-1.csv, cut-bytes/{model}.csv).
+    Profile {
+        /// A split's folder (with manifest.json).
+        blocks: PathBuf,
+        /// Device to measure on (only `cpu`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Batch sizes, `1..N`.
+        #[arg(long, default_value = "1..8")]
+        batch: String,
+        /// Timed runs per measurement (the median is kept), after one warm-up.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Output folder of the profile.
+        #[arg(long)]
+        out: PathBuf,
+        /// Intra-op threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
     /// Measure and print figures.
     Bench {
@@ -121,6 +160,85 @@ pub fn main() -> ExitCode {
             max_frames,
             summary_json,
         } => run(pipeline, duration, max_frames, summary_json),
+        Command::Split {
+            model,
+            blocks,
+            out,
+            input_shape,
+            threads,
+        } => {
+            let out = out.unwrap_or_else(|| model.with_extension("blocks"));
+            let cfg = crate::partition::split::RunConfig {
+                sample_shape: input_shape,
+                threads,
+                optimize: true,
+            };
+            match crate::partition::split::split(&model, blocks, &out, &cfg) {
+                Ok(m) => {
+                    println!(
+                        "{} -> {} blocks in {}",
+                        model.display(),
+                        m.blocks.len(),
+                        out.display()
+                    );
+                    for b in &m.blocks {
+                        println!(
+                            "  {:<32} {:>9.2} ms at batch 1  output {:<16} {:?}  cut {} bytes/sample",
+                            b.file, b.latency_ms, b.output, b.output_shape, b.cut_bytes
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+        Command::Profile {
+            blocks,
+            device,
+            batch,
+            runs,
+            out,
+            threads,
+        } => {
+            if device != "cpu" {
+                eprintln!("error: only `--device cpu` can be measured in this build");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let max_batch = match batch
+                .strip_prefix("1..")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                Some(n) if (1..=64).contains(&n) => n,
+                _ => {
+                    eprintln!("error: --batch takes `1..N` with N in 1..=64, got `{batch}`");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let cfg = crate::partition::split::RunConfig {
+                sample_shape: Vec::new(),
+                threads,
+                optimize: true,
+            };
+            match crate::partition::split::profile(&blocks, max_batch, runs, &out, &cfg) {
+                Ok(table) => {
+                    println!(
+                        "block latency (us) at batch 1..{max_batch}, written under {}",
+                        out.display()
+                    );
+                    for (i, row) in table.iter().enumerate() {
+                        println!("  block {i}: {row:?}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
         Command::Bench { which } => match crate::bench::run(which) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -16,6 +16,7 @@
 //! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`) and the emulated device.
 //! - [`engine`]: the synchronous `Engine` trait and its backends (ONNX Runtime on the CPU, no-op).
 //! - [`postprocess`]: turning model outputs into results (classes, text boxes, text).
+//! - [`partition`]: cut points of ONNX graphs, block extraction, balanced splitting.
 //! - [`pipeline`]: builds and runs the stage graph: channels, workers, accounting, shutdown.
 //! - [`profile`]: latency profiles per block, device class, share and batch size; cut sizes.
 //! - [`sinks`]: where results go (JSON lines to stdout or a file).
@@ -32,6 +33,7 @@ pub mod device;
 pub mod engine;
 pub mod frame;
 pub mod ingest;
+pub mod partition;
 pub mod pipeline;
 pub mod postprocess;
 pub mod profile;

@@ -455,6 +455,7 @@ fn rust_images_per_s(
         input: None,
         threads,
         library: None,
+        optimize: true,
         spin: true, // as Python's onnxruntime does by default
     })?;
     let input = ndarray::Array4::<f32>::from_shape_fn((batch, 3, 224, 224), |(n, c, y, x)| {

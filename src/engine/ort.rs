@@ -85,6 +85,9 @@ pub struct OrtConfig {
     pub threads: usize,
     /// Library location from the pipeline file, if any.
     pub library: Option<PathBuf>,
+    /// Full graph optimisation (off: the graph runs as written, which makes outputs of a model
+    /// and of its blocks bit-comparable).
+    pub optimize: bool,
     /// Let idle intra-op threads spin. Fastest for one model alone on a machine; several stages
     /// sharing cores run better without (a spinning thread burns a core another stage needs).
     pub spin: bool,
@@ -106,7 +109,14 @@ impl OrtEngine {
             message: e,
         };
         let session = Session::builder(&env)
-            .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::Level3)?))
+            .and_then(|b| {
+                let level = if cfg.optimize {
+                    GraphOptimizationLevel::Level3
+                } else {
+                    GraphOptimizationLevel::Disable
+                };
+                Ok(b.with_optimization_level(level)?)
+            })
             .and_then(|b| Ok(b.with_intra_threads(cfg.threads.max(1))?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
             .and_then(|b| Ok(b.with_intra_op_spinning(cfg.spin)?))

@@ -49,6 +49,7 @@ pub fn build_runner(
             threads: spec.threads,
             library: library.map(Path::to_path_buf),
             spin: false,
+            optimize: true,
         })?),
     };
     let image = m.image.clone().unwrap_or_else(ImageSpec::passthrough);

@@ -1,0 +1,151 @@
+//! Cutting real models into blocks: the blocks in sequence give the whole model's output.
+
+mod common;
+
+use common::*;
+use poolpipe::partition::split::{
+    RunConfig, read_manifest, run_blocks, run_whole, sample_input, split,
+};
+
+/// Splits `model` into `k` blocks, then compares the chained blocks with the whole model at
+/// batch 1 and 4 (graph optimisations off on both sides, so the same kernels run in the same
+/// order). Returns the largest absolute difference seen.
+fn blocks_match_whole(model: &str, k: usize, sample: &[usize]) -> f32 {
+    let path = require(model);
+    let dir = tempfile::tempdir().unwrap();
+    let measure = RunConfig {
+        sample_shape: sample.to_vec(),
+        threads: 2,
+        optimize: true,
+    };
+    let m = split(&path, k, dir.path(), &measure).unwrap();
+    assert_eq!(m.blocks.len(), k);
+    assert_eq!(
+        read_manifest(dir.path()).unwrap(),
+        m,
+        "the manifest on disk is what split returned"
+    );
+    for (i, b) in m.blocks.iter().enumerate() {
+        assert!(dir.path().join(&b.file).is_file());
+        assert_eq!(
+            b.cut_bytes == 0,
+            i == k - 1,
+            "every block but the last sends a cut: {b:?}"
+        );
+        if i + 1 < k {
+            assert_eq!(
+                b.cut_bytes,
+                b.output_shape.iter().product::<usize>() as u64 * 4
+            );
+        }
+    }
+    let exact = RunConfig {
+        optimize: false,
+        ..measure
+    };
+    let mut worst = 0.0f32;
+    for batch in [1, 4] {
+        let x = sample_input(batch, sample, 7 + batch as u64);
+        let whole = run_whole(&path, &x, &exact).unwrap();
+        let chained = run_blocks(dir.path(), &m, &x, &exact).unwrap();
+        assert_eq!(whole.shape(), chained.shape());
+        let diff = whole
+            .iter()
+            .zip(chained.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff <= 1e-4,
+            "{model} batch {batch}: max abs difference {diff}"
+        );
+        eprintln!("{model} batch {batch}: max abs difference {diff:e}");
+        worst = worst.max(diff);
+    }
+    worst
+}
+
+#[test]
+fn resnet50_blocks_give_the_whole_models_output() {
+    blocks_match_whole("engines/bench/resnet50.onnx", 4, &[3, 224, 224]);
+}
+
+#[test]
+fn mobilenetv2_blocks_give_the_whole_models_output() {
+    blocks_match_whole("engines/bench/mobilenetv2.onnx", 4, &[3, 224, 224]);
+}
+
+#[test]
+fn ppocr_detector_blocks_give_the_whole_models_output() {
+    blocks_match_whole("engines/ppocr/ch_PP-OCRv4_det_infer.onnx", 2, &[3, 96, 128]);
+}
+
+#[test]
+fn too_many_blocks_and_uncuttable_models_are_clear_errors() {
+    let resnet = require("engines/bench/resnet18.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let out = poolpipe(&[
+        "split",
+        resnet.to_str().unwrap(),
+        "--blocks",
+        "500",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("500 blocks asked for, but the model has"),
+        "{stderr}"
+    );
+
+    // One node: no position inside the graph to cut at.
+    use onnx_protobuf::{GraphProto, ModelProto, NodeProto, ValueInfoProto};
+    use poolpipe::partition::{PartitionError, save, split::SplitError};
+    let mut g = GraphProto::new();
+    let mut n = NodeProto::new();
+    n.op_type = "Relu".into();
+    n.input = vec!["x".into()];
+    n.output = vec!["y".into()];
+    g.node = vec![n];
+    for (name, list) in [("x", &mut g.input), ("y", &mut g.output)] {
+        let mut v = ValueInfoProto::new();
+        v.name = name.into();
+        list.push(v);
+    }
+    let mut m = ModelProto::new();
+    m.ir_version = 8;
+    m.graph = Some(g).into();
+    let p = dir.path().join("one.onnx");
+    save(&m, &p).unwrap();
+    let cfg = RunConfig {
+        sample_shape: vec![4],
+        threads: 1,
+        optimize: true,
+    };
+    let e = split(&p, 2, &dir.path().join("one.blocks"), &cfg).unwrap_err();
+    assert!(
+        matches!(e, SplitError::Partition(PartitionError::NoCut)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("no valid cut point"), "{e}");
+}
+
+#[test]
+fn a_profile_of_the_blocks_is_readable_as_a_profile() {
+    let path = require("engines/bench/mobilenetv2.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RunConfig {
+        sample_shape: vec![3, 224, 224],
+        threads: 2,
+        optimize: true,
+    };
+    let blocks = dir.path().join("blocks");
+    split(&path, 2, &blocks, &cfg).unwrap();
+    let out = dir.path().join("profile");
+    let table = poolpipe::partition::split::profile(&blocks, 3, 2, &out, &cfg).unwrap();
+    assert_eq!(table.len(), 2);
+    let p = poolpipe::profile::Profiles::load_dir(&out, None).unwrap();
+    let lat = |b| p.latency("mobilenetv2", "cpu", 1, 0..2, b).unwrap();
+    assert!(lat(1) > std::time::Duration::ZERO);
+    assert_eq!(p.model("mobilenetv2").unwrap().cut_bytes.len(), 1);
+}
