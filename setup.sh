@@ -103,6 +103,12 @@ log "Building the release binary."
 cargo build --release --locked
 export ORT_DYLIB_PATH="$ORT_DIR/libonnxruntime.so"
 
+# --- 8. The text detector cut into two blocks (pipelines/demo-split.toml) --------------------------------
+if [ ! -f "$OCR_DIR/det.blocks/manifest.json" ]; then
+  log "Cutting the text detector into two blocks."
+  ./target/release/poolpipe split "$OCR_DIR/ch_PP-OCRv4_det_infer.onnx" --blocks 2 --input-shape 3,576,768 --out "$OCR_DIR/det.blocks"
+fi
+
 case "${1:-}" in
   "") log "Done. Run the demo: ./target/release/poolpipe run pipelines/demo.toml" ;;
   demo) exec ./target/release/poolpipe run pipelines/demo.toml "${@:2}" ;;

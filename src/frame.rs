@@ -98,6 +98,9 @@ pub struct Frame {
     pub stage_nanos: Vec<Nanos>,
     /// When the frame entered its current stage's queue.
     pub entered_stage: Nanos,
+    /// The activation a stage running the first blocks of a cut model passes to the stage that
+    /// runs the next ones (one sample, without the batch dimension).
+    pub activation: Option<ndarray::ArrayD<f32>>,
 }
 
 /// An axis-aligned box in image pixels.
@@ -175,8 +178,19 @@ pub enum StageOutput {
     Texts(Vec<TextLine>),
     /// What an emulated device did (it computes no result of its own).
     Emulated(EmulatedRun),
+    /// A stage ran blocks of a cut model and passed the activation on.
+    Partial(PartialRun),
     /// Nothing (a pass-through stage).
     Nothing,
+}
+
+/// Blocks of a cut model that a stage ran.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PartialRun {
+    /// Block range `[first, end)`.
+    pub blocks: [usize; 2],
+    /// Shape of the activation passed on (one frame).
+    pub shape: Vec<usize>,
 }
 
 /// A batch held by an emulated device.

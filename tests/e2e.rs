@@ -504,3 +504,73 @@ fn under_overload_the_deadline_policy_drops_early_and_publishes_more_than_fixed(
         published["fixed"]
     );
 }
+
+#[test]
+fn the_detector_cut_into_two_stages_publishes_what_the_uncut_pipeline_publishes() {
+    let sample = require("samples/campus.mp4");
+    require("engines/ppocr/det.blocks/manifest.json");
+    let mut texts = Vec::new();
+    for stages in [
+        "[[stage]]\nname = \"det\"\nmodel = \"ppocr-det\"\nthreads = 1\n\n",
+        "[[stage]]\nname = \"det-head\"\nmodel = \"ppocr-det\"\nblocks = [0, 1]\nthreads = 1\n\n\
+         [[stage]]\nname = \"det\"\nmodel = \"ppocr-det\"\nblocks = [1, 2]\nthreads = 1\n\n",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let pipeline = format!(
+            "{}[[source]]\nname = \"cam\"\nuri = \"{}\"\npace = \"fast\"\n\n{stages}\
+             [[stage]]\nname = \"ocr\"\nmodel = \"ppocr-rec\"\nthreads = 1\n\n{}",
+            header("split", 120_000),
+            sample.display(),
+            sink(dir.path())
+        );
+        let (results, summary, _) = run_pipeline(dir.path(), &pipeline, &["--max-frames", "4"]);
+        assert_balanced(&summary);
+        assert_eq!(results.len(), 4, "{summary}");
+        let per_frame: Vec<(Vec<String>, Vec<f64>)> = results
+            .iter()
+            .map(|r| {
+                let t = r["results"]["ocr"]["texts"].as_array().unwrap();
+                let words = t
+                    .iter()
+                    .map(|x| x["text"].as_str().unwrap().to_string())
+                    .collect();
+                let boxes = r["results"]["det"]["text_boxes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|b| ["x", "y", "w", "h"].map(|k| b["box"][k].as_f64().unwrap()))
+                    .collect();
+                (words, boxes)
+            })
+            .collect();
+        if stages.contains("det-head") {
+            for r in &results {
+                assert_eq!(
+                    r["results"]["det-head"]["partial"]["blocks"],
+                    serde_json::json!([0, 1]),
+                    "{r}"
+                );
+            }
+        }
+        texts.push(per_frame);
+    }
+    assert!(
+        texts[0]
+            .iter()
+            .all(|(w, _)| w.iter().any(|t| t.contains("NORTH"))),
+        "{:?}",
+        texts[0]
+    );
+    for (uncut, cut) in texts[0].iter().zip(&texts[1]) {
+        assert_eq!(uncut.0, cut.0, "the same text");
+        assert_eq!(uncut.1.len(), cut.1.len(), "the same boxes");
+        for (a, b) in uncut.1.iter().zip(&cut.1) {
+            assert!(
+                (a - b).abs() <= 0.5,
+                "boxes differ: {:?} vs {:?}",
+                uncut.1,
+                cut.1
+            );
+        }
+    }
+}

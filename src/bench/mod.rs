@@ -396,6 +396,7 @@ fn noop_pipeline(demo: &Pipeline, sample: &Path, root: &Path) -> anyhow::Result<
         classify: Default::default(),
         text_detect: Default::default(),
         text_recognize: Default::default(),
+        split: None,
         path: root.join("engines/noop.toml"),
     };
     stage.max_batch = 8;

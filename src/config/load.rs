@@ -531,9 +531,15 @@ impl<'a> Validator<'_, 'a> {
                     None
                 }
             };
+            let has_split =
+                model.as_ref().is_some_and(|m| m.split.is_some()) && device == Some(Device::Cpu);
             let profile = match &device {
-                Some(d) => self.stage_profile(&base, &c, d, profiles, out.last()),
+                Some(d) => self.stage_profile(&base, &c, d, profiles, out.last(), has_split),
                 None => None,
+            };
+            let split = match (&model, &device) {
+                (Some(m), Some(Device::Cpu)) => self.stage_split(&base, &c, m, out.last()),
+                _ => None,
             };
             let mut boxes_from = None;
             if let Some(m) = &model {
@@ -626,6 +632,7 @@ impl<'a> Validator<'_, 'a> {
                 model,
                 device,
                 profile,
+                split,
                 policy,
                 margin: Duration::from_secs_f64(c.margin_ms.max(0.0) / 1e3),
                 workers: c.workers as usize,
@@ -676,6 +683,7 @@ impl<'a> Validator<'_, 'a> {
         device: &Device,
         profiles: Option<(&crate::profile::Profiles, f64)>,
         previous: Option<&StageSpec>,
+        has_split: bool,
     ) -> Option<StageProfile> {
         let emulated = matches!(device, Device::Emulated { .. });
         let Some(model) = &c.profile else {
@@ -683,7 +691,7 @@ impl<'a> Validator<'_, 'a> {
                 self.err(&format!("{base}.device"), "an emulated device needs `profile` (a model of [pipeline] profiles) to know its latency");
             }
             for key in ["blocks", "share"] {
-                if self.has(&format!("{base}.{key}")) {
+                if self.has(&format!("{base}.{key}")) && !(key == "blocks" && has_split) {
                     self.err(&format!("{base}.{key}"), format!("`{key}` needs `profile`"));
                 }
             }
@@ -772,6 +780,69 @@ impl<'a> Validator<'_, 'a> {
             blocks,
             latency,
             cut_bytes,
+        })
+    }
+
+    /// Resolves the block range a CPU stage runs of its model's split.
+    fn stage_split(
+        &mut self,
+        base: &str,
+        c: &StageConfig,
+        m: &ModelManifest,
+        previous: Option<&StageSpec>,
+    ) -> Option<StageSplit> {
+        let blocks = c.blocks?;
+        let Some(dir) = &m.split else {
+            if c.profile.is_none() {
+                self.err(
+                    &format!("{base}.blocks"),
+                    format!("model `{}` has no `split`: cut it with `poolpipe split` and name the folder in its manifest", m.name),
+                );
+            }
+            return None;
+        };
+        let manifest = match crate::partition::split::read_manifest(dir) {
+            Ok(sm) => sm,
+            Err(e) => {
+                self.err(&format!("{base}.model"), e.to_string());
+                return None;
+            }
+        };
+        let n = manifest.blocks.len();
+        if blocks[0] >= blocks[1] || blocks[1] > n {
+            self.err(
+                &format!("{base}.blocks"),
+                format!("[{}, {}] is not a block range of the split of `{}`: expected [first, end) with 0 <= first < end <= {n}", blocks[0], blocks[1], m.name),
+            );
+            return None;
+        }
+        if let Some(prev) = previous
+            && prev.model.path == m.path
+            && let Some(ps) = &prev.split
+            && ps.blocks[1] != blocks[0]
+        {
+            self.err(
+                &format!("{base}.blocks"),
+                format!("starts at block {} but stage `{}` ends at block {}: stages of one model run consecutive blocks", blocks[0], prev.name, ps.blocks[1]),
+            );
+        }
+        if blocks[0] > 0 && !previous.is_some_and(|p| p.model.path == m.path && p.split.is_some()) {
+            self.err(
+                &format!("{base}.blocks"),
+                format!(
+                    "starts at block {} but no earlier stage runs the blocks before it",
+                    blocks[0]
+                ),
+            );
+        }
+        Some(StageSplit {
+            blocks,
+            files: manifest.blocks[blocks[0]..blocks[1]]
+                .iter()
+                .map(|b| dir.join(&b.file))
+                .collect(),
+            first: blocks[0] == 0,
+            last: blocks[1] == n,
         })
     }
 

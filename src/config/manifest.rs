@@ -206,6 +206,10 @@ pub struct ModelManifest {
     /// Text recogniser settings.
     #[serde(default)]
     pub text_recognize: TextRecognizeParams,
+    /// Folder of the model cut into blocks by `poolpipe split` (with `manifest.json`), for stages
+    /// that run a block range of it.
+    #[serde(default)]
+    pub split: Option<PathBuf>,
     /// The manifest file.
     #[serde(skip)]
     pub path: PathBuf,
@@ -224,6 +228,7 @@ impl ModelManifest {
             classify: ClassifyParams::default(),
             text_detect: TextDetectParams::default(),
             text_recognize: TextRecognizeParams::default(),
+            split: None,
             path: PathBuf::new(),
         }
     }
@@ -239,6 +244,7 @@ pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
     m.path = path.to_path_buf();
     m.onnx = m.onnx.map(|p| dir.join(p));
     m.classify.labels = m.classify.labels.map(|p| dir.join(p));
+    m.split = m.split.map(|p| dir.join(p));
     let mut errs = Vec::new();
     let mut err = |key: &str, msg: String| errs.push(parsed.diag_at(key, msg));
     match (m.backend, &m.onnx) {
@@ -288,6 +294,18 @@ pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
         err(
             "kind",
             "`passthrough` models run on the `noop` backend".into(),
+        );
+    }
+    if let Some(s) = &m.split
+        && !s.join("manifest.json").is_file()
+    {
+        err(
+            "split",
+            format!(
+                "{} has no manifest.json: make it with `poolpipe split MODEL --blocks K --out {}` (./setup.sh does for shipped models)",
+                s.display(),
+                s.display()
+            ),
         );
     }
     if m.classify.top_k == 0 {

@@ -145,7 +145,8 @@ pub struct StageConfig {
     /// Model name in the profiles folder whose timings this stage follows.
     #[serde(default)]
     pub profile: Option<String>,
-    /// Block range `[first, end)` of the profiled model that this stage runs (default: all).
+    /// Block range `[first, end)` that this stage runs: of the profiled model (emulated devices,
+    /// and the deadline policy), and on `cpu` of the model's split (default: all).
     #[serde(default)]
     pub blocks: Option<[usize; 2]>,
     /// Batching policy: `deadline` (default where the stage has a profile), `fixed` (default
@@ -317,6 +318,20 @@ pub fn redact_url(url: &str) -> String {
 
 pub use crate::device::Device;
 
+/// The blocks of a cut model that a CPU stage runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageSplit {
+    /// Block range `[first, end)`.
+    pub blocks: [usize; 2],
+    /// The block files, in order.
+    pub files: Vec<PathBuf>,
+    /// Whether the range starts at the model's input (else it reads the previous stage's
+    /// activation).
+    pub first: bool,
+    /// Whether the range ends at the model's output (else it passes an activation on).
+    pub last: bool,
+}
+
 /// The profiled cost of a stage, resolved from the profiles folder at validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageProfile {
@@ -348,6 +363,8 @@ pub struct StageSpec {
     pub device: Device,
     /// Profiled cost, when the stage names a profile (always, for emulated devices).
     pub profile: Option<StageProfile>,
+    /// CPU stages that run a block range of a cut model.
+    pub split: Option<StageSplit>,
     /// Batching policy.
     pub policy: PolicyKind,
     /// `deadline`: safety margin of planned finishes.

@@ -443,6 +443,7 @@ fn deliver(
         outputs: Vec::new(),
         stage_nanos: Vec::new(),
         entered_stage: now,
+        activation: None,
     };
     let blocking = !spec.is_live() && spec.pace == Pace::Fast;
     if blocking {

@@ -1,10 +1,13 @@
 //! Cutting ONNX models into consecutive blocks.
 //!
-//! A *cut point* is a position between two nodes of the graph (in its topological order) where
-//! exactly one activation tensor crosses from the nodes before to the nodes after, so a skip
-//! connection is never cut. Constants (initializers) do not count: each block carries the ones it
-//! uses. [`extract`] writes the sub-model between two cut points as a standalone model whose
-//! batch dimension is dynamic.
+//! A *cut point* is a position between two compute nodes of the graph (in its topological order)
+//! where exactly one activation tensor crosses from the nodes before to the nodes after, so a
+//! skip connection is never cut. Constants do not count: initializers, and the outputs of nodes
+//! that only read constants (`Constant` nodes, which exporters such as Paddle's put at the start
+//! of the graph). Each block carries the constants it reads. [`extract`] writes the sub-model
+//! between two cut points as a standalone model whose batch dimension is dynamic.
+//!
+//! Positions count compute nodes only (nodes that read at least one activation).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -97,28 +100,49 @@ fn node_reads(node: &NodeProto, out: &mut Vec<String>) {
     }
 }
 
+/// Splits the nodes into constant nodes (read only constants) and compute nodes, in order, and
+/// returns the names of all constant tensors.
+fn classify_nodes(graph: &GraphProto) -> (Vec<usize>, Vec<usize>, HashSet<String>) {
+    let mut constants: HashSet<String> = graph.initializer.iter().map(|t| t.name.clone()).collect();
+    let mut const_nodes = Vec::new();
+    let mut compute = Vec::new();
+    let mut reads = Vec::new();
+    for (k, node) in graph.node.iter().enumerate() {
+        reads.clear();
+        node_reads(node, &mut reads);
+        let random = node.op_type.starts_with("Random");
+        if !random && reads.iter().all(|r| constants.contains(r)) {
+            constants.extend(node.output.iter().filter(|o| !o.is_empty()).cloned());
+            const_nodes.push(k);
+        } else {
+            compute.push(k);
+        }
+    }
+    (const_nodes, compute, constants)
+}
+
 /// The valid cut points of a graph, in order.
 pub fn cut_points(graph: &GraphProto) -> Vec<CutPoint> {
-    let n = graph.node.len();
-    let constants: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    // Where each activation is produced (graph inputs before node 0) and last read (graph
-    // outputs after the last node).
+    let (_, compute, constants) = classify_nodes(graph);
+    let n = compute.len();
+    // Where each activation is produced (graph inputs before the first compute node) and last
+    // read (graph outputs after the last), in positions among compute nodes.
     let mut produced: HashMap<String, usize> = HashMap::new();
     for i in &graph.input {
-        if !constants.contains(i.name.as_str()) {
+        if !constants.contains(&i.name) {
             produced.insert(i.name.clone(), 0);
         }
     }
-    for (k, node) in graph.node.iter().enumerate() {
-        for o in node.output.iter().filter(|o| !o.is_empty()) {
+    for (k, &idx) in compute.iter().enumerate() {
+        for o in graph.node[idx].output.iter().filter(|o| !o.is_empty()) {
             produced.insert(o.clone(), k + 1);
         }
     }
     let mut last_read: HashMap<String, usize> = HashMap::new();
     let mut reads = Vec::new();
-    for (k, node) in graph.node.iter().enumerate() {
+    for (k, &idx) in compute.iter().enumerate() {
         reads.clear();
-        node_reads(node, &mut reads);
+        node_reads(&graph.node[idx], &mut reads);
         for r in &reads {
             last_read.insert(r.clone(), k + 1);
         }
@@ -126,8 +150,8 @@ pub fn cut_points(graph: &GraphProto) -> Vec<CutPoint> {
     for o in &graph.output {
         last_read.insert(o.name.clone(), n + 1);
     }
-    // A tensor produced at `p` (after node p-1) and last read by node `r - 1` crosses every
-    // position in p..r, that is, cuts before nodes p..r-1.
+    // A tensor produced at `p` (after compute node p-1) and last read by compute node `r - 1`
+    // crosses every position in p..r, that is, cuts before compute nodes p..r-1.
     let mut crossing: Vec<Vec<&str>> = vec![Vec::new(); n + 1];
     for (name, &p) in &produced {
         let Some(&r) = last_read.get(name) else {
@@ -177,19 +201,38 @@ fn value_info(graph: &GraphProto, name: &str) -> ValueInfoProto {
     vi
 }
 
-/// The sub-model of nodes `from.position..to.position` (from the start / to the end when `None`),
-/// carrying only the initializers it reads.
+/// The sub-model of compute nodes `from.position..to.position` (from the start / to the end when
+/// `None`), carrying only the initializers and constant nodes it reads.
 pub fn extract(model: &ModelProto, from: Option<&CutPoint>, to: Option<&CutPoint>) -> ModelProto {
     let empty = GraphProto::new();
     let g = model.graph.as_ref().unwrap_or(&empty);
+    let (const_nodes, compute, _) = classify_nodes(g);
     let a = from.map_or(0, |c| c.position);
-    let b = to.map_or(g.node.len(), |c| c.position);
-    let nodes: Vec<NodeProto> = g.node[a..b].to_vec();
+    let b = to.map_or(compute.len(), |c| c.position);
     let mut reads = Vec::new();
-    for n in &nodes {
-        node_reads(n, &mut reads);
+    for &idx in &compute[a..b] {
+        node_reads(&g.node[idx], &mut reads);
     }
-    let read: HashSet<&str> = reads.iter().map(String::as_str).collect();
+    // Constant nodes the block needs, found backwards so that constants of constants come too.
+    let mut needed: HashSet<String> = reads.iter().cloned().collect();
+    let mut keep_const = vec![false; const_nodes.len()];
+    for (j, &idx) in const_nodes.iter().enumerate().rev() {
+        let node = &g.node[idx];
+        if node.output.iter().any(|o| needed.contains(o)) {
+            keep_const[j] = true;
+            let mut r = Vec::new();
+            node_reads(node, &mut r);
+            needed.extend(r);
+        }
+    }
+    let nodes: Vec<NodeProto> = const_nodes
+        .iter()
+        .zip(&keep_const)
+        .filter(|(_, keep)| **keep)
+        .map(|(&idx, _)| g.node[idx].clone())
+        .chain(compute[a..b].iter().map(|&idx| g.node[idx].clone()))
+        .collect();
+    let read: HashSet<&str> = needed.iter().map(String::as_str).collect();
     let constants: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
     let mut sub = GraphProto::new();
     sub.name = format!("{}_nodes_{a}_{b}", g.name);
@@ -383,6 +426,43 @@ mod tests {
                     tensor: "d".into()
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn constant_nodes_do_not_block_cuts_and_travel_with_the_blocks_that_read_them() {
+        // A Constant node first (as Paddle exports), read by the last node.
+        let mut g = skip_graph();
+        let mut k = node("Constant", &[], "k");
+        k.input.clear();
+        g.node.insert(0, k);
+        g.node[5] = node("Mul", &["d", "k"], "Y");
+        let cuts = cut_points(&g);
+        assert_eq!(
+            cuts.iter().map(|c| c.tensor.as_str()).collect::<Vec<_>>(),
+            vec!["a", "d"]
+        );
+        let mut m = ModelProto::new();
+        m.graph = Some(g).into();
+        let tail = extract(&m, Some(&cuts[1]), None);
+        let ops: Vec<&str> = tail
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .map(|n| n.op_type.as_str())
+            .collect();
+        assert_eq!(
+            ops,
+            vec!["Constant", "Mul"],
+            "the tail carries the constant it reads"
+        );
+        let head = extract(&m, None, Some(&cuts[0]));
+        assert_eq!(
+            head.graph.as_ref().unwrap().node.len(),
+            1,
+            "the head does not"
         );
     }
 

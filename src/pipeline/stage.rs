@@ -41,18 +41,42 @@ pub fn build_runner(
         )));
     }
     let m = &spec.model;
-    let engine: Box<dyn Engine> = match m.backend {
-        Backend::Noop => Box::new(NoopEngine::default()),
-        Backend::Onnxruntime => Box::new(OrtEngine::load(&OrtConfig {
-            model: m.onnx.clone().unwrap_or_default(),
-            input: m.input.clone(),
+    let ort = |model: &Path, input: Option<String>| {
+        OrtEngine::load(&OrtConfig {
+            model: model.to_path_buf(),
+            input,
             threads: spec.threads,
             library: library.map(Path::to_path_buf),
             spin: false,
             optimize: true,
-        })?),
+        })
+    };
+    let engine: Box<dyn Engine> = match (&spec.split, m.backend) {
+        (Some(split), _) => {
+            let mut engines = Vec::new();
+            for f in &split.files {
+                engines.push(ort(f, None)?);
+            }
+            Box::new(Chain { engines })
+        }
+        (None, Backend::Noop) => Box::new(NoopEngine::default()),
+        (None, Backend::Onnxruntime) => {
+            Box::new(ort(&m.onnx.clone().unwrap_or_default(), m.input.clone())?)
+        }
     };
     let image = m.image.clone().unwrap_or_else(ImageSpec::passthrough);
+    let input = match &spec.split {
+        Some(split) if !split.first => Input::Activation,
+        _ => Input::Image,
+    };
+    if let Some(split) = spec.split.as_ref().filter(|s| !s.last) {
+        return Ok(Box::new(Partial {
+            engine,
+            image,
+            input,
+            blocks: split.blocks,
+        }));
+    }
     Ok(match m.kind {
         ModelKind::Passthrough => Box::new(Passthrough),
         ModelKind::Classify => {
@@ -70,6 +94,7 @@ pub fn build_runner(
             Box::new(Classify {
                 engine,
                 image,
+                input,
                 top_k: m.classify.top_k,
                 labels,
             })
@@ -77,6 +102,7 @@ pub fn build_runner(
         ModelKind::TextDetect => Box::new(TextDetect {
             engine,
             image,
+            input,
             params: m.text_detect.clone(),
         }),
         ModelKind::TextRecognize => {
@@ -113,15 +139,77 @@ impl StageRunner for Passthrough {
     }
 }
 
-/// Runs a whole-image model on the batch and returns its first output.
-fn infer_images(
+/// What a stage feeds its engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    /// The frames' images, normalised.
+    Image,
+    /// The activations an earlier stage (running the first blocks of the model) left.
+    Activation,
+}
+
+/// Blocks of a cut model run one after the other, as one engine.
+struct Chain {
+    engines: Vec<OrtEngine>,
+}
+
+impl Engine for Chain {
+    fn info(&self) -> &crate::engine::EngineInfo {
+        self.engines[0].info()
+    }
+
+    fn infer(
+        &mut self,
+        input: ndarray::ArrayViewD<'_, f32>,
+    ) -> Result<Vec<ndarray::ArrayD<f32>>, EngineError> {
+        let (first, rest) = self.engines.split_first_mut().expect("a chain has engines");
+        let mut out = first.infer(input)?;
+        for e in rest {
+            let x = out
+                .into_iter()
+                .next()
+                .ok_or_else(|| EngineError::Infer("a block returned no output".into()))?;
+            out = e.infer(x.view())?;
+        }
+        Ok(out)
+    }
+
+    fn metadata(&self, key: &str) -> Option<String> {
+        self.engines.iter().find_map(|e| e.metadata(key))
+    }
+}
+
+/// Runs the batch through the engine and returns its first output.
+fn infer_batch(
     engine: &mut dyn Engine,
     image: &ImageSpec,
-    frames: &[Frame],
+    input: Input,
+    frames: &mut [Frame],
 ) -> Result<ndarray::ArrayD<f32>, StageError> {
-    let images: Vec<&crate::frame::Image> = frames.iter().map(|f| f.image.as_ref()).collect();
-    let input = image::batch_tensor(&images, image);
-    let mut outs = engine.infer(input.view().into_dyn())?;
+    let x = match input {
+        Input::Image => {
+            let images: Vec<&crate::frame::Image> =
+                frames.iter().map(|f| f.image.as_ref()).collect();
+            image::batch_tensor(&images, image).into_dyn()
+        }
+        Input::Activation => {
+            let views: Vec<ndarray::ArrayViewD<'_, f32>> = frames
+                .iter()
+                .map(|f| f.activation.as_ref().map(|a| a.view()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    StageError::Output("a frame has no activation from the previous blocks".into())
+                })?;
+            ndarray::stack(Axis(0), &views)
+                .map_err(|e| StageError::Output(format!("activations of different shapes: {e}")))?
+        }
+    };
+    if input == Input::Activation {
+        for f in frames.iter_mut() {
+            f.activation = None;
+        }
+    }
+    let mut outs = engine.infer(x.view())?;
     if outs.is_empty() {
         return Err(StageError::Output("the model returned no outputs".into()));
     }
@@ -136,17 +224,42 @@ fn infer_images(
     Ok(out)
 }
 
+/// The first blocks of a cut model: leaves each frame's activation for the next stage.
+struct Partial {
+    engine: Box<dyn Engine>,
+    image: ImageSpec,
+    input: Input,
+    blocks: [usize; 2],
+}
+
+impl StageRunner for Partial {
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
+        let out = infer_batch(self.engine.as_mut(), &self.image, self.input, frames)?;
+        for (i, f) in frames.iter_mut().enumerate() {
+            let a = out.index_axis(Axis(0), i).to_owned();
+            f.outputs
+                .push(StageOutput::Partial(crate::frame::PartialRun {
+                    blocks: self.blocks,
+                    shape: a.shape().to_vec(),
+                }));
+            f.activation = Some(a);
+        }
+        Ok(())
+    }
+}
+
 /// Classifier: top-k classes per frame.
 struct Classify {
     engine: Box<dyn Engine>,
     image: ImageSpec,
+    input: Input,
     top_k: usize,
     labels: Vec<String>,
 }
 
 impl StageRunner for Classify {
     fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
-        let out = infer_images(self.engine.as_mut(), &self.image, frames)?;
+        let out = infer_batch(self.engine.as_mut(), &self.image, self.input, frames)?;
         let n = frames.len();
         let per_frame = out.len() / n.max(1);
         let flat = out.into_shape_with_order((n, per_frame)).ok();
@@ -174,12 +287,13 @@ impl StageRunner for Classify {
 struct TextDetect {
     engine: Box<dyn Engine>,
     image: ImageSpec,
+    input: Input,
     params: TextDetectParams,
 }
 
 impl StageRunner for TextDetect {
     fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
-        let out = infer_images(self.engine.as_mut(), &self.image, frames)?;
+        let out = infer_batch(self.engine.as_mut(), &self.image, self.input, frames)?;
         if out.ndim() != 4 {
             return Err(StageError::Output(format!(
                 "expected an N x 1 x H x W map, got {:?}",
