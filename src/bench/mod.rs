@@ -9,6 +9,7 @@
 //!    and flat out.
 
 pub mod batcher;
+pub mod split;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,6 +50,18 @@ pub enum BenchCommand {
         #[arg(long, default_value = ".")]
         root: PathBuf,
     },
+    /// Cost of cutting ResNet-50 and the PP-OCR detector into 2 and 4 blocks.
+    Split {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Timed runs per measurement (median).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Repository root (engines/).
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+    },
     /// Batching policies side by side on two emulated pools, on a virtual clock.
     Batcher {
         /// Print JSON instead of a table.
@@ -78,6 +91,15 @@ pub enum BenchCommand {
 /// Runs a benchmark.
 pub fn run(which: BenchCommand) -> anyhow::Result<()> {
     match which {
+        BenchCommand::Split { json, runs, root } => {
+            let reports = split::run(&root, runs.max(1))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                print!("{}", split::table(&reports));
+            }
+            Ok(())
+        }
         BenchCommand::Batcher {
             json,
             profiles,

@@ -185,7 +185,7 @@ pub fn split(
         let path = scratch.join(format!("piece{i}.onnx"));
         save(&piece, &path)?;
         let mut e = engine(&path, cfg, &format!("piece {i}"))?;
-        let (y, ms) = timed(&mut e, &x, 3, &format!("piece {i}"))?;
+        let (y, ms) = timed(&mut e, &x, 5, &format!("piece {i}"))?;
         costs.push(ms);
         if w[1].is_some() {
             cut_bytes.push((y.len() * std::mem::size_of::<f32>()) as u64);
