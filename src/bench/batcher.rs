@@ -13,7 +13,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -702,7 +702,6 @@ impl BatcherReport {
         for (p, ns) in &self.decision_ns {
             let _ = writeln!(s, "  {p:<9} {ns:>8.0} ns");
         }
-        let _ = Duration::ZERO;
         s
     }
 }

@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use onnx_protobuf::{
-    GraphProto, Message, ModelProto, NodeProto, TensorShapeProto, TypeProto, ValueInfoProto,
-    tensor_shape_proto, type_proto,
+    GraphProto, Message, ModelProto, NodeProto, TypeProto, ValueInfoProto, tensor_shape_proto,
+    type_proto,
 };
 
 /// Errors of model cutting.
@@ -280,31 +280,6 @@ pub fn extract(model: &ModelProto, from: Option<&CutPoint>, to: Option<&CutPoint
     m.functions = model.functions.clone();
     m.graph = Some(sub).into();
     m
-}
-
-/// Shape of a tensor as `[N, d1, d2, ...]` text, from the model's declarations (`?` unknown).
-pub fn declared_shape(graph: &GraphProto, name: &str) -> Option<Vec<String>> {
-    let v = graph
-        .value_info
-        .iter()
-        .chain(&graph.input)
-        .chain(&graph.output)
-        .find(|v| v.name == name)?;
-    let Some(type_proto::Value::TensorType(t)) = v.type_.as_ref()?.value.as_ref() else {
-        return None;
-    };
-    let shape: &TensorShapeProto = t.shape.as_ref()?;
-    Some(
-        shape
-            .dim
-            .iter()
-            .map(|d| match &d.value {
-                Some(tensor_shape_proto::dimension::Value::DimValue(v)) => v.to_string(),
-                Some(tensor_shape_proto::dimension::Value::DimParam(p)) => p.clone(),
-                _ => "?".into(),
-            })
-            .collect(),
-    )
 }
 
 /// Chooses `k - 1` of the cut points to make `k` blocks whose costs are as even as possible

@@ -9,7 +9,7 @@ use std::time::Instant;
 use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 
-use super::{CutPoint, PartitionError, balance, cut_points, declared_shape, extract, load, save};
+use super::{CutPoint, PartitionError, balance, cut_points, extract, load, save};
 use crate::engine::Engine;
 use crate::engine::ort::{OrtConfig, OrtEngine};
 
@@ -229,7 +229,6 @@ pub fn split(
         });
         x = y;
     }
-    let _ = declared_shape; // shapes come from running the blocks, which is exact
     let manifest = SplitManifest {
         model: name,
         source: model_path.display().to_string(),
