@@ -149,3 +149,65 @@ fn a_profile_of_the_blocks_is_readable_as_a_profile() {
     assert!(lat(1) > std::time::Duration::ZERO);
     assert_eq!(p.model("mobilenetv2").unwrap().cut_bytes.len(), 1);
 }
+
+#[test]
+fn cpu_stages_of_a_cut_model_run_under_the_deadline_policy_with_a_measured_profile() {
+    let model = require("engines/bench/mobilenetv2.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RunConfig {
+        sample_shape: vec![3, 224, 224],
+        threads: 1,
+        optimize: true,
+    };
+    let blocks = dir.path().join("blocks");
+    split(&model, 2, &blocks, &cfg).unwrap();
+    let profiles = dir.path().join("profiles");
+    poolpipe::partition::split::profile(&blocks, 4, 2, &profiles, &cfg).unwrap();
+    let manifest = std::fs::read_to_string(root().join("engines/mobilenetv2.toml"))
+        .unwrap()
+        .replace(
+            "onnx = \"bench/mobilenetv2.onnx\"",
+            &format!(
+                "onnx = \"{}\"\nsplit = \"{}\"",
+                model.display(),
+                blocks.display()
+            ),
+        );
+    write(dir.path(), "mobilenetv2.toml", &manifest);
+    let pipeline = format!(
+        "[pipeline]\nname = \"cut-deadline\"\nslo_ms = 20000\nengines_dir = \"{}\"\nprofiles = \"{}\"\n\n\
+         [[source]]\nname = \"pattern\"\nuri = \"test://ball\"\nnum_buffers = 16\npace = \"fast\"\n\n\
+         [[stage]]\nname = \"head\"\nmodel = \"mobilenetv2\"\nblocks = [0, 1]\nprofile = \"mobilenetv2\"\nmax_batch = 4\n\n\
+         [[stage]]\nname = \"tail\"\nmodel = \"mobilenetv2\"\nblocks = [1, 2]\nprofile = \"mobilenetv2\"\nmax_batch = 4\n\n\
+         [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+        dir.path().display(),
+        profiles.display(),
+        dir.path().join("out.jsonl").display()
+    );
+    let p = write(dir.path(), "p.toml", &pipeline);
+    let summary = dir.path().join("summary.json");
+    let out = poolpipe(&[
+        "run",
+        p.to_str().unwrap(),
+        "--summary-json",
+        summary.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = read_summary(&summary);
+    let streams = assert_balanced(&s);
+    assert_eq!(streams["pattern"]["published"], 16, "{s}");
+    let results = read_jsonl(&dir.path().join("out.jsonl"));
+    let seqs: Vec<u64> = results.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..16).collect::<Vec<_>>());
+    for r in &results {
+        assert_eq!(
+            r["results"]["head"]["partial"]["blocks"],
+            serde_json::json!([0, 1])
+        );
+        assert_eq!(r["results"]["tail"]["classes"].as_array().unwrap().len(), 5);
+    }
+}
