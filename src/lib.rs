@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line (`run`, `validate`, `bench`, `serve-rtsp`); `main.rs` only calls it.
+//! - [`cli`]: the command line (`run`, `validate`, `split`, `profile`, `bench`, `serve-rtsp`);
+//!   `main.rs` only calls it.
 //! - [`config`]: pipeline files and model manifests: load, validate (pure, collects every error
 //!   with file:line:column), resolve into a runnable description.
 //! - [`clock`]: monotonic time behind a trait, so time-dependent logic can be driven by tests.
