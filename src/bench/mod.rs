@@ -21,7 +21,7 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use serde::Serialize;
 
-use crate::config::{self, Backend, ModelKind, ModelManifest, Pace, Pipeline, SinkSpec};
+use crate::config::{self, ModelManifest, Pace, Pipeline, SinkSpec};
 use crate::engine::Engine;
 use crate::engine::ort::{OrtConfig, OrtEngine};
 use crate::pipeline::{self, RunOptions, Shutdown};
@@ -294,7 +294,7 @@ fn bench_pipeline(
         det_image.width,
         det_image.height
     );
-    let noop = noop_pipeline(&demo, &sample, root)?;
+    let noop = noop_pipeline(&demo, &sample)?;
     let (mut gst_fps, mut pipe_fps, mut frames) = (Vec::new(), Vec::new(), 0);
     for _ in 0..repeats {
         let (n, secs) = gstreamer_alone(&sample, &caps)?;
@@ -396,7 +396,7 @@ fn demo_row(pace: &str, s: &crate::stats::Summary) -> DemoRow {
 }
 
 /// The demo's source (flat out) into one pass-through stage that takes the detector's image size.
-fn noop_pipeline(demo: &Pipeline, sample: &Path, root: &Path) -> anyhow::Result<Pipeline> {
+fn noop_pipeline(demo: &Pipeline, sample: &Path) -> anyhow::Result<Pipeline> {
     let mut p = demo.clone();
     p.name = "bench-noop".into();
     let mut src = demo.sources[0].clone();
@@ -410,16 +410,8 @@ fn noop_pipeline(demo: &Pipeline, sample: &Path, root: &Path) -> anyhow::Result<
     stage.name = "noop".into();
     stage.model = ModelManifest {
         name: "noop".into(),
-        backend: Backend::Noop,
-        onnx: None,
-        input: None,
-        kind: ModelKind::Passthrough,
         image: Some(demo.ingest_format()),
-        classify: Default::default(),
-        text_detect: Default::default(),
-        text_recognize: Default::default(),
-        split: None,
-        path: root.join("engines/noop.toml"),
+        ..ModelManifest::emulated()
     };
     stage.max_batch = 8;
     stage.max_wait = Duration::ZERO;

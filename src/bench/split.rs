@@ -6,7 +6,7 @@
 //! against the whole model on one stage with two threads.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -14,9 +14,7 @@ use crate::config::{
     self, Device, Pace, Pipeline, PolicyKind, SinkSpec, SourceKind, SourceSpec, StageSpec,
     StageSplit,
 };
-use crate::engine::Engine;
-use crate::engine::ort::{OrtConfig, OrtEngine};
-use crate::partition::split::{RunConfig, profile, sample_input, split};
+use crate::partition::split::{RunConfig, engine, profile, sample_input, split, timed};
 use crate::pipeline::{self, RunOptions, Shutdown};
 
 /// One model's figures.
@@ -48,24 +46,14 @@ pub struct SplitReport {
 }
 
 fn whole_latency(model: &Path, sample: &[usize], batch: usize, runs: usize) -> anyhow::Result<f64> {
-    let mut e = OrtEngine::load(&OrtConfig {
-        model: model.to_path_buf(),
-        input: None,
+    let cfg = RunConfig {
+        sample_shape: sample.to_vec(),
         threads: 1,
-        library: None,
-        spin: false,
         optimize: true,
-    })?;
-    let x = sample_input(batch, sample, 3);
-    e.infer(x.view())?;
-    let mut t = Vec::new();
-    for _ in 0..runs {
-        let s = Instant::now();
-        e.infer(x.view())?;
-        t.push(s.elapsed().as_secs_f64() * 1e3);
-    }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+    };
+    let mut e = engine(model, &cfg, "whole model")?;
+    let (_, ms) = timed(&mut e, &sample_input(batch, sample, 3), runs, "whole model")?;
+    Ok(ms)
 }
 
 /// A pipeline of a test pattern through the model, whole or as the given block ranges.

@@ -86,7 +86,7 @@ fn random_input(batch: usize, sample: &[usize], seed: u64) -> ArrayD<f32> {
 }
 
 /// Loads an ONNX file into an engine.
-fn engine(path: &Path, cfg: &RunConfig, name: &str) -> Result<OrtEngine, SplitError> {
+pub(crate) fn engine(path: &Path, cfg: &RunConfig, name: &str) -> Result<OrtEngine, SplitError> {
     OrtEngine::load(&OrtConfig {
         model: path.to_path_buf(),
         input: None,
@@ -103,7 +103,7 @@ fn engine(path: &Path, cfg: &RunConfig, name: &str) -> Result<OrtEngine, SplitEr
 
 /// Runs `input` through an engine `runs` times after one warm-up; returns the output and the
 /// median latency in ms.
-fn timed(
+pub(crate) fn timed(
     e: &mut OrtEngine,
     input: &ArrayD<f32>,
     runs: usize,
