@@ -21,6 +21,7 @@ APT_PACKAGES=(
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
   gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-x gstreamer1.0-rtsp libgstrtspserver-1.0-dev
   fonts-dejavu-core
+  cmake libclang-dev   # HiGHS (MILP solver of the planner) is built from source; bindgen needs libclang
 )
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }

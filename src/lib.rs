@@ -19,6 +19,8 @@
 //! - [`postprocess`]: turning model outputs into results (classes, text boxes, text).
 //! - [`partition`]: cut points of ONNX graphs, block extraction, balanced splitting.
 //! - [`pipeline`]: builds and runs the stage graph: channels, workers, accounting, shutdown.
+//! - [`planner`]: the MILP planner (cuts, classes, shares, batch sizes, device counts), its
+//!   baselines and an independent plan checker.
 //! - [`profile`]: latency profiles per block, device class, share and batch size; cut sizes.
 //! - [`sinks`]: where results go (JSON lines to stdout or a file).
 //! - [`stats`]: per-stream and per-stage counters and latency samples.
@@ -36,6 +38,7 @@ pub mod frame;
 pub mod ingest;
 pub mod partition;
 pub mod pipeline;
+pub mod planner;
 pub mod postprocess;
 pub mod profile;
 pub mod rtsp;

@@ -9,6 +9,7 @@
 //!    and flat out.
 
 pub mod batcher;
+pub mod planner;
 pub mod split;
 
 use std::path::{Path, PathBuf};
@@ -62,6 +63,21 @@ pub enum BenchCommand {
         #[arg(long, default_value = ".")]
         root: PathBuf,
     },
+    /// Planned throughput of NP, paired and poolpipe plans: 4 clusters x 6 model groups.
+    Planner {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Folder of latency profiles.
+        #[arg(long, default_value = "../shared/data/ppipe-profiles")]
+        profiles: PathBuf,
+        /// Solver time limit per plan, seconds.
+        #[arg(long, default_value_t = 20.0)]
+        time_limit: f64,
+        /// Safety margin, a fraction of the SLO.
+        #[arg(long, default_value_t = 0.1)]
+        margin: f64,
+    },
     /// Batching policies side by side on two emulated pools, on a virtual clock.
     Batcher {
         /// Print JSON instead of a table.
@@ -91,6 +107,20 @@ pub enum BenchCommand {
 /// Runs a benchmark.
 pub fn run(which: BenchCommand) -> anyhow::Result<()> {
     match which {
+        BenchCommand::Planner {
+            json,
+            profiles,
+            time_limit,
+            margin,
+        } => {
+            let report = planner::run(&profiles, time_limit, margin, json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
         BenchCommand::Split { json, runs, root } => {
             let reports = split::run(&root, runs.max(1))?;
             if json {
