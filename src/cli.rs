@@ -1,4 +1,5 @@
-//! The command line: `run`, `validate`, `split`, `profile`, `plan`, `bench`, `serve-rtsp`.
+//! The command line: `run`, `validate`, `split`, `profile`, `plan`, `simulate`, `bench`,
+//! `serve-rtsp`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
@@ -101,6 +102,9 @@ pub enum Command {
     /// Plan models on a cluster: cuts, device classes, shares, batch sizes and device counts that
     /// serve the most frames within the SLOs (MILP, HiGHS). Every plan printed is checked.
     Plan(PlanArgs),
+    /// Simulate a plan on a virtual clock with the runtime's batching policies: SLO attainment,
+    /// goodput, latency, drops and busy shares; optionally the highest load with 99% attainment.
+    Simulate(SimulateArgs),
     /// Measure and print figures.
     Bench {
         /// Which benchmark.
@@ -166,6 +170,10 @@ pub struct PlanArgs {
     /// Safety margin kept free, a fraction of the SLO.
     #[arg(long, default_value_t = 0.1)]
     pub margin: f64,
+    /// Queueing allowance: each stage's batch may wait this many times its run time for a
+    /// worker (1 = one batch ahead, the Nexus-style worst case; 0 = no queueing).
+    #[arg(long, default_value_t = 1.0)]
+    pub queueing: f64,
     /// Plan a baseline instead: `np` (whole models) or `paired` (one high + one low GPU).
     #[arg(long, value_enum)]
     pub baseline: Option<crate::planner::Mode>,
@@ -181,6 +189,130 @@ pub struct PlanArgs {
     /// Also write the plan (JSON) to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// Arguments of `poolpipe simulate`.
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// A plan written by `poolpipe plan --out` (or `--json`).
+    #[arg(long)]
+    pub plan: PathBuf,
+    /// Folder of latency profiles (block-timing/, cut-bytes/).
+    #[arg(long, default_value = "../shared/data/ppipe-profiles")]
+    pub profiles: PathBuf,
+    /// Simulated seconds of arrivals.
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    /// `poisson`, `bursty`, `bursty:K` (bursts at K x the mean rate, 1 <= K < 5) or
+    /// `trace:FILE` (one timestamp in seconds per line, or `seconds,model`).
+    #[arg(long, default_value = "poisson")]
+    pub arrivals: String,
+    /// Offered load, a fraction of each model's planned throughput (default 0.9; a trace without
+    /// `--load` is replayed as recorded).
+    #[arg(long)]
+    pub load: Option<f64>,
+    /// Batching policy of every stage.
+    #[arg(long, value_enum, default_value_t = crate::config::PolicyKind::Deadline)]
+    pub policy: crate::config::PolicyKind,
+    /// Safety margin of the deadline policy, ms (the runtime's default).
+    #[arg(long, default_value_t = 2.0)]
+    pub margin_ms: f64,
+    /// Seed of the arrival processes.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Search the highest load (fraction of planned, up to `--load` or 1.2) at which every
+    /// model meets its SLO for at least 99% of its frames.
+    #[arg(long)]
+    pub find_99: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn simulate_command(a: SimulateArgs) -> ExitCode {
+    use crate::sim::{self, Arrivals, SimOptions, SimSetup};
+    let usage = |m: String| {
+        eprintln!("error: {m}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let plan = match crate::planner::Plan::load(&a.plan) {
+        Ok(p) => p,
+        Err(e) => return usage(e.to_string()),
+    };
+    let profiles = match crate::profile::Profiles::load_dir(&a.profiles, None) {
+        Ok(p) => p,
+        Err(e) => return usage(format!("profiles: {e}")),
+    };
+    let violations = crate::planner::check::check(&plan, &profiles);
+    if let Some(v) = violations.first() {
+        return usage(format!(
+            "{}: the plan does not hold on these profiles ({} problems), first: {v}",
+            a.plan.display(),
+            violations.len()
+        ));
+    }
+    let mut arrivals = match Arrivals::parse(&a.arrivals) {
+        Ok(x) => x,
+        Err(e) => return usage(e.to_string()),
+    };
+    if let Arrivals::Trace(t) = &mut arrivals {
+        t.as_recorded = a.load.is_none();
+    }
+    if !(a.duration > 0.0 && a.duration.is_finite()) {
+        return usage(format!(
+            "--duration {} is not a positive number of seconds",
+            a.duration
+        ));
+    }
+    let load = a.load.unwrap_or(if a.find_99 { 1.2 } else { 0.9 });
+    if !(load > 0.0 && load.is_finite()) {
+        return usage(format!("--load {load} is not a positive fraction"));
+    }
+    let setup = match SimSetup::from_plan(&plan, &profiles) {
+        Ok(s) => s,
+        Err(e) => return usage(e.to_string()),
+    };
+    let opts = SimOptions {
+        policy: a.policy,
+        duration: a.duration,
+        load,
+        arrivals,
+        seed: a.seed,
+        margin: sim::ms(a.margin_ms.max(0.0)),
+    };
+    let t0 = std::time::Instant::now();
+    let mut runs = 0u64;
+    let mut events = 0u64;
+    let result = if a.find_99 {
+        sim::find_load(&setup, &opts, 0.99, 0.0, load, 7, |r| {
+            runs += 1;
+            events += r.events;
+            eprintln!(
+                "[simulate] load {:.3}: min attainment {:.4}, goodput {:.1} frames/s",
+                r.load, r.min_attainment, r.goodput
+            );
+        })
+    } else {
+        let r = sim::simulate(&setup, &opts);
+        runs = 1;
+        events = r.events;
+        r
+    };
+    let wall = t0.elapsed().as_secs_f64();
+    if a.json {
+        let mut v = serde_json::to_value(&result).expect("results serialise");
+        v["wall_seconds"] = serde_json::json!(wall);
+        v["runs"] = serde_json::json!(runs);
+        v["events_per_second"] = serde_json::json!(events as f64 / wall.max(1e-9));
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
+    } else {
+        print!("{}", sim::table(&result, &plan));
+        println!(
+            "{runs} run(s), {events} events in {wall:.2} s of wall time ({:.2} M events/s)",
+            events as f64 / wall.max(1e-9) / 1e6
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn plan_command(a: PlanArgs) -> ExitCode {
@@ -251,6 +383,7 @@ fn plan_command(a: PlanArgs) -> ExitCode {
         max_batch: a.max_batch,
         max_share: a.max_share,
         margin: a.margin,
+        queueing: a.queueing,
         time_limit: Duration::from_secs_f64(a.time_limit.max(0.01)),
         gap: a.gap,
         mode: a.baseline.unwrap_or(Mode::Poolpipe),
@@ -413,6 +546,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Plan(args) => plan_command(args),
+        Command::Simulate(args) => simulate_command(args),
         Command::Bench { which } => match crate::bench::run(which) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -22,6 +22,8 @@
 //! - [`planner`]: the MILP planner (cuts, classes, shares, batch sizes, device counts), its
 //!   baselines and an independent plan checker.
 //! - [`profile`]: latency profiles per block, device class, share and batch size; cut sizes.
+//! - [`sim`]: the discrete-event simulator: plans served on a virtual clock by the runtime's
+//!   batching policies, with arrivals (Poisson, bursty, traces) and a search for the 99% load.
 //! - [`sinks`]: where results go (JSON lines to stdout or a file).
 //! - [`stats`]: per-stream and per-stage counters and latency samples.
 //! - [`rtsp`]: a small RTSP server (used by tests and for local experiments).
@@ -42,5 +44,6 @@ pub mod planner;
 pub mod postprocess;
 pub mod profile;
 pub mod rtsp;
+pub mod sim;
 pub mod sinks;
 pub mod stats;

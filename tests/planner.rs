@@ -79,7 +79,7 @@ fn configs(
     p: &Profiles,
     model: &str,
     slo: f64,
-    margin: f64,
+    (margin, queueing): (f64, f64),
     gbps: f64,
     max_stages: usize,
 ) -> Vec<Config> {
@@ -119,12 +119,15 @@ fn configs(
                     let mut rate = batch as f64 / l;
                     if part.len() == 2 {
                         let bytes = prof.cut_bytes[part[0].1 - 1] as f64;
-                        rate = rate.min(link / s as f64 / bytes);
                         if k == 0 {
-                            fixed += bytes * batch as f64 / link;
+                            // The sender is held while it sends.
+                            let send = bytes * batch as f64 / link;
+                            fixed += send;
+                            rate = batch as f64 / (l + send);
                         }
+                        rate = rate.min(link / s as f64 / bytes);
                     }
-                    fixed += l;
+                    fixed += l * (1.0 + queueing);
                     stages.push((c, s, rate));
                 }
                 let ok = if batch == 1 {
@@ -237,12 +240,14 @@ fn milp_objective_equals_exhaustive_search_on_small_instances() {
         let weights = [rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)];
         let mult = [rng.uniform(1.5, 6.0), rng.uniform(1.5, 6.0)];
         let models = specs(&profiles, &weights, &mult);
+        let queueing = [0.0, 1.0][instance % 2];
         for (mode, stages) in [(Mode::Poolpipe, 2), (Mode::Np, 1)] {
             let opts = Options {
                 max_stages: 2,
                 max_batch: BATCHES,
                 max_share: SHARES,
                 margin: 0.1,
+                queueing,
                 time_limit: Duration::from_secs(30),
                 gap: 0.0,
                 mode,
@@ -250,7 +255,14 @@ fn milp_objective_equals_exhaustive_search_on_small_instances() {
             let f: Vec<Vec<Vec<f64>>> = models
                 .iter()
                 .map(|m| {
-                    let c = configs(&profiles, &m.name, m.slo.as_secs_f64(), 0.1, gbps, stages);
+                    let c = configs(
+                        &profiles,
+                        &m.name,
+                        m.slo.as_secs_f64(),
+                        (0.1, queueing),
+                        gbps,
+                        stages,
+                    );
                     best_by_budget(&c, 2 * nh as usize, 2 * nl as usize)
                 })
                 .collect();

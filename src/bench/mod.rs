@@ -77,6 +77,9 @@ pub enum BenchCommand {
         /// Safety margin, a fraction of the SLO.
         #[arg(long, default_value_t = 0.1)]
         margin: f64,
+        /// Queueing allowance per stage, a multiple of its run time.
+        #[arg(long, default_value_t = 1.0)]
+        queueing: f64,
     },
     /// Batching policies side by side on two emulated pools, on a virtual clock.
     Batcher {
@@ -112,8 +115,9 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             profiles,
             time_limit,
             margin,
+            queueing,
         } => {
-            let report = planner::run(&profiles, time_limit, margin, json)?;
+            let report = planner::run(&profiles, time_limit, margin, queueing, json)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

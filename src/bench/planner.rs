@@ -79,6 +79,8 @@ pub struct Report {
     pub time_limit_s: f64,
     /// Margin used.
     pub margin: f64,
+    /// Queueing allowance used.
+    pub queueing: f64,
 }
 
 /// Planned busy low-class devices: per stage on `class`, devices x (planned rate / capacity).
@@ -133,6 +135,7 @@ pub fn run(
     profiles_dir: &Path,
     time_limit: f64,
     margin: f64,
+    queueing: f64,
     quiet: bool,
 ) -> anyhow::Result<Report> {
     let profiles = Profiles::load_dir(profiles_dir, None)
@@ -146,6 +149,7 @@ pub fn run(
                 let opts = Options {
                     mode,
                     margin,
+                    queueing,
                     time_limit: Duration::from_secs_f64(time_limit),
                     ..Options::default()
                 };
@@ -196,6 +200,7 @@ pub fn run(
             .fold(0.0, f64::max),
         time_limit_s: time_limit,
         margin,
+        queueing,
         scenarios,
     })
 }
@@ -207,8 +212,9 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "planned min(throughput/weight), frames/s; SLO = 5 x batch-1 latency on the fastest class; margin {:.0}%; <= 2 stages; batch 1..8; time limit {} s",
+            "planned min(throughput/weight), frames/s; SLO = 5 x batch-1 latency on the fastest class; margin {:.0}%; queueing {} x stage time; <= 2 stages; batch 1..8; time limit {} s",
             self.margin * 100.0,
+            self.queueing,
             self.time_limit_s
         );
         let _ = writeln!(

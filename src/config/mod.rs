@@ -182,7 +182,7 @@ fn default_margin_ms() -> f64 {
 }
 
 /// Batching policy of a stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyKind {
     /// Dispatch at `max_batch` frames or `max_wait_ms` after the first.

@@ -33,14 +33,14 @@ pub struct Candidate {
     pub batch: usize,
     /// Stages in order.
     pub stages: Vec<StageCand>,
-    /// Stage latencies plus transfers, seconds.
+    /// Stage latencies (with the queueing allowance) plus transfers, seconds.
     pub fixed: f64,
     /// Lowest arrival rate at which batches of `batch` form in time (0 for batch 1).
     pub min_rate: f64,
 }
 
-/// Per-stage figures of a pipeline configuration, shared by the enumeration and the checker's
-/// tests. `cuts_bytes[j]` is the bytes per frame after block `j`.
+/// Frames per second of one process that holds each batch for `hold` seconds (its run time plus
+/// sending the batch on), capped by its share of its GPU's link in and out.
 pub(crate) fn stage_rate(
     batch: usize,
     latency: f64,
@@ -231,14 +231,15 @@ fn build(
                 Some(b) => b as f64 * batch as f64 / link,
                 None => 0.0,
             };
-            fixed += latency + transfer;
+            // A batch may wait for a worker of the pool: `queueing` x its own run time.
+            fixed += latency * (1.0 + opts.queueing) + transfer;
             stages.push(StageCand {
                 blocks: range.clone(),
                 class: ci,
                 share,
                 latency,
                 transfer,
-                rate: stage_rate(batch, latency, share, bytes_in, bytes_out, link),
+                rate: stage_rate(batch, latency + transfer, share, bytes_in, bytes_out, link),
             });
         }
         out.push(Candidate {

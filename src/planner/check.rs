@@ -165,10 +165,11 @@ pub fn check(plan: &Plan, profiles: &Profiles) -> Vec<Violation> {
                         ),
                     );
                 }
-                e2e += latency + transfer;
+                e2e += latency * (1.0 + plan.queueing) + transfer;
                 // What the stage can carry: compute, and the link of each GPU shared by its processes.
                 let procs = f64::from(st.processes);
-                let compute = procs * p.batch as f64 / latency;
+                // A process holds a batch while it runs and while it sends it on.
+                let compute = procs * p.batch as f64 / (latency + transfer);
                 if compute < x * (1.0 - REL) {
                     bad(
                         Rule::Throughput,
@@ -215,7 +216,7 @@ pub fn check(plan: &Plan, profiles: &Profiles) -> Vec<Violation> {
                 bad(
                     Rule::Slo,
                     format!(
-                        "pipeline {pi}: {:.3} ms of stages and transfers + {:.3} ms to fill a batch of {} at {x:.2} frames/s + {:.3} ms margin > SLO {:.3} ms",
+                        "pipeline {pi}: {:.3} ms of stages (with queueing) and transfers + {:.3} ms to fill a batch of {} at {x:.2} frames/s + {:.3} ms margin > SLO {:.3} ms",
                         e2e * 1e3,
                         wait * 1e3,
                         p.batch,

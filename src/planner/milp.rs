@@ -303,6 +303,7 @@ impl Solved {
             candidates,
             bandwidth_gbps: cluster.bandwidth_gbps,
             margin: opts.margin,
+            queueing: opts.queueing,
             max_stages: match opts.mode {
                 Mode::Np => 1,
                 Mode::Paired => 2,

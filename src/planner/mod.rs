@@ -15,13 +15,18 @@
 //! stage `k`:
 //!
 //! - latency `L_k = Σ_{i..j} l(i, b)`; transfer into the next stage `T_k = b · B(j-1) / W`;
-//! - throughput of one process `r_k = min(b / L_k, (W / s) / B_in, (W / s) / B_out)`: a GPU at
-//!   share `s` runs `s` processes that share its link.
+//! - throughput of one process `r_k = min(b / (L_k + T_k), (W / s) / B_in, (W / s) / B_out)`:
+//!   a process holds a batch while it runs it and while it sends it on (as the runtime's
+//!   emulated devices and the simulator do), and a GPU at share `s` runs `s` processes that
+//!   share its link.
 //!
 //! A pipeline's end-to-end latency at arrival rate `x_p` is
-//! `Σ L_k + Σ T_k + (b - 1) / x_p` (the first frame of a batch waits for `b - 1` more), and it
-//! must satisfy `latency + μ·S_m ≤ S_m`. Configurations whose fixed part already breaks that are
-//! never generated; the rest get a minimum rate `ρ_p = (b - 1) / (S_m (1 - μ) - Σ L_k - Σ T_k)`.
+//! `Σ (1 + q) L_k + Σ T_k + (b - 1) / x_p`: the first frame of a batch waits for `b - 1` more,
+//! and at each stage the batch may wait `q` times its run time for a worker of the pool
+//! (`q = 1`, the default, is the Nexus-style worst case of one batch ahead; `q = 0` assumes a
+//! free worker is always there). It must satisfy `latency + μ·S_m ≤ S_m`. Configurations whose fixed part already breaks that are
+//! never generated; the rest get a minimum rate
+//! `ρ_p = (b - 1) / (S_m (1 - μ) - Σ (1 + q) L_k - Σ T_k)`.
 //! Among configurations of a model with the same multiset of `(c, s)` stages, one whose sorted
 //! per-process rates are all at least another's and whose minimum rate is no higher dominates
 //! it and the other is dropped; this is exact (anything the dropped one can do, the other can).
@@ -141,6 +146,9 @@ pub struct Options {
     pub max_share: u32,
     /// Safety margin, a fraction of the SLO kept free.
     pub margin: f64,
+    /// Queueing allowance: each stage's batch may wait this many times its own run time for a
+    /// worker of its pool (1.0: the Nexus-style worst case of one batch ahead).
+    pub queueing: f64,
     /// Solver time limit.
     pub time_limit: Duration,
     /// Relative optimality gap at which the solver stops.
@@ -156,6 +164,7 @@ impl Default for Options {
             max_batch: 8,
             max_share: 4,
             margin: 0.1,
+            queueing: 1.0,
             time_limit: Duration::from_secs(60),
             gap: 1e-4,
             mode: Mode::Poolpipe,
@@ -244,6 +253,8 @@ pub struct Plan {
     pub bandwidth_gbps: f64,
     /// Safety margin (fraction of the SLO).
     pub margin: f64,
+    /// Queueing allowance per stage (multiple of the stage's run time).
+    pub queueing: f64,
     /// Most stages per pipeline allowed.
     pub max_stages: usize,
     /// Device classes: available and used.
@@ -471,6 +482,12 @@ fn validate_input(
         return Err(PlanError::Input(format!(
             "margin is a fraction of the SLO in [0, 1), got {}",
             opts.margin
+        )));
+    }
+    if !(0.0..=10.0).contains(&opts.queueing) {
+        return Err(PlanError::Input(format!(
+            "the queueing allowance is a multiple of a stage's run time in [0, 10], got {}",
+            opts.queueing
         )));
     }
     if !(0.0..1.0).contains(&opts.gap) {

@@ -1,0 +1,779 @@
+//! A discrete-event simulator: the planner's plans served on a virtual clock by the runtime's
+//! own batching policies (`crate::batcher`), on devices that take their profiled latencies
+//! (../shared/DESIGN.md, "Simulator").
+//!
+//! What is modelled:
+//! - every pipeline of a plan as a chain of stage pools; each process of a pool is a worker that
+//!   holds a batch for the stage's profiled latency at that batch size (class, share, blocks);
+//! - the transfer of a batch to the next stage on its GPU's link: the processes of one GPU
+//!   (`share` of them) share one link, first come first served, so the transfer waits while the
+//!   link is busy (contention); a worker is held until its batch has been sent, as in the
+//!   runtime's emulated devices;
+//! - the batcher of each stage with its bounded queue: `deadline` (reservations over the whole
+//!   route, later stages take the reserved worker), `fixed` or `aimd`, the very code the runtime
+//!   runs, driven by event times;
+//! - arrivals per model (Poisson, bursty, or a trace), split across the model's pipelines in
+//!   proportion to their planned throughput (smooth weighted round robin).
+//!
+//! Not modelled: processes of different stages sharing one GPU (each stage's processes get their
+//! own GPUs, `share` per GPU), network switches beyond each GPU's link, decode and
+//! post-processing.
+
+pub mod arrivals;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::batcher::deadline::{DeadlineConfig, DeadlinePolicy, StageCost, Timeline};
+use crate::batcher::{AimdPolicy, BatchPolicy, Deadline, FixedPolicy, Hop};
+use crate::clock::Nanos;
+use crate::config::PolicyKind;
+use crate::planner::Plan;
+use crate::profile::{ProfileError, Profiles};
+
+pub use arrivals::Arrivals;
+
+const MS: Nanos = 1_000_000;
+
+/// One stage pool of a simulated pipeline.
+#[derive(Debug, Clone)]
+pub struct SimStage {
+    /// Profiled latency and transfer per batch size.
+    pub cost: StageCost,
+    /// Processes.
+    pub workers: usize,
+    /// Processes per GPU (they share its link).
+    pub share: u32,
+    /// Index of the device class (into `SimSetup::classes`).
+    pub class: usize,
+}
+
+/// One pipeline.
+#[derive(Debug, Clone)]
+pub struct SimPipeline {
+    /// Index of its model.
+    pub model: usize,
+    /// Planned batch size.
+    pub batch: usize,
+    /// Share of the model's arrivals it takes (planned throughput).
+    pub weight: f64,
+    /// Stages in order.
+    pub stages: Vec<SimStage>,
+}
+
+/// One model.
+#[derive(Debug, Clone)]
+pub struct SimModel {
+    /// Name.
+    pub name: String,
+    /// Latency budget.
+    pub slo: Nanos,
+    /// Demand weight.
+    pub weight: f64,
+    /// Planned frames per second (load 1.0).
+    pub planned: f64,
+}
+
+/// Everything to simulate.
+#[derive(Debug, Clone)]
+pub struct SimSetup {
+    /// Models.
+    pub models: Vec<SimModel>,
+    /// Pipelines.
+    pub pipelines: Vec<SimPipeline>,
+    /// Device classes: name and devices available (for busy shares).
+    pub classes: Vec<(String, u32)>,
+}
+
+/// Run settings.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Batching policy of every stage.
+    pub policy: PolicyKind,
+    /// Simulated seconds of arrivals.
+    pub duration: f64,
+    /// Offered load, a fraction of each model's planned throughput.
+    pub load: f64,
+    /// Arrival process.
+    pub arrivals: Arrivals,
+    /// Seed of the arrival process.
+    pub seed: u64,
+    /// Safety margin of the `deadline` policy.
+    pub margin: Nanos,
+}
+
+/// What happened to one model's frames.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelResult {
+    /// Model.
+    pub name: String,
+    /// Frames offered.
+    pub offered: u64,
+    /// Published within the SLO.
+    pub on_time: u64,
+    /// Finished after the deadline (the runtime's publisher drops these as late).
+    pub finished_late: u64,
+    /// Dropped by a batcher that saw the deadline could not be met.
+    pub dropped_late: u64,
+    /// Dropped because a queue was full.
+    pub dropped_overload: u64,
+    /// `on_time / offered`.
+    pub attainment: f64,
+    /// On-time frames per second.
+    pub goodput: f64,
+    /// Latency of finished frames, ms.
+    pub p50_ms: f64,
+    /// See `p50_ms`.
+    pub p99_ms: f64,
+}
+
+/// Busy share of one device class.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassBusy {
+    /// Class.
+    pub class: String,
+    /// Busy device-seconds / (devices available x duration); a process at share s counts 1/s.
+    pub busy: f64,
+}
+
+/// One simulation run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimResult {
+    /// Offered load (fraction of planned).
+    pub load: f64,
+    /// Per model.
+    pub models: Vec<ModelResult>,
+    /// Over all models: on-time / offered.
+    pub attainment: f64,
+    /// Smallest per-model attainment.
+    pub min_attainment: f64,
+    /// On-time frames per second, all models.
+    pub goodput: f64,
+    /// `min over models of goodput / weight`.
+    pub weighted_goodput: f64,
+    /// Per device class.
+    pub busy: Vec<ClassBusy>,
+    /// Events processed.
+    pub events: u64,
+}
+
+/// A frame in the simulation.
+#[derive(Debug, Clone)]
+pub struct SimFrame {
+    arrival: Nanos,
+    deadline: Nanos,
+}
+
+impl Deadline for SimFrame {
+    fn deadline(&self) -> Nanos {
+        self.deadline
+    }
+}
+
+impl SimSetup {
+    /// The simulation of a plan: its pipelines with costs from the profiles.
+    pub fn from_plan(plan: &Plan, profiles: &Profiles) -> Result<SimSetup, ProfileError> {
+        let classes: Vec<(String, u32)> = plan
+            .classes
+            .iter()
+            .map(|c| (c.class.clone(), c.available))
+            .collect();
+        let mut models = Vec::new();
+        let mut pipelines = Vec::new();
+        for (mi, m) in plan.models.iter().enumerate() {
+            models.push(SimModel {
+                name: m.name.clone(),
+                slo: (m.slo_ms * 1e6) as Nanos,
+                weight: m.weight,
+                planned: m.throughput,
+            });
+            for p in &m.pipelines {
+                let mut stages = Vec::new();
+                for (k, st) in p.stages.iter().enumerate() {
+                    let max_b = profiles.timing(&m.name, &st.class, st.share)?.max_batch();
+                    let last = k + 1 == p.stages.len();
+                    let mut cost = StageCost {
+                        latency: Vec::new(),
+                        transfer: Vec::new(),
+                    };
+                    for b in 1..=max_b {
+                        let l = profiles.latency(
+                            &m.name,
+                            &st.class,
+                            st.share,
+                            st.blocks[0]..st.blocks[1],
+                            b,
+                        )?;
+                        cost.latency.push(l.as_nanos() as Nanos);
+                        let t = if last {
+                            0
+                        } else {
+                            profiles
+                                .transfer(&m.name, st.blocks[1] - 1, b, plan.bandwidth_gbps)?
+                                .as_nanos() as Nanos
+                        };
+                        cost.transfer.push(t);
+                    }
+                    stages.push(SimStage {
+                        cost,
+                        workers: st.processes as usize,
+                        share: st.share.max(1),
+                        class: classes
+                            .iter()
+                            .position(|(c, _)| *c == st.class)
+                            .unwrap_or(0),
+                    });
+                }
+                pipelines.push(SimPipeline {
+                    model: mi,
+                    batch: p.batch,
+                    weight: p.throughput,
+                    stages,
+                });
+            }
+        }
+        Ok(SimSetup {
+            models,
+            pipelines,
+            classes,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    /// A worker finished computing: (pipeline, stage, worker).
+    Computed(usize, usize, usize),
+    /// A worker finished computing and sending: (pipeline, stage, worker).
+    Done(usize, usize, usize),
+    /// The next frame of a model arrives.
+    Arrive(usize),
+    /// A batcher asked to look again: (pipeline, stage).
+    Wake(usize, usize),
+}
+
+type Batch = (Vec<SimFrame>, Option<Vec<Hop>>);
+
+struct Worker {
+    queue: VecDeque<Batch>,
+    running: Option<Batch>,
+    in_flight: usize,
+    busy: Nanos,
+}
+
+struct PipeState {
+    policies: Vec<Box<dyn BatchPolicy<SimFrame>>>,
+    queues: Vec<VecDeque<SimFrame>>,
+    capacity: Vec<usize>,
+    workers: Vec<Vec<Worker>>,
+    /// Per stage, per GPU: when its link is free.
+    links: Vec<Vec<Nanos>>,
+    timeline: Arc<Mutex<Timeline>>,
+    wake_at: Vec<Option<Nanos>>,
+}
+
+struct Sim<'a> {
+    setup: &'a SimSetup,
+    routed: bool,
+    pipes: Vec<PipeState>,
+    heap: BinaryHeap<Reverse<(Nanos, u64, Event)>>,
+    seq: u64,
+    horizon: Nanos,
+    stats: Vec<ModelResult>,
+    latencies: Vec<Vec<u32>>,
+}
+
+impl Sim<'_> {
+    fn push(&mut self, at: Nanos, ev: Event) {
+        self.seq += 1;
+        self.heap.push(Reverse((at, self.seq, ev)));
+    }
+
+    /// Starts the next queued batch of an idle worker.
+    fn start(&mut self, p: usize, s: usize, w: usize, now: Nanos) {
+        let wk = &mut self.pipes[p].workers[s][w];
+        if wk.running.is_some() {
+            return;
+        }
+        if let Some(batch) = wk.queue.pop_front() {
+            let b = batch.0.len();
+            let hold = self.setup.pipelines[p].stages[s].cost.latency[b - 1];
+            wk.running = Some(batch);
+            self.push(now + hold, Event::Computed(p, s, w));
+        }
+    }
+
+    fn finish(&mut self, p: usize, s: usize, w: usize, now: Nanos) {
+        let (frames, route) = self.pipes[p].workers[s][w]
+            .running
+            .take()
+            .expect("a running batch");
+        self.pipes[p].workers[s][w].in_flight -= 1;
+        self.pipes[p].timeline.lock().unwrap().finished(s, w, now);
+        let earliest = frames
+            .iter()
+            .map(|f| f.deadline)
+            .min()
+            .unwrap_or(Nanos::MAX);
+        self.pipes[p].policies[s].feedback(now <= earliest);
+        let model = self.setup.pipelines[p].model;
+        let last = self.setup.pipelines[p].stages.len() - 1;
+        let mut touched_next = false;
+        if s == last {
+            let st = &mut self.stats[model];
+            for f in frames {
+                self.latencies[model].push(((now - f.arrival) / 1000).min(u32::MAX as u64) as u32);
+                if now <= f.deadline {
+                    st.on_time += 1;
+                } else {
+                    st.finished_late += 1;
+                }
+            }
+        } else if let Some(rest) = route.filter(|r| r.len() > 1).map(|r| r[1..].to_vec()) {
+            let nw = rest[0].worker;
+            let wk = &mut self.pipes[p].workers[s + 1][nw];
+            wk.in_flight += 1;
+            wk.queue.push_back((frames, Some(rest)));
+            self.start(p, s + 1, nw, now);
+        } else {
+            for f in frames {
+                let ps = &mut self.pipes[p];
+                if ps.queues[s + 1].len() >= ps.capacity[s + 1] {
+                    self.stats[model].dropped_overload += 1;
+                } else {
+                    ps.queues[s + 1].push_back(f);
+                }
+            }
+            touched_next = true;
+        }
+        self.start(p, s, w, now);
+        self.pump(p, s, now);
+        if touched_next {
+            self.pump(p, s + 1, now);
+        }
+    }
+
+    /// Lets a stage's batcher pull, drop and dispatch, as the runtime's batcher thread does.
+    fn pump(&mut self, p: usize, s: usize, now: Nanos) {
+        if self.routed && s > 0 {
+            return;
+        }
+        let model = self.setup.pipelines[p].model;
+        loop {
+            let ps = &mut self.pipes[p];
+            let pol = &mut ps.policies[s];
+            while pol.len() < pol.max_batch() {
+                match ps.queues[s].pop_front() {
+                    Some(f) => pol.push(f, now),
+                    None => break,
+                }
+            }
+            let mut late = pol.take_late(now).len();
+            let d = pol.next_batch(now, false);
+            late += pol.take_late(now).len();
+            self.stats[model].dropped_late += late as u64;
+            let Some(d) = d else { break };
+            let ws = &ps.workers[s];
+            let w = match d.route.as_ref().and_then(|r| r.first()) {
+                Some(h) => h.worker,
+                None => (0..ws.len())
+                    .min_by_key(|w| (ws[*w].in_flight, *w))
+                    .unwrap_or(0),
+            };
+            let wk = &mut ps.workers[s][w];
+            wk.in_flight += 1;
+            wk.queue.push_back((d.items, d.route));
+            self.start(p, s, w, now);
+        }
+        let ps = &mut self.pipes[p];
+        if let Some(t) = ps.policies[s].next_wakeup()
+            && ps.wake_at[s].is_none_or(|x| t < x)
+        {
+            let t = t.max(now);
+            ps.wake_at[s] = Some(t);
+            self.push(t, Event::Wake(p, s));
+        }
+    }
+}
+
+/// Smooth weighted round robin over a model's pipelines.
+struct Splitter {
+    pipes: Vec<usize>,
+    weights: Vec<f64>,
+    current: Vec<f64>,
+}
+
+impl Splitter {
+    fn next(&mut self) -> usize {
+        let total: f64 = self.weights.iter().sum();
+        let mut best = 0;
+        for i in 0..self.pipes.len() {
+            self.current[i] += self.weights[i];
+            if self.current[i] > self.current[best] {
+                best = i;
+            }
+        }
+        self.current[best] -= total;
+        self.pipes[best]
+    }
+}
+
+/// Runs one simulation.
+pub fn simulate(setup: &SimSetup, opts: &SimOptions) -> SimResult {
+    let duration = (opts.duration * 1e9) as Nanos;
+    let times: Vec<Vec<Nanos>> = setup
+        .models
+        .iter()
+        .enumerate()
+        .map(|(m, model)| {
+            opts.arrivals.times(
+                m,
+                &model.name,
+                model.planned * opts.load,
+                duration,
+                opts.seed.wrapping_add(m as u64 * 7919),
+            )
+        })
+        .collect();
+    simulate_times(setup, opts, &times, duration)
+}
+
+/// Runs one simulation on given arrival times per model.
+pub fn simulate_times(
+    setup: &SimSetup,
+    opts: &SimOptions,
+    times: &[Vec<Nanos>],
+    duration: Nanos,
+) -> SimResult {
+    let routed = opts.policy == PolicyKind::Deadline;
+    let pipes: Vec<PipeState> = setup
+        .pipelines
+        .iter()
+        .map(|pl| {
+            let slo = setup.models[pl.model].slo;
+            let timeline = Arc::new(Mutex::new(Timeline::new(
+                &pl.stages
+                    .iter()
+                    .map(|s| s.workers.max(1))
+                    .collect::<Vec<_>>(),
+            )));
+            let route: Nanos = pl
+                .stages
+                .iter()
+                .map(|s| {
+                    let b = pl.batch.min(s.cost.latency.len()).max(1);
+                    s.cost.latency[b - 1] + s.cost.transfer[b - 1]
+                })
+                .sum();
+            // `fixed`/`aimd` tuned for the SLO: the planned batch; the first stage waits at most
+            // half of what the route leaves of the SLO, later stages take what has arrived.
+            let slack = slo.saturating_sub(route);
+            let policies = (0..pl.stages.len())
+                .map(|i| -> Box<dyn BatchPolicy<SimFrame>> {
+                    let wait = if i == 0 { slack / 2 } else { 0 };
+                    match opts.policy {
+                        PolicyKind::Fixed => Box::new(FixedPolicy::new(pl.batch, wait)),
+                        PolicyKind::Aimd => Box::new(AimdPolicy::new(pl.batch, wait)),
+                        PolicyKind::Deadline => Box::new(DeadlinePolicy::new(
+                            DeadlineConfig {
+                                stage: i,
+                                costs: pl.stages[i..].iter().map(|s| s.cost.clone()).collect(),
+                                planned: pl.batch,
+                                margin: opts.margin,
+                            },
+                            timeline.clone(),
+                        )),
+                    }
+                })
+                .collect();
+            PipeState {
+                policies,
+                queues: pl.stages.iter().map(|_| VecDeque::new()).collect(),
+                capacity: pl
+                    .stages
+                    .iter()
+                    .map(|s| (2 * s.workers.max(1) * pl.batch).max(64))
+                    .collect(),
+                workers: pl
+                    .stages
+                    .iter()
+                    .map(|s| {
+                        (0..s.workers.max(1))
+                            .map(|_| Worker {
+                                queue: VecDeque::new(),
+                                running: None,
+                                in_flight: 0,
+                                busy: 0,
+                            })
+                            .collect()
+                    })
+                    .collect(),
+                links: pl
+                    .stages
+                    .iter()
+                    .map(|s| vec![0; s.workers.max(1).div_ceil(s.share as usize)])
+                    .collect(),
+                timeline,
+                wake_at: vec![None; pl.stages.len()],
+            }
+        })
+        .collect();
+    let mut splitters: Vec<Splitter> = (0..setup.models.len())
+        .map(|m| {
+            let pipes: Vec<usize> = (0..setup.pipelines.len())
+                .filter(|&p| setup.pipelines[p].model == m && !setup.pipelines[p].stages.is_empty())
+                .collect();
+            let weights: Vec<f64> = pipes
+                .iter()
+                .map(|&p| setup.pipelines[p].weight.max(1e-9))
+                .collect();
+            Splitter {
+                current: vec![0.0; pipes.len()],
+                pipes,
+                weights,
+            }
+        })
+        .collect();
+    let mut sim = Sim {
+        setup,
+        routed,
+        pipes,
+        heap: BinaryHeap::new(),
+        seq: 0,
+        horizon: duration,
+        stats: setup
+            .models
+            .iter()
+            .map(|m| ModelResult {
+                name: m.name.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        latencies: vec![Vec::new(); setup.models.len()],
+    };
+    let mut next_arrival = vec![0usize; setup.models.len()];
+    for (m, t) in times.iter().enumerate() {
+        if let Some(&first) = t.first() {
+            sim.push(first, Event::Arrive(m));
+        }
+    }
+    let mut events = 0u64;
+    while let Some(Reverse((now, _, ev))) = sim.heap.pop() {
+        events += 1;
+        match ev {
+            Event::Arrive(m) => {
+                let i = next_arrival[m];
+                next_arrival[m] += 1;
+                if let Some(&t) = times[m].get(i + 1) {
+                    sim.push(t, Event::Arrive(m));
+                }
+                sim.stats[m].offered += 1;
+                if splitters[m].pipes.is_empty() {
+                    sim.stats[m].dropped_overload += 1;
+                    continue;
+                }
+                let p = splitters[m].next();
+                let f = SimFrame {
+                    arrival: now,
+                    deadline: now + setup.models[m].slo,
+                };
+                let ps = &mut sim.pipes[p];
+                if ps.queues[0].len() >= ps.capacity[0] {
+                    sim.stats[m].dropped_overload += 1;
+                } else {
+                    ps.queues[0].push_back(f);
+                }
+                sim.pump(p, 0, now);
+            }
+            Event::Wake(p, s) => {
+                if sim.pipes[p].wake_at[s] == Some(now) {
+                    sim.pipes[p].wake_at[s] = None;
+                }
+                sim.pump(p, s, now);
+            }
+            Event::Computed(p, s, w) => {
+                let stage = &setup.pipelines[p].stages[s];
+                let b = sim.pipes[p].workers[s][w]
+                    .running
+                    .as_ref()
+                    .map_or(1, |r| r.0.len());
+                let transfer = stage.cost.transfer[b - 1];
+                let started = now - stage.cost.latency[b - 1];
+                if transfer == 0 {
+                    let horizon = sim.horizon;
+                    sim.pipes[p].workers[s][w].busy +=
+                        (now.min(horizon)).saturating_sub(started.min(horizon));
+                    sim.finish(p, s, w, now);
+                } else {
+                    // The GPU's link, shared by its processes, first come first served.
+                    let gpu = w / stage.share as usize;
+                    let link = &mut sim.pipes[p].links[s][gpu];
+                    let send = (*link).max(now);
+                    *link = send + transfer;
+                    let end = send + transfer;
+                    let horizon = sim.horizon;
+                    sim.pipes[p].workers[s][w].busy +=
+                        (end.min(horizon)).saturating_sub(started.min(horizon));
+                    sim.push(end, Event::Done(p, s, w));
+                }
+            }
+            Event::Done(p, s, w) => sim.finish(p, s, w, now),
+        }
+    }
+    // Results.
+    let secs = duration as f64 / 1e9;
+    let mut models = sim.stats;
+    for (m, r) in models.iter_mut().enumerate() {
+        let lat = &mut sim.latencies[m];
+        lat.sort_unstable();
+        let q = |p: f64| {
+            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+                .map_or(0.0, |v| *v as f64 / 1e3)
+        };
+        r.p50_ms = q(0.5);
+        r.p99_ms = q(0.99);
+        r.attainment = if r.offered > 0 {
+            r.on_time as f64 / r.offered as f64
+        } else {
+            1.0
+        };
+        r.goodput = r.on_time as f64 / secs;
+    }
+    let mut busy = vec![0.0f64; setup.classes.len()];
+    for (pl, ps) in setup.pipelines.iter().zip(&sim.pipes) {
+        for (st, ws) in pl.stages.iter().zip(&ps.workers) {
+            busy[st.class] += ws.iter().map(|w| w.busy as f64).sum::<f64>() / st.share as f64;
+        }
+    }
+    let offered: u64 = models.iter().map(|m| m.offered).sum();
+    let on_time: u64 = models.iter().map(|m| m.on_time).sum();
+    SimResult {
+        load: opts.load,
+        attainment: if offered > 0 {
+            on_time as f64 / offered as f64
+        } else {
+            1.0
+        },
+        min_attainment: models.iter().map(|m| m.attainment).fold(1.0, f64::min),
+        goodput: on_time as f64 / secs,
+        weighted_goodput: models
+            .iter()
+            .zip(&setup.models)
+            .map(|(r, m)| r.goodput / m.weight)
+            .fold(f64::INFINITY, f64::min),
+        busy: setup
+            .classes
+            .iter()
+            .zip(busy)
+            .map(|((c, n), b)| ClassBusy {
+                class: c.clone(),
+                busy: if *n > 0 {
+                    b / (*n as f64 * duration as f64)
+                } else {
+                    0.0
+                },
+            })
+            .collect(),
+        models,
+        events,
+    }
+}
+
+/// The highest load (fraction of planned) at which every model's attainment is at least
+/// `target`, by bisection over `[lo, hi]` in `steps` halvings, and the run at that load.
+pub fn find_load(
+    setup: &SimSetup,
+    opts: &SimOptions,
+    target: f64,
+    lo: f64,
+    hi: f64,
+    steps: usize,
+    mut progress: impl FnMut(&SimResult),
+) -> SimResult {
+    let run = |load: f64| {
+        simulate(
+            setup,
+            &SimOptions {
+                load,
+                ..opts.clone()
+            },
+        )
+    };
+    let mut best: Option<SimResult> = None;
+    let (mut lo, mut hi) = (lo, hi);
+    // First check the top: plans often hold there.
+    let top = run(hi);
+    progress(&top);
+    if top.min_attainment >= target {
+        return top;
+    }
+    for _ in 0..steps {
+        let mid = (lo + hi) / 2.0;
+        let r = run(mid);
+        progress(&r);
+        if r.min_attainment >= target {
+            lo = mid;
+            best = Some(r);
+        } else {
+            hi = mid;
+        }
+    }
+    best.unwrap_or_else(|| {
+        let r = run(lo);
+        progress(&r);
+        r
+    })
+}
+
+/// Milliseconds as [`Nanos`].
+pub fn ms(v: f64) -> Nanos {
+    (v * MS as f64) as Nanos
+}
+
+/// A human-readable table of one run.
+pub fn table(r: &SimResult, plan: &Plan) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "load {:.3} of planned: attainment {:.4} (lowest model {:.4}), goodput {:.1} frames/s, min goodput/weight {:.1} (planned objective {:.1})",
+        r.load, r.attainment, r.min_attainment, r.goodput, r.weighted_goodput, plan.objective
+    );
+    let _ = writeln!(
+        s,
+        "{:<44} {:>9} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "model",
+        "offered",
+        "on_time",
+        "attain",
+        "goodput",
+        "p50_ms",
+        "p99_ms",
+        "drop_late",
+        "overload",
+        "late_fin"
+    );
+    for m in &r.models {
+        let _ = writeln!(
+            s,
+            "{:<44} {:>9} {:>9} {:>8.4} {:>10.1} {:>8.2} {:>8.2} {:>8} {:>8} {:>8}",
+            m.name,
+            m.offered,
+            m.on_time,
+            m.attainment,
+            m.goodput,
+            m.p50_ms,
+            m.p99_ms,
+            m.dropped_late,
+            m.dropped_overload,
+            m.finished_late
+        );
+    }
+    for c in &r.busy {
+        let _ = writeln!(s, "busy share of {}: {:.1}%", c.class, c.busy * 100.0);
+    }
+    s
+}
