@@ -174,6 +174,10 @@ pub struct PlanArgs {
     /// worker (1 = one batch ahead, the Nexus-style worst case; 0 = no queueing).
     #[arg(long, default_value_t = 1.0)]
     pub queueing: f64,
+    /// Pool tiers: a pipeline whose every stage has at least T processes gets the queueing
+    /// allowance divided by T.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub pool_tiers: Vec<u32>,
     /// Plan a baseline instead: `np` (whole models) or `paired` (one high + one low GPU).
     #[arg(long, value_enum)]
     pub baseline: Option<crate::planner::Mode>,
@@ -279,6 +283,7 @@ fn simulate_command(a: SimulateArgs) -> ExitCode {
         arrivals,
         seed: a.seed,
         margin: sim::ms(a.margin_ms.max(0.0)),
+        queue: None,
     };
     let t0 = std::time::Instant::now();
     let mut runs = 0u64;
@@ -384,6 +389,7 @@ fn plan_command(a: PlanArgs) -> ExitCode {
         max_share: a.max_share,
         margin: a.margin,
         queueing: a.queueing,
+        pool_tiers: a.pool_tiers.clone(),
         time_limit: Duration::from_secs_f64(a.time_limit.max(0.01)),
         gap: a.gap,
         mode: a.baseline.unwrap_or(Mode::Poolpipe),

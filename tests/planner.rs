@@ -71,21 +71,43 @@ fn synthetic(dir: &Path, models: usize, rng: &mut Rng) -> Profiles {
 struct Config {
     /// (class index, share, per-process rate) per stage.
     stages: Vec<(usize, u32, f64)>,
-    min_rate: f64,
+    batch: usize,
+    /// Stage latencies + transfers, and stage latencies alone, seconds.
+    fixed: f64,
+    run: f64,
+}
+
+/// Queueing allowance, pool tiers and the latency budget SLO x (1 - margin).
+struct Latency {
+    queueing: f64,
+    tiers: Vec<u32>,
+    budget: f64,
+}
+
+impl Latency {
+    /// The minimum rate of `c` with pools of at least `smallest` processes, or None when it
+    /// cannot meet the SLO at all.
+    fn min_rate(&self, c: &Config, smallest: u32) -> Option<f64> {
+        let tier = self
+            .tiers
+            .iter()
+            .copied()
+            .filter(|&t| t <= smallest)
+            .max()
+            .unwrap_or(1);
+        let fixed = c.fixed + self.queueing * c.run / f64::from(tier);
+        if c.batch == 1 {
+            (fixed <= self.budget).then_some(0.0)
+        } else {
+            (fixed < self.budget).then(|| (c.batch - 1) as f64 / (self.budget - fixed))
+        }
+    }
 }
 
 /// Every configuration of `model` meeting the SLO, computed directly from the CSV semantics.
-fn configs(
-    p: &Profiles,
-    model: &str,
-    slo: f64,
-    (margin, queueing): (f64, f64),
-    gbps: f64,
-    max_stages: usize,
-) -> Vec<Config> {
+fn configs(p: &Profiles, model: &str, gbps: f64, max_stages: usize) -> Vec<Config> {
     let prof = p.model(model).unwrap();
     let link = gbps * 1e9 / 8.0;
-    let budget = slo * (1.0 - margin);
     let lat = |c: usize, s: u32, a: usize, b: usize, batch: usize| -> f64 {
         let t = &prof.timing[&(CLASSES[c].to_string(), s)];
         (a..b).map(|i| t.us[i][batch - 1] as f64).sum::<f64>() / 1e6
@@ -113,6 +135,7 @@ fn configs(
         for assign in assigns {
             for batch in 1..=BATCHES {
                 let mut fixed = 0.0;
+                let mut run = 0.0;
                 let mut stages = Vec::new();
                 for (k, (&(a, b), &(c, s))) in part.iter().zip(&assign).enumerate() {
                     let l = lat(c, s, a, b, batch);
@@ -127,22 +150,16 @@ fn configs(
                         }
                         rate = rate.min(link / s as f64 / bytes);
                     }
-                    fixed += l * (1.0 + queueing);
+                    fixed += l;
+                    run += l;
                     stages.push((c, s, rate));
                 }
-                let ok = if batch == 1 {
-                    fixed <= budget
-                } else {
-                    fixed < budget
-                };
-                if ok {
-                    let min_rate = if batch == 1 {
-                        0.0
-                    } else {
-                        (batch - 1) as f64 / (budget - fixed)
-                    };
-                    out.push(Config { stages, min_rate });
-                }
+                out.push(Config {
+                    stages,
+                    batch,
+                    fixed,
+                    run,
+                });
             }
         }
     }
@@ -151,7 +168,7 @@ fn configs(
 
 /// Best throughput of one model for every budget of half-GPUs `(h, l)`: an unbounded knapsack
 /// over (configuration, process counts) items.
-fn best_by_budget(cfgs: &[Config], max_h: usize, max_l: usize) -> Vec<Vec<f64>> {
+fn best_by_budget(cfgs: &[Config], lat: &Latency, max_h: usize, max_l: usize) -> Vec<Vec<f64>> {
     let mut items: Vec<([usize; 2], f64)> = Vec::new();
     for c in cfgs {
         let limits: Vec<u32> = c
@@ -171,7 +188,11 @@ fn best_by_budget(cfgs: &[Config], max_h: usize, max_l: usize) -> Vec<Vec<f64>> 
                 .zip(&counts)
                 .map(|(&(_, _, r), &n)| r * n as f64)
                 .fold(f64::INFINITY, f64::min);
-            if cost[0] <= max_h && cost[1] <= max_l && v >= c.min_rate * (1.0 - 1e-9) {
+            let smallest = counts.iter().copied().min().unwrap_or(1);
+            let ok = lat
+                .min_rate(c, smallest)
+                .is_some_and(|r| v >= r * (1.0 - 1e-9));
+            if cost[0] <= max_h && cost[1] <= max_l && ok {
                 items.push((cost, v));
             }
             let mut i = 0;
@@ -235,12 +256,18 @@ fn milp_objective_equals_exhaustive_search_on_small_instances() {
         let dir = tempfile::tempdir().unwrap();
         let profiles = synthetic(dir.path(), 2, &mut rng);
         let (nh, nl) = (1 + (rng.next() % 3) as u32, 1 + (rng.next() % 5) as u32); // <= 8 devices
-        let gbps = [0.5, 2.0, 10.0][instance % 3];
+        let gbps = [0.5, 2.0, 10.0, 10.0][instance % 4];
         let cluster = Cluster::parse_spec(&format!("H:{nh},L:{nl}"), gbps).unwrap();
         let weights = [rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)];
         let mult = [rng.uniform(1.5, 6.0), rng.uniform(1.5, 6.0)];
         let models = specs(&profiles, &weights, &mult);
-        let queueing = [0.0, 1.0][instance % 2];
+        // Queueing allowances 0, 1 and 2; pool tiers [1] or [1, 3].
+        let queueing = [0.0, 1.0, 2.0][instance % 3];
+        let tiers = if instance % 2 == 0 {
+            vec![1]
+        } else {
+            vec![1, 3]
+        };
         for (mode, stages) in [(Mode::Poolpipe, 2), (Mode::Np, 1)] {
             let opts = Options {
                 max_stages: 2,
@@ -248,6 +275,7 @@ fn milp_objective_equals_exhaustive_search_on_small_instances() {
                 max_share: SHARES,
                 margin: 0.1,
                 queueing,
+                pool_tiers: tiers.clone(),
                 time_limit: Duration::from_secs(30),
                 gap: 0.0,
                 mode,
@@ -255,15 +283,13 @@ fn milp_objective_equals_exhaustive_search_on_small_instances() {
             let f: Vec<Vec<Vec<f64>>> = models
                 .iter()
                 .map(|m| {
-                    let c = configs(
-                        &profiles,
-                        &m.name,
-                        m.slo.as_secs_f64(),
-                        (0.1, queueing),
-                        gbps,
-                        stages,
-                    );
-                    best_by_budget(&c, 2 * nh as usize, 2 * nl as usize)
+                    let c = configs(&profiles, &m.name, gbps, stages);
+                    let lat = Latency {
+                        queueing,
+                        tiers: tiers.clone(),
+                        budget: m.slo.as_secs_f64() * 0.9,
+                    };
+                    best_by_budget(&c, &lat, 2 * nh as usize, 2 * nl as usize)
                 })
                 .collect();
             let (mh, ml) = (2 * nh as usize, 2 * nl as usize);

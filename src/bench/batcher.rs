@@ -5,12 +5,11 @@
 //! high-class devices, the rest on a pool of low-class ones (the cut and pool sizes are chosen so
 //! that the two pools have about the same capacity). Frames arrive as a Poisson process or in
 //! bursts (a two-state Markov-modulated Poisson process) at 50%..120% of the pipeline's capacity.
-//! A discrete-event loop drives the very policy code the runtime uses (`fixed` tuned for the SLO,
+//! The simulator's discrete-event core (`crate::sim`) drives the very policy code the runtime uses (`fixed` tuned for the SLO,
 //! `aimd`, `deadline`) with devices that hold a batch for its profiled latency (and the transfer
 //! of the cut), as `emulated:<class>` devices do.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -19,81 +18,37 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use crate::batcher::deadline::{DeadlineConfig, DeadlinePolicy, StageCost, Timeline};
-use crate::batcher::{AimdPolicy, BatchPolicy, Deadline, FixedPolicy, Hop};
+use crate::batcher::{AimdPolicy, BatchPolicy, FixedPolicy};
 use crate::clock::Nanos;
 use crate::config::PolicyKind;
 use crate::profile::Profiles;
+use crate::sim::{self, SimFrame, SimModel, SimOptions, SimPipeline, SimSetup, SimStage};
 
 const MS: Nanos = 1_000_000;
 
-/// A frame in the simulation.
-#[derive(Debug, Clone)]
-struct SimFrame {
-    arrival: Nanos,
-    deadline: Nanos,
-}
-
-impl Deadline for SimFrame {
-    fn deadline(&self) -> Nanos {
-        self.deadline
-    }
-}
-
-/// splitmix64: a small, fast, seedable generator (benchmarks only).
-struct Rng(u64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn exp(&mut self, rate_per_ns: f64) -> Nanos {
-        (-(1.0 - self.next_f64()).ln() / rate_per_ns) as Nanos
-    }
-}
-
-/// Arrival processes.
+/// Arrival processes of this benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arrivals {
     /// Poisson.
     Poisson,
     /// Two-state MMPP: bursts at 3x the mean rate a fifth of the time, half the mean otherwise
-    /// (0.2 * 3 + 0.8 * 0.5 = 1), states lasting 500 ms on average.
+    /// (0.2 * 3 + 0.8 * 0.5 = 1), states lasting 125 ms and 500 ms on average.
     Bursty,
+}
+
+impl Arrivals {
+    fn process(self) -> sim::Arrivals {
+        match self {
+            Arrivals::Poisson => sim::Arrivals::Poisson,
+            Arrivals::Bursty => sim::Arrivals::Bursty { burstiness: 3.0 },
+        }
+    }
 }
 
 /// Arrival times over `duration` at a mean of `rate` frames per second.
 fn arrival_times(kind: Arrivals, rate: f64, duration: Nanos, seed: u64) -> Vec<Nanos> {
-    let mut rng = Rng(seed);
-    let mut out = Vec::new();
-    let mut t = 0;
-    let mut burst = false;
-    let mut switch_at = rng.exp(1.0 / (500.0 * MS as f64));
-    loop {
-        let r = match (kind, burst) {
-            (Arrivals::Poisson, _) => rate,
-            (Arrivals::Bursty, true) => rate * 3.0,
-            (Arrivals::Bursty, false) => rate * 0.5,
-        };
-        let next = t + rng.exp(r / 1e9);
-        if kind == Arrivals::Bursty && next > switch_at {
-            t = switch_at;
-            burst = !burst;
-            // Bursts last a quarter as long as calm spells: 20% of the time.
-            let mean = if burst { 125.0 } else { 500.0 };
-            switch_at = t + rng.exp(1.0 / (mean * MS as f64));
-            continue;
-        }
-        t = next;
-        if t >= duration {
-            return out;
-        }
-        out.push(t);
-    }
+    kind.process().times(0, "", rate, duration, seed)
 }
 
 /// The two-stage setup under test.
@@ -236,26 +191,8 @@ pub struct RunResult {
     pub busy_low: f64,
 }
 
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Event {
-    /// A worker finished: (stage, worker).
-    Done(usize, usize),
-    /// A frame arrives at stage 0.
-    Arrive(usize),
-    /// A batcher asked to look again.
-    Wake(usize),
-}
-
-struct Worker {
-    queue: VecDeque<(Vec<SimFrame>, Option<Vec<Hop>>)>,
-    running: Option<(Vec<SimFrame>, Option<Vec<Hop>>)>,
-    in_flight: usize,
-    busy: Nanos,
-}
-
-const QUEUE: usize = 64;
-
-/// Simulates one policy on one arrival trace.
+/// Simulates one policy on one arrival trace with the simulator's core (one pipeline, each
+/// worker on its own device).
 fn simulate(
     stages: &[Stage],
     policy: PolicyKind,
@@ -264,210 +201,59 @@ fn simulate(
     times: &[Nanos],
     duration: Nanos,
 ) -> RunResult {
-    let timeline = Arc::new(Mutex::new(Timeline::new(
-        &stages.iter().map(|s| s.workers).collect::<Vec<_>>(),
-    )));
-    let route_latency = |b: usize| {
-        stages
-            .iter()
-            .map(|s| s.cost.latency[b - 1] + s.cost.transfer[b - 1])
-            .sum::<Nanos>()
-    };
-    // `fixed` tuned for the SLO: the planned batch; the first stage waits at most half of what the
-    // route leaves of the SLO, later stages take what has arrived (it comes in batches already).
-    let slack = slo.saturating_sub(route_latency(planned));
-    let wait = |i: usize| if i == 0 { slack / 2 } else { 0 };
-    let mut policies: Vec<Box<dyn BatchPolicy<SimFrame>>> = (0..stages.len())
-        .map(|i| -> Box<dyn BatchPolicy<SimFrame>> {
-            match policy {
-                PolicyKind::Fixed => Box::new(FixedPolicy::new(planned, wait(i))),
-                PolicyKind::Aimd => Box::new(AimdPolicy::new(planned, wait(i))),
-                PolicyKind::Deadline => Box::new(DeadlinePolicy::new(
-                    DeadlineConfig {
-                        stage: i,
-                        costs: stages[i..].iter().map(|s| s.cost.clone()).collect(),
-                        planned,
-                        margin: MS / 2,
-                    },
-                    timeline.clone(),
-                )),
-            }
-        })
-        .collect();
-    let routed = policy == PolicyKind::Deadline;
-    let mut queues: Vec<VecDeque<SimFrame>> = stages.iter().map(|_| VecDeque::new()).collect();
-    let mut workers: Vec<Vec<Worker>> = stages
-        .iter()
-        .map(|s| {
-            (0..s.workers)
-                .map(|_| Worker {
-                    queue: VecDeque::new(),
-                    running: None,
-                    in_flight: 0,
-                    busy: 0,
+    let setup = SimSetup {
+        models: vec![SimModel {
+            name: "model".into(),
+            slo,
+            weight: 1.0,
+            planned: 0.0,
+        }],
+        pipelines: vec![SimPipeline {
+            model: 0,
+            batch: planned,
+            weight: 1.0,
+            stages: stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SimStage {
+                    cost: s.cost.clone(),
+                    workers: s.workers,
+                    share: 1,
+                    class: i,
                 })
-                .collect()
-        })
-        .collect();
-    let mut events: BinaryHeap<Reverse<(Nanos, Event)>> = times
-        .iter()
-        .enumerate()
-        .map(|(i, t)| Reverse((*t, Event::Arrive(i))))
-        .collect();
-    let mut wake_at: Vec<Option<Nanos>> = vec![None; stages.len()];
-    let (mut dropped_late, mut dropped_overload, mut finished_late, mut on_time) =
-        (0u64, 0u64, 0u64, 0u64);
-    let mut latencies: Vec<Nanos> = Vec::new();
-    let last = stages.len() - 1;
-
-    // Starts the next batch of a worker if it is idle.
-    fn start(
-        stages: &[Stage],
-        workers: &mut [Vec<Worker>],
-        events: &mut BinaryHeap<Reverse<(Nanos, Event)>>,
-        s: usize,
-        w: usize,
-        now: Nanos,
-        horizon: Nanos,
-    ) {
-        let wk = &mut workers[s][w];
-        if wk.running.is_some() {
-            return;
-        }
-        if let Some((frames, route)) = wk.queue.pop_front() {
-            let b = frames.len();
-            let hold = stages[s].cost.latency[b - 1] + stages[s].cost.transfer[b - 1];
-            // Busy time counts within the measured window only.
-            wk.busy += hold.min(horizon.saturating_sub(now));
-            wk.running = Some((frames, route));
-            events.push(Reverse((now + hold, Event::Done(s, w))));
-        }
-    }
-
-    while let Some(Reverse((now, ev))) = events.pop() {
-        let mut touched = vec![false; stages.len()];
-        match ev {
-            Event::Arrive(i) => {
-                let f = SimFrame {
-                    arrival: times[i],
-                    deadline: times[i] + slo,
-                };
-                if queues[0].len() >= QUEUE {
-                    dropped_overload += 1;
-                } else {
-                    queues[0].push_back(f);
-                }
-                touched[0] = true;
-            }
-            Event::Wake(s) => {
-                if wake_at[s] == Some(now) {
-                    wake_at[s] = None;
-                }
-                touched[s] = true;
-            }
-            Event::Done(s, w) => {
-                let (frames, route) = workers[s][w].running.take().expect("a running batch");
-                workers[s][w].in_flight -= 1;
-                timeline.lock().unwrap().finished(s, w, now);
-                let earliest = frames
-                    .iter()
-                    .map(|f| f.deadline)
-                    .min()
-                    .unwrap_or(Nanos::MAX);
-                policies[s].feedback(now <= earliest);
-                if s == last {
-                    for f in frames {
-                        latencies.push(now - f.arrival);
-                        if now <= f.deadline {
-                            on_time += 1;
-                        } else {
-                            finished_late += 1;
-                        }
-                    }
-                } else if let Some(rest) = route.filter(|r| r.len() > 1).map(|r| r[1..].to_vec()) {
-                    let nw = rest[0].worker;
-                    workers[s + 1][nw].in_flight += 1;
-                    workers[s + 1][nw].queue.push_back((frames, Some(rest)));
-                    start(stages, &mut workers, &mut events, s + 1, nw, now, duration);
-                } else {
-                    for f in frames {
-                        if queues[s + 1].len() >= QUEUE {
-                            dropped_overload += 1;
-                        } else {
-                            queues[s + 1].push_back(f);
-                        }
-                    }
-                    touched[s + 1] = true;
-                }
-                start(stages, &mut workers, &mut events, s, w, now, duration);
-                touched[s] = true;
-            }
-        }
-        // Let every touched batcher pull, drop and dispatch, as the batcher thread does.
-        for s in 0..stages.len() {
-            if !touched[s] || (routed && s > 0) {
-                continue;
-            }
-            let p = &mut policies[s];
-            loop {
-                while p.len() < p.max_batch() {
-                    match queues[s].pop_front() {
-                        Some(f) => p.push(f, now),
-                        None => break,
-                    }
-                }
-                let mut late = p.take_late(now).len();
-                let d = p.next_batch(now, false);
-                late += p.take_late(now).len();
-                dropped_late += late as u64;
-                let Some(d) = d else { break };
-                let w = match d.route.as_ref().and_then(|r| r.first()) {
-                    Some(h) => h.worker,
-                    None => (0..workers[s].len())
-                        .min_by_key(|w| (workers[s][*w].in_flight, *w))
-                        .unwrap_or(0),
-                };
-                workers[s][w].in_flight += 1;
-                workers[s][w].queue.push_back((d.items, d.route));
-                start(stages, &mut workers, &mut events, s, w, now, duration);
-            }
-            if let Some(t) = p.next_wakeup()
-                && wake_at[s].is_none_or(|x| t < x)
-            {
-                wake_at[s] = Some(t.max(now));
-                events.push(Reverse((t.max(now), Event::Wake(s))));
-            }
-        }
-    }
-    latencies.sort_unstable();
-    let q = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(0.0, |v| *v as f64 / 1e6)
+                .collect(),
+        }],
+        classes: stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("stage{i}"), s.workers as u32))
+            .collect(),
     };
-    let busy = |s: usize| {
-        workers[s].iter().map(|w| w.busy).sum::<Nanos>() as f64
-            / (workers[s].len() as f64 * duration as f64)
+    let opts = SimOptions {
+        policy,
+        duration: duration as f64 / 1e9,
+        load: 0.0,
+        arrivals: sim::Arrivals::Poisson,
+        seed: 0,
+        margin: MS / 2,
+        queue: None,
     };
-    let offered = times.len() as u64;
+    let r = sim::simulate_times(&setup, &opts, &[times.to_vec()], duration);
+    let m = &r.models[0];
     RunResult {
         policy: format!("{policy:?}").to_lowercase(),
         arrivals: Arrivals::Poisson,
         load: 0.0,
-        offered,
-        attainment: if offered > 0 {
-            on_time as f64 / offered as f64
-        } else {
-            1.0
-        },
-        goodput_fps: on_time as f64 / (duration as f64 / 1e9),
-        p50_ms: q(0.5),
-        p99_ms: q(0.99),
-        dropped_late,
-        dropped_overload,
-        finished_late,
-        busy_high: busy(0),
-        busy_low: busy(last),
+        offered: m.offered,
+        attainment: m.attainment,
+        goodput_fps: m.goodput,
+        p50_ms: m.p50_ms,
+        p99_ms: m.p99_ms,
+        dropped_late: m.dropped_late,
+        dropped_overload: m.dropped_overload,
+        finished_late: m.finished_late,
+        busy_high: r.busy[0].busy,
+        busy_low: r.busy[stages.len() - 1].busy,
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod batcher;
 pub mod planner;
+pub mod sim;
 pub mod split;
 
 use std::path::{Path, PathBuf};
@@ -81,6 +82,22 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1.0)]
         queueing: f64,
     },
+    /// Simulated throughput at 99% SLO attainment of NP and poolpipe plans (24 scenarios), and
+    /// the simulator's speed.
+    Sim {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Folder of latency profiles.
+        #[arg(long, default_value = "../shared/data/ppipe-profiles")]
+        profiles: PathBuf,
+        /// Simulated seconds per run of the 99% search.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Solver time limit per plan, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        time_limit: f64,
+    },
     /// Batching policies side by side on two emulated pools, on a virtual clock.
     Batcher {
         /// Print JSON instead of a table.
@@ -118,6 +135,20 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             queueing,
         } => {
             let report = planner::run(&profiles, time_limit, margin, queueing, json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        BenchCommand::Sim {
+            json,
+            profiles,
+            duration,
+            time_limit,
+        } => {
+            let report = sim::run(&profiles, duration, time_limit, json)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

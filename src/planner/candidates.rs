@@ -33,8 +33,13 @@ pub struct Candidate {
     pub batch: usize,
     /// Stages in order.
     pub stages: Vec<StageCand>,
-    /// Stage latencies (with the queueing allowance) plus transfers, seconds.
+    /// Stage latencies (with the queueing allowance of the tier) plus transfers, seconds.
     pub fixed: f64,
+    /// Sum of the stage latencies alone, seconds.
+    pub run: f64,
+    /// Pool tier: every stage has at least this many processes, and a batch may wait
+    /// `queueing / tier` times a stage's run time for a worker.
+    pub tier: u32,
     /// Lowest arrival rate at which batches of `batch` form in time (0 for batch 1).
     pub min_rate: f64,
 }
@@ -144,15 +149,23 @@ pub fn enumerate(
                     let paired_ok = opts.mode != Mode::Paired || chosen[0].0 != chosen[1].0;
                     if paired_ok {
                         for c in build(profiles, cluster, spec, mi, &parts, &chosen, opts, link)? {
-                            fastest = fastest.min(c.fixed);
-                            if c.batch == 1 && c.fixed <= budget || c.batch > 1 && c.fixed < budget
-                            {
-                                let min_rate = if c.batch > 1 {
-                                    (c.batch - 1) as f64 / (budget - c.fixed)
-                                } else {
-                                    0.0
-                                };
-                                cands.push(Candidate { min_rate, ..c });
+                            for &tier in &opts.pool_tiers {
+                                let fixed = c.fixed + opts.queueing * c.run / f64::from(tier);
+                                fastest = fastest.min(fixed);
+                                if c.batch == 1 && fixed <= budget || c.batch > 1 && fixed < budget
+                                {
+                                    let min_rate = if c.batch > 1 {
+                                        (c.batch - 1) as f64 / (budget - fixed)
+                                    } else {
+                                        0.0
+                                    };
+                                    cands.push(Candidate {
+                                        min_rate,
+                                        fixed,
+                                        tier,
+                                        ..c.clone()
+                                    });
+                                }
                             }
                         }
                     }
@@ -215,6 +228,7 @@ fn build(
     for batch in 1..=max_batch {
         let mut stages = Vec::with_capacity(parts.len());
         let mut fixed = 0.0;
+        let mut run = 0.0;
         for (k, (range, &(ci, share))) in parts.iter().zip(chosen).enumerate() {
             let latency = profiles
                 .latency(
@@ -231,8 +245,8 @@ fn build(
                 Some(b) => b as f64 * batch as f64 / link,
                 None => 0.0,
             };
-            // A batch may wait for a worker of the pool: `queueing` x its own run time.
-            fixed += latency * (1.0 + opts.queueing) + transfer;
+            fixed += latency + transfer;
+            run += latency;
             stages.push(StageCand {
                 blocks: range.clone(),
                 class: ci,
@@ -247,14 +261,16 @@ fn build(
             batch,
             stages,
             fixed,
+            run,
+            tier: 1,
             min_rate: 0.0,
         });
     }
     Ok(out)
 }
 
-/// Drops candidates dominated by another of the same model with the same multiset of
-/// (class, share) stages: sorted rates all at least as high and a minimum rate no higher.
+/// Drops candidates dominated by another of the same model and multiset of (class, share)
+/// stages: sorted rates all at least as high, a minimum rate and a pool tier no higher.
 fn prune(cands: Vec<Candidate>) -> Vec<Candidate> {
     type Key = Vec<(usize, u32)>;
     let sig = |c: &Candidate| -> (Key, Vec<f64>) {
@@ -283,9 +299,11 @@ fn prune(cands: Vec<Candidate>) -> Vec<Candidate> {
                 }
                 let (ri, rj) = (&sigs[i].1, &sigs[j].1);
                 let ge = rj.iter().zip(ri).all(|(a, b)| a >= b)
-                    && cands[j].min_rate <= cands[i].min_rate;
-                let strictly =
-                    rj.iter().zip(ri).any(|(a, b)| a > b) || cands[j].min_rate < cands[i].min_rate;
+                    && cands[j].min_rate <= cands[i].min_rate
+                    && cands[j].tier <= cands[i].tier;
+                let strictly = rj.iter().zip(ri).any(|(a, b)| a > b)
+                    || cands[j].min_rate < cands[i].min_rate
+                    || cands[j].tier < cands[i].tier;
                 // Of equal ones, keep the first.
                 if ge && (strictly || j < i) {
                     keep[i] = false;

@@ -89,6 +89,15 @@ pub fn check(plan: &Plan, profiles: &Profiles) -> Vec<Violation> {
             }
             let mut next_block = 0;
             let mut e2e = 0.0;
+            // The pool tier the pipeline reaches: the largest tier <= its smallest pool.
+            let smallest = p.stages.iter().map(|s| s.processes).min().unwrap_or(0);
+            let tier = plan
+                .pool_tiers
+                .iter()
+                .copied()
+                .filter(|&t| t >= 1 && t <= smallest)
+                .max()
+                .unwrap_or(1);
             for (k, st) in p.stages.iter().enumerate() {
                 let [a, b] = st.blocks;
                 if a != next_block || b <= a || b > nblocks {
@@ -165,7 +174,7 @@ pub fn check(plan: &Plan, profiles: &Profiles) -> Vec<Violation> {
                         ),
                     );
                 }
-                e2e += latency * (1.0 + plan.queueing) + transfer;
+                e2e += latency * (1.0 + plan.queueing / f64::from(tier)) + transfer;
                 // What the stage can carry: compute, and the link of each GPU shared by its processes.
                 let procs = f64::from(st.processes);
                 // A process holds a batch while it runs and while it sends it on.

@@ -103,11 +103,12 @@ pub fn solve_with_start(
             }
             // A binary "used" is needed only when one process per stage cannot reach the
             // minimum rate; otherwise a used pipeline's rate is raised to it afterwards.
-            let needs_y = c.min_rate
-                > c.stages
-                    .iter()
-                    .map(|s| s.rate)
-                    .fold(f64::INFINITY, f64::min);
+            let needs_y = c.tier > 1
+                || c.min_rate
+                    > c.stages
+                        .iter()
+                        .map(|s| s.rate)
+                        .fold(f64::INFINITY, f64::min);
             let y = needs_y.then(|| (vars.add(variable().binary()), col()));
             handles.push((x, n, y.map(|(v, _)| v)));
             ml.push(Cols {
@@ -133,6 +134,11 @@ pub fn solve_with_start(
                 if let Some(y) = y {
                     let u = f64::from(cluster.classes[s.class].count) * f64::from(s.share);
                     problem.add_constraint((Expression::from(*nv) - u * *y).leq(0.0));
+                    if c.tier > 1 {
+                        problem.add_constraint(
+                            (Expression::from(*nv) - f64::from(c.tier) * *y).geq(0.0),
+                        );
+                    }
                 }
             }
             if let Some(y) = y {
@@ -153,9 +159,14 @@ pub fn solve_with_start(
     let mut model = problem
         .try_into_inner()
         .map_err(|e| PlanError::Solver(e.to_string()))?;
-    model.set_option("output_flag", false);
+    // POOLPIPE_SOLVER_LOG=1 shows HiGHS's own log on stdout.
+    let log = std::env::var_os("POOLPIPE_SOLVER_LOG").is_some();
+    model.set_option("output_flag", log);
+    model.set_option("log_to_console", log);
     model.set_option("time_limit", opts.time_limit.as_secs_f64().max(0.01));
     model.set_option("mip_rel_gap", opts.gap);
+    // HiGHS presolve spends seconds probing the big-M rows of these models and finds little.
+    model.set_option("presolve", "off");
     if let Some(start) = start {
         let cols = starting_columns(next, &layout, cands, models, start);
         model
@@ -209,6 +220,7 @@ fn starting_columns(
             let s = &q.stages[0];
             let target = cands[m].iter().position(|p| {
                 p.stages.len() == 1
+                    && p.tier == q.tier
                     && p.stages[0].class == s.class
                     && p.stages[0].share == s.share
                     && p.stages[0].rate >= s.rate * (1.0 - 1e-12)
@@ -304,6 +316,7 @@ impl Solved {
             bandwidth_gbps: cluster.bandwidth_gbps,
             margin: opts.margin,
             queueing: opts.queueing,
+            pool_tiers: opts.pool_tiers.clone(),
             max_stages: match opts.mode {
                 Mode::Np => 1,
                 Mode::Paired => 2,

@@ -21,12 +21,15 @@
 //!   share its link.
 //!
 //! A pipeline's end-to-end latency at arrival rate `x_p` is
-//! `Σ (1 + q) L_k + Σ T_k + (b - 1) / x_p`: the first frame of a batch waits for `b - 1` more,
-//! and at each stage the batch may wait `q` times its run time for a worker of the pool
-//! (`q = 1`, the default, is the Nexus-style worst case of one batch ahead; `q = 0` assumes a
-//! free worker is always there). It must satisfy `latency + μ·S_m ≤ S_m`. Configurations whose fixed part already breaks that are
+//! `Σ (1 + q/t) L_k + Σ T_k + (b - 1) / x_p`: the first frame of a batch waits for `b - 1` more,
+//! and at each stage the batch may wait `q/t` times its run time for a worker of the pool, where
+//! `t` is the pipeline's pool tier: every stage has at least `t` processes (a saturated pool of
+//! `t` frees a worker every `1/t` of a run). With `q = 1` (the default) a pool of one process
+//! gets the Nexus-style worst case of one batch ahead. Each configuration is a candidate once
+//! per tier (default tiers 1, 4, 16; tier `t` adds `n_{p,k} ≥ t · y_p`). The latency must
+//! satisfy `latency + μ·S_m ≤ S_m`. Configurations whose fixed part already breaks that are
 //! never generated; the rest get a minimum rate
-//! `ρ_p = (b - 1) / (S_m (1 - μ) - Σ (1 + q) L_k - Σ T_k)`.
+//! `ρ_p = (b - 1) / (S_m (1 - μ) - Σ (1 + q/t) L_k - Σ T_k)`.
 //! Among configurations of a model with the same multiset of `(c, s)` stages, one whose sorted
 //! per-process rates are all at least another's and whose minimum rate is no higher dominates
 //! it and the other is dropped; this is exact (anything the dropped one can do, the other can).
@@ -37,7 +40,8 @@
 //! maximise   z
 //! subject to z · w_m ≤ Σ_{p ∈ m} x_p                      for every model m
 //!            x_p ≤ r_{p,k} · n_{p,k}                       for every stage k of p
-//!            x_p ≥ ρ_p · y_p,   n_{p,k} ≤ U_{p,k} · y_p    (only when ρ_p > min_k r_{p,k})
+//!            x_p ≥ ρ_p · y_p,   n_{p,k} ≤ U_{p,k} · y_p    (when ρ_p > min_k r_{p,k} or t > 1)
+//!            n_{p,k} ≥ t_p · y_p                           (tier t_p > 1)
 //!            Σ_{p,k : class c} n_{p,k} / s_{p,k} ≤ N_c     for every class c
 //!            n_{p,0} = n_{p,1}                             (paired baseline only)
 //!            x_p ≥ 0, n_{p,k} ∈ {0, 1, ..., U_{p,k} = N_c · s}, y_p ∈ {0, 1}
@@ -149,6 +153,9 @@ pub struct Options {
     /// Queueing allowance: each stage's batch may wait this many times its own run time for a
     /// worker of its pool (1.0: the Nexus-style worst case of one batch ahead).
     pub queueing: f64,
+    /// Pool tiers: a pipeline whose every stage has at least `t` processes gets the queueing
+    /// allowance divided by `t` (a saturated pool of `t` frees a worker every `1/t` of a run).
+    pub pool_tiers: Vec<u32>,
     /// Solver time limit.
     pub time_limit: Duration,
     /// Relative optimality gap at which the solver stops.
@@ -165,6 +172,7 @@ impl Default for Options {
             max_share: 4,
             margin: 0.1,
             queueing: 1.0,
+            pool_tiers: vec![1, 4, 16],
             time_limit: Duration::from_secs(60),
             gap: 1e-4,
             mode: Mode::Poolpipe,
@@ -255,6 +263,8 @@ pub struct Plan {
     pub margin: f64,
     /// Queueing allowance per stage (multiple of the stage's run time).
     pub queueing: f64,
+    /// Pool tiers (see [`Options::pool_tiers`]).
+    pub pool_tiers: Vec<u32>,
     /// Most stages per pipeline allowed.
     pub max_stages: usize,
     /// Device classes: available and used.
@@ -488,6 +498,12 @@ fn validate_input(
         return Err(PlanError::Input(format!(
             "the queueing allowance is a multiple of a stage's run time in [0, 10], got {}",
             opts.queueing
+        )));
+    }
+    if opts.pool_tiers.is_empty() || opts.pool_tiers.contains(&0) || !opts.pool_tiers.contains(&1) {
+        return Err(PlanError::Input(format!(
+            "pool tiers are process counts >= 1 and include 1, got {:?}",
+            opts.pool_tiers
         )));
     }
     if !(0.0..1.0).contains(&opts.gap) {

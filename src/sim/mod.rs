@@ -38,6 +38,10 @@ pub use arrivals::Arrivals;
 
 const MS: Nanos = 1_000_000;
 
+/// Batches a worker holds at most without reservations: one running and two queued, as the
+/// runtime's bounded worker channels allow.
+const WORKER_DEPTH: usize = 3;
+
 /// One stage pool of a simulated pipeline.
 #[derive(Debug, Clone)]
 pub struct SimStage {
@@ -103,6 +107,8 @@ pub struct SimOptions {
     pub seed: u64,
     /// Safety margin of the `deadline` policy.
     pub margin: Nanos,
+    /// Frames each stage's queue holds (None: twice a batch per process, at least 64).
+    pub queue: Option<usize>,
 }
 
 /// What happened to one model's frames.
@@ -163,8 +169,10 @@ pub struct SimResult {
 /// A frame in the simulation.
 #[derive(Debug, Clone)]
 pub struct SimFrame {
-    arrival: Nanos,
-    deadline: Nanos,
+    /// When it arrived.
+    pub arrival: Nanos,
+    /// Arrival + SLO.
+    pub deadline: Nanos,
 }
 
 impl Deadline for SimFrame {
@@ -193,30 +201,14 @@ impl SimSetup {
             for p in &m.pipelines {
                 let mut stages = Vec::new();
                 for (k, st) in p.stages.iter().enumerate() {
-                    let max_b = profiles.timing(&m.name, &st.class, st.share)?.max_batch();
                     let last = k + 1 == p.stages.len();
-                    let mut cost = StageCost {
-                        latency: Vec::new(),
-                        transfer: Vec::new(),
-                    };
-                    for b in 1..=max_b {
-                        let l = profiles.latency(
-                            &m.name,
-                            &st.class,
-                            st.share,
-                            st.blocks[0]..st.blocks[1],
-                            b,
-                        )?;
-                        cost.latency.push(l.as_nanos() as Nanos);
-                        let t = if last {
-                            0
-                        } else {
-                            profiles
-                                .transfer(&m.name, st.blocks[1] - 1, b, plan.bandwidth_gbps)?
-                                .as_nanos() as Nanos
-                        };
-                        cost.transfer.push(t);
-                    }
+                    let cost = stage_cost(
+                        profiles,
+                        &m.name,
+                        (&st.class, st.share),
+                        st.blocks[0]..st.blocks[1],
+                        (!last).then_some(plan.bandwidth_gbps),
+                    )?;
                     stages.push(SimStage {
                         cost,
                         workers: st.processes as usize,
@@ -241,6 +233,32 @@ impl SimSetup {
             classes,
         })
     }
+}
+
+/// Latency and transfer of blocks `blocks` of `model` on `(class, share)` at every profiled
+/// batch size; `send_gbps` is the link when the stage sends its output on (not the last stage).
+pub fn stage_cost(
+    profiles: &Profiles,
+    model: &str,
+    (class, share): (&str, u32),
+    blocks: std::ops::Range<usize>,
+    send_gbps: Option<f64>,
+) -> Result<StageCost, ProfileError> {
+    let max_b = profiles.timing(model, class, share)?.max_batch();
+    let mut cost = StageCost {
+        latency: Vec::with_capacity(max_b),
+        transfer: Vec::with_capacity(max_b),
+    };
+    for b in 1..=max_b {
+        let l = profiles.latency(model, class, share, blocks.clone(), b)?;
+        cost.latency.push(l.as_nanos() as Nanos);
+        let t = match send_gbps {
+            Some(g) => profiles.transfer(model, blocks.end - 1, b, g)?.as_nanos() as Nanos,
+            None => 0,
+        };
+        cost.transfer.push(t);
+    }
+    Ok(cost)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -364,6 +382,13 @@ impl Sim<'_> {
         let model = self.setup.pipelines[p].model;
         loop {
             let ps = &mut self.pipes[p];
+            // Without reservations a batch goes to the least loaded worker, and only while one
+            // has room: the runtime's worker channels hold two batches besides the running one,
+            // and its batcher waits when they are full.
+            // (A finishing worker pumps again, so no wake-up is needed then.)
+            if !self.routed && ps.workers[s].iter().all(|w| w.in_flight >= WORKER_DEPTH) {
+                return;
+            }
             let pol = &mut ps.policies[s];
             while pol.len() < pol.max_batch() {
                 match ps.queues[s].pop_front() {
@@ -495,7 +520,10 @@ pub fn simulate_times(
                 capacity: pl
                     .stages
                     .iter()
-                    .map(|s| (2 * s.workers.max(1) * pl.batch).max(64))
+                    .map(|s| {
+                        opts.queue
+                            .unwrap_or((2 * s.workers.max(1) * pl.batch).max(64))
+                    })
                     .collect(),
                 workers: pl
                     .stages
