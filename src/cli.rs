@@ -231,6 +231,10 @@ pub struct SimulateArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also sweep the load from 0.1 to 1.2 (or `--load`, if higher) in steps of 0.1 and draw
+    /// attainment per model and busy share per device class against it (PNG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 fn simulate_command(a: SimulateArgs) -> ExitCode {
@@ -303,6 +307,44 @@ fn simulate_command(a: SimulateArgs) -> ExitCode {
         events = r.events;
         r
     };
+    if let Some(path) = &a.plot {
+        let top = (load.max(1.2) * 10.0).round() as usize;
+        let sweep: Vec<sim::SimResult> = (1..=top)
+            .map(|k| {
+                let r = sim::simulate(
+                    &setup,
+                    &SimOptions {
+                        load: k as f64 / 10.0,
+                        ..opts.clone()
+                    },
+                );
+                runs += 1;
+                events += r.events;
+                eprintln!(
+                    "[simulate] sweep {k}/{top}: load {:.1}, attainment {:.4}",
+                    r.load, r.attainment
+                );
+                r
+            })
+            .collect();
+        let title = format!(
+            "{} plan on {}, {} arrivals, {} policy, {} s per point",
+            plan.mode.name(),
+            plan.classes
+                .iter()
+                .map(|c| format!("{}:{}", c.class, c.available))
+                .collect::<Vec<_>>()
+                .join(","),
+            a.arrivals,
+            format!("{:?}", a.policy).to_lowercase(),
+            a.duration
+        );
+        if let Err(e) = sim::plot::plot(path, &title, &sweep) {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        eprintln!("[simulate] plot written to {}", path.display());
+    }
     let wall = t0.elapsed().as_secs_f64();
     if a.json {
         let mut v = serde_json::to_value(&result).expect("results serialise");

@@ -225,6 +225,15 @@ fn cli_plans_then_simulates_and_repeats_itself_with_the_same_seed() {
     );
     let found = run(&["--find-99", "--arrivals", "bursty"]);
     assert!(found["min_attainment"].as_f64().unwrap() >= 0.99, "{found}");
+    // The load sweep drawn as a PNG.
+    let png = dir.path().join("sweep.png");
+    run(&["--plot", png.to_str().unwrap()]);
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "{} bytes",
+        bytes.len()
+    );
     // A trace replayed as recorded: three frames.
     let trace = common::write(dir.path(), "t.csv", "0.0\n0.1\n0.2\n");
     let t = run(&["--arrivals", &format!("trace:{}", trace.display())]);

@@ -20,6 +20,7 @@
 //! post-processing.
 
 pub mod arrivals;
+pub mod plot;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
