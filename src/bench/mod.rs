@@ -201,16 +201,22 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median of `v`, `None` when empty.
+pub(crate) fn median_of(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+    (n > 0).then(|| {
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    })
+}
+
+fn median(v: Vec<f64>) -> f64 {
+    median_of(&v).unwrap_or(0.0)
 }
 
 /// Everything `bench pipeline` measured.

@@ -94,20 +94,6 @@ pub fn busy_devices(plan: &Plan, class: &str) -> f64 {
         .sum()
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// The models of a group with SLO = `multiplier` x batch-1 latency on the fastest class.
 pub fn group_specs(
     profiles: &Profiles,
@@ -191,9 +177,9 @@ pub fn run(
     let vs_np: Vec<f64> = scenarios.iter().map(|s| s.vs_np).collect();
     let vs_paired: Vec<f64> = scenarios.iter().map(|s| s.vs_paired).collect();
     Ok(Report {
-        median_vs_np: median(&vs_np),
+        median_vs_np: super::median_of(&vs_np).unwrap_or(f64::NAN),
         min_vs_np: vs_np.iter().copied().fold(f64::INFINITY, f64::min),
-        median_vs_paired: median(&vs_paired),
+        median_vs_paired: super::median_of(&vs_paired).unwrap_or(f64::NAN),
         max_solve_seconds: scenarios
             .iter()
             .map(|s| s.solve_seconds)

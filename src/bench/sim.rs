@@ -91,18 +91,6 @@ pub struct Report {
     pub speed: Speed,
 }
 
-fn median(v: &mut [f64]) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    (n > 0).then(|| {
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    })
-}
-
 fn busy(r: &SimResult, class: &str) -> f64 {
     r.busy
         .iter()
@@ -225,25 +213,25 @@ pub fn run(
     let mut low_busy = Vec::new();
     for (i, (q, _)) in SETTINGS.iter().enumerate() {
         let q = q.to_string();
-        let mut r: Vec<f64> = scenarios.iter().map(|s| s.same_q_ratio[i]).collect();
+        let r: Vec<f64> = scenarios.iter().map(|s| s.same_q_ratio[i]).collect();
         let min = r.iter().copied().fold(f64::INFINITY, f64::min);
-        same_q.push((q.clone(), median(&mut r).unwrap_or(f64::NAN), min));
+        same_q.push((q.clone(), super::median_of(&r).unwrap_or(f64::NAN), min));
         let idle = scenarios
             .iter()
             .filter(|s| s.np[i].low_busy <= 1e-3)
             .count();
-        let mut gains: Vec<f64> = scenarios
+        let gains: Vec<f64> = scenarios
             .iter()
             .filter(|s| s.np[i].low_busy > 1e-3)
             .map(|s| s.pp[i].low_busy / s.np[i].low_busy - 1.0)
             .collect();
-        low_busy.push((q, idle, median(&mut gains)));
+        low_busy.push((q, idle, super::median_of(&gains)));
     }
-    let mut best: Vec<f64> = scenarios.iter().map(|s| s.best_ratio).collect();
+    let best: Vec<f64> = scenarios.iter().map(|s| s.best_ratio).collect();
     let best_min = best.iter().copied().fold(f64::INFINITY, f64::min);
     Ok(Report {
         same_q,
-        best: (median(&mut best).unwrap_or(f64::NAN), best_min),
+        best: (super::median_of(&best).unwrap_or(f64::NAN), best_min),
         low_busy,
         duration_s: duration,
         scenarios,
