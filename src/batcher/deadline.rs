@@ -36,6 +36,8 @@ pub struct StageCost {
 pub struct Timeline {
     /// `busy_until[stage][worker]`.
     busy_until: Vec<Vec<Nanos>>,
+    /// `booked[stage][worker]`: the (start, end) of the bookings not yet finished, in order.
+    booked: Vec<Vec<VecDeque<(Nanos, Nanos)>>>,
 }
 
 impl Timeline {
@@ -45,6 +47,10 @@ impl Timeline {
             busy_until: workers_per_stage
                 .iter()
                 .map(|w| vec![0; (*w).max(1)])
+                .collect(),
+            booked: workers_per_stage
+                .iter()
+                .map(|w| vec![VecDeque::new(); (*w).max(1)])
                 .collect(),
         }
     }
@@ -73,13 +79,27 @@ impl Timeline {
             "overlapping reservation {hop:?} (busy until {t})"
         );
         *t = hop.end;
+        self.booked[hop.stage][hop.worker].push_back((hop.start, hop.end));
     }
 
-    /// A worker finished a batch at `at`: later bookings start no earlier (corrects for a device
-    /// that ran slower than its profile).
+    /// A worker finished a batch at `at`. Workers run their batches in booking order, so this
+    /// was its oldest booking; the bookings still ahead of it are replayed from `at`, and the
+    /// worker is free when the last of them would end. A device that runs a little slower than
+    /// its profile thus moves the next bookings back by what it actually lost, instead of the
+    /// delay piling up unseen behind back-to-back reservations.
     pub fn finished(&mut self, stage: usize, worker: usize, at: Nanos) {
+        let queue = &mut self.booked[stage][worker];
+        queue.pop_front();
         let t = &mut self.busy_until[stage][worker];
-        *t = (*t).max(at);
+        if queue.is_empty() {
+            *t = (*t).max(at);
+            return;
+        }
+        let mut free = at;
+        for (start, end) in queue.iter() {
+            free = free.max(*start) + (end - start);
+        }
+        *t = free;
     }
 }
 
@@ -405,6 +425,31 @@ mod tests {
                 end: 10 * MS
             }
         );
+    }
+
+    #[test]
+    fn a_late_finish_moves_the_bookings_still_ahead() {
+        let mut tl = Timeline::new(&[1]);
+        let hop = |start, end| Hop {
+            stage: 0,
+            worker: 0,
+            start,
+            end,
+        };
+        tl.book(&hop(0, 10));
+        tl.book(&hop(10, 20));
+        tl.book(&hop(30, 40));
+        // The first batch ends 2 late: the second will end 2 late, the third still fits its slot.
+        tl.finished(0, 0, 12);
+        assert_eq!(tl.busy_until(0, 0), 40);
+        // The second ends 25 late: the third starts late too.
+        tl.finished(0, 0, 45);
+        assert_eq!(tl.busy_until(0, 0), 55);
+        tl.finished(0, 0, 55);
+        assert_eq!(tl.busy_until(0, 0), 55);
+        // Nothing booked: a finish only ever moves the free time later.
+        tl.finished(0, 0, 50);
+        assert_eq!(tl.busy_until(0, 0), 55);
     }
 
     #[test]
