@@ -286,7 +286,7 @@ fn simulate_command(a: SimulateArgs) -> ExitCode {
         load,
         arrivals,
         seed: a.seed,
-        margin: sim::ms(a.margin_ms.max(0.0)),
+        margin: crate::clock::nanos(Duration::from_secs_f64(a.margin_ms.max(0.0) / 1e3)),
         queue: None,
     };
     let t0 = std::time::Instant::now();

@@ -115,26 +115,8 @@ fn setup(
     let Some((_, cut, b)) = best else {
         bail!("no cut of {model} fits its SLO on {high} -> {low}");
     };
-    let stage = |class: &str,
-                 r: std::ops::Range<usize>,
-                 transfer_after: Option<usize>|
-     -> anyhow::Result<StageCost> {
-        Ok(StageCost {
-            latency: (1..=8)
-                .map(|b| lat(class, r.clone(), b))
-                .collect::<Result<_, _>>()?,
-            transfer: (1..=8)
-                .map(|b| match transfer_after {
-                    Some(c) => profiles
-                        .transfer(model, c, b, gbps)
-                        .map(|d| d.as_nanos() as Nanos),
-                    None => Ok(0),
-                })
-                .collect::<Result<_, _>>()?,
-        })
-    };
-    let head = stage(high, 0..cut, Some(cut - 1))?;
-    let tail = stage(low, cut..blocks, None)?;
+    let head = sim::stage_cost(profiles, model, (high, 1), 0..cut, Some(gbps))?;
+    let tail = sim::stage_cost(profiles, model, (low, 1), cut..blocks, None)?;
     let cap = (b as f64 / ((head.latency[b - 1] + head.transfer[b - 1]) as f64 / 1e9))
         .min(tails as f64 * b as f64 / (tail.latency[b - 1] as f64 / 1e9));
     Ok((

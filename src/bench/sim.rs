@@ -113,7 +113,7 @@ pub fn run(
         load: 1.0,
         arrivals: Arrivals::Poisson,
         seed: 1,
-        margin: sim::ms(2.0),
+        margin: crate::clock::nanos(Duration::from_millis(2)),
         queue: None,
     };
     let mut scenarios = Vec::new();

@@ -35,6 +35,9 @@ use crate::sinks::{self, Sink, SinkError};
 use crate::stats::{Stats, Summary};
 use stage::{StageRunner, build_runner};
 
+/// Batches a worker's channel holds besides the one it runs (the simulator models the same).
+pub const WORKER_QUEUE: usize = 2;
+
 /// Errors that keep a pipeline from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -145,7 +148,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
     for (i, (spec, engines)) in p.stages.iter().zip(runners).enumerate().rev() {
         let (in_tx, in_rx) = flume::bounded::<Frame>(spec.queue);
         let chans: Vec<(flume::Sender<Batch>, flume::Receiver<Batch>)> = (0..spec.workers)
-            .map(|_| flume::bounded::<Batch>(2))
+            .map(|_| flume::bounded::<Batch>(WORKER_QUEUE))
             .collect();
         let senders: Vec<flume::Sender<Batch>> = chans.iter().map(|c| c.0.clone()).collect();
         let in_flight: Arc<Vec<AtomicUsize>> =

@@ -37,11 +37,9 @@ use crate::profile::{ProfileError, Profiles};
 
 pub use arrivals::Arrivals;
 
-const MS: Nanos = 1_000_000;
-
-/// Batches a worker holds at most without reservations: one running and two queued, as the
-/// runtime's bounded worker channels allow.
-const WORKER_DEPTH: usize = 3;
+/// Batches a worker holds at most without reservations: the one running and a full channel, as
+/// in the runtime.
+const WORKER_DEPTH: usize = crate::pipeline::WORKER_QUEUE + 1;
 
 /// One stage pool of a simulated pipeline.
 #[derive(Debug, Clone)]
@@ -755,11 +753,6 @@ pub fn find_load(
         progress(&r);
         r
     })
-}
-
-/// Milliseconds as [`Nanos`].
-pub fn ms(v: f64) -> Nanos {
-    (v * MS as f64) as Nanos
 }
 
 /// A human-readable table of one run.
