@@ -3,7 +3,9 @@
 #
 #   ./setup.sh          install system packages, ONNX Runtime, models, sample media; build the release binary
 #   ./setup.sh demo     ... then run the demo pipeline (pipelines/demo.toml) on the bundled sample
-#   ./setup.sh test     ... then run the whole test suite (what .ci/run runs)
+#   ./setup.sh test     ... then build the Kafka-compatible test broker and run the whole test suite
+#                       (what .ci/run runs)
+#   ./setup.sh kafka    ... then build only the Kafka-compatible test broker (tansu)
 #
 # Every step checks whether its result is already there, so running it twice is cheap.
 set -euo pipefail
@@ -14,6 +16,7 @@ ORT_VERSION=1.31.1          # ONNX Runtime shared library (PyPI wheel `onnxrunti
 RAPIDOCR_VERSION=1.4.4      # PP-OCRv4 detection + recognition ONNX models (PyPI wheel `rapidocr-onnxruntime`)
 ONNX_PY_VERSION=1.19.1      # `onnx` Python package, used by the benchmark-model generator
 NUMPY_VERSION=2.3.4
+TANSU_VERSION=0.6.0         # Kafka-compatible broker for the Kafka sink test (crates.io; Debian has none)
 
 APT_PACKAGES=(
   pkg-config unzip python3-venv
@@ -22,6 +25,9 @@ APT_PACKAGES=(
   gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-x gstreamer1.0-rtsp libgstrtspserver-1.0-dev
   fonts-dejavu-core
   cmake libclang-dev   # HiGHS (MILP solver of the planner) is built from source; bindgen needs libclang
+  # Message brokers and their client tools, for the sink tests and `poolpipe bench sinks`. The tests
+  # start their own broker processes on 127.0.0.1; the packages' system services are not needed.
+  mosquitto mosquitto-clients nats-server redis-server redis-tools kcat
 )
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
@@ -102,21 +108,38 @@ if ! command -v cargo >/dev/null; then
 fi
 log "Building the release binary."
 cargo build --release --locked
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/poolpipe"
 export ORT_DYLIB_PATH="$ORT_DIR/libonnxruntime.so"
 
 # --- 8. The text detector cut into two blocks (pipelines/demo-split.toml) --------------------------------
 if [ ! -f "$OCR_DIR/det.blocks/manifest.json" ]; then
   log "Cutting the text detector into two blocks."
-  ./target/release/poolpipe split "$OCR_DIR/ch_PP-OCRv4_det_infer.onnx" --blocks 2 --input-shape 3,576,768 --out "$OCR_DIR/det.blocks"
+  "$BIN" split "$OCR_DIR/ch_PP-OCRv4_det_infer.onnx" --blocks 2 --input-shape 3,576,768 --out "$OCR_DIR/det.blocks"
 fi
 
+# --- 9. A Kafka-compatible broker for the Kafka sink test (test and kafka modes only) --------------------
+# Debian ships Kafka clients (kcat) but no broker; tansu (Apache-2.0, crates.io) speaks the Kafka
+# protocol. It is a large build (about 20 minutes on 2 cores, once; reused from CARGO_TARGET_DIR).
+install_tansu() {
+  local root="$ROOT/.cache/tansu"
+  if "$root/bin/tansu" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    log "tansu $TANSU_VERSION present."
+    return
+  fi
+  log "Building tansu $TANSU_VERSION (Kafka-compatible broker for the Kafka sink test; ~20 min once)."
+  cargo install tansu --version "$TANSU_VERSION" --locked --no-default-features --features dynostore \
+    --root "$root" --target-dir "${CARGO_TARGET_DIR:-$ROOT/target}/tansu"
+}
+
 case "${1:-}" in
-  "") log "Done. Run the demo: ./target/release/poolpipe run pipelines/demo.toml" ;;
-  demo) exec ./target/release/poolpipe run pipelines/demo.toml "${@:2}" ;;
+  "") log "Done. Run the demo: $BIN run pipelines/demo.toml" ;;
+  demo) exec "$BIN" run pipelines/demo.toml "${@:2}" ;;
+  kafka) install_tansu ;;
   test)
+    install_tansu
     log "Running the test suite."
     cargo fmt --all -- --check
     cargo test --release --locked -- --test-threads=2 "${@:2}"
     ;;
-  *) log "Unknown mode '$1' (expected: demo, test)."; exit 2 ;;
+  *) log "Unknown mode '$1' (expected: demo, test, kafka)."; exit 2 ;;
 esac

@@ -60,6 +60,12 @@ pub enum Command {
         /// Pipeline file (TOML).
         pipeline: PathBuf,
     },
+    /// Validate a pipeline file, then try each sink's destination once (connect and
+    /// authenticate; an HTTP sink POSTs an empty array) and say which fails and why.
+    Check {
+        /// Pipeline file (TOML).
+        pipeline: PathBuf,
+    },
     /// Cut an ONNX model into K consecutive blocks of even measured latency; write the blocks
     /// and a manifest (cut tensors, shapes, bytes per sample).
     Split {
@@ -508,6 +514,7 @@ pub fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Check { pipeline } => check(&pipeline),
         Command::Run {
             pipeline,
             duration,
@@ -619,6 +626,34 @@ pub fn main() -> ExitCode {
                 ExitCode::from(EXIT_RUNTIME)
             }
         },
+    }
+}
+
+/// `poolpipe check`: one line per sink, `ok` or `FAILED: why`.
+fn check(path: &std::path::Path) -> ExitCode {
+    let p = match config::load_pipeline(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("{}: {} problem(s)", path.display(), e.0.len());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut failed = 0;
+    for s in &p.sinks {
+        match crate::sinks::check(s, &p.name) {
+            Ok(()) => println!("sink {} ({}): ok", s.name, s.describe()),
+            Err(e) => {
+                failed += 1;
+                println!("sink {} ({}): FAILED: {}", s.name, s.describe(), e.reason());
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{}: {failed} of {} sink(s) failed", path.display(), p.sinks.len());
+        ExitCode::from(EXIT_RUNTIME)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

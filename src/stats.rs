@@ -5,10 +5,12 @@
 //! `ingested = published + dropped_late + dropped_overload + failed` once the pipeline has drained.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use crate::clock::Nanos;
+use crate::sinks::{SinkCounters, SinkSummary};
 
 /// Counters of one stream.
 #[derive(Debug, Default)]
@@ -112,6 +114,8 @@ pub struct Stats {
     pub stages: Vec<StageCounters>,
     /// End-to-end latency of published frames.
     pub end_to_end: Histogram,
+    /// Sinks by name, as they were opened.
+    sinks: Mutex<Vec<(String, Arc<SinkCounters>)>>,
 }
 
 impl Stats {
@@ -129,7 +133,16 @@ impl Stats {
             stream_names,
             stage_names,
             end_to_end: Histogram::default(),
+            sinks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Adds a sink's counters to the reports.
+    pub fn register_sink(&self, name: &str, counters: Arc<SinkCounters>) {
+        self.sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.to_string(), counters));
     }
 
     /// Frames ingested by all streams.
@@ -179,10 +192,18 @@ impl Stats {
                 }
             })
             .collect();
+        let sinks = self
+            .sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, c)| c.summary(n))
+            .collect();
         Summary {
             elapsed_s,
             streams,
             stages,
+            sinks,
             end_to_end_p50_ms: self.end_to_end.quantile_ms(0.5),
             end_to_end_p99_ms: self.end_to_end.quantile_ms(0.99),
         }
@@ -251,6 +272,8 @@ pub struct Summary {
     pub streams: Vec<StreamSummary>,
     /// Per stage.
     pub stages: Vec<StageSummary>,
+    /// Per sink.
+    pub sinks: Vec<SinkSummary>,
     /// Median end-to-end latency of published frames, ms.
     pub end_to_end_p50_ms: Option<f64>,
     /// 99th percentile end-to-end latency of published frames, ms.
@@ -316,6 +339,28 @@ impl Summary {
                 f(st.p50_ms),
                 f(st.p99_ms)
             );
+        }
+        if !self.sinks.is_empty() {
+            let _ = writeln!(
+                s,
+                "{:<20} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8}",
+                "sink", "offered", "delivered", "retries", "resent", "overflow", "refused", "left", "p99 ms"
+            );
+            for k in &self.sinks {
+                let _ = writeln!(
+                    s,
+                    "{:<20} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8}",
+                    k.name,
+                    k.offered,
+                    k.delivered,
+                    k.retries,
+                    k.resent,
+                    k.dropped_overflow,
+                    k.dropped_rejected,
+                    k.left_at_shutdown + k.buffered,
+                    f(k.p99_ms)
+                );
+            }
         }
         let _ = write!(
             s,

@@ -89,7 +89,7 @@ model = "ppocr-rec"
 input = "nowhere"
 
 [[sink]]
-type = "kafka"
+type = "amqp"
 
 [[sink]]
 type = "jsonl"
@@ -116,7 +116,7 @@ colour = "red"
         "stage[1].input",
         "no earlier stage named `nowhere`",
     );
-    has(&errs, 31, "sink[0].type", "unknown value `kafka`");
+    has(&errs, 31, "sink[0].type", "unknown value `amqp`");
     has(&errs, 35, "sink[1].colour", "unknown key `colour`");
     assert_eq!(errs.len(), 10, "one error per problem, no more: {errs:#?}");
 }
@@ -353,4 +353,51 @@ fn the_deadline_policy_needs_a_profile() {
         "unknown value `eager`, expected one of `fixed`, `aimd`, `deadline`",
     );
     assert_eq!(errs.len(), 2, "{errs:#?}");
+}
+
+#[test]
+fn broker_sink_settings_are_checked_without_connecting() {
+    let text = format!(
+        "{}[[source]]\nname = \"t\"\nuri = \"test://ball\"\n\n{}",
+        header("sinks", 1000),
+        r#"[[stage]]
+name = "s"
+model = "noop"
+
+[[sink]]
+type = "mqtt"
+url = "mqtt://broker.local:99999"
+topic = "cams/{camera}/text"
+
+[[sink]]
+type = "redis"
+url = "redis://127.0.0.1"
+topic = "cams:{stream}"
+qos = 1
+
+[[sink]]
+type = "nats"
+url = "nats://127.0.0.1"
+topic = "cams.{stream}"
+password_env = "POOLPIPE_NO_SUCH_VARIABLE"
+username = "u"
+
+[[sink]]
+type = "http"
+url = "ftp://example.org/hook"
+when_full = "sometimes"
+"#
+    );
+    let errs = errors(&text);
+    has(&errs, 16, "sink[0].url", "bad port `99999`");
+    has(&errs, 17, "sink[0].topic", "unknown template field `{camera}`");
+    has(&errs, 23, "sink[1].qos", "does not apply to redis sinks");
+    has(
+        &errs,
+        29,
+        "sink[2].password_env",
+        "environment variable POOLPIPE_NO_SUCH_VARIABLE is not set",
+    );
+    has(&errs, 35, "sink[3].when_full", "unknown value `sometimes`");
+    assert_eq!(errs.len(), 5, "{errs:#?}");
 }

@@ -11,6 +11,7 @@
 pub mod batcher;
 pub mod planner;
 pub mod sim;
+pub mod sinks;
 pub mod split;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +52,22 @@ pub enum BenchCommand {
         /// Repository root (pipelines/, engines/, samples/).
         #[arg(long, default_value = ".")]
         root: PathBuf,
+    },
+    /// Results/s and p99 publish latency of every sink on loopback, next to the brokers' own
+    /// client tools (mosquitto_pub, redis-benchmark) doing the same work.
+    Sinks {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Results per throughput run.
+        #[arg(long, default_value_t = 20_000)]
+        results: usize,
+        /// Results per delivery (HTTP POST, Kafka produce, Redis pipeline, MQTT in flight).
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Offered results per second in the latency runs (3 s each).
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
     },
     /// Cost of cutting ResNet-50 and the PP-OCR detector into 2 and 4 blocks.
     Split {
@@ -149,6 +166,20 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             time_limit,
         } => {
             let report = sim::run(&profiles, duration, time_limit, json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        BenchCommand::Sinks {
+            json,
+            results,
+            batch,
+            rate,
+        } => {
+            let report = sinks::run(results, batch, rate)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -414,7 +445,7 @@ fn bench_pipeline(
     // 3. The demo, as shipped (real time) and flat out.
     let mut rows = Vec::new();
     let mut demo = demo.clone();
-    demo.sinks = vec![SinkSpec::File(PathBuf::from("/dev/null"))];
+    demo.sinks = vec![SinkSpec::jsonl_file("/dev/null")];
     let s = pipeline::run(
         &demo,
         &RunOptions {
@@ -488,7 +519,7 @@ fn noop_pipeline(demo: &Pipeline, sample: &Path) -> anyhow::Result<Pipeline> {
     stage.max_wait = Duration::ZERO;
     stage.queue = 16;
     p.stages = vec![stage];
-    p.sinks = vec![SinkSpec::File(PathBuf::from("/dev/null"))];
+    p.sinks = vec![SinkSpec::jsonl_file("/dev/null")];
     Ok(p)
 }
 

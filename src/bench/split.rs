@@ -99,7 +99,7 @@ fn pipeline(
                 boxes_from: None,
             })
             .collect(),
-        sinks: vec![SinkSpec::File(PathBuf::from("/dev/null"))],
+        sinks: vec![SinkSpec::jsonl_file("/dev/null")],
         bandwidth_gbps: 10.0,
     }
 }

@@ -309,7 +309,8 @@ impl<'a> Validator<'_, 'a> {
             header.as_ref().map(|h| h.slo_ms),
             profiles.as_ref().map(|p| (p, bandwidth)),
         );
-        let sinks = self.sinks();
+        let pipeline_name = header.as_ref().map_or("pipeline", |h| h.name.as_str()).to_string();
+        let sinks = self.sinks(&pipeline_name);
         let h = header?;
         Some(Pipeline {
             file: self.parsed.src.path.to_path_buf(),
@@ -852,27 +853,57 @@ impl<'a> Validator<'_, 'a> {
             .ok()
     }
 
-    fn sinks(&mut self) -> Option<Vec<SinkSpec>> {
-        let mut out = Vec::new();
+    fn sinks(&mut self, pipeline: &str) -> Option<Vec<SinkSpec>> {
+        let mut out: Vec<SinkSpec> = Vec::new();
         let mut ok = true;
-        for (base, value) in self.items("sink") {
+        let items = self.items("sink");
+        let mut kinds_seen: std::collections::HashMap<SinkKind, usize> = Default::default();
+        for (base, value) in items {
+            let present: Vec<String> = match value.get_ref() {
+                DeValue::Table(t) => t.keys().map(|k| k.get_ref().to_string()).collect(),
+                _ => Vec::new(),
+            };
             let Some(c) = self.part::<SinkConfig>(&base, value) else {
                 ok = false;
                 continue;
             };
-            match c.kind {
-                SinkKind::Jsonl if c.path == "-" => out.push(SinkSpec::Stdout),
-                SinkKind::Jsonl => {
-                    let p = self.resolve(Path::new(&c.path));
-                    match p.parent() {
-                        Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => {
-                            self.err(
-                                &format!("{base}.path"),
-                                format!("folder {} does not exist", d.display()),
-                            );
-                            ok = false;
+            let n = kinds_seen.entry(c.kind).or_default();
+            *n += 1;
+            let name = match &c.name {
+                Some(n) => n.clone(),
+                None if *n == 1 => c.kind.as_str().to_string(),
+                None => format!("{}-{}", c.kind.as_str(), n),
+            };
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                self.err(&format!("{base}.name"), "a sink name needs letters and no spaces");
+                ok = false;
+                continue;
+            }
+            if out.iter().any(|s| s.name == name) {
+                self.err(
+                    &format!("{base}.name"),
+                    format!("two sinks are named `{name}`; give each a distinct `name`"),
+                );
+                ok = false;
+                continue;
+            }
+            let env = |k: &str| std::env::var(k).ok();
+            let ctx = crate::sinks::spec::Ctx {
+                pipeline,
+                dir: self.dir,
+                env: &env,
+            };
+            match crate::sinks::spec::validate(&c, &present, name, &ctx) {
+                Ok(spec) => out.push(spec),
+                Err(problems) => {
+                    ok = false;
+                    for (key, message) in problems {
+                        let full = format!("{base}.{key}");
+                        if self.has(&full) {
+                            self.err(&full, message);
+                        } else {
+                            self.err(&base, format!("{key}: {message}"));
                         }
-                        _ => out.push(SinkSpec::File(p)),
                     }
                 }
             }

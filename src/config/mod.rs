@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::sinks::spec::{SinkConfig, SinkKind, SinkSpec};
 pub use diag::{ConfigErrors, Diagnostic, SourceText, SpanIndex};
 pub use load::{load_pipeline, load_pipeline_str};
 pub use manifest::{
@@ -210,30 +211,6 @@ fn default_queue() -> u32 {
     8
 }
 
-/// Sink types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SinkKind {
-    /// JSON lines to stdout (`path = "-"`) or a file.
-    Jsonl,
-}
-
-/// `[[sink]]`: where results go.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SinkConfig {
-    /// Sink type.
-    #[serde(rename = "type")]
-    pub kind: SinkKind,
-    /// `jsonl`: `-` for stdout, else a file path (created or truncated).
-    #[serde(default = "default_sink_path")]
-    pub path: String,
-}
-
-fn default_sink_path() -> String {
-    "-".into()
-}
-
 /// Where a source's frames come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {
@@ -381,15 +358,6 @@ pub struct StageSpec {
     pub queue: usize,
     /// `text_recognize`: index of the stage whose text boxes it reads.
     pub boxes_from: Option<usize>,
-}
-
-/// A validated sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkSpec {
-    /// JSON lines to stdout.
-    Stdout,
-    /// JSON lines to a file.
-    File(PathBuf),
 }
 
 /// A validated pipeline, ready to build.

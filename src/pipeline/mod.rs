@@ -31,7 +31,7 @@ use crate::clock::{Clock, SharedClock, SystemClock, ms, nanos};
 use crate::config::{Pipeline, PolicyKind};
 use crate::frame::Frame;
 use crate::ingest::{self, IngestError, SourceContext};
-use crate::sinks::{self, Sink, SinkError};
+use crate::sinks::{self, Message, SinkError, SinkHandle};
 use crate::stats::{Stats, Summary};
 use stage::{StageRunner, build_runner};
 
@@ -118,7 +118,14 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
         }
         runners.push(pool);
     }
-    let sinks: Vec<Box<dyn Sink>> = p.sinks.iter().map(sinks::open).collect::<Result<_, _>>()?;
+    let sinks: Vec<SinkHandle> = p
+        .sinks
+        .iter()
+        .map(|s| sinks::open(s, &p.name))
+        .collect::<Result<_, _>>()?;
+    for s in &sinks {
+        stats.register_sink(s.name(), s.counters().clone());
+    }
 
     let started = Instant::now();
     let (publish_tx, publish_rx) = flume::bounded::<Frame>(64);
@@ -620,15 +627,15 @@ fn round3(v: f64) -> f64 {
 fn spawn_publisher(
     p: &Pipeline,
     rx: flume::Receiver<Frame>,
-    mut sinks: Vec<Box<dyn Sink>>,
+    mut sinks: Vec<SinkHandle>,
     stats: Arc<Stats>,
     clock: SharedClock,
 ) -> std::io::Result<JoinHandle<()>> {
     let p = p.clone();
+    let names: Vec<Arc<str>> = p.sources.iter().map(|s| Arc::from(s.name.as_str())).collect();
     std::thread::Builder::new()
         .name("publish".into())
         .spawn(move || {
-            let mut failing = vec![false; sinks.len()];
             for f in rx.iter() {
                 let counters = &stats.streams[f.stream];
                 let now = clock.now();
@@ -636,36 +643,25 @@ fn spawn_publisher(
                     counters.dropped_late.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let line = result_json(&p, &f, now).to_string();
-                let mut ok = true;
-                for (s, failing) in sinks.iter_mut().zip(failing.iter_mut()) {
-                    match s.publish(&line) {
-                        // Log when a sink starts failing and when it recovers, not every frame.
-                        Err(e) => {
-                            if !*failing {
-                                tracing::error!(sink = s.name(), error = %e, "Sink write failed; frames count as failed until it recovers.");
-                            }
-                            *failing = true;
-                            ok = false;
-                        }
-                        Ok(()) if *failing => {
-                            tracing::info!(sink = s.name(), "Sink recovered.");
-                            *failing = false;
-                        }
-                        Ok(()) => {}
-                    }
+                // Published = made on time and handed to every sink; what each sink then
+                // delivered, retried or dropped is in its own counters.
+                let payload: Arc<str> = result_json(&p, &f, now).to_string().into();
+                let offered = Instant::now();
+                for s in sinks.iter_mut() {
+                    s.offer(Message {
+                        stream: names[f.stream].clone(),
+                        seq: f.seq,
+                        payload: payload.clone(),
+                        offered,
+                    });
                 }
-                if ok {
-                    counters.published.fetch_add(1, Ordering::Relaxed);
-                    stats.end_to_end.record(now - f.captured);
-                } else {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
-                }
+                counters.published.fetch_add(1, Ordering::Relaxed);
+                stats.end_to_end.record(now - f.captured);
             }
-            for s in sinks.iter_mut() {
-                if let Err(e) = s.flush() {
-                    tracing::error!(sink = s.name(), error = %e, "Sink flush failed.");
-                }
+            for s in sinks {
+                let name = s.name().to_string();
+                let sum = s.close();
+                tracing::debug!(sink = %name, ?sum, "Sink closed.");
             }
         })
 }

@@ -1,38 +1,223 @@
-//! Where results go. Each published frame becomes one JSON object (schema in the README);
-//! sinks receive it as one line of text.
+//! Where results go. Each published frame becomes one JSON object (schema in the README), handed
+//! to every sink: JSON lines (stdout or a file), MQTT, NATS (core or JetStream), Redis Streams,
+//! Kafka, or an HTTP webhook.
+//!
+//! Every sink is a [`delivery::Transport`] behind the same reliability layer
+//! ([`delivery::SinkHandle`]): a bounded buffer with a `when_full` policy, a delivery thread with
+//! capped exponential backoff and jitter, at-least-once delivery in offer order, and counters
+//! (delivered, retries, resent = possible duplicates, dropped by cause, left at shutdown).
 
+pub mod delivery;
+pub mod http;
 pub mod jsonl;
+pub mod kafka;
+pub mod mqtt;
+pub mod nats;
+pub mod redis;
+pub mod spec;
+pub mod template;
 
-use crate::config::SinkSpec;
+use std::sync::Arc;
+
+pub use delivery::{Message, SinkCounters, SinkHandle, SinkSummary};
+pub use spec::{SinkKind, SinkSpec, Target};
+
+use delivery::{FailureKind, Transport};
 
 /// Errors of sinks.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    /// Writing failed.
-    #[error("sink {sink}: {source}")]
-    Io {
+    /// The sink could not be set up (file, TLS, thread).
+    #[error("sink {sink}: {message}")]
+    Open {
         /// Which sink.
         sink: String,
         /// Why.
-        source: std::io::Error,
+        message: String,
+    },
+    /// The destination refused the credentials (or TLS) at start-up.
+    #[error("sink {sink} ({target}): {message}")]
+    Refused {
+        /// Which sink.
+        sink: String,
+        /// Where it delivers (no credentials).
+        target: String,
+        /// Why.
+        message: String,
+    },
+    /// `check`: the destination could not be reached.
+    #[error("sink {sink} ({target}): {message}")]
+    Unreachable {
+        /// Which sink.
+        sink: String,
+        /// Where it delivers (no credentials).
+        target: String,
+        /// Why.
+        message: String,
     },
 }
 
-/// A destination for results.
-pub trait Sink: Send {
-    /// Name for logs.
-    fn name(&self) -> &str;
-    /// Delivers one result (a JSON object without a trailing newline).
-    fn publish(&mut self, json: &str) -> Result<(), SinkError>;
-    /// Pushes out anything buffered.
-    fn flush(&mut self) -> Result<(), SinkError>;
+impl SinkError {
+    /// Why, without the sink's name.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Open { message, .. }
+            | Self::Refused { message, .. }
+            | Self::Unreachable { message, .. } => message,
+        }
+    }
 }
 
-/// Opens a sink (creating its file), before any frame flows.
-pub fn open(spec: &SinkSpec) -> Result<Box<dyn Sink>, SinkError> {
-    Ok(match spec {
-        SinkSpec::Stdout => Box::new(jsonl::JsonlSink::stdout()),
-        SinkSpec::File(p) => Box::new(jsonl::JsonlSink::file(p)?),
+/// rustls needs a process-wide crypto provider; poolpipe uses ring.
+pub(crate) fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn transport(spec: &SinkSpec, pipeline: &str) -> Result<Box<dyn Transport>, SinkError> {
+    let open_err = |e: std::io::Error| SinkError::Open {
+        sink: spec.name.clone(),
+        message: e.to_string(),
+    };
+    let d = &spec.delivery;
+    Ok(match &spec.target {
+        Target::Stdout => Box::new(jsonl::JsonlSink::stdout()),
+        Target::File(p) => Box::new(jsonl::JsonlSink::file(&spec.name, p)?),
+        Target::Mqtt {
+            addr,
+            topic,
+            qos,
+            client_id,
+            login,
+            tls,
+        } => Box::new(
+            mqtt::MqttSink::new(mqtt::MqttSettings {
+                addr: addr.clone(),
+                topic: topic.clone(),
+                qos: *qos,
+                client_id: client_id.clone(),
+                login: login.clone(),
+                tls: tls.clone(),
+                pipeline: pipeline.to_string(),
+                batch: d.batch,
+                timeout: d.timeout,
+            })
+            .map_err(open_err)?,
+        ),
+        Target::Nats {
+            addr,
+            subject,
+            jetstream,
+            stream,
+            login,
+            token,
+            tls,
+        } => Box::new(
+            nats::NatsSink::new(nats::NatsSettings {
+                addr: addr.clone(),
+                subject: subject.clone(),
+                jetstream: *jetstream,
+                stream: stream.clone(),
+                login: login.clone(),
+                token: token.clone(),
+                tls: tls.clone(),
+                pipeline: pipeline.to_string(),
+                timeout: d.timeout,
+            })
+            .map_err(open_err)?,
+        ),
+        Target::Redis {
+            addr,
+            db,
+            key,
+            maxlen,
+            login,
+        } => Box::new(redis::RedisSink::new(redis::RedisSettings {
+            addr: addr.clone(),
+            db: *db,
+            key: key.clone(),
+            maxlen: *maxlen,
+            login: login.clone(),
+            pipeline: pipeline.to_string(),
+            timeout: d.timeout,
+        })),
+        Target::Kafka {
+            brokers,
+            topic,
+            key,
+            create_topic,
+            login,
+        } => Box::new(
+            kafka::KafkaSink::new(kafka::KafkaSettings {
+                brokers: brokers.clone(),
+                topic: topic.clone(),
+                key: key.clone(),
+                create_topic: *create_topic,
+                login: login.clone(),
+                pipeline: pipeline.to_string(),
+                timeout: d.timeout,
+            })
+            .map_err(open_err)?,
+        ),
+        Target::Http { url, token } => {
+            Box::new(http::HttpSink::new(url.clone(), token.clone(), d.timeout))
+        }
+    })
+}
+
+/// Opens a sink before any frame flows: creates its file or tries its broker once. Refused
+/// credentials stop here with an error naming the sink; an unreachable broker is logged and
+/// retried in the background while results buffer.
+pub fn open(spec: &SinkSpec, pipeline: &str) -> Result<SinkHandle, SinkError> {
+    let mut t = transport(spec, pipeline)?;
+    let connected = match t.connect() {
+        Ok(()) => true,
+        Err(f) if f.kind == FailureKind::Auth => {
+            return Err(SinkError::Refused {
+                sink: spec.name.clone(),
+                target: spec.describe(),
+                message: f.message,
+            });
+        }
+        Err(f) => {
+            tracing::warn!(sink = %spec.name, target = %spec.describe(), error = %f, "Sink not reachable yet; buffering results and retrying.");
+            false
+        }
+    };
+    tracing::debug!(sink = %spec.name, target = %spec.describe(), "Sink open.");
+    SinkHandle::start(
+        spec.name.clone(),
+        t,
+        connected,
+        &spec.delivery,
+        Arc::new(SinkCounters::default()),
+    )
+    .map_err(|e| SinkError::Open {
+        sink: spec.name.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// `poolpipe check`: connects to the destination once (an HTTP sink POSTs an empty array).
+pub fn check(spec: &SinkSpec, pipeline: &str) -> Result<(), SinkError> {
+    if let Target::Http { url, token } = &spec.target {
+        let h = http::HttpSink::new(url.clone(), token.clone(), spec.delivery.timeout);
+        return h.post("[]".into(), 0).map_err(|f| SinkError::Unreachable {
+            sink: spec.name.clone(),
+            target: spec.describe(),
+            message: f.message,
+        });
+    }
+    if let Target::File(_) = &spec.target {
+        // Creating the file would truncate results of an earlier run; validation checked the folder.
+        return Ok(());
+    }
+    let mut t = transport(spec, pipeline)?;
+    let r = t.connect();
+    t.disconnect();
+    r.map_err(|f| SinkError::Unreachable {
+        sink: spec.name.clone(),
+        target: spec.describe(),
+        message: f.message,
     })
 }
 

@@ -1,0 +1,471 @@
+//! `poolpipe bench sinks`: results/s and publish latency of each sink on loopback, against
+//! brokers this bench starts itself (mosquitto, nats-server, redis-server, tansu when installed)
+//! and a webhook receiver in this process, next to the broker's own client tool doing the same
+//! work where Debian has one (mosquitto_pub, redis-benchmark).
+//!
+//! Throughput: `n` results of a realistic size offered at once (buffer = n, block), timed until
+//! the last is acknowledged. Latency: results offered one at a time at a fixed rate; offer to
+//! acknowledgement, p50 and p99.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::sinks::spec::{Ctx, SinkConfig, validate};
+use crate::sinks::{self, Message, SinkSpec};
+
+/// One sink's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Sink.
+    pub sink: String,
+    /// Results per second, poolpipe.
+    pub results_per_s: f64,
+    /// p50 offer-to-ack at the paced rate, ms.
+    pub p50_ms: Option<f64>,
+    /// p99 offer-to-ack at the paced rate, ms.
+    pub p99_ms: Option<f64>,
+    /// The reference client tool, if any.
+    pub tool: Option<String>,
+    /// Its messages per second doing the same work.
+    pub tool_per_s: Option<f64>,
+    /// poolpipe / tool.
+    pub ratio: Option<f64>,
+    /// Why a row is missing figures.
+    pub note: String,
+}
+
+/// The report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Results per throughput run.
+    pub results: usize,
+    /// Payload bytes per result.
+    pub payload_bytes: usize,
+    /// Batch size of the sinks.
+    pub batch: usize,
+    /// Paced rate of the latency runs.
+    pub paced_per_s: f64,
+    /// Rows.
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// A table.
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{} results of {} B per throughput run, batch {}; latency at {:.0} results/s",
+            self.results, self.payload_bytes, self.batch, self.paced_per_s
+        );
+        let _ = writeln!(
+            s,
+            "{:<8} {:>12} {:>8} {:>8} {:<16} {:>12} {:>7}  note",
+            "sink", "results/s", "p50 ms", "p99 ms", "tool", "tool msg/s", "ratio"
+        );
+        let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
+        for r in &self.rows {
+            let _ = writeln!(
+                s,
+                "{:<8} {:>12.0} {:>8} {:>8} {:<16} {:>12} {:>7}  {}",
+                r.sink,
+                r.results_per_s,
+                f(r.p50_ms, 2),
+                f(r.p99_ms, 2),
+                r.tool.as_deref().unwrap_or("-"),
+                f(r.tool_per_s, 0),
+                f(r.ratio, 2),
+                r.note
+            );
+        }
+        s
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start(program: &str, args: &[String], port: u16) -> anyhow::Result<Proc> {
+    let child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {program} (run ./setup.sh): {e}"))?;
+    let p = Proc(child);
+    let until = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < until, "{program} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(p)
+}
+
+/// A webhook receiver answering 200 to every POST (keep-alive).
+fn webhook() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || serve(conn));
+        }
+    });
+    Ok(port)
+}
+
+fn serve(conn: TcpStream) -> Option<()> {
+    let mut r = BufReader::new(conn.try_clone().ok()?);
+    let mut w = conn;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let mut len = 0;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).ok()?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().ok()?;
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).ok()?;
+        w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .ok()?;
+    }
+}
+
+/// A result of realistic size (one OCR'd frame).
+fn payload(seq: u64) -> String {
+    serde_json::json!({
+        "pipeline": "bench", "stream": "cam-1", "seq": seq, "pts_ms": seq as f64 * 33.3,
+        "captured_at": "2026-11-28T13:20:33.123Z", "captured_at_unix_ms": 1_795_872_033_123u64,
+        "latency_ms": {"end_to_end": 41.2, "stages": {"det": 18.4, "rec": 21.9}},
+        "deadline_slack_ms": 58.8,
+        "results": {
+            "det": {"boxes": [[12, 40, 230, 40, 230, 72, 12, 72], [300, 400, 520, 400, 520, 440, 300, 440]]},
+            "rec": {"texts": [{"text": "CAM-01 NORTH GATE", "score": 0.981}, {"text": "2026-11-28 13:20:33", "score": 0.964}]}
+        }
+    })
+    .to_string()
+}
+
+fn spec(toml_text: &str) -> anyhow::Result<SinkSpec> {
+    let table: toml::Table = toml::from_str(toml_text)?;
+    let keys: Vec<String> = table.keys().cloned().collect();
+    let c: SinkConfig = table.try_into()?;
+    let env = |_: &str| None;
+    let ctx = Ctx {
+        pipeline: "bench",
+        dir: Path::new("."),
+        env: &env,
+    };
+    let name = c.kind.as_str().to_string();
+    validate(&c, &keys, name, &ctx).map_err(|p| anyhow::anyhow!("bench sink spec: {p:?}"))
+}
+
+/// Throughput (results/s) and paced latency (p50, p99) of one sink.
+fn measure(
+    spec: &SinkSpec,
+    n: usize,
+    paced: usize,
+    rate: f64,
+) -> anyhow::Result<(f64, Option<f64>, Option<f64>)> {
+    let stream: Arc<str> = Arc::from("cam-1");
+    let payloads: Vec<Arc<str>> = (0..n as u64).map(|s| Arc::from(payload(s))).collect();
+    // Warm-up (connection, topic creation).
+    let mut h = sinks::open(spec, "bench")?;
+    for (i, p) in payloads.iter().take(100).enumerate() {
+        h.offer(Message {
+            stream: stream.clone(),
+            seq: i as u64,
+            payload: p.clone(),
+            offered: Instant::now(),
+        });
+    }
+    let warm = h.close();
+    anyhow::ensure!(warm.delivered == 100.min(n as u64), "warm-up not delivered: {warm:?}");
+    let mut big = spec.clone();
+    big.delivery.buffer = n;
+    big.delivery.when_full = crate::sinks::spec::WhenFull::Block;
+    big.delivery.flush_timeout = Duration::from_secs(120);
+    let mut h = sinks::open(&big, "bench")?;
+    let t0 = Instant::now();
+    for (i, p) in payloads.iter().enumerate() {
+        h.offer(Message {
+            stream: stream.clone(),
+            seq: i as u64,
+            payload: p.clone(),
+            offered: Instant::now(),
+        });
+    }
+    let s = h.close();
+    let secs = t0.elapsed().as_secs_f64();
+    anyhow::ensure!(s.delivered == n as u64, "{} of {n} delivered: {s:?}", s.delivered);
+    let throughput = n as f64 / secs;
+    // Paced: one result every 1/rate s.
+    let mut h = sinks::open(spec, "bench")?;
+    let start = Instant::now();
+    for i in 0..paced {
+        let at = start + Duration::from_secs_f64(i as f64 / rate);
+        if let Some(d) = at.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        h.offer(Message {
+            stream: stream.clone(),
+            seq: i as u64,
+            payload: payloads[i % n].clone(),
+            offered: Instant::now(),
+        });
+    }
+    let s = h.close();
+    anyhow::ensure!(s.delivered == paced as u64, "paced run lost results: {s:?}");
+    Ok((throughput, s.p50_ms, s.p99_ms))
+}
+
+fn mosquitto_pub(port: u16, n: usize) -> anyhow::Result<f64> {
+    let mut lines = String::new();
+    for s in 0..n as u64 {
+        lines.push_str(&payload(s));
+        lines.push('\n');
+    }
+    let t0 = Instant::now();
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "bench/tool"])
+        .args(["-q", "1", "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?
+        .write_all(lines.as_bytes())?;
+    let st = child.wait()?;
+    anyhow::ensure!(st.success(), "mosquitto_pub failed");
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn redis_benchmark(port: u16, n: usize, pipeline: usize) -> anyhow::Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &port.to_string(), "-c", "1", "-q"])
+        .args(["-n", &n.to_string(), "-P", &pipeline.to_string()])
+        .args(["XADD", "bench:tool", "MAXLEN", "~", "100000", "*", "result"])
+        .arg(payload(0))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "XADD ...: 123456.79 requests per second, p50=..." (the last \r-separated part)
+    let last = text.rsplit('\r').next().unwrap_or("");
+    let rps = last
+        .split(':')
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse::<f64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("cannot read redis-benchmark output: {text}"))?;
+    Ok(rps)
+}
+
+/// The Kafka-compatible broker, if installed.
+fn tansu() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("POOLPIPE_TANSU") {
+        return Some(PathBuf::from(p));
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("tansu"))
+            .find(|p| p.is_file())
+    });
+    on_path.or_else(|| {
+        let p = PathBuf::from(".cache/tansu/bin/tansu");
+        p.is_file().then_some(p)
+    })
+}
+
+/// Runs the benchmark.
+pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
+    let dir = tempfile_dir()?;
+    let paced = (rate * 3.0) as usize;
+    let common = format!(
+        "batch = {batch}\nbuffer = 10000\nwhen_full = \"block\"\nflush_timeout_ms = 60000\n"
+    );
+    let mut rows = Vec::new();
+    let mut row = |sink: &str, spec: anyhow::Result<SinkSpec>, tool: Option<(&str, anyhow::Result<f64>)>| {
+        let measured = spec.and_then(|s| measure(&s, n, paced, rate));
+        let (tool_name, tool_rate) = match tool {
+            Some((t, r)) => (Some(t.to_string()), r.ok()),
+            None => (None, None),
+        };
+        let r = match measured {
+            Ok((tput, p50, p99)) => Row {
+                sink: sink.into(),
+                results_per_s: tput,
+                p50_ms: p50,
+                p99_ms: p99,
+                ratio: tool_rate.map(|t| tput / t),
+                tool: tool_name,
+                tool_per_s: tool_rate,
+                note: String::new(),
+            },
+            Err(e) => Row {
+                sink: sink.into(),
+                results_per_s: 0.0,
+                p50_ms: None,
+                p99_ms: None,
+                tool: tool_name,
+                tool_per_s: tool_rate,
+                ratio: None,
+                note: format!("failed: {e}"),
+            },
+        };
+        eprintln!("bench sinks: {} done", r.sink);
+        rows.push(r);
+    };
+
+    // MQTT, QoS 1.
+    let port = free_port()?;
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\nmax_queued_messages 0\n"),
+    )?;
+    let broker = start("mosquitto", &["-c".into(), conf.display().to_string()], port)?;
+    let s = spec(&format!(
+        "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic = \"bench/{{stream}}\"\n{common}"
+    ));
+    let tool = mosquitto_pub(port, n);
+    row("mqtt", s, Some(("mosquitto_pub -q1", tool)));
+    drop(broker);
+
+    // NATS, core and JetStream.
+    let port = free_port()?;
+    let store = dir.join("nats");
+    let broker = start(
+        "nats-server",
+        &[
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-js".into(),
+            "-sd".into(),
+            store.display().to_string(),
+        ],
+        port,
+    )?;
+    let s = spec(&format!(
+        "type = \"nats\"\nurl = \"nats://127.0.0.1:{port}\"\ntopic = \"bench.{{stream}}\"\n{common}"
+    ));
+    row("nats", s, None);
+    let s = spec(&format!(
+        "type = \"nats\"\nurl = \"nats://127.0.0.1:{port}\"\ntopic = \"benchjs.{{stream}}\"\njetstream = true\nstream = \"BENCH\"\n{common}"
+    ));
+    row("nats-js", s, None);
+    drop(broker);
+
+    // Redis Streams.
+    let port = free_port()?;
+    let broker = start(
+        "redis-server",
+        &[
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+        ],
+        port,
+    )?;
+    let s = spec(&format!(
+        "type = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\ntopic = \"bench:{{stream}}\"\n{common}"
+    ));
+    let tool = redis_benchmark(port, n, batch);
+    row("redis", s, Some(("redis-benchmark", tool)));
+    drop(broker);
+
+    // Kafka, when a broker is installed.
+    match tansu() {
+        Some(bin) => {
+            let port = free_port()?;
+            let url = format!("tcp://127.0.0.1:{port}");
+            let broker = start(
+                &bin.display().to_string(),
+                &[
+                    "broker".into(),
+                    "--listener-url".into(),
+                    url.clone(),
+                    "--advertised-listener-url".into(),
+                    url,
+                    "--storage-engine".into(),
+                    "memory://tansu/".into(),
+                ],
+                port,
+            )?;
+            let s = spec(&format!(
+                "type = \"kafka\"\nurl = \"kafka://127.0.0.1:{port}\"\ntopic = \"bench.{{stream}}\"\ncreate_topic = true\n{common}"
+            ));
+            row("kafka", s, None);
+            drop(broker);
+        }
+        None => row(
+            "kafka",
+            Err(anyhow::anyhow!(
+                "no Kafka-compatible broker installed (./setup.sh kafka builds tansu)"
+            )),
+            None,
+        ),
+    }
+
+    // HTTP webhook.
+    let port = webhook()?;
+    let s = spec(&format!(
+        "type = \"http\"\nurl = \"http://127.0.0.1:{port}/hook\"\n{common}"
+    ));
+    row("http", s, None);
+
+    // JSON lines file.
+    let file = dir.join("out.jsonl");
+    let s = spec(&format!("type = \"jsonl\"\npath = \"{}\"\n{common}", file.display()));
+    row("jsonl", s, None);
+
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Report {
+        results: n,
+        payload_bytes: payload(0).len(),
+        batch,
+        paced_per_s: rate,
+        rows,
+    })
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("poolpipe-bench-sinks-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}

@@ -1,0 +1,780 @@
+//! The reliability layer every sink shares: a bounded buffer with a `when_full` policy, a
+//! delivery thread that sends batches through a [`Transport`], retries with capped exponential
+//! backoff and full jitter, and counters for every result.
+//!
+//! For every sink, once it has been closed:
+//! `offered = delivered + dropped_overflow + dropped_rejected + left_at_shutdown`.
+//! Results are delivered in the order they were offered; after a failed attempt the unacknowledged
+//! rest of the batch is sent again, so a result the broker had received but not acknowledged may
+//! arrive twice (counted as `resent`, "duplicates possible"): at-least-once.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::spec::{Delivery, WhenFull};
+use crate::stats::Histogram;
+
+/// One result on its way to a sink.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Stream name (for templates and ordering).
+    pub stream: Arc<str>,
+    /// Frame sequence number within the stream.
+    pub seq: u64,
+    /// The JSON result.
+    pub payload: Arc<str>,
+    /// When the publisher offered it (for delivery latency).
+    pub offered: Instant,
+}
+
+/// How an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The connection or the broker failed; reconnect and send the rest again.
+    Retriable,
+    /// The broker refused the credentials. Retried too (the operator may fix the broker), but
+    /// logged as an error; at start-up it stops the pipeline.
+    Auth,
+    /// The broker refused these results for good (too large, malformed): drop them, counted.
+    Rejected,
+}
+
+/// A failed connect or send.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// Kind.
+    pub kind: FailureKind,
+    /// Leading results of the batch the broker acknowledged before the failure.
+    pub acked: usize,
+    /// Leading results written to the connection (acknowledged or not); `>= acked`.
+    pub sent: usize,
+    /// For [`FailureKind::Rejected`]: results after `acked` the broker refused.
+    pub rejected: usize,
+    /// What went wrong (never with credentials).
+    pub message: String,
+}
+
+impl Failure {
+    /// A retriable failure with nothing acknowledged.
+    pub fn retriable(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Retriable,
+            acked: 0,
+            sent: 0,
+            rejected: 0,
+            message: message.into(),
+        }
+    }
+
+    /// A credentials failure.
+    pub fn auth(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Auth,
+            ..Self::retriable(message)
+        }
+    }
+
+    /// Sets how far the batch got.
+    pub fn progress(mut self, acked: usize, sent: usize) -> Self {
+        self.acked = acked;
+        self.sent = sent.max(acked);
+        self
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A broker connection, driven by one delivery thread. Implementations are blocking; those
+/// built on async clients own a current-thread tokio runtime.
+pub trait Transport: Send {
+    /// Connects (again). Called before the first send and after every failure.
+    fn connect(&mut self) -> Result<(), Failure>;
+    /// Delivers `batch` in order; `Ok` once the destination acknowledged all of it.
+    fn send(&mut self, batch: &[Message]) -> Result<(), Failure>;
+    /// Drops the connection (after a failure, and at the end).
+    fn disconnect(&mut self) {}
+    /// Called about every 100 ms while nothing is buffered (keep-alives).
+    fn idle(&mut self) {}
+}
+
+/// Counters of one sink.
+#[derive(Debug, Default)]
+pub struct SinkCounters {
+    /// Results offered by the publisher.
+    pub offered: AtomicU64,
+    /// Results the destination acknowledged.
+    pub delivered: AtomicU64,
+    /// Failed attempts (connects or sends) that were retried.
+    pub retries: AtomicU64,
+    /// Results sent again after a failed attempt that had already written them: each may be a
+    /// duplicate at the destination.
+    pub resent: AtomicU64,
+    /// Results dropped because the buffer was full (`drop_oldest`, `drop_newest`).
+    pub dropped_overflow: AtomicU64,
+    /// Results the destination refused for good.
+    pub dropped_rejected: AtomicU64,
+    /// Results still buffered when the shutdown flush deadline passed.
+    pub left_at_shutdown: AtomicU64,
+    /// Results in the buffer now.
+    pub buffered: AtomicU64,
+    /// Time from offer to acknowledgement.
+    pub latency: Histogram,
+}
+
+/// A snapshot of [`SinkCounters`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SinkSummary {
+    /// Sink name.
+    pub name: String,
+    /// Offered.
+    pub offered: u64,
+    /// Delivered.
+    pub delivered: u64,
+    /// Retried attempts.
+    pub retries: u64,
+    /// Possible duplicates.
+    pub resent: u64,
+    /// Dropped, buffer full.
+    pub dropped_overflow: u64,
+    /// Dropped, refused by the destination.
+    pub dropped_rejected: u64,
+    /// Not delivered by the shutdown deadline.
+    pub left_at_shutdown: u64,
+    /// In the buffer now.
+    pub buffered: u64,
+    /// Median offer-to-acknowledgement time, ms.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile offer-to-acknowledgement time, ms.
+    pub p99_ms: Option<f64>,
+}
+
+impl SinkCounters {
+    /// A snapshot.
+    pub fn summary(&self, name: &str) -> SinkSummary {
+        SinkSummary {
+            name: name.to_string(),
+            offered: self.offered.load(Relaxed),
+            delivered: self.delivered.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            resent: self.resent.load(Relaxed),
+            dropped_overflow: self.dropped_overflow.load(Relaxed),
+            dropped_rejected: self.dropped_rejected.load(Relaxed),
+            left_at_shutdown: self.left_at_shutdown.load(Relaxed),
+            buffered: self.buffered.load(Relaxed),
+            p50_ms: self.latency.quantile_ms(0.5),
+            p99_ms: self.latency.quantile_ms(0.99),
+        }
+    }
+}
+
+impl SinkSummary {
+    /// Whether every offered result is accounted for (after close).
+    pub fn balanced(&self) -> bool {
+        self.offered
+            == self.delivered
+                + self.dropped_overflow
+                + self.dropped_rejected
+                + self.left_at_shutdown
+                + self.buffered
+    }
+}
+
+/// What happened to an offered result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Buffered.
+    Queued,
+    /// Buffered; the oldest buffered result was dropped for it.
+    DroppedOldest,
+    /// Not buffered: the buffer was full.
+    DroppedNewest,
+    /// Not buffered: the sink is closed.
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct BufState {
+    queue: VecDeque<Message>,
+    closed: bool,
+}
+
+/// A bounded FIFO of results with a `when_full` policy.
+#[derive(Debug)]
+pub struct Buffer {
+    state: Mutex<BufState>,
+    items: Condvar,
+    room: Condvar,
+    capacity: usize,
+    policy: WhenFull,
+}
+
+impl Buffer {
+    /// An empty buffer.
+    pub fn new(capacity: usize, policy: WhenFull) -> Self {
+        Self {
+            state: Mutex::new(BufState::default()),
+            items: Condvar::new(),
+            room: Condvar::new(),
+            capacity: capacity.max(1),
+            policy,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BufState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a result, applying the policy when full (`block` waits for room).
+    pub fn offer(&self, m: Message) -> Offer {
+        let mut s = self.lock();
+        let mut outcome = Offer::Queued;
+        while s.queue.len() >= self.capacity && !s.closed {
+            match self.policy {
+                WhenFull::Block => s = self.room.wait(s).unwrap_or_else(|e| e.into_inner()),
+                WhenFull::DropOldest => {
+                    s.queue.pop_front();
+                    outcome = Offer::DroppedOldest;
+                }
+                WhenFull::DropNewest => return Offer::DroppedNewest,
+            }
+        }
+        if s.closed {
+            return Offer::Closed;
+        }
+        s.queue.push_back(m);
+        drop(s);
+        self.items.notify_one();
+        outcome
+    }
+
+    /// Moves up to `max` results into `out`, waiting up to `wait` for the first. Returns `false`
+    /// once the buffer is closed and empty.
+    pub fn take(&self, max: usize, out: &mut Vec<Message>, wait: Duration) -> bool {
+        let mut s = self.lock();
+        if s.queue.is_empty() && !s.closed {
+            s = self
+                .items
+                .wait_timeout(s, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let n = s.queue.len().min(max);
+        out.extend(s.queue.drain(..n));
+        let open = !(s.closed && s.queue.is_empty() && n == 0);
+        drop(s);
+        if n > 0 {
+            self.room.notify_all();
+        }
+        open
+    }
+
+    /// Refuses further offers and wakes every waiter.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.items.notify_all();
+        self.room.notify_all();
+    }
+
+    /// Empties the buffer, returning how many results it held.
+    pub fn drain(&self) -> usize {
+        let n = {
+            let mut s = self.lock();
+            let n = s.queue.len();
+            s.queue.clear();
+            n
+        };
+        self.room.notify_all();
+        n
+    }
+
+    /// Results held.
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Capped exponential backoff with full jitter: attempt `n` waits a uniform random time in
+/// `[0, min(max, initial * 2^n)]`, never less than `initial / 2`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+    rng: u64,
+}
+
+impl Backoff {
+    /// A fresh backoff; `seed` makes the jitter repeatable.
+    pub fn new(initial: Duration, max: Duration, seed: u64) -> Self {
+        Self {
+            initial,
+            max: max.max(initial),
+            attempt: 0,
+            rng: seed | 1,
+        }
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11;
+        let unit = r as f64 / (1u64 << 53) as f64;
+        cap.mul_f64(unit).max(self.initial / 2)
+    }
+
+    /// Back to the first delay (after a success).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A running sink: its buffer, counters and delivery thread.
+pub struct SinkHandle {
+    name: String,
+    buffer: Arc<Buffer>,
+    counters: Arc<SinkCounters>,
+    flush_deadline: Arc<Mutex<Option<Instant>>>,
+    flush_timeout: Duration,
+    thread: Option<JoinHandle<()>>,
+    overflowing: bool,
+}
+
+impl SinkHandle {
+    /// Starts the delivery thread of `transport`; `connected` says whether it already is.
+    pub fn start(
+        name: String,
+        transport: Box<dyn Transport>,
+        connected: bool,
+        delivery: &Delivery,
+        counters: Arc<SinkCounters>,
+    ) -> std::io::Result<Self> {
+        let buffer = Arc::new(Buffer::new(delivery.buffer, delivery.when_full));
+        let flush_deadline = Arc::new(Mutex::new(None));
+        let worker = Worker {
+            name: name.clone(),
+            transport,
+            buffer: buffer.clone(),
+            counters: counters.clone(),
+            delivery: delivery.clone(),
+            flush_deadline: flush_deadline.clone(),
+            connected,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("sink-{name}"))
+            .spawn(move || worker.run())?;
+        Ok(Self {
+            name,
+            buffer,
+            counters,
+            flush_deadline,
+            flush_timeout: delivery.flush_timeout,
+            thread: Some(thread),
+            overflowing: false,
+        })
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &Arc<SinkCounters> {
+        &self.counters
+    }
+
+    /// Hands a result to the sink (may block under `when_full = "block"`).
+    pub fn offer(&mut self, m: Message) {
+        self.counters.offered.fetch_add(1, Relaxed);
+        let outcome = self.buffer.offer(m);
+        if outcome == Offer::Queued {
+            self.counters.buffered.fetch_add(1, Relaxed);
+        } else {
+            self.counters.dropped_overflow.fetch_add(1, Relaxed);
+            if !self.overflowing {
+                self.overflowing = true;
+                tracing::warn!(
+                    sink = %self.name,
+                    "Sink buffer full: dropping results ({outcome:?}) until it drains; see dropped_overflow."
+                );
+            }
+        }
+        if self.overflowing && outcome == Offer::Queued && self.buffer.len() * 2 < self.buffer.capacity {
+            self.overflowing = false;
+            tracing::info!(sink = %self.name, dropped = self.counters.dropped_overflow.load(Relaxed), "Sink buffer has room again.");
+        }
+    }
+
+    /// Delivers what is buffered within the flush timeout, stops the thread and returns the
+    /// final counters.
+    pub fn close(mut self) -> SinkSummary {
+        self.shutdown();
+        self.counters.summary(&self.name)
+    }
+
+    fn shutdown(&mut self) {
+        let Some(t) = self.thread.take() else { return };
+        *self
+            .flush_deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + self.flush_timeout);
+        self.buffer.close();
+        if t.join().is_err() {
+            tracing::error!(sink = %self.name, "Sink thread panicked.");
+            let left = self.buffer.drain() as u64;
+            self.counters.left_at_shutdown.fetch_add(left, Relaxed);
+        }
+        let left = self.counters.left_at_shutdown.load(Relaxed);
+        if left > 0 {
+            tracing::error!(sink = %self.name, left, "Sink shut down with undelivered results.");
+        }
+    }
+}
+
+impl Drop for SinkHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Worker {
+    name: String,
+    transport: Box<dyn Transport>,
+    buffer: Arc<Buffer>,
+    counters: Arc<SinkCounters>,
+    delivery: Delivery,
+    flush_deadline: Arc<Mutex<Option<Instant>>>,
+    connected: bool,
+}
+
+impl Worker {
+    fn deadline(&self) -> Option<Instant> {
+        *self.flush_deadline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Sleeps `d`, or less if the flush deadline comes first.
+    fn pause(&self, d: Duration) {
+        let end = Instant::now() + d;
+        loop {
+            let now = Instant::now();
+            let until = self.deadline().map_or(end, |x| x.min(end));
+            if now >= until {
+                return;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(50)));
+        }
+    }
+
+    fn delivered(&self, batch: &[Message]) {
+        let now = Instant::now();
+        for m in batch {
+            self.counters
+                .latency
+                .record(now.duration_since(m.offered).as_nanos() as u64);
+        }
+        let n = batch.len() as u64;
+        self.counters.delivered.fetch_add(n, Relaxed);
+    }
+
+    fn run(mut self) {
+        let seed = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let mut backoff = Backoff::new(
+            self.delivery.retry_initial,
+            self.delivery.retry_max,
+            seed ^ std::process::id() as u64,
+        );
+        let mut inflight: Vec<Message> = Vec::with_capacity(self.delivery.batch);
+        // Messages at the front of `inflight` that a failed attempt had written.
+        let mut written = 0usize;
+        let mut connected = self.connected;
+        // Since when delivery has been failing, and the last error logged.
+        let mut outage: Option<(Instant, String)> = None;
+        loop {
+            if inflight.is_empty() {
+                let open = self.buffer.take(
+                    self.delivery.batch,
+                    &mut inflight,
+                    Duration::from_millis(100),
+                );
+                self.counters
+                    .buffered
+                    .fetch_sub(inflight.len() as u64, Relaxed);
+                if !open {
+                    break;
+                }
+                if inflight.is_empty() {
+                    if connected {
+                        self.transport.idle();
+                    }
+                    continue;
+                }
+            }
+            if self.past_deadline() {
+                break;
+            }
+            let attempt = if connected {
+                Ok(())
+            } else {
+                self.transport.connect()
+            };
+            let result = attempt.and_then(|()| {
+                connected = true;
+                self.transport.send(&inflight)
+            });
+            match result {
+                Ok(()) => {
+                    self.delivered(&inflight);
+                    inflight.clear();
+                    written = 0;
+                    backoff.reset();
+                    if let Some((since, _)) = outage.take() {
+                        tracing::info!(
+                            sink = %self.name,
+                            outage_s = since.elapsed().as_secs_f64(),
+                            retries = self.counters.retries.load(Relaxed),
+                            "Sink delivering again."
+                        );
+                    }
+                }
+                Err(f) => {
+                    let acked = f.acked.min(inflight.len());
+                    self.delivered(&inflight[..acked]);
+                    inflight.drain(..acked);
+                    written = written.saturating_sub(acked);
+                    if f.kind == FailureKind::Rejected {
+                        let n = f.rejected.clamp(1, inflight.len().max(1)).min(inflight.len());
+                        inflight.drain(..n);
+                        written = written.saturating_sub(n);
+                        self.counters.dropped_rejected.fetch_add(n as u64, Relaxed);
+                        tracing::error!(sink = %self.name, results = n, error = %f, "Destination refused results; dropped.");
+                        continue;
+                    }
+                    // Those written in this attempt beyond the acknowledged ones will go again.
+                    let now_written = f.sent.saturating_sub(acked).min(inflight.len());
+                    if now_written > written {
+                        self.counters
+                            .resent
+                            .fetch_add((now_written - written) as u64, Relaxed);
+                        written = now_written;
+                    }
+                    connected = false;
+                    self.transport.disconnect();
+                    self.counters.retries.fetch_add(1, Relaxed);
+                    let changed = outage.as_ref().is_none_or(|(_, m)| *m != f.message);
+                    if changed {
+                        if f.kind == FailureKind::Auth {
+                            tracing::error!(sink = %self.name, error = %f, "Sink refused by the destination (credentials); retrying.");
+                        } else {
+                            tracing::warn!(sink = %self.name, error = %f, buffered = self.buffer.len(), "Sink delivery failed; buffering and retrying.");
+                        }
+                    }
+                    let since = outage.map_or_else(Instant::now, |(s, _)| s);
+                    outage = Some((since, f.message));
+                    self.pause(backoff.next_delay());
+                }
+            }
+        }
+        let left = inflight.len() + self.buffer.drain();
+        self.counters.buffered.store(0, Relaxed);
+        self.counters
+            .left_at_shutdown
+            .fetch_add(left as u64, Relaxed);
+        self.transport.disconnect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64) -> Message {
+        Message {
+            stream: "s".into(),
+            seq,
+            payload: format!("{{\"seq\":{seq}}}").into(),
+            offered: Instant::now(),
+        }
+    }
+
+    fn seqs(b: &Buffer) -> Vec<u64> {
+        let mut out = Vec::new();
+        b.take(100, &mut out, Duration::ZERO);
+        out.iter().map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn full_buffers_follow_their_policy() {
+        let b = Buffer::new(2, WhenFull::DropOldest);
+        assert_eq!(b.offer(msg(1)), Offer::Queued);
+        assert_eq!(b.offer(msg(2)), Offer::Queued);
+        assert_eq!(b.offer(msg(3)), Offer::DroppedOldest);
+        assert_eq!(seqs(&b), [2, 3]);
+        let b = Buffer::new(2, WhenFull::DropNewest);
+        b.offer(msg(1));
+        b.offer(msg(2));
+        assert_eq!(b.offer(msg(3)), Offer::DroppedNewest);
+        assert_eq!(seqs(&b), [1, 2]);
+    }
+
+    #[test]
+    fn a_blocked_offer_waits_for_room_and_close_releases_it() {
+        let b = Arc::new(Buffer::new(1, WhenFull::Block));
+        b.offer(msg(1));
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || b2.offer(msg(2)));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "offer into a full blocking buffer returned");
+        assert_eq!(seqs(&b), [1]);
+        assert_eq!(t.join().unwrap(), Offer::Queued);
+        assert_eq!(seqs(&b), [2]);
+        assert_eq!(b.offer(msg(3)), Offer::Queued);
+        let b3 = b.clone();
+        let t = std::thread::spawn(move || b3.offer(msg(4)));
+        std::thread::sleep(Duration::from_millis(20));
+        b.close();
+        assert_eq!(t.join().unwrap(), Offer::Closed);
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2), 7);
+        let d: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+        assert!(d.iter().all(|x| *x >= Duration::from_millis(50) && *x <= Duration::from_secs(2)));
+        assert!(d[0] <= Duration::from_millis(100));
+        let late_max = d[6..].iter().max().unwrap();
+        assert!(*late_max > Duration::from_millis(400), "{d:?}");
+        let distinct: std::collections::HashSet<_> = d.iter().collect();
+        assert!(distinct.len() > 8, "no jitter: {d:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    /// A transport that fails on a schedule, recording what it was sent.
+    struct Flaky {
+        log: Arc<Mutex<Vec<u64>>>,
+        /// Per send call: how many to accept before failing (None = accept all).
+        plan: VecDeque<Option<(usize, FailureKind)>>,
+    }
+
+    impl Transport for Flaky {
+        fn connect(&mut self) -> Result<(), Failure> {
+            Ok(())
+        }
+        fn send(&mut self, batch: &[Message]) -> Result<(), Failure> {
+            let step = self.plan.pop_front().flatten();
+            let mut log = self.log.lock().unwrap();
+            match step {
+                None => {
+                    log.extend(batch.iter().map(|m| m.seq));
+                    Ok(())
+                }
+                Some((n, kind)) => {
+                    let n = n.min(batch.len());
+                    log.extend(batch[..n].iter().map(|m| m.seq));
+                    let mut f = Failure::retriable("boom").progress(n, batch.len());
+                    f.kind = kind;
+                    f.rejected = 1;
+                    Err(f)
+                }
+            }
+        }
+    }
+
+    fn delivery(batch: usize) -> Delivery {
+        Delivery {
+            batch,
+            retry_initial: Duration::from_millis(1),
+            retry_max: Duration::from_millis(2),
+            ..Delivery::default()
+        }
+    }
+
+    #[test]
+    fn failures_resend_the_unacknowledged_rest_in_order() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let t = Flaky {
+            log: log.clone(),
+            plan: [
+                Some((2, FailureKind::Retriable)),
+                Some((0, FailureKind::Rejected)),
+                None,
+            ]
+            .into(),
+        };
+        let counters = Arc::new(SinkCounters::default());
+        let mut h = SinkHandle::start("t".into(), Box::new(t), true, &delivery(4), counters).unwrap();
+        for s in 0..10 {
+            h.offer(msg(s));
+        }
+        let sum = h.close();
+        let log = log.lock().unwrap().clone();
+        // Attempt 1 acked up to 2 of its batch and failed; attempt 2 had one refused; the rest went.
+        assert_eq!(sum.offered, 10);
+        assert_eq!(sum.dropped_rejected, 1);
+        assert_eq!(sum.delivered, 9);
+        assert!(sum.balanced(), "{sum:?}");
+        assert_eq!(sum.retries, 1);
+        let mut sorted = log.clone();
+        sorted.sort_unstable();
+        assert_eq!(log, sorted, "out of order: {log:?}");
+        assert_eq!(log.len(), 9);
+    }
+
+    #[test]
+    fn a_dead_destination_is_reported_as_left_at_shutdown() {
+        struct Dead;
+        impl Transport for Dead {
+            fn connect(&mut self) -> Result<(), Failure> {
+                Err(Failure::retriable("connection refused"))
+            }
+            fn send(&mut self, _: &[Message]) -> Result<(), Failure> {
+                unreachable!()
+            }
+        }
+        let d = Delivery {
+            flush_timeout: Duration::from_millis(50),
+            buffer: 3,
+            ..delivery(2)
+        };
+        let counters = Arc::new(SinkCounters::default());
+        let mut h = SinkHandle::start("dead".into(), Box::new(Dead), false, &d, counters).unwrap();
+        for s in 0..6 {
+            h.offer(msg(s));
+        }
+        let sum = h.close();
+        assert_eq!(sum.delivered, 0);
+        assert!(sum.retries >= 1);
+        assert_eq!(sum.offered, 6);
+        assert!(sum.dropped_overflow >= 1, "{sum:?}");
+        assert!(sum.balanced(), "{sum:?}");
+        assert_eq!(sum.left_at_shutdown + sum.dropped_overflow, 6);
+    }
+}
