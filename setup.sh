@@ -137,6 +137,7 @@ case "${1:-}" in
   kafka) install_tansu ;;
   test)
     install_tansu
+    export POOLPIPE_TANSU="$ROOT/.cache/tansu/bin/tansu"   # so the Kafka test runs rather than skips
     log "Running the test suite."
     cargo fmt --all -- --check
     cargo test --release --locked -- --test-threads=2 "${@:2}"

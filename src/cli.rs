@@ -650,7 +650,11 @@ fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     if failed > 0 {
-        eprintln!("{}: {failed} of {} sink(s) failed", path.display(), p.sinks.len());
+        eprintln!(
+            "{}: {failed} of {} sink(s) failed",
+            path.display(),
+            p.sinks.len()
+        );
         ExitCode::from(EXIT_RUNTIME)
     } else {
         ExitCode::SUCCESS

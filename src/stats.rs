@@ -344,7 +344,15 @@ impl Summary {
             let _ = writeln!(
                 s,
                 "{:<20} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8}",
-                "sink", "offered", "delivered", "retries", "resent", "overflow", "refused", "left", "p99 ms"
+                "sink",
+                "offered",
+                "delivered",
+                "retries",
+                "resent",
+                "overflow",
+                "refused",
+                "left",
+                "p99 ms"
             );
             for k in &self.sinks {
                 let _ = writeln!(

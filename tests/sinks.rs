@@ -73,7 +73,8 @@ impl Broker {
         }
         // Wait until the port is free again.
         let until = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < until
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && Instant::now() < until
         {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -146,7 +147,8 @@ fn sink_counters(summary: &Value, name: &str) -> Value {
 }
 
 fn n(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"))
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} missing in {v}"))
 }
 
 /// Checks a sink's accounting identity and returns (delivered, dropped_overflow, resent).
@@ -161,7 +163,11 @@ fn sink_balance(summary: &Value, name: &str) -> (u64, u64, u64) {
             + n(&s, "buffered"),
         "sink accounting broken: {s}"
     );
-    (n(&s, "delivered"), n(&s, "dropped_overflow"), n(&s, "resent"))
+    (
+        n(&s, "delivered"),
+        n(&s, "dropped_overflow"),
+        n(&s, "resent"),
+    )
 }
 
 /// Every result of the ground-truth file, by (stream, seq).
@@ -170,7 +176,10 @@ fn truth(dir: &Path) -> BTreeMap<(String, u64), Value> {
         .into_iter()
         .map(|v| {
             (
-                (v["stream"].as_str().unwrap().to_string(), v["seq"].as_u64().unwrap()),
+                (
+                    v["stream"].as_str().unwrap().to_string(),
+                    v["seq"].as_u64().unwrap(),
+                ),
                 v,
             )
         })
@@ -179,11 +188,22 @@ fn truth(dir: &Path) -> BTreeMap<(String, u64), Value> {
 
 /// Checks received results against the truth. `exact`: no duplicates allowed and every result
 /// expected. Returns the number of duplicates.
-fn check_received(received: &[Value], truth: &BTreeMap<(String, u64), Value>, exact: bool) -> usize {
+fn check_received(
+    received: &[Value],
+    truth: &BTreeMap<(String, u64), Value>,
+    exact: bool,
+) -> usize {
     let mut seen: HashMap<(String, u64), usize> = HashMap::new();
     let mut last: HashMap<String, u64> = HashMap::new();
     for v in received {
-        for key in ["pipeline", "stream", "seq", "captured_at", "latency_ms", "results"] {
+        for key in [
+            "pipeline",
+            "stream",
+            "seq",
+            "captured_at",
+            "latency_ms",
+            "results",
+        ] {
             assert!(v.get(key).is_some(), "result without `{key}`: {v}");
         }
         let stream = v["stream"].as_str().unwrap().to_string();
@@ -335,7 +355,10 @@ impl MqttSubscriber {
             .map(|l| {
                 let (topic, payload) = l.split_once(' ').unwrap();
                 let v: Value = serde_json::from_str(payload).unwrap();
-                assert_eq!(topic, format!("cams/{}/results", v["stream"].as_str().unwrap()));
+                assert_eq!(
+                    topic,
+                    format!("cams/{}/results", v["stream"].as_str().unwrap())
+                );
                 v
             })
             .collect()
@@ -387,12 +410,20 @@ fn mqtt_outage_buffers_and_delivers_everything_after_the_broker_returns() {
     let got = sub.finish(truth.len());
     let dups = check_received(&got, &truth, false);
     let (delivered, dropped, resent) = sink_balance(&summary, "mqtt");
-    assert_eq!((delivered, dropped), (300, 0), "{}", sink_counters(&summary, "mqtt"));
+    assert_eq!(
+        (delivered, dropped),
+        (300, 0),
+        "{}",
+        sink_counters(&summary, "mqtt")
+    );
     assert!(
         dups as u64 <= resent,
         "{dups} duplicates arrived but only {resent} results were counted as resent"
     );
-    assert!(n(&sink_counters(&summary, "mqtt"), "retries") > 0, "no retry seen:\n{stderr}");
+    assert!(
+        n(&sink_counters(&summary, "mqtt"), "retries") > 0,
+        "no retry seen:\n{stderr}"
+    );
     assert!(stderr.contains("Sink delivering again"), "{stderr}");
 }
 
@@ -412,7 +443,10 @@ fn a_long_outage_overflows_the_buffer_and_the_drops_are_counted() {
     broker.restart();
     let (summary, stderr) = runner.join().unwrap();
     let (delivered, dropped, _) = sink_balance(&summary, "mqtt");
-    assert!(dropped >= 40, "a 2 s outage at 100 results/s should overflow 20: {dropped}");
+    assert!(
+        dropped >= 40,
+        "a 2 s outage at 100 results/s should overflow 20: {dropped}"
+    );
     assert!(delivered >= 50, "{}", sink_counters(&summary, "mqtt"));
     assert!(stderr.contains("Sink buffer full"), "{stderr}");
     // The pipeline itself did not stall: every frame was published on time.
@@ -434,7 +468,10 @@ fn a_wrong_mqtt_password_is_a_clear_error_that_never_shows_the_password() {
     assert!(!ok, "ran with a wrong password:\n{stderr}");
     assert!(stderr.contains("sink alarms"), "{stderr}");
     assert!(stderr.contains("refused the credentials"), "{stderr}");
-    assert!(!stderr.contains("wrong-pass-456"), "password in the log:\n{stderr}");
+    assert!(
+        !stderr.contains("wrong-pass-456"),
+        "password in the log:\n{stderr}"
+    );
     // The right one works, and is not printed either.
     let (summary, stderr) = run(&p, &[("POOLPIPE_TEST_MQTT_PW", "right-pass-123")]);
     assert_eq!(sink_balance(&summary, "alarms").0, 10);
@@ -445,7 +482,8 @@ fn a_wrong_mqtt_password_is_a_clear_error_that_never_shows_the_password() {
         .env("POOLPIPE_TEST_MQTT_PW", "wrong-pass-456")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("alarms") && text.contains("FAILED"), "{text}");
     assert!(text.contains("jsonl") && text.contains("ok"), "{text}");
@@ -738,7 +776,9 @@ fn webhook(script: Vec<u16>) -> Webhook {
                     let status = script.lock().unwrap().pop_front().unwrap_or(200);
                     if (200..300).contains(&status) {
                         let v: Value = serde_json::from_slice(&body).unwrap();
-                        b.lock().unwrap().extend(v.as_array().unwrap().iter().cloned());
+                        b.lock()
+                            .unwrap()
+                            .extend(v.as_array().unwrap().iter().cloned());
                     }
                     let reply = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
                     if w.write_all(reply.as_bytes()).is_err() {
@@ -773,14 +813,23 @@ fn the_webhook_gets_json_batches_retries_5xx_and_drops_what_it_refuses() {
     let got = hook.bodies.lock().unwrap().clone();
     assert_eq!(got.len() as u64 + refused, 80, "{s}");
     assert_eq!(n(&s, "delivered"), got.len() as u64);
-    assert!(hook.auth.lock().unwrap().iter().all(|a| a == "Bearer tok-secret-1"));
+    assert!(
+        hook.auth
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|a| a == "Bearer tok-secret-1")
+    );
     assert!(!stderr.contains("tok-secret-1"), "{stderr}");
     assert!(stderr.contains("refused results"), "{stderr}");
     // What arrived is in order per stream and equal to the file's results.
     let t = truth(dir.path());
     let mut last: HashMap<String, u64> = HashMap::new();
     for v in &got {
-        let (stream, seq) = (v["stream"].as_str().unwrap().to_string(), v["seq"].as_u64().unwrap());
+        let (stream, seq) = (
+            v["stream"].as_str().unwrap().to_string(),
+            v["seq"].as_u64().unwrap(),
+        );
         assert!(last.get(&stream).is_none_or(|p| seq > *p));
         last.insert(stream.clone(), seq);
         assert_eq!(Some(v), t.get(&(stream, seq)));

@@ -390,7 +390,12 @@ when_full = "sometimes"
     );
     let errs = errors(&text);
     has(&errs, 16, "sink[0].url", "bad port `99999`");
-    has(&errs, 17, "sink[0].topic", "unknown template field `{camera}`");
+    has(
+        &errs,
+        17,
+        "sink[0].topic",
+        "unknown template field `{camera}`",
+    );
     has(&errs, 23, "sink[1].qos", "does not apply to redis sinks");
     has(
         &errs,

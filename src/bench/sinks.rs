@@ -208,7 +208,10 @@ fn measure(
         });
     }
     let warm = h.close();
-    anyhow::ensure!(warm.delivered == 100.min(n as u64), "warm-up not delivered: {warm:?}");
+    anyhow::ensure!(
+        warm.delivered == 100.min(n as u64),
+        "warm-up not delivered: {warm:?}"
+    );
     let mut big = spec.clone();
     big.delivery.buffer = n;
     big.delivery.when_full = crate::sinks::spec::WhenFull::Block;
@@ -225,7 +228,11 @@ fn measure(
     }
     let s = h.close();
     let secs = t0.elapsed().as_secs_f64();
-    anyhow::ensure!(s.delivered == n as u64, "{} of {n} delivered: {s:?}", s.delivered);
+    anyhow::ensure!(
+        s.delivered == n as u64,
+        "{} of {n} delivered: {s:?}",
+        s.delivered
+    );
     let throughput = n as f64 / secs;
     // Paced: one result every 1/rate s.
     let mut h = sinks::open(spec, "bench")?;
@@ -255,7 +262,14 @@ fn mosquitto_pub(port: u16, n: usize) -> anyhow::Result<f64> {
     }
     let t0 = Instant::now();
     let mut child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "bench/tool"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "bench/tool",
+        ])
         .args(["-q", "1", "-l"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -313,46 +327,53 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
         "batch = {batch}\nbuffer = 10000\nwhen_full = \"block\"\nflush_timeout_ms = 60000\n"
     );
     let mut rows = Vec::new();
-    let mut row = |sink: &str, spec: anyhow::Result<SinkSpec>, tool: Option<(&str, anyhow::Result<f64>)>| {
-        let measured = spec.and_then(|s| measure(&s, n, paced, rate));
-        let (tool_name, tool_rate) = match tool {
-            Some((t, r)) => (Some(t.to_string()), r.ok()),
-            None => (None, None),
+    let mut row =
+        |sink: &str, spec: anyhow::Result<SinkSpec>, tool: Option<(&str, anyhow::Result<f64>)>| {
+            let measured = spec.and_then(|s| measure(&s, n, paced, rate));
+            let (tool_name, tool_rate) = match tool {
+                Some((t, r)) => (Some(t.to_string()), r.ok()),
+                None => (None, None),
+            };
+            let r = match measured {
+                Ok((tput, p50, p99)) => Row {
+                    sink: sink.into(),
+                    results_per_s: tput,
+                    p50_ms: p50,
+                    p99_ms: p99,
+                    ratio: tool_rate.map(|t| tput / t),
+                    tool: tool_name,
+                    tool_per_s: tool_rate,
+                    note: String::new(),
+                },
+                Err(e) => Row {
+                    sink: sink.into(),
+                    results_per_s: 0.0,
+                    p50_ms: None,
+                    p99_ms: None,
+                    tool: tool_name,
+                    tool_per_s: tool_rate,
+                    ratio: None,
+                    note: format!("failed: {e}"),
+                },
+            };
+            eprintln!("bench sinks: {} done", r.sink);
+            rows.push(r);
         };
-        let r = match measured {
-            Ok((tput, p50, p99)) => Row {
-                sink: sink.into(),
-                results_per_s: tput,
-                p50_ms: p50,
-                p99_ms: p99,
-                ratio: tool_rate.map(|t| tput / t),
-                tool: tool_name,
-                tool_per_s: tool_rate,
-                note: String::new(),
-            },
-            Err(e) => Row {
-                sink: sink.into(),
-                results_per_s: 0.0,
-                p50_ms: None,
-                p99_ms: None,
-                tool: tool_name,
-                tool_per_s: tool_rate,
-                ratio: None,
-                note: format!("failed: {e}"),
-            },
-        };
-        eprintln!("bench sinks: {} done", r.sink);
-        rows.push(r);
-    };
 
     // MQTT, QoS 1.
     let port = free_port()?;
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\nmax_queued_messages 0\n"),
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\nmax_queued_messages 0\n"
+        ),
     )?;
-    let broker = start("mosquitto", &["-c".into(), conf.display().to_string()], port)?;
+    let broker = start(
+        "mosquitto",
+        &["-c".into(), conf.display().to_string()],
+        port,
+    )?;
     let s = spec(&format!(
         "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic = \"bench/{{stream}}\"\n{common}"
     ));
@@ -451,7 +472,10 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
 
     // JSON lines file.
     let file = dir.join("out.jsonl");
-    let s = spec(&format!("type = \"jsonl\"\npath = \"{}\"\n{common}", file.display()));
+    let s = spec(&format!(
+        "type = \"jsonl\"\npath = \"{}\"\n{common}",
+        file.display()
+    ));
     row("jsonl", s, None);
 
     let _ = std::fs::remove_dir_all(&dir);

@@ -309,7 +309,10 @@ impl<'a> Validator<'_, 'a> {
             header.as_ref().map(|h| h.slo_ms),
             profiles.as_ref().map(|p| (p, bandwidth)),
         );
-        let pipeline_name = header.as_ref().map_or("pipeline", |h| h.name.as_str()).to_string();
+        let pipeline_name = header
+            .as_ref()
+            .map_or("pipeline", |h| h.name.as_str())
+            .to_string();
         let sinks = self.sinks(&pipeline_name);
         let h = header?;
         Some(Pipeline {
@@ -875,7 +878,10 @@ impl<'a> Validator<'_, 'a> {
                 None => format!("{}-{}", c.kind.as_str(), n),
             };
             if name.is_empty() || name.contains(char::is_whitespace) {
-                self.err(&format!("{base}.name"), "a sink name needs letters and no spaces");
+                self.err(
+                    &format!("{base}.name"),
+                    "a sink name needs letters and no spaces",
+                );
                 ok = false;
                 continue;
             }

@@ -632,7 +632,11 @@ fn spawn_publisher(
     clock: SharedClock,
 ) -> std::io::Result<JoinHandle<()>> {
     let p = p.clone();
-    let names: Vec<Arc<str>> = p.sources.iter().map(|s| Arc::from(s.name.as_str())).collect();
+    let names: Vec<Arc<str>> = p
+        .sources
+        .iter()
+        .map(|s| Arc::from(s.name.as_str()))
+        .collect();
     std::thread::Builder::new()
         .name("publish".into())
         .spawn(move || {

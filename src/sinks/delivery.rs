@@ -421,7 +421,10 @@ impl SinkHandle {
                 );
             }
         }
-        if self.overflowing && outcome == Offer::Queued && self.buffer.len() * 2 < self.buffer.capacity {
+        if self.overflowing
+            && outcome == Offer::Queued
+            && self.buffer.len() * 2 < self.buffer.capacity
+        {
             self.overflowing = false;
             tracing::info!(sink = %self.name, dropped = self.counters.dropped_overflow.load(Relaxed), "Sink buffer has room again.");
         }
@@ -471,7 +474,10 @@ struct Worker {
 
 impl Worker {
     fn deadline(&self) -> Option<Instant> {
-        *self.flush_deadline.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .flush_deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn past_deadline(&self) -> bool {
@@ -570,7 +576,10 @@ impl Worker {
                     inflight.drain(..acked);
                     written = written.saturating_sub(acked);
                     if f.kind == FailureKind::Rejected {
-                        let n = f.rejected.clamp(1, inflight.len().max(1)).min(inflight.len());
+                        let n = f
+                            .rejected
+                            .clamp(1, inflight.len().max(1))
+                            .min(inflight.len());
                         inflight.drain(..n);
                         written = written.saturating_sub(n);
                         self.counters.dropped_rejected.fetch_add(n as u64, Relaxed);
@@ -651,7 +660,10 @@ mod tests {
         let b2 = b.clone();
         let t = std::thread::spawn(move || b2.offer(msg(2)));
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!t.is_finished(), "offer into a full blocking buffer returned");
+        assert!(
+            !t.is_finished(),
+            "offer into a full blocking buffer returned"
+        );
         assert_eq!(seqs(&b), [1]);
         assert_eq!(t.join().unwrap(), Offer::Queued);
         assert_eq!(seqs(&b), [2]);
@@ -667,7 +679,10 @@ mod tests {
     fn backoff_grows_to_its_cap_with_jitter() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2), 7);
         let d: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
-        assert!(d.iter().all(|x| *x >= Duration::from_millis(50) && *x <= Duration::from_secs(2)));
+        assert!(
+            d.iter()
+                .all(|x| *x >= Duration::from_millis(50) && *x <= Duration::from_secs(2))
+        );
         assert!(d[0] <= Duration::from_millis(100));
         let late_max = d[6..].iter().max().unwrap();
         assert!(*late_max > Duration::from_millis(400), "{d:?}");
@@ -730,7 +745,8 @@ mod tests {
             .into(),
         };
         let counters = Arc::new(SinkCounters::default());
-        let mut h = SinkHandle::start("t".into(), Box::new(t), true, &delivery(4), counters).unwrap();
+        let mut h =
+            SinkHandle::start("t".into(), Box::new(t), true, &delivery(4), counters).unwrap();
         for s in 0..10 {
             h.offer(msg(s));
         }

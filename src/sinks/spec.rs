@@ -507,7 +507,11 @@ pub fn parse_url(s: &str, default_port: u16) -> Result<Url, String> {
     let (scheme, rest) = s
         .split_once("://")
         .ok_or_else(|| format!("`{}` is not a URL (expected scheme://host:port)", redact(s)))?;
-    if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') {
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '+')
+    {
         return Err(format!("bad scheme in `{}`", redact(s)));
     }
     let (authority, path) = match rest.find('/') {
@@ -697,7 +701,10 @@ fn url(
     let Some(s) = &c.url else {
         problems.push((
             "url".into(),
-            format!("missing key `url` (e.g. {}://127.0.0.1:{default_port})", schemes[0]),
+            format!(
+                "missing key `url` (e.g. {}://127.0.0.1:{default_port})",
+                schemes[0]
+            ),
         ));
         return None;
     };
@@ -767,10 +774,7 @@ fn target(
             }
             let qos = c.qos.unwrap_or(1);
             if qos > 1 {
-                problems.push((
-                    "qos".into(),
-                    "0 (at most once) or 1 (at least once)".into(),
-                ));
+                problems.push(("qos".into(), "0 (at most once) or 1 (at least once)".into()));
             }
             let login = login(c, u.as_ref(), ctx, problems);
             let tls = tls(c, ctx, problems);
@@ -868,7 +872,11 @@ fn target(
                     "Kafka topic names allow only letters, digits, `.`, `_` and `-`".into(),
                 ));
             }
-            let key = template(Some(c.key.as_deref().unwrap_or("{stream}")), "key", problems);
+            let key = template(
+                Some(c.key.as_deref().unwrap_or("{stream}")),
+                "key",
+                problems,
+            );
             let login = login(c, u.as_ref(), ctx, problems);
             Some(Target::Kafka {
                 brokers: u?.hosts,
@@ -881,7 +889,9 @@ fn target(
         SinkKind::Http => {
             let u = url(c, &["http", "https"], 80, problems);
             let token = secret(&c.token, &c.token_env, "token", ctx, problems);
-            if u.as_ref().is_some_and(|u| u.password.is_some() || u.user.is_some()) {
+            if u.as_ref()
+                .is_some_and(|u| u.password.is_some() || u.user.is_some())
+            {
                 problems.push((
                     "url".into(),
                     "put credentials in `token_env`, not in the URL".into(),
@@ -940,29 +950,49 @@ buffer = 5"#,
         assert_eq!(login.as_ref().unwrap().password.expose(), "hunter2");
         assert_eq!(s.delivery.when_full, WhenFull::Block);
         assert_eq!(s.delivery.buffer, 5);
-        assert!(!format!("{s:?}").contains("hunter2"), "Debug leaks the password");
+        assert!(
+            !format!("{s:?}").contains("hunter2"),
+            "Debug leaks the password"
+        );
     }
 
     #[test]
     fn bad_settings_are_named_by_key() {
         let keys = |t: &str| -> Vec<String> {
-            check(t)
-                .unwrap_err()
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect()
+            check(t).unwrap_err().into_iter().map(|(k, _)| k).collect()
         };
-        assert_eq!(keys("type = \"mqtt\"\nurl = \"http://x\"\ntopic = \"a\""), ["url"]);
-        assert_eq!(keys("type = \"mqtt\"\nurl = \"mqtt://x:99999\"\ntopic = \"a\""), ["url"]);
-        assert_eq!(keys("type = \"mqtt\"\nurl = \"mqtt://x\"\ntopic = \"a/{camera}\""), ["topic"]);
-        assert_eq!(keys("type = \"mqtt\"\nurl = \"mqtt://x\"\ntopic = \"a/#\""), ["topic"]);
-        assert_eq!(keys("type = \"redis\"\nurl = \"redis://x\"\ntopic = \"a\"\nqos = 1"), ["qos"]);
+        assert_eq!(
+            keys("type = \"mqtt\"\nurl = \"http://x\"\ntopic = \"a\""),
+            ["url"]
+        );
+        assert_eq!(
+            keys("type = \"mqtt\"\nurl = \"mqtt://x:99999\"\ntopic = \"a\""),
+            ["url"]
+        );
+        assert_eq!(
+            keys("type = \"mqtt\"\nurl = \"mqtt://x\"\ntopic = \"a/{camera}\""),
+            ["topic"]
+        );
+        assert_eq!(
+            keys("type = \"mqtt\"\nurl = \"mqtt://x\"\ntopic = \"a/#\""),
+            ["topic"]
+        );
+        assert_eq!(
+            keys("type = \"redis\"\nurl = \"redis://x\"\ntopic = \"a\"\nqos = 1"),
+            ["qos"]
+        );
         assert_eq!(
             keys("type = \"nats\"\nurl = \"nats://x\"\ntopic = \"a\"\ntoken_env = \"NOPE\""),
             ["token_env"]
         );
-        assert_eq!(keys("type = \"http\"\nurl = \"https://u:p@x/hook\""), ["url"]);
-        assert_eq!(keys("type = \"kafka\"\nurl = \"kafka://a:1,b:2\"\ntopic = \"a/b\""), ["topic"]);
+        assert_eq!(
+            keys("type = \"http\"\nurl = \"https://u:p@x/hook\""),
+            ["url"]
+        );
+        assert_eq!(
+            keys("type = \"kafka\"\nurl = \"kafka://a:1,b:2\"\ntopic = \"a/b\""),
+            ["topic"]
+        );
         assert_eq!(keys("type = \"jsonl\"\nbuffer = 0"), ["buffer"]);
     }
 
@@ -977,8 +1007,8 @@ buffer = 5"#,
 
     #[test]
     fn kafka_takes_a_broker_list() {
-        let s = check("type = \"kafka\"\nurl = \"kafka://a:1,b\"\ntopic = \"cams.{stream}\"")
-            .unwrap();
+        let s =
+            check("type = \"kafka\"\nurl = \"kafka://a:1,b\"\ntopic = \"cams.{stream}\"").unwrap();
         let Target::Kafka { brokers, .. } = s.target else {
             panic!()
         };

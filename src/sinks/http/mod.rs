@@ -43,7 +43,9 @@ impl HttpSink {
         let status = resp.status().as_u16();
         match status {
             200..=299 => Ok(()),
-            401 | 403 => Err(Failure::auth(format!("the endpoint answered {status}")).progress(0, n)),
+            401 | 403 => {
+                Err(Failure::auth(format!("the endpoint answered {status}")).progress(0, n))
+            }
             408 | 429 | 500..=599 => {
                 Err(Failure::retriable(format!("the endpoint answered {status}")).progress(0, n))
             }
@@ -62,7 +64,8 @@ impl Transport for HttpSink {
     }
 
     fn send(&mut self, batch: &[Message]) -> Result<(), Failure> {
-        let mut body = String::with_capacity(batch.iter().map(|m| m.payload.len() + 1).sum::<usize>() + 2);
+        let mut body =
+            String::with_capacity(batch.iter().map(|m| m.payload.len() + 1).sum::<usize>() + 2);
         body.push('[');
         for (i, m) in batch.iter().enumerate() {
             if i > 0 {

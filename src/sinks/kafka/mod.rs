@@ -100,16 +100,13 @@ fn classify(e: &KafkaError) -> Failure {
 }
 
 fn fnv1a(s: &str) -> u32 {
-    s.bytes()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 impl Inner {
-    async fn partition_of(
-        &mut self,
-        topic: &str,
-        key: &str,
-    ) -> Result<(String, i32), Failure> {
+    async fn partition_of(&mut self, topic: &str, key: &str) -> Result<(String, i32), Failure> {
         let client = self
             .client
             .as_ref()
@@ -199,8 +196,10 @@ impl Inner {
                     return Err(f);
                 }
                 Err(_) => {
-                    return Err(Failure::retriable("timed out waiting for the produce response")
-                        .progress(i, j));
+                    return Err(
+                        Failure::retriable("timed out waiting for the produce response")
+                            .progress(i, j),
+                    );
                 }
             }
         }

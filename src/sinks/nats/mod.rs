@@ -146,10 +146,12 @@ impl Transport for NatsSink {
                     }
                     match tokio::time::timeout(timeout, client.flush()).await {
                         Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(Failure::retriable(format!("flush: {e}"))
-                            .progress(0, batch.len())),
-                        Err(_) => Err(Failure::retriable("timed out flushing")
-                            .progress(0, batch.len())),
+                        Ok(Err(e)) => {
+                            Err(Failure::retriable(format!("flush: {e}")).progress(0, batch.len()))
+                        }
+                        Err(_) => {
+                            Err(Failure::retriable("timed out flushing").progress(0, batch.len()))
+                        }
                     }
                 }
                 Some(js) => {
@@ -159,9 +161,10 @@ impl Transport for NatsSink {
                         let msg = jetstream::message::PublishMessage::build()
                             .payload(m.payload.to_string().into())
                             .message_id(format!("{run_id}-{}-{}", m.stream, m.seq));
-                        let ack = js.send_publish(subject, msg).await.map_err(|e| {
-                            Failure::retriable(e.to_string()).progress(0, i)
-                        })?;
+                        let ack = js
+                            .send_publish(subject, msg)
+                            .await
+                            .map_err(|e| Failure::retriable(e.to_string()).progress(0, i))?;
                         acks.push(ack);
                     }
                     for (i, ack) in acks.into_iter().enumerate() {

@@ -47,10 +47,20 @@ fn classify(e: &redis::RedisError) -> Failure {
     {
         return Failure::auth(format!(
             "the server refused the credentials ({})",
-            if code.is_empty() { "authentication failed" } else { code }
+            if code.is_empty() {
+                "authentication failed"
+            } else {
+                code
+            }
         ));
     }
-    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || matches!(code, "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY")
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || matches!(
+            code,
+            "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY"
+        )
     {
         return Failure::retriable(e.to_string());
     }
