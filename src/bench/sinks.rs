@@ -292,12 +292,12 @@ fn redis_benchmark(port: u16, n: usize, pipeline: usize) -> anyhow::Result<f64> 
         .arg(payload(0))
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    // "XADD ...: 123456.79 requests per second, p50=..." (the last \r-separated part)
+    // "XADD ... <payload>: 123456.79 requests per second, p50=..." (the last \r-separated part)
     let last = text.rsplit('\r').next().unwrap_or("");
     let rps = last
-        .split(':')
-        .nth(1)
-        .and_then(|t| t.split_whitespace().next())
+        .split(" requests per second")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
         .and_then(|t| t.parse::<f64>().ok())
         .ok_or_else(|| anyhow::anyhow!("cannot read redis-benchmark output: {text}"))?;
     Ok(rps)
@@ -328,7 +328,10 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
     );
     let mut rows = Vec::new();
     let mut row =
-        |sink: &str, spec: anyhow::Result<SinkSpec>, tool: Option<(&str, anyhow::Result<f64>)>| {
+        |sink: &str,
+         spec: anyhow::Result<SinkSpec>,
+         tool: Option<(&str, anyhow::Result<f64>)>,
+         note: &str| {
             let measured = spec.and_then(|s| measure(&s, n, paced, rate));
             let (tool_name, tool_rate) = match tool {
                 Some((t, r)) => (Some(t.to_string()), r.ok()),
@@ -343,7 +346,7 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
                     ratio: tool_rate.map(|t| tput / t),
                     tool: tool_name,
                     tool_per_s: tool_rate,
-                    note: String::new(),
+                    note: note.to_string(),
                 },
                 Err(e) => Row {
                     sink: sink.into(),
@@ -360,26 +363,31 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
             rows.push(r);
         };
 
-    // MQTT, QoS 1.
-    let port = free_port()?;
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\nmax_queued_messages 0\n"
-        ),
-    )?;
-    let broker = start(
-        "mosquitto",
-        &["-c".into(), conf.display().to_string()],
-        port,
-    )?;
-    let s = spec(&format!(
-        "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic = \"bench/{{stream}}\"\n{common}"
-    ));
-    let tool = mosquitto_pub(port, n);
-    row("mqtt", s, Some(("mosquitto_pub -q1", tool)));
-    drop(broker);
+    // MQTT, QoS 1: mosquitto as Debian configures it, and with TCP_NODELAY on the broker side.
+    for nodelay in [false, true] {
+        let port = free_port()?;
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\n\
+                 max_queued_messages 0\nset_tcp_nodelay {nodelay}\n"
+            ),
+        )?;
+        let broker = start("mosquitto", &["-c".into(), conf.display().to_string()], port)?;
+        let s = spec(&format!(
+            "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic = \"bench/{{stream}}\"\n{common}"
+        ));
+        let tool = mosquitto_pub(port, n);
+        let name = if nodelay { "mqtt-nd" } else { "mqtt" };
+        let note = if nodelay {
+            "broker: set_tcp_nodelay true"
+        } else {
+            "broker: Debian defaults (Nagle on PUBACKs)"
+        };
+        row(name, s, Some(("mosquitto_pub -q1", tool)), note);
+        drop(broker);
+    }
 
     // NATS, core and JetStream.
     let port = free_port()?;
@@ -400,11 +408,11 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
     let s = spec(&format!(
         "type = \"nats\"\nurl = \"nats://127.0.0.1:{port}\"\ntopic = \"bench.{{stream}}\"\n{common}"
     ));
-    row("nats", s, None);
+    row("nats", s, None, "core NATS; delivered = flushed to the server");
     let s = spec(&format!(
         "type = \"nats\"\nurl = \"nats://127.0.0.1:{port}\"\ntopic = \"benchjs.{{stream}}\"\njetstream = true\nstream = \"BENCH\"\n{common}"
     ));
-    row("nats-js", s, None);
+    row("nats-js", s, None, "JetStream file store, acked per message");
     drop(broker);
 
     // Redis Streams.
@@ -427,7 +435,12 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
         "type = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\ntopic = \"bench:{{stream}}\"\n{common}"
     ));
     let tool = redis_benchmark(port, n, batch);
-    row("redis", s, Some(("redis-benchmark", tool)));
+    row(
+        "redis",
+        s,
+        Some(("redis-benchmark", tool)),
+        "XADD MAXLEN ~, pipelined per batch; tool: -c 1 -P batch",
+    );
     drop(broker);
 
     // Kafka, when a broker is installed.
@@ -451,7 +464,7 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
             let s = spec(&format!(
                 "type = \"kafka\"\nurl = \"kafka://127.0.0.1:{port}\"\ntopic = \"bench.{{stream}}\"\ncreate_topic = true\n{common}"
             ));
-            row("kafka", s, None);
+            row("kafka", s, None, "tansu, memory storage; kcat cannot talk to it");
             drop(broker);
         }
         None => row(
@@ -460,6 +473,7 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
                 "no Kafka-compatible broker installed (./setup.sh kafka builds tansu)"
             )),
             None,
+            "",
         ),
     }
 
@@ -468,7 +482,7 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
     let s = spec(&format!(
         "type = \"http\"\nurl = \"http://127.0.0.1:{port}/hook\"\n{common}"
     ));
-    row("http", s, None);
+    row("http", s, None, "receiver in this process, keep-alive");
 
     // JSON lines file.
     let file = dir.join("out.jsonl");
@@ -476,7 +490,7 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
         "type = \"jsonl\"\npath = \"{}\"\n{common}",
         file.display()
     ));
-    row("jsonl", s, None);
+    row("jsonl", s, None, "file, flushed per batch");
 
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Report {

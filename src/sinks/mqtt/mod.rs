@@ -102,6 +102,12 @@ impl Transport for MqttSink {
     fn connect(&mut self) -> Result<(), Failure> {
         let opts = self.options()?;
         let (client, mut events) = AsyncClient::new(opts, self.s.batch.max(1) + 8);
+        // Our side sends without Nagle. A broker that keeps Nagle on (mosquitto's default) still
+        // holds the batch's last PUBACKs until our delayed ACK, ~40 ms per batch: see the README.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(self.s.timeout.as_secs().max(1));
+        events.set_network_options(net);
         let timeout = self.s.timeout;
         self.rt.block_on(async {
             let deadline = tokio::time::Instant::now() + timeout;
