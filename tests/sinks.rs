@@ -416,9 +416,11 @@ fn mqtt_outage_buffers_and_delivers_everything_after_the_broker_returns() {
         "{}",
         sink_counters(&summary, "mqtt")
     );
+    // Duplicates come from poolpipe's resends and, on the broker-to-subscriber leg, from the
+    // subscriber's QoS 1 messages in flight when the broker stopped (mosquitto allows 20).
     assert!(
-        dups as u64 <= resent,
-        "{dups} duplicates arrived but only {resent} results were counted as resent"
+        dups as u64 <= resent + 20,
+        "{dups} duplicates arrived; poolpipe counted {resent} resent"
     );
     assert!(
         n(&sink_counters(&summary, "mqtt"), "retries") > 0,

@@ -13,6 +13,9 @@ use super::delivery::{Failure, Message, Transport};
 use super::spec::{HostPort, Login, TlsFiles};
 use super::template::Template;
 
+/// Topic of the no-op UNSUBSCRIBE that flushes our TCP ACK after a batch (see `send`).
+const NUDGE_TOPIC: &str = "poolpipe/nudge";
+
 /// Settings of an MQTT sink.
 pub struct MqttSettings {
     /// Broker.
@@ -55,7 +58,7 @@ impl MqttSink {
         let mut o = MqttOptions::new(&self.s.client_id, &self.s.addr.host, self.s.addr.port);
         o.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
-            .set_inflight(self.s.batch.clamp(1, u16::MAX as usize) as u16)
+            .set_inflight((self.s.batch + 2).clamp(1, u16::MAX as usize) as u16)
             .set_max_packet_size(1 << 20, 16 << 20);
         if let Some(l) = &self.s.login {
             o.set_credentials(&l.username, l.password.expose());
@@ -149,6 +152,7 @@ impl Transport for MqttSink {
             let mut pkids: Vec<u16> = Vec::with_capacity(batch.len());
             let mut acked = vec![false; batch.len()];
             let mut done = 0usize; // leading acknowledged
+            let mut nudged = false;
             loop {
                 let sent = pkids.len();
                 while done < batch.len() && acked[done] {
@@ -163,7 +167,22 @@ impl Transport for MqttSink {
                     let acked_n = if qos == QoS::AtMostOnce { sent } else { done };
                     Err(Failure::retriable(msg).progress(acked_n, sent))
                 };
-                match tokio::time::timeout(left, events.poll()).await {
+                // Once the whole batch is written, wait briefly; if PUBACKs are still missing,
+                // send one harmless packet (an UNSUBSCRIBE of a topic never subscribed) so that
+                // our TCP ACK goes out now: a broker with Nagle on (mosquitto's default) holds
+                // its last PUBACKs until then, which otherwise costs a delayed ACK (~40 ms).
+                let wait = if all_written && !nudged {
+                    left.min(Duration::from_millis(1))
+                } else {
+                    left
+                };
+                let polled = tokio::time::timeout(wait, events.poll()).await;
+                if polled.is_err() && wait < left {
+                    nudged = true;
+                    let _ = client.try_unsubscribe(NUDGE_TOPIC);
+                    continue;
+                }
+                match polled {
                     Err(_) => return fail("timed out waiting for PUBACKs".into()),
                     Ok(Err(e)) => {
                         let acked_n = if qos == QoS::AtMostOnce { 0 } else { done };
