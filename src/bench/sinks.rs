@@ -327,41 +327,40 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
         "batch = {batch}\nbuffer = 10000\nwhen_full = \"block\"\nflush_timeout_ms = 60000\n"
     );
     let mut rows = Vec::new();
-    let mut row =
-        |sink: &str,
-         spec: anyhow::Result<SinkSpec>,
-         tool: Option<(&str, anyhow::Result<f64>)>,
-         note: &str| {
-            let measured = spec.and_then(|s| measure(&s, n, paced, rate));
-            let (tool_name, tool_rate) = match tool {
-                Some((t, r)) => (Some(t.to_string()), r.ok()),
-                None => (None, None),
-            };
-            let r = match measured {
-                Ok((tput, p50, p99)) => Row {
-                    sink: sink.into(),
-                    results_per_s: tput,
-                    p50_ms: p50,
-                    p99_ms: p99,
-                    ratio: tool_rate.map(|t| tput / t),
-                    tool: tool_name,
-                    tool_per_s: tool_rate,
-                    note: note.to_string(),
-                },
-                Err(e) => Row {
-                    sink: sink.into(),
-                    results_per_s: 0.0,
-                    p50_ms: None,
-                    p99_ms: None,
-                    tool: tool_name,
-                    tool_per_s: tool_rate,
-                    ratio: None,
-                    note: format!("failed: {e}"),
-                },
-            };
-            eprintln!("bench sinks: {} done", r.sink);
-            rows.push(r);
+    let mut row = |sink: &str,
+                   spec: anyhow::Result<SinkSpec>,
+                   tool: Option<(&str, anyhow::Result<f64>)>,
+                   note: &str| {
+        let measured = spec.and_then(|s| measure(&s, n, paced, rate));
+        let (tool_name, tool_rate) = match tool {
+            Some((t, r)) => (Some(t.to_string()), r.ok()),
+            None => (None, None),
         };
+        let r = match measured {
+            Ok((tput, p50, p99)) => Row {
+                sink: sink.into(),
+                results_per_s: tput,
+                p50_ms: p50,
+                p99_ms: p99,
+                ratio: tool_rate.map(|t| tput / t),
+                tool: tool_name,
+                tool_per_s: tool_rate,
+                note: note.to_string(),
+            },
+            Err(e) => Row {
+                sink: sink.into(),
+                results_per_s: 0.0,
+                p50_ms: None,
+                p99_ms: None,
+                tool: tool_name,
+                tool_per_s: tool_rate,
+                ratio: None,
+                note: format!("failed: {e}"),
+            },
+        };
+        eprintln!("bench sinks: {} done", r.sink);
+        rows.push(r);
+    };
 
     // MQTT, QoS 1: mosquitto as Debian configures it, and with TCP_NODELAY on the broker side.
     for nodelay in [false, true] {
@@ -374,7 +373,11 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
                  max_queued_messages 0\nset_tcp_nodelay {nodelay}\n"
             ),
         )?;
-        let broker = start("mosquitto", &["-c".into(), conf.display().to_string()], port)?;
+        let broker = start(
+            "mosquitto",
+            &["-c".into(), conf.display().to_string()],
+            port,
+        )?;
         let s = spec(&format!(
             "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic = \"bench/{{stream}}\"\n{common}"
         ));
@@ -408,11 +411,21 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
     let s = spec(&format!(
         "type = \"nats\"\nurl = \"nats://127.0.0.1:{port}\"\ntopic = \"bench.{{stream}}\"\n{common}"
     ));
-    row("nats", s, None, "core NATS; delivered = flushed to the server");
+    row(
+        "nats",
+        s,
+        None,
+        "core NATS; delivered = flushed to the server",
+    );
     let s = spec(&format!(
         "type = \"nats\"\nurl = \"nats://127.0.0.1:{port}\"\ntopic = \"benchjs.{{stream}}\"\njetstream = true\nstream = \"BENCH\"\n{common}"
     ));
-    row("nats-js", s, None, "JetStream file store, acked per message");
+    row(
+        "nats-js",
+        s,
+        None,
+        "JetStream file store, acked per message",
+    );
     drop(broker);
 
     // Redis Streams.
@@ -464,7 +477,12 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
             let s = spec(&format!(
                 "type = \"kafka\"\nurl = \"kafka://127.0.0.1:{port}\"\ntopic = \"bench.{{stream}}\"\ncreate_topic = true\n{common}"
             ));
-            row("kafka", s, None, "tansu, memory storage; kcat cannot talk to it");
+            row(
+                "kafka",
+                s,
+                None,
+                "tansu, memory storage; kcat cannot talk to it",
+            );
             drop(broker);
         }
         None => row(
