@@ -24,7 +24,8 @@
 //! - [`profile`]: latency profiles per block, device class, share and batch size; cut sizes.
 //! - [`sim`]: the discrete-event simulator: plans served on a virtual clock by the runtime's
 //!   batching policies, with arrivals (Poisson, bursty, traces) and a search for the 99% load.
-//! - [`sinks`]: where results go (JSON lines to stdout or a file).
+//! - [`sinks`]: where results go: JSON lines, MQTT, NATS, Redis Streams, Kafka, HTTP webhooks,
+//!   each behind a bounded buffer with retries and delivery counters.
 //! - [`stats`]: per-stream and per-stage counters and latency samples.
 //! - [`rtsp`]: a small RTSP server (used by tests and for local experiments).
 //! - [`bench`]: the `bench` subcommands that print measured figures.

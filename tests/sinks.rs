@@ -135,6 +135,26 @@ fn run_status(p: &Path, env: &[(&str, &str)]) -> (bool, Option<Value>, String) {
     (out.status.success(), s, stderr)
 }
 
+/// Runs the pipeline while the broker goes away `after_ms` into the run for `down_ms`
+/// (SIGKILL, or SIGTERM when `graceful`) and comes back; returns the summary and stderr.
+fn run_with_outage(
+    p: &Path,
+    broker: &mut Broker,
+    after_ms: u64,
+    down_ms: u64,
+    graceful: bool,
+) -> (Value, String) {
+    let runner = {
+        let p = p.to_path_buf();
+        std::thread::spawn(move || run(&p, &[]))
+    };
+    std::thread::sleep(Duration::from_millis(after_ms));
+    broker.stop(graceful);
+    std::thread::sleep(Duration::from_millis(down_ms));
+    broker.restart();
+    runner.join().unwrap()
+}
+
 /// The sink's counters from a summary.
 fn sink_counters(summary: &Value, name: &str) -> Value {
     summary["sinks"]
@@ -394,17 +414,9 @@ fn mqtt_outage_buffers_and_delivers_everything_after_the_broker_returns() {
     let sub = MqttSubscriber::start(broker.port, "cams/#");
     // 2 x 150 frames at 50 fps: 3 s; the broker is away from 0.8 s to 2.0 s.
     let p = pipeline(dir.path(), 150, 50, &mqtt_sink(broker.port, ""));
-    let runner = {
-        let p = p.clone();
-        std::thread::spawn(move || run(&p, &[]))
-    };
-    std::thread::sleep(Duration::from_millis(800));
     // mosquitto keeps queued messages for offline subscribers only across a clean stop, so it
     // is stopped with SIGTERM (for poolpipe the outage looks the same: refused connections).
-    broker.stop(true);
-    std::thread::sleep(Duration::from_millis(1200));
-    broker.restart();
-    let (summary, stderr) = runner.join().unwrap();
+    let (summary, stderr) = run_with_outage(&p, &mut broker, 800, 1200, true);
     let truth = truth(dir.path());
     assert_eq!(truth.len(), 300);
     let got = sub.finish(truth.len());
@@ -435,15 +447,7 @@ fn a_long_outage_overflows_the_buffer_and_the_drops_are_counted() {
     let mut broker = mosquitto(dir.path(), None);
     let sink = mqtt_sink(broker.port, "buffer = 20\nwhen_full = \"drop_oldest\"");
     let p = pipeline(dir.path(), 150, 50, &sink);
-    let runner = {
-        let p = p.clone();
-        std::thread::spawn(move || run(&p, &[]))
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    broker.stop(false);
-    std::thread::sleep(Duration::from_millis(2000));
-    broker.restart();
-    let (summary, stderr) = runner.join().unwrap();
+    let (summary, stderr) = run_with_outage(&p, &mut broker, 500, 2000, false);
     let (delivered, dropped, _) = sink_balance(&summary, "mqtt");
     assert!(
         dropped >= 40,
@@ -573,15 +577,7 @@ fn redis_streams_get_every_result_and_survive_an_outage() {
         .args(["-p", &broker.port.to_string(), "DEL", "cams:a", "cams:b"])
         .output();
     let p = pipeline(dir.path(), 150, 50, &redis_sink(broker.port, ""));
-    let runner = {
-        let p = p.clone();
-        std::thread::spawn(move || run(&p, &[]))
-    };
-    std::thread::sleep(Duration::from_millis(800));
-    broker.stop(false);
-    std::thread::sleep(Duration::from_millis(1200));
-    broker.restart();
-    let (summary, _) = runner.join().unwrap();
+    let (summary, _) = run_with_outage(&p, &mut broker, 800, 1200, false);
     let t = truth(dir.path());
     let dups = check_received(&redis_entries(broker.port), &t, false);
     let (delivered, dropped, resent) = sink_balance(&summary, "redis");
@@ -696,15 +692,7 @@ fn nats_jetstream_gets_every_result_once_even_across_an_outage() {
     let mut broker = nats(dir.path());
     let sink = nats_sink(broker.port, "jetstream = true\nstream = \"CAMS\"");
     let p = pipeline(dir.path(), 150, 50, &sink);
-    let runner = {
-        let p = p.clone();
-        std::thread::spawn(move || run(&p, &[]))
-    };
-    std::thread::sleep(Duration::from_millis(800));
-    broker.stop(false);
-    std::thread::sleep(Duration::from_millis(1200));
-    broker.restart();
-    let (summary, _) = runner.join().unwrap();
+    let (summary, _) = run_with_outage(&p, &mut broker, 800, 1200, false);
     let t = truth(dir.path());
     let got = jetstream_messages(broker.port, "CAMS");
     // The message ids let JetStream drop the resends: exactly once in the stream.
@@ -852,24 +840,9 @@ fn the_webhook_in_order_without_faults() {
 // ---------------------------------------------------------------------------------------------
 // Kafka
 
-/// A Kafka-compatible broker, if one is installed: `tansu` on PATH or in `POOLPIPE_TANSU`.
-/// Debian has no Kafka broker; `./setup.sh kafka` builds tansu (about 15 minutes).
-fn tansu_binary() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("POOLPIPE_TANSU") {
-        return Some(PathBuf::from(p));
-    }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("tansu"))
-            .find(|p| p.is_file())
-    });
-    let local = root().join(".cache/tansu/bin/tansu");
-    found.or_else(|| local.is_file().then_some(local))
-}
-
 #[test]
 fn kafka_gets_every_result_in_order() {
-    let Some(tansu) = tansu_binary() else {
+    let Some(tansu) = poolpipe::bench::sinks::tansu(&root()) else {
         eprintln!("SKIPPED: no Kafka-compatible broker (tansu) installed; run ./setup.sh kafka");
         return;
     };

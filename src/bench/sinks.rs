@@ -303,8 +303,9 @@ fn redis_benchmark(port: u16, n: usize, pipeline: usize) -> anyhow::Result<f64> 
     Ok(rps)
 }
 
-/// The Kafka-compatible broker, if installed.
-fn tansu() -> Option<PathBuf> {
+/// The Kafka-compatible broker, if installed: `POOLPIPE_TANSU`, `tansu` on PATH, or what
+/// `./setup.sh kafka` built under `repo/.cache/tansu`.
+pub fn tansu(repo: &Path) -> Option<PathBuf> {
     if let Ok(p) = std::env::var("POOLPIPE_TANSU") {
         return Some(PathBuf::from(p));
     }
@@ -314,7 +315,7 @@ fn tansu() -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     on_path.or_else(|| {
-        let p = PathBuf::from(".cache/tansu/bin/tansu");
+        let p = repo.join(".cache/tansu/bin/tansu");
         p.is_file().then_some(p)
     })
 }
@@ -457,7 +458,7 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
     drop(broker);
 
     // Kafka, when a broker is installed.
-    match tansu() {
+    match tansu(Path::new(".")) {
         Some(bin) => {
             let port = free_port()?;
             let url = format!("tcp://127.0.0.1:{port}");

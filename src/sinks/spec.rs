@@ -626,7 +626,9 @@ fn login(
     match (user, password) {
         (None, None) => None,
         (Some(u), None) => {
-            if c.kind != SinkKind::Redis {
+            // A password that was given but could not be read is reported once, above.
+            let tried = c.password.is_some() || c.password_env.is_some();
+            if c.kind != SinkKind::Redis && !tried {
                 problems.push((
                     "password".into(),
                     format!("user `{u}` is given without a password (set `password_env`)"),
