@@ -903,3 +903,32 @@ fn kafka_gets_every_result_in_order() {
     });
     check_received(&got, &t, true);
 }
+
+#[test]
+fn a_blocking_sink_whose_broker_never_comes_does_not_hang_the_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port(); // nothing listens here
+    let sink = format!(
+        "[[sink]]\ntype = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic = \"cams/{{stream}}\"\n\
+         buffer = 5\nwhen_full = \"block\"\nflush_timeout_ms = 1000\nretry_max_ms = 200\n"
+    );
+    let p = pipeline(dir.path(), 30, 0, &sink);
+    let t0 = Instant::now();
+    let (summary, stderr) = run(&p, &[]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+    let s = sink_counters(&summary, "mqtt");
+    sink_balance(&summary, "mqtt");
+    assert_eq!(n(&s, "delivered"), 0);
+    assert_eq!(n(&s, "offered"), 60);
+    assert!(
+        n(&s, "left_at_shutdown") > 0 && n(&s, "dropped_overflow") > 0,
+        "{s}"
+    );
+    assert!(stderr.contains("undelivered results"), "{stderr}");
+    // The file sink beside it got everything.
+    assert_eq!(truth(dir.path()).len(), 60);
+}

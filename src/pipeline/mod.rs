@@ -126,6 +126,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
     for s in &sinks {
         stats.register_sink(s.name(), s.counters().clone());
     }
+    let sink_buffers: Vec<_> = sinks.iter().map(SinkHandle::blocked_release).collect();
 
     let started = Instant::now();
     let (publish_tx, publish_rx) = flume::bounded::<Frame>(64);
@@ -266,6 +267,21 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
     }
     tracing::info!("Stopping sources and draining.");
     stop.store(true, Ordering::SeqCst);
+    // A sink with `when_full = "block"` whose destination stays down would hold the publisher,
+    // and so the drain, forever: after its flush timeout it drops (and counts) instead.
+    let _ = std::thread::Builder::new()
+        .name("sink-release".into())
+        .spawn(move || {
+            let longest = sink_buffers
+                .iter()
+                .map(|(_, t)| *t)
+                .max()
+                .unwrap_or_default();
+            std::thread::sleep(longest);
+            for (b, _) in sink_buffers {
+                b.release_blocked();
+            }
+        });
     for s in sources {
         let _ = s.join();
     }

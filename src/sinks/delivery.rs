@@ -205,6 +205,9 @@ pub enum Offer {
 struct BufState {
     queue: VecDeque<Message>,
     closed: bool,
+    /// `block` gives up: a full buffer drops new results (set when a stopping pipeline has
+    /// waited its flush timeout for a destination that does not come back).
+    released: bool,
 }
 
 /// A bounded FIFO of results with a `when_full` policy.
@@ -239,6 +242,7 @@ impl Buffer {
         let mut outcome = Offer::Queued;
         while s.queue.len() >= self.capacity && !s.closed {
             match self.policy {
+                WhenFull::Block if s.released => return Offer::DroppedNewest,
                 WhenFull::Block => s = self.room.wait(s).unwrap_or_else(|e| e.into_inner()),
                 WhenFull::DropOldest => {
                     s.queue.pop_front();
@@ -281,6 +285,12 @@ impl Buffer {
     pub fn close(&self) {
         self.lock().closed = true;
         self.items.notify_all();
+        self.room.notify_all();
+    }
+
+    /// Stops `block` from waiting: from now on a full buffer drops new results (counted).
+    pub fn release_blocked(&self) {
+        self.lock().released = true;
         self.room.notify_all();
     }
 
@@ -403,6 +413,12 @@ impl SinkHandle {
     /// Counters.
     pub fn counters(&self) -> &Arc<SinkCounters> {
         &self.counters
+    }
+
+    /// The buffer, for [`Buffer::release_blocked`] from another thread while the publisher may
+    /// be blocked in [`SinkHandle::offer`]; with the flush timeout to wait before releasing.
+    pub fn blocked_release(&self) -> (Arc<Buffer>, Duration) {
+        (self.buffer.clone(), self.flush_timeout)
     }
 
     /// Hands a result to the sink (may block under `when_full = "block"`).
@@ -673,6 +689,15 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         b.close();
         assert_eq!(t.join().unwrap(), Offer::Closed);
+        // Released, a full blocking buffer drops instead of waiting.
+        let b = Arc::new(Buffer::new(1, WhenFull::Block));
+        b.offer(msg(1));
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || b2.offer(msg(2)));
+        std::thread::sleep(Duration::from_millis(20));
+        b.release_blocked();
+        assert_eq!(t.join().unwrap(), Offer::DroppedNewest);
+        assert_eq!(seqs(&b), [1]);
     }
 
     #[test]
