@@ -424,10 +424,12 @@ impl SinkHandle {
     /// Hands a result to the sink (may block under `when_full = "block"`).
     pub fn offer(&mut self, m: Message) {
         self.counters.offered.fetch_add(1, Relaxed);
+        // Counted as buffered before it is, so the delivery thread's decrement never comes first.
+        self.counters.buffered.fetch_add(1, Relaxed);
         let outcome = self.buffer.offer(m);
-        if outcome == Offer::Queued {
-            self.counters.buffered.fetch_add(1, Relaxed);
-        } else {
+        if outcome != Offer::Queued {
+            // Either it or the oldest result was dropped; the buffer holds one fewer than counted.
+            self.counters.buffered.fetch_sub(1, Relaxed);
             self.counters.dropped_overflow.fetch_add(1, Relaxed);
             if !self.overflowing {
                 self.overflowing = true;
