@@ -88,6 +88,10 @@ fn edit() -> impl Strategy<Value = Edit> {
         Just("[[stage]]\n".to_string()),
         Just("blocks = [3, 1]\n".to_string()),
         Just("device = \"emulated:\"\n".to_string()),
+        Just("type = \"mqtt\"\n".to_string()),
+        Just("topic = \"a/{x}/{stream\"\n".to_string()),
+        Just("url = \"redis://:pw@h:99999/x\"\n".to_string()),
+        Just("password_env = \"\"\n".to_string()),
         "[ -~]{0,12}",
     ];
     prop_oneof![
