@@ -460,7 +460,11 @@ fn delivery(c: &SinkConfig, problems: &mut Vec<Problem>) -> Delivery {
     let buffer = positive("buffer", c.buffer.map(|v| v as u64), d.buffer as u64) as usize;
     // Kafka: produce requests of 64 results hit a ~40 ms stall per request against tansu that
     // 512 do not (`bench sinks`), and Kafka is built for large produce requests anyway.
-    let default_batch = if c.kind == SinkKind::Kafka { 512 } else { d.batch };
+    let default_batch = if c.kind == SinkKind::Kafka {
+        512
+    } else {
+        d.batch
+    };
     let batch = positive("batch", c.batch.map(|v| v as u64), default_batch as u64) as usize;
     let ms = |v: Duration| v.as_millis() as u64;
     let retry_initial = positive("retry_initial_ms", c.retry_initial_ms, ms(d.retry_initial));
