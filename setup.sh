@@ -28,6 +28,7 @@ APT_PACKAGES=(
   # Message brokers and their client tools, for the sink tests and `poolpipe bench sinks`. The tests
   # start their own broker processes on 127.0.0.1; the packages' system services are not needed.
   mosquitto mosquitto-clients nats-server redis-server redis-tools kcat
+  openssl   # certificates of a private CA for the TLS sink test
 )
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }

@@ -932,3 +932,152 @@ fn a_blocking_sink_whose_broker_never_comes_does_not_hang_the_shutdown() {
     // The file sink beside it got everything.
     assert_eq!(truth(dir.path()).len(), 60);
 }
+
+/// A private CA and a server certificate for 127.0.0.1, made with the openssl CLI.
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let sh = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (run ./setup.sh)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=poolpipe-test-ca",
+        "-days",
+        "2",
+    ]);
+    sh(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    // mosquitto drops to its own user when started as root; it must read its key.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["server.key", "server.crt", "ca.crt"] {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
+}
+
+#[test]
+fn mqtt_over_tls_checks_the_broker_against_the_given_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ca, cert, key) = make_certs(dir.path());
+    let port = free_port();
+    let conf = write(
+        dir.path(),
+        "mosquitto-tls.conf",
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ),
+    );
+    let _broker = Broker::start(
+        "mosquitto-tls",
+        "mosquitto",
+        vec!["-c".into(), conf.to_str().unwrap().into()],
+        port,
+        dir.path(),
+    );
+    let sink = |ca_file: &Path| {
+        format!(
+            "[[sink]]\ntype = \"mqtt\"\nurl = \"mqtts://127.0.0.1:{port}\"\ntopic = \"cams/{{stream}}\"\n\
+             tls_ca_file = \"{}\"\n",
+            ca_file.display()
+        )
+    };
+    let p = pipeline(dir.path(), 20, 0, &sink(&ca));
+    let (summary, _) = run(&p, &[]);
+    assert_eq!(sink_balance(&summary, "mqtt").0, 40);
+    // A CA that did not sign the broker's certificate: refused at start, naming the sink.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _, _) = make_certs(other.path());
+    let p = pipeline(dir.path(), 5, 0, &sink(&other_ca));
+    let (ok, _, stderr) = run_status(&p, &[]);
+    assert!(!ok, "connected to a broker its CA did not sign:\n{stderr}");
+    assert!(
+        stderr.contains("sink mqtt") && stderr.contains("TLS"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn nats_over_tls_delivers_with_the_right_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certs(dir.path());
+    let port = free_port();
+    let _broker = Broker::start(
+        "nats-tls",
+        "nats-server",
+        vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "--tls".into(),
+            "--tlscert".into(),
+            cert.to_str().unwrap().into(),
+            "--tlskey".into(),
+            key.to_str().unwrap().into(),
+        ],
+        port,
+        dir.path(),
+    );
+    let sink = format!(
+        "[[sink]]\ntype = \"nats\"\nurl = \"tls://127.0.0.1:{port}\"\ntopic = \"cams.{{stream}}\"\n\
+         tls_ca_file = \"{}\"\n",
+        ca.display()
+    );
+    let p = pipeline(dir.path(), 20, 0, &sink);
+    let (summary, _) = run(&p, &[]);
+    assert_eq!(sink_balance(&summary, "nats").0, 40);
+}
