@@ -210,6 +210,11 @@ pub fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
                 tracing::info!(stream = %spec.name, frames = seq, "Source ended.");
                 break;
             }
+            RunEnd::Stall if !spec.is_live() => {
+                counters.source_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(stream = %spec.name, uri = %uri, timeout_ms = spec.stall_timeout.as_millis() as u64, "Source failed: no frame and no end of file within the stall timeout.");
+                break;
+            }
             RunEnd::Error(e) if !spec.is_live() => {
                 counters.source_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(stream = %spec.name, uri = %uri, error = %e, "Source failed.");
@@ -325,7 +330,9 @@ fn pump(
                 if appsink.is_eos() {
                     return RunEnd::Eos;
                 }
-                if spec.is_live() && last_frame.elapsed() > spec.stall_timeout {
+                // Files stall too: a demuxer can wait forever on a damaged file (seen with an
+                // MP4 cut short), which would keep the pipeline from ever ending.
+                if last_frame.elapsed() > spec.stall_timeout {
                     return RunEnd::Stall;
                 }
             }
