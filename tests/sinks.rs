@@ -610,15 +610,7 @@ fn nats(dir: &Path) -> Broker {
     Broker::start(
         "nats",
         "nats-server",
-        vec![
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-js".into(),
-            "-sd".into(),
-            store.to_str().unwrap().into(),
-        ],
+        poolpipe::bench::sinks::nats_args(port, &store),
         port,
         dir,
     )
@@ -851,15 +843,7 @@ fn kafka_gets_every_result_in_order() {
     let _broker = Broker::start(
         "tansu",
         tansu.to_str().unwrap(),
-        vec![
-            "broker".into(),
-            "--listener-url".into(),
-            format!("tcp://127.0.0.1:{port}"),
-            "--advertised-listener-url".into(),
-            format!("tcp://127.0.0.1:{port}"),
-            "--storage-engine".into(),
-            "memory://tansu/".into(),
-        ],
+        poolpipe::bench::sinks::tansu_args(port),
         port,
         dir.path(),
     );

@@ -320,6 +320,29 @@ pub fn tansu(repo: &Path) -> Option<PathBuf> {
     })
 }
 
+/// `nats-server` arguments: JetStream on, storing under `store`, listening on 127.0.0.1:`port`
+/// (shared with the sink tests).
+pub fn nats_args(port: u16, store: &Path) -> Vec<String> {
+    let mut a: Vec<String> = ["-a", "127.0.0.1", "-p"].map(String::from).into();
+    a.extend([port.to_string(), "-js".into(), "-sd".into()]);
+    a.push(store.display().to_string());
+    a
+}
+
+/// `tansu` arguments: a broker with memory storage on 127.0.0.1:`port` (shared with the tests).
+pub fn tansu_args(port: u16) -> Vec<String> {
+    let url = format!("tcp://127.0.0.1:{port}");
+    vec![
+        "broker".into(),
+        "--listener-url".into(),
+        url.clone(),
+        "--advertised-listener-url".into(),
+        url,
+        "--storage-engine".into(),
+        "memory://tansu/".into(),
+    ]
+}
+
 /// Runs the benchmark.
 pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
     let dir = tempfile_dir()?;
@@ -396,19 +419,7 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
     // NATS, core and JetStream.
     let port = free_port()?;
     let store = dir.join("nats");
-    let broker = start(
-        "nats-server",
-        &[
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-js".into(),
-            "-sd".into(),
-            store.display().to_string(),
-        ],
-        port,
-    )?;
+    let broker = start("nats-server", &nats_args(port, &store), port)?;
     let s = spec(&format!(
         "type = \"nats\"\nurl = \"nats://127.0.0.1:{port}\"\ntopic = \"bench.{{stream}}\"\n{common}"
     ));
@@ -461,20 +472,7 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
     match tansu(Path::new(".")) {
         Some(bin) => {
             let port = free_port()?;
-            let url = format!("tcp://127.0.0.1:{port}");
-            let broker = start(
-                &bin.display().to_string(),
-                &[
-                    "broker".into(),
-                    "--listener-url".into(),
-                    url.clone(),
-                    "--advertised-listener-url".into(),
-                    url,
-                    "--storage-engine".into(),
-                    "memory://tansu/".into(),
-                ],
-                port,
-            )?;
+            let broker = start(&bin.display().to_string(), &tansu_args(port), port)?;
             let s = spec(&format!(
                 "type = \"kafka\"\nurl = \"kafka://127.0.0.1:{port}\"\ntopic = \"bench.{{stream}}\"\ncreate_topic = true\n{common}"
             ));

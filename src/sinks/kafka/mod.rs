@@ -154,34 +154,36 @@ impl Inner {
     }
 
     async fn send_async(&mut self, batch: &[Message]) -> Result<(), Failure> {
+        // Topic and key of every result, rendered once; runs of equal ones become one request.
+        let routes: Vec<(String, String)> = batch
+            .iter()
+            .map(|m| {
+                (
+                    self.s.topic.render(&self.s.pipeline, &m.stream),
+                    self.s.key.render(&self.s.pipeline, &m.stream),
+                )
+            })
+            .collect();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
         let mut i = 0;
         while i < batch.len() {
-            let topic = self.s.topic.render(&self.s.pipeline, &batch[i].stream);
-            let key = self.s.key.render(&self.s.pipeline, &batch[i].stream);
+            let (topic, key) = &routes[i];
             let id = self
-                .partition_of(&topic, &key)
+                .partition_of(topic, key)
                 .await
                 .map_err(|f| f.progress(i, i))?;
-            let mut j = i;
-            let mut records = Vec::new();
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            while j < batch.len() {
-                let m = &batch[j];
-                if self.s.topic.render(&self.s.pipeline, &m.stream) != topic
-                    || self.s.key.render(&self.s.pipeline, &m.stream) != key
-                {
-                    break;
-                }
-                records.push(Record {
+            let j = i + routes[i..].iter().take_while(|r| *r == &routes[i]).count();
+            let records = batch[i..j]
+                .iter()
+                .map(|m| Record {
                     key: Some(key.as_bytes().to_vec()),
                     value: Some(m.payload.as_bytes().to_vec()),
                     headers: BTreeMap::new(),
                     timestamp: DateTime::from_timestamp_millis(now_ms).unwrap_or_default(),
-                });
-                j += 1;
-            }
+                })
+                .collect();
             let pc = &self.partitions[&id];
             match tokio::time::timeout(
                 self.s.timeout,
