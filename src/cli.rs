@@ -1,7 +1,8 @@
 //! The command line: `run`, `validate`, `split`, `profile`, `plan`, `simulate`, `bench`,
 //! `serve-rtsp`.
 //!
-//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+//! Exit codes: 0 success, 1 runtime failure (an engine, sink or the API address could not be
+//! opened, a run that failed), 2 invalid configuration or usage (nothing was started).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,8 @@ use crate::pipeline::{self, RunOptions, Shutdown};
 pub const EXIT_CONFIG: u8 = 2;
 /// Exit code of a runtime failure.
 pub const EXIT_RUNTIME: u8 = 1;
+/// Default address of the HTTP API and metrics.
+pub const DEFAULT_API: &str = "127.0.0.1:9464";
 
 /// poolpipe: video analytics stream processor.
 #[derive(Debug, Parser)]
@@ -54,6 +57,16 @@ pub enum Command {
         /// Write the final counters as JSON to this file.
         #[arg(long)]
         summary_json: Option<PathBuf>,
+        /// Where the HTTP API and `/metrics` listen (`HOST:PORT`; port 0 picks a free one), or
+        /// `off`. Any address but loopback needs a bearer token (see --api-token-env).
+        #[arg(long, default_value = DEFAULT_API)]
+        api: String,
+        /// Environment variable holding the API's bearer token.
+        #[arg(long, default_value = "POOLPIPE_API_TOKEN")]
+        api_token_env: String,
+        /// Keep running when every source has ended (streams come and go through the API).
+        #[arg(long)]
+        serve: bool,
     },
     /// Check a pipeline file without running anything; prints every problem found.
     Validate {
@@ -485,6 +498,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -520,7 +534,19 @@ pub fn main() -> ExitCode {
             duration,
             max_frames,
             summary_json,
-        } => run(pipeline, duration, max_frames, summary_json),
+            api,
+            api_token_env,
+            serve,
+        } => {
+            let api = match parse_api(&api, &api_token_env) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            run(pipeline, duration, max_frames, summary_json, api, serve)
+        }
         Command::Split {
             model,
             blocks,
@@ -661,11 +687,29 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `--api` and its token: `None` for `off`.
+fn parse_api(listen: &str, token_env: &str) -> Result<Option<crate::api::ApiOptions>, String> {
+    if listen == "off" {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        format!("--api {listen}: expected HOST:PORT (e.g. 127.0.0.1:9464, [::1]:9464) or `off`")
+    })?;
+    let opts = crate::api::ApiOptions {
+        listen: addr,
+        token: std::env::var(token_env).ok().filter(|t| !t.is_empty()),
+    };
+    opts.check().map_err(|e| e.to_string())?;
+    Ok(Some(opts))
+}
+
 fn run(
     path: PathBuf,
     duration: Option<f64>,
     max_frames: Option<u64>,
     summary_json: Option<PathBuf>,
+    api: Option<crate::api::ApiOptions>,
+    serve: bool,
 ) -> ExitCode {
     let p = match config::load_pipeline(&path) {
         Ok(p) => p,
@@ -689,6 +733,8 @@ fn run(
         duration: duration.map(Duration::from_secs_f64),
         max_frames,
         progress: true,
+        serve,
+        api,
     };
     tracing::info!(pipeline = %p.name, file = %path.display(), "Starting pipeline.");
     match pipeline::run(&p, &opts, &shutdown) {

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //!
+//! - [`api`]: the HTTP API of a running pipeline (health, status, metrics, streams, reload).
 //! - [`cli`]: the command line (`run`, `validate`, `split`, `profile`, `bench`, `serve-rtsp`);
 //!   `main.rs` only calls it.
 //! - [`config`]: pipeline files and model manifests: load, validate (pure, collects every error
@@ -17,6 +18,7 @@
 //! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`) and the emulated device.
 //! - [`engine`]: the synchronous `Engine` trait and its backends (ONNX Runtime on the CPU, no-op).
 //! - [`postprocess`]: turning model outputs into results (classes, text boxes, text).
+//! - [`metrics`]: Prometheus metrics read from the pipeline's counters at scrape time.
 //! - [`partition`]: cut points of ONNX graphs, block extraction, balanced splitting.
 //! - [`pipeline`]: builds and runs the stage graph: channels, workers, accounting, shutdown.
 //! - [`planner`]: the MILP planner (cuts, classes, shares, batch sizes, device counts), its
@@ -30,6 +32,7 @@
 //! - [`rtsp`]: a small RTSP server (used by tests and for local experiments).
 //! - [`bench`]: the `bench` subcommands that print measured figures.
 
+pub mod api;
 pub mod batcher;
 pub mod bench;
 pub mod cli;
@@ -39,6 +42,7 @@ pub mod device;
 pub mod engine;
 pub mod frame;
 pub mod ingest;
+pub mod metrics;
 pub mod partition;
 pub mod pipeline;
 pub mod planner;

@@ -5,7 +5,7 @@
 //! `ingested = published + dropped_late + dropped_overload + failed` once the pipeline has drained.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 
@@ -48,6 +48,37 @@ pub struct StageCounters {
     pub busy_nanos: AtomicU64,
     /// Time from entering the queue to leaving the stage.
     pub latency: Histogram,
+    /// Batches run, by size (index = frames in the batch; the last slot holds every larger size).
+    pub batch_sizes: BatchSizes,
+}
+
+/// Counts of batches by size, in fixed memory.
+#[derive(Debug)]
+pub struct BatchSizes(Vec<AtomicU64>);
+
+/// Batch sizes counted one by one; larger batches share the last slot.
+pub const MAX_COUNTED_BATCH: usize = 256;
+
+impl Default for BatchSizes {
+    fn default() -> Self {
+        Self((0..=MAX_COUNTED_BATCH).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+impl BatchSizes {
+    /// Records a batch of `n` frames.
+    pub fn record(&self, n: usize) {
+        self.0[n.min(MAX_COUNTED_BATCH)].fetch_add(1, Relaxed);
+    }
+    /// `(size, batches)` for every size seen, ascending.
+    pub fn counts(&self) -> Vec<(usize, u64)> {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.load(Relaxed)))
+            .filter(|(_, c)| *c > 0)
+            .collect()
+    }
 }
 
 /// A log-scale latency histogram with about 2% relative resolution, from 1 µs to ~400 s, in
@@ -56,6 +87,8 @@ pub struct StageCounters {
 pub struct Histogram {
     /// Counts per bucket; bucket `i` holds values around `1.02^i` microseconds.
     buckets: Vec<AtomicU64>,
+    /// Sum of every value recorded, nanoseconds.
+    sum_nanos: AtomicU64,
 }
 
 const BUCKETS: usize = 1000;
@@ -65,6 +98,7 @@ impl Default for Histogram {
     fn default() -> Self {
         Self {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            sum_nanos: AtomicU64::new(0),
         }
     }
 }
@@ -75,6 +109,30 @@ impl Histogram {
         let us = (n as f64 / 1e3).max(1.0);
         let i = ((us.ln() / GROWTH.ln()) as usize).min(BUCKETS - 1);
         self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_nanos.fetch_add(n, Relaxed);
+    }
+
+    /// Sum of every value recorded, seconds.
+    pub fn sum_s(&self) -> f64 {
+        self.sum_nanos.load(Relaxed) as f64 / 1e9
+    }
+
+    /// Cumulative counts at each upper bound (seconds, ascending): how many values were at most
+    /// that bound, to the histogram's 2% resolution (a bucket counts below a bound when its lower
+    /// edge is). For Prometheus histograms.
+    pub fn cumulative(&self, bounds_s: &[f64]) -> Vec<(f64, u64)> {
+        let mut out = Vec::with_capacity(bounds_s.len());
+        let mut seen = 0;
+        let mut i = 0;
+        for &b in bounds_s {
+            let limit_us = b * 1e6;
+            while i < BUCKETS && GROWTH.powi(i as i32) <= limit_us {
+                seen += self.buckets[i].load(Relaxed);
+                i += 1;
+            }
+            out.push((b, seen));
+        }
+        out
     }
 
     /// Number of values recorded.
@@ -102,12 +160,13 @@ impl Histogram {
 }
 
 /// All counters of a running pipeline.
+///
+/// Streams can be added while the pipeline runs; a stream's index never changes, and a stream
+/// removed and added again under the same name keeps its counters.
 #[derive(Debug)]
 pub struct Stats {
-    /// Stream names, in source order.
-    pub stream_names: Vec<String>,
-    /// Per stream.
-    pub streams: Vec<StreamCounters>,
+    /// Per stream, with its name, in the order they were first added.
+    streams: RwLock<Vec<(Arc<str>, Arc<StreamCounters>)>>,
     /// Stage names, in order.
     pub stage_names: Vec<String>,
     /// Per stage.
@@ -122,15 +181,16 @@ impl Stats {
     /// Zeroed counters for these streams and stages.
     pub fn new(stream_names: Vec<String>, stage_names: Vec<String>) -> Self {
         Self {
-            streams: stream_names
-                .iter()
-                .map(|_| StreamCounters::default())
-                .collect(),
+            streams: RwLock::new(
+                stream_names
+                    .into_iter()
+                    .map(|n| (Arc::from(n), Arc::default()))
+                    .collect(),
+            ),
             stages: stage_names
                 .iter()
                 .map(|_| StageCounters::default())
                 .collect(),
-            stream_names,
             stage_names,
             end_to_end: Histogram::default(),
             sinks: Mutex::new(Vec::new()),
@@ -145,19 +205,61 @@ impl Stats {
             .push((name.to_string(), counters));
     }
 
+    /// The counters of stream `i` (an index from [`Stats::add_stream`] or the initial list).
+    ///
+    /// # Panics
+    /// If no stream has that index (indices are never reused or removed).
+    pub fn stream(&self, i: usize) -> Arc<StreamCounters> {
+        self.streams.read().unwrap_or_else(|e| e.into_inner())[i]
+            .1
+            .clone()
+    }
+
+    /// The name of stream `i`.
+    pub fn stream_name(&self, i: usize) -> Arc<str> {
+        self.streams.read().unwrap_or_else(|e| e.into_inner())[i]
+            .0
+            .clone()
+    }
+
+    /// Index of the stream named `name`, adding it (with zeroed counters) if it is new.
+    pub fn add_stream(&self, name: &str) -> usize {
+        let mut s = self.streams.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = s.iter().position(|(n, _)| &**n == name) {
+            return i;
+        }
+        s.push((Arc::from(name), Arc::default()));
+        s.len() - 1
+    }
+
+    /// Every stream's name and counters, in index order.
+    pub fn streams(&self) -> Vec<(Arc<str>, Arc<StreamCounters>)> {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every sink's name and counters.
+    pub fn sinks(&self) -> Vec<(String, Arc<SinkCounters>)> {
+        self.sinks.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Frames ingested by all streams.
     pub fn total_ingested(&self) -> u64 {
-        self.streams.iter().map(|s| s.ingested.load(Relaxed)).sum()
+        self.streams()
+            .iter()
+            .map(|(_, s)| s.ingested.load(Relaxed))
+            .sum()
     }
 
     /// A snapshot for reports.
     pub fn summary(&self, elapsed_s: f64) -> Summary {
         let streams = self
-            .streams
+            .streams()
             .iter()
-            .zip(&self.stream_names)
-            .map(|(c, name)| StreamSummary {
-                name: name.clone(),
+            .map(|(name, c)| StreamSummary {
+                name: name.to_string(),
                 ingested: c.ingested.load(Relaxed),
                 published: c.published.load(Relaxed),
                 dropped_late: c.dropped_late.load(Relaxed),
@@ -387,11 +489,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn streams_added_later_get_new_indices_and_a_name_keeps_its_counters() {
+        let s = Stats::new(vec!["a".into()], vec![]);
+        assert_eq!(s.add_stream("b"), 1);
+        s.stream(1).ingested.fetch_add(3, Relaxed);
+        assert_eq!(s.add_stream("b"), 1, "same name, same counters");
+        assert_eq!(s.stream(1).ingested.load(Relaxed), 3);
+        assert_eq!(&*s.stream_name(1), "b");
+        let names: Vec<String> = s.summary(1.0).streams.into_iter().map(|x| x.name).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn batch_sizes_are_counted_by_size() {
+        let b = BatchSizes::default();
+        b.record(4);
+        b.record(4);
+        b.record(1);
+        b.record(10_000);
+        assert_eq!(b.counts(), vec![(1, 1), (4, 2), (MAX_COUNTED_BATCH, 1)]);
+    }
+
+    #[test]
     fn histogram_quantiles_within_resolution() {
         let h = Histogram::default();
         for ms in 1..=100u64 {
             h.record(ms * 1_000_000);
         }
+        assert!((h.sum_s() - 5.05).abs() < 1e-9);
+        let c = h.cumulative(&[0.0105, 0.05, 1.0]);
+        assert_eq!(c, vec![(0.0105, 10), (0.05, 50), (1.0, 100)]);
         let p50 = h.quantile_ms(0.5).unwrap();
         let p99 = h.quantile_ms(0.99).unwrap();
         assert!((p50 - 50.0).abs() / 50.0 < 0.03, "{p50}");

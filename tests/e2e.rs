@@ -20,6 +20,8 @@ fn run_pipeline(
     let mut all = vec![
         "run",
         p.to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
         "--summary-json",
         summary.to_str().unwrap(),
     ];
@@ -227,6 +229,8 @@ fn sigterm_stops_sources_drains_and_exits_zero() {
         .args([
             "run",
             p.to_str().unwrap(),
+            "--api",
+            "127.0.0.1:0",
             "--summary-json",
             summary.to_str().unwrap(),
         ])
@@ -276,6 +280,8 @@ fn an_rtsp_camera_that_restarts_is_reconnected_while_another_stream_keeps_flowin
         .args([
             "run",
             p.to_str().unwrap(),
+            "--api",
+            "127.0.0.1:0",
             "--duration",
             "14",
             "--summary-json",
@@ -356,7 +362,7 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
         ),
     );
     let out = Command::new(bin())
-        .args(["run", p.to_str().unwrap()])
+        .args(["run", p.to_str().unwrap(), "--api", "127.0.0.1:0"])
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
         .output()
         .unwrap();

@@ -189,6 +189,8 @@ fn cpu_stages_of_a_cut_model_run_under_the_deadline_policy_with_a_measured_profi
     let out = poolpipe(&[
         "run",
         p.to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
         "--summary-json",
         summary.to_str().unwrap(),
     ]);

@@ -153,6 +153,8 @@ fn a_corrupt_video_file_fails_its_stream_only() {
     let out = poolpipe(&[
         "run",
         p.to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
         "--summary-json",
         summary_path.to_str().unwrap(),
     ]);

@@ -36,6 +36,8 @@ fn run_and_simulate(fps_per_stream: f64, margin_ms: u64) -> ((f64, f64), (f64, f
     let o = common::poolpipe(&[
         "run",
         p.to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
         "--duration",
         "8",
         "--summary-json",

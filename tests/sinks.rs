@@ -122,7 +122,13 @@ fn run_status(p: &Path, env: &[(&str, &str)]) -> (bool, Option<Value>, String) {
     let summary = p.with_file_name("summary.json");
     let _ = std::fs::remove_file(&summary);
     let out = Command::new(bin())
-        .args(["run", p.to_str().unwrap(), "--summary-json"])
+        .args([
+            "run",
+            p.to_str().unwrap(),
+            "--api",
+            "127.0.0.1:0",
+            "--summary-json",
+        ])
         .arg(&summary)
         .envs(env.iter().copied())
         .env("RUST_LOG", "info")

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TOTAL=${1:-120}
 OVERLOAD_SECONDS=${2:-60}
-BIN=./target/release/poolpipe
+BIN=${POOLPIPE_BIN:-${CARGO_TARGET_DIR:-./target}/release/poolpipe}
 [ -x "$BIN" ] || { echo "build first: ./setup.sh" >&2; exit 2; }
 WORK=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -35,7 +35,7 @@ pipeline() { # $1 = max_fps, $2 = file
 }
 
 run() { # $1 = label, $2 = pipeline, $3 = seconds
-  "$BIN" run "$2" --duration "$3" --summary-json "$WORK/$1.json" > /dev/null 2> "$WORK/$1.log" &
+  "$BIN" run "$2" --api 127.0.0.1:0 --duration "$3" --summary-json "$WORK/$1.json" > /dev/null 2> "$WORK/$1.log" &
   local pid=$! t=0
   echo "seconds rss_kib" > "$WORK/$1.rss"
   while kill -0 $pid 2>/dev/null; do
@@ -57,6 +57,7 @@ balanced = all(x["ingested"] == x["published"] + x["dropped_late"] + x["dropped_
 print(f"{sys.argv[3]}: {s['elapsed_s']:.0f} s, RSS {rows[0][1]/1024:.0f} MiB at {rows[0][0]} s, "
       f"{warm[0][1]/1024 if warm else 0:.0f} -> {warm[-1][1]/1024 if warm else 0:.0f} MiB after warm-up ({growth:+.2f}%), max {max(r[1] for r in rows)/1024:.0f} MiB")
 print(f"  frames: ingested {ing}, published {pub}, dropped_late {late}, dropped_overload {over}, failed {fail}, balanced {balanced}")
+print("  rss MiB by minute: " + " ".join(f"{r[1]/1024:.0f}" for r in rows if r[0] % 60 == 0))
 print(f"  end-to-end p50 {s['end_to_end_p50_ms']} ms, p99 {s['end_to_end_p99_ms']} ms (SLO 3000 ms); reconnects {sum(x['reconnects'] for x in s['streams'])}")
 PY
 }

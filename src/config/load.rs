@@ -120,6 +120,48 @@ pub fn load_pipeline_str(path: &Path, text: &str) -> Result<Pipeline, ConfigErro
     }
 }
 
+/// Validates the definition of one stream, as the API receives it: TOML text of a single
+/// `[[source]]` table (keys as in a pipeline file), checked by the same rules as a pipeline
+/// file's sources, with relative paths resolved from `dir` (the pipeline file's folder) and
+/// diagnostics pointing into `text` as if it were the file `path`.
+pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec, ConfigErrors> {
+    let parsed = ParsedFile::parse(path, text)?;
+    let mut v = Validator {
+        parsed: &parsed,
+        dir,
+        errors: Vec::new(),
+    };
+    let extra: Vec<(String, Range<usize>)> = parsed
+        .table
+        .get_ref()
+        .keys()
+        .filter(|k| k.get_ref() != "source")
+        .map(|k| (k.get_ref().to_string(), k.span()))
+        .collect();
+    for (k, span) in extra {
+        let d = parsed.src.diag(
+            Some(span),
+            k.clone(),
+            format!("unknown section `{k}`, expected one [[source]]"),
+        );
+        v.errors.push(d);
+    }
+    let sources = v.sources();
+    let mut errors = v.errors;
+    match sources {
+        Some(mut s) if errors.is_empty() && s.len() == 1 => Ok(s.remove(0)),
+        Some(s) if errors.is_empty() => {
+            errors.push(parsed.src.diag(
+                Some(0..0),
+                "source",
+                format!("expected exactly one [[source]], found {}", s.len()),
+            ));
+            Err(ConfigErrors(errors))
+        }
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
 const SECTIONS: [&str; 4] = ["pipeline", "source", "stage", "sink"];
 
 /// videotestsrc patterns (GStreamer 1.22).

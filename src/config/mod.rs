@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 pub use crate::sinks::spec::{SinkConfig, SinkKind, SinkSpec};
 pub use diag::{ConfigErrors, Diagnostic, SourceText, SpanIndex};
-pub use load::{load_pipeline, load_pipeline_str};
+pub use load::{load_pipeline, load_pipeline_str, load_source_str};
 pub use manifest::{
     Backend, ClassifyParams, ImageSpec, Layout, ModelKind, ModelManifest, TextDetectParams,
     TextRecognizeParams, load_manifest,

@@ -60,6 +60,16 @@ impl Device {
     }
 }
 
+impl std::fmt::Display for Device {
+    /// As written in a pipeline file: `cpu` or `emulated:<class>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Emulated { class } => write!(f, "emulated:{class}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +78,10 @@ mod tests {
     fn parses_device_kinds() {
         assert_eq!(Device::parse("cpu"), Ok(Device::Cpu));
         assert_eq!(Device::parse("emulated:T4").unwrap().class(), "T4");
+        assert_eq!(
+            Device::parse("emulated:T4").unwrap().to_string(),
+            "emulated:T4"
+        );
         assert!(
             Device::parse("emulated:")
                 .unwrap_err()

@@ -19,7 +19,7 @@ use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 
-use crate::clock::{SharedClock, nanos};
+use crate::clock::SharedClock;
 use crate::config::{ImageSpec, Pace, SourceKind, SourceSpec, Transport};
 use crate::frame::{Frame, Image};
 use crate::stats::Stats;
@@ -154,9 +154,9 @@ pub struct SourceContext {
     pub stats: Arc<Stats>,
     /// Pipeline clock (capture times and deadlines).
     pub clock: SharedClock,
-    /// Latency budget.
-    pub slo: Duration,
-    /// Set when the source must stop.
+    /// Latency budget in nanoseconds (shared, so that a reload can change it while running).
+    pub slo: Arc<AtomicU64>,
+    /// Set when the source must stop (the whole pipeline stops, or this stream is removed).
     pub stop: Arc<AtomicBool>,
     /// Frames all sources together may still ingest (`--max-frames`), if limited.
     pub budget: Option<Arc<AtomicU64>>,
@@ -184,7 +184,7 @@ fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
 
 /// Runs one source until it ends or is stopped (on the caller's thread).
 pub fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
-    let counters = &ctx.stats.streams[ctx.stream];
+    let counters = ctx.stats.stream(ctx.stream);
     let uri = spec.redacted_uri();
     let mut backoff = spec.reconnect_min;
     let mut seq = 0u64;
@@ -386,7 +386,7 @@ fn deliver(
     video_info: &mut Option<gst_video::VideoInfo>,
     seq: &mut u64,
 ) -> Option<RunEnd> {
-    let counters = &ctx.stats.streams[ctx.stream];
+    let counters = ctx.stats.stream(ctx.stream);
     let (Some(buffer), Some(caps)) = (sample.buffer(), sample.caps()) else {
         return None;
     };
@@ -440,7 +440,7 @@ fn deliver(
         pts,
         captured_wall: SystemTime::now(),
         captured: now,
-        deadline: now + nanos(ctx.slo),
+        deadline: now + ctx.slo.load(Ordering::Relaxed),
         image: Arc::new(Image {
             width: w as u32,
             height: h as u32,

@@ -14,6 +14,7 @@
 //! Shutdown (signal, `--duration`, `--max-frames`, or every source ended) stops the sources, and
 //! the rest drains in order as each channel's senders go away: nothing in flight is lost.
 
+pub mod live;
 pub mod stage;
 
 use std::collections::BTreeMap;
@@ -30,9 +31,11 @@ use crate::batcher::{AimdPolicy, BatchPolicy, FixedPolicy, Hop};
 use crate::clock::{Clock, SharedClock, SystemClock, ms, nanos};
 use crate::config::{Pipeline, PolicyKind};
 use crate::frame::Frame;
-use crate::ingest::{self, IngestError, SourceContext};
+use crate::ingest::{self, IngestError};
 use crate::sinks::{self, Message, SinkError, SinkHandle};
 use crate::stats::{Stats, Summary};
+use live::StageQueues;
+pub use live::{Live, LiveError, ReloadReport};
 use stage::{StageRunner, build_runner};
 
 /// Batches a worker's channel holds besides the one it runs (the simulator models the same).
@@ -58,6 +61,12 @@ pub enum PipelineError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(#[from] std::io::Error),
+    /// The HTTP API could not listen.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    /// A source could not be started.
+    #[error(transparent)]
+    Live(#[from] LiveError),
 }
 
 /// A stop request shared by signal handlers, the API and the run loop.
@@ -92,6 +101,10 @@ pub struct RunOptions {
     pub max_frames: Option<u64>,
     /// Print a progress line to stderr (when it is a terminal).
     pub progress: bool,
+    /// Keep running when every source has ended (streams can be added through the API).
+    pub serve: bool,
+    /// Serve the HTTP API and metrics.
+    pub api: Option<crate::api::ApiOptions>,
 }
 
 /// Runs a validated pipeline until it ends or is stopped, and returns its counters.
@@ -128,7 +141,6 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
     }
     let sink_buffers: Vec<_> = sinks.iter().map(SinkHandle::blocked_release).collect();
 
-    let started = Instant::now();
     let (publish_tx, publish_rx) = flume::bounded::<Frame>(64);
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     threads.push(spawn_publisher(
@@ -153,11 +165,17 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
             dispatched: Arc::new(AtomicU64::new(0)),
         },
     };
+    let mut queues = Vec::new();
     for (i, (spec, engines)) in p.stages.iter().zip(runners).enumerate().rev() {
         let (in_tx, in_rx) = flume::bounded::<Frame>(spec.queue);
         let chans: Vec<(flume::Sender<Batch>, flume::Receiver<Batch>)> = (0..spec.workers)
             .map(|_| flume::bounded::<Batch>(WORKER_QUEUE))
             .collect();
+        queues.push(StageQueues {
+            input: in_rx.clone(),
+            capacity: spec.queue,
+            workers: chans.iter().map(|c| c.1.clone()).collect(),
+        });
         let senders: Vec<flume::Sender<Batch>> = chans.iter().map(|c| c.0.clone()).collect();
         let in_flight: Arc<Vec<AtomicUsize>> =
             Arc::new((0..spec.workers).map(|_| AtomicUsize::new(0)).collect());
@@ -198,48 +216,31 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
         }
         next = Downstream { queue: in_tx, pool };
     }
+    queues.reverse();
     let first_tx = next.queue.clone();
     drop(next);
 
-    let stop = Arc::new(AtomicBool::new(false));
     let budget = opts.max_frames.map(|n| Arc::new(AtomicU64::new(n)));
-    let fmt = p.ingest_format();
-    // Each source thread drops its end of this channel when it exits, so the loop below wakes at
-    // once when the last one ends.
-    let (done_tx, done_rx) = flume::bounded::<()>(1);
-    let mut sources = Vec::new();
-    for (i, s) in p.sources.iter().enumerate() {
-        tracing::info!(stream = %s.name, uri = %s.redacted_uri(), "Starting source.");
-        let ctx = SourceContext {
-            stream: i,
-            tx: first_tx.clone(),
-            stats: stats.clone(),
-            clock: clock.clone(),
-            slo: p.slo,
-            stop: stop.clone(),
-            budget: budget.clone(),
-        };
-        let done = done_tx.clone();
-        let (spec, fmt) = (s.clone(), fmt.clone());
-        sources.push(
-            std::thread::Builder::new()
-                .name(format!("src-{}", s.name))
-                .spawn(move || {
-                    ingest::run_source(&spec, &fmt, &ctx);
-                    drop(done);
-                })?,
-        );
-    }
-    drop(first_tx);
-    drop(done_tx);
+    let live = Arc::new(Live::new(
+        p,
+        stats.clone(),
+        clock.clone(),
+        budget.clone(),
+        first_tx,
+        queues,
+    ));
+    let api = match &opts.api {
+        Some(a) => Some(crate::api::serve(a, live.clone())?),
+        None => None,
+    };
+    let started = live.started;
+    live.start_sources()?;
 
     let show_progress = opts.progress && std::io::stderr().is_terminal();
     let mut last_progress = Instant::now();
     loop {
-        let all_ended = matches!(
-            done_rx.recv_timeout(Duration::from_millis(50)),
-            Err(flume::RecvTimeoutError::Disconnected)
-        );
+        std::thread::sleep(Duration::from_millis(50));
+        let all_ended = !opts.serve && live.all_sources_ended();
         let out_of_budget = budget
             .as_ref()
             .is_some_and(|b| b.load(Ordering::SeqCst) == 0);
@@ -266,7 +267,7 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
         eprintln!();
     }
     tracing::info!("Stopping sources and draining.");
-    stop.store(true, Ordering::SeqCst);
+    let sources = live.stop_sources();
     // A sink with `when_full = "block"` whose destination stays down would hold the publisher,
     // and so the drain, forever: after its flush timeout it drops (and counts) instead.
     let _ = std::thread::Builder::new()
@@ -287,6 +288,9 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
     }
     for t in threads {
         let _ = t.join();
+    }
+    if let Some(api) = api {
+        api.stop();
     }
     Ok(stats.summary(started.elapsed().as_secs_f64()))
 }
@@ -444,7 +448,8 @@ fn spawn_batcher(
                 late.extend(policy.take_late(now));
                 for f in late {
                     counters.dropped_late.fetch_add(1, Ordering::Relaxed);
-                    stats.streams[f.stream]
+                    stats
+                        .stream(f.stream)
                         .dropped_late
                         .fetch_add(1, Ordering::Relaxed);
                 }
@@ -458,7 +463,8 @@ fn spawn_batcher(
                         // Workers are gone (they only stop when this batcher is): count, never lose silently.
                         for f in lost.frames {
                             counters.failed.fetch_add(1, Ordering::Relaxed);
-                            stats.streams[f.stream]
+                            stats
+                                .stream(f.stream)
                                 .failed
                                 .fetch_add(1, Ordering::Relaxed);
                         }
@@ -533,6 +539,7 @@ fn spawn_worker(
             cx.in_flight[cx.worker].fetch_sub(1, Ordering::SeqCst);
             cx.timeline.lock().unwrap_or_else(|e| e.into_inner()).finished(cx.stage, cx.worker, t1);
             counters.batches.fetch_add(1, Ordering::Relaxed);
+            counters.batch_sizes.record(frames.len());
             counters.busy_nanos.fetch_add(t1 - t0, Ordering::Relaxed);
             let earliest = frames.iter().map(|f| f.deadline).min().unwrap_or(u64::MAX);
             let _ = cx.feedback.try_send(t1 <= earliest);
@@ -541,7 +548,7 @@ fn spawn_worker(
                     tracing::error!(stage = %cx.name, frames = frames.len(), error = %e, "Batch failed.");
                     for f in frames {
                         counters.failed.fetch_add(1, Ordering::Relaxed);
-                        stats.streams[f.stream].failed.fetch_add(1, Ordering::Relaxed);
+                        stats.stream(f.stream).failed.fetch_add(1, Ordering::Relaxed);
                     }
                     None
                 }
@@ -586,7 +593,8 @@ fn forward(cx: &WorkerContext, frames: Vec<Frame>, route: Option<Vec<Hop>>, rr: 
             }
             Err(lost) => {
                 for f in lost.frames {
-                    stats.streams[f.stream]
+                    stats
+                        .stream(f.stream)
                         .failed
                         .fetch_add(1, Ordering::Relaxed);
                 }
@@ -603,14 +611,14 @@ fn forward(cx: &WorkerContext, frames: Vec<Frame>, route: Option<Vec<Hop>>, rr: 
                 }
             }
             Err(_) => {
-                stats.streams[stream].failed.fetch_add(1, Ordering::Relaxed);
+                stats.stream(stream).failed.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 }
 
-/// The JSON object published for a frame (schema in the README).
-pub fn result_json(p: &Pipeline, f: &Frame, published: u64) -> serde_json::Value {
+/// The JSON object published for a frame of stream `stream` (schema in the README).
+pub fn result_json(p: &Pipeline, stream: &str, f: &Frame, published: u64) -> serde_json::Value {
     let mut stages = serde_json::Map::new();
     let mut results = serde_json::Map::new();
     for ((spec, spent), out) in p.stages.iter().zip(&f.stage_nanos).zip(&f.outputs) {
@@ -622,7 +630,7 @@ pub fn result_json(p: &Pipeline, f: &Frame, published: u64) -> serde_json::Value
     }
     json!({
         "pipeline": p.name,
-        "stream": p.sources[f.stream].name,
+        "stream": stream,
         "seq": f.seq,
         "pts_ms": f.pts.map(|d| round3(d.as_secs_f64() * 1e3)),
         "captured_at": sinks::rfc3339_millis(f.captured_wall),
@@ -648,16 +656,16 @@ fn spawn_publisher(
     clock: SharedClock,
 ) -> std::io::Result<JoinHandle<()>> {
     let p = p.clone();
-    let names: Vec<Arc<str>> = p
-        .sources
-        .iter()
-        .map(|s| Arc::from(s.name.as_str()))
-        .collect();
     std::thread::Builder::new()
         .name("publish".into())
         .spawn(move || {
+            // Stream names by index (streams added while running are looked up once).
+            let mut names: Vec<Arc<str>> = Vec::new();
             for f in rx.iter() {
-                let counters = &stats.streams[f.stream];
+                while names.len() <= f.stream {
+                    names.push(stats.stream_name(names.len()));
+                }
+                let counters = stats.stream(f.stream);
                 let now = clock.now();
                 if now > f.deadline {
                     counters.dropped_late.fetch_add(1, Ordering::Relaxed);
@@ -665,7 +673,9 @@ fn spawn_publisher(
                 }
                 // Published = made on time and handed to every sink; what each sink then
                 // delivered, retried or dropped is in its own counters.
-                let payload: Arc<str> = result_json(&p, &f, now).to_string().into();
+                let payload: Arc<str> = result_json(&p, &names[f.stream], &f, now)
+                    .to_string()
+                    .into();
                 let offered = Instant::now();
                 for s in sinks.iter_mut() {
                     s.offer(Message {

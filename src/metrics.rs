@@ -1,0 +1,460 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text format through `prometheus-client`).
+//!
+//! Nothing is counted twice: a collector reads the pipeline's own counters ([`crate::stats`],
+//! sink counters, queue lengths) at scrape time, so the hot path pays nothing for metrics.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `poolpipe_stream_frames_ingested_total` | counter | stream |
+//! | `poolpipe_stream_frames_total` | counter | stream, outcome (`published`, `dropped_late`, `dropped_overload`, `failed`) |
+//! | `poolpipe_stream_up` | gauge | stream (1 while its source runs) |
+//! | `poolpipe_slo_attainment_ratio` | gauge | stream (published / frames with an outcome) |
+//! | `poolpipe_source_reconnects_total`, `poolpipe_source_errors_total` | counter | stream |
+//! | `poolpipe_slo_seconds` | gauge | |
+//! | `poolpipe_end_to_end_latency_seconds` | histogram | (published frames) |
+//! | `poolpipe_stage_frames_total` | counter | stage, outcome (`in`, `out`, `dropped_late`, `failed`) |
+//! | `poolpipe_stage_batches_total` | counter | stage |
+//! | `poolpipe_stage_batch_size` | histogram | stage (frames per batch) |
+//! | `poolpipe_stage_latency_seconds` | histogram | stage (queue entry to stage exit) |
+//! | `poolpipe_stage_queue_frames`, `poolpipe_stage_queue_capacity_frames` | gauge | stage |
+//! | `poolpipe_stage_worker_queue_batches` | gauge | stage |
+//! | `poolpipe_stage_workers` | gauge | stage, device |
+//! | `poolpipe_stage_busy_seconds_total` | counter | stage (all workers together) |
+//! | `poolpipe_stage_busy_ratio` | gauge | stage (busy share since start) |
+//! | `poolpipe_sink_messages_total` | counter | sink, outcome (`offered`, `delivered`, `dropped_overflow`, `dropped_rejected`, `left_at_shutdown`) |
+//! | `poolpipe_sink_retries_total`, `poolpipe_sink_resent_total` | counter | sink |
+//! | `poolpipe_sink_buffered_messages` | gauge | sink |
+//! | `poolpipe_uptime_seconds` | gauge | |
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::pipeline::Live;
+use crate::pipeline::live::busy_share;
+use crate::stats::Histogram;
+
+/// `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds of the latency histograms, seconds.
+const LATENCY_BOUNDS_S: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Upper bounds of the batch size histograms, frames.
+const BATCH_BOUNDS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+
+/// Every metric of a running pipeline, in the OpenMetrics text format.
+pub fn render(live: &Arc<Live>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(PipelineCollector(live.clone())));
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+struct PipelineCollector(Arc<Live>);
+
+impl std::fmt::Debug for PipelineCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PipelineCollector")
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// One metric family: its descriptor, then one sample per label set.
+fn family<'e, T>(
+    enc: &'e mut DescriptorEncoder,
+    name: &'e str,
+    help: &str,
+    unit: Option<&'e Unit>,
+    kind: MetricType,
+    rows: &[(Labels<'_>, T)],
+    mut write: impl FnMut(&mut MetricEncoder, &T) -> Result<(), std::fmt::Error>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, unit, kind)?;
+    for (labels, v) in rows {
+        if labels.is_empty() {
+            write(&mut m, v)?;
+        } else {
+            let mut fam = m.encode_family(labels)?;
+            write(&mut fam, v)?;
+        }
+    }
+    Ok(())
+}
+
+fn counters(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: &[(Labels<'_>, f64)],
+) -> Result<(), std::fmt::Error> {
+    family(enc, name, help, unit, MetricType::Counter, rows, |m, v| {
+        m.encode_counter::<NoLabelSet, f64, f64>(v, None)
+    })
+}
+
+fn gauges(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: &[(Labels<'_>, f64)],
+) -> Result<(), std::fmt::Error> {
+    family(enc, name, help, unit, MetricType::Gauge, rows, |m, v| {
+        m.encode_gauge(v)
+    })
+}
+
+/// `(sum, count, per-bucket counts with +Inf last)` of a latency histogram.
+fn latency_buckets(h: &Histogram) -> (f64, u64, Vec<(f64, u64)>) {
+    let total = h.count();
+    let mut prev = 0;
+    let mut buckets: Vec<(f64, u64)> = h
+        .cumulative(&LATENCY_BOUNDS_S)
+        .into_iter()
+        .map(|(b, c)| {
+            let n = c - prev;
+            prev = c;
+            (b, n)
+        })
+        .collect();
+    buckets.push((f64::MAX, total - prev));
+    (h.sum_s(), total, buckets)
+}
+
+fn histograms(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: &[(Labels<'_>, (f64, u64, Vec<(f64, u64)>))],
+) -> Result<(), std::fmt::Error> {
+    family(
+        enc,
+        name,
+        help,
+        unit,
+        MetricType::Histogram,
+        rows,
+        |m, (sum, count, b)| m.encode_histogram::<NoLabelSet>(*sum, *count, b, None),
+    )
+}
+
+impl Collector for PipelineCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let live = &self.0;
+        let stats = live.stats();
+        let elapsed = live.uptime().as_secs_f64();
+        let p = live.pipeline();
+        let states = live.stream_states();
+        let streams = stats.streams();
+        let e = &mut enc;
+
+        // Streams.
+        let names: Vec<String> = streams.iter().map(|(n, _)| n.to_string()).collect();
+        let per_stream = |f: &dyn Fn(&crate::stats::StreamCounters) -> f64| {
+            streams
+                .iter()
+                .zip(&names)
+                .map(|((_, c), n)| (vec![("stream", n.as_str())], f(c)))
+                .collect::<Vec<_>>()
+        };
+        counters(
+            e,
+            "poolpipe_stream_frames_ingested",
+            "Frames a source handed to the pipeline.",
+            None,
+            &per_stream(&|c| c.ingested.load(Relaxed) as f64),
+        )?;
+        let mut outcomes = Vec::new();
+        for ((_, c), n) in streams.iter().zip(&names) {
+            for (o, v) in [
+                ("published", &c.published),
+                ("dropped_late", &c.dropped_late),
+                ("dropped_overload", &c.dropped_overload),
+                ("failed", &c.failed),
+            ] {
+                outcomes.push((
+                    vec![("stream", n.as_str()), ("outcome", o)],
+                    v.load(Relaxed) as f64,
+                ));
+            }
+        }
+        counters(
+            e,
+            "poolpipe_stream_frames",
+            "Frames by outcome: published (within the SLO), dropped_late, dropped_overload, failed.",
+            None,
+            &outcomes,
+        )?;
+        gauges(
+            e,
+            "poolpipe_stream_up",
+            "1 while the stream's source runs, 0 when it ended or was removed.",
+            None,
+            &streams
+                .iter()
+                .zip(&names)
+                .map(|(_, n)| {
+                    let up = states.get(n).is_some_and(|s| s.0 == "running");
+                    (vec![("stream", n.as_str())], if up { 1.0 } else { 0.0 })
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        gauges(
+            e,
+            "poolpipe_slo_attainment_ratio",
+            "Published frames over frames with an outcome, since start (1 when none yet).",
+            None,
+            &per_stream(&|c| {
+                let p = c.published.load(Relaxed);
+                let done = p
+                    + c.dropped_late.load(Relaxed)
+                    + c.dropped_overload.load(Relaxed)
+                    + c.failed.load(Relaxed);
+                if done == 0 {
+                    1.0
+                } else {
+                    p as f64 / done as f64
+                }
+            }),
+        )?;
+        counters(
+            e,
+            "poolpipe_source_reconnects",
+            "Times a live source was restarted after an error, end of stream or stall.",
+            None,
+            &per_stream(&|c| c.reconnects.load(Relaxed) as f64),
+        )?;
+        counters(
+            e,
+            "poolpipe_source_errors",
+            "Source errors (each followed by a reconnect for live sources).",
+            None,
+            &per_stream(&|c| c.source_errors.load(Relaxed) as f64),
+        )?;
+        gauges(
+            e,
+            "poolpipe_slo",
+            "Latency budget of new frames, capture to publication.",
+            Some(&Unit::Seconds),
+            &[(vec![], live.slo().as_secs_f64())],
+        )?;
+        histograms(
+            e,
+            "poolpipe_end_to_end_latency",
+            "Capture to publication, published frames.",
+            Some(&Unit::Seconds),
+            &[(vec![], latency_buckets(&stats.end_to_end))],
+        )?;
+
+        // Stages.
+        let stage_rows = |f: &dyn Fn(usize) -> f64| {
+            p.stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (vec![("stage", s.name.as_str())], f(i)))
+                .collect::<Vec<_>>()
+        };
+        let mut stage_out = Vec::new();
+        for (s, c) in p.stages.iter().zip(&stats.stages) {
+            for (o, v) in [
+                ("in", &c.frames_in),
+                ("out", &c.frames_out),
+                ("dropped_late", &c.dropped_late),
+                ("failed", &c.failed),
+            ] {
+                stage_out.push((
+                    vec![("stage", s.name.as_str()), ("outcome", o)],
+                    v.load(Relaxed) as f64,
+                ));
+            }
+        }
+        counters(
+            e,
+            "poolpipe_stage_frames",
+            "Frames through a stage: in (entered its queue), out (with a result), dropped_late, failed.",
+            None,
+            &stage_out,
+        )?;
+        counters(
+            e,
+            "poolpipe_stage_batches",
+            "Batches run.",
+            None,
+            &stage_rows(&|i| stats.stages[i].batches.load(Relaxed) as f64),
+        )?;
+        let batch_rows: Vec<_> = p
+            .stages
+            .iter()
+            .zip(&stats.stages)
+            .map(|(s, c)| {
+                let counts = c.batch_sizes.counts();
+                let mut buckets: Vec<(f64, u64)> =
+                    BATCH_BOUNDS.iter().map(|b| (*b as f64, 0)).collect();
+                buckets.push((f64::MAX, 0));
+                let (mut sum, mut count) = (0.0, 0);
+                for (size, n) in counts {
+                    sum += (size * n as usize) as f64;
+                    count += n;
+                    let slot = BATCH_BOUNDS
+                        .iter()
+                        .position(|b| size <= *b)
+                        .unwrap_or(BATCH_BOUNDS.len());
+                    buckets[slot].1 += n;
+                }
+                (vec![("stage", s.name.as_str())], (sum, count, buckets))
+            })
+            .collect();
+        histograms(
+            e,
+            "poolpipe_stage_batch_size",
+            "Frames per batch.",
+            None,
+            &batch_rows,
+        )?;
+        histograms(
+            e,
+            "poolpipe_stage_latency",
+            "Time from entering a stage's queue to leaving the stage.",
+            Some(&Unit::Seconds),
+            &p.stages
+                .iter()
+                .zip(&stats.stages)
+                .map(|(s, c)| {
+                    (
+                        vec![("stage", s.name.as_str())],
+                        latency_buckets(&c.latency),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        let depths: Vec<(usize, usize, usize)> =
+            (0..p.stages.len()).map(|i| live.queue_depth(i)).collect();
+        gauges(
+            e,
+            "poolpipe_stage_queue_frames",
+            "Frames waiting in a stage's queue.",
+            None,
+            &stage_rows(&|i| depths[i].0 as f64),
+        )?;
+        gauges(
+            e,
+            "poolpipe_stage_queue_capacity_frames",
+            "Capacity of a stage's queue.",
+            None,
+            &stage_rows(&|i| depths[i].1 as f64),
+        )?;
+        gauges(
+            e,
+            "poolpipe_stage_worker_queue_batches",
+            "Batches dispatched to a stage's workers and not yet started.",
+            None,
+            &stage_rows(&|i| depths[i].2 as f64),
+        )?;
+        let devices: Vec<String> = p.stages.iter().map(|s| s.device.to_string()).collect();
+        gauges(
+            e,
+            "poolpipe_stage_workers",
+            "Workers in a stage's pool.",
+            None,
+            &p.stages
+                .iter()
+                .zip(&devices)
+                .map(|(s, d)| {
+                    (
+                        vec![("stage", s.name.as_str()), ("device", d.as_str())],
+                        s.workers as f64,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        let busy = |i: usize| stats.stages[i].busy_nanos.load(Relaxed) as f64 / 1e9;
+        counters(
+            e,
+            "poolpipe_stage_busy",
+            "Time a stage's workers spent running batches, all workers together.",
+            Some(&Unit::Seconds),
+            &stage_rows(&busy),
+        )?;
+        gauges(
+            e,
+            "poolpipe_stage_busy_ratio",
+            "Share of time a stage's workers were running batches, since start.",
+            None,
+            &stage_rows(&|i| busy_share(busy(i), elapsed, p.stages[i].workers)),
+        )?;
+
+        // Sinks.
+        let sinks: Vec<_> = stats.sinks().iter().map(|(n, c)| c.summary(n)).collect();
+        let mut sink_rows = Vec::new();
+        for s in &sinks {
+            for (o, v) in [
+                ("offered", s.offered),
+                ("delivered", s.delivered),
+                ("dropped_overflow", s.dropped_overflow),
+                ("dropped_rejected", s.dropped_rejected),
+                ("left_at_shutdown", s.left_at_shutdown),
+            ] {
+                sink_rows.push((vec![("sink", s.name.as_str()), ("outcome", o)], v as f64));
+            }
+        }
+        counters(
+            e,
+            "poolpipe_sink_messages",
+            "Results by sink outcome: offered, delivered (acknowledged), dropped_overflow, dropped_rejected, left_at_shutdown.",
+            None,
+            &sink_rows,
+        )?;
+        let sink_col = |f: &dyn Fn(&crate::sinks::SinkSummary) -> u64| {
+            sinks
+                .iter()
+                .map(|s| (vec![("sink", s.name.as_str())], f(s) as f64))
+                .collect::<Vec<_>>()
+        };
+        counters(
+            e,
+            "poolpipe_sink_retries",
+            "Reconnects after a failed delivery.",
+            None,
+            &sink_col(&|s| s.retries),
+        )?;
+        counters(
+            e,
+            "poolpipe_sink_resent",
+            "Results sent again after a failed attempt (possible duplicates).",
+            None,
+            &sink_col(&|s| s.resent),
+        )?;
+        gauges(
+            e,
+            "poolpipe_sink_buffered_messages",
+            "Results waiting in a sink's buffer.",
+            None,
+            &sink_col(&|s| s.buffered),
+        )?;
+        gauges(
+            e,
+            "poolpipe_uptime",
+            "Time since the pipeline started.",
+            Some(&Unit::Seconds),
+            &[(vec![], elapsed)],
+        )?;
+        Ok(())
+    }
+}
+
+// Label sets are plain vectors of pairs; make sure that stays encodable.
+const _: fn() = || {
+    fn encodable<T: EncodeLabelSet>() {}
+    encodable::<Labels<'static>>();
+};

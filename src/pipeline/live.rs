@@ -1,0 +1,483 @@
+//! The controls of a running pipeline: add and remove streams, apply an edited pipeline file,
+//! and read its state. The HTTP API ([`crate::api`]) and the run loop share one [`Live`].
+//!
+//! What can change while running: the streams (added, removed, or restarted when their
+//! definition changed) and the SLO (frames captured after the change get the new deadline).
+//! Everything else (stages, models, workers, batching, sinks) holds engines, threads or
+//! connections; a reload that changes it is refused with the reason, and nothing is applied.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::clock::{SharedClock, nanos};
+use crate::config::{self, ConfigErrors, ImageSpec, Pipeline, SourceSpec};
+use crate::frame::Frame;
+use crate::ingest::{self, SourceContext};
+use crate::stats::Stats;
+
+use super::Batch;
+
+/// Why a live change was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// The definition or the edited file is invalid (same text as `poolpipe validate`).
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    /// A stream of that name is running.
+    #[error("a stream named `{0}` is already running")]
+    Exists(String),
+    /// No running stream has that name.
+    #[error("no stream named `{0}` is running")]
+    NotFound(String),
+    /// The edited file changes what cannot change while running.
+    #[error("cannot be applied while running (restart to apply): {}", .0.join("; "))]
+    Refused(Vec<String>),
+    /// The pipeline is shutting down.
+    #[error("the pipeline is stopping")]
+    Stopping,
+    /// A source thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ReloadReport {
+    /// The new SLO in milliseconds, when it changed.
+    pub slo_ms: Option<u64>,
+    /// Streams started.
+    pub added: Vec<String>,
+    /// Streams stopped.
+    pub removed: Vec<String>,
+    /// Streams whose definition changed, stopped and started again (counters continue).
+    pub restarted: Vec<String>,
+}
+
+/// One source thread.
+struct RunningSource {
+    spec: SourceSpec,
+    index: usize,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct SourceSet {
+    running: BTreeMap<String, RunningSource>,
+    /// Threads of removed streams, joined at shutdown.
+    retired: Vec<JoinHandle<()>>,
+}
+
+/// Queues of a stage, for depths in status and metrics (receivers never read from).
+pub(super) struct StageQueues {
+    pub input: flume::Receiver<Frame>,
+    pub capacity: usize,
+    pub workers: Vec<flume::Receiver<Batch>>,
+}
+
+/// A running pipeline, as the API and the run loop see it.
+pub struct Live {
+    pub(super) started: Instant,
+    pipeline: Mutex<Pipeline>,
+    pub(super) stats: Arc<Stats>,
+    slo: Arc<AtomicU64>,
+    clock: SharedClock,
+    fmt: ImageSpec,
+    budget: Option<Arc<AtomicU64>>,
+    /// The first stage's queue; taken at shutdown so that the pipeline drains.
+    entry: Mutex<Option<flume::Sender<Frame>>>,
+    sources: Mutex<SourceSet>,
+    pub(super) queues: Vec<StageQueues>,
+    reloads: AtomicU64,
+    stopping: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Live {
+    pub(super) fn new(
+        p: &Pipeline,
+        stats: Arc<Stats>,
+        clock: SharedClock,
+        budget: Option<Arc<AtomicU64>>,
+        entry: flume::Sender<Frame>,
+        queues: Vec<StageQueues>,
+    ) -> Self {
+        Self {
+            started: Instant::now(),
+            fmt: p.ingest_format(),
+            pipeline: Mutex::new(p.clone()),
+            stats,
+            slo: Arc::new(AtomicU64::new(nanos(p.slo))),
+            clock,
+            budget,
+            entry: Mutex::new(Some(entry)),
+            sources: Mutex::new(SourceSet::default()),
+            queues,
+            reloads: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// The pipeline as it runs now (with streams added or removed and reloads applied).
+    pub fn pipeline(&self) -> Pipeline {
+        lock(&self.pipeline).clone()
+    }
+
+    /// Time since the pipeline started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The SLO frames get now.
+    pub fn slo(&self) -> Duration {
+        Duration::from_nanos(self.slo.load(Ordering::Relaxed))
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Validates a stream definition (TOML text of one `[[source]]` table) against the running
+    /// pipeline: same rules and messages as a pipeline file, relative paths from its folder.
+    pub fn validate_stream(&self, text: &str) -> Result<SourceSpec, LiveError> {
+        let file = lock(&self.pipeline).file.clone();
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        config::load_source_str(Path::new("request"), &dir, text).map_err(LiveError::Invalid)
+    }
+
+    /// Starts a stream; the others are not touched.
+    pub fn add_stream(&self, spec: SourceSpec) -> Result<(), LiveError> {
+        let mut set = lock(&self.sources);
+        if set
+            .running
+            .get(&spec.name)
+            .is_some_and(|r| !r.thread.is_finished())
+        {
+            return Err(LiveError::Exists(spec.name));
+        }
+        if let Some(old) = set.running.remove(&spec.name) {
+            set.retired.push(old.thread); // ended by itself (end of file)
+        }
+        let running = self.spawn(spec.clone())?;
+        set.running.insert(spec.name.clone(), running);
+        let mut p = lock(&self.pipeline);
+        p.sources.retain(|s| s.name != spec.name);
+        p.sources.push(spec);
+        Ok(())
+    }
+
+    /// Stops a stream. Its frames already in the pipeline finish and are counted.
+    pub fn remove_stream(&self, name: &str) -> Result<(), LiveError> {
+        let mut set = lock(&self.sources);
+        let Some(r) = set.running.remove(name) else {
+            return Err(LiveError::NotFound(name.to_string()));
+        };
+        r.stop.store(true, Ordering::SeqCst);
+        tracing::info!(stream = %name, "Stream removed.");
+        set.retired.push(r.thread);
+        lock(&self.pipeline).sources.retain(|s| s.name != name);
+        Ok(())
+    }
+
+    /// Reads the pipeline file again and applies what changed, or refuses (and changes nothing)
+    /// when the edit touches what cannot change while running.
+    pub fn reload(&self) -> Result<ReloadReport, LiveError> {
+        let file = lock(&self.pipeline).file.clone();
+        let new = config::load_pipeline(&file).map_err(LiveError::Invalid)?;
+        let mut set = lock(&self.sources);
+        let old = lock(&self.pipeline).clone();
+        let refused = unchangeable_differences(&old, &new);
+        if !refused.is_empty() {
+            return Err(LiveError::Refused(refused));
+        }
+        let mut report = ReloadReport::default();
+        if new.slo != self.slo() {
+            self.slo.store(nanos(new.slo), Ordering::SeqCst);
+            report.slo_ms = Some(new.slo.as_millis() as u64);
+        }
+        let wanted: BTreeMap<&str, &SourceSpec> =
+            new.sources.iter().map(|s| (s.name.as_str(), s)).collect();
+        let names: Vec<String> = set.running.keys().cloned().collect();
+        for name in names {
+            let changed = match wanted.get(name.as_str()) {
+                None => false,
+                Some(w) => format!("{w:?}") != format!("{:?}", set.running[&name].spec),
+            };
+            if !wanted.contains_key(name.as_str()) || changed {
+                if let Some(r) = set.running.remove(&name) {
+                    r.stop.store(true, Ordering::SeqCst);
+                    set.retired.push(r.thread);
+                }
+                if changed {
+                    report.restarted.push(name);
+                } else {
+                    report.removed.push(name);
+                }
+            }
+        }
+        for s in &new.sources {
+            if !set.running.contains_key(&s.name) {
+                let r = self.spawn(s.clone())?;
+                set.running.insert(s.name.clone(), r);
+                if !report.restarted.contains(&s.name) {
+                    report.added.push(s.name.clone());
+                }
+            }
+        }
+        *lock(&self.pipeline) = new;
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(?report, "Pipeline file reloaded.");
+        Ok(report)
+    }
+
+    /// Starts the sources of the pipeline file.
+    pub(super) fn start_sources(&self) -> Result<(), LiveError> {
+        let specs = lock(&self.pipeline).sources.clone();
+        let mut set = lock(&self.sources);
+        for s in specs {
+            let r = self.spawn(s.clone())?;
+            set.running.insert(s.name, r);
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, spec: SourceSpec) -> Result<RunningSource, LiveError> {
+        let tx = lock(&self.entry).clone().ok_or(LiveError::Stopping)?;
+        let index = self.stats.add_stream(&spec.name);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = SourceContext {
+            stream: index,
+            tx,
+            stats: self.stats.clone(),
+            clock: self.clock.clone(),
+            slo: self.slo.clone(),
+            stop: stop.clone(),
+            budget: self.budget.clone(),
+        };
+        tracing::info!(stream = %spec.name, uri = %spec.redacted_uri(), "Starting source.");
+        let fmt = self.fmt.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("src-{}", spec.name))
+            .spawn({
+                let spec = spec.clone();
+                move || ingest::run_source(&spec, &fmt, &ctx)
+            })?;
+        Ok(RunningSource {
+            spec,
+            index,
+            stop,
+            thread,
+        })
+    }
+
+    /// Whether every source has ended by itself (none is running).
+    pub(super) fn all_sources_ended(&self) -> bool {
+        lock(&self.sources)
+            .running
+            .values()
+            .all(|r| r.thread.is_finished())
+    }
+
+    /// Stops every source and lets go of the first queue, so that the stages drain; returns the
+    /// source threads to join.
+    pub(super) fn stop_sources(&self) -> Vec<JoinHandle<()>> {
+        self.stopping.store(true, Ordering::SeqCst);
+        lock(&self.entry).take();
+        let mut set = lock(&self.sources);
+        let mut threads = std::mem::take(&mut set.retired);
+        for (_, r) in std::mem::take(&mut set.running) {
+            r.stop.store(true, Ordering::SeqCst);
+            threads.push(r.thread);
+        }
+        threads
+    }
+
+    /// Frames waiting in stage `i`'s queue and its workers' queues (batches counted by frames
+    /// is not possible without reading them; worker queues count batches).
+    pub fn queue_depth(&self, i: usize) -> (usize, usize, usize) {
+        let q = &self.queues[i];
+        (
+            q.input.len(),
+            q.capacity,
+            q.workers.iter().map(flume::Receiver::len).sum(),
+        )
+    }
+
+    /// Names of the streams running now, with their state (`running` or `ended`).
+    pub fn stream_states(&self) -> BTreeMap<String, (&'static str, String, bool)> {
+        lock(&self.sources)
+            .running
+            .iter()
+            .map(|(n, r)| {
+                let state = if r.thread.is_finished() {
+                    "ended"
+                } else {
+                    "running"
+                };
+                (n.clone(), (state, r.spec.redacted_uri(), r.spec.is_live()))
+            })
+            .collect()
+    }
+
+    /// Stream indices of the running streams, by name.
+    pub fn stream_index(&self, name: &str) -> Option<usize> {
+        lock(&self.sources).running.get(name).map(|r| r.index)
+    }
+
+    /// `GET /status`: streams, stages, pools, the plan that runs, counters.
+    pub fn status(&self) -> Value {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let summary = self.stats.summary(elapsed);
+        let p = self.pipeline();
+        let states = self.stream_states();
+        let streams: Vec<Value> = summary
+            .streams
+            .iter()
+            .map(|s| {
+                let (state, uri, live) =
+                    states
+                        .get(&s.name)
+                        .cloned()
+                        .unwrap_or(("removed", String::new(), false));
+                let done = s.published + s.dropped_late + s.dropped_overload + s.failed;
+                json!({
+                    "name": s.name,
+                    "state": state,
+                    "uri": (!uri.is_empty()).then_some(uri),
+                    "live": live,
+                    "counters": s,
+                    "slo_attainment": (done > 0).then(|| s.published as f64 / done as f64),
+                })
+            })
+            .collect();
+        let stages: Vec<Value> = p
+            .stages
+            .iter()
+            .zip(&summary.stages)
+            .enumerate()
+            .map(|(i, (spec, c))| {
+                let (depth, capacity, worker_batches) = self.queue_depth(i);
+                json!({
+                    "name": spec.name,
+                    "model": spec.model.name,
+                    "device": spec.device.to_string(),
+                    "workers": spec.workers,
+                    "threads": spec.threads,
+                    "policy": spec.policy,
+                    "max_batch": spec.max_batch,
+                    "max_wait_ms": spec.max_wait.as_secs_f64() * 1e3,
+                    "queue": {"frames": depth, "capacity": capacity, "worker_batches": worker_batches},
+                    "busy_share": busy_share(c.busy_s, elapsed, spec.workers),
+                    "counters": c,
+                })
+            })
+            .collect();
+        let mut pools: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for s in &p.stages {
+            pools
+                .entry(s.device.to_string())
+                .or_default()
+                .push(json!({"stage": s.name, "workers": s.workers}));
+        }
+        let plan: Vec<Value> = p
+            .stages
+            .iter()
+            .map(|s| {
+                json!({
+                    "stage": s.name,
+                    "device": s.device.to_string(),
+                    "workers": s.workers,
+                    "batch": s.max_batch,
+                    "blocks": s.split.as_ref().map(|x| x.blocks).or(s.profile.as_ref().map(|x| x.blocks)),
+                    "share": s.profile.as_ref().map(|x| x.share),
+                })
+            })
+            .collect();
+        json!({
+            "pipeline": p.name,
+            "file": p.file.display().to_string(),
+            "state": if self.is_stopping() { "stopping" } else { "running" },
+            "uptime_s": elapsed,
+            "slo_ms": self.slo().as_secs_f64() * 1e3,
+            "reloads": self.reloads.load(Ordering::Relaxed),
+            "streams": streams,
+            "stages": stages,
+            "pools": pools,
+            "plan": plan,
+            "sinks": summary.sinks,
+            "published_fps": summary.published_fps(),
+            "end_to_end_ms": {"p50": summary.end_to_end_p50_ms, "p99": summary.end_to_end_p99_ms},
+        })
+    }
+}
+
+/// Share of the time a stage's workers were running batches (0..=1).
+pub fn busy_share(busy_s: f64, elapsed_s: f64, workers: usize) -> f64 {
+    if elapsed_s <= 0.0 || workers == 0 {
+        0.0
+    } else {
+        (busy_s / (elapsed_s * workers as f64)).min(1.0)
+    }
+}
+
+/// What differs between two versions of a pipeline file that a running pipeline cannot take.
+pub fn unchangeable_differences(old: &Pipeline, new: &Pipeline) -> Vec<String> {
+    let mut why = Vec::new();
+    if old.name != new.name {
+        why.push(format!(
+            "pipeline.name changed (`{}` -> `{}`)",
+            old.name, new.name
+        ));
+    }
+    if old.onnxruntime != new.onnxruntime {
+        why.push("pipeline.onnxruntime changed (the runtime library is loaded once)".into());
+    }
+    if old.bandwidth_gbps != new.bandwidth_gbps {
+        why.push("pipeline.bandwidth_gbps changed (batchers are planned with it)".into());
+    }
+    if old.ingest_format() != new.ingest_format() {
+        why.push("the first model's input size changed (sources decode to it)".into());
+    }
+    let names = |p: &Pipeline| p.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    if names(old) != names(new) {
+        why.push(format!(
+            "stages changed ({:?} -> {:?}): engines and workers are built at start",
+            names(old),
+            names(new)
+        ));
+    } else {
+        for (a, b) in old.stages.iter().zip(&new.stages) {
+            if format!("{a:?}") != format!("{b:?}") {
+                why.push(format!(
+                    "stage `{}` changed (model, device, workers or batching are fixed at start)",
+                    a.name
+                ));
+            }
+        }
+    }
+    let sinks = |p: &Pipeline| p.sinks.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>();
+    if sinks(old) != sinks(new) {
+        why.push("sinks changed (connections are opened at start)".into());
+    }
+    why
+}
