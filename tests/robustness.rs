@@ -1,5 +1,5 @@
 //! Bad input never takes poolpipe down: mutated pipeline files are refused without panicking, and
-//! a corrupt video file fails only its own stream.
+//! a corrupt video file or an RTSP server answering garbage fails only its own stream.
 
 mod common;
 
@@ -179,6 +179,77 @@ fn a_corrupt_video_file_fails_its_stream_only() {
     assert_eq!(streams["truncated"]["published"], 0);
     assert!(
         stderr.contains("Source failed.") && stderr.contains("garbage"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_rtsp_server_that_answers_garbage_fails_its_stream_only() {
+    // A TCP server on 127.0.0.1 that answers every connection with bytes that are not RTSP.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = connections.clone();
+    std::thread::spawn(move || {
+        for conn in server.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let _ = conn.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf);
+                let junk: Vec<u8> = (0..4096u32)
+                    .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+                    .collect();
+                let _ = conn.write_all(b"SPAM/9.9 999 Nonsense\r\n\x00\x01\x02");
+                let _ = conn.write_all(&junk);
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = format!(
+        "{}[[source]]\nname = \"junk\"\nuri = \"rtsp://127.0.0.1:{port}/cam\"\nreconnect_min_ms = 200\n\
+         reconnect_max_ms = 400\nstall_timeout_ms = 1000\n\n\
+         [[source]]\nname = \"good\"\nuri = \"test://ball\"\nmax_fps = 10\n\n\
+         [[stage]]\nname = \"pass\"\nmodel = \"noop\"\n\n\
+         [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+        header("garbage-rtsp", 5_000),
+        dir.path().join("out.jsonl").display()
+    );
+    let p = write(dir.path(), "p.toml", &pipeline);
+    let summary_path = dir.path().join("summary.json");
+    let out = poolpipe(&[
+        "run",
+        p.to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
+        "--duration",
+        "8",
+        "--summary-json",
+        summary_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let summary = read_summary(&summary_path);
+    let streams = assert_balanced(&summary);
+    assert_eq!(streams["junk"]["published"], 0);
+    assert!(
+        streams["junk"]["source_errors"].as_u64().unwrap() >= 2,
+        "each garbage answer is a counted source error: {summary}"
+    );
+    assert!(
+        streams["junk"]["reconnects"].as_u64().unwrap() >= 2,
+        "the camera is retried with backoff: {summary}"
+    );
+    assert!(connections.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    let good = streams["good"]["published"].as_u64().unwrap();
+    assert!(
+        good >= 50,
+        "the other stream runs at its rate (10 fps for 8 s): {good} published; {summary}"
+    );
+    assert!(
+        stderr.contains("Source lost, reconnecting.") && stderr.contains("junk"),
         "{stderr}"
     );
 }
