@@ -142,6 +142,8 @@ case "${1:-}" in
     log "Running the test suite."
     cargo fmt --all -- --check
     cargo test --release --locked -- --test-threads=2 "${@:2}"
+    log "Soak and overload, 2-minute version (tests/soak.sh 90 30)."
+    bash tests/soak.sh 90 30
     ;;
   *) log "Unknown mode '$1' (expected: demo, test, kafka)."; exit 2 ;;
 esac

@@ -114,8 +114,11 @@ fn gauges(
     })
 }
 
-/// `(sum, count, per-bucket counts with +Inf last)` of a latency histogram.
-fn latency_buckets(h: &Histogram) -> (f64, u64, Vec<(f64, u64)>) {
+/// `(sum, count, per-bucket counts with +Inf last)`, as the encoder takes a histogram.
+type HistogramSample = (f64, u64, Vec<(f64, u64)>);
+
+/// A latency histogram as the encoder takes it.
+fn latency_buckets(h: &Histogram) -> HistogramSample {
     let total = h.count();
     let mut prev = 0;
     let mut buckets: Vec<(f64, u64)> = h
@@ -136,7 +139,7 @@ fn histograms(
     name: &str,
     help: &str,
     unit: Option<&Unit>,
-    rows: &[(Labels<'_>, (f64, u64, Vec<(f64, u64)>))],
+    rows: &[(Labels<'_>, HistogramSample)],
 ) -> Result<(), std::fmt::Error> {
     family(
         enc,

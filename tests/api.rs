@@ -125,8 +125,9 @@ fn published(api: &str) -> std::collections::HashMap<String, u64> {
         .collect()
 }
 
-fn state_of(api: &str, stream: &str) -> String {
-    let (_, body) = http("GET", &format!("{api}/status"), None, None);
+/// A stream's state in `/status` (`absent` when it is not listed).
+fn state_of(api: &str, stream: &str, token: Option<&str>) -> String {
+    let (_, body) = http("GET", &format!("{api}/status"), token, None);
     json(&body)["streams"]
         .as_array()
         .unwrap()
@@ -222,7 +223,7 @@ fn streams_come_and_go_through_the_api_and_a_reload_applies_a_new_slo() {
     // Remove one: it stops, the others keep their rate.
     let (code, body) = http("DELETE", &format!("{api}/streams/a"), None, None);
     assert_eq!(code, 200, "{body}");
-    assert_eq!(state_of(&api, "a"), "removed");
+    assert_eq!(state_of(&api, "a", None), "removed");
     let (code, _) = http("DELETE", &format!("{api}/streams/a"), None, None);
     assert_eq!(code, 404);
     std::thread::sleep(Duration::from_secs(1)); // frames of `a` already in flight finish
@@ -461,23 +462,11 @@ fn off_loopback_the_api_needs_the_token() {
     let (code, _) = http("GET", &format!("{local}/health"), None, None);
     assert_eq!(code, 200, "health checks need no token");
     assert_eq!(
-        state_of_with(&local, "a", "s3cret-token"),
+        state_of(&local, "a", Some("s3cret-token")),
         "running",
         "refused requests changed nothing"
     );
     assert!(stop(child).success());
-}
-
-fn state_of_with(api: &str, stream: &str, token: &str) -> String {
-    let (_, body) = http("GET", &format!("{api}/status"), Some(token), None);
-    json(&body)["streams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == stream)
-        .map_or("absent".into(), |s| {
-            s["state"].as_str().unwrap().to_string()
-        })
 }
 
 #[test]

@@ -6,7 +6,8 @@
 #
 #   tests/soak.sh [SECONDS=120] [OVERLOAD_SECONDS=60]
 #
-# Needs ./setup.sh to have run. Everything runs on 127.0.0.1 and stops by itself.
+# Needs ./setup.sh to have run. Everything runs on 127.0.0.1 and stops by itself. Exits 1 when a
+# frame is unaccounted for or a published frame missed the SLO (CI runs a 2-minute version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TOTAL=${1:-120}
@@ -59,10 +60,21 @@ print(f"{sys.argv[3]}: {s['elapsed_s']:.0f} s, RSS {rows[0][1]/1024:.0f} MiB at 
 print(f"  frames: ingested {ing}, published {pub}, dropped_late {late}, dropped_overload {over}, failed {fail}, balanced {balanced}")
 print("  rss MiB by minute: " + " ".join(f"{r[1]/1024:.0f}" for r in rows if r[0] % 60 == 0))
 print(f"  end-to-end p50 {s['end_to_end_p50_ms']} ms, p99 {s['end_to_end_p99_ms']} ms (SLO 3000 ms); reconnects {sum(x['reconnects'] for x in s['streams'])}")
+# What must hold at any length: every frame accounted for, published frames within the SLO
+# (to the histogram's 2%), and something published. RSS growth is reported, not judged: a short
+# run cannot tell growth from warm-up.
+problems = []
+if not balanced: problems.append("frame accounting does not balance")
+if pub == 0: problems.append("nothing was published")
+if (s["end_to_end_p99_ms"] or 0) > 3000 * 1.02: problems.append("p99 of published frames above the SLO")
+for p in problems: print(f"  FAILED: {p}")
+sys.exit(1 if problems else 0)
 PY
 }
 
 pipeline 1 "$WORK/soak.toml"       # 8 streams x 1 frame/s: a third of what 2 cores manage
 pipeline 30 "$WORK/overload.toml"  # 8 streams x 30 frames/s: about 10x capacity
-run soak "$WORK/soak.toml" "$SECONDS_TOTAL"
-run overload "$WORK/overload.toml" "$OVERLOAD_SECONDS"
+rc=0
+run soak "$WORK/soak.toml" "$SECONDS_TOTAL" || rc=1
+run overload "$WORK/overload.toml" "$OVERLOAD_SECONDS" || rc=1
+exit $rc

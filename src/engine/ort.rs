@@ -122,10 +122,9 @@ impl OrtEngine {
             .and_then(|b| Ok(b.with_intra_op_spinning(cfg.spin)?))
             .and_then(|b| {
                 if std::env::var("POOLPIPE_ORT_ARENA").as_deref() == Ok("0") {
-                    Ok(b.with_memory_pattern(false)?
-                        .with_execution_providers([ort::ep::CPU::default()
-                            .with_arena_allocator(false)
-                            .build()])?)
+                    Ok(b.with_memory_pattern(false)?.with_execution_providers([
+                        ort::ep::CPU::default().with_arena_allocator(false).build(),
+                    ])?)
                 } else {
                     Ok(b)
                 }
