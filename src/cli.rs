@@ -508,6 +508,7 @@ fn init_logging(format: LogFormat) {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    crate::alloc::tune();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {

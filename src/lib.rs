@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //!
+//! - [`alloc`]: glibc allocator settings that keep RSS flat over long runs.
 //! - [`api`]: the HTTP API of a running pipeline (health, status, metrics, streams, reload).
 //! - [`cli`]: the command line (`run`, `validate`, `split`, `profile`, `bench`, `serve-rtsp`);
 //!   `main.rs` only calls it.
@@ -32,6 +33,7 @@
 //! - [`rtsp`]: a small RTSP server (used by tests and for local experiments).
 //! - [`bench`]: the `bench` subcommands that print measured figures.
 
+pub mod alloc;
 pub mod api;
 pub mod batcher;
 pub mod bench;

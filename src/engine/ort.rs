@@ -120,15 +120,6 @@ impl OrtEngine {
             .and_then(|b| Ok(b.with_intra_threads(cfg.threads.max(1))?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
             .and_then(|b| Ok(b.with_intra_op_spinning(cfg.spin)?))
-            .and_then(|b| {
-                if std::env::var("POOLPIPE_ORT_ARENA").as_deref() == Ok("0") {
-                    Ok(b.with_memory_pattern(false)?.with_execution_providers([
-                        ort::ep::CPU::default().with_arena_allocator(false).build(),
-                    ])?)
-                } else {
-                    Ok(b)
-                }
-            })
             .and_then(|mut b| b.commit_from_file(&cfg.model))
             .map_err(|e| load_err(e.to_string()))?;
         let describe = |outlets: &[ort::value::Outlet]| -> Vec<TensorInfo> {

@@ -238,8 +238,13 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
 
     let show_progress = opts.progress && std::io::stderr().is_terminal();
     let mut last_progress = Instant::now();
+    let mut last_trim = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(50));
+        if last_trim.elapsed() >= Duration::from_secs(60) {
+            last_trim = Instant::now();
+            crate::alloc::trim();
+        }
         let all_ended = !opts.serve && live.all_sources_ended();
         let out_of_budget = budget
             .as_ref()
