@@ -89,6 +89,8 @@ pub struct Histogram {
     buckets: Vec<AtomicU64>,
     /// Sum of every value recorded, nanoseconds.
     sum_nanos: AtomicU64,
+    /// Largest value recorded, nanoseconds (quantiles never report more).
+    max_nanos: AtomicU64,
 }
 
 const BUCKETS: usize = 1000;
@@ -99,6 +101,7 @@ impl Default for Histogram {
         Self {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             sum_nanos: AtomicU64::new(0),
+            max_nanos: AtomicU64::new(0),
         }
     }
 }
@@ -110,6 +113,7 @@ impl Histogram {
         let i = ((us.ln() / GROWTH.ln()) as usize).min(BUCKETS - 1);
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_nanos.fetch_add(n, Relaxed);
+        self.max_nanos.fetch_max(n, Relaxed);
     }
 
     /// Sum of every value recorded, seconds.
@@ -140,7 +144,8 @@ impl Histogram {
         self.buckets.iter().map(|b| b.load(Relaxed)).sum()
     }
 
-    /// The `q`-quantile (0..=1) in milliseconds (bucket midpoint), or `None` when empty.
+    /// The `q`-quantile (0..=1) in milliseconds (bucket midpoint, but never above the largest
+    /// value recorded), or `None` when empty.
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
         let total = self.count();
         if total == 0 {
@@ -152,7 +157,8 @@ impl Histogram {
             seen += b.load(Relaxed);
             if seen >= rank {
                 let lo = GROWTH.powi(i as i32);
-                return Some(lo * (1.0 + GROWTH) / 2.0 / 1e3);
+                let max_ms = self.max_nanos.load(Relaxed) as f64 / 1e6;
+                return Some((lo * (1.0 + GROWTH) / 2.0 / 1e3).min(max_ms));
             }
         }
         None
@@ -517,6 +523,11 @@ mod tests {
             h.record(ms * 1_000_000);
         }
         assert!((h.sum_s() - 5.05).abs() < 1e-9);
+        assert_eq!(
+            h.quantile_ms(1.0),
+            Some(100.0),
+            "never above the largest value"
+        );
         let c = h.cumulative(&[0.0105, 0.05, 1.0]);
         assert_eq!(c, vec![(0.0105, 10), (0.05, 50), (1.0, 100)]);
         let p50 = h.quantile_ms(0.5).unwrap();

@@ -61,12 +61,12 @@ print(f"  frames: ingested {ing}, published {pub}, dropped_late {late}, dropped_
 print("  rss MiB by minute: " + " ".join(f"{r[1]/1024:.0f}" for r in rows if r[0] % 60 == 0))
 print(f"  end-to-end p50 {s['end_to_end_p50_ms']} ms, p99 {s['end_to_end_p99_ms']} ms (SLO 3000 ms); reconnects {sum(x['reconnects'] for x in s['streams'])}")
 # What must hold at any length: every frame accounted for, published frames within the SLO
-# (to the histogram's 2%), and something published. RSS growth is reported, not judged: a short
+# and something published. RSS growth is reported, not judged: a short
 # run cannot tell growth from warm-up.
 problems = []
 if not balanced: problems.append("frame accounting does not balance")
 if pub == 0: problems.append("nothing was published")
-if (s["end_to_end_p99_ms"] or 0) > 3000 * 1.02: problems.append("p99 of published frames above the SLO")
+if (s["end_to_end_p99_ms"] or 0) > 3000: problems.append("p99 of published frames above the SLO")
 for p in problems: print(f"  FAILED: {p}")
 sys.exit(1 if problems else 0)
 PY
