@@ -508,8 +508,11 @@ fn init_logging(format: LogFormat) {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    crate::alloc::tune();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Run { .. }) {
+        // Long runs only (where it was measured); before any thread starts.
+        crate::alloc::tune();
+    }
     init_logging(cli.log_format);
     match cli.command {
         Command::Validate { pipeline } => match config::load_pipeline(&pipeline) {

@@ -16,7 +16,7 @@ BIN=${POOLPIPE_BIN:-${CARGO_TARGET_DIR:-./target}/release/poolpipe}
 [ -x "$BIN" ] || { echo "build first: ./setup.sh" >&2; exit 2; }
 WORK=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$BIN" serve-rtsp samples/campus.mp4 --port "$PORT" >/dev/null 2>&1 &
+"$BIN" serve-rtsp samples/campus.mp4 --port "$PORT" >/dev/null 2>"$WORK/rtsp-server.log" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
 sleep 1
@@ -77,4 +77,9 @@ pipeline 30 "$WORK/overload.toml"  # 8 streams x 30 frames/s: about 10x capacity
 rc=0
 run soak "$WORK/soak.toml" "$SECONDS_TOTAL" || rc=1
 run overload "$WORK/overload.toml" "$OVERLOAD_SECONDS" || rc=1
+# The RTSP server is a test fixture; if it died, the RTSP streams' reconnects above are its doing.
+if ! kill -0 $SERVER 2>/dev/null; then
+  echo "note: the RTSP server (poolpipe serve-rtsp) exited during the run; its last log lines:"
+  tail -5 "$WORK/rtsp-server.log" | sed 's/^/  /'
+fi
 exit $rc
