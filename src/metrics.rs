@@ -97,9 +97,7 @@ fn counters(
     unit: Option<&Unit>,
     rows: &[(Labels<'_>, f64)],
 ) -> Result<(), std::fmt::Error> {
-    family(enc, name, help, unit, MetricType::Counter, rows, |m, v| {
-        m.encode_counter::<NoLabelSet, f64, f64>(v, None)
-    })
+    scalars(enc, name, help, unit, MetricType::Counter, rows)
 }
 
 fn gauges(
@@ -109,8 +107,25 @@ fn gauges(
     unit: Option<&Unit>,
     rows: &[(Labels<'_>, f64)],
 ) -> Result<(), std::fmt::Error> {
-    family(enc, name, help, unit, MetricType::Gauge, rows, |m, v| {
-        m.encode_gauge(v)
+    scalars(enc, name, help, unit, MetricType::Gauge, rows)
+}
+
+/// A family of single-valued samples: counters or gauges.
+fn scalars(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    kind: MetricType,
+    rows: &[(Labels<'_>, f64)],
+) -> Result<(), std::fmt::Error> {
+    let counter = matches!(kind, MetricType::Counter);
+    family(enc, name, help, unit, kind, rows, |m, v| {
+        if counter {
+            m.encode_counter::<NoLabelSet, f64, f64>(v, None)
+        } else {
+            m.encode_gauge(v)
+        }
     })
 }
 

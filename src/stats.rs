@@ -251,14 +251,6 @@ impl Stats {
         self.sinks.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Frames ingested by all streams.
-    pub fn total_ingested(&self) -> u64 {
-        self.streams()
-            .iter()
-            .map(|(_, s)| s.ingested.load(Relaxed))
-            .sum()
-    }
-
     /// A snapshot for reports.
     pub fn summary(&self, elapsed_s: f64) -> Summary {
         let streams = self

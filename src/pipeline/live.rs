@@ -63,7 +63,6 @@ pub struct ReloadReport {
 /// One source thread.
 struct RunningSource {
     spec: SourceSpec,
-    index: usize,
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
@@ -282,12 +281,7 @@ impl Live {
                 let spec = spec.clone();
                 move || ingest::run_source(&spec, &fmt, &ctx)
             })?;
-        Ok(RunningSource {
-            spec,
-            index,
-            stop,
-            thread,
-        })
+        Ok(RunningSource { spec, stop, thread })
     }
 
     /// Whether every source has ended by itself (none is running).
@@ -312,8 +306,7 @@ impl Live {
         threads
     }
 
-    /// Frames waiting in stage `i`'s queue and its workers' queues (batches counted by frames
-    /// is not possible without reading them; worker queues count batches).
+    /// Stage `i`'s queue: `(frames waiting, capacity, batches waiting in its workers' queues)`.
     pub fn queue_depth(&self, i: usize) -> (usize, usize, usize) {
         let q = &self.queues[i];
         (
@@ -337,11 +330,6 @@ impl Live {
                 (n.clone(), (state, r.spec.redacted_uri(), r.spec.is_live()))
             })
             .collect()
-    }
-
-    /// Stream indices of the running streams, by name.
-    pub fn stream_index(&self, name: &str) -> Option<usize> {
-        lock(&self.sources).running.get(name).map(|r| r.index)
     }
 
     /// `GET /status`: streams, stages, pools, the plan that runs, counters.
