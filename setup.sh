@@ -121,15 +121,19 @@ fi
 # --- 9. A Kafka-compatible broker for the Kafka sink test (test and kafka modes only) --------------------
 # Debian ships Kafka clients (kcat) but no broker; tansu (Apache-2.0, crates.io) speaks the Kafka
 # protocol. It is a large build (about 20 minutes on 2 cores, once; reused from CARGO_TARGET_DIR).
+# Installed outside the clone (once per machine, shared by every clone): POOLPIPE_TOOLS, default
+# ~/.cache/poolpipe.
+TOOLS="${POOLPIPE_TOOLS:-$HOME/.cache/poolpipe}"
 install_tansu() {
-  local root="$ROOT/.cache/tansu"
+  local root="$TOOLS/tansu-$TANSU_VERSION"
   if "$root/bin/tansu" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
     log "tansu $TANSU_VERSION present."
     return
   fi
   log "Building tansu $TANSU_VERSION (Kafka-compatible broker for the Kafka sink test; ~20 min once)."
   cargo install tansu --version "$TANSU_VERSION" --locked --no-default-features --features dynostore \
-    --root "$root" --target-dir "${CARGO_TARGET_DIR:-$ROOT/target}/tansu"
+    --root "$root" --target-dir "$TOOLS/tansu-build"
+  rm -rf "$TOOLS/tansu-build"   # about 3 GB of intermediate files, not needed once installed
 }
 
 case "${1:-}" in
@@ -138,7 +142,7 @@ case "${1:-}" in
   kafka) install_tansu ;;
   test)
     install_tansu
-    export POOLPIPE_TANSU="$ROOT/.cache/tansu/bin/tansu"   # so the Kafka test runs rather than skips
+    export POOLPIPE_TANSU="$TOOLS/tansu-$TANSU_VERSION/bin/tansu"   # so the Kafka test runs rather than skips
     log "Running the test suite."
     cargo fmt --all -- --check
     cargo test --release --locked -- --test-threads=2 "${@:2}"

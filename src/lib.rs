@@ -2,36 +2,47 @@
 //!
 //! Camera streams come in through GStreamer, every frame runs through a chain of neural-network
 //! stages on pools of workers, a batcher groups frames at every stage under per-frame deadlines,
-//! and results go to sinks. See `README.md` for how to run it and `../shared/DESIGN.md` for why.
+//! and results go to sinks. See `README.md` for how to run it.
 //!
 //! # Layout
 //!
-//! - [`alloc`]: glibc allocator settings that keep RSS flat over long runs.
-//! - [`api`]: the HTTP API of a running pipeline (health, status, metrics, streams, reload).
-//! - [`cli`]: the command line (`run`, `validate`, `split`, `profile`, `bench`, `serve-rtsp`);
-//!   `main.rs` only calls it.
-//! - [`config`]: pipeline files and model manifests: load, validate (pure, collects every error
-//!   with file:line:column), resolve into a runnable description.
-//! - [`clock`]: monotonic time behind a trait, so time-dependent logic can be driven by tests.
-//! - [`frame`]: the frame that flows through a pipeline and what stages attach to it.
-//! - [`ingest`]: GStreamer sources (RTSP, files, test patterns) -> frames, with reconnects.
-//! - [`batcher`]: batching policies (pure state): fixed, AIMD, reservation-based deadline.
-//! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`) and the emulated device.
-//! - [`engine`]: the synchronous `Engine` trait and its backends (ONNX Runtime on the CPU, no-op).
-//! - [`postprocess`]: turning model outputs into results (classes, text boxes, text).
+//! Files import downwards only (no cycles between files of `src/`):
+//!
+//! - [`cli`]: the command line, one file per subcommand (`run`, `validate`/`check`, `split`,
+//!   `profile`, `plan`, `simulate`, `serve-rtsp`; `bench` lives in [`bench`]) and the one error
+//!   type that maps to the exit codes. `main.rs` only calls it.
+//! - [`bench`]: the `bench` subcommands that print measured figures.
+//! - [`api`]: the HTTP API of a running pipeline (health, status, metrics, streams, reload),
+//!   started by `cli` on the [`pipeline::Live`] handle of a started pipeline.
 //! - [`metrics`]: Prometheus metrics read from the pipeline's counters at scrape time.
-//! - [`partition`]: cut points of ONNX graphs, block extraction, balanced splitting.
-//! - [`pipeline`]: builds and runs the stage graph: channels, workers, accounting, shutdown.
+//! - [`pipeline`]: builds and runs the stage graph. `graph` (queues, batcher threads, pools),
+//!   `worker` (a pool's worker threads), `publisher` (the result schema and the sinks),
+//!   `stage` (what each model kind does to a batch), `live` (changes while running).
+//! - [`sim`]: the discrete-event simulator: plans served on a virtual clock by the runtime's
+//!   batcher driver, with arrivals (Poisson, bursty, traces) and a search for the 99% load.
+//! - [`ingest`]: GStreamer sources (RTSP, files, test patterns) -> frames, with reconnects.
+//! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`) and the emulated device.
+//! - [`engine`]: the `Engine` trait and its backends (ONNX Runtime on the CPU, no-op), and the
+//!   `StageRunner` trait that devices and engines implement for the pipeline.
+//! - [`postprocess`]: turning model outputs into results (classes, text boxes, text).
+//! - [`config`]: pipeline files and model manifests: parse (TOML with key spans), validate
+//!   (pure, collects every error with file:line:column), resolve into a runnable description.
+//! - [`batcher`]: batching policies (pure state: fixed, AIMD, reservation-based deadline), the
+//!   one batcher driver (a step: what is late, what goes to which worker, when to look again)
+//!   and the batcher thread's loop over it, shared by the runtime, the simulator and the tests.
 //! - [`planner`]: the MILP planner (cuts, classes, shares, batch sizes, device counts), its
 //!   baselines and an independent plan checker.
 //! - [`profile`]: latency profiles per block, device class, share and batch size; cut sizes.
-//! - [`sim`]: the discrete-event simulator: plans served on a virtual clock by the runtime's
-//!   batching policies, with arrivals (Poisson, bursty, traces) and a search for the 99% load.
+//! - [`partition`]: cut points of ONNX graphs, block extraction, balanced splitting.
+//! - [`stats`]: per-stream and per-stage counters, bumped through one named method per event.
 //! - [`sinks`]: where results go: JSON lines, MQTT, NATS, Redis Streams, Kafka, HTTP webhooks,
 //!   each behind a bounded buffer with retries and delivery counters.
-//! - [`stats`]: per-stream and per-stage counters and latency samples.
+//! - [`histogram`]: the log-scale latency histogram of stats, sinks and metrics.
+//! - [`panics`]: what is kept of a pipeline thread's panic.
+//! - [`frame`]: the frame that flows through a pipeline and what stages attach to it.
+//! - [`clock`]: monotonic time behind a trait, so time-dependent logic can be driven by tests.
+//! - [`alloc`]: glibc allocator settings that keep RSS flat over long runs.
 //! - [`rtsp`]: a small RTSP server (used by tests and for local experiments).
-//! - [`bench`]: the `bench` subcommands that print measured figures.
 
 pub mod alloc;
 pub mod api;
@@ -43,8 +54,10 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod frame;
+pub mod histogram;
 pub mod ingest;
 pub mod metrics;
+pub mod panics;
 pub mod partition;
 pub mod pipeline;
 pub mod planner;

@@ -34,9 +34,9 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, MetricEncod
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::histogram::Histogram;
 use crate::pipeline::Live;
 use crate::pipeline::live::busy_share;
-use crate::stats::Histogram;
 
 /// `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

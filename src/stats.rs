@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::Serialize;
 
 use crate::clock::Nanos;
+pub use crate::histogram::Histogram;
+pub use crate::panics::ThreadPanic;
 use crate::sinks::{SinkCounters, SinkSummary};
 
 /// Counters of one stream.
@@ -81,90 +83,6 @@ impl BatchSizes {
     }
 }
 
-/// A log-scale latency histogram with about 2% relative resolution, from 1 µs to ~400 s, in
-/// fixed memory.
-#[derive(Debug)]
-pub struct Histogram {
-    /// Counts per bucket; bucket `i` holds values around `1.02^i` microseconds.
-    buckets: Vec<AtomicU64>,
-    /// Sum of every value recorded, nanoseconds.
-    sum_nanos: AtomicU64,
-    /// Largest value recorded, nanoseconds (quantiles never report more).
-    max_nanos: AtomicU64,
-}
-
-const BUCKETS: usize = 1000;
-const GROWTH: f64 = 1.02;
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Self {
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            sum_nanos: AtomicU64::new(0),
-            max_nanos: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Histogram {
-    /// Records one value.
-    pub fn record(&self, n: Nanos) {
-        let us = (n as f64 / 1e3).max(1.0);
-        let i = ((us.ln() / GROWTH.ln()) as usize).min(BUCKETS - 1);
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_nanos.fetch_add(n, Relaxed);
-        self.max_nanos.fetch_max(n, Relaxed);
-    }
-
-    /// Sum of every value recorded, seconds.
-    pub fn sum_s(&self) -> f64 {
-        self.sum_nanos.load(Relaxed) as f64 / 1e9
-    }
-
-    /// Cumulative counts at each upper bound (seconds, ascending): how many values were at most
-    /// that bound, to the histogram's 2% resolution (a bucket counts below a bound when its lower
-    /// edge is). For Prometheus histograms.
-    pub fn cumulative(&self, bounds_s: &[f64]) -> Vec<(f64, u64)> {
-        let mut out = Vec::with_capacity(bounds_s.len());
-        let mut seen = 0;
-        let mut i = 0;
-        for &b in bounds_s {
-            let limit_us = b * 1e6;
-            while i < BUCKETS && GROWTH.powi(i as i32) <= limit_us {
-                seen += self.buckets[i].load(Relaxed);
-                i += 1;
-            }
-            out.push((b, seen));
-        }
-        out
-    }
-
-    /// Number of values recorded.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
-    }
-
-    /// The `q`-quantile (0..=1) in milliseconds (bucket midpoint, but never above the largest
-    /// value recorded), or `None` when empty.
-    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let total = self.count();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            seen += b.load(Relaxed);
-            if seen >= rank {
-                let lo = GROWTH.powi(i as i32);
-                let max_ms = self.max_nanos.load(Relaxed) as f64 / 1e6;
-                return Some((lo * (1.0 + GROWTH) / 2.0 / 1e3).min(max_ms));
-            }
-        }
-        None
-    }
-}
-
 /// All counters of a running pipeline.
 ///
 /// Streams can be added while the pipeline runs; a stream's index never changes, and a stream
@@ -181,6 +99,27 @@ pub struct Stats {
     pub end_to_end: Histogram,
     /// Sinks by name, as they were opened.
     sinks: Mutex<Vec<(String, Arc<SinkCounters>)>>,
+    /// Threads that panicked (a pipeline with any exits with an error).
+    panics: Mutex<Vec<ThreadPanic>>,
+}
+
+impl StreamCounters {
+    /// A frame was handed to the pipeline.
+    pub fn frame_ingested(&self) {
+        self.ingested.fetch_add(1, Relaxed);
+    }
+    /// A frame was dropped because the pipeline's first queue was full.
+    pub fn frame_dropped_overload(&self) {
+        self.dropped_overload.fetch_add(1, Relaxed);
+    }
+    /// The source failed (a live source then reconnects).
+    pub fn source_error(&self) {
+        self.source_errors.fetch_add(1, Relaxed);
+    }
+    /// A live source was started again.
+    pub fn source_reconnected(&self) {
+        self.reconnects.fetch_add(1, Relaxed);
+    }
 }
 
 impl Stats {
@@ -200,7 +139,91 @@ impl Stats {
             stage_names,
             end_to_end: Histogram::default(),
             sinks: Mutex::new(Vec::new()),
+            panics: Mutex::new(Vec::new()),
         }
+    }
+
+    /// `n` frames entered stage `stage`'s queue (or were sent to one of its workers directly).
+    pub fn frames_entered(&self, stage: usize, n: u64) {
+        if let Some(c) = self.stages.get(stage) {
+            c.frames_in.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// A frame of `stream` was dropped by stage `stage`'s batcher: its deadline can no longer
+    /// be met.
+    pub fn frame_late_in_stage(&self, stage: usize, stream: usize) {
+        self.stages[stage].dropped_late.fetch_add(1, Relaxed);
+        self.stream(stream).dropped_late.fetch_add(1, Relaxed);
+    }
+
+    /// A frame of `stream` failed in stage `stage` (an engine error, or its worker is gone).
+    pub fn frame_failed_in_stage(&self, stage: usize, stream: usize) {
+        self.stages[stage].failed.fetch_add(1, Relaxed);
+        self.stream(stream).failed.fetch_add(1, Relaxed);
+    }
+
+    /// A frame of `stream` was lost between stages (the next stage is gone).
+    pub fn frame_failed_between_stages(&self, stream: usize) {
+        self.stream(stream).failed.fetch_add(1, Relaxed);
+    }
+
+    /// A worker of stage `stage` ran a batch of `size` frames for `busy` nanoseconds.
+    pub fn batch_ran(&self, stage: usize, size: usize, busy: Nanos) {
+        let c = &self.stages[stage];
+        c.batches.fetch_add(1, Relaxed);
+        c.batch_sizes.record(size);
+        c.busy_nanos.fetch_add(busy, Relaxed);
+    }
+
+    /// A frame left stage `stage` with a result, `spent` after it entered.
+    pub fn frame_left_stage(&self, stage: usize, spent: Nanos) {
+        let c = &self.stages[stage];
+        c.latency.record(spent);
+        c.frames_out.fetch_add(1, Relaxed);
+    }
+
+    /// A frame of `stream` finished after its deadline and was not published.
+    pub fn frame_finished_late(&self, stream: usize) {
+        self.stream(stream).dropped_late.fetch_add(1, Relaxed);
+    }
+
+    /// A frame of `stream` was published, `end_to_end` after it was captured.
+    pub fn frame_published(&self, stream: usize, end_to_end: Nanos) {
+        self.stream(stream).published.fetch_add(1, Relaxed);
+        self.end_to_end.record(end_to_end);
+    }
+
+    /// A pipeline thread panicked.
+    pub fn thread_panicked(&self, thread: String, message: String) {
+        tracing::error!(thread = %thread, message = %message, "Thread panicked.");
+        self.panics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(ThreadPanic { thread, message });
+    }
+
+    /// Whether any pipeline thread (worker, batcher, publisher or sink) panicked.
+    pub fn any_panicked(&self) -> bool {
+        !self.panics().is_empty()
+    }
+
+    /// Every pipeline thread that panicked, sinks' delivery threads included.
+    pub fn panics(&self) -> Vec<ThreadPanic> {
+        let mut all = self
+            .panics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (name, c) in self.sinks() {
+            if let Some(message) = c.panicked() {
+                all.push(ThreadPanic {
+                    thread: format!("sink `{name}`"),
+                    message,
+                });
+            }
+        }
+        all
     }
 
     /// Adds a sink's counters to the reports.
@@ -306,6 +329,7 @@ impl Stats {
             sinks,
             end_to_end_p50_ms: self.end_to_end.quantile_ms(0.5),
             end_to_end_p99_ms: self.end_to_end.quantile_ms(0.99),
+            panics: self.panics(),
         }
     }
 }
@@ -378,6 +402,9 @@ pub struct Summary {
     pub end_to_end_p50_ms: Option<f64>,
     /// 99th percentile end-to-end latency of published frames, ms.
     pub end_to_end_p99_ms: Option<f64>,
+    /// Pipeline threads that panicked (absent from JSON when none did).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub panics: Vec<ThreadPanic>,
 }
 
 impl Summary {
@@ -506,27 +533,5 @@ mod tests {
         b.record(1);
         b.record(10_000);
         assert_eq!(b.counts(), vec![(1, 1), (4, 2), (MAX_COUNTED_BATCH, 1)]);
-    }
-
-    #[test]
-    fn histogram_quantiles_within_resolution() {
-        let h = Histogram::default();
-        for ms in 1..=100u64 {
-            h.record(ms * 1_000_000);
-        }
-        assert!((h.sum_s() - 5.05).abs() < 1e-9);
-        assert_eq!(
-            h.quantile_ms(1.0),
-            Some(100.0),
-            "never above the largest value"
-        );
-        let c = h.cumulative(&[0.0105, 0.05, 1.0]);
-        assert_eq!(c, vec![(0.0105, 10), (0.05, 50), (1.0, 100)]);
-        let p50 = h.quantile_ms(0.5).unwrap();
-        let p99 = h.quantile_ms(0.99).unwrap();
-        assert!((p50 - 50.0).abs() / 50.0 < 0.03, "{p50}");
-        assert!((p99 - 99.0).abs() / 99.0 < 0.03, "{p99}");
-        assert_eq!(h.count(), 100);
-        assert_eq!(Histogram::default().quantile_ms(0.5), None);
     }
 }

@@ -253,3 +253,65 @@ fn an_rtsp_server_that_answers_garbage_fails_its_stream_only() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_panicking_stage_makes_run_exit_1_naming_it_and_every_frame_is_accounted_for() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two stages, two workers on the second; its fifth batch panics. Far more frames than run
+    // before the pipeline stops, at full speed, so that frames are queued everywhere when it does.
+    let pipeline = format!(
+        "{}[[source]]\nname = \"cam\"\nuri = \"test://ball\"\nnum_buffers = 100000\npace = \"fast\"\n\n\
+         [[stage]]\nname = \"first\"\nmodel = \"noop\"\n\n\
+         [[stage]]\nname = \"second\"\nmodel = \"noop\"\nworkers = 2\nmax_batch = 2\n\n\
+         [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+        header("panics", 60_000),
+        dir.path().join("out.jsonl").display()
+    );
+    let p = write(dir.path(), "p.toml", &pipeline);
+    let summary_path = dir.path().join("summary.json");
+    let out = std::process::Command::new(bin())
+        .args([
+            "run",
+            p.to_str().unwrap(),
+            "--api",
+            "off",
+            "--summary-json",
+            summary_path.to_str().unwrap(),
+        ])
+        .env("POOLPIPE_PANIC_STAGE", "second:5")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: stage `second` worker")
+            && stderr.contains("panicked: injected by POOLPIPE_PANIC_STAGE at batch 5"),
+        "the error names the stage: {stderr}"
+    );
+    let summary = read_summary(&summary_path);
+    let streams = assert_balanced(&summary);
+    let cam = &streams["cam"];
+    assert!(
+        cam["failed"].as_u64().unwrap() >= 1,
+        "the panicking batch's frames count as failed: {summary}"
+    );
+    assert!(
+        cam["published"].as_u64().unwrap() >= 4,
+        "the batches before it were published: {summary}"
+    );
+    assert!(
+        cam["ingested"].as_u64().unwrap() < 100_000,
+        "the run stopped early: {summary}"
+    );
+    let panics = summary["panics"].as_array().expect("panics in the summary");
+    assert_eq!(panics.len(), 1, "{summary}");
+    assert!(
+        panics[0]["thread"]
+            .as_str()
+            .unwrap()
+            .starts_with("stage `second` worker"),
+        "{summary}"
+    );
+    let published = read_jsonl(&dir.path().join("out.jsonl")).len() as u64;
+    assert_eq!(published, cam["published"].as_u64().unwrap());
+}

@@ -268,6 +268,9 @@ impl<T: Deadline + Send> BatchPolicy<T> for DeadlinePolicy<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batcher::script::{ScriptInbox, ScriptOutbox, Sent};
+    use crate::batcher::{BatchPolicy, Driver};
+    use crate::clock::ManualClock;
     use proptest::prelude::*;
 
     const MS: Nanos = 1_000_000;
@@ -470,48 +473,49 @@ mod tests {
         assert_eq!(d.route.unwrap()[0].end, 47 * MS);
     }
 
-    /// Drives the policy over scripted arrivals on a controlled clock, the way the batcher thread
-    /// does: at every arrival and every wake-up, take the late and dispatch what is due.
+    /// Drives the policy over scripted arrivals on a controlled clock through the runtime's
+    /// batcher loop ([`crate::batcher::thread::run`]): at every arrival and every wake-up, take
+    /// the late and dispatch what is due.
     fn simulate(
         arrivals: &[(Nanos, Nanos)],
         costs: Vec<StageCost>,
         workers: &[usize],
         planned: usize,
-    ) -> (Vec<Dispatch<Item>>, Vec<Item>) {
-        let (mut p, _) = policy(costs, workers, planned, MS);
-        let mut dispatched = Vec::new();
-        let mut late = Vec::new();
-        let mut i = 0;
-        let mut now = 0;
-        loop {
-            while i < arrivals.len() && arrivals[i].0 <= now {
-                p.push(
-                    Item {
-                        id: i,
-                        deadline: arrivals[i].0 + arrivals[i].1,
-                    },
-                    now,
-                );
-                i += 1;
-            }
-            let closing = i == arrivals.len();
-            late.extend(p.take_late(now));
-            while let Some(d) = p.next_batch(now, closing) {
-                dispatched.push(d);
-            }
-            late.extend(p.take_late(now));
-            if closing && p.is_empty() {
-                break;
-            }
-            let next_arrival = arrivals.get(i).map(|a| a.0);
-            now = match (next_arrival, p.next_wakeup()) {
-                (Some(a), Some(w)) => a.min(w).max(now),
-                (Some(a), None) => a.max(now),
-                (None, Some(w)) => w.max(now),
-                (None, None) => now,
-            };
-        }
-        (dispatched, late)
+    ) -> (Vec<Sent<Item>>, Vec<Item>) {
+        // The head stage's workers hold a batch for its latency, and its transfer when another
+        // stage follows, as the policy books them.
+        let latency: Vec<Nanos> = (0..costs[0].latency.len())
+            .map(|i| {
+                costs[0].latency[i]
+                    + if costs.len() > 1 {
+                        costs[0].transfer[i]
+                    } else {
+                        0
+                    }
+            })
+            .collect();
+        let (p, tl) = policy(costs, workers, planned, MS);
+        let mut driver = Driver::new(Box::new(p) as Box<dyn BatchPolicy<Item>>);
+        let clock = Arc::new(ManualClock::new(0));
+        let mut inbox = ScriptInbox {
+            arrivals: arrivals
+                .iter()
+                .enumerate()
+                .map(|(id, (at, slo))| {
+                    (
+                        *at,
+                        Item {
+                            id,
+                            deadline: at + slo,
+                        },
+                    )
+                })
+                .collect(),
+            clock: clock.clone(),
+        };
+        let mut outbox = ScriptOutbox::new(clock.clone(), latency, workers[0], tl);
+        crate::batcher::thread::run(&mut driver, &*clock, &mut inbox, &mut outbox);
+        (outbox.sent, outbox.late)
     }
 
     proptest! {

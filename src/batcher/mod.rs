@@ -14,10 +14,31 @@
 //!   a slot on a worker of each of them first.
 
 pub mod deadline;
+pub mod driver;
+#[cfg(test)]
+pub(crate) mod script;
+pub mod thread;
 
 use std::collections::VecDeque;
 
+use serde::Deserialize;
+
 use crate::clock::Nanos;
+
+pub use driver::{Assigned, Driver, PolicySettings, Step, make_policy, pick_worker};
+
+/// Batching policy of a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Dispatch at `max_batch` frames or `max_wait_ms` after the first.
+    Fixed,
+    /// Batch size +1 after an on-time batch, halved after a late one (Clipper).
+    Aimd,
+    /// Reservation-based: the largest batch whose whole route meets the oldest deadline, at the
+    /// last moment it still does; reserves a worker of every following `deadline` stage.
+    Deadline,
+}
 
 /// Something that carries a deadline.
 pub trait Deadline {

@@ -17,8 +17,8 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use crate::batcher::deadline::{DeadlineConfig, DeadlinePolicy, StageCost, Timeline};
-use crate::batcher::{AimdPolicy, BatchPolicy, FixedPolicy};
+use crate::batcher::deadline::{StageCost, Timeline};
+use crate::batcher::{Driver, PolicySettings, make_policy};
 use crate::clock::Nanos;
 use crate::config::PolicyKind;
 use crate::profile::Profiles;
@@ -246,19 +246,18 @@ fn decision_cost_ns(streams: usize, kind: PolicyKind) -> f64 {
         transfer: vec![0; 8],
     };
     let timeline = Arc::new(Mutex::new(Timeline::new(&[4])));
-    let mut p: Box<dyn BatchPolicy<SimFrame>> = match kind {
-        PolicyKind::Deadline => Box::new(DeadlinePolicy::new(
-            DeadlineConfig {
-                stage: 0,
-                costs: vec![cost],
-                planned: 8,
-                margin: MS,
-            },
-            timeline,
-        )),
-        PolicyKind::Aimd => Box::new(AimdPolicy::new(8, 5 * MS)),
-        PolicyKind::Fixed => Box::new(FixedPolicy::new(8, 5 * MS)),
-    };
+    let mut p: Driver<SimFrame> = Driver::new(make_policy(
+        PolicySettings {
+            kind,
+            stage: 0,
+            max_batch: 8,
+            max_wait: 5 * MS,
+            margin: MS,
+            costs: vec![cost],
+        },
+        timeline,
+    ));
+    let load = [0usize; 4];
     let rounds = 20;
     let t = Instant::now();
     let mut dispatched = 0usize;
@@ -274,13 +273,17 @@ fn decision_cost_ns(streams: usize, kind: PolicyKind) -> f64 {
                 },
                 now,
             );
-            dispatched += p.take_late(now).len();
-            while let Some(d) = p.next_batch(now, false) {
-                dispatched += d.items.len();
+            loop {
+                let step = p.step(now, false, &load);
+                dispatched += step.late.len();
+                match step.dispatch {
+                    Some(d) => dispatched += d.items.len(),
+                    None => break,
+                }
             }
         }
     }
-    while let Some(d) = p.next_batch(u64::MAX / 2, true) {
+    while let Some(d) = p.step(u64::MAX / 2, true, &load).dispatch {
         dispatched += d.items.len();
     }
     assert_eq!(dispatched, rounds * streams, "every frame dispatched once");

@@ -304,7 +304,8 @@ fn redis_benchmark(port: u16, n: usize, pipeline: usize) -> anyhow::Result<f64> 
 }
 
 /// The Kafka-compatible broker, if installed: `POOLPIPE_TANSU`, `tansu` on PATH, or what
-/// `./setup.sh kafka` built under `repo/.cache/tansu`.
+/// `./setup.sh kafka` built under `$POOLPIPE_TOOLS` (default `~/.cache/poolpipe`), or under
+/// `repo/.cache/tansu` (where earlier versions of the setup put it).
 pub fn tansu(repo: &Path) -> Option<PathBuf> {
     if let Ok(p) = std::env::var("POOLPIPE_TANSU") {
         return Some(PathBuf::from(p));
@@ -314,7 +315,14 @@ pub fn tansu(repo: &Path) -> Option<PathBuf> {
             .map(|d| d.join("tansu"))
             .find(|p| p.is_file())
     });
-    on_path.or_else(|| {
+    let tools = std::env::var_os("POOLPIPE_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/poolpipe")));
+    let installed = tools.and_then(|t| {
+        let p = t.join("tansu-0.6.0/bin/tansu");
+        p.is_file().then_some(p)
+    });
+    on_path.or(installed).or_else(|| {
         let p = repo.join(".cache/tansu/bin/tansu");
         p.is_file().then_some(p)
     })

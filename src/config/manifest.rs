@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::diag::ConfigErrors;
-use super::load::{ParsedFile, deserialize_part, read_config};
+use super::parse::{ParsedFile, deserialize_part, read_config};
 use crate::frame::PixelFormat;
 
 /// Which engine runs the model.

@@ -11,6 +11,7 @@
 mod diag;
 mod load;
 mod manifest;
+mod parse;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -182,18 +183,7 @@ fn default_margin_ms() -> f64 {
     2.0
 }
 
-/// Batching policy of a stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyKind {
-    /// Dispatch at `max_batch` frames or `max_wait_ms` after the first.
-    Fixed,
-    /// Batch size +1 after an on-time batch, halved after a late one (Clipper).
-    Aimd,
-    /// Reservation-based: the largest batch whose whole route meets the oldest deadline, at the
-    /// last moment it still does; reserves a worker of every following `deadline` stage.
-    Deadline,
-}
+pub use crate::batcher::PolicyKind;
 
 fn default_device() -> String {
     "cpu".into()

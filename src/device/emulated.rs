@@ -3,9 +3,10 @@
 //! the next stage (the device is busy while it sends). It records what it did in the frame's
 //! results. Computing the real output on the CPU at the same time is not implemented.
 
-use crate::config::StageProfile;
+use std::time::Duration;
+
+use crate::engine::{StageError, StageRunner};
 use crate::frame::{Frame, StageOutput};
-use crate::pipeline::stage::{StageError, StageRunner};
 
 /// An emulated device: holds each batch for the profiled latency of its block range at that
 /// batch size, so heterogeneous pools run (and can be tested and measured) without a GPU.
@@ -13,12 +14,23 @@ pub struct EmulatedDevice {
     /// Device class.
     class: String,
     /// Latencies and transfers of the stage's block range.
-    profile: StageProfile,
+    profile: EmulatedCosts,
+}
+
+/// What an emulated device replays: the profiled costs of its block range.
+#[derive(Debug, Clone)]
+pub struct EmulatedCosts {
+    /// Block range `[first, end)` (reported in results).
+    pub blocks: [usize; 2],
+    /// Latency at batch `b`, at index `b - 1`.
+    pub latency: Vec<Duration>,
+    /// Time to send a batch of `b` frames to the next stage, at index `b - 1` (none: zero).
+    pub transfer: Vec<Duration>,
 }
 
 impl EmulatedDevice {
     /// A device of `class` running the profiled block range.
-    pub fn new(class: &str, profile: StageProfile) -> Self {
+    pub fn new(class: &str, profile: EmulatedCosts) -> Self {
         Self {
             class: class.to_string(),
             profile,

@@ -10,6 +10,9 @@
 //! GPU backends (TensorRT, CUDA) are not part of this build; asking for one is a config error.
 
 pub mod ort;
+mod runner;
+
+pub use runner::{StageError, StageRunner};
 
 use ndarray::{ArrayD, ArrayViewD};
 

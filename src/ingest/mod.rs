@@ -198,7 +198,7 @@ pub fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
         match end {
             RunEnd::Stop => break,
             RunEnd::Error(e @ (IngestError::MissingElement { .. } | IngestError::Build(_))) => {
-                counters.source_errors.fetch_add(1, Ordering::Relaxed);
+                counters.source_error();
                 tracing::error!(stream = %spec.name, uri = %uri, error = %e, "Source cannot start.");
                 break;
             }
@@ -211,12 +211,12 @@ pub fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
                 break;
             }
             RunEnd::Stall if !spec.is_live() => {
-                counters.source_errors.fetch_add(1, Ordering::Relaxed);
+                counters.source_error();
                 tracing::error!(stream = %spec.name, uri = %uri, timeout_ms = spec.stall_timeout.as_millis() as u64, "Source failed: no frame and no end of file within the stall timeout.");
                 break;
             }
             RunEnd::Error(e) if !spec.is_live() => {
-                counters.source_errors.fetch_add(1, Ordering::Relaxed);
+                counters.source_error();
                 tracing::error!(stream = %spec.name, uri = %uri, error = %e, "Source failed.");
                 break;
             }
@@ -228,7 +228,7 @@ pub fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
                     RunEnd::Eos => "end of stream".to_string(),
                     RunEnd::Stall => format!("no frame for {} ms", spec.stall_timeout.as_millis()),
                     RunEnd::Error(e) => {
-                        counters.source_errors.fetch_add(1, Ordering::Relaxed);
+                        counters.source_error();
                         e.to_string()
                     }
                     RunEnd::Stop => unreachable!("handled above"),
@@ -238,7 +238,7 @@ pub fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
                 if ctx.stop.load(Ordering::SeqCst) {
                     break;
                 }
-                counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                counters.source_reconnected();
                 backoff = (backoff * 2).min(spec.reconnect_max);
             }
         }
@@ -459,10 +459,8 @@ fn deliver(
         loop {
             match ctx.tx.send_timeout(frame, Duration::from_millis(100)) {
                 Ok(()) => {
-                    counters.ingested.fetch_add(1, Ordering::Relaxed);
-                    ctx.stats.stages[0]
-                        .frames_in
-                        .fetch_add(1, Ordering::Relaxed);
+                    counters.frame_ingested();
+                    ctx.stats.frames_entered(0, 1);
                     return None;
                 }
                 Err(flume::SendTimeoutError::Timeout(f)) => {
@@ -475,21 +473,19 @@ fn deliver(
             }
         }
     }
-    counters.ingested.fetch_add(1, Ordering::Relaxed);
+    counters.frame_ingested();
     match ctx.tx.try_send(frame) {
         Ok(()) => {
-            ctx.stats.stages[0]
-                .frames_in
-                .fetch_add(1, Ordering::Relaxed);
+            ctx.stats.frames_entered(0, 1);
             None
         }
         Err(flume::TrySendError::Full(_)) => {
-            counters.dropped_overload.fetch_add(1, Ordering::Relaxed);
+            counters.frame_dropped_overload();
             None
         }
         Err(flume::TrySendError::Disconnected(_)) => {
             // The pipeline is gone; the frame was counted, so count where it went.
-            counters.dropped_overload.fetch_add(1, Ordering::Relaxed);
+            counters.frame_dropped_overload();
             Some(RunEnd::Stop)
         }
     }

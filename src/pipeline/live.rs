@@ -22,7 +22,7 @@ use crate::frame::Frame;
 use crate::ingest::{self, SourceContext};
 use crate::stats::Stats;
 
-use super::Batch;
+use super::graph::Batch;
 
 /// Why a live change was not made.
 #[derive(Debug, thiserror::Error)]

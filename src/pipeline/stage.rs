@@ -12,22 +12,7 @@ use crate::engine::{Engine, EngineError, NoopEngine};
 use crate::frame::{Frame, StageOutput, TextLine};
 use crate::postprocess::{classify, ctc, image, text_detect};
 
-/// Errors of a stage on a batch (every frame of the batch counts as failed).
-#[derive(Debug, thiserror::Error)]
-pub enum StageError {
-    /// The engine failed.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    /// The model gave an output of an unexpected shape.
-    #[error("unexpected output: {0}")]
-    Output(String),
-}
-
-/// Runs one stage on a batch and attaches one [`StageOutput`] to every frame.
-pub trait StageRunner: Send {
-    /// Processes the batch in place.
-    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError>;
-}
+pub use crate::engine::{StageError, StageRunner};
 
 /// Loads the engine of a stage and wraps it in the runner for its model kind.
 pub fn build_runner(
@@ -37,7 +22,11 @@ pub fn build_runner(
     if let (Device::Emulated { class }, Some(profile)) = (&spec.device, &spec.profile) {
         return Ok(Box::new(crate::device::emulated::EmulatedDevice::new(
             class,
-            profile.clone(),
+            crate::device::emulated::EmulatedCosts {
+                blocks: profile.blocks,
+                latency: profile.latency.clone(),
+                transfer: profile.transfer.clone(),
+            },
         )));
     }
     let m = &spec.model;

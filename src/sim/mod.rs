@@ -28,18 +28,13 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::batcher::deadline::{DeadlineConfig, DeadlinePolicy, StageCost, Timeline};
-use crate::batcher::{AimdPolicy, BatchPolicy, Deadline, FixedPolicy, Hop};
+use crate::batcher::deadline::{StageCost, Timeline};
+use crate::batcher::{Deadline, Driver, Hop, PolicyKind, PolicySettings, make_policy};
 use crate::clock::Nanos;
-use crate::config::PolicyKind;
 use crate::planner::Plan;
 use crate::profile::{ProfileError, Profiles};
 
 pub use arrivals::Arrivals;
-
-/// Batches a worker holds at most without reservations: the one running and a full channel, as
-/// in the runtime.
-const WORKER_DEPTH: usize = crate::pipeline::WORKER_QUEUE + 1;
 
 /// One stage pool of a simulated pipeline.
 #[derive(Debug, Clone)]
@@ -282,7 +277,8 @@ struct Worker {
 }
 
 struct PipeState {
-    policies: Vec<Box<dyn BatchPolicy<SimFrame>>>,
+    /// One batcher per stage: the runtime's driver.
+    batchers: Vec<Driver<SimFrame>>,
     queues: Vec<VecDeque<SimFrame>>,
     capacity: Vec<usize>,
     workers: Vec<Vec<Worker>>,
@@ -301,6 +297,25 @@ struct Sim<'a> {
     horizon: Nanos,
     stats: Vec<ModelResult>,
     latencies: Vec<Vec<u32>>,
+    /// Scratch: batches in flight per worker of the stage being pumped.
+    load: Vec<usize>,
+    /// Every dispatch, when tracing.
+    trace: Option<Vec<Dispatched>>,
+}
+
+/// One batch dispatched by a stage's batcher (for comparing the simulator with the runtime).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatched {
+    /// When.
+    pub at: Nanos,
+    /// Pipeline index.
+    pub pipeline: usize,
+    /// Stage index.
+    pub stage: usize,
+    /// Worker of the stage.
+    pub worker: usize,
+    /// Frames in the batch.
+    pub size: usize,
 }
 
 impl Sim<'_> {
@@ -335,7 +350,7 @@ impl Sim<'_> {
             .map(|f| f.deadline)
             .min()
             .unwrap_or(Nanos::MAX);
-        self.pipes[p].policies[s].feedback(now <= earliest);
+        self.pipes[p].batchers[s].feedback(now <= earliest);
         let model = self.setup.pipelines[p].model;
         let last = self.setup.pipelines[p].stages.len() - 1;
         let mut touched_next = false;
@@ -379,41 +394,44 @@ impl Sim<'_> {
             return;
         }
         let model = self.setup.pipelines[p].model;
+        let mut load = std::mem::take(&mut self.load);
         loop {
             let ps = &mut self.pipes[p];
-            // Without reservations a batch goes to the least loaded worker, and only while one
-            // has room: the runtime's worker channels hold two batches besides the running one,
-            // and its batcher waits when they are full.
-            // (A finishing worker pumps again, so no wake-up is needed then.)
-            if !self.routed && ps.workers[s].iter().all(|w| w.in_flight >= WORKER_DEPTH) {
-                return;
+            load.clear();
+            load.extend(ps.workers[s].iter().map(|w| w.in_flight));
+            // Without reservations a batch goes only while a worker has room: the runtime's
+            // worker channels hold two batches besides the running one, and its batcher waits
+            // when they are full. (A finishing worker pumps again, so no wake-up is needed then.)
+            if !self.routed && Driver::<SimFrame>::saturated(&load) {
+                break;
             }
-            let pol = &mut ps.policies[s];
-            while pol.len() < pol.max_batch() {
+            let drv = &mut ps.batchers[s];
+            while drv.room() > 0 {
                 match ps.queues[s].pop_front() {
-                    Some(f) => pol.push(f, now),
+                    Some(f) => drv.push(f, now),
                     None => break,
                 }
             }
-            let mut late = pol.take_late(now).len();
-            let d = pol.next_batch(now, false);
-            late += pol.take_late(now).len();
-            self.stats[model].dropped_late += late as u64;
-            let Some(d) = d else { break };
-            let ws = &ps.workers[s];
-            let w = match d.route.as_ref().and_then(|r| r.first()) {
-                Some(h) => h.worker,
-                None => (0..ws.len())
-                    .min_by_key(|w| (ws[*w].in_flight, *w))
-                    .unwrap_or(0),
-            };
-            let wk = &mut ps.workers[s][w];
+            let step = drv.step(now, false, &load);
+            self.stats[model].dropped_late += step.late.len() as u64;
+            let Some(a) = step.dispatch else { break };
+            if let Some(t) = self.trace.as_mut() {
+                t.push(Dispatched {
+                    at: now,
+                    pipeline: p,
+                    stage: s,
+                    worker: a.worker,
+                    size: a.items.len(),
+                });
+            }
+            let wk = &mut self.pipes[p].workers[s][a.worker];
             wk.in_flight += 1;
-            wk.queue.push_back((d.items, d.route));
-            self.start(p, s, w, now);
+            wk.queue.push_back((a.items, a.route));
+            self.start(p, s, a.worker, now);
         }
+        self.load = load;
         let ps = &mut self.pipes[p];
-        if let Some(t) = ps.policies[s].next_wakeup()
+        if let Some(t) = ps.batchers[s].next_wakeup()
             && ps.wake_at[s].is_none_or(|x| t < x)
         {
             let t = t.max(now);
@@ -445,6 +463,35 @@ impl Splitter {
     }
 }
 
+/// The batching settings of stage `i` of a simulated pipeline whose model has latency budget
+/// `slo`: `deadline` reserves the route through every later stage; `fixed`/`aimd` are tuned for
+/// the SLO: the planned batch, the first stage waits at most half of what the route leaves of
+/// the SLO, later stages take what has arrived.
+pub fn policy_settings(
+    pl: &SimPipeline,
+    slo: Nanos,
+    i: usize,
+    opts: &SimOptions,
+) -> PolicySettings {
+    let route: Nanos = pl
+        .stages
+        .iter()
+        .map(|s| {
+            let b = pl.batch.min(s.cost.latency.len()).max(1);
+            s.cost.latency[b - 1] + s.cost.transfer[b - 1]
+        })
+        .sum();
+    let slack = slo.saturating_sub(route);
+    PolicySettings {
+        kind: opts.policy,
+        stage: i,
+        max_batch: pl.batch,
+        max_wait: if i == 0 { slack / 2 } else { 0 },
+        margin: opts.margin,
+        costs: pl.stages[i..].iter().map(|s| s.cost.clone()).collect(),
+    }
+}
+
 /// Runs one simulation.
 pub fn simulate(setup: &SimSetup, opts: &SimOptions) -> SimResult {
     let duration = (opts.duration * 1e9) as Nanos;
@@ -472,6 +519,27 @@ pub fn simulate_times(
     times: &[Vec<Nanos>],
     duration: Nanos,
 ) -> SimResult {
+    simulate_inner(setup, opts, times, duration, false).0
+}
+
+/// [`simulate_times`], also returning every batch each stage's batcher dispatched, in order.
+pub fn simulate_traced(
+    setup: &SimSetup,
+    opts: &SimOptions,
+    times: &[Vec<Nanos>],
+    duration: Nanos,
+) -> (SimResult, Vec<Dispatched>) {
+    let (r, t) = simulate_inner(setup, opts, times, duration, true);
+    (r, t.unwrap_or_default())
+}
+
+fn simulate_inner(
+    setup: &SimSetup,
+    opts: &SimOptions,
+    times: &[Vec<Nanos>],
+    duration: Nanos,
+    trace: bool,
+) -> (SimResult, Option<Vec<Dispatched>>) {
     let routed = opts.policy == PolicyKind::Deadline;
     let pipes: Vec<PipeState> = setup
         .pipelines
@@ -484,37 +552,16 @@ pub fn simulate_times(
                     .map(|s| s.workers.max(1))
                     .collect::<Vec<_>>(),
             )));
-            let route: Nanos = pl
-                .stages
-                .iter()
-                .map(|s| {
-                    let b = pl.batch.min(s.cost.latency.len()).max(1);
-                    s.cost.latency[b - 1] + s.cost.transfer[b - 1]
-                })
-                .sum();
-            // `fixed`/`aimd` tuned for the SLO: the planned batch; the first stage waits at most
-            // half of what the route leaves of the SLO, later stages take what has arrived.
-            let slack = slo.saturating_sub(route);
-            let policies = (0..pl.stages.len())
-                .map(|i| -> Box<dyn BatchPolicy<SimFrame>> {
-                    let wait = if i == 0 { slack / 2 } else { 0 };
-                    match opts.policy {
-                        PolicyKind::Fixed => Box::new(FixedPolicy::new(pl.batch, wait)),
-                        PolicyKind::Aimd => Box::new(AimdPolicy::new(pl.batch, wait)),
-                        PolicyKind::Deadline => Box::new(DeadlinePolicy::new(
-                            DeadlineConfig {
-                                stage: i,
-                                costs: pl.stages[i..].iter().map(|s| s.cost.clone()).collect(),
-                                planned: pl.batch,
-                                margin: opts.margin,
-                            },
-                            timeline.clone(),
-                        )),
-                    }
+            let batchers = (0..pl.stages.len())
+                .map(|i| {
+                    Driver::new(make_policy(
+                        policy_settings(pl, slo, i, opts),
+                        timeline.clone(),
+                    ))
                 })
                 .collect();
             PipeState {
-                policies,
+                batchers,
                 queues: pl.stages.iter().map(|_| VecDeque::new()).collect(),
                 capacity: pl
                     .stages
@@ -580,6 +627,8 @@ pub fn simulate_times(
             })
             .collect(),
         latencies: vec![Vec::new(); setup.models.len()],
+        load: Vec::new(),
+        trace: trace.then(Vec::new),
     };
     let mut next_arrival = vec![0usize; setup.models.len()];
     for (m, t) in times.iter().enumerate() {
@@ -677,7 +726,7 @@ pub fn simulate_times(
     }
     let offered: u64 = models.iter().map(|m| m.offered).sum();
     let on_time: u64 = models.iter().map(|m| m.on_time).sum();
-    SimResult {
+    let result = SimResult {
         load: opts.load,
         attainment: if offered > 0 {
             on_time as f64 / offered as f64
@@ -706,7 +755,8 @@ pub fn simulate_times(
             .collect(),
         models,
         events,
-    }
+    };
+    (result, sim.trace)
 }
 
 /// The highest load (fraction of planned) at which every model's attainment is at least
@@ -798,4 +848,147 @@ pub fn table(r: &SimResult, plan: &Plan) -> String {
         let _ = writeln!(s, "busy share of {}: {:.1}%", c.class, c.busy * 100.0);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::batcher::script::{ScriptInbox, ScriptOutbox};
+    use crate::batcher::thread;
+    use crate::clock::ManualClock;
+
+    const US: Nanos = 1_000;
+
+    /// One model, one single-stage pipeline of `workers` processes.
+    fn setup(workers: usize, batch: usize, slo: Nanos) -> SimSetup {
+        SimSetup {
+            models: vec![SimModel {
+                name: "m".into(),
+                slo,
+                weight: 1.0,
+                planned: 100.0,
+            }],
+            pipelines: vec![SimPipeline {
+                model: 0,
+                batch,
+                weight: 1.0,
+                stages: vec![SimStage {
+                    // Odd nanoseconds, so that no finish falls on an arrival or a wake-up.
+                    cost: StageCost {
+                        latency: (1..=8).map(|b| 3_000_017 + b * 1_370_003).collect(),
+                        transfer: vec![0; 8],
+                    },
+                    workers,
+                    share: 1,
+                    class: 0,
+                }],
+            }],
+            classes: vec![("c".into(), workers as u32)],
+        }
+    }
+
+    /// Arrival times with irregular gaps (0.1 to 3 ms) from a fixed linear congruential sequence.
+    fn arrivals(n: usize) -> Vec<Nanos> {
+        let mut x: u64 = 12345;
+        let mut t = 0;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                t += 100 * US + (x >> 33) % (2900 * US);
+                t
+            })
+            .collect()
+    }
+
+    /// The same arrivals through the runtime's batcher loop (scripted channel, manual clock,
+    /// workers that take the profiled latency) and through the simulator give the same
+    /// dispatches: same times, same workers, same sizes.
+    fn agree(policy: PolicyKind, workers: usize) {
+        let slo = 40_000 * US;
+        let s = setup(workers, 4, slo);
+        let opts = SimOptions {
+            policy,
+            duration: 2.0,
+            load: 1.0,
+            arrivals: Arrivals::Poisson,
+            seed: 1,
+            margin: 2_000 * US,
+            queue: Some(100_000),
+        };
+        let times = arrivals(600);
+        let (_, sim) = simulate_traced(&s, &opts, std::slice::from_ref(&times), 2_000_000_000);
+
+        let pl = &s.pipelines[0];
+        let timeline = Arc::new(Mutex::new(Timeline::new(&[workers])));
+        let mut driver: Driver<SimFrame> = Driver::new(make_policy(
+            policy_settings(pl, slo, 0, &opts),
+            timeline.clone(),
+        ));
+        let clock = Arc::new(ManualClock::new(0));
+        let mut inbox = ScriptInbox {
+            arrivals: times
+                .iter()
+                .map(|&t| {
+                    (
+                        t,
+                        SimFrame {
+                            arrival: t,
+                            deadline: t + slo,
+                        },
+                    )
+                })
+                .collect::<VecDeque<_>>(),
+            clock: clock.clone(),
+        };
+        let mut outbox = ScriptOutbox::new(
+            clock.clone(),
+            pl.stages[0].cost.latency.clone(),
+            workers,
+            timeline,
+        );
+        thread::run(&mut driver, &*clock, &mut inbox, &mut outbox);
+        let runtime: Vec<(Nanos, usize, usize)> = outbox
+            .sent
+            .iter()
+            .map(|b| (b.at, b.worker, b.items.len()))
+            .collect();
+        let sim: Vec<(Nanos, usize, usize)> =
+            sim.iter().map(|d| (d.at, d.worker, d.size)).collect();
+        assert!(runtime.len() > 100, "{} batches", runtime.len());
+        assert!(
+            runtime.iter().any(|b| b.2 > 1),
+            "some batching happened: {runtime:?}"
+        );
+        let workers_used: std::collections::BTreeSet<usize> = runtime.iter().map(|b| b.1).collect();
+        assert!(workers_used.len() > 1, "more than one worker was chosen");
+        let first_diff = runtime.iter().zip(&sim).position(|(a, b)| a != b);
+        assert_eq!(
+            first_diff,
+            None,
+            "first difference at batch {first_diff:?}: runtime {:?} vs simulator {:?}",
+            first_diff.map(|i| runtime[i]),
+            first_diff.map(|i| sim[i])
+        );
+        assert_eq!(runtime.len(), sim.len());
+    }
+
+    #[test]
+    fn runtime_and_simulator_dispatch_alike_fixed() {
+        agree(PolicyKind::Fixed, 3);
+    }
+
+    #[test]
+    fn runtime_and_simulator_dispatch_alike_aimd() {
+        agree(PolicyKind::Aimd, 3);
+    }
+
+    #[test]
+    fn runtime_and_simulator_dispatch_alike_deadline() {
+        agree(PolicyKind::Deadline, 2);
+    }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::spec::{Delivery, WhenFull};
-use crate::stats::Histogram;
+use crate::histogram::Histogram;
 
 /// One result on its way to a sink.
 #[derive(Debug, Clone)]
@@ -128,6 +128,15 @@ pub struct SinkCounters {
     pub buffered: AtomicU64,
     /// Time from offer to acknowledgement.
     pub latency: Histogram,
+    /// The message of a panic of the delivery thread, if it panicked.
+    pub panic: std::sync::Mutex<Option<String>>,
+}
+
+impl SinkCounters {
+    /// The message of a panic of the delivery thread, if it panicked.
+    pub fn panicked(&self) -> Option<String> {
+        self.panic.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// A snapshot of [`SinkCounters`].
@@ -393,7 +402,15 @@ impl SinkHandle {
         };
         let thread = std::thread::Builder::new()
             .name(format!("sink-{name}"))
-            .spawn(move || worker.run())?;
+            .spawn(move || {
+                let counters = worker.counters.clone();
+                if let Err(p) =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()))
+                {
+                    let message = crate::panics::panic_message(&*p);
+                    *counters.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+                }
+            })?;
         Ok(Self {
             name,
             buffer,
@@ -462,7 +479,7 @@ impl SinkHandle {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + self.flush_timeout);
         self.buffer.close();
-        if t.join().is_err() {
+        if t.join().is_err() || self.counters.panicked().is_some() {
             tracing::error!(sink = %self.name, "Sink thread panicked.");
             let left = self.buffer.drain() as u64;
             self.counters.left_at_shutdown.fetch_add(left, Relaxed);

@@ -1,0 +1,21 @@
+//! What every kind of device offers a stage: run a batch of frames in place.
+
+use super::EngineError;
+use crate::frame::Frame;
+
+/// Errors of a stage on a batch (every frame of the batch counts as failed).
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The model gave an output of an unexpected shape.
+    #[error("unexpected output: {0}")]
+    Output(String),
+}
+
+/// Runs one stage on a batch and attaches one [`StageOutput`] to every frame.
+pub trait StageRunner: Send {
+    /// Processes the batch in place.
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError>;
+}

@@ -1,0 +1,122 @@
+//! The publisher: the end of the stage graph. A frame that finished by its deadline becomes one
+//! JSON result (the schema is in the README) offered to every sink; one that finished late is
+//! dropped and counted.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::clock::{SharedClock, ms};
+use crate::config::Pipeline;
+use crate::frame::Frame;
+use crate::panics::panic_message;
+use crate::sinks::{self, Message, SinkHandle};
+use crate::stats::Stats;
+
+/// The JSON object published for a frame of stream `stream` (schema in the README).
+pub fn result_json(p: &Pipeline, stream: &str, f: &Frame, published: u64) -> serde_json::Value {
+    let mut stages = serde_json::Map::new();
+    let mut results = serde_json::Map::new();
+    for ((spec, spent), out) in p.stages.iter().zip(&f.stage_nanos).zip(&f.outputs) {
+        stages.insert(spec.name.clone(), json!(round3(ms(*spent))));
+        results.insert(
+            spec.name.clone(),
+            serde_json::to_value(out).unwrap_or(serde_json::Value::Null),
+        );
+    }
+    json!({
+        "pipeline": p.name,
+        "stream": stream,
+        "seq": f.seq,
+        "pts_ms": f.pts.map(|d| round3(d.as_secs_f64() * 1e3)),
+        "captured_at": sinks::rfc3339_millis(f.captured_wall),
+        "captured_at_unix_ms": f.captured_wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+        "latency_ms": {
+            "end_to_end": round3(ms(published.saturating_sub(f.captured))),
+            "stages": stages,
+        },
+        "deadline_slack_ms": round3(ms(f.deadline.saturating_sub(published))),
+        "results": results,
+    })
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// Starts the publisher thread. It ends when every stage has finished, after closing the sinks
+/// (each delivers what it holds within its flush timeout).
+pub(super) fn spawn_publisher(
+    p: &Pipeline,
+    rx: flume::Receiver<Frame>,
+    mut sinks: Vec<SinkHandle>,
+    stats: Arc<Stats>,
+    clock: SharedClock,
+) -> std::io::Result<JoinHandle<()>> {
+    let p = p.clone();
+    std::thread::Builder::new()
+        .name("publish".into())
+        .spawn(move || {
+            // The stream of the frame being published, for counting it if publishing panics.
+            let mut current = None;
+            let published = catch_unwind(AssertUnwindSafe(|| {
+                publish(&p, &rx, &mut sinks, &stats, &clock, &mut current);
+            }));
+            if let Err(e) = published {
+                stats.thread_panicked("publisher".into(), panic_message(&*e));
+                if let Some(stream) = current {
+                    stats.frame_failed_between_stages(stream);
+                }
+                // What still arrives can no longer be published: count it.
+                for f in rx.iter() {
+                    stats.frame_failed_between_stages(f.stream);
+                }
+            }
+            for s in sinks {
+                let name = s.name().to_string();
+                let sum = s.close();
+                tracing::debug!(sink = %name, ?sum, "Sink closed.");
+            }
+        })
+}
+
+fn publish(
+    p: &Pipeline,
+    rx: &flume::Receiver<Frame>,
+    sinks: &mut [SinkHandle],
+    stats: &Stats,
+    clock: &SharedClock,
+    current: &mut Option<usize>,
+) {
+    // Stream names by index (streams added while running are looked up once).
+    let mut names: Vec<Arc<str>> = Vec::new();
+    for f in rx.iter() {
+        *current = Some(f.stream);
+        while names.len() <= f.stream {
+            names.push(stats.stream_name(names.len()));
+        }
+        let now = clock.now();
+        if now > f.deadline {
+            stats.frame_finished_late(f.stream);
+            *current = None;
+            continue;
+        }
+        // Published = made on time and handed to every sink; what each sink then delivered,
+        // retried or dropped is in its own counters.
+        let payload: Arc<str> = result_json(p, &names[f.stream], &f, now).to_string().into();
+        let offered = Instant::now();
+        for s in sinks.iter_mut() {
+            s.offer(Message {
+                stream: names[f.stream].clone(),
+                seq: f.seq,
+                payload: payload.clone(),
+                offered,
+            });
+        }
+        stats.frame_published(f.stream, now - f.captured);
+        *current = None;
+    }
+}

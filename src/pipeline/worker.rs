@@ -1,0 +1,160 @@
+//! A worker of a stage's pool: runs the batches its batcher sends it, in order, and passes the
+//! frames on (in dispatch order across the pool) to the next stage or the publisher.
+//!
+//! A panic while running a batch is caught: the batch's frames count as failed, the panic is
+//! recorded (the run then stops and exits with an error), and the worker takes no more work;
+//! batches already sent to it count as failed too, so every frame stays accounted for.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::graph::{Batch, Downstream, Sequencer};
+use crate::batcher::Hop;
+use crate::batcher::deadline::Timeline;
+use crate::clock::SharedClock;
+use crate::engine::StageRunner;
+use crate::frame::Frame;
+use crate::panics::panic_message;
+use crate::stats::Stats;
+
+/// What a worker passes on for a batch: its frames and the rest of its route, or nothing when
+/// the batch failed.
+pub(super) type Finished = Option<(Vec<Frame>, Option<Vec<Hop>>)>;
+
+/// Environment variable that makes a stage panic, for testing how a run survives it:
+/// `STAGE` or `STAGE:N` (the stage's N-th batch, counted over its pool from 1; default 1).
+pub const PANIC_STAGE_ENV: &str = "POOLPIPE_PANIC_STAGE";
+
+/// What a worker thread shares with the rest of the pipeline.
+pub(super) struct WorkerContext {
+    pub stage: usize,
+    pub name: String,
+    pub worker: usize,
+    /// This stage's in-flight counters (decremented when a batch is done).
+    pub in_flight: Arc<Vec<std::sync::atomic::AtomicUsize>>,
+    pub next: Downstream,
+    pub sequencer: Arc<Mutex<Sequencer<Finished>>>,
+    pub feedback: flume::Sender<bool>,
+    pub timeline: Arc<Mutex<Timeline>>,
+    pub stats: Arc<Stats>,
+    pub clock: SharedClock,
+    /// Batches the stage's pool has started (for [`PANIC_STAGE_ENV`]).
+    pub started: Arc<AtomicU64>,
+}
+
+/// The batch number at which stage `name` is asked to panic, if it is.
+fn injected_panic(name: &str) -> Option<u64> {
+    let v = std::env::var(PANIC_STAGE_ENV).ok()?;
+    let (stage, n) = match v.split_once(':') {
+        Some((s, n)) => (s, n.parse().ok()?),
+        None => (v.as_str(), 1),
+    };
+    (stage == name).then_some(n)
+}
+
+pub(super) fn spawn_worker(
+    cx: WorkerContext,
+    mut runner: Box<dyn StageRunner>,
+    rx: flume::Receiver<Batch>,
+) -> std::io::Result<JoinHandle<()>> {
+    let thread = format!("stage `{}` worker {}", cx.name, cx.worker);
+    std::thread::Builder::new()
+        .name(format!("{}-{}", cx.name, cx.worker))
+        .spawn(move || {
+            let stats = &cx.stats;
+            let panic_at = injected_panic(&cx.name);
+            let mut broken = false;
+            for Batch { mut frames, route, seq } in rx.iter() {
+                let t0 = cx.clock.now();
+                let result = if broken {
+                    None
+                } else {
+                    let n = cx.started.fetch_add(1, Ordering::SeqCst) + 1;
+                    match catch_unwind(AssertUnwindSafe(|| {
+                        if panic_at == Some(n) {
+                            panic!("injected by {PANIC_STAGE_ENV} at batch {n}");
+                        }
+                        runner.run(&mut frames)
+                    })) {
+                        Ok(r) => Some(r),
+                        Err(p) => {
+                            broken = true;
+                            stats.thread_panicked(thread.clone(), panic_message(&*p));
+                            None
+                        }
+                    }
+                };
+                let t1 = cx.clock.now();
+                cx.in_flight[cx.worker].fetch_sub(1, Ordering::SeqCst);
+                cx.timeline
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .finished(cx.stage, cx.worker, t1);
+                if let Some(r) = &result {
+                    stats.batch_ran(cx.stage, frames.len(), t1 - t0);
+                    let earliest = frames.iter().map(|f| f.deadline).min().unwrap_or(u64::MAX);
+                    let _ = cx.feedback.try_send(t1 <= earliest);
+                    if let Err(e) = r {
+                        tracing::error!(stage = %cx.name, frames = frames.len(), error = %e, "Batch failed.");
+                    }
+                }
+                let output = match result {
+                    Some(Ok(())) => {
+                        for f in frames.iter_mut() {
+                            let spent = t1.saturating_sub(f.entered_stage);
+                            stats.frame_left_stage(cx.stage, spent);
+                            f.stage_nanos.push(spent);
+                            f.entered_stage = t1;
+                        }
+                        Some((frames, route))
+                    }
+                    // An engine error, a panic, or a worker that panicked before.
+                    _ => {
+                        for f in frames {
+                            stats.frame_failed_in_stage(cx.stage, f.stream);
+                        }
+                        None
+                    }
+                };
+                // Release finished batches in dispatch order (this one, and any it was holding
+                // up), forwarding under the lock so that no other worker can overtake.
+                let mut sq = cx.sequencer.lock().unwrap_or_else(|e| e.into_inner());
+                for (frames, route) in sq.finish(seq, output).into_iter().flatten() {
+                    forward(&cx, frames, route);
+                }
+            }
+        })
+}
+
+/// Passes a finished batch on: the rest of a reserved route as a batch to the reserved worker,
+/// else frame by frame to the next stage's queue (or the publisher).
+fn forward(cx: &WorkerContext, frames: Vec<Frame>, route: Option<Vec<Hop>>) {
+    let stats = &cx.stats;
+    if let Some(rest) = route.filter(|r| r.len() > 1).map(|r| r[1..].to_vec()) {
+        let n = frames.len() as u64;
+        let worker = rest[0].worker;
+        let batch = Batch {
+            frames,
+            route: Some(rest),
+            seq: 0,
+        };
+        match cx.next.pool.send_to(worker, batch) {
+            Ok(()) => stats.frames_entered(cx.stage + 1, n),
+            Err(lost) => {
+                for f in lost.frames {
+                    stats.frame_failed_between_stages(f.stream);
+                }
+            }
+        }
+        return;
+    }
+    for f in frames {
+        let stream = f.stream;
+        match cx.next.queue.send(f) {
+            Ok(()) => stats.frames_entered(cx.stage + 1, 1),
+            Err(_) => stats.frame_failed_between_stages(stream),
+        }
+    }
+}
