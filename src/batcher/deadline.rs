@@ -197,6 +197,10 @@ impl<T: Deadline> DeadlinePolicy<T> {
 }
 
 impl<T: Deadline + Send> BatchPolicy<T> for DeadlinePolicy<T> {
+    fn finds_late_when_batching(&self) -> bool {
+        true
+    }
+
     fn push(&mut self, item: T, now: Nanos) {
         self.queue.push_back((item, now));
     }

@@ -150,7 +150,9 @@ impl<T> Driver<T> {
         let mut late = self.policy.take_late(now);
         let dispatch = self.policy.next_batch(now, closing);
         // Reserving a route can show that other queued items can no longer make it.
-        late.extend(self.policy.take_late(now));
+        if self.policy.finds_late_when_batching() {
+            late.extend(self.policy.take_late(now));
+        }
         let dispatch = dispatch.map(|d| {
             let worker = pick_worker(d.route.as_deref(), load, &mut self.rotate);
             Assigned {

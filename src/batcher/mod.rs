@@ -103,6 +103,11 @@ pub trait BatchPolicy<T>: Send {
     fn max_batch(&self) -> usize;
     /// Whether a dispatched batch finished by the earliest deadline in it.
     fn feedback(&mut self, _on_time: bool) {}
+    /// Whether `next_batch` can find items late that `take_late` just before, at the same time,
+    /// did not (a policy that reserves routes learns it then); the driver asks again only then.
+    fn finds_late_when_batching(&self) -> bool {
+        false
+    }
 }
 
 /// Dispatch when `max_batch` items are queued, or `max_wait` after the oldest arrived.

@@ -403,7 +403,8 @@ impl Sim<'_> {
             // worker channels hold two batches besides the running one, and its batcher waits
             // when they are full. (A finishing worker pumps again, so no wake-up is needed then.)
             if !self.routed && Driver::<SimFrame>::saturated(&load) {
-                break;
+                self.load = load;
+                return;
             }
             let drv = &mut ps.batchers[s];
             while drv.room() > 0 {
@@ -975,6 +976,36 @@ mod tests {
             first_diff.map(|i| sim[i])
         );
         assert_eq!(runtime.len(), sim.len());
+    }
+
+    #[test]
+    fn an_overloaded_pool_waits_for_a_worker_without_spinning() {
+        // One worker, arrivals far faster than it serves: its channel fills, late batches shrink
+        // AIMD's batch below what its batcher holds, and the rest falls due while the worker is
+        // full. The simulator must then wait for the worker (a finish), not wake itself at the
+        // same instant again and again.
+        let s = setup(1, 4, 20_000 * US);
+        let opts = SimOptions {
+            policy: PolicyKind::Aimd,
+            duration: 1.0,
+            load: 1.0,
+            arrivals: Arrivals::Poisson,
+            seed: 1,
+            margin: 0,
+            queue: Some(64),
+        };
+        let times: Vec<Nanos> = (0..5_000).map(|i| i * 200 * US).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(simulate_times(&s, &opts, &[times], 1_000_000_000));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the simulation ends (it takes milliseconds)");
+        let m = &r.models[0];
+        assert_eq!(m.offered, 5_000);
+        assert!(m.dropped_overload > 0, "{m:?}");
+        assert!(r.events < 20_000, "{} events for 5000 frames", r.events);
     }
 
     #[test]
