@@ -829,7 +829,12 @@ impl<'a> Validator<'_, 'a> {
                 DeValue::Table(t) => t.keys().map(|k| k.get_ref().to_string()).collect(),
                 _ => Vec::new(),
             };
-            let Some(c) = self.part::<SinkConfig>(&base, value) else {
+            let read = SinkConfig::read(&mut SinkParts {
+                validator: self,
+                base: &base,
+                value: &value,
+            });
+            let Some(c) = read else {
                 ok = false;
                 continue;
             };
@@ -878,5 +883,19 @@ impl<'a> Validator<'_, 'a> {
             }
         }
         ok.then_some(out)
+    }
+}
+
+/// The parts of one `[[sink]]` table, each read from the whole table (see
+/// [`crate::sinks::spec::PartReader`]).
+struct SinkParts<'v, 'p, 'a, 'b> {
+    validator: &'v mut Validator<'p, 'a>,
+    base: &'b str,
+    value: &'b Spanned<DeValue<'a>>,
+}
+
+impl crate::sinks::spec::PartReader for SinkParts<'_, '_, '_, '_> {
+    fn read<T: serde::de::DeserializeOwned>(&mut self) -> Option<T> {
+        self.validator.part::<T>(self.base, self.value.clone())
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::spec::{Delivery, WhenFull};
+use super::settings::{Delivery, WhenFull};
 use crate::histogram::Histogram;
 
 /// One result on its way to a sink.

@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod mqtt;
 pub mod nats;
 pub mod redis;
+pub mod settings;
 pub mod spec;
 pub mod template;
 
@@ -79,88 +80,25 @@ fn transport(spec: &SinkSpec, pipeline: &str) -> Result<Box<dyn Transport>, Sink
         message: e.to_string(),
     };
     let d = &spec.delivery;
+    let run = settings::SinkRun {
+        pipeline: pipeline.to_string(),
+        batch: d.batch,
+        timeout: d.timeout,
+    };
     Ok(match &spec.target {
-        Target::Stdout => Box::new(jsonl::JsonlSink::stdout()),
-        Target::File(p) => Box::new(jsonl::JsonlSink::file(&spec.name, p)?),
-        Target::Mqtt {
-            addr,
-            topic,
-            qos,
-            client_id,
-            login,
-            tls,
-        } => Box::new(
-            mqtt::MqttSink::new(mqtt::MqttSettings {
-                addr: addr.clone(),
-                topic: topic.clone(),
-                qos: *qos,
-                client_id: client_id.clone(),
-                login: login.clone(),
-                tls: tls.clone(),
-                pipeline: pipeline.to_string(),
-                batch: d.batch,
-                timeout: d.timeout,
-            })
-            .map_err(open_err)?,
-        ),
-        Target::Nats {
-            addr,
-            subject,
-            jetstream,
-            stream,
-            login,
-            token,
-            tls,
-        } => Box::new(
-            nats::NatsSink::new(nats::NatsSettings {
-                addr: addr.clone(),
-                subject: subject.clone(),
-                jetstream: *jetstream,
-                stream: stream.clone(),
-                login: login.clone(),
-                token: token.clone(),
-                tls: tls.clone(),
-                pipeline: pipeline.to_string(),
-                timeout: d.timeout,
-            })
-            .map_err(open_err)?,
-        ),
-        Target::Redis {
-            addr,
-            db,
-            key,
-            maxlen,
-            login,
-        } => Box::new(redis::RedisSink::new(redis::RedisSettings {
-            addr: addr.clone(),
-            db: *db,
-            key: key.clone(),
-            maxlen: *maxlen,
-            login: login.clone(),
-            pipeline: pipeline.to_string(),
-            timeout: d.timeout,
-        })),
-        Target::Kafka {
-            brokers,
-            topic,
-            key,
-            create_topic,
-            login,
-        } => Box::new(
-            kafka::KafkaSink::new(kafka::KafkaSettings {
-                brokers: brokers.clone(),
-                topic: topic.clone(),
-                key: key.clone(),
-                create_topic: *create_topic,
-                login: login.clone(),
-                pipeline: pipeline.to_string(),
-                timeout: d.timeout,
-            })
-            .map_err(open_err)?,
-        ),
-        Target::Http { url, token } => {
-            Box::new(http::HttpSink::new(url.clone(), token.clone(), d.timeout))
+        Target::Jsonl(jsonl::config::JsonlSettings::Stdout) => Box::new(jsonl::JsonlSink::stdout()),
+        Target::Jsonl(jsonl::config::JsonlSettings::File(p)) => {
+            Box::new(jsonl::JsonlSink::file(&spec.name, p)?)
         }
+        Target::Mqtt(s) => Box::new(mqtt::MqttSink::new(s.clone(), run).map_err(open_err)?),
+        Target::Nats(s) => Box::new(nats::NatsSink::new(s.clone(), run).map_err(open_err)?),
+        Target::Redis(s) => Box::new(redis::RedisSink::new(s.clone(), run)),
+        Target::Kafka(s) => Box::new(kafka::KafkaSink::new(s.clone(), run).map_err(open_err)?),
+        Target::Http(h) => Box::new(http::HttpSink::new(
+            h.url.clone(),
+            h.token.clone(),
+            d.timeout,
+        )),
     })
 }
 
@@ -199,15 +137,15 @@ pub fn open(spec: &SinkSpec, pipeline: &str) -> Result<SinkHandle, SinkError> {
 
 /// `poolpipe check`: connects to the destination once (an HTTP sink POSTs an empty array).
 pub fn check(spec: &SinkSpec, pipeline: &str) -> Result<(), SinkError> {
-    if let Target::Http { url, token } = &spec.target {
-        let h = http::HttpSink::new(url.clone(), token.clone(), spec.delivery.timeout);
+    if let Target::Http(h) = &spec.target {
+        let h = http::HttpSink::new(h.url.clone(), h.token.clone(), spec.delivery.timeout);
         return h.post("[]".into(), 0).map_err(|f| SinkError::Unreachable {
             sink: spec.name.clone(),
             target: spec.describe(),
             message: f.message,
         });
     }
-    if let Target::File(_) = &spec.target {
+    if let Target::Jsonl(jsonl::config::JsonlSettings::File(_)) = &spec.target {
         // Creating the file would truncate results of an earlier run; validation checked the folder.
         return Ok(());
     }

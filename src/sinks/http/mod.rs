@@ -3,12 +3,14 @@
 //! time-outs, 408, 429 and 5xx are retried; 401 and 403 are credential errors (retried, logged as
 //! errors); any other status refuses the batch for good (dropped, counted).
 
+pub mod config;
+
 use std::time::Duration;
 
 use ureq::Agent;
 
 use super::delivery::{Failure, FailureKind, Message, Transport};
-use super::spec::Secret;
+use super::settings::Secret;
 
 /// The HTTP transport.
 pub struct HttpSink {

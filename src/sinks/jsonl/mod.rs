@@ -1,5 +1,7 @@
 //! JSON lines to stdout or a file. Write errors (a full disk) are retried like a broker outage.
 
+pub mod config;
+
 use std::io::{BufWriter, Write};
 use std::path::Path;
 

@@ -5,6 +5,8 @@
 //! partitioner, so keys land on other partitions than with Java producers; ordering per stream
 //! holds either way).
 
+pub mod config;
+
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -16,26 +18,8 @@ use rskafka::client::{Client, ClientBuilder, Credentials, SaslConfig};
 use rskafka::record::Record;
 
 use super::delivery::{Failure, FailureKind, Message, Transport};
-use super::spec::{HostPort, Login};
-use super::template::Template;
-
-/// Settings of a Kafka sink.
-pub struct KafkaSettings {
-    /// Bootstrap brokers.
-    pub brokers: Vec<HostPort>,
-    /// Topic template.
-    pub topic: Template,
-    /// Record key template.
-    pub key: Template,
-    /// Create missing topics.
-    pub create_topic: bool,
-    /// SASL/PLAIN credentials.
-    pub login: Option<Login>,
-    /// Pipeline name (template field).
-    pub pipeline: String,
-    /// Time limit of one attempt.
-    pub timeout: Duration,
-}
+use super::settings::SinkRun;
+pub use config::*;
 
 /// The Kafka transport.
 pub struct KafkaSink {
@@ -45,6 +29,7 @@ pub struct KafkaSink {
 
 struct Inner {
     s: KafkaSettings,
+    run: SinkRun,
     client: Option<Client>,
     /// Partition count per topic.
     topics: HashMap<String, i32>,
@@ -53,7 +38,7 @@ struct Inner {
 
 impl KafkaSink {
     /// A transport; connects on first use.
-    pub fn new(s: KafkaSettings) -> std::io::Result<Self> {
+    pub fn new(s: KafkaSettings, run: SinkRun) -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -61,6 +46,7 @@ impl KafkaSink {
             rt,
             inner: Inner {
                 s,
+                run,
                 client: None,
                 topics: HashMap::new(),
                 partitions: HashMap::new(),
@@ -159,8 +145,8 @@ impl Inner {
             .iter()
             .map(|m| {
                 (
-                    self.s.topic.render(&self.s.pipeline, &m.stream),
-                    self.s.key.render(&self.s.pipeline, &m.stream),
+                    self.s.topic.render(&self.run.pipeline, &m.stream),
+                    self.s.key.render(&self.run.pipeline, &m.stream),
                 )
             })
             .collect();
@@ -186,7 +172,7 @@ impl Inner {
                 .collect();
             let pc = &self.partitions[&id];
             match tokio::time::timeout(
-                self.s.timeout,
+                self.run.timeout,
                 pc.produce(records, Compression::NoCompression),
             )
             .await
@@ -212,14 +198,15 @@ impl Inner {
 impl Transport for KafkaSink {
     fn connect(&mut self) -> Result<(), Failure> {
         let s = &self.inner.s;
+        let run = &self.inner.run;
         let brokers = s.brokers.iter().map(ToString::to_string).collect();
         let mut b = ClientBuilder::new(brokers)
-            .client_id(format!("poolpipe-{}", s.pipeline))
+            .client_id(format!("poolpipe-{}", run.pipeline))
             .backoff_config(BackoffConfig {
                 init_backoff: Duration::from_millis(50),
                 max_backoff: Duration::from_millis(500),
                 base: 2.0,
-                deadline: Some(s.timeout),
+                deadline: Some(run.timeout),
             });
         if let Some(l) = &s.login {
             b = b.sasl_config(SaslConfig::Plain(Credentials::new(
@@ -227,7 +214,7 @@ impl Transport for KafkaSink {
                 l.password.expose().to_string(),
             )));
         }
-        let timeout = s.timeout;
+        let timeout = run.timeout;
         let client = self.rt.block_on(async {
             match tokio::time::timeout(timeout, b.build()).await {
                 Ok(r) => r.map_err(|e| classify(&e)),

@@ -2,6 +2,8 @@
 //! every message of it. The event loop is driven only while a batch is in flight; keep-alive
 //! between batches is covered by reconnecting when a send finds the connection gone.
 
+pub mod config;
+
 use std::time::{Duration, Instant};
 
 use rumqttc::{
@@ -10,55 +12,39 @@ use rumqttc::{
 };
 
 use super::delivery::{Failure, Message, Transport};
-use super::spec::{HostPort, Login, TlsFiles};
-use super::template::Template;
+use super::settings::SinkRun;
+pub use config::*;
 
 /// Topic of the no-op UNSUBSCRIBE that flushes our TCP ACK after a batch (see `send`).
 const NUDGE_TOPIC: &str = "poolpipe/nudge";
 
-/// Settings of an MQTT sink.
-pub struct MqttSettings {
-    /// Broker.
-    pub addr: HostPort,
-    /// Topic template.
-    pub topic: Template,
-    /// 0 or 1.
-    pub qos: u8,
-    /// Client id.
-    pub client_id: String,
-    /// Credentials.
-    pub login: Option<Login>,
-    /// TLS.
-    pub tls: Option<TlsFiles>,
-    /// Pipeline name (template field).
-    pub pipeline: String,
-    /// Most results per batch (in flight at once).
-    pub batch: usize,
-    /// Time limit of one attempt.
-    pub timeout: Duration,
-}
-
 /// The MQTT transport.
 pub struct MqttSink {
     s: MqttSettings,
+    run: SinkRun,
     rt: tokio::runtime::Runtime,
     conn: Option<(AsyncClient, EventLoop)>,
 }
 
 impl MqttSink {
     /// A transport; connects on first use.
-    pub fn new(s: MqttSettings) -> std::io::Result<Self> {
+    pub fn new(s: MqttSettings, run: SinkRun) -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        Ok(Self { s, rt, conn: None })
+        Ok(Self {
+            s,
+            run,
+            rt,
+            conn: None,
+        })
     }
 
     fn options(&self) -> Result<MqttOptions, Failure> {
         let mut o = MqttOptions::new(&self.s.client_id, &self.s.addr.host, self.s.addr.port);
         o.set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
-            .set_inflight((self.s.batch + 2).clamp(1, u16::MAX as usize) as u16)
+            .set_inflight((self.run.batch + 2).clamp(1, u16::MAX as usize) as u16)
             .set_max_packet_size(1 << 20, 16 << 20);
         if let Some(l) = &self.s.login {
             o.set_credentials(&l.username, l.password.expose());
@@ -104,14 +90,14 @@ fn classify(e: &ConnectionError) -> Failure {
 impl Transport for MqttSink {
     fn connect(&mut self) -> Result<(), Failure> {
         let opts = self.options()?;
-        let (client, mut events) = AsyncClient::new(opts, self.s.batch.max(1) + 8);
+        let (client, mut events) = AsyncClient::new(opts, self.run.batch.max(1) + 8);
         // Our side sends without Nagle. A broker that keeps Nagle on (mosquitto's default) still
         // holds the batch's last PUBACKs until our delayed ACK, ~40 ms per batch: see the README.
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
-        net.set_connection_timeout(self.s.timeout.as_secs().max(1));
+        net.set_connection_timeout(self.run.timeout.as_secs().max(1));
         events.set_network_options(net);
-        let timeout = self.s.timeout;
+        let timeout = self.run.timeout;
         self.rt.block_on(async {
             let deadline = tokio::time::Instant::now() + timeout;
             loop {
@@ -140,12 +126,12 @@ impl Transport for MqttSink {
             QoS::AtLeastOnce
         };
         for m in batch {
-            let topic = self.s.topic.render(&self.s.pipeline, &m.stream);
+            let topic = self.s.topic.render(&self.run.pipeline, &m.stream);
             if let Err(e) = client.try_publish(topic, qos, false, m.payload.as_bytes().to_vec()) {
                 return Err(Failure::retriable(format!("queueing a publish: {e}")));
             }
         }
-        let timeout = self.s.timeout;
+        let timeout = self.run.timeout;
         self.rt.block_on(async {
             let deadline = Instant::now() + timeout;
             // The i-th outgoing publish is batch[i]; acks name packet ids.

@@ -4,40 +4,19 @@
 //! acknowledged every message; each carries a `Nats-Msg-Id` unique to this run, stream and frame,
 //! so the server drops the duplicates that a resend after a lost acknowledgement would make.
 
-use std::time::Duration;
+pub mod config;
 
 use async_nats::jetstream;
 use async_nats::{ConnectErrorKind, ConnectOptions};
 
 use super::delivery::{Failure, Message, Transport};
-use super::spec::{HostPort, Login, Secret, TlsFiles};
-use super::template::Template;
-
-/// Settings of a NATS sink.
-pub struct NatsSettings {
-    /// Server.
-    pub addr: HostPort,
-    /// Subject template.
-    pub subject: Template,
-    /// Wait for JetStream acknowledgements.
-    pub jetstream: bool,
-    /// JetStream stream to create if missing.
-    pub stream: Option<String>,
-    /// User and password.
-    pub login: Option<Login>,
-    /// Token.
-    pub token: Option<Secret>,
-    /// TLS.
-    pub tls: Option<TlsFiles>,
-    /// Pipeline name (template field).
-    pub pipeline: String,
-    /// Time limit of one attempt.
-    pub timeout: Duration,
-}
+use super::settings::SinkRun;
+pub use config::*;
 
 /// The NATS transport.
 pub struct NatsSink {
     s: NatsSettings,
+    run: SinkRun,
     rt: tokio::runtime::Runtime,
     client: Option<async_nats::Client>,
     js: Option<jetstream::Context>,
@@ -46,7 +25,7 @@ pub struct NatsSink {
 
 impl NatsSink {
     /// A transport; connects on first use.
-    pub fn new(s: NatsSettings) -> std::io::Result<Self> {
+    pub fn new(s: NatsSettings, run: SinkRun) -> std::io::Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -56,6 +35,7 @@ impl NatsSink {
         let run_id = format!("{:x}-{:x}", t.as_nanos(), std::process::id());
         Ok(Self {
             s,
+            run,
             rt,
             client: None,
             js: None,
@@ -67,9 +47,9 @@ impl NatsSink {
 impl Transport for NatsSink {
     fn connect(&mut self) -> Result<(), Failure> {
         let mut o = ConnectOptions::new()
-            .connection_timeout(self.s.timeout)
-            .request_timeout(Some(self.s.timeout))
-            .name(format!("poolpipe-{}", self.s.pipeline));
+            .connection_timeout(self.run.timeout)
+            .request_timeout(Some(self.run.timeout))
+            .name(format!("poolpipe-{}", self.run.pipeline));
         if let Some(l) = &self.s.login {
             o = o.user_and_password(l.username.clone(), l.password.expose().to_string());
         }
@@ -131,14 +111,15 @@ impl Transport for NatsSink {
             return Err(Failure::retriable("not connected"));
         };
         let s = &self.s;
+        let run = &self.run;
         let run_id = &self.run_id;
         let js = self.js.as_ref();
         self.rt.block_on(async {
-            let timeout = s.timeout;
+            let timeout = run.timeout;
             match js {
                 None => {
                     for (i, m) in batch.iter().enumerate() {
-                        let subject = s.subject.render(&s.pipeline, &m.stream);
+                        let subject = s.subject.render(&run.pipeline, &m.stream);
                         client
                             .publish(subject, m.payload.to_string().into())
                             .await
@@ -157,7 +138,7 @@ impl Transport for NatsSink {
                 Some(js) => {
                     let mut acks = Vec::with_capacity(batch.len());
                     for (i, m) in batch.iter().enumerate() {
-                        let subject = s.subject.render(&s.pipeline, &m.stream);
+                        let subject = s.subject.render(&run.pipeline, &m.stream);
                         let msg = jetstream::message::PublishMessage::build()
                             .payload(m.payload.to_string().into())
                             .message_id(format!("{run_id}-{}-{}", m.stream, m.seq));

@@ -1,42 +1,25 @@
 //! Redis Streams: one `XADD key MAXLEN ~ n * result <json> stream <name> seq <n>` per result,
 //! pipelined per batch. A batch is delivered once Redis answered every XADD with an entry id.
 
-use std::time::Duration;
+pub mod config;
 
 use redis::{ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisConnectionInfo};
 
 use super::delivery::{Failure, FailureKind, Message, Transport};
-use super::spec::{HostPort, Login};
-use super::template::Template;
-
-/// Settings of a Redis sink.
-pub struct RedisSettings {
-    /// Server.
-    pub addr: HostPort,
-    /// Database.
-    pub db: i64,
-    /// Stream key template.
-    pub key: Template,
-    /// Approximate MAXLEN (0 = unbounded).
-    pub maxlen: u64,
-    /// Credentials.
-    pub login: Option<Login>,
-    /// Pipeline name (template field).
-    pub pipeline: String,
-    /// Time limit of one attempt.
-    pub timeout: Duration,
-}
+use super::settings::SinkRun;
+pub use config::*;
 
 /// The Redis transport.
 pub struct RedisSink {
     s: RedisSettings,
+    run: SinkRun,
     conn: Option<redis::Connection>,
 }
 
 impl RedisSink {
     /// A transport; connects on first use.
-    pub fn new(s: RedisSettings) -> Self {
-        Self { s, conn: None }
+    pub fn new(s: RedisSettings, run: SinkRun) -> Self {
+        Self { s, run, conn: None }
     }
 }
 
@@ -89,9 +72,9 @@ impl Transport for RedisSink {
             .set_redis_settings(settings);
         let client = redis::Client::open(info).map_err(|e| classify(&e))?;
         let conn = client
-            .get_connection_with_timeout(self.s.timeout)
+            .get_connection_with_timeout(self.run.timeout)
             .map_err(|e| classify(&e))?;
-        let t = Some(self.s.timeout);
+        let t = Some(self.run.timeout);
         conn.set_read_timeout(t)
             .and_then(|()| conn.set_write_timeout(t))
             .map_err(|e| classify(&e))?;
@@ -108,7 +91,7 @@ impl Transport for RedisSink {
         };
         let mut pipe = redis::pipe();
         for m in batch {
-            let key = self.s.key.render(&self.s.pipeline, &m.stream);
+            let key = self.s.key.render(&self.run.pipeline, &m.stream);
             let cmd = pipe.cmd("XADD").arg(key);
             if self.s.maxlen > 0 {
                 cmd.arg("MAXLEN").arg("~").arg(self.s.maxlen);

@@ -1,0 +1,52 @@
+//! `[[sink]] type = "jsonl"`: its key, and its validation into [`JsonlSettings`].
+
+use std::path::{Path, PathBuf};
+
+use crate::sinks::settings::{Ctx, Problem, sink_keys};
+
+sink_keys! {
+    /// The JSON lines sink's keys.
+    pub struct JsonlConfig {
+        /// `-` for stdout (default), else a file path (created or truncated).
+        pub path: Option<String>,
+    }
+}
+
+/// Where a JSON lines sink writes, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonlSettings {
+    /// Standard output.
+    Stdout,
+    /// A file.
+    File(PathBuf),
+}
+
+impl JsonlConfig {
+    /// Every key it accepts.
+    pub fn keys() -> Vec<&'static str> {
+        Self::KEYS.to_vec()
+    }
+
+    /// Validates the keys: a file's folder must exist.
+    pub fn validate(&self, ctx: &Ctx<'_>, problems: &mut Vec<Problem>) -> Option<JsonlSettings> {
+        let path = self.path.as_deref().unwrap_or("-");
+        if path == "-" {
+            return Some(JsonlSettings::Stdout);
+        }
+        let p = if Path::new(path).is_absolute() {
+            PathBuf::from(path)
+        } else {
+            ctx.dir.join(path)
+        };
+        match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => {
+                problems.push((
+                    "path".into(),
+                    format!("folder {} does not exist", d.display()),
+                ));
+                None
+            }
+            _ => Some(JsonlSettings::File(p)),
+        }
+    }
+}

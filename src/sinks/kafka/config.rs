@@ -1,0 +1,88 @@
+//! `[[sink]] type = "kafka"`: its keys, and their validation into [`KafkaSettings`].
+
+use crate::sinks::settings::{
+    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, sink_keys, template, url,
+};
+use crate::sinks::template::Template;
+
+sink_keys! {
+    /// The Kafka sink's own keys.
+    pub struct KafkaKeys {
+        /// Bootstrap brokers: `kafka://host:port[,host:port]`.
+        pub url: Option<String>,
+        /// Topic template.
+        pub topic: Option<String>,
+        /// Record key template (default `{stream}`).
+        pub key: Option<String>,
+        /// Create the topic (1 partition, replication 1) if the broker does not have it.
+        pub create_topic: Option<bool>,
+    }
+}
+
+/// A Kafka sink's keys, as written.
+#[derive(Debug, Clone, Default)]
+pub struct KafkaConfig {
+    /// Its own keys.
+    pub keys: KafkaKeys,
+    /// SASL/PLAIN credentials.
+    pub login: LoginConfig,
+}
+
+/// Where a Kafka sink delivers, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    /// Bootstrap brokers.
+    pub brokers: Vec<HostPort>,
+    /// Topic template.
+    pub topic: Template,
+    /// Record key template.
+    pub key: Template,
+    /// Create missing topics.
+    pub create_topic: bool,
+    /// SASL/PLAIN credentials.
+    pub login: Option<Login>,
+}
+
+impl KafkaConfig {
+    /// Every key it accepts.
+    pub fn keys() -> Vec<&'static str> {
+        [KafkaKeys::KEYS, LoginConfig::KEYS].concat()
+    }
+
+    /// Validates the keys.
+    pub fn validate(&self, ctx: &Ctx<'_>, problems: &mut Vec<Problem>) -> Option<KafkaSettings> {
+        let c = &self.keys;
+        let u = url(
+            c.url.as_deref(),
+            SinkKind::Kafka,
+            &["kafka"],
+            9092,
+            problems,
+        );
+        let topic = template(c.topic.as_deref(), "topic", problems);
+        if let Some(t) = &topic
+            && !t
+                .literal_text()
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
+        {
+            problems.push((
+                "topic".into(),
+                "Kafka topic names allow only letters, digits, `.`, `_` and `-`".into(),
+            ));
+        }
+        let key = template(
+            Some(c.key.as_deref().unwrap_or("{stream}")),
+            "key",
+            problems,
+        );
+        let login = self.login.validate(u.as_ref(), false, ctx, problems);
+        Some(KafkaSettings {
+            brokers: u?.hosts,
+            topic: topic?,
+            key: key?,
+            create_topic: c.create_topic.unwrap_or(false),
+            login,
+        })
+    }
+}
