@@ -41,6 +41,7 @@
 //! - [`panics`]: what is kept of a pipeline thread's panic.
 //! - [`frame`]: the frame that flows through a pipeline and what stages attach to it.
 //! - [`clock`]: monotonic time behind a trait, so time-dependent logic can be driven by tests.
+//! - [`progress`]: progress of long commands on stderr, only when it is a terminal.
 //! - [`alloc`]: glibc allocator settings that keep RSS flat over long runs.
 //! - [`rtsp`]: a small RTSP server (used by tests and for local experiments).
 
@@ -63,6 +64,7 @@ pub mod pipeline;
 pub mod planner;
 pub mod postprocess;
 pub mod profile;
+pub mod progress;
 pub mod rtsp;
 pub mod sim;
 pub mod sinks;

@@ -322,6 +322,8 @@ pub fn run(
     let slo = (setup.slo_ms * 1e6) as Nanos;
     let mut runs = Vec::new();
     let loads = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2];
+    // Runs: every load x arrival process x policy, then 12 bisection steps per process x policy.
+    let mut bar = crate::progress::Progress::new("bench batcher", loads.len() * 2 * 3 + 2 * 3 * 12);
     for arrivals in [Arrivals::Poisson, Arrivals::Bursty] {
         for (k, load) in loads.iter().enumerate() {
             let times = arrival_times(arrivals, setup.capacity_fps * load, duration, 42 + k as u64);
@@ -330,6 +332,7 @@ pub fn run(
                 r.arrivals = arrivals;
                 r.load = *load;
                 runs.push(r);
+                bar.inc("");
             }
         }
     }
@@ -346,6 +349,7 @@ pub fn run(
             for _ in 0..12 {
                 let mid = (lo + hi) / 2.0;
                 let r = attain(mid);
+                bar.inc("99% load");
                 if r.attainment >= 0.99 {
                     lo = mid;
                     best = Some(r);

@@ -398,6 +398,8 @@ fn bench_pipeline(
     );
     let noop = noop_pipeline(&demo, &sample)?;
     let (mut gst_fps, mut pipe_fps, mut frames) = (Vec::new(), Vec::new(), 0);
+    // Runs: overhead pairs, engine pairs at batch 1 and 8, the demo twice.
+    let mut bar = crate::progress::Progress::new("bench pipeline", repeats * 3 + 2);
     for _ in 0..repeats {
         let (n, secs) = gstreamer_alone(&sample, &caps)?;
         frames = n;
@@ -410,6 +412,7 @@ fn bench_pipeline(
             bail!("the no-op pipeline published {published} of {n} frames");
         }
         pipe_fps.push(published as f64 / secs);
+        bar.inc("overhead");
     }
     // Each repeat pairs the two measurements back to back; the ratio is the median of the paired
     // ratios, which drifts less on a shared machine than a ratio of medians.
@@ -427,6 +430,7 @@ fn bench_pipeline(
             if let Some(v) = python_images_per_s(python, &model, batch, threads, iters) {
                 py.push(v);
             }
+            bar.inc(&format!("engines at batch {batch}"));
         }
         let ratio = (py.len() == rust.len())
             .then(|| median(rust.iter().zip(&py).map(|(r, p)| r / p).collect()));
@@ -458,6 +462,7 @@ fn bench_pipeline(
         &format!("clip pace, max_fps 5, {demo_seconds:.0} s"),
         &s,
     ));
+    bar.inc("demo");
     let mut fast = demo.clone();
     fast.sources[0].pace = Pace::Fast;
     fast.sources[0].max_fps = None;
@@ -470,6 +475,7 @@ fn bench_pipeline(
         &Shutdown::new(),
     )?;
     rows.push(demo_row("flat out (pace fast), 60 frames", &s));
+    bar.inc("demo flat out");
 
     Ok(PipelineReport {
         frames,

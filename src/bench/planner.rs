@@ -127,6 +127,7 @@ pub fn run(
     let profiles = Profiles::load_dir(profiles_dir, None)
         .with_context(|| format!("loading profiles from {}", profiles_dir.display()))?;
     let mut scenarios = Vec::new();
+    let mut bar = crate::progress::Progress::new("bench planner", CLUSTERS.len() * GROUPS.len());
     for (high, low, gbps) in CLUSTERS {
         let cluster = Cluster::parse_spec(&format!("{high}:25,{low}:75"), gbps)?;
         for group in GROUPS {
@@ -166,11 +167,12 @@ pub fn run(
                 violations,
             };
             if !quiet {
-                eprintln!(
+                bar.line(&format!(
                     "[bench planner] {} {:?}: poolpipe/NP {:.3}, solve {:.1} s",
                     s.cluster, s.models, s.vs_np, s.solve_seconds
-                );
+                ));
             }
+            bar.inc(&s.cluster);
             scenarios.push(s);
         }
     }

@@ -118,6 +118,7 @@ pub fn run(
     };
     let mut scenarios = Vec::new();
     let mut first_pp: Option<Plan> = None;
+    let mut bar = crate::progress::Progress::new("bench sim", CLUSTERS.len() * GROUPS.len());
     for (high, low, gbps) in CLUSTERS {
         let cluster = Cluster::parse_spec(&format!("{high}:25,{low}:75"), gbps)?;
         for group in GROUPS {
@@ -169,11 +170,12 @@ pub fn run(
                 pp,
             };
             if !quiet {
-                eprintln!(
+                bar.line(&format!(
                     "[bench sim] {} {:?}: poolpipe/NP at 99% {:?}, best {:.3}",
                     s.cluster, s.models, s.same_q_ratio, s.best_ratio
-                );
+                ));
             }
+            bar.inc(&s.cluster);
             scenarios.push(s);
         }
     }

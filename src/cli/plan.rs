@@ -146,7 +146,10 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
         gap: a.gap,
         mode: a.baseline.unwrap_or(Mode::Poolpipe),
     };
-    let plan = match planner::plan(&profiles, &cluster, &models, &opts) {
+    let ticker = crate::progress::Ticker::start("planning (HiGHS)", Some(opts.time_limit));
+    let planned = planner::plan(&profiles, &cluster, &models, &opts);
+    drop(ticker);
+    let plan = match planned {
         Ok(p) => p,
         Err(e @ (PlanError::Solver(_) | PlanError::Profile(_))) => {
             return Err(CliError::Runtime(e.to_string()));

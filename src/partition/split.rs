@@ -2,7 +2,6 @@
 //! choose even blocks, write them with a manifest, and profile them per batch size in the CSV
 //! layout of the published profiles.
 
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -12,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{CutPoint, PartitionError, balance, cut_points, extract, load, save};
 use crate::engine::Engine;
 use crate::engine::ort::{OrtConfig, OrtEngine};
+use crate::progress::Progress;
 
 /// Errors of splitting and profiling.
 #[derive(Debug, thiserror::Error)]
@@ -128,24 +128,6 @@ pub(crate) fn timed(
     Ok((first, times[times.len() / 2]))
 }
 
-fn progress(label: &str, done: usize, total: usize) {
-    let mut err = std::io::stderr();
-    if err.is_terminal() {
-        let width = 30;
-        let filled = width * done / total.max(1);
-        let _ = write!(
-            err,
-            "\r{label} [{}{}] {done}/{total}",
-            "#".repeat(filled),
-            ".".repeat(width - filled)
-        );
-        if done == total {
-            let _ = writeln!(err);
-        }
-        let _ = err.flush();
-    }
-}
-
 /// Cuts `model_path` into `k` blocks of even measured latency and writes them and
 /// `manifest.json` into `out_dir`.
 pub fn split(
@@ -179,8 +161,8 @@ pub fn split(
     let mut costs = Vec::new();
     let mut cut_bytes = Vec::new();
     let mut x = random_input(1, &cfg.sample_shape, 1);
+    let mut bar = Progress::new("measuring pieces", bounds.len() - 1);
     for (i, w) in bounds.windows(2).enumerate() {
-        progress("measuring pieces", i, bounds.len() - 1);
         let piece = extract(&model, w[0], w[1]);
         let path = scratch.join(format!("piece{i}.onnx"));
         save(&piece, &path)?;
@@ -191,8 +173,9 @@ pub fn split(
             cut_bytes.push((y.len() * std::mem::size_of::<f32>()) as u64);
         }
         x = y;
+        bar.inc(&format!("piece {i}"));
     }
-    progress("measuring pieces", bounds.len() - 1, bounds.len() - 1);
+    drop(bar);
     let _ = std::fs::remove_dir_all(&scratch);
     let chosen = balance(&costs, &cut_bytes, k)?;
     // Write the blocks and measure each once more as a whole.
@@ -316,16 +299,17 @@ pub fn profile(
     }
     let mut table = vec![vec![0u64; max_batch]; m.blocks.len()];
     let total = max_batch * m.blocks.len();
+    let mut bar = Progress::new("profiling blocks", total);
     for batch in 1..=max_batch {
         let mut x = random_input(batch, &m.sample_shape, batch as u64);
         for (i, e) in engines.iter_mut().enumerate() {
-            progress("profiling", (batch - 1) * m.blocks.len() + i, total);
             let (y, ms) = timed(e, &x, runs.max(1), &m.blocks[i].file)?;
             table[i][batch - 1] = (ms * 1e3).round() as u64;
             x = y;
+            bar.inc(&format!("block {i} at batch {batch}"));
         }
     }
-    progress("profiling", total, total);
+    drop(bar);
     let io = |e: std::io::Error| SplitError::Io(e.to_string());
     std::fs::create_dir_all(out.join("block-timing")).map_err(io)?;
     std::fs::create_dir_all(out.join("cut-bytes")).map_err(io)?;
