@@ -169,15 +169,7 @@ impl<T> Driver<T> {
 mod tests {
     use super::*;
 
-    #[derive(Debug, PartialEq)]
-    struct Item(u32, Nanos);
-    impl Deadline for Item {
-        fn deadline(&self) -> Nanos {
-            self.1
-        }
-    }
-
-    const MS: Nanos = 1_000_000;
+    use crate::batcher::script::{Item, MS};
 
     fn fixed(max_batch: usize, max_wait: Nanos) -> Driver<Item> {
         Driver::new(make_policy(

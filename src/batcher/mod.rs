@@ -237,15 +237,7 @@ mod tests {
     use crate::clock::{Clock, ManualClock};
     use std::time::Duration;
 
-    #[derive(Debug, PartialEq)]
-    struct Item(u32, Nanos);
-    impl Deadline for Item {
-        fn deadline(&self) -> Nanos {
-            self.1
-        }
-    }
-
-    const MS: Nanos = 1_000_000;
+    use crate::batcher::script::{Item, MS};
 
     #[test]
     fn dispatches_when_full() {

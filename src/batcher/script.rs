@@ -10,6 +10,19 @@ use super::thread::{Inbox, Outbox, Recv};
 use super::{Assigned, Deadline, Hop};
 use crate::clock::{Clock, ManualClock, Nanos};
 
+/// A millisecond, in nanoseconds.
+pub const MS: Nanos = 1_000_000;
+
+/// A test item: an id and a deadline.
+#[derive(Debug, PartialEq)]
+pub struct Item(pub u32, pub Nanos);
+
+impl Deadline for Item {
+    fn deadline(&self) -> Nanos {
+        self.1
+    }
+}
+
 /// Arrivals at given clock times.
 pub struct ScriptInbox<T> {
     /// Items with their arrival times, in time order.
