@@ -1,6 +1,7 @@
 //! The planner: decides how each model is cut into stages, which device class and GPU share
 //! runs each stage, with what batch size and on how many processes, to serve the most frames
-//! within their SLOs on the devices at hand (../shared/DESIGN.md, idea 2).
+//! within their SLOs on the devices at hand (the approach of PPipe, USENIX ATC '25: pools of
+//! heterogeneous GPUs serving cut models).
 //!
 //! # Formulation
 //!

@@ -1,6 +1,6 @@
 //! A discrete-event simulator: the planner's plans served on a virtual clock by the runtime's
-//! own batching policies (`crate::batcher`), on devices that take their profiled latencies
-//! (../shared/DESIGN.md, "Simulator").
+//! own batcher driver (`crate::batcher::driver`), on devices that take their profiled
+//! latencies.
 //!
 //! What is modelled:
 //! - every pipeline of a plan as a chain of stage pools; each process of a pool is a worker that
