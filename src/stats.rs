@@ -205,7 +205,17 @@ impl Stats {
 
     /// Whether any pipeline thread (worker, batcher, publisher or sink) panicked.
     pub fn any_panicked(&self) -> bool {
-        !self.panics().is_empty()
+        !self
+            .panics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+            || self
+                .sinks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|(_, c)| c.panicked().is_some())
     }
 
     /// Every pipeline thread that panicked, sinks' delivery threads included.

@@ -59,18 +59,54 @@ pub fn make_policy<T: Deadline + Send + 'static>(
     }
 }
 
+/// Batches in flight per worker of a stage, read only when a batch needs a worker.
+pub trait Load {
+    /// Workers of the stage.
+    fn workers(&self) -> usize;
+    /// Batches sent to `worker` and not finished.
+    fn of(&self, worker: usize) -> usize;
+}
+
+impl Load for [usize] {
+    fn workers(&self) -> usize {
+        self.len()
+    }
+    fn of(&self, worker: usize) -> usize {
+        self[worker]
+    }
+}
+
+impl<const N: usize> Load for [usize; N] {
+    fn workers(&self) -> usize {
+        N
+    }
+    fn of(&self, worker: usize) -> usize {
+        self[worker]
+    }
+}
+
+/// Whether every worker holds as many batches as it can. Whoever cannot block on a full worker
+/// (the simulator) waits for one to finish.
+pub fn saturated(load: &(impl Load + ?Sized)) -> bool {
+    (0..load.workers()).all(|w| load.of(w) >= WORKER_DEPTH)
+}
+
 /// The worker a batch goes to: the first hop of its reserved route, else the worker with the
-/// fewest batches in flight (`load`), ties broken round robin from the one after the last pick
-/// (`rotate` keeps that position between calls).
-pub fn pick_worker(route: Option<&[Hop]>, load: &[usize], rotate: &mut usize) -> usize {
+/// fewest batches in flight, ties broken round robin from the one after the last pick (`rotate`
+/// keeps that position between calls).
+pub fn pick_worker(
+    route: Option<&[Hop]>,
+    load: &(impl Load + ?Sized),
+    rotate: &mut usize,
+) -> usize {
     if let Some(hop) = route.and_then(|r| r.first()) {
         return hop.worker;
     }
-    let n = load.len().max(1);
+    let n = load.workers().max(1);
     *rotate = (*rotate + 1) % n;
     (0..n)
         .map(|k| (*rotate + k) % n)
-        .min_by_key(|w| load.get(*w).copied().unwrap_or(0))
+        .min_by_key(|w| if *w < load.workers() { load.of(*w) } else { 0 })
         .unwrap_or(0)
 }
 
@@ -138,15 +174,9 @@ impl<T> Driver<T> {
         self.policy.next_wakeup()
     }
 
-    /// Whether every worker holds as many batches as it can (`load`: batches in flight per
-    /// worker). Whoever cannot block on a full worker (the simulator) waits for one to finish.
-    pub fn saturated(load: &[usize]) -> bool {
-        load.iter().all(|l| *l >= WORKER_DEPTH)
-    }
-
     /// One step at `now`: what is late, and what goes to which worker. With `closing` (no more
     /// items will come), whatever is queued goes, in batches of at most the policy's size.
-    pub fn step(&mut self, now: Nanos, closing: bool, load: &[usize]) -> Step<T> {
+    pub fn step(&mut self, now: Nanos, closing: bool, load: &(impl Load + ?Sized)) -> Step<T> {
         let mut late = self.policy.take_late(now);
         let dispatch = self.policy.next_batch(now, closing);
         // Reserving a route can show that other queued items can no longer make it.
@@ -237,10 +267,7 @@ mod tests {
 
     #[test]
     fn saturation_is_every_worker_at_its_depth() {
-        assert!(Driver::<Item>::saturated(&[WORKER_DEPTH, WORKER_DEPTH]));
-        assert!(!Driver::<Item>::saturated(&[
-            WORKER_DEPTH,
-            WORKER_DEPTH - 1
-        ]));
+        assert!(saturated(&[WORKER_DEPTH, WORKER_DEPTH]));
+        assert!(!saturated(&[WORKER_DEPTH, WORKER_DEPTH - 1]));
     }
 }

@@ -25,7 +25,9 @@ use serde::Deserialize;
 
 use crate::clock::Nanos;
 
-pub use driver::{Assigned, Driver, PolicySettings, Step, make_policy, pick_worker};
+pub use driver::{
+    Assigned, Driver, Load, PolicySettings, Step, make_policy, pick_worker, saturated,
+};
 
 /// Batching policy of a stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]

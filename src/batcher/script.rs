@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::deadline::Timeline;
 use super::thread::{Inbox, Outbox, Recv};
-use super::{Assigned, Deadline, Hop};
+use super::{Assigned, Deadline, Hop, Load};
 use crate::clock::{Clock, ManualClock, Nanos};
 
 /// A millisecond, in nanoseconds.
@@ -77,15 +77,13 @@ pub struct Sent<T> {
     pub route: Option<Vec<Hop>>,
 }
 
-/// Workers that run each batch for `latency[size - 1]`, one at a time in the order sent, and
-/// report to the timeline and the policy when they finish; every decision is recorded.
+/// Workers of stage 0 that run each batch for `latency[size - 1]`, one at a time in the order
+/// sent, and report to the timeline and the policy when they finish; every decision is recorded.
 pub struct ScriptOutbox<T> {
     /// The clock the inbox moves.
     pub clock: Arc<ManualClock>,
     /// Run time per batch size.
     pub latency: Vec<Nanos>,
-    /// Stage index (for the timeline).
-    pub stage: usize,
     /// Reservations, shared with a deadline policy.
     pub timeline: Arc<Mutex<Timeline>>,
     /// Per worker: (finish time, earliest deadline) of each batch not yet reported finished.
@@ -107,12 +105,24 @@ impl<T> ScriptOutbox<T> {
         Self {
             clock,
             latency,
-            stage: 0,
             timeline,
             running: (0..workers).map(|_| VecDeque::new()).collect(),
             sent: Vec::new(),
             late: Vec::new(),
         }
+    }
+}
+
+impl<T> Load for ScriptOutbox<T> {
+    fn workers(&self) -> usize {
+        self.running.len()
+    }
+    fn of(&self, worker: usize) -> usize {
+        let now = self.clock.now();
+        self.running[worker]
+            .iter()
+            .filter(|(end, _)| *end > now)
+            .count()
     }
 }
 
@@ -125,20 +135,10 @@ impl<T: Deadline> Outbox<T> for ScriptOutbox<T> {
                 self.timeline
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .finished(self.stage, w, end);
+                    .finished(0, w, end);
                 report(end <= earliest);
             }
         }
-    }
-
-    fn load(&self, load: &mut Vec<usize>) {
-        let now = self.clock.now();
-        load.clear();
-        load.extend(
-            self.running
-                .iter()
-                .map(|q| q.iter().filter(|(end, _)| *end > now).count()),
-        );
     }
 
     fn late(&mut self, item: T) {

@@ -6,7 +6,7 @@
 //! [`crate::clock::ManualClock`], which makes the thread's decisions reproducible and comparable
 //! with the simulator's.
 
-use super::{Assigned, Driver};
+use super::{Assigned, Driver, Load};
 use crate::clock::{Clock, Nanos};
 
 /// What waiting for the next item gave.
@@ -30,12 +30,10 @@ pub trait Inbox<T> {
     fn sleep_until(&mut self, t: Nanos);
 }
 
-/// Where a batcher's decisions go.
-pub trait Outbox<T> {
+/// Where a batcher's decisions go: the stage's workers (whose load it reports) and counters.
+pub trait Outbox<T>: Load {
     /// On-time reports of batches that finished since the last call, in any order.
     fn feedback(&mut self, report: &mut dyn FnMut(bool));
-    /// Batches in flight per worker, written into `load` (cleared first).
-    fn load(&self, load: &mut Vec<usize>);
     /// An item dropped because it can no longer meet its deadline.
     fn late(&mut self, item: T);
     /// Sends a batch to its worker (blocking while the worker's channel is full). A batch that
@@ -51,12 +49,10 @@ pub fn run<T>(
     outbox: &mut impl Outbox<T>,
 ) {
     let mut closing = false;
-    let mut load = Vec::new();
     loop {
         outbox.feedback(&mut |on_time| driver.feedback(on_time));
         let now = clock.now();
-        outbox.load(&mut load);
-        let step = driver.step(now, closing, &load);
+        let step = driver.step(now, closing, &*outbox);
         for item in step.late {
             outbox.late(item);
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::batcher::deadline::{StageCost, Timeline};
 use crate::batcher::thread::{self, Inbox, Outbox, Recv};
-use crate::batcher::{Assigned, Driver, Hop, PolicyKind, PolicySettings, make_policy};
+use crate::batcher::{Assigned, Driver, Hop, Load, PolicyKind, PolicySettings, make_policy};
 use crate::clock::{Clock, Nanos, SystemClock, nanos};
 use crate::config::Pipeline;
 use crate::frame::Frame;
@@ -76,12 +76,6 @@ impl Pool {
             in_flight: Arc::new((0..n).map(|_| AtomicUsize::new(0)).collect()),
             dispatched: Arc::new(AtomicU64::new(0)),
         }
-    }
-
-    /// Batches in flight per worker.
-    pub fn load(&self, load: &mut Vec<usize>) {
-        load.clear();
-        load.extend(self.in_flight.iter().map(|c| c.load(Ordering::SeqCst)));
     }
 
     /// Sends a batch to worker `w` (blocking while its channel is full); gives the batch back
@@ -179,15 +173,20 @@ struct PoolOutbox {
     stats: Arc<Stats>,
 }
 
+impl Load for PoolOutbox {
+    fn workers(&self) -> usize {
+        self.pool.in_flight.len()
+    }
+    fn of(&self, worker: usize) -> usize {
+        self.pool.in_flight[worker].load(Ordering::SeqCst)
+    }
+}
+
 impl Outbox<Frame> for PoolOutbox {
     fn feedback(&mut self, report: &mut dyn FnMut(bool)) {
         for on_time in self.feedback.try_iter() {
             report(on_time);
         }
-    }
-
-    fn load(&self, load: &mut Vec<usize>) {
-        self.pool.load(load);
     }
 
     fn late(&mut self, f: Frame) {

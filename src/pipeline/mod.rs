@@ -27,8 +27,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::batcher::deadline::Timeline;
+use crate::batcher::driver::WORKER_QUEUE;
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::Pipeline;
+use crate::engine::StageRunner;
 use crate::frame::Frame;
 use crate::ingest::{self, IngestError};
 use crate::panics::panic_message;
@@ -38,12 +40,9 @@ use crate::stats::{Stats, Summary};
 use graph::{Batch, Downstream, Pool, Sequencer, policy_settings, spawn_batcher};
 pub use live::{Live, LiveError, ReloadReport};
 pub use publisher::result_json;
-use stage::{StageRunner, build_runner};
+use stage::build_runner;
 pub use worker::PANIC_STAGE_ENV;
 use worker::{WorkerContext, spawn_worker};
-
-/// Batches a worker's channel holds besides the one it runs (the simulator models the same).
-pub use crate::batcher::driver::WORKER_QUEUE;
 
 /// Errors that keep a pipeline from starting.
 #[derive(Debug, thiserror::Error)]

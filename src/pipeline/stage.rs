@@ -12,7 +12,7 @@ use crate::engine::{Engine, EngineError, NoopEngine};
 use crate::frame::{Frame, StageOutput, TextLine};
 use crate::postprocess::{classify, ctc, image, text_detect};
 
-pub use crate::engine::{StageError, StageRunner};
+use crate::engine::{StageError, StageRunner};
 
 /// Loads the engine of a stage and wraps it in the runner for its model kind.
 pub fn build_runner(

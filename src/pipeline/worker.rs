@@ -40,7 +40,7 @@ pub(super) struct WorkerContext {
     pub timeline: Arc<Mutex<Timeline>>,
     pub stats: Arc<Stats>,
     pub clock: SharedClock,
-    /// Batches the stage's pool has started (for [`PANIC_STAGE_ENV`]).
+    /// Batches the stage's pool has started, counted only when [`PANIC_STAGE_ENV`] names it.
     pub started: Arc<AtomicU64>,
 }
 
@@ -71,9 +71,11 @@ pub(super) fn spawn_worker(
                 let result = if broken {
                     None
                 } else {
-                    let n = cx.started.fetch_add(1, Ordering::SeqCst) + 1;
+                    // Batches are counted only where a panic was asked for.
+                    let inject = panic_at
+                        .filter(|at| cx.started.fetch_add(1, Ordering::SeqCst) + 1 == *at);
                     match catch_unwind(AssertUnwindSafe(|| {
-                        if panic_at == Some(n) {
+                        if let Some(n) = inject {
                             panic!("injected by {PANIC_STAGE_ENV} at batch {n}");
                         }
                         runner.run(&mut frames)

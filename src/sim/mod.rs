@@ -29,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use crate::batcher::deadline::{StageCost, Timeline};
-use crate::batcher::{Deadline, Driver, Hop, PolicyKind, PolicySettings, make_policy};
+use crate::batcher::{
+    Deadline, Driver, Hop, Load, PolicyKind, PolicySettings, make_policy, saturated,
+};
 use crate::clock::Nanos;
 use crate::planner::Plan;
 use crate::profile::{ProfileError, Profiles};
@@ -276,6 +278,18 @@ struct Worker {
     busy: Nanos,
 }
 
+/// The batches in flight of a stage's simulated workers, as the batcher driver reads them.
+struct InFlight<'a>(&'a [Worker]);
+
+impl Load for InFlight<'_> {
+    fn workers(&self) -> usize {
+        self.0.len()
+    }
+    fn of(&self, worker: usize) -> usize {
+        self.0[worker].in_flight
+    }
+}
+
 struct PipeState {
     /// One batcher per stage: the runtime's driver.
     batchers: Vec<Driver<SimFrame>>,
@@ -297,8 +311,6 @@ struct Sim<'a> {
     horizon: Nanos,
     stats: Vec<ModelResult>,
     latencies: Vec<Vec<u32>>,
-    /// Scratch: batches in flight per worker of the stage being pumped.
-    load: Vec<usize>,
     /// Every dispatch, when tracing.
     trace: Option<Vec<Dispatched>>,
 }
@@ -394,16 +406,13 @@ impl Sim<'_> {
             return;
         }
         let model = self.setup.pipelines[p].model;
-        let mut load = std::mem::take(&mut self.load);
         loop {
             let ps = &mut self.pipes[p];
-            load.clear();
-            load.extend(ps.workers[s].iter().map(|w| w.in_flight));
+            let load = InFlight(&ps.workers[s]);
             // Without reservations a batch goes only while a worker has room: the runtime's
             // worker channels hold two batches besides the running one, and its batcher waits
             // when they are full. (A finishing worker pumps again, so no wake-up is needed then.)
-            if !self.routed && Driver::<SimFrame>::saturated(&load) {
-                self.load = load;
+            if !self.routed && saturated(&load) {
                 return;
             }
             let drv = &mut ps.batchers[s];
@@ -430,7 +439,6 @@ impl Sim<'_> {
             wk.queue.push_back((a.items, a.route));
             self.start(p, s, a.worker, now);
         }
-        self.load = load;
         let ps = &mut self.pipes[p];
         if let Some(t) = ps.batchers[s].next_wakeup()
             && ps.wake_at[s].is_none_or(|x| t < x)
@@ -628,7 +636,6 @@ fn simulate_inner(
             })
             .collect(),
         latencies: vec![Vec::new(); setup.models.len()],
-        load: Vec::new(),
         trace: trace.then(Vec::new),
     };
     let mut next_arrival = vec![0usize; setup.models.len()];

@@ -26,6 +26,36 @@ macro_rules! sink_keys {
 }
 pub(crate) use sink_keys;
 
+/// Reads one part of a `[[sink]]` table (all parts come from the same table; each ignores the
+/// keys of the others). A part that cannot be read has been reported by the reader.
+pub trait PartReader {
+    /// The part, or `None` when a value in it has the wrong type.
+    fn read<T: serde::de::DeserializeOwned>(&mut self) -> Option<T>;
+}
+
+/// Declares a sink type's keys once, as the groups of keys it takes (each a [`sink_keys!`]
+/// struct): the struct, how it is read from a table (every group, so that every bad value is
+/// reported), and the list of every key it accepts.
+macro_rules! sink_config {
+    ($(#[$m:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $field:ident : $ty:ty,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Default)]
+        pub struct $name { $($(#[$fm])* pub $field: $ty,)* }
+        impl $name {
+            /// Every key it accepts.
+            pub fn keys() -> Vec<&'static str> {
+                [$(<$ty>::KEYS),*].concat()
+            }
+            /// Reads every group of keys from the sink's table.
+            pub fn read(r: &mut impl $crate::sinks::settings::PartReader) -> Option<Self> {
+                $(let $field = r.read::<$ty>();)*
+                Some(Self { $($field: $field?,)* })
+            }
+        }
+    };
+}
+pub(crate) use sink_config;
+
 /// Sink types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -14,8 +14,8 @@ use super::mqtt::config::{MqttConfig, MqttSettings};
 use super::nats::config::{NatsConfig, NatsSettings};
 use super::redis::config::{RedisConfig, RedisSettings};
 pub use super::settings::{
-    Ctx, Delivery, DeliveryConfig, HostPort, Login, LoginConfig, Problem, Secret, SinkKind,
-    TlsConfig, TlsFiles, TokenConfig, Url, WhenFull, parse_url, redact,
+    Ctx, Delivery, DeliveryConfig, HostPort, Login, LoginConfig, PartReader, Problem, Secret,
+    SinkKind, TlsConfig, TlsFiles, TokenConfig, Url, WhenFull, parse_url, redact,
 };
 
 /// The keys every sink has: its type and name.
@@ -31,13 +31,6 @@ pub struct SinkHead {
 impl SinkHead {
     /// Its keys, as written.
     pub const KEYS: &'static [&'static str] = &["type", "name"];
-}
-
-/// Reads one part of a `[[sink]]` table (all parts come from the same table; each ignores the
-/// keys of the others). A part that cannot be read has been reported by the reader.
-pub trait PartReader {
-    /// The part, or `None` when a value in it has the wrong type.
-    fn read<T: DeserializeOwned>(&mut self) -> Option<T>;
 }
 
 /// A sink type's own keys, as written.
@@ -61,45 +54,12 @@ impl KindConfig {
     /// Reads the keys of a sink of `kind`.
     pub fn read(kind: SinkKind, r: &mut impl PartReader) -> Option<Self> {
         Some(match kind {
-            SinkKind::Jsonl => Self::Jsonl(r.read()?),
-            SinkKind::Mqtt => {
-                let (keys, login, tls) = (r.read(), r.read(), r.read());
-                Self::Mqtt(MqttConfig {
-                    keys: keys?,
-                    login: login?,
-                    tls: tls?,
-                })
-            }
-            SinkKind::Nats => {
-                let (keys, login, token, tls) = (r.read(), r.read(), r.read(), r.read());
-                Self::Nats(NatsConfig {
-                    keys: keys?,
-                    login: login?,
-                    token: token?,
-                    tls: tls?,
-                })
-            }
-            SinkKind::Redis => {
-                let (keys, login) = (r.read(), r.read());
-                Self::Redis(RedisConfig {
-                    keys: keys?,
-                    login: login?,
-                })
-            }
-            SinkKind::Kafka => {
-                let (keys, login) = (r.read(), r.read());
-                Self::Kafka(KafkaConfig {
-                    keys: keys?,
-                    login: login?,
-                })
-            }
-            SinkKind::Http => {
-                let (keys, token) = (r.read(), r.read());
-                Self::Http(HttpConfig {
-                    keys: keys?,
-                    token: token?,
-                })
-            }
+            SinkKind::Jsonl => Self::Jsonl(JsonlConfig::read(r)?),
+            SinkKind::Mqtt => Self::Mqtt(MqttConfig::read(r)?),
+            SinkKind::Nats => Self::Nats(NatsConfig::read(r)?),
+            SinkKind::Redis => Self::Redis(RedisConfig::read(r)?),
+            SinkKind::Kafka => Self::Kafka(KafkaConfig::read(r)?),
+            SinkKind::Http => Self::Http(HttpConfig::read(r)?),
         })
     }
 }

@@ -1,6 +1,8 @@
 //! `[[sink]] type = "http"`: its keys, and their validation into [`HttpSettings`].
 
-use crate::sinks::settings::{Ctx, Problem, Secret, SinkKind, TokenConfig, sink_keys, url};
+use crate::sinks::settings::{
+    Ctx, Problem, Secret, SinkKind, TokenConfig, sink_config, sink_keys, url,
+};
 
 sink_keys! {
     /// The HTTP sink's own keys.
@@ -10,13 +12,14 @@ sink_keys! {
     }
 }
 
-/// An HTTP sink's keys, as written.
-#[derive(Debug, Clone, Default)]
-pub struct HttpConfig {
-    /// Its own keys.
-    pub keys: HttpKeys,
-    /// Bearer token.
-    pub token: TokenConfig,
+sink_config! {
+    /// An HTTP sink's keys, as written.
+    pub struct HttpConfig {
+        /// Its own keys.
+        pub keys: HttpKeys,
+        /// Bearer token.
+        pub token: TokenConfig,
+    }
 }
 
 /// Where an HTTP sink delivers, validated.
@@ -29,11 +32,6 @@ pub struct HttpSettings {
 }
 
 impl HttpConfig {
-    /// Every key it accepts.
-    pub fn keys() -> Vec<&'static str> {
-        [HttpKeys::KEYS, TokenConfig::KEYS].concat()
-    }
-
     /// Validates the keys.
     pub fn validate(&self, ctx: &Ctx<'_>, problems: &mut Vec<Problem>) -> Option<HttpSettings> {
         let c = &self.keys;

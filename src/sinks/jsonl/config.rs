@@ -2,13 +2,21 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::sinks::settings::{Ctx, Problem, sink_keys};
+use crate::sinks::settings::{Ctx, Problem, sink_config, sink_keys};
 
 sink_keys! {
-    /// The JSON lines sink's keys.
-    pub struct JsonlConfig {
+    /// The JSON lines sink's own keys.
+    pub struct JsonlKeys {
         /// `-` for stdout (default), else a file path (created or truncated).
         pub path: Option<String>,
+    }
+}
+
+sink_config! {
+    /// A JSON lines sink's keys, as written.
+    pub struct JsonlConfig {
+        /// Its own keys.
+        pub keys: JsonlKeys,
     }
 }
 
@@ -22,14 +30,9 @@ pub enum JsonlSettings {
 }
 
 impl JsonlConfig {
-    /// Every key it accepts.
-    pub fn keys() -> Vec<&'static str> {
-        Self::KEYS.to_vec()
-    }
-
     /// Validates the keys: a file's folder must exist.
     pub fn validate(&self, ctx: &Ctx<'_>, problems: &mut Vec<Problem>) -> Option<JsonlSettings> {
-        let path = self.path.as_deref().unwrap_or("-");
+        let path = self.keys.path.as_deref().unwrap_or("-");
         if path == "-" {
             return Some(JsonlSettings::Stdout);
         }

@@ -1,7 +1,7 @@
 //! `[[sink]] type = "kafka"`: its keys, and their validation into [`KafkaSettings`].
 
 use crate::sinks::settings::{
-    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, sink_keys, template, url,
+    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, sink_config, sink_keys, template, url,
 };
 use crate::sinks::template::Template;
 
@@ -19,13 +19,14 @@ sink_keys! {
     }
 }
 
-/// A Kafka sink's keys, as written.
-#[derive(Debug, Clone, Default)]
-pub struct KafkaConfig {
-    /// Its own keys.
-    pub keys: KafkaKeys,
-    /// SASL/PLAIN credentials.
-    pub login: LoginConfig,
+sink_config! {
+    /// A Kafka sink's keys, as written.
+    pub struct KafkaConfig {
+        /// Its own keys.
+        pub keys: KafkaKeys,
+        /// SASL/PLAIN credentials.
+        pub login: LoginConfig,
+    }
 }
 
 /// Where a Kafka sink delivers, validated.
@@ -44,11 +45,6 @@ pub struct KafkaSettings {
 }
 
 impl KafkaConfig {
-    /// Every key it accepts.
-    pub fn keys() -> Vec<&'static str> {
-        [KafkaKeys::KEYS, LoginConfig::KEYS].concat()
-    }
-
     /// Validates the keys.
     pub fn validate(&self, ctx: &Ctx<'_>, problems: &mut Vec<Problem>) -> Option<KafkaSettings> {
         let c = &self.keys;

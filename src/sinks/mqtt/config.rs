@@ -1,8 +1,8 @@
 //! `[[sink]] type = "mqtt"`: its keys, and their validation into [`MqttSettings`].
 
 use crate::sinks::settings::{
-    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, TlsConfig, TlsFiles, sink_keys, template,
-    url,
+    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, TlsConfig, TlsFiles, sink_config,
+    sink_keys, template, url,
 };
 use crate::sinks::template::Template;
 
@@ -20,15 +20,16 @@ sink_keys! {
     }
 }
 
-/// An MQTT sink's keys, as written.
-#[derive(Debug, Clone, Default)]
-pub struct MqttConfig {
-    /// Its own keys.
-    pub keys: MqttKeys,
-    /// User and password.
-    pub login: LoginConfig,
-    /// TLS files.
-    pub tls: TlsConfig,
+sink_config! {
+    /// An MQTT sink's keys, as written.
+    pub struct MqttConfig {
+        /// Its own keys.
+        pub keys: MqttKeys,
+        /// User and password.
+        pub login: LoginConfig,
+        /// TLS files.
+        pub tls: TlsConfig,
+    }
 }
 
 /// Where an MQTT sink delivers, validated.
@@ -49,11 +50,6 @@ pub struct MqttSettings {
 }
 
 impl MqttConfig {
-    /// Every key it accepts.
-    pub fn keys() -> Vec<&'static str> {
-        [MqttKeys::KEYS, LoginConfig::KEYS, TlsConfig::KEYS].concat()
-    }
-
     /// Validates the keys of the sink named `name`.
     pub fn validate(
         &self,

@@ -2,7 +2,7 @@
 
 use crate::sinks::settings::{
     Ctx, HostPort, Login, LoginConfig, Problem, Secret, SinkKind, TlsConfig, TlsFiles, TokenConfig,
-    sink_keys, template, url,
+    sink_config, sink_keys, template, url,
 };
 use crate::sinks::template::Template;
 
@@ -20,17 +20,18 @@ sink_keys! {
     }
 }
 
-/// A NATS sink's keys, as written.
-#[derive(Debug, Clone, Default)]
-pub struct NatsConfig {
-    /// Its own keys.
-    pub keys: NatsKeys,
-    /// User and password.
-    pub login: LoginConfig,
-    /// Token.
-    pub token: TokenConfig,
-    /// TLS files.
-    pub tls: TlsConfig,
+sink_config! {
+    /// A NATS sink's keys, as written.
+    pub struct NatsConfig {
+        /// Its own keys.
+        pub keys: NatsKeys,
+        /// User and password.
+        pub login: LoginConfig,
+        /// Token.
+        pub token: TokenConfig,
+        /// TLS files.
+        pub tls: TlsConfig,
+    }
 }
 
 /// Where a NATS sink delivers, validated.
@@ -53,17 +54,6 @@ pub struct NatsSettings {
 }
 
 impl NatsConfig {
-    /// Every key it accepts.
-    pub fn keys() -> Vec<&'static str> {
-        [
-            NatsKeys::KEYS,
-            LoginConfig::KEYS,
-            TokenConfig::KEYS,
-            TlsConfig::KEYS,
-        ]
-        .concat()
-    }
-
     /// Validates the keys.
     pub fn validate(&self, ctx: &Ctx<'_>, problems: &mut Vec<Problem>) -> Option<NatsSettings> {
         let c = &self.keys;

@@ -1,7 +1,7 @@
 //! `[[sink]] type = "redis"`: its keys, and their validation into [`RedisSettings`].
 
 use crate::sinks::settings::{
-    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, sink_keys, template, url,
+    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, sink_config, sink_keys, template, url,
 };
 use crate::sinks::template::Template;
 
@@ -17,13 +17,14 @@ sink_keys! {
     }
 }
 
-/// A Redis sink's keys, as written.
-#[derive(Debug, Clone, Default)]
-pub struct RedisConfig {
-    /// Its own keys.
-    pub keys: RedisKeys,
-    /// ACL user (optional) and password.
-    pub login: LoginConfig,
+sink_config! {
+    /// A Redis sink's keys, as written.
+    pub struct RedisConfig {
+        /// Its own keys.
+        pub keys: RedisKeys,
+        /// ACL user (optional) and password.
+        pub login: LoginConfig,
+    }
 }
 
 /// Where a Redis sink delivers, validated.
@@ -42,11 +43,6 @@ pub struct RedisSettings {
 }
 
 impl RedisConfig {
-    /// Every key it accepts.
-    pub fn keys() -> Vec<&'static str> {
-        [RedisKeys::KEYS, LoginConfig::KEYS].concat()
-    }
-
     /// Validates the keys.
     pub fn validate(&self, ctx: &Ctx<'_>, problems: &mut Vec<Problem>) -> Option<RedisSettings> {
         let c = &self.keys;
