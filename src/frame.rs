@@ -101,6 +101,9 @@ pub struct Frame {
     /// The activation a stage running the first blocks of a cut model passes to the stage that
     /// runs the next ones (one sample, without the batch dimension).
     pub activation: Option<ndarray::ArrayD<f32>>,
+    /// The route of its flow that it takes (index into the pipeline's routes), set when it is
+    /// admitted.
+    pub route: usize,
 }
 
 /// An axis-aligned box in image pixels.

@@ -69,3 +69,4 @@ pub mod rtsp;
 pub mod sim;
 pub mod sinks;
 pub mod stats;
+pub mod wrr;

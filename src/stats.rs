@@ -25,6 +25,8 @@ pub struct StreamCounters {
     pub dropped_late: AtomicU64,
     /// Frames dropped because the pipeline was full.
     pub dropped_overload: AtomicU64,
+    /// Of `dropped_overload`, those dropped in GStreamer before colour conversion and scaling.
+    pub dropped_early: AtomicU64,
     /// Frames lost to an engine or processing error.
     pub failed: AtomicU64,
     /// Times a live source was restarted after an error, EOS or stall.
@@ -89,8 +91,10 @@ impl BatchSizes {
 /// removed and added again under the same name keeps its counters.
 #[derive(Debug)]
 pub struct Stats {
-    /// Per stream, with its name, in the order they were first added.
-    streams: RwLock<Vec<(Arc<str>, Arc<StreamCounters>)>>,
+    /// Per stream, with its name and flow, in the order they were first added.
+    streams: RwLock<Vec<(Arc<str>, usize, Arc<StreamCounters>)>>,
+    /// Flow names, with the end-to-end latency of each flow's published frames.
+    flows: Vec<(String, Histogram)>,
     /// Stage names, in order.
     pub stage_names: Vec<String>,
     /// Per stage.
@@ -112,6 +116,12 @@ impl StreamCounters {
     pub fn frame_dropped_overload(&self) {
         self.dropped_overload.fetch_add(1, Relaxed);
     }
+    /// A frame was dropped because the pipeline was full, before it was converted and scaled.
+    pub fn frame_dropped_early(&self) {
+        self.ingested.fetch_add(1, Relaxed);
+        self.dropped_overload.fetch_add(1, Relaxed);
+        self.dropped_early.fetch_add(1, Relaxed);
+    }
     /// The source failed (a live source then reconnects).
     pub fn source_error(&self) {
         self.source_errors.fetch_add(1, Relaxed);
@@ -123,15 +133,32 @@ impl StreamCounters {
 }
 
 impl Stats {
-    /// Zeroed counters for these streams and stages.
+    /// Zeroed counters for these streams (all of the first flow) and stages.
     pub fn new(stream_names: Vec<String>, stage_names: Vec<String>) -> Self {
+        Self::with_flows(
+            vec!["pipeline".into()],
+            stream_names.into_iter().map(|n| (n, 0)).collect(),
+            stage_names,
+        )
+    }
+
+    /// Zeroed counters for these flows, streams (with their flow) and stages.
+    pub fn with_flows(
+        flow_names: Vec<String>,
+        streams: Vec<(String, usize)>,
+        stage_names: Vec<String>,
+    ) -> Self {
         Self {
             streams: RwLock::new(
-                stream_names
+                streams
                     .into_iter()
-                    .map(|n| (Arc::from(n), Arc::default()))
+                    .map(|(n, f)| (Arc::from(n), f, Arc::default()))
                     .collect(),
             ),
+            flows: flow_names
+                .into_iter()
+                .map(|n| (n, Histogram::default()))
+                .collect(),
             stages: stage_names
                 .iter()
                 .map(|_| StageCounters::default())
@@ -190,8 +217,15 @@ impl Stats {
 
     /// A frame of `stream` was published, `end_to_end` after it was captured.
     pub fn frame_published(&self, stream: usize, end_to_end: Nanos) {
-        self.stream(stream).published.fetch_add(1, Relaxed);
+        let flow = {
+            let s = self.streams.read().unwrap_or_else(|e| e.into_inner());
+            s[stream].2.published.fetch_add(1, Relaxed);
+            s[stream].1
+        };
         self.end_to_end.record(end_to_end);
+        if let Some((_, h)) = self.flows.get(flow) {
+            h.record(end_to_end);
+        }
     }
 
     /// A pipeline thread panicked.
@@ -250,7 +284,7 @@ impl Stats {
     /// If no stream has that index (indices are never reused or removed).
     pub fn stream(&self, i: usize) -> Arc<StreamCounters> {
         self.streams.read().unwrap_or_else(|e| e.into_inner())[i]
-            .1
+            .2
             .clone()
     }
 
@@ -261,13 +295,15 @@ impl Stats {
             .clone()
     }
 
-    /// Index of the stream named `name`, adding it (with zeroed counters) if it is new.
-    pub fn add_stream(&self, name: &str) -> usize {
+    /// Index of the stream named `name`, adding it (with zeroed counters) if it is new; the
+    /// stream now feeds flow `flow`.
+    pub fn add_stream(&self, name: &str, flow: usize) -> usize {
         let mut s = self.streams.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = s.iter().position(|(n, _)| &**n == name) {
+        if let Some(i) = s.iter().position(|(n, _, _)| &**n == name) {
+            s[i].1 = flow;
             return i;
         }
-        s.push((Arc::from(name), Arc::default()));
+        s.push((Arc::from(name), flow, Arc::default()));
         s.len() - 1
     }
 
@@ -276,7 +312,14 @@ impl Stats {
         self.streams
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .iter()
+            .map(|(n, _, c)| (n.clone(), c.clone()))
+            .collect()
+    }
+
+    /// Flow names, in order.
+    pub fn flow_names(&self) -> Vec<String> {
+        self.flows.iter().map(|(n, _)| n.clone()).collect()
     }
 
     /// Every sink's name and counters.
@@ -286,18 +329,45 @@ impl Stats {
 
     /// A snapshot for reports.
     pub fn summary(&self, elapsed_s: f64) -> Summary {
-        let streams = self
-            .streams()
+        let flow_name = |f: usize| self.flows.get(f).map_or("", |x| x.0.as_str()).to_string();
+        let streams: Vec<StreamSummary> = self
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(name, c)| StreamSummary {
+            .map(|(name, flow, c)| StreamSummary {
                 name: name.to_string(),
+                flow: flow_name(*flow),
                 ingested: c.ingested.load(Relaxed),
                 published: c.published.load(Relaxed),
                 dropped_late: c.dropped_late.load(Relaxed),
                 dropped_overload: c.dropped_overload.load(Relaxed),
+                dropped_early: c.dropped_early.load(Relaxed),
                 failed: c.failed.load(Relaxed),
                 reconnects: c.reconnects.load(Relaxed),
                 source_errors: c.source_errors.load(Relaxed),
+            })
+            .collect();
+        let flows = self
+            .flows
+            .iter()
+            .map(|(name, latency)| {
+                let mine = streams.iter().filter(|s| &s.flow == name);
+                let mut f = FlowSummary {
+                    name: name.clone(),
+                    p50_ms: latency.quantile_ms(0.5),
+                    p99_ms: latency.quantile_ms(0.99),
+                    ..FlowSummary::default()
+                };
+                for s in mine {
+                    f.ingested += s.ingested;
+                    f.published += s.published;
+                    f.dropped_late += s.dropped_late;
+                    f.dropped_overload += s.dropped_overload;
+                    f.dropped_early += s.dropped_early;
+                    f.failed += s.failed;
+                }
+                f
             })
             .collect();
         let stages = self
@@ -335,6 +405,7 @@ impl Stats {
         Summary {
             elapsed_s,
             streams,
+            flows,
             stages,
             sinks,
             end_to_end_p50_ms: self.end_to_end.quantile_ms(0.5),
@@ -349,6 +420,8 @@ impl Stats {
 pub struct StreamSummary {
     /// Stream name.
     pub name: String,
+    /// The flow it feeds.
+    pub flow: String,
     /// See [`StreamCounters`].
     pub ingested: u64,
     /// See [`StreamCounters`].
@@ -357,6 +430,8 @@ pub struct StreamSummary {
     pub dropped_late: u64,
     /// See [`StreamCounters`].
     pub dropped_overload: u64,
+    /// See [`StreamCounters`] (part of `dropped_overload`).
+    pub dropped_early: u64,
     /// See [`StreamCounters`].
     pub failed: u64,
     /// See [`StreamCounters`].
@@ -370,6 +445,29 @@ impl StreamSummary {
     pub fn balanced(&self) -> bool {
         self.ingested == self.published + self.dropped_late + self.dropped_overload + self.failed
     }
+}
+
+/// The streams of one flow, added up.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FlowSummary {
+    /// Flow name.
+    pub name: String,
+    /// Frames its sources handed to the pipeline.
+    pub ingested: u64,
+    /// Published by their deadline.
+    pub published: u64,
+    /// Dropped because their deadline passed.
+    pub dropped_late: u64,
+    /// Dropped because the flow was full.
+    pub dropped_overload: u64,
+    /// Of `dropped_overload`, dropped before conversion.
+    pub dropped_early: u64,
+    /// Lost to errors.
+    pub failed: u64,
+    /// Median end-to-end latency of published frames, ms.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile end-to-end latency of published frames, ms.
+    pub p99_ms: Option<f64>,
 }
 
 /// Counters of one stage at one moment.
@@ -404,6 +502,8 @@ pub struct Summary {
     pub elapsed_s: f64,
     /// Per stream.
     pub streams: Vec<StreamSummary>,
+    /// Per flow.
+    pub flows: Vec<FlowSummary>,
     /// Per stage.
     pub stages: Vec<StageSummary>,
     /// Per sink.
@@ -456,6 +556,39 @@ impl Summary {
                 st.reconnects,
                 if st.balanced() { "" } else { "  UNBALANCED" }
             );
+        }
+        if self.flows.len() > 1 {
+            let _ = writeln!(
+                s,
+                "{:<20} {:>9} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
+                "flow",
+                "ingested",
+                "published",
+                "late",
+                "overload",
+                "failed",
+                "attainment",
+                "p99 ms"
+            );
+            for fl in &self.flows {
+                let done = fl.published + fl.dropped_late + fl.dropped_overload + fl.failed;
+                let _ = writeln!(
+                    s,
+                    "{:<20} {:>9} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",
+                    fl.name,
+                    fl.ingested,
+                    fl.published,
+                    fl.dropped_late,
+                    fl.dropped_overload,
+                    fl.failed,
+                    if done > 0 {
+                        format!("{:.3}", fl.published as f64 / done as f64)
+                    } else {
+                        "-".into()
+                    },
+                    f(fl.p99_ms)
+                );
+            }
         }
         let _ = writeln!(
             s,
@@ -526,9 +659,9 @@ mod tests {
     #[test]
     fn streams_added_later_get_new_indices_and_a_name_keeps_its_counters() {
         let s = Stats::new(vec!["a".into()], vec![]);
-        assert_eq!(s.add_stream("b"), 1);
+        assert_eq!(s.add_stream("b", 0), 1);
         s.stream(1).ingested.fetch_add(3, Relaxed);
-        assert_eq!(s.add_stream("b"), 1, "same name, same counters");
+        assert_eq!(s.add_stream("b", 0), 1, "same name, same counters");
         assert_eq!(s.stream(1).ingested.load(Relaxed), 3);
         assert_eq!(&*s.stream_name(1), "b");
         let names: Vec<String> = s.summary(1.0).streams.into_iter().map(|x| x.name).collect();

@@ -79,6 +79,8 @@ fn pipeline(
             reconnect_max: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(5),
             num_buffers: Some(frames),
+            flow: None,
+            priority: 1,
         }],
         stages: stages
             .iter()
@@ -97,11 +99,18 @@ fn pipeline(
                 max_wait: Duration::from_millis(5),
                 queue: 8,
                 boxes_from: None,
+                flow: 0,
+                devices: Vec::new(),
             })
             .collect(),
         sinks: vec![SinkSpec::jsonl_file("/dev/null")],
         bandwidth_gbps: 10.0,
+        flows: Vec::new(),
+        routes: Vec::new(),
+        plan: None,
+        options: Default::default(),
     }
+    .into_one_flow()
 }
 
 fn fps(p: &Pipeline) -> anyhow::Result<f64> {

@@ -94,12 +94,16 @@ pub enum Command {
     Validate {
         /// Pipeline file (TOML).
         pipeline: PathBuf,
+        #[command(flatten)]
+        load: validate::LoadArgs,
     },
     /// Validate a pipeline file, then try each sink's destination once (connect and
     /// authenticate; an HTTP sink POSTs an empty array) and say which fails and why.
     Check {
         /// Pipeline file (TOML).
         pipeline: PathBuf,
+        #[command(flatten)]
+        load: validate::LoadArgs,
     },
     /// Cut an ONNX model into K consecutive blocks of even measured latency; write the blocks
     /// and a manifest (cut tensors, shapes, bytes per sample).
@@ -146,8 +150,8 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     let done = match cli.command {
         Command::Run(a) => run::run(a),
-        Command::Validate { pipeline } => validate::validate(&pipeline),
-        Command::Check { pipeline } => validate::check(&pipeline),
+        Command::Validate { pipeline, load } => validate::validate(&pipeline, &load),
+        Command::Check { pipeline, load } => validate::check(&pipeline, &load),
         Command::Split(a) => split::run(a),
         Command::Profile(a) => profile::run(a),
         Command::Plan(a) => plan::run(a),

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use super::CliError;
 use crate::api::{ApiOptions, ApiServer};
-use crate::config;
 use crate::pipeline::{self, RunOptions, Shutdown};
 
 /// Arguments of `poolpipe run`.
@@ -33,6 +32,8 @@ pub struct RunArgs {
     /// Keep running when every source has ended (streams come and go through the API).
     #[arg(long)]
     pub serve: bool,
+    #[command(flatten)]
+    pub load: super::validate::LoadArgs,
 }
 
 /// Runs the pipeline; the exit is an error when it could not start, a thread panicked, the
@@ -40,13 +41,7 @@ pub struct RunArgs {
 pub fn run(a: RunArgs) -> Result<(), CliError> {
     let api = parse_api(&a.api, &a.api_token_env).map_err(CliError::Usage)?;
     let path = a.pipeline;
-    let p = config::load_pipeline(&path).map_err(|e| {
-        CliError::Invalid(format!(
-            "{e}\n{}: {} problem(s); nothing was started",
-            path.display(),
-            e.0.len()
-        ))
-    })?;
+    let p = super::validate::load(&path, &a.load, "; nothing was started")?;
     let shutdown = Shutdown::new();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while draining exits at once.

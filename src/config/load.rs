@@ -10,18 +10,41 @@ use toml::Spanned;
 use toml::de::DeValue;
 
 use super::diag::{ConfigErrors, Diagnostic};
+use super::flows::string_key;
 use super::manifest::{ModelKind, load_manifest};
 use super::parse::{ParsedFile, deserialize_part, read_config};
 use super::*;
 
+/// Environment variable naming the folder of latency profiles (after `--profiles` and
+/// `[pipeline] profiles`).
+pub const PROFILES_ENV: &str = "POOLPIPE_PROFILES";
+
+/// What the command line adds to a pipeline file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadOptions {
+    /// `--plan`: the plan to serve, instead of `[pipeline] plan`.
+    pub plan: Option<PathBuf>,
+    /// `--profiles`: the folder of latency profiles, instead of `[pipeline] profiles`.
+    pub profiles: Option<PathBuf>,
+}
+
 /// Reads and validates a pipeline file.
 pub fn load_pipeline(path: &Path) -> Result<Pipeline, ConfigErrors> {
+    load_pipeline_with(path, &LoadOptions::default())
+}
+
+/// Reads and validates a pipeline file with command-line settings.
+pub fn load_pipeline_with(path: &Path, opts: &LoadOptions) -> Result<Pipeline, ConfigErrors> {
     let text = read_config(path, "pipeline file")?;
-    load_pipeline_str(path, &text)
+    load_str(path, &text, opts)
 }
 
 /// Validates pipeline text as if it were the file at `path` (relative paths resolve from there).
 pub fn load_pipeline_str(path: &Path, text: &str) -> Result<Pipeline, ConfigErrors> {
+    load_str(path, text, &LoadOptions::default())
+}
+
+fn load_str(path: &Path, text: &str, opts: &LoadOptions) -> Result<Pipeline, ConfigErrors> {
     let parsed = ParsedFile::parse(path, text)?;
     let dir = path
         .parent()
@@ -31,6 +54,7 @@ pub fn load_pipeline_str(path: &Path, text: &str) -> Result<Pipeline, ConfigErro
         parsed: &parsed,
         dir,
         errors: Vec::new(),
+        opts,
     };
     let pipeline = v.pipeline();
     let mut errors = v.errors;
@@ -47,10 +71,12 @@ pub fn load_pipeline_str(path: &Path, text: &str) -> Result<Pipeline, ConfigErro
 /// diagnostics pointing into `text` as if it were the file `path`.
 pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec, ConfigErrors> {
     let parsed = ParsedFile::parse(path, text)?;
+    let opts = LoadOptions::default();
     let mut v = Validator {
         parsed: &parsed,
         dir,
         errors: Vec::new(),
+        opts: &opts,
     };
     let extra: Vec<(String, Range<usize>)> = parsed
         .table
@@ -83,7 +109,7 @@ pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec
     }
 }
 
-const SECTIONS: [&str; 4] = ["pipeline", "source", "stage", "sink"];
+const SECTIONS: [&str; 5] = ["pipeline", "flow", "source", "stage", "sink"];
 
 /// videotestsrc patterns (GStreamer 1.22).
 const TEST_PATTERNS: [&str; 26] = [
@@ -115,19 +141,20 @@ const TEST_PATTERNS: [&str; 26] = [
     "smpte-rp-219",
 ];
 
-struct Validator<'p, 'a> {
-    parsed: &'p ParsedFile<'a>,
+pub(super) struct Validator<'p, 'a> {
+    pub(super) parsed: &'p ParsedFile<'a>,
     dir: &'p Path,
-    errors: Vec<Diagnostic>,
+    pub(super) errors: Vec<Diagnostic>,
+    opts: &'p LoadOptions,
 }
 
 impl<'a> Validator<'_, 'a> {
-    fn err(&mut self, key: &str, message: impl Into<String>) {
+    pub(super) fn err(&mut self, key: &str, message: impl Into<String>) {
         let d = self.parsed.diag_at(key, message);
         self.errors.push(d);
     }
 
-    fn has(&self, key: &str) -> bool {
+    pub(super) fn has(&self, key: &str) -> bool {
         self.parsed.index.value_span(key).is_some()
     }
 
@@ -138,6 +165,14 @@ impl<'a> Validator<'_, 'a> {
             .iter()
             .find(|(k, _)| k.get_ref() == name)
             .map(|(_, v)| v.clone())
+    }
+
+    /// The elements of an array-of-tables section that may be absent, each with its path.
+    pub(super) fn items_optional(&mut self, name: &str) -> Vec<(String, Spanned<DeValue<'a>>)> {
+        if self.section(name).is_none() {
+            return Vec::new();
+        }
+        self.items(name)
     }
 
     /// The elements of an array-of-tables section, each with its path.
@@ -165,7 +200,11 @@ impl<'a> Validator<'_, 'a> {
         }
     }
 
-    fn part<T: Deserialize<'a>>(&mut self, base: &str, value: Spanned<DeValue<'a>>) -> Option<T> {
+    pub(super) fn part<T: Deserialize<'a>>(
+        &mut self,
+        base: &str,
+        value: Spanned<DeValue<'a>>,
+    ) -> Option<T> {
         match deserialize_part(self.parsed, base, value) {
             Ok(t) => Some(t),
             Err(d) => {
@@ -175,7 +214,7 @@ impl<'a> Validator<'_, 'a> {
         }
     }
 
-    fn resolve(&self, p: &Path) -> PathBuf {
+    pub(super) fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
             p.to_path_buf()
         } else {
@@ -237,22 +276,6 @@ impl<'a> Validator<'_, 'a> {
                 );
             }
         }
-        let profiles = match header.as_ref().and_then(|h| h.profiles.clone()) {
-            Some(dir) => {
-                let dir = self.resolve(&dir);
-                match crate::profile::Profiles::load_dir(&dir, None) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        self.err(
-                            "pipeline.profiles",
-                            format!("cannot load profiles from {}: {e}", dir.display()),
-                        );
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
         if let Some(h) = &header
             && !(h.bandwidth_gbps > 0.0 && h.bandwidth_gbps.is_finite())
         {
@@ -261,36 +284,298 @@ impl<'a> Validator<'_, 'a> {
                 format!("{} Gbit/s: expected a positive number", h.bandwidth_gbps),
             );
         }
-        let sources = self.sources();
         let engines_dir = header
             .as_ref()
             .map(|h| self.resolve(&h.engines_dir))
             .unwrap_or_else(|| self.dir.join("../engines"));
-        let bandwidth = header.as_ref().map_or(10.0, |h| h.bandwidth_gbps);
-        let stages = self.stages(
-            &engines_dir,
-            header.as_ref().map(|h| h.slo_ms),
-            profiles.as_ref().map(|p| (p, bandwidth)),
+        let flow_cfgs = self.flow_configs();
+        let stage_items = self.items_optional("stage");
+        let plan_path = header.as_ref().and_then(|h| h.plan.clone());
+        let needs_profiles = plan_path.is_some()
+            || self.opts.plan.is_some()
+            || header.as_ref().is_some_and(|h| h.profiles.is_some())
+            || self.opts.profiles.is_some()
+            || stage_items
+                .iter()
+                .any(|(_, v)| string_key(v, "profile").is_some());
+        let profiles = if needs_profiles {
+            self.profiles(header.as_ref(), &engines_dir)
+        } else {
+            None
+        };
+        let plan = self.plan_file(
+            plan_path.as_deref(),
+            self.opts.plan.as_deref(),
+            profiles.as_ref(),
         );
+        let sources = self.sources();
+        let bandwidth = header.as_ref().map_or(10.0, |h| h.bandwidth_gbps);
+        let slo_ms = header.as_ref().map(|h| h.slo_ms);
+
+        // Which flow each [[stage]] belongs to.
+        let declared = !flow_cfgs.is_empty();
+        let names: Vec<String> = flow_cfgs.iter().map(|(_, c)| c.name.clone()).collect();
+        let mut groups: Vec<Vec<(String, Spanned<DeValue<'a>>)>> =
+            (0..names.len().max(1)).map(|_| Vec::new()).collect();
+        if !declared && self.section("stage").is_none() {
+            self.items("stage"); // reports the missing section
+        }
+        for (base, value) in stage_items {
+            match (string_key(&value, "flow"), names.len()) {
+                (None, 0 | 1) => groups[0].push((base, value)),
+                (None, _) => self.err(
+                    &base,
+                    format!(
+                        "missing key `flow`: the file has several [[flow]]s ({})",
+                        names.join(", ")
+                    ),
+                ),
+                (Some(f), _) if !declared => self.err(
+                    &format!("{base}.flow"),
+                    format!("names flow `{f}` but the file declares no [[flow]]"),
+                ),
+                (Some(f), _) => match names.iter().position(|n| *n == f) {
+                    Some(i) => groups[i].push((base, value)),
+                    None => self.err(
+                        &format!("{base}.flow"),
+                        format!(
+                            "no [[flow]] named `{f}`, expected one of: {}",
+                            names.join(", ")
+                        ),
+                    ),
+                },
+            }
+        }
+
         let pipeline_name = header
             .as_ref()
             .map_or("pipeline", |h| h.name.as_str())
             .to_string();
+        let implicit = FlowConfig {
+            name: pipeline_name.clone(),
+            slo_ms: None,
+            model: None,
+            margin_ms: 2.0,
+        };
+        let flow_list: Vec<(Option<String>, FlowConfig)> = if declared {
+            flow_cfgs.into_iter().map(|(b, c)| (Some(b), c)).collect()
+        } else {
+            vec![(None, implicit)]
+        };
+        let mut stages: Vec<StageSpec> = Vec::new();
+        let mut routes: Vec<RouteSpec> = Vec::new();
+        let mut flows: Vec<FlowSpec> = Vec::new();
+        let mut stages_ok = true;
+        for (fi, ((base, c), items)) in flow_list.into_iter().zip(groups).enumerate() {
+            let planned_model = c.model.as_ref().and_then(|m| {
+                plan.as_ref()
+                    .and_then(|p| p.plan.models.iter().find(|x| &x.name == m))
+            });
+            let slo = c
+                .slo_ms
+                .map(|ms| ms as f64)
+                .or(planned_model.map(|m| m.slo_ms))
+                .or(slo_ms.map(|ms| ms as f64))
+                .unwrap_or(1000.0);
+            let built: Vec<(Vec<StageSpec>, f64)> = match (&c.model, &base) {
+                (Some(model), Some(base)) => {
+                    if let Some((b, _)) = items.first() {
+                        self.err(
+                            &format!("{b}.flow"),
+                            format!("flow `{}` is served by the plan's model `{model}`: its stages come from the plan", c.name),
+                        );
+                    }
+                    match (&plan, &profiles, planned_model) {
+                        (Some(p), Some(pr), Some(_)) => {
+                            self.planned_stages(&c.name, model, c.margin_ms, &p.plan, pr)
+                        }
+                        (Some(p), _, None) => {
+                            let have: Vec<&str> =
+                                p.plan.models.iter().map(|m| m.name.as_str()).collect();
+                            self.err(
+                                &format!("{base}.model"),
+                                format!(
+                                    "the plan {} has no pipelines for model `{model}` (it plans: {})",
+                                    p.path.display(),
+                                    have.join(", ")
+                                ),
+                            );
+                            Vec::new()
+                        }
+                        (None, _, _) => {
+                            if plan_path.is_none() && self.opts.plan.is_none() {
+                                self.err(
+                                    &format!("{base}.model"),
+                                    "a flow with `model` is served by a plan: give `--plan PLAN.json` or [pipeline] plan",
+                                );
+                            }
+                            Vec::new()
+                        }
+                        _ => Vec::new(),
+                    }
+                }
+                _ => {
+                    if items.is_empty() {
+                        if let Some(base) = &base {
+                            self.err(
+                                base,
+                                format!("no [[stage]] names flow `{}`: give it stages (`flow = \"{}\"`) or a plan's `model`", c.name, c.name),
+                            );
+                        }
+                        Vec::new()
+                    } else {
+                        let slo_limit = c.slo_ms.or(slo_ms);
+                        match self.stages(
+                            items,
+                            &engines_dir,
+                            slo_limit,
+                            profiles.as_ref().map(|p| (p, bandwidth)),
+                        ) {
+                            Some(st) => vec![(st, 1.0)],
+                            None => {
+                                stages_ok = false;
+                                Vec::new()
+                            }
+                        }
+                    }
+                }
+            };
+            let mut route_ids = Vec::new();
+            for (mut chain, weight) in built {
+                let first = stages.len();
+                for st in &mut chain {
+                    st.flow = fi;
+                }
+                stages.extend(chain);
+                route_ids.push(routes.len());
+                routes.push(RouteSpec {
+                    flow: fi,
+                    stages: (first..stages.len()).collect(),
+                    weight,
+                });
+            }
+            flows.push(FlowSpec {
+                name: c.name,
+                slo: Duration::from_secs_f64(slo / 1e3),
+                own_slo: c.slo_ms.is_some(),
+                model: c.model,
+                routes: route_ids,
+            });
+        }
+        if let Some(p) = &plan {
+            for m in &p.plan.models {
+                if !flows
+                    .iter()
+                    .any(|f| f.model.as_deref() == Some(m.name.as_str()))
+                {
+                    let d = p.diag(
+                        &format!("\"{}\"", m.name),
+                        &format!("models.{}", m.name),
+                        format!(
+                            "the plan serves model `{}` but no [[flow]] of {} has `model = \"{}\"`",
+                            m.name,
+                            self.parsed.src.path.display(),
+                            m.name
+                        ),
+                    );
+                    self.errors.push(d);
+                }
+            }
+        }
+        super::flows::assign_devices(&mut stages);
+        if let Some(cluster) = header.as_ref().and_then(|h| h.cluster.clone()) {
+            self.check_cluster(&cluster, &stages, plan.as_ref().map(|p| p.path.as_path()));
+        }
+        if let Some(sources) = &sources {
+            for (i, s) in sources.iter().enumerate() {
+                match &s.flow {
+                    Some(f) if !flows.iter().any(|x| &x.name == f) && declared => self.err(
+                        &format!("source[{i}].flow"),
+                        format!(
+                            "no [[flow]] named `{f}`, expected one of: {}",
+                            names.join(", ")
+                        ),
+                    ),
+                    Some(f) if !declared => self.err(
+                        &format!("source[{i}].flow"),
+                        format!("names flow `{f}` but the file declares no [[flow]]"),
+                    ),
+                    None if flows.len() > 1 => self.err(
+                        &format!("source[{i}]"),
+                        format!(
+                            "missing key `flow`: the file has several [[flow]]s ({})",
+                            names.join(", ")
+                        ),
+                    ),
+                    _ => {}
+                }
+            }
+        }
         let sinks = self.sinks(&pipeline_name);
         let h = header?;
+        if !stages_ok {
+            return None;
+        }
         Some(Pipeline {
             file: self.parsed.src.path.to_path_buf(),
             name: h.name,
             slo: Duration::from_millis(h.slo_ms),
             onnxruntime: h.onnxruntime.map(|p| self.resolve(&p)),
             sources: sources?,
-            stages: stages?,
+            stages,
             sinks: sinks?,
             bandwidth_gbps: h.bandwidth_gbps,
+            flows,
+            routes,
+            plan: plan.map(|p| PlanRef {
+                path: p.path,
+                plan: p.plan,
+            }),
+            options: self.opts.clone(),
         })
     }
 
-    fn check_name(&mut self, key: &str, name: &str, seen: &mut HashSet<String>, what: &str) {
+    /// Loads the latency profiles: from `--profiles`, else `[pipeline] profiles`, else
+    /// `POOLPIPE_PROFILES`, else the `profiles` folder beside the model manifests.
+    fn profiles(
+        &mut self,
+        header: Option<&PipelineSection>,
+        engines_dir: &Path,
+    ) -> Option<crate::profile::Profiles> {
+        let (dir, from) = if let Some(d) = &self.opts.profiles {
+            (d.clone(), "--profiles")
+        } else if let Some(d) = header.and_then(|h| h.profiles.as_ref()) {
+            (self.resolve(d), "[pipeline] profiles")
+        } else if let Some(d) = std::env::var_os(PROFILES_ENV).filter(|d| !d.is_empty()) {
+            (PathBuf::from(d), PROFILES_ENV)
+        } else {
+            (
+                engines_dir.join("profiles"),
+                "the default, `profiles` in the engines folder",
+            )
+        };
+        match crate::profile::Profiles::load_dir(&dir, None) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.err(
+                    "pipeline.profiles",
+                    format!(
+                        "cannot load latency profiles from {} ({from}): {e}; point [pipeline] profiles, --profiles or {PROFILES_ENV} at the published profiles (the `data/` folder of the PPipe artifact) or at a folder made with `poolpipe profile`",
+                        dir.display()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn check_name(
+        &mut self,
+        key: &str,
+        name: &str,
+        seen: &mut HashSet<String>,
+        what: &str,
+    ) {
         if name.is_empty()
             || !name
                 .chars()
@@ -371,6 +656,12 @@ impl<'a> Validator<'_, 'a> {
             if c.num_buffers == Some(0) {
                 self.err(&format!("{base}.num_buffers"), "must be at least 1");
             }
+            if !(1..=100).contains(&c.priority) {
+                self.err(
+                    &format!("{base}.priority"),
+                    format!("{}: expected 1..=100 (a stream's share under overload, relative to the others)", c.priority),
+                );
+            }
             let (Some(kind), true) = (kind, self.errors.len() == n) else {
                 ok = false;
                 continue;
@@ -385,6 +676,8 @@ impl<'a> Validator<'_, 'a> {
                 reconnect_max: Duration::from_millis(c.reconnect_max_ms),
                 stall_timeout: Duration::from_millis(c.stall_timeout_ms),
                 num_buffers: c.num_buffers,
+                flow: c.flow,
+                priority: c.priority,
             });
         }
         ok.then_some(out)
@@ -447,8 +740,10 @@ impl<'a> Validator<'_, 'a> {
         Some(SourceKind::File { path: full })
     }
 
+    /// The `[[stage]]`s of one flow, in order.
     fn stages(
         &mut self,
+        items: Vec<(String, Spanned<DeValue<'a>>)>,
         engines_dir: &Path,
         slo_ms: Option<u64>,
         profiles: Option<(&crate::profile::Profiles, f64)>,
@@ -456,7 +751,7 @@ impl<'a> Validator<'_, 'a> {
         let mut out: Vec<StageSpec> = Vec::new();
         let mut ok = true;
         let mut seen = HashSet::new();
-        for (i, (base, value)) in self.items("stage").into_iter().enumerate() {
+        for (i, (base, value)) in items.into_iter().enumerate() {
             let Some(c) = self.part::<StageConfig>(&base, value) else {
                 ok = false;
                 continue;
@@ -608,6 +903,8 @@ impl<'a> Validator<'_, 'a> {
                 max_wait: Duration::from_millis(c.max_wait_ms),
                 queue: c.queue as usize,
                 boxes_from,
+                flow: 0,
+                devices: Vec::new(),
             });
         }
         ok.then_some(out)
@@ -719,35 +1016,14 @@ impl<'a> Validator<'_, 'a> {
             );
             return None;
         }
-        let latency = (1..=c.max_batch as usize)
-            .map(|b| {
-                profiles
-                    .latency(model, &class, share, blocks[0]..blocks[1], b)
-                    .unwrap_or_default()
-            })
-            .collect();
-        let cut_bytes = profiles
-            .model(model)
-            .ok()
-            .and_then(|m| m.cut_bytes.get(blocks[1] - 1).copied())
-            .filter(|_| blocks[1] < nblocks);
-        let transfer = (1..=c.max_batch as usize)
-            .map(|b| match cut_bytes {
-                Some(_) => profiles
-                    .transfer(model, blocks[1] - 1, b, bandwidth_gbps)
-                    .unwrap_or_default(),
-                None => Duration::ZERO,
-            })
-            .collect();
-        Some(StageProfile {
-            transfer,
-            model: model.clone(),
-            class,
-            share,
+        Some(super::flows::profiled_costs(
+            profiles,
+            model,
+            (&class, share),
             blocks,
-            latency,
-            cut_bytes,
-        })
+            c.max_batch as usize,
+            bandwidth_gbps,
+        ))
     }
 
     /// Resolves the block range a CPU stage runs of its model's split.

@@ -9,6 +9,7 @@
 //! Relative paths in a file are relative to the folder of that file.
 
 mod diag;
+mod flows;
 mod load;
 mod manifest;
 mod parse;
@@ -20,7 +21,11 @@ use serde::Deserialize;
 
 pub use crate::sinks::spec::{SinkConfig, SinkKind, SinkSpec};
 pub use diag::{ConfigErrors, Diagnostic, SourceText, SpanIndex};
-pub use load::{load_pipeline, load_pipeline_str, load_source_str};
+pub use flows::{FlowSpec, PlanRef, RouteSpec, assign_devices};
+pub use load::{
+    LoadOptions, PROFILES_ENV, load_pipeline, load_pipeline_str, load_pipeline_with,
+    load_source_str,
+};
 pub use manifest::{
     Backend, ClassifyParams, ImageSpec, Layout, ModelKind, ModelManifest, TextDetectParams,
     TextRecognizeParams, load_manifest,
@@ -40,9 +45,18 @@ pub struct PipelineSection {
     /// Path of the ONNX Runtime shared library (else `ORT_DYLIB_PATH`, else `engines/lib`).
     #[serde(default)]
     pub onnxruntime: Option<PathBuf>,
-    /// Folder of latency profiles (see [`crate::profile`]) for emulated and profiled stages.
+    /// Folder of latency profiles (see [`crate::profile`]) for emulated and profiled stages
+    /// (else `--profiles`, `POOLPIPE_PROFILES`, or `profiles` in the engines folder).
     #[serde(default)]
     pub profiles: Option<PathBuf>,
+    /// A planner plan (`poolpipe plan --out`) whose pipelines serve the `[[flow]]`s that name a
+    /// `model` (`poolpipe run --plan` overrides it).
+    #[serde(default)]
+    pub plan: Option<PathBuf>,
+    /// The devices this machine has, `CLASS:COUNT,...` (e.g. `L4:2,T4:6`); a plan that uses more
+    /// is refused.
+    #[serde(default)]
+    pub cluster: Option<String>,
     /// Link bandwidth between stages, gigabits per second (transfer time of cuts).
     #[serde(default = "default_bandwidth_gbps")]
     pub bandwidth_gbps: f64,
@@ -113,6 +127,30 @@ pub struct SourceConfig {
     /// Test sources: end after this many frames.
     #[serde(default)]
     pub num_buffers: Option<u32>,
+    /// The `[[flow]]` its frames go through (may be left out when there is one flow).
+    #[serde(default)]
+    pub flow: Option<String>,
+    /// Share of its flow's capacity under overload, relative to other streams (1..=100).
+    #[serde(default = "one")]
+    pub priority: u32,
+}
+
+/// `[[flow]]`: one model chain with its own SLO, fed by the sources that name it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowConfig {
+    /// Flow name, unique in the pipeline; results carry it.
+    pub name: String,
+    /// Latency budget of its frames (default: the plan's SLO of its model, else the pipeline's).
+    #[serde(default)]
+    pub slo_ms: Option<u64>,
+    /// A model of the plan: its planned pipelines become this flow's stages (else the
+    /// `[[stage]]`s that name this flow).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Planned stages: safety margin of the `deadline` policy, in milliseconds.
+    #[serde(default = "default_margin_ms")]
+    pub margin_ms: f64,
 }
 
 fn default_latency_ms() -> u32 {
@@ -177,6 +215,9 @@ pub struct StageConfig {
     /// earlier one).
     #[serde(default)]
     pub input: Option<String>,
+    /// The `[[flow]]` this stage belongs to (may be left out when there is one flow).
+    #[serde(default)]
+    pub flow: Option<String>,
 }
 
 fn default_margin_ms() -> f64 {
@@ -246,6 +287,10 @@ pub struct SourceSpec {
     pub stall_timeout: Duration,
     /// Test sources: frames before EOS.
     pub num_buffers: Option<u32>,
+    /// The flow it feeds, as written (None: the only flow).
+    pub flow: Option<String>,
+    /// Weight of its share under overload.
+    pub priority: u32,
 }
 
 impl SourceSpec {
@@ -346,8 +391,12 @@ pub struct StageSpec {
     pub max_wait: Duration,
     /// Queue capacity in frames.
     pub queue: usize,
-    /// `text_recognize`: index of the stage whose text boxes it reads.
+    /// `text_recognize`: position (in its route) of the stage whose text boxes it reads.
     pub boxes_from: Option<usize>,
+    /// The flow it belongs to (index into [`Pipeline::flows`]).
+    pub flow: usize,
+    /// The device each worker runs on (`L4:0`, `T4:3`, `cpu`), one per worker.
+    pub devices: Vec<String>,
 }
 
 /// A validated pipeline, ready to build.
@@ -369,14 +418,44 @@ pub struct Pipeline {
     pub sinks: Vec<SinkSpec>,
     /// Link bandwidth between stages, Gbit/s.
     pub bandwidth_gbps: f64,
+    /// Flows: model chains with their SLOs (one, named after the pipeline, in a file without
+    /// `[[flow]]`).
+    pub flows: Vec<FlowSpec>,
+    /// Chains of stages; every flow has one or more (a plan's pipelines side by side).
+    pub routes: Vec<RouteSpec>,
+    /// The plan the flows follow, if any.
+    pub plan: Option<PlanRef>,
+    /// How it was loaded (`--plan`, `--profiles`), so that a reload reads it the same way.
+    pub options: LoadOptions,
 }
 
 impl Pipeline {
-    /// Size and pixel format of the images that sources deliver: the input of the first stage
-    /// that takes whole images (a pass-through stage may name one with an [image] section).
+    /// The flow a source feeds: the one it names, or the only one.
+    pub fn flow_of(&self, s: &SourceSpec) -> Option<usize> {
+        match &s.flow {
+            Some(name) => self.flows.iter().position(|f| &f.name == name),
+            None => (self.flows.len() == 1).then_some(0),
+        }
+    }
+
+    /// Size and pixel format of the images the sources of the first flow deliver.
     pub fn ingest_format(&self) -> ImageSpec {
-        self.stages
+        self.ingest_format_of(0)
+    }
+
+    /// Size and pixel format of the images that sources of flow `flow` deliver: the input of
+    /// the first stage of its first route that takes whole images (a pass-through stage may name
+    /// one with an [image] section).
+    pub fn ingest_format_of(&self, flow: usize) -> ImageSpec {
+        let route = self
+            .flows
+            .get(flow)
+            .and_then(|f| f.routes.first())
+            .map(|r| self.routes[*r].stages.as_slice())
+            .unwrap_or_default();
+        route
             .iter()
+            .map(|i| &self.stages[*i])
             .find_map(|s| {
                 s.model
                     .image

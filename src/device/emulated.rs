@@ -1,9 +1,12 @@
 //! The `emulated:<class>` device: a stage runner that computes nothing and holds each batch for
 //! the profiled latency of its block range at that batch size, plus the transfer of the cut to
-//! the next stage (the device is busy while it sends). It records what it did in the frame's
-//! results. Computing the real output on the CPU at the same time is not implemented.
+//! the next stage (the device is busy while it sends). The processes of one device share its
+//! link: a transfer starts when the link is free (first come, first served), as in the
+//! simulator. It records what it did in the frame's results. Computing the real output on the
+//! CPU at the same time is not implemented.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::engine::{StageError, StageRunner};
 use crate::frame::{Frame, StageOutput};
@@ -15,6 +18,16 @@ pub struct EmulatedDevice {
     class: String,
     /// Latencies and transfers of the stage's block range.
     profile: EmulatedCosts,
+    /// When the device's link is free, shared by the processes of the device.
+    link: Option<Link>,
+}
+
+/// The link of one emulated device: when it is free next.
+pub type Link = Arc<Mutex<Instant>>;
+
+/// A link that is free now.
+pub fn new_link() -> Link {
+    Arc::new(Mutex::new(Instant::now()))
 }
 
 /// What an emulated device replays: the profiled costs of its block range.
@@ -34,7 +47,14 @@ impl EmulatedDevice {
         Self {
             class: class.to_string(),
             profile,
+            link: None,
         }
+    }
+
+    /// Sends over `link`, shared with the other processes of the same device.
+    pub fn with_link(mut self, link: Link) -> Self {
+        self.link = Some(link);
+        self
     }
 }
 
@@ -53,7 +73,20 @@ impl StageRunner for EmulatedDevice {
             .get(b - 1)
             .copied()
             .unwrap_or_default();
-        std::thread::sleep(latency + transfer);
+        match (&self.link, transfer.is_zero()) {
+            (Some(link), false) => {
+                std::thread::sleep(latency);
+                // The transfer waits for the link, then holds it.
+                let done = {
+                    let mut free = link.lock().unwrap_or_else(|e| e.into_inner());
+                    let start = (*free).max(Instant::now());
+                    *free = start + transfer;
+                    *free
+                };
+                std::thread::sleep(done.saturating_duration_since(Instant::now()));
+            }
+            _ => std::thread::sleep(latency + transfer),
+        }
         let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let run = crate::frame::EmulatedRun {
             class: self.class.clone(),

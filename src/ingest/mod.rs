@@ -22,6 +22,7 @@ use gstreamer_video as gst_video;
 use crate::clock::SharedClock;
 use crate::config::{ImageSpec, Pace, SourceKind, SourceSpec, Transport};
 use crate::frame::{Frame, Image};
+use crate::pipeline::admission::Refused;
 use crate::stats::Stats;
 
 /// Errors of sources.
@@ -148,8 +149,8 @@ pub fn launch_string(spec: &SourceSpec, fmt: &ImageSpec) -> (String, Vec<&'stati
 pub struct SourceContext {
     /// Index of the stream.
     pub stream: usize,
-    /// First stage's queue.
-    pub tx: flume::Sender<Frame>,
+    /// The stream's lane into its flow.
+    pub tx: crate::pipeline::admission::Inlet,
     /// Counters.
     pub stats: Arc<Stats>,
     /// Pipeline clock (capture times and deadlines).
@@ -451,6 +452,7 @@ fn deliver(
         stage_nanos: Vec::new(),
         entered_stage: now,
         activation: None,
+        route: 0,
     };
     let blocking = !spec.is_live() && spec.pace == Pace::Fast;
     if blocking {
@@ -460,30 +462,26 @@ fn deliver(
             match ctx.tx.send_timeout(frame, Duration::from_millis(100)) {
                 Ok(()) => {
                     counters.frame_ingested();
-                    ctx.stats.frames_entered(0, 1);
                     return None;
                 }
-                Err(flume::SendTimeoutError::Timeout(f)) => {
+                Err(Refused::Full(f)) => {
                     if ctx.stop.load(Ordering::SeqCst) {
                         return Some(RunEnd::Stop);
                     }
                     frame = f;
                 }
-                Err(flume::SendTimeoutError::Disconnected(_)) => return Some(RunEnd::Stop),
+                Err(Refused::Closed(_)) => return Some(RunEnd::Stop),
             }
         }
     }
     counters.frame_ingested();
     match ctx.tx.try_send(frame) {
-        Ok(()) => {
-            ctx.stats.frames_entered(0, 1);
-            None
-        }
-        Err(flume::TrySendError::Full(_)) => {
+        Ok(()) => None,
+        Err(Refused::Full(_)) => {
             counters.frame_dropped_overload();
             None
         }
-        Err(flume::TrySendError::Disconnected(_)) => {
+        Err(Refused::Closed(_)) => {
             // The pipeline is gone; the frame was counted, so count where it went.
             counters.frame_dropped_overload();
             Some(RunEnd::Stop)
@@ -507,6 +505,8 @@ mod tests {
             reconnect_max: Duration::from_millis(100),
             stall_timeout: Duration::from_secs(1),
             num_buffers: None,
+            flow: None,
+            priority: 1,
         }
     }
 

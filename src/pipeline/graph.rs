@@ -100,16 +100,18 @@ pub(super) struct Downstream {
     pub pool: Pool,
 }
 
-/// The batching settings of stage `i` of a pipeline file. A `deadline` stage right after
-/// another `deadline` stage follows the routes that stage reserves; a `deadline` stage after any
-/// other reserves the route through itself and every `deadline` stage that directly follows it.
-/// A `deadline` stage without a latency profile batches as `fixed`.
-pub(crate) fn policy_settings(p: &Pipeline, i: usize) -> PolicySettings {
-    let s = &p.stages[i];
+/// The batching settings of the `k`-th stage of a route (`route`: indices into the pipeline's
+/// stages). A `deadline` stage right after another `deadline` stage follows the routes that
+/// stage reserves; a `deadline` stage after any other reserves the route through itself and
+/// every `deadline` stage that directly follows it. A `deadline` stage without a latency
+/// profile batches as `fixed`.
+pub(crate) fn policy_settings(p: &Pipeline, route: &[usize], k: usize) -> PolicySettings {
+    let s = &p.stages[route[k]];
     let ns = |d: &Duration| nanos(*d);
     let costs = if s.policy == PolicyKind::Deadline {
-        p.stages[i..]
+        route[k..]
             .iter()
+            .map(|i| &p.stages[*i])
             .take_while(|t| t.policy == PolicyKind::Deadline)
             .map_while(|t| t.profile.as_ref())
             .map(|prof| StageCost {
@@ -122,7 +124,7 @@ pub(crate) fn policy_settings(p: &Pipeline, i: usize) -> PolicySettings {
     };
     PolicySettings {
         kind: s.policy,
-        stage: i,
+        stage: k,
         max_batch: s.max_batch,
         max_wait: nanos(s.max_wait),
         margin: nanos(s.margin),

@@ -22,6 +22,7 @@ use crate::frame::Frame;
 use crate::ingest::{self, SourceContext};
 use crate::stats::Stats;
 
+use super::admission::Admission;
 use super::graph::Batch;
 
 /// Why a live change was not made.
@@ -86,12 +87,14 @@ pub struct Live {
     pub(super) started: Instant,
     pipeline: Mutex<Pipeline>,
     pub(super) stats: Arc<Stats>,
-    slo: Arc<AtomicU64>,
+    /// Each flow's SLO in nanoseconds (a reload may change it).
+    slos: Vec<Arc<AtomicU64>>,
     clock: SharedClock,
-    fmt: ImageSpec,
+    /// What each flow's sources deliver.
+    fmts: Vec<ImageSpec>,
     budget: Option<Arc<AtomicU64>>,
-    /// The first stage's queue; taken at shutdown so that the pipeline drains.
-    entry: Mutex<Option<flume::Sender<Frame>>>,
+    /// Each flow's admission; closed at shutdown so that the pipeline drains.
+    admissions: Vec<Arc<Admission>>,
     sources: Mutex<SourceSet>,
     pub(super) queues: Vec<StageQueues>,
     reloads: AtomicU64,
@@ -108,18 +111,22 @@ impl Live {
         stats: Arc<Stats>,
         clock: SharedClock,
         budget: Option<Arc<AtomicU64>>,
-        entry: flume::Sender<Frame>,
+        admissions: Vec<Arc<Admission>>,
         queues: Vec<StageQueues>,
     ) -> Self {
         Self {
             started: Instant::now(),
-            fmt: p.ingest_format(),
+            fmts: (0..p.flows.len()).map(|f| p.ingest_format_of(f)).collect(),
             pipeline: Mutex::new(p.clone()),
             stats,
-            slo: Arc::new(AtomicU64::new(nanos(p.slo))),
+            slos: p
+                .flows
+                .iter()
+                .map(|f| Arc::new(AtomicU64::new(nanos(f.slo))))
+                .collect(),
             clock,
             budget,
-            entry: Mutex::new(Some(entry)),
+            admissions,
             sources: Mutex::new(SourceSet::default()),
             queues,
             reloads: AtomicU64::new(0),
@@ -142,9 +149,14 @@ impl Live {
         &self.stats
     }
 
-    /// The SLO frames get now.
+    /// The SLO frames of the first flow get now.
     pub fn slo(&self) -> Duration {
-        Duration::from_nanos(self.slo.load(Ordering::Relaxed))
+        self.flow_slo(0)
+    }
+
+    /// The SLO frames of flow `flow` get now.
+    pub fn flow_slo(&self, flow: usize) -> Duration {
+        Duration::from_nanos(self.slos.get(flow).map_or(0, |s| s.load(Ordering::Relaxed)))
     }
 
     /// Whether shutdown has begun.
@@ -210,9 +222,11 @@ impl Live {
             return Err(LiveError::Refused(refused));
         }
         let mut report = ReloadReport::default();
-        if new.slo != self.slo() {
-            self.slo.store(nanos(new.slo), Ordering::SeqCst);
+        if new.slo != old.slo {
             report.slo_ms = Some(new.slo.as_millis() as u64);
+        }
+        for (slo, flow) in self.slos.iter().zip(&new.flows) {
+            slo.store(nanos(flow.slo), Ordering::SeqCst);
         }
         let wanted: BTreeMap<&str, &SourceSpec> =
             new.sources.iter().map(|s| (s.name.as_str(), s)).collect();
@@ -261,20 +275,48 @@ impl Live {
     }
 
     fn spawn(&self, spec: SourceSpec) -> Result<RunningSource, LiveError> {
-        let tx = lock(&self.entry).clone().ok_or(LiveError::Stopping)?;
-        let index = self.stats.add_stream(&spec.name);
+        if self.is_stopping() {
+            return Err(LiveError::Stopping);
+        }
+        let (flow, file) = {
+            let p = lock(&self.pipeline);
+            (p.flow_of(&spec), p.file.clone())
+        };
+        let Some(flow) = flow else {
+            let names: Vec<String> = lock(&self.pipeline)
+                .flows
+                .iter()
+                .map(|f| f.name.clone())
+                .collect();
+            return Err(LiveError::Invalid(ConfigErrors(vec![config::Diagnostic {
+                file,
+                line: 0,
+                column: 0,
+                key: "source.flow".into(),
+                message: match &spec.flow {
+                    Some(f) => {
+                        format!("no flow named `{f}`, expected one of: {}", names.join(", "))
+                    }
+                    None => format!(
+                        "missing key `flow`: the pipeline has several flows ({})",
+                        names.join(", ")
+                    ),
+                },
+            }])));
+        };
+        let index = self.stats.add_stream(&spec.name, flow);
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = SourceContext {
             stream: index,
-            tx,
+            tx: self.admissions[flow].inlet(spec.priority),
             stats: self.stats.clone(),
             clock: self.clock.clone(),
-            slo: self.slo.clone(),
+            slo: self.slos[flow].clone(),
             stop: stop.clone(),
             budget: self.budget.clone(),
         };
-        tracing::info!(stream = %spec.name, uri = %spec.redacted_uri(), "Starting source.");
-        let fmt = self.fmt.clone();
+        tracing::info!(stream = %spec.name, uri = %spec.redacted_uri(), flow, "Starting source.");
+        let fmt = self.fmts[flow].clone();
         let thread = std::thread::Builder::new()
             .name(format!("src-{}", spec.name))
             .spawn({
@@ -296,7 +338,9 @@ impl Live {
     /// source threads to join.
     pub(super) fn stop_sources(&self) -> Vec<JoinHandle<()>> {
         self.stopping.store(true, Ordering::SeqCst);
-        lock(&self.entry).take();
+        for a in &self.admissions {
+            a.close();
+        }
         let mut set = lock(&self.sources);
         let mut threads = std::mem::take(&mut set.retired);
         for (_, r) in std::mem::take(&mut set.running) {
@@ -367,8 +411,10 @@ impl Live {
                 let (depth, capacity, worker_batches) = self.queue_depth(i);
                 json!({
                     "name": spec.name,
+                    "flow": p.flows.get(spec.flow).map(|f| f.name.clone()),
                     "model": spec.model.name,
                     "device": spec.device.to_string(),
+                    "devices": spec.devices,
                     "workers": spec.workers,
                     "threads": spec.threads,
                     "policy": spec.policy,
@@ -394,6 +440,7 @@ impl Live {
                 json!({
                     "stage": s.name,
                     "device": s.device.to_string(),
+                    "devices": s.devices,
                     "workers": s.workers,
                     "batch": s.max_batch,
                     "blocks": s.split.as_ref().map(|x| x.blocks).or(s.profile.as_ref().map(|x| x.blocks)),
@@ -401,9 +448,30 @@ impl Live {
                 })
             })
             .collect();
+        let flows: Vec<Value> = p
+            .flows
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let c = summary.flows.get(i);
+                json!({
+                    "name": f.name,
+                    "model": f.model,
+                    "slo_ms": self.flow_slo(i).as_secs_f64() * 1e3,
+                    "routes": f.routes.iter().map(|r| json!({
+                        "stages": p.routes[*r].stages.iter().map(|s| p.stages[*s].name.clone()).collect::<Vec<_>>(),
+                        "weight": p.routes[*r].weight,
+                    })).collect::<Vec<_>>(),
+                    "waiting": self.admissions.get(i).map_or(0, |a| a.waiting()),
+                    "counters": c,
+                })
+            })
+            .collect();
         json!({
             "pipeline": p.name,
             "file": p.file.display().to_string(),
+            "plan_file": p.plan.as_ref().map(|x| x.path.display().to_string()),
+            "flows": flows,
             "state": if self.is_stopping() { "stopping" } else { "running" },
             "uptime_s": elapsed,
             "slo_ms": self.slo().as_secs_f64() * 1e3,
@@ -443,8 +511,23 @@ pub fn unchangeable_differences(old: &Pipeline, new: &Pipeline) -> Vec<String> {
     if old.bandwidth_gbps != new.bandwidth_gbps {
         why.push("pipeline.bandwidth_gbps changed (batchers are planned with it)".into());
     }
-    if old.ingest_format() != new.ingest_format() {
+    let formats = |p: &Pipeline| {
+        (0..p.flows.len())
+            .map(|f| p.ingest_format_of(f))
+            .collect::<Vec<_>>()
+    };
+    if formats(old) != formats(new) {
         why.push("the first model's input size changed (sources decode to it)".into());
+    }
+    let flows = |p: &Pipeline| {
+        p.flows
+            .iter()
+            .map(|f| format!("{} {:?} {:?}", f.name, f.model, f.routes))
+            .chain(p.routes.iter().map(|r| format!("{r:?}")))
+            .collect::<Vec<_>>()
+    };
+    if flows(old) != flows(new) || old.plan != new.plan {
+        why.push("flows, routes or the plan changed (stages are built from them at start)".into());
     }
     let names = |p: &Pipeline| p.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
     if names(old) != names(new) {

@@ -14,12 +14,14 @@
 //! Shutdown (signal, `--duration`, `--max-frames`, or every source ended) stops the sources, and
 //! the rest drains in order as each channel's senders go away: nothing in flight is lost.
 
+pub mod admission;
 mod graph;
 pub mod live;
 mod publisher;
 pub mod stage;
 mod worker;
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +31,8 @@ use std::time::{Duration, Instant};
 use crate::batcher::deadline::Timeline;
 use crate::batcher::driver::WORKER_QUEUE;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::Pipeline;
+use crate::config::{Device, Pipeline};
+use crate::device::emulated::{Link, new_link};
 use crate::engine::StageRunner;
 use crate::frame::Frame;
 use crate::ingest::{self, IngestError};
@@ -37,6 +40,7 @@ use crate::panics::panic_message;
 use crate::sinks::delivery::Buffer;
 use crate::sinks::{self, SinkError, SinkHandle};
 use crate::stats::{Stats, Summary};
+use admission::{Admission, RouteEntry};
 use graph::{Batch, Downstream, Pool, Sequencer, policy_settings, spawn_batcher};
 pub use live::{Live, LiveError, ReloadReport};
 pub use publisher::result_json;
@@ -129,25 +133,40 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     ingest::init()?;
     let system_clock = SystemClock::new();
     let clock: SharedClock = Arc::new(system_clock);
-    let stats = Arc::new(Stats::new(
-        p.sources.iter().map(|s| s.name.clone()).collect(),
+    let stats = Arc::new(Stats::with_flows(
+        p.flows.iter().map(|f| f.name.clone()).collect(),
+        p.sources
+            .iter()
+            .map(|s| (s.name.clone(), p.flow_of(s).unwrap_or(0)))
+            .collect(),
         p.stages.iter().map(|s| s.name.clone()).collect(),
     ));
 
-    // Build phase: engines and sinks, before any frame flows.
-    let mut runners: Vec<Vec<Box<dyn StageRunner>>> = Vec::new();
+    // Build phase: engines and sinks, before any frame flows. The processes of one emulated
+    // device share its link.
+    let mut links: HashMap<&str, Link> = HashMap::new();
+    let mut runners: Vec<Option<Vec<Box<dyn StageRunner>>>> = Vec::new();
     for s in &p.stages {
         let mut pool = Vec::new();
-        for _ in 0..s.workers {
-            pool.push(build_runner(s, p.onnxruntime.as_deref()).map_err(|source| {
-                PipelineError::Engine {
-                    stage: s.name.clone(),
-                    source,
+        for w in 0..s.workers {
+            let link = match (&s.device, s.devices.get(w)) {
+                (Device::Emulated { .. }, Some(id)) => {
+                    Some(links.entry(id.as_str()).or_insert_with(new_link).clone())
                 }
-            })?);
+                _ => None,
+            };
+            pool.push(
+                build_runner(s, p.onnxruntime.as_deref(), link).map_err(|source| {
+                    PipelineError::Engine {
+                        stage: s.name.clone(),
+                        source,
+                    }
+                })?,
+            );
         }
-        runners.push(pool);
+        runners.push(Some(pool));
     }
+    log_layout(p);
     let sinks: Vec<SinkHandle> = p
         .sinks
         .iter()
@@ -165,72 +184,99 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         publisher::spawn_publisher(p, publish_rx, sinks, stats.clone(), clock.clone())?,
     ));
 
-    // Stages, last first, each feeding the one after it: frames one by one through the next
-    // stage's queue, or, for a batch with a reserved route, as a batch straight to the reserved
-    // worker of the next stage.
-    let timeline = Arc::new(Mutex::new(Timeline::new(
-        &p.stages.iter().map(|s| s.workers).collect::<Vec<_>>(),
-    )));
-    let mut next = Downstream {
-        queue: publish_tx,
-        pool: Pool::new(Vec::new()),
-    };
-    let mut queues = Vec::new();
-    for (i, (spec, engines)) in p.stages.iter().zip(runners).enumerate().rev() {
-        let (in_tx, in_rx) = flume::bounded::<Frame>(spec.queue);
-        let chans: Vec<(flume::Sender<Batch>, flume::Receiver<Batch>)> = (0..spec.workers)
-            .map(|_| flume::bounded::<Batch>(WORKER_QUEUE))
-            .collect();
-        queues.push(live::StageQueues {
-            input: in_rx.clone(),
-            capacity: spec.queue,
-            workers: chans.iter().map(|c| c.1.clone()).collect(),
-        });
-        let pool = Pool::new(chans.iter().map(|c| c.0.clone()).collect());
-        let (fb_tx, fb_rx) = flume::bounded::<bool>(256);
-        let sequencer = Arc::new(Mutex::new(Sequencer::default()));
-        let started = Arc::new(AtomicU64::new(0));
-        threads.push((
-            format!("stage `{}` batcher", spec.name),
-            spawn_batcher(
-                i,
-                &spec.name,
-                in_rx,
-                pool.clone(),
-                fb_rx,
-                policy_settings(p, i),
-                timeline.clone(),
-                stats.clone(),
-                system_clock,
-            )?,
-        ));
-        for (w, (runner, (_, rx))) in engines.into_iter().zip(chans).enumerate() {
+    // Every route: its stages, last first, each feeding the one after it: frames one by one
+    // through the next stage's queue, or, for a batch with a reserved route, as a batch straight
+    // to the reserved worker of the next stage. Each route has its own reservations.
+    let mut queues: Vec<Option<live::StageQueues>> = p.stages.iter().map(|_| None).collect();
+    let mut entries: Vec<Vec<RouteEntry>> = p.flows.iter().map(|_| Vec::new()).collect();
+    for (ri, route) in p.routes.iter().enumerate() {
+        let timeline = Arc::new(Mutex::new(Timeline::new(
+            &route
+                .stages
+                .iter()
+                .map(|i| p.stages[*i].workers)
+                .collect::<Vec<_>>(),
+        )));
+        let mut next = Downstream {
+            queue: publish_tx.clone(),
+            pool: Pool::new(Vec::new()),
+        };
+        for (k, &i) in route.stages.iter().enumerate().rev() {
+            let spec = &p.stages[i];
+            let engines = runners[i].take().unwrap_or_default();
+            let (in_tx, in_rx) = flume::bounded::<Frame>(spec.queue);
+            let chans: Vec<(flume::Sender<Batch>, flume::Receiver<Batch>)> = (0..spec.workers)
+                .map(|_| flume::bounded::<Batch>(WORKER_QUEUE))
+                .collect();
+            queues[i] = Some(live::StageQueues {
+                input: in_rx.clone(),
+                capacity: spec.queue,
+                workers: chans.iter().map(|c| c.1.clone()).collect(),
+            });
+            let pool = Pool::new(chans.iter().map(|c| c.0.clone()).collect());
+            let (fb_tx, fb_rx) = flume::bounded::<bool>(256);
+            let sequencer = Arc::new(Mutex::new(Sequencer::default()));
+            let started = Arc::new(AtomicU64::new(0));
             threads.push((
-                format!("stage `{}` worker {w}", spec.name),
-                spawn_worker(
-                    WorkerContext {
-                        stage: i,
-                        name: spec.name.clone(),
-                        worker: w,
-                        in_flight: pool.in_flight.clone(),
-                        next: next.clone(),
-                        sequencer: sequencer.clone(),
-                        feedback: fb_tx.clone(),
-                        timeline: timeline.clone(),
-                        stats: stats.clone(),
-                        clock: clock.clone(),
-                        started: started.clone(),
-                    },
-                    runner,
-                    rx,
+                format!("stage `{}` batcher", spec.name),
+                spawn_batcher(
+                    i,
+                    &spec.name,
+                    in_rx,
+                    pool.clone(),
+                    fb_rx,
+                    policy_settings(p, &route.stages, k),
+                    timeline.clone(),
+                    stats.clone(),
+                    system_clock,
                 )?,
             ));
+            for (w, (runner, (_, rx))) in engines.into_iter().zip(chans).enumerate() {
+                threads.push((
+                    format!("stage `{}` worker {w}", spec.name),
+                    spawn_worker(
+                        WorkerContext {
+                            stage: i,
+                            hop: k,
+                            next_stage: route.stages.get(k + 1).copied(),
+                            name: spec.name.clone(),
+                            worker: w,
+                            in_flight: pool.in_flight.clone(),
+                            next: next.clone(),
+                            sequencer: sequencer.clone(),
+                            feedback: fb_tx.clone(),
+                            timeline: timeline.clone(),
+                            stats: stats.clone(),
+                            clock: clock.clone(),
+                            started: started.clone(),
+                        },
+                        runner,
+                        rx,
+                    )?,
+                ));
+            }
+            next = Downstream { queue: in_tx, pool };
         }
-        next = Downstream { queue: in_tx, pool };
+        entries[route.flow].push(RouteEntry {
+            route: ri,
+            first_stage: route.stages[0],
+            queue: next.queue.clone(),
+            weight: route.weight,
+        });
     }
-    queues.reverse();
-    let first_tx = next.queue.clone();
-    drop(next);
+    drop(publish_tx);
+    let queues: Vec<live::StageQueues> = queues.into_iter().flatten().collect();
+
+    // Each flow's admission: fair across its streams, spread over its routes.
+    let mut admissions = Vec::new();
+    for (flow, routes) in p.flows.iter().zip(entries) {
+        let a = Admission::new();
+        threads.push((
+            format!("flow `{}` admission", flow.name),
+            a.spawn(&flow.name, routes, stats.clone())?,
+        ));
+        admissions.push(a);
+    }
 
     let budget = opts.max_frames.map(|n| Arc::new(AtomicU64::new(n)));
     let live = Arc::new(Live::new(
@@ -238,7 +284,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         stats.clone(),
         clock,
         budget.clone(),
-        first_tx,
+        admissions,
         queues,
     ));
     Ok(Running {
@@ -249,6 +295,29 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         threads,
         sink_buffers,
     })
+}
+
+/// Logs which devices each stage's processes run on.
+fn log_layout(p: &Pipeline) {
+    for route in &p.routes {
+        let flow = &p.flows[route.flow];
+        for &i in &route.stages {
+            let s = &p.stages[i];
+            let mut devices: Vec<&str> = s.devices.iter().map(String::as_str).collect();
+            devices.dedup();
+            tracing::info!(
+                flow = %flow.name,
+                stage = %s.name,
+                device = %s.device,
+                processes = s.workers,
+                share = s.profile.as_ref().map_or(1, |x| x.share),
+                blocks = ?s.profile.as_ref().map(|x| x.blocks).or(s.split.as_ref().map(|x| x.blocks)),
+                max_batch = s.max_batch,
+                on = %devices.join(","),
+                "Stage layout."
+            );
+        }
+    }
 }
 
 impl Running {

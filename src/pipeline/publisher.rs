@@ -20,7 +20,17 @@ use crate::stats::Stats;
 pub fn result_json(p: &Pipeline, stream: &str, f: &Frame, published: u64) -> serde_json::Value {
     let mut stages = serde_json::Map::new();
     let mut results = serde_json::Map::new();
-    for ((spec, spent), out) in p.stages.iter().zip(&f.stage_nanos).zip(&f.outputs) {
+    let route = p.routes.get(f.route);
+    let chain = route.map_or(&[][..], |r| r.stages.as_slice());
+    let flow = route
+        .and_then(|r| p.flows.get(r.flow))
+        .map(|f| f.name.as_str());
+    for ((spec, spent), out) in chain
+        .iter()
+        .map(|i| &p.stages[*i])
+        .zip(&f.stage_nanos)
+        .zip(&f.outputs)
+    {
         stages.insert(spec.name.clone(), json!(round3(ms(*spent))));
         results.insert(
             spec.name.clone(),
@@ -29,6 +39,7 @@ pub fn result_json(p: &Pipeline, stream: &str, f: &Frame, published: u64) -> ser
     }
     json!({
         "pipeline": p.name,
+        "flow": flow,
         "stream": stream,
         "seq": f.seq,
         "pts_ms": f.pts.map(|d| round3(d.as_secs_f64() * 1e3)),

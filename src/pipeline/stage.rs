@@ -18,16 +18,21 @@ use crate::engine::{StageError, StageRunner};
 pub fn build_runner(
     spec: &StageSpec,
     library: Option<&Path>,
+    link: Option<crate::device::emulated::Link>,
 ) -> Result<Box<dyn StageRunner>, EngineError> {
     if let (Device::Emulated { class }, Some(profile)) = (&spec.device, &spec.profile) {
-        return Ok(Box::new(crate::device::emulated::EmulatedDevice::new(
+        let mut d = crate::device::emulated::EmulatedDevice::new(
             class,
             crate::device::emulated::EmulatedCosts {
                 blocks: profile.blocks,
                 latency: profile.latency.clone(),
                 transfer: profile.transfer.clone(),
             },
-        )));
+        );
+        if let Some(l) = link {
+            d = d.with_link(l);
+        }
+        return Ok(Box::new(d));
     }
     let m = &spec.model;
     let ort = |model: &Path, input: Option<String>| {

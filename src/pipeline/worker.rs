@@ -29,7 +29,12 @@ pub const PANIC_STAGE_ENV: &str = "POOLPIPE_PANIC_STAGE";
 
 /// What a worker thread shares with the rest of the pipeline.
 pub(super) struct WorkerContext {
+    /// The stage (index into the pipeline's stages, for counters).
     pub stage: usize,
+    /// Its position in its route (for the route's timeline).
+    pub hop: usize,
+    /// The next stage of the route, if any (for counters).
+    pub next_stage: Option<usize>,
     pub name: String,
     pub worker: usize,
     /// This stage's in-flight counters (decremented when a batch is done).
@@ -93,7 +98,7 @@ pub(super) fn spawn_worker(
                 cx.timeline
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .finished(cx.stage, cx.worker, t1);
+                    .finished(cx.hop, cx.worker, t1);
                 if let Some(r) = &result {
                     stats.batch_ran(cx.stage, frames.len(), t1 - t0);
                     let earliest = frames.iter().map(|f| f.deadline).min().unwrap_or(u64::MAX);
@@ -143,7 +148,11 @@ fn forward(cx: &WorkerContext, frames: Vec<Frame>, route: Option<Vec<Hop>>) {
             seq: 0,
         };
         match cx.next.pool.send_to(worker, batch) {
-            Ok(()) => stats.frames_entered(cx.stage + 1, n),
+            Ok(()) => {
+                if let Some(next) = cx.next_stage {
+                    stats.frames_entered(next, n);
+                }
+            }
             Err(lost) => {
                 for f in lost.frames {
                     stats.frame_failed_between_stages(f.stream);
@@ -155,7 +164,11 @@ fn forward(cx: &WorkerContext, frames: Vec<Frame>, route: Option<Vec<Hop>>) {
     for f in frames {
         let stream = f.stream;
         match cx.next.queue.send(f) {
-            Ok(()) => stats.frames_entered(cx.stage + 1, 1),
+            Ok(()) => {
+                if let Some(next) = cx.next_stage {
+                    stats.frames_entered(next, 1);
+                }
+            }
             Err(_) => stats.frame_failed_between_stages(stream),
         }
     }

@@ -450,25 +450,15 @@ impl Sim<'_> {
     }
 }
 
-/// Smooth weighted round robin over a model's pipelines.
+/// A model's pipelines, picked by smooth weighted round robin on their planned throughput.
 struct Splitter {
     pipes: Vec<usize>,
-    weights: Vec<f64>,
-    current: Vec<f64>,
+    wrr: crate::wrr::SmoothWrr,
 }
 
 impl Splitter {
     fn next(&mut self) -> usize {
-        let total: f64 = self.weights.iter().sum();
-        let mut best = 0;
-        for i in 0..self.pipes.len() {
-            self.current[i] += self.weights[i];
-            if self.current[i] > self.current[best] {
-                best = i;
-            }
-        }
-        self.current[best] -= total;
-        self.pipes[best]
+        self.pipes[self.wrr.next()]
     }
 }
 
@@ -614,9 +604,8 @@ fn simulate_inner(
                 .map(|&p| setup.pipelines[p].weight.max(1e-9))
                 .collect();
             Splitter {
-                current: vec![0.0; pipes.len()],
                 pipes,
-                weights,
+                wrr: crate::wrr::SmoothWrr::new(weights),
             }
         })
         .collect();

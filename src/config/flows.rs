@@ -1,0 +1,474 @@
+//! Flows (model chains with their own SLO), routes (the chains of stages that serve a flow side
+//! by side) and plans: a planner plan's pipelines become the stages of the flows that name its
+//! models, every process on a device of its own id.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::DeValue;
+
+use super::diag::Diagnostic;
+use super::load::Validator;
+use super::*;
+use crate::planner::{Cluster, Plan};
+use crate::profile::Profiles;
+
+/// A validated flow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowSpec {
+    /// Name (results carry it).
+    pub name: String,
+    /// Latency budget of its frames.
+    pub slo: Duration,
+    /// Whether the SLO was written for the flow (else it follows the plan or the pipeline).
+    pub own_slo: bool,
+    /// The plan's model it serves, when its stages come from a plan.
+    pub model: Option<String>,
+    /// Its routes (indices into [`Pipeline::routes`]).
+    pub routes: Vec<usize>,
+}
+
+/// One chain of stages of a flow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSpec {
+    /// The flow it serves.
+    pub flow: usize,
+    /// Stages in order (indices into [`Pipeline::stages`]).
+    pub stages: Vec<usize>,
+    /// Share of the flow's frames it takes (a plan's throughput; 1 when written by hand).
+    pub weight: f64,
+}
+
+/// The plan a pipeline follows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanRef {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The plan.
+    pub plan: Plan,
+}
+
+impl Pipeline {
+    /// Makes all the stages one flow (named after the pipeline, with its SLO) on one route, as a
+    /// file without `[[flow]]` does, and gives the workers their devices.
+    pub fn into_one_flow(mut self) -> Self {
+        for s in &mut self.stages {
+            s.flow = 0;
+        }
+        self.routes = vec![RouteSpec {
+            flow: 0,
+            stages: (0..self.stages.len()).collect(),
+            weight: 1.0,
+        }];
+        self.flows = vec![FlowSpec {
+            name: self.name.clone(),
+            slo: self.slo,
+            own_slo: false,
+            model: None,
+            routes: vec![0],
+        }];
+        assign_devices(&mut self.stages);
+        self
+    }
+}
+
+/// Gives every worker of every stage a device id, deterministically: the workers of a stage on
+/// `emulated:<class>` at share `s` fill devices of that class `s` at a time (`T4:0` takes the
+/// stage's first `s` processes, `T4:1` the next), each stage on devices of its own, numbered per
+/// class in stage order; CPU workers run on `cpu`.
+pub fn assign_devices(stages: &mut [StageSpec]) {
+    let mut next: BTreeMap<String, usize> = BTreeMap::new();
+    for s in stages {
+        s.devices = match &s.device {
+            Device::Cpu => vec!["cpu".to_string(); s.workers],
+            Device::Emulated { class } => {
+                let share = s.profile.as_ref().map_or(1, |p| p.share.max(1)) as usize;
+                let first = next.entry(class.clone()).or_default();
+                let ids = (0..s.workers)
+                    .map(|w| format!("{class}:{}", *first + w / share))
+                    .collect();
+                *first += s.workers.div_ceil(share);
+                ids
+            }
+        };
+    }
+}
+
+/// Devices of each class that the stages occupy.
+pub(super) fn devices_used(stages: &[StageSpec]) -> BTreeMap<String, usize> {
+    let mut used: BTreeMap<String, HashSet<&str>> = BTreeMap::new();
+    for s in stages {
+        if let Device::Emulated { class } = &s.device {
+            used.entry(class.clone())
+                .or_default()
+                .extend(s.devices.iter().map(String::as_str));
+        }
+    }
+    used.into_iter().map(|(c, d)| (c, d.len())).collect()
+}
+
+/// Latency per batch size `1..=max_batch` of blocks `blocks` of `model` on `class`/`share`, the
+/// transfer of the cut after them at `gbps` (zero after the model's last block), and the bytes
+/// of that cut.
+pub(super) fn profiled_costs(
+    profiles: &Profiles,
+    model: &str,
+    (class, share): (&str, u32),
+    blocks: [usize; 2],
+    max_batch: usize,
+    gbps: f64,
+) -> StageProfile {
+    let nblocks = profiles.model(model).map_or(0, |m| m.blocks());
+    let cut_bytes = profiles
+        .model(model)
+        .ok()
+        .and_then(|m| m.cut_bytes.get(blocks[1] - 1).copied())
+        .filter(|_| blocks[1] < nblocks);
+    StageProfile {
+        model: model.to_string(),
+        class: class.to_string(),
+        share,
+        blocks,
+        latency: (1..=max_batch)
+            .map(|b| {
+                profiles
+                    .latency(model, class, share, blocks[0]..blocks[1], b)
+                    .unwrap_or_default()
+            })
+            .collect(),
+        cut_bytes,
+        transfer: (1..=max_batch)
+            .map(|b| match cut_bytes {
+                Some(_) => profiles
+                    .transfer(model, blocks[1] - 1, b, gbps)
+                    .unwrap_or_default(),
+                None => Duration::ZERO,
+            })
+            .collect(),
+    }
+}
+
+/// Where `needle` first appears in `text`, as a 1-based (line, column); (1, 1) if nowhere.
+fn locate(text: &str, needle: &str) -> (usize, usize) {
+    let Some(at) = text.find(needle) else {
+        return (1, 1);
+    };
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
+/// A plan file as read, with its text for locating problems.
+pub(super) struct PlanFile {
+    pub path: PathBuf,
+    pub text: String,
+    pub plan: Plan,
+}
+
+impl PlanFile {
+    /// A problem in the plan file, at the first place `needle` appears.
+    pub fn diag(&self, needle: &str, key: &str, message: impl Into<String>) -> Diagnostic {
+        let (line, column) = locate(&self.text, needle);
+        Diagnostic {
+            file: self.path.clone(),
+            line,
+            column,
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads a plan; a file that cannot be read or is not a plan is a located problem.
+pub(super) fn read_plan(path: &Path) -> Result<PlanFile, Diagnostic> {
+    let here = |line, column, key: &str, message: String| Diagnostic {
+        file: path.to_path_buf(),
+        line,
+        column,
+        key: key.to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| here(0, 0, "", format!("cannot read the plan: {e}")))?;
+    let plan: Plan = serde_json::from_str(&text).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "not JSON"
+        } else {
+            "not a plan (write one with `poolpipe plan --out PLAN.json`)"
+        };
+        here(e.line(), e.column(), "", format!("{what}: {e}"))
+    })?;
+    Ok(PlanFile {
+        path: path.to_path_buf(),
+        text,
+        plan,
+    })
+}
+
+/// A string key of a table (the `flow` of a `[[stage]]`), read before the table is checked.
+pub(super) fn string_key(value: &Spanned<DeValue<'_>>, key: &str) -> Option<String> {
+    match value.get_ref() {
+        DeValue::Table(t) => t.iter().find_map(|(k, v)| match v.get_ref() {
+            DeValue::String(s) if k.get_ref() == key => Some(s.to_string()),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+impl Validator<'_, '_> {
+    /// `[[flow]]` tables, checked (none: an empty list).
+    pub(super) fn flow_configs(&mut self) -> Vec<(String, FlowConfig)> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for (base, value) in self.items_optional("flow") {
+            let Some(c) = self.part::<FlowConfig>(&base, value) else {
+                continue;
+            };
+            self.check_name(&format!("{base}.name"), &c.name, &mut seen, "flow");
+            if let Some(s) = c.slo_ms
+                && (s == 0 || s > 3_600_000)
+            {
+                self.err(
+                    &format!("{base}.slo_ms"),
+                    format!("{s} is not a latency budget: expected 1..=3600000 milliseconds"),
+                );
+            }
+            if !(c.margin_ms >= 0.0 && c.margin_ms < 10_000.0) {
+                self.err(
+                    &format!("{base}.margin_ms"),
+                    format!("{} ms: expected 0 <= margin_ms < 10000", c.margin_ms),
+                );
+            }
+            if c.model.is_none() && self.has(&format!("{base}.margin_ms")) {
+                self.err(
+                    &format!("{base}.margin_ms"),
+                    "`margin_ms` applies to flows served by a plan (`model`); set it on each [[stage]] otherwise",
+                );
+            }
+            out.push((base, c));
+        }
+        out
+    }
+
+    /// The plan named by `--plan` or `[pipeline] plan`, read and checked against the profiles
+    /// (`planner::check`): each broken rule is a problem in the plan file.
+    pub(super) fn plan_file(
+        &mut self,
+        from_file: Option<&Path>,
+        from_cli: Option<&Path>,
+        profiles: Option<&Profiles>,
+    ) -> Option<PlanFile> {
+        let path = match (from_cli, from_file) {
+            (Some(p), _) => p.to_path_buf(),
+            (None, Some(p)) => self.resolve(p),
+            (None, None) => return None,
+        };
+        let file = match read_plan(&path) {
+            Ok(f) => f,
+            Err(d) => {
+                if from_cli.is_none() && d.line == 0 {
+                    self.err("pipeline.plan", d.message);
+                } else {
+                    self.errors.push(d);
+                }
+                return None;
+            }
+        };
+        let Some(profiles) = profiles else {
+            self.err_plan_key(
+                from_cli.is_some(),
+                "a plan needs the latency profiles of its models: set [pipeline] profiles, --profiles or POOLPIPE_PROFILES",
+            );
+            return None;
+        };
+        let violations = crate::planner::check::check(&file.plan, profiles);
+        for v in &violations {
+            let needle = v
+                .model
+                .as_ref()
+                .map_or_else(|| "\"models\"".to_string(), |m| format!("\"{m}\""));
+            let d = file.diag(
+                &needle,
+                &v.model
+                    .as_ref()
+                    .map_or("plan".to_string(), |m| format!("models.{m}")),
+                format!(
+                    "the plan breaks rule {:?} of `poolpipe plan`'s checks: {}",
+                    v.rule, v.message
+                ),
+            );
+            self.errors.push(d);
+        }
+        violations.is_empty().then_some(file)
+    }
+
+    fn err_plan_key(&mut self, cli: bool, message: &str) {
+        if cli {
+            self.errors.push(Diagnostic {
+                file: self.parsed.src.path.to_path_buf(),
+                line: 0,
+                column: 0,
+                key: "--plan".into(),
+                message: message.to_string(),
+            });
+        } else {
+            self.err("pipeline.plan", message);
+        }
+    }
+
+    /// The stages of one planned flow: every pipeline the plan gives `model`, each stage a pool
+    /// of `processes` emulated devices of its class at its share, running its block range, with
+    /// the planned batch as the largest batch and the `deadline` policy.
+    pub(super) fn planned_stages(
+        &mut self,
+        flow: &str,
+        model: &str,
+        margin_ms: f64,
+        plan: &Plan,
+        profiles: &Profiles,
+    ) -> Vec<(Vec<StageSpec>, f64)> {
+        let Some(m) = plan.models.iter().find(|m| m.name == model) else {
+            return Vec::new();
+        };
+        m.pipelines
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let stages = p
+                    .stages
+                    .iter()
+                    .enumerate()
+                    .map(|(j, st)| {
+                        let share = st.share.max(1);
+                        let profile = profiled_costs(
+                            profiles,
+                            model,
+                            (&st.class, share),
+                            st.blocks,
+                            p.batch,
+                            plan.bandwidth_gbps,
+                        );
+                        StageSpec {
+                            name: format!("{flow}.p{k}.s{j}"),
+                            model: ModelManifest::emulated(),
+                            device: Device::Emulated {
+                                class: st.class.clone(),
+                            },
+                            profile: Some(profile),
+                            split: None,
+                            policy: PolicyKind::Deadline,
+                            margin: Duration::from_secs_f64(margin_ms.max(0.0) / 1e3),
+                            workers: st.processes.max(1) as usize,
+                            threads: 1,
+                            max_batch: p.batch,
+                            max_wait: Duration::ZERO,
+                            queue: (2 * st.processes.max(1) as usize * p.batch).max(64),
+                            boxes_from: None,
+                            flow: 0,
+                            devices: Vec::new(),
+                        }
+                    })
+                    .collect();
+                (stages, p.throughput)
+            })
+            .collect()
+    }
+
+    /// Checks the devices the stages occupy against `[pipeline] cluster`.
+    pub(super) fn check_cluster(
+        &mut self,
+        cluster: &str,
+        stages: &[StageSpec],
+        plan: Option<&Path>,
+    ) {
+        let c = match Cluster::parse_spec(cluster, 10.0) {
+            Ok(c) => c,
+            Err(e) => {
+                self.err(
+                    "pipeline.cluster",
+                    format!("{e} (expected CLASS:COUNT,..., e.g. L4:2,T4:6)"),
+                );
+                return;
+            }
+        };
+        for (class, n) in devices_used(stages) {
+            let have = c
+                .classes
+                .iter()
+                .find(|x| x.name == class)
+                .map_or(0, |x| x.count as usize);
+            if n > have {
+                let by = plan.map_or(String::new(), |p| format!(" (the plan {})", p.display()));
+                self.err(
+                    "pipeline.cluster",
+                    format!(
+                        "the stages{by} need {n} {class} device(s) but the cluster `{cluster}` has {have}"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(name: &str, device: Device, workers: usize, share: u32) -> StageSpec {
+        StageSpec {
+            name: name.into(),
+            model: ModelManifest::emulated(),
+            profile: matches!(device, Device::Emulated { .. }).then(|| StageProfile {
+                model: "m".into(),
+                class: device.class().into(),
+                share,
+                blocks: [0, 1],
+                latency: vec![],
+                cut_bytes: None,
+                transfer: vec![],
+            }),
+            device,
+            split: None,
+            policy: PolicyKind::Fixed,
+            margin: Duration::ZERO,
+            workers,
+            threads: 1,
+            max_batch: 1,
+            max_wait: Duration::ZERO,
+            queue: 1,
+            boxes_from: None,
+            flow: 0,
+            devices: vec![],
+        }
+    }
+
+    #[test]
+    fn devices_are_numbered_per_class_and_filled_share_at_a_time() {
+        let t4 = || Device::Emulated { class: "T4".into() };
+        let l4 = Device::Emulated { class: "L4".into() };
+        let mut s = vec![
+            stage("a", t4(), 3, 2),
+            stage("b", l4, 2, 1),
+            stage("c", t4(), 2, 1),
+            stage("d", Device::Cpu, 2, 1),
+        ];
+        assign_devices(&mut s);
+        assert_eq!(s[0].devices, ["T4:0", "T4:0", "T4:1"]);
+        assert_eq!(s[1].devices, ["L4:0", "L4:1"]);
+        assert_eq!(s[2].devices, ["T4:2", "T4:3"]);
+        assert_eq!(s[3].devices, ["cpu", "cpu"]);
+        let used = devices_used(&s);
+        assert_eq!(used["T4"], 4);
+        assert_eq!(used["L4"], 2);
+    }
+
+    #[test]
+    fn problems_in_a_plan_file_are_located() {
+        assert_eq!(locate("{\n  \"models\": [\n    \"x\"", "\"x\""), (3, 5));
+        assert_eq!(locate("abc", "zzz"), (1, 1));
+    }
+}

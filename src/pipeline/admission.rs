@@ -1,0 +1,272 @@
+//! The front of a flow: admits its streams' frames fairly and spreads them over its routes.
+//!
+//! Every stream of a flow has a small lane of its own (a bounded queue). One admission thread
+//! per flow takes the next frame from the lanes by smooth weighted round robin on the streams'
+//! `priority`, and sends it to the first stage of one of the flow's routes, picked by smooth
+//! weighted round robin on the routes' planned throughput (PPipe's front-end load balancer).
+//! When the routes are full the thread waits, the lanes fill, and each source drops its own
+//! frames (`dropped_overload`): under overload every stream gets its weighted share of what the
+//! flow carries, whichever camera happens to deliver first (a single shared queue gives the
+//! slots to whoever arrives just after one frees). Nothing is unbounded: a lane holds
+//! [`LANE_FRAMES`] frames.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::frame::Frame;
+use crate::stats::Stats;
+use crate::wrr::SmoothWrr;
+
+/// Frames one stream's lane holds.
+pub const LANE_FRAMES: usize = 2;
+
+/// Why a frame was not taken.
+pub enum Refused {
+    /// The stream's lane is full.
+    Full(Frame),
+    /// The flow is shutting down.
+    Closed(Frame),
+}
+
+struct Lane {
+    frames: VecDeque<Frame>,
+}
+
+#[derive(Default)]
+struct State {
+    lanes: Vec<Lane>,
+    /// Streams' priorities, by lane.
+    wrr: Option<SmoothWrr>,
+    closed: bool,
+}
+
+/// One flow's admission: lanes, and the routes' first queues.
+pub struct Admission {
+    state: Mutex<State>,
+    /// Signalled when a frame arrives or the flow closes.
+    arrived: Condvar,
+    /// Signalled when a lane has room again.
+    room: Condvar,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where a stream hands its frames to its flow.
+#[derive(Clone)]
+pub struct Inlet {
+    admission: Arc<Admission>,
+    lane: usize,
+}
+
+impl Inlet {
+    /// Hands a frame over without waiting.
+    pub fn try_send(&self, frame: Frame) -> Result<(), Refused> {
+        let mut s = lock(&self.admission.state);
+        if s.closed {
+            return Err(Refused::Closed(frame));
+        }
+        let lane = &mut s.lanes[self.lane];
+        if lane.frames.len() >= LANE_FRAMES {
+            return Err(Refused::Full(frame));
+        }
+        lane.frames.push_back(frame);
+        drop(s);
+        self.admission.arrived.notify_one();
+        Ok(())
+    }
+
+    /// Hands a frame over, waiting up to `timeout` for room.
+    pub fn send_timeout(&self, frame: Frame, timeout: Duration) -> Result<(), Refused> {
+        let until = Instant::now() + timeout;
+        let mut s = lock(&self.admission.state);
+        loop {
+            if s.closed {
+                return Err(Refused::Closed(frame));
+            }
+            if s.lanes[self.lane].frames.len() < LANE_FRAMES {
+                s.lanes[self.lane].frames.push_back(frame);
+                drop(s);
+                self.admission.arrived.notify_one();
+                return Ok(());
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Refused::Full(frame));
+            }
+            s = self
+                .admission
+                .room
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Whether a frame handed over now would be refused (the source may then drop it before
+    /// converting it).
+    pub fn is_full(&self) -> bool {
+        let s = lock(&self.admission.state);
+        s.closed || s.lanes[self.lane].frames.len() >= LANE_FRAMES
+    }
+}
+
+/// A route of the flow as the admission thread sees it.
+pub struct RouteEntry {
+    /// The route's index in the pipeline.
+    pub route: usize,
+    /// Global index of its first stage (for counters).
+    pub first_stage: usize,
+    /// Its first stage's queue.
+    pub queue: flume::Sender<Frame>,
+    /// Share of the flow's frames.
+    pub weight: f64,
+}
+
+impl Admission {
+    /// An admission with no streams yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            arrived: Condvar::new(),
+            room: Condvar::new(),
+        })
+    }
+
+    /// A lane of its own for a stream with weight `priority`.
+    pub fn inlet(self: &Arc<Self>, priority: u32) -> Inlet {
+        let mut s = lock(&self.state);
+        let lane = s
+            .wrr
+            .get_or_insert_with(|| SmoothWrr::new(Vec::new()))
+            .push(f64::from(priority.max(1)));
+        s.lanes.push(Lane {
+            frames: VecDeque::new(),
+        });
+        Inlet {
+            admission: self.clone(),
+            lane,
+        }
+    }
+
+    /// Refuses new frames; the thread forwards what the lanes hold, then ends (and lets go of
+    /// the routes' queues, so that the stages drain).
+    pub fn close(&self) {
+        lock(&self.state).closed = true;
+        self.arrived.notify_all();
+        self.room.notify_all();
+    }
+
+    /// The next frame by the streams' weights, waiting for one; `None` once closed and empty.
+    fn take(&self) -> Option<Frame> {
+        let mut s = lock(&self.state);
+        loop {
+            let State { lanes, wrr, closed } = &mut *s;
+            let picked = wrr
+                .as_mut()
+                .and_then(|w| w.next_among(|i| !lanes[i].frames.is_empty()));
+            if let Some(i) = picked {
+                // Lanes of removed streams stay (indices never move) and, once empty, are never
+                // eligible again.
+                let f = lanes[i].frames.pop_front();
+                drop(s);
+                self.room.notify_all();
+                return f;
+            }
+            if *closed {
+                return None;
+            }
+            s = self.arrived.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Starts the admission thread of flow `name`.
+    pub fn spawn(
+        self: &Arc<Self>,
+        name: &str,
+        routes: Vec<RouteEntry>,
+        stats: Arc<Stats>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(format!("admit-{name}"))
+            .spawn(move || {
+                let mut split = SmoothWrr::new(routes.iter().map(|r| r.weight).collect());
+                while let Some(mut f) = me.take() {
+                    let r = &routes[split.next()];
+                    f.route = r.route;
+                    let stream = f.stream;
+                    match r.queue.send(f) {
+                        Ok(()) => stats.frames_entered(r.first_stage, 1),
+                        Err(_) => stats.frame_failed_between_stages(stream),
+                    }
+                }
+            })
+    }
+
+    /// Frames waiting in the lanes (for status).
+    pub fn waiting(&self) -> usize {
+        lock(&self.state).lanes.iter().map(|l| l.frames.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Image, PixelFormat};
+
+    fn frame(stream: usize, seq: u64) -> Frame {
+        Frame {
+            stream,
+            seq,
+            pts: None,
+            captured_wall: std::time::SystemTime::now(),
+            captured: 0,
+            deadline: u64::MAX,
+            image: Arc::new(Image::black(1, 1, PixelFormat::RGB)),
+            outputs: Vec::new(),
+            stage_nanos: Vec::new(),
+            entered_stage: 0,
+            activation: None,
+            route: 0,
+        }
+    }
+
+    #[test]
+    fn full_lanes_refuse_and_streams_are_taken_by_priority() {
+        let a = Admission::new();
+        let x = a.inlet(1);
+        let y = a.inlet(3);
+        for i in 0..LANE_FRAMES as u64 {
+            assert!(x.try_send(frame(0, i)).is_ok());
+        }
+        assert!(matches!(x.try_send(frame(0, 9)), Err(Refused::Full(_))));
+        assert!(x.is_full() && !y.is_full());
+        // Keep both lanes full: stream 1 (priority 3) gets three frames for each of stream 0's.
+        let mut taken = [0; 2];
+        let mut seq = 100;
+        for _ in 0..400 {
+            for (s, inlet) in [(0, &x), (1, &y)] {
+                while inlet.try_send(frame(s, seq)).is_ok() {
+                    seq += 1;
+                }
+            }
+            taken[a.take().unwrap().stream] += 1;
+        }
+        assert_eq!(taken, [100, 300]);
+        a.close();
+        assert!(matches!(y.try_send(frame(1, 0)), Err(Refused::Closed(_))));
+        let mut left = 0;
+        while a.take().is_some() {
+            left += 1;
+        }
+        assert_eq!(
+            left,
+            2 * LANE_FRAMES,
+            "what the lanes held is still forwarded"
+        );
+    }
+}
