@@ -387,8 +387,8 @@ fn heterogeneous_emulated_pools_publish_within_the_slo() {
     let shipped = std::fs::read_to_string(root().join("pipelines/emulated.toml")).unwrap();
     let pipeline = shipped
         .replace(
-            "\"../../shared/data/ppipe-profiles\"",
-            &format!("\"{}\"", profiles.display()),
+            "bandwidth_gbps = 10\n",
+            &format!("bandwidth_gbps = 10\nprofiles = \"{}\"\n", profiles.display()),
         )
         .replace(
             "path = \"-\"",
@@ -470,8 +470,8 @@ fn under_overload_the_deadline_policy_drops_early_and_publishes_more_than_fixed(
         // 80 frames/s into pools that manage about 55 within the 150 ms SLO.
         let pipeline = shipped
             .replace(
-                "\"../../shared/data/ppipe-profiles\"",
-                &format!("\"{}\"", profiles.display()),
+                "bandwidth_gbps = 10\n",
+                &format!("bandwidth_gbps = 10\nprofiles = \"{}\"\n", profiles.display()),
             )
             .replace("max_fps = 15", "max_fps = 40")
             .replace(

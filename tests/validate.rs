@@ -14,12 +14,21 @@ fn every_shipped_pipeline_validates() {
         let path = entry.unwrap().path();
         let needs_profiles = std::fs::read_to_string(&path)
             .unwrap()
-            .contains("profiles =");
-        if needs_profiles && shared_profiles().is_none() {
-            continue;
-        }
+            .contains("emulated:");
+        let profiles = if needs_profiles {
+            match shared_profiles() {
+                Some(p) => p.display().to_string(),
+                None => continue,
+            }
+        } else {
+            String::new()
+        };
         if path.extension().is_some_and(|e| e == "toml") {
-            let out = poolpipe(&["validate", path.to_str().unwrap()]);
+            let mut args = vec!["validate", path.to_str().unwrap()];
+            if needs_profiles {
+                args.extend(["--profiles", profiles.as_str()]);
+            }
+            let out = poolpipe(&args);
             assert!(
                 out.status.success(),
                 "{} does not validate:\n{}",
@@ -405,4 +414,152 @@ when_full = "sometimes"
     );
     has(&errs, 35, "sink[3].when_full", "unknown value `sometimes`");
     assert_eq!(errs.len(), 5, "{errs:#?}");
+}
+
+/// A plan from `poolpipe plan` for `models` on L4:2,T4:6, and a pipeline file in `dir` whose
+/// flows serve `flows` of them on `cluster`.
+fn planned_files(
+    dir: &std::path::Path,
+    profiles: &std::path::Path,
+    models: &str,
+    flows: &[&str],
+    cluster: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let plan = dir.join("plan.json");
+    let o = poolpipe(&[
+        "plan",
+        "--profiles",
+        profiles.to_str().unwrap(),
+        "--cluster",
+        "L4:2,T4:6",
+        "--models",
+        models,
+        "--time-limit",
+        "10",
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut p = format!(
+        "[pipeline]\nname = \"p\"\nslo_ms = 100\ncluster = \"{cluster}\"\n\n[[sink]]\ntype = \"jsonl\"\n"
+    );
+    for (i, m) in flows.iter().enumerate() {
+        p += &format!(
+            "\n[[flow]]\nname = \"f{i}\"\nmodel = \"{m}\"\n\n[[source]]\nname = \"s{i}\"\nuri = \"test://ball\"\nflow = \"f{i}\"\n"
+        );
+    }
+    (write(dir, "p.toml", &p), plan)
+}
+
+fn validate_with_plan(p: &std::path::Path, plan: &std::path::Path, profiles: &std::path::Path) -> (i32, String) {
+    let o = poolpipe(&[
+        "validate",
+        p.to_str().unwrap(),
+        "--plan",
+        plan.to_str().unwrap(),
+        "--profiles",
+        profiles.to_str().unwrap(),
+    ]);
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+#[test]
+fn plans_are_checked_against_the_pipeline_file() {
+    let Some(profiles) = shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let models = "wide_resnet101_2,repvgg-b3";
+    let (p, plan) = planned_files(
+        dir.path(),
+        &profiles,
+        models,
+        &["wide_resnet101_2", "repvgg-b3"],
+        "L4:2,T4:6",
+    );
+    let (code, err) = validate_with_plan(&p, &plan, &profiles);
+    assert_eq!(code, 0, "{err}");
+
+    // A plan for a model the file has no flow for: located in the plan file.
+    let (p, plan) = planned_files(dir.path(), &profiles, models, &["wide_resnet101_2"], "L4:2,T4:6");
+    let (code, err) = validate_with_plan(&p, &plan, &profiles);
+    assert_eq!(code, 2, "{err}");
+    let text = std::fs::read_to_string(&plan).unwrap();
+    let line = text.lines().position(|l| l.contains("\"repvgg-b3\"")).unwrap() + 1;
+    assert!(
+        err.contains(&format!("{}:{line}:", plan.display()))
+            && err.contains("`models.repvgg-b3`: the plan serves model `repvgg-b3` but no [[flow]]"),
+        "{err}"
+    );
+
+    // More devices than the file's cluster: at `pipeline.cluster`.
+    let (p, plan) = planned_files(
+        dir.path(),
+        &profiles,
+        models,
+        &["wide_resnet101_2", "repvgg-b3"],
+        "L4:1,T4:6",
+    );
+    let (code, err) = validate_with_plan(&p, &plan, &profiles);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{}:4:11: `pipeline.cluster`", p.display()))
+            && err.contains("L4 device(s) but the cluster `L4:1,T4:6` has 1"),
+        "{err}"
+    );
+
+    // A plan that `planner::check` rejects names the rule.
+    let mut tampered: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let st = &mut tampered["models"][0]["pipelines"][0]["stages"][0];
+    st["latency_ms"] = serde_json::json!(st["latency_ms"].as_f64().unwrap() / 2.0);
+    let bad = write(dir.path(), "tampered.json", &serde_json::to_string_pretty(&tampered).unwrap());
+    let (p, _) = planned_files(
+        dir.path(),
+        &profiles,
+        models,
+        &["wide_resnet101_2", "repvgg-b3"],
+        "L4:2,T4:6",
+    );
+    let (code, err) = validate_with_plan(&p, &bad, &profiles);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the plan breaks rule Latency"), "{err}");
+
+    // Not JSON: the line and column of the plan file.
+    let junk = write(dir.path(), "junk.json", "{\n  \"mode\": nope\n}\n");
+    let (code, err) = validate_with_plan(&p, &junk, &profiles);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{}:2:", junk.display())) && err.contains("not JSON"),
+        "{err}"
+    );
+
+    // A flow with a model but no plan.
+    let o = poolpipe(&["validate", p.to_str().unwrap(), "--profiles", profiles.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("`flow[0].model`: a flow with `model` is served by a plan"),
+        "{err}"
+    );
+}
+
+#[test]
+fn flows_sources_and_stages_name_each_other() {
+    let text = "[pipeline]\nname = \"p\"\nslo_ms = 100\n\n\
+        [[flow]]\nname = \"a\"\n\n[[flow]]\nname = \"b\"\nslo_ms = 50\n\n\
+        [[source]]\nname = \"x\"\nuri = \"test://ball\"\nflow = \"a\"\n\n\
+        [[source]]\nname = \"y\"\nuri = \"test://ball\"\nflow = \"nope\"\npriority = 0\n\n\
+        [[source]]\nname = \"z\"\nuri = \"test://ball\"\n\n\
+        [[stage]]\nname = \"s\"\nmodel = \"noop\"\nflow = \"a\"\n\n\
+        [[stage]]\nname = \"t\"\nmodel = \"noop\"\nflow = \"c\"\n\n\
+        [[sink]]\ntype = \"jsonl\"\n";
+    let errs = errors(text);
+    has(&errs, 20, "source[1].flow", "no [[flow]] named `nope`, expected one of: a, b");
+    has(&errs, 21, "source[1].priority", "expected 1..=100");
+    has(&errs, 23, "source[2]", "missing key `flow`: the file has several [[flow]]s (a, b)");
+    has(&errs, 35, "stage[1].flow", "no [[flow]] named `c`");
+    has(&errs, 8, "flow[1]", "no [[stage]] names flow `b`");
 }

@@ -87,7 +87,7 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Folder of latency profiles.
-        #[arg(long, default_value = "../shared/data/ppipe-profiles")]
+        #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
         profiles: PathBuf,
         /// Solver time limit per plan, seconds.
         #[arg(long, default_value_t = 20.0)]
@@ -106,7 +106,7 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Folder of latency profiles.
-        #[arg(long, default_value = "../shared/data/ppipe-profiles")]
+        #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
         profiles: PathBuf,
         /// Simulated seconds per run of the 99% search.
         #[arg(long, default_value_t = 10.0)]
@@ -121,7 +121,7 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Folder of latency profiles.
-        #[arg(long, default_value = "../shared/data/ppipe-profiles")]
+        #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
         profiles: PathBuf,
         /// Profiled model.
         #[arg(long, default_value = "convnext_large")]

@@ -9,7 +9,7 @@ use super::CliError;
 #[derive(Debug, clap::Args)]
 pub struct PlanArgs {
     /// Folder of latency profiles (block-timing/, cut-bytes/).
-    #[arg(long, default_value = "../shared/data/ppipe-profiles")]
+    #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
     pub profiles: PathBuf,
     /// Devices, `CLASS:COUNT,...` (e.g. `L4:25,T4:75`).
     #[arg(

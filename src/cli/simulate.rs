@@ -12,7 +12,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub plan: PathBuf,
     /// Folder of latency profiles (block-timing/, cut-bytes/).
-    #[arg(long, default_value = "../shared/data/ppipe-profiles")]
+    #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
     pub profiles: PathBuf,
     /// Simulated seconds of arrivals.
     #[arg(long, default_value_t = 30.0)]

@@ -55,6 +55,7 @@ fn load_str(path: &Path, text: &str, opts: &LoadOptions) -> Result<Pipeline, Con
         dir,
         errors: Vec::new(),
         opts,
+        flow_names: None,
     };
     let pipeline = v.pipeline();
     let mut errors = v.errors;
@@ -77,6 +78,7 @@ pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec
         dir,
         errors: Vec::new(),
         opts: &opts,
+        flow_names: None,
     };
     let extra: Vec<(String, Range<usize>)> = parsed
         .table
@@ -146,6 +148,8 @@ pub(super) struct Validator<'p, 'a> {
     dir: &'p Path,
     pub(super) errors: Vec<Diagnostic>,
     opts: &'p LoadOptions,
+    /// Names of the file's `[[flow]]`s (None: the file has none, or this is one stream).
+    flow_names: Option<Vec<String>>,
 }
 
 impl<'a> Validator<'_, 'a> {
@@ -308,6 +312,14 @@ impl<'a> Validator<'_, 'a> {
             self.opts.plan.as_deref(),
             profiles.as_ref(),
         );
+        self.flow_names = Some(if flow_cfgs.is_empty() {
+            vec![header
+                .as_ref()
+                .map_or("pipeline", |h| h.name.as_str())
+                .to_string()]
+        } else {
+            flow_cfgs.iter().map(|(_, c)| c.name.clone()).collect()
+        });
         let sources = self.sources();
         let bandwidth = header.as_ref().map_or(10.0, |h| h.bandwidth_gbps);
         let slo_ms = header.as_ref().map(|h| h.slo_ms);
@@ -486,31 +498,6 @@ impl<'a> Validator<'_, 'a> {
         if let Some(cluster) = header.as_ref().and_then(|h| h.cluster.clone()) {
             self.check_cluster(&cluster, &stages, plan.as_ref().map(|p| p.path.as_path()));
         }
-        if let Some(sources) = &sources {
-            for (i, s) in sources.iter().enumerate() {
-                match &s.flow {
-                    Some(f) if !flows.iter().any(|x| &x.name == f) && declared => self.err(
-                        &format!("source[{i}].flow"),
-                        format!(
-                            "no [[flow]] named `{f}`, expected one of: {}",
-                            names.join(", ")
-                        ),
-                    ),
-                    Some(f) if !declared => self.err(
-                        &format!("source[{i}].flow"),
-                        format!("names flow `{f}` but the file declares no [[flow]]"),
-                    ),
-                    None if flows.len() > 1 => self.err(
-                        &format!("source[{i}]"),
-                        format!(
-                            "missing key `flow`: the file has several [[flow]]s ({})",
-                            names.join(", ")
-                        ),
-                    ),
-                    _ => {}
-                }
-            }
-        }
         let sinks = self.sinks(&pipeline_name);
         let h = header?;
         if !stages_ok {
@@ -656,6 +643,7 @@ impl<'a> Validator<'_, 'a> {
             if c.num_buffers == Some(0) {
                 self.err(&format!("{base}.num_buffers"), "must be at least 1");
             }
+            self.source_flow(&base, c.flow.as_deref());
             if !(1..=100).contains(&c.priority) {
                 self.err(
                     &format!("{base}.priority"),
@@ -681,6 +669,27 @@ impl<'a> Validator<'_, 'a> {
             });
         }
         ok.then_some(out)
+    }
+
+    /// Checks the flow a source names against the file's `[[flow]]`s.
+    fn source_flow(&mut self, base: &str, flow: Option<&str>) {
+        let Some(names) = self.flow_names.clone() else {
+            return;
+        };
+        match flow {
+            Some(f) if !names.iter().any(|n| n == f) => self.err(
+                &format!("{base}.flow"),
+                format!("no [[flow]] named `{f}`, expected one of: {}", names.join(", ")),
+            ),
+            None if names.len() > 1 => self.err(
+                base,
+                format!(
+                    "missing key `flow`: the file has several [[flow]]s ({})",
+                    names.join(", ")
+                ),
+            ),
+            _ => {}
+        }
     }
 
     fn source_kind(&mut self, base: &str, c: &SourceConfig) -> Option<SourceKind> {

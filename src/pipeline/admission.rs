@@ -257,6 +257,11 @@ mod tests {
             taken[a.take().unwrap().stream] += 1;
         }
         assert_eq!(taken, [100, 300]);
+        for (s, inlet) in [(0, &x), (1, &y)] {
+            while inlet.try_send(frame(s, seq)).is_ok() {
+                seq += 1;
+            }
+        }
         a.close();
         assert!(matches!(y.try_send(frame(1, 0)), Err(Refused::Closed(_))));
         let mut left = 0;

@@ -46,11 +46,14 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// `poolpipe` with these arguments, run to completion.
 pub fn poolpipe(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("run poolpipe")
+    let mut c = Command::new(bin());
+    c.args(args).env("RUST_LOG", "info");
+    // Where the published profiles are, for commands that default to POOLPIPE_PROFILES.
+    let shared = root().join("../shared/data/ppipe-profiles");
+    if shared.is_dir() {
+        c.env("POOLPIPE_PROFILES", shared);
+    }
+    c.output().expect("run poolpipe")
 }
 
 /// Reads a JSON lines file.

@@ -1,0 +1,327 @@
+//! A planner plan served by `poolpipe run --plan` on emulated devices, against the simulator
+//! serving the same plan with the same arrivals; and fairness between streams under overload.
+//! Alone in its test binary: emulated devices sleep in wall time, and other tests running at the
+//! same time on a 2-core machine would delay their wake-ups.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use poolpipe::clock::Nanos;
+use poolpipe::config::PolicyKind;
+use poolpipe::planner::Plan;
+use poolpipe::profile::Profiles;
+use poolpipe::sim::{self, Arrivals, SimOptions, SimSetup};
+use serde_json::Value;
+
+const MS: Nanos = 1_000_000;
+
+/// `poolpipe plan` of `models` on `cluster`, written to `dir/plan.json`.
+fn plan(dir: &Path, profiles: &Path, cluster: &str, models: &str) -> Plan {
+    let out = dir.join("plan.json");
+    let o = common::poolpipe(&[
+        "plan",
+        "--profiles",
+        profiles.to_str().unwrap(),
+        "--cluster",
+        cluster,
+        "--models",
+        models,
+        "--time-limit",
+        "20",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    Plan::load(&out).unwrap()
+}
+
+/// A pipeline file with one flow per model of the plan, each fed by one test source at
+/// `rate(model)` frames per second, every result to a JSON lines file.
+fn pipeline_file(dir: &Path, plan: &Plan, cluster: &str, rate: &dyn Fn(f64) -> u32) -> String {
+    let mut p = format!(
+        "[pipeline]\nname = \"planned\"\nslo_ms = 1000\ncluster = \"{cluster}\"\n\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+        dir.join("out.jsonl").display()
+    );
+    let patterns = ["ball", "smpte", "snow", "pinwheel"];
+    for (i, m) in plan.models.iter().enumerate() {
+        p += &format!(
+            "\n[[flow]]\nname = \"f{i}\"\nmodel = \"{}\"\n\n[[source]]\nname = \"cam{i}\"\nuri = \"test://{}\"\nmax_fps = {}\nflow = \"f{i}\"\n",
+            m.name,
+            patterns[i % patterns.len()],
+            rate(m.throughput)
+        );
+    }
+    p
+}
+
+/// Runs `poolpipe run --plan` for `seconds`; returns the summary.
+fn run_plan(dir: &Path, profiles: &Path, pipeline: &str, seconds: u32) -> Value {
+    let p = common::write(dir, "p.toml", pipeline);
+    let summary = dir.join("summary.json");
+    let o = common::poolpipe(&[
+        "run",
+        p.to_str().unwrap(),
+        "--plan",
+        dir.join("plan.json").to_str().unwrap(),
+        "--profiles",
+        profiles.to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
+        "--duration",
+        &seconds.to_string(),
+        "--summary-json",
+        summary.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = common::read_summary(&summary);
+    common::assert_balanced(&s);
+    s
+}
+
+/// Per flow `f{i}`: (attainment, goodput) of the run.
+fn run_results(s: &Value) -> HashMap<String, (f64, f64, u64)> {
+    let elapsed = s["elapsed_s"].as_f64().unwrap();
+    s["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let ingested = f["ingested"].as_u64().unwrap();
+            let published = f["published"].as_u64().unwrap();
+            (
+                f["name"].as_str().unwrap().to_string(),
+                (
+                    published as f64 / ingested.max(1) as f64,
+                    published as f64 / elapsed,
+                    ingested,
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Serves the plan in the simulator with the run's arrivals: per model, its source's frames at
+/// its rate, as many as the run ingested, over the run's time. Returns (attainment, goodput).
+fn simulate(plan: &Plan, profiles: &Profiles, rates: &[u32], run: &Value) -> Vec<(f64, f64)> {
+    let setup = SimSetup::from_plan(plan, profiles).unwrap();
+    let elapsed = run["elapsed_s"].as_f64().unwrap();
+    let span = (elapsed * 1e9) as Nanos;
+    let flows = run_results(run);
+    let times: Vec<Vec<Nanos>> = rates
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let n = flows[&format!("f{i}")].2;
+            let period = (1e9 / *r as f64) as Nanos;
+            (0..n).map(|k| k * period).collect()
+        })
+        .collect();
+    let r = sim::simulate_times(
+        &setup,
+        &SimOptions {
+            policy: PolicyKind::Deadline,
+            duration: elapsed,
+            load: 1.0,
+            arrivals: Arrivals::Poisson,
+            seed: 0,
+            margin: 2 * MS,
+            queue: None,
+        },
+        &times,
+        span,
+    );
+    r.models
+        .iter()
+        .map(|m| (m.attainment, m.on_time as f64 / elapsed))
+        .collect()
+}
+
+fn assert_agree(plan: &Plan, profiles: &Profiles, rates: &[u32], run: &Value, what: &str) {
+    let simulated = simulate(plan, profiles, rates, run);
+    let ran = run_results(run);
+    for (i, (sa, sg)) in simulated.iter().enumerate() {
+        let (ra, rg, _) = ran[&format!("f{i}")];
+        let m = &plan.models[i].name;
+        assert!(
+            (sa - ra).abs() <= 0.05 * sa.max(ra),
+            "{what}, {m}: attainment simulator {sa:.3}, poolpipe run {ra:.3}"
+        );
+        assert!(
+            (sg - rg).abs() <= 0.05 * sg.max(rg),
+            "{what}, {m}: goodput simulator {sg:.1}, poolpipe run {rg:.1} frames/s"
+        );
+    }
+}
+
+#[test]
+fn a_plan_runs_and_agrees_with_the_simulator_below_and_above_its_load() {
+    let Some(dir_profiles) = common::shared_profiles() else {
+        return;
+    };
+    let profiles = Profiles::load_dir(&dir_profiles, None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = "L4:2,T4:6";
+    let plan = plan(
+        dir.path(),
+        &dir_profiles,
+        cluster,
+        "wide_resnet101_2,googlenet,repvgg",
+    );
+
+    // 0.9 of each model's planned rate: every model meets its SLO for 99% of its frames.
+    let rate = |x: f64| (0.9 * x).floor() as u32;
+    let rates: Vec<u32> = plan.models.iter().map(|m| rate(m.throughput)).collect();
+    let run = run_plan(
+        dir.path(),
+        &dir_profiles,
+        &pipeline_file(dir.path(), &plan, cluster, &rate),
+        30,
+    );
+    for (name, (attainment, _, ingested)) in run_results(&run) {
+        assert!(ingested > 0, "flow {name} got no frames");
+        assert!(
+            attainment >= 0.99,
+            "flow {name}: {attainment:.3} of its frames met the SLO at 0.9x the planned load"
+        );
+    }
+    assert_agree(&plan, &profiles, &rates, &run, "0.9x load");
+    // Results name their flow and the stages of the planned route they took.
+    let out = common::read_jsonl(&dir.path().join("out.jsonl"));
+    let first = &out[0];
+    let flow = first["flow"].as_str().unwrap();
+    assert!(
+        first["latency_ms"]["stages"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| k.starts_with(&format!("{flow}.p"))),
+        "{first}"
+    );
+
+    // 1.3x: overload; the runtime and the simulator drop alike.
+    let rate = |x: f64| (1.3 * x).round() as u32;
+    let rates: Vec<u32> = plan.models.iter().map(|m| rate(m.throughput)).collect();
+    let run = run_plan(
+        dir.path(),
+        &dir_profiles,
+        &pipeline_file(dir.path(), &plan, cluster, &rate),
+        20,
+    );
+    assert_agree(&plan, &profiles, &rates, &run, "1.3x load");
+}
+
+#[test]
+fn a_model_with_two_planned_pipelines_gets_frames_on_both_in_proportion() {
+    let Some(dir_profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = "L4:2,T4:8";
+    let plan = plan(
+        dir.path(),
+        &dir_profiles,
+        cluster,
+        "convnext_large,efficientnet,tf_efficientdet_d1",
+    );
+    let (mi, two) = plan
+        .models
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.pipelines.len() >= 2)
+        .expect("this plan gives one model two pipelines");
+    let rate = |x: f64| (0.9 * x).floor() as u32;
+    let run = run_plan(
+        dir.path(),
+        &dir_profiles,
+        &pipeline_file(dir.path(), &plan, cluster, &rate),
+        30,
+    );
+    let stage_in: HashMap<String, u64> = run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["frames_in"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let got: Vec<f64> = (0..two.pipelines.len())
+        .map(|k| stage_in[&format!("f{mi}.p{k}.s0")] as f64)
+        .collect();
+    let total_got: f64 = got.iter().sum();
+    let total_planned: f64 = two.pipelines.iter().map(|p| p.throughput).sum();
+    for (k, p) in two.pipelines.iter().enumerate() {
+        let want = p.throughput / total_planned;
+        let share = got[k] / total_got;
+        assert!(
+            (share - want).abs() <= 0.05 * want,
+            "pipeline {k} of {}: {share:.3} of the frames, planned {want:.3}",
+            two.name
+        );
+    }
+}
+
+/// Runs one emulated stage (about 29 frames/s) fed by four streams at 22 frames/s each (3x
+/// overload), with these priorities; returns the frames each stream published.
+fn overloaded(priorities: [u32; 4]) -> Vec<u64> {
+    let profiles = common::shared_profiles().expect("checked by the caller");
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = format!(
+        "[pipeline]\nname = \"fair\"\nslo_ms = 300\nprofiles = \"{}\"\n\n\
+         [[stage]]\nname = \"net\"\ndevice = \"emulated:T4\"\nprofile = \"wide_resnet101_2\"\n\
+         max_batch = 1\nqueue = 2\n\n[[sink]]\ntype = \"jsonl\"\npath = \"/dev/null\"\n",
+        profiles.display()
+    );
+    for (i, pr) in priorities.iter().enumerate() {
+        p += &format!(
+            "\n[[source]]\nname = \"cam{i}\"\nuri = \"test://ball\"\nmax_fps = 22\npriority = {pr}\n"
+        );
+    }
+    let file = common::write(dir.path(), "p.toml", &p);
+    let summary = dir.path().join("s.json");
+    let o = common::poolpipe(&[
+        "run",
+        file.to_str().unwrap(),
+        "--api",
+        "off",
+        "--duration",
+        "15",
+        "--summary-json",
+        summary.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = common::read_summary(&summary);
+    let streams = common::assert_balanced(&s);
+    (0..4)
+        .map(|i| streams[&format!("cam{i}")]["published"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn equal_streams_get_equal_shares_under_overload_and_priority_buys_more() {
+    if common::shared_profiles().is_none() {
+        return;
+    }
+    let x: Vec<f64> = overloaded([1, 1, 1, 1])
+        .into_iter()
+        .map(|n| n as f64)
+        .collect();
+    let sum: f64 = x.iter().sum();
+    let jain = sum * sum / (4.0 * x.iter().map(|v| v * v).sum::<f64>());
+    assert!(sum > 0.0);
+    assert!(jain >= 0.95, "Jain's index {jain:.3} over {x:?}");
+
+    let y = overloaded([2, 1, 1, 1]);
+    let others = (y[1] + y[2] + y[3]) as f64 / 3.0;
+    let ratio = y[0] as f64 / others;
+    assert!(
+        (ratio - 2.0).abs() <= 0.2,
+        "priority 2 published {} frames, the others {:?}: {ratio:.2}x",
+        y[0],
+        &y[1..]
+    );
+}
