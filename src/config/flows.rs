@@ -74,23 +74,33 @@ impl Pipeline {
     }
 }
 
-/// Gives every worker of every stage a device id, deterministically: the workers of a stage on
-/// `emulated:<class>` at share `s` fill devices of that class `s` at a time (`T4:0` takes the
-/// stage's first `s` processes, `T4:1` the next), each stage on devices of its own, numbered per
-/// class in stage order; CPU workers run on `cpu`.
+/// Gives every worker of every stage a device id, deterministically, in stage order: a device
+/// of class `C` at share `s` holds `s` processes (the share-`s` profile assumes as many), so the
+/// workers of stages on `emulated:C` at share `s` fill devices `s` at a time (`T4:0` takes the
+/// first `s` processes, `T4:1` the next, and a stage that leaves a device part-filled leaves it
+/// to the next stage of the same class and share, as the planner counts `processes / share`
+/// devices); devices are numbered per class. CPU workers run on `cpu`.
 pub fn assign_devices(stages: &mut [StageSpec]) {
     let mut next: BTreeMap<String, usize> = BTreeMap::new();
+    // (class, share) -> (device, processes on it) of the part-filled device.
+    let mut open: BTreeMap<(String, usize), (usize, usize)> = BTreeMap::new();
     for s in stages {
         s.devices = match &s.device {
             Device::Cpu => vec!["cpu".to_string(); s.workers],
             Device::Emulated { class } => {
                 let share = s.profile.as_ref().map_or(1, |p| p.share.max(1)) as usize;
-                let first = next.entry(class.clone()).or_default();
-                let ids = (0..s.workers)
-                    .map(|w| format!("{class}:{}", *first + w / share))
-                    .collect();
-                *first += s.workers.div_ceil(share);
-                ids
+                (0..s.workers)
+                    .map(|_| {
+                        let slot = open.entry((class.clone(), share)).or_insert((0, share));
+                        if slot.1 == share {
+                            let n = next.entry(class.clone()).or_default();
+                            *slot = (*n, 0);
+                            *n += 1;
+                        }
+                        slot.1 += 1;
+                        format!("{class}:{}", slot.0)
+                    })
+                    .collect()
             }
         };
     }
@@ -447,7 +457,7 @@ mod tests {
     }
 
     #[test]
-    fn devices_are_numbered_per_class_and_filled_share_at_a_time() {
+    fn devices_are_numbered_per_class_and_filled_share_processes_at_a_time() {
         let t4 = || Device::Emulated { class: "T4".into() };
         let l4 = Device::Emulated { class: "L4".into() };
         let mut s = vec![
@@ -456,13 +466,16 @@ mod tests {
             stage("c", t4(), 2, 1),
             stage("d", Device::Cpu, 2, 1),
         ];
+        s.push(stage("e", Device::Emulated { class: "T4".into() }, 3, 2));
         assign_devices(&mut s);
         assert_eq!(s[0].devices, ["T4:0", "T4:0", "T4:1"]);
         assert_eq!(s[1].devices, ["L4:0", "L4:1"]);
         assert_eq!(s[2].devices, ["T4:2", "T4:3"]);
         assert_eq!(s[3].devices, ["cpu", "cpu"]);
+        // Share 2: the device stage `a` left half-filled takes `e`'s first process.
+        assert_eq!(s[4].devices, ["T4:1", "T4:4", "T4:4"]);
         let used = devices_used(&s);
-        assert_eq!(used["T4"], 4);
+        assert_eq!(used["T4"], 5);
         assert_eq!(used["L4"], 2);
     }
 

@@ -89,7 +89,7 @@ fn quote(s: &str) -> String {
 /// The launch string of a source and the elements it needs. The string may contain credentials:
 /// never log it.
 pub fn launch_string(spec: &SourceSpec, fmt: &ImageSpec) -> (String, Vec<&'static str>) {
-    let mut elements = vec!["videoconvert", "videoscale", "appsink"];
+    let mut elements = vec!["identity", "videoconvert", "videoscale", "appsink"];
     let head = match &spec.kind {
         SourceKind::Rtsp {
             url,
@@ -135,7 +135,7 @@ pub fn launch_string(spec: &SourceSpec, fmt: &ImageSpec) -> (String, Vec<&'stati
     // Files in real time are paced by the appsink clock; live sources pace themselves.
     let sync = matches!(spec.kind, SourceKind::File { .. }) && spec.pace == Pace::Realtime;
     let launch = format!(
-        "{head}{rate} ! videoconvert ! videoscale ! video/x-raw,format={},width={},height={},pixel-aspect-ratio=1/1 \
+        "{head}{rate} ! identity name=gate silent=true ! videoconvert ! videoscale ! video/x-raw,format={},width={},height={},pixel-aspect-ratio=1/1 \
          ! appsink name=sink sync={sync} max-buffers=2 drop=false",
         fmt.pixel_format.gst_name(),
         fmt.width,
@@ -277,12 +277,11 @@ fn run_once(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext, seq: &mut u
         Ok(p) => p,
         Err(e) => return RunEnd::Error(IngestError::Build(scrub(&e.to_string(), spec))),
     };
-    let end = match pipeline
-        .clone()
-        .dynamic_cast::<gst::Bin>()
-        .ok()
-        .and_then(|b| b.by_name("sink"))
-    {
+    let bin = pipeline.clone().dynamic_cast::<gst::Bin>().ok();
+    if !(spec.pace == Pace::Fast && !spec.is_live()) {
+        drop_early(bin.as_ref().and_then(|b| b.by_name("gate")), ctx);
+    }
+    let end = match bin.and_then(|b| b.by_name("sink")) {
         Some(sink) => match sink.dynamic_cast::<gst_app::AppSink>() {
             Ok(appsink) => pump(spec, ctx, &pipeline, &appsink, seq),
             Err(_) => RunEnd::Error(IngestError::Build("`sink` is not an appsink".into())),
@@ -291,6 +290,30 @@ fn run_once(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext, seq: &mut u
     };
     let _ = pipeline.set_state(gst::State::Null);
     end
+}
+
+/// Drops a decoded frame before colour conversion and scaling when the stream's lane is full of
+/// frames fresh enough to keep (captured within a quarter of the SLO), so that an overloaded
+/// pipeline does not spend its CPU converting frames it would drop anyway (counted as
+/// `dropped_overload`, and `dropped_early`). Once the waiting frames are older than that, a new
+/// one is converted and replaces the oldest. Frames of a `fast` file wait instead.
+fn drop_early(gate: Option<gst::Element>, ctx: &SourceContext) {
+    let Some(pad) = gate.and_then(|g| g.static_pad("src")) else {
+        return;
+    };
+    let inlet = ctx.tx.clone();
+    let counters = ctx.stats.stream(ctx.stream);
+    let clock = ctx.clock.clone();
+    let slo = ctx.slo.clone();
+    pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+        let max_age = slo.load(Ordering::Relaxed) / 4;
+        if inlet.full_of_fresh(clock.now(), max_age) {
+            counters.frame_dropped_early();
+            gst::PadProbeReturn::Drop
+        } else {
+            gst::PadProbeReturn::Ok
+        }
+    });
 }
 
 fn pump(
@@ -476,7 +499,12 @@ fn deliver(
     }
     counters.frame_ingested();
     match ctx.tx.try_send(frame) {
-        Ok(()) => None,
+        Ok(None) => None,
+        Ok(Some(_older)) => {
+            // The lane was full: its oldest frame made room for this one.
+            counters.frame_dropped_overload();
+            None
+        }
         Err(Refused::Full(_)) => {
             counters.frame_dropped_overload();
             None

@@ -4,10 +4,11 @@
 //! per flow takes the next frame from the lanes by smooth weighted round robin on the streams'
 //! `priority`, and sends it to the first stage of one of the flow's routes, picked by smooth
 //! weighted round robin on the routes' planned throughput (PPipe's front-end load balancer).
-//! When the routes are full the thread waits, the lanes fill, and each source drops its own
-//! frames (`dropped_overload`): under overload every stream gets its weighted share of what the
-//! flow carries, whichever camera happens to deliver first (a single shared queue gives the
-//! slots to whoever arrives just after one frees). Nothing is unbounded: a lane holds
+//! When the routes are full the thread waits, the lanes fill, and each live source drops its own
+//! oldest frame for each new one (`dropped_overload`), so what waits is fresh: under overload
+//! every stream gets its weighted share of what the flow carries, whichever camera happens to
+//! deliver first (a single shared queue gives the slots to whoever arrives just after one
+//! frees), and the frames it gets are recent. Nothing is unbounded: a lane holds
 //! [`LANE_FRAMES`] frames.
 
 use std::collections::VecDeque;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::clock::Nanos;
 use crate::frame::Frame;
 use crate::stats::Stats;
 use crate::wrr::SmoothWrr;
@@ -63,20 +65,23 @@ pub struct Inlet {
 }
 
 impl Inlet {
-    /// Hands a frame over without waiting.
-    pub fn try_send(&self, frame: Frame) -> Result<(), Refused> {
+    /// Hands a frame over without waiting; when the lane is full, its oldest frame makes room
+    /// and is given back (the caller counts it as dropped).
+    pub fn try_send(&self, frame: Frame) -> Result<Option<Frame>, Refused> {
         let mut s = lock(&self.admission.state);
         if s.closed {
             return Err(Refused::Closed(frame));
         }
         let lane = &mut s.lanes[self.lane];
-        if lane.frames.len() >= LANE_FRAMES {
-            return Err(Refused::Full(frame));
-        }
+        let evicted = if lane.frames.len() >= LANE_FRAMES {
+            lane.frames.pop_front()
+        } else {
+            None
+        };
         lane.frames.push_back(frame);
         drop(s);
         self.admission.arrived.notify_one();
-        Ok(())
+        Ok(evicted)
     }
 
     /// Hands a frame over, waiting up to `timeout` for room.
@@ -106,11 +111,17 @@ impl Inlet {
         }
     }
 
-    /// Whether a frame handed over now would be refused (the source may then drop it before
-    /// converting it).
-    pub fn is_full(&self) -> bool {
+    /// Whether a frame captured now is not worth converting: the lane is full of frames
+    /// captured less than `max_age` before `now` (a fresher frame would only replace one of
+    /// them), or the flow is closing.
+    pub fn full_of_fresh(&self, now: Nanos, max_age: Nanos) -> bool {
         let s = lock(&self.admission.state);
-        s.closed || s.lanes[self.lane].frames.len() >= LANE_FRAMES
+        let lane = &s.lanes[self.lane].frames;
+        s.closed
+            || (lane.len() >= LANE_FRAMES
+                && lane
+                    .front()
+                    .is_some_and(|f| f.captured.saturating_add(max_age) > now))
     }
 }
 
@@ -241,27 +252,33 @@ mod tests {
         let x = a.inlet(1);
         let y = a.inlet(3);
         for i in 0..LANE_FRAMES as u64 {
-            assert!(x.try_send(frame(0, i)).is_ok());
+            assert!(matches!(x.try_send(frame(0, i)), Ok(None)));
         }
-        assert!(matches!(x.try_send(frame(0, 9)), Err(Refused::Full(_))));
-        assert!(x.is_full() && !y.is_full());
+        // A full lane gives back its oldest frame for the new one.
+        match x.try_send(frame(0, 9)) {
+            Ok(Some(old)) => assert_eq!(old.seq, 0),
+            _ => panic!("the oldest frame makes room"),
+        }
+        assert!(x.full_of_fresh(10, 100), "captured at 0, younger than 100");
+        assert!(!x.full_of_fresh(200, 100), "older than 100: worth replacing");
+        assert!(!y.full_of_fresh(0, 100), "an empty lane takes frames");
         // Keep both lanes full: stream 1 (priority 3) gets three frames for each of stream 0's.
         let mut taken = [0; 2];
         let mut seq = 100;
-        for _ in 0..400 {
+        let fill = |seq: &mut u64| {
             for (s, inlet) in [(0, &x), (1, &y)] {
-                while inlet.try_send(frame(s, seq)).is_ok() {
-                    seq += 1;
+                while !inlet.full_of_fresh(0, 1) {
+                    assert!(inlet.try_send(frame(s, *seq)).is_ok());
+                    *seq += 1;
                 }
             }
+        };
+        for _ in 0..400 {
+            fill(&mut seq);
             taken[a.take().unwrap().stream] += 1;
         }
         assert_eq!(taken, [100, 300]);
-        for (s, inlet) in [(0, &x), (1, &y)] {
-            while inlet.try_send(frame(s, seq)).is_ok() {
-                seq += 1;
-            }
-        }
+        fill(&mut seq);
         a.close();
         assert!(matches!(y.try_send(frame(1, 0)), Err(Refused::Closed(_))));
         let mut left = 0;
