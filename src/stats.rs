@@ -85,6 +85,9 @@ impl BatchSizes {
     }
 }
 
+/// A stream's name, the flow it feeds, and its counters.
+type StreamEntry = (Arc<str>, usize, Arc<StreamCounters>);
+
 /// All counters of a running pipeline.
 ///
 /// Streams can be added while the pipeline runs; a stream's index never changes, and a stream
@@ -92,7 +95,7 @@ impl BatchSizes {
 #[derive(Debug)]
 pub struct Stats {
     /// Per stream, with its name and flow, in the order they were first added.
-    streams: RwLock<Vec<(Arc<str>, usize, Arc<StreamCounters>)>>,
+    streams: RwLock<Vec<StreamEntry>>,
     /// Flow names, with the end-to-end latency of each flow's published frames.
     flows: Vec<(String, Histogram)>,
     /// Stage names, in order.

@@ -36,7 +36,7 @@ impl SmoothWrr {
     }
 
     /// The next entry among all of them.
-    pub fn next(&mut self) -> usize {
+    pub fn pick(&mut self) -> usize {
         self.next_among(|_| true).unwrap_or(0)
     }
 
@@ -69,11 +69,11 @@ mod tests {
     #[test]
     fn picks_in_proportion_and_spread_out() {
         let mut w = SmoothWrr::new(vec![5.0, 1.0, 1.0]);
-        let picks: Vec<usize> = (0..7).map(|_| w.next()).collect();
+        let picks: Vec<usize> = (0..7).map(|_| w.pick()).collect();
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
         let mut counts = [0; 3];
         for _ in 0..700 {
-            counts[w.next()] += 1;
+            counts[w.pick()] += 1;
         }
         assert_eq!(counts, [500, 100, 100]);
     }
@@ -85,7 +85,7 @@ mod tests {
             assert_eq!(w.next_among(|i| i == 1), Some(1));
         }
         // Entry 0 did not bank credit while it was not eligible: strict alternation resumes.
-        let picks: Vec<usize> = (0..4).map(|_| w.next()).collect();
+        let picks: Vec<usize> = (0..4).map(|_| w.pick()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 2);
         assert_eq!(w.next_among(|_| false), None);
     }

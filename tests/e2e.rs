@@ -388,7 +388,10 @@ fn heterogeneous_emulated_pools_publish_within_the_slo() {
     let pipeline = shipped
         .replace(
             "bandwidth_gbps = 10\n",
-            &format!("bandwidth_gbps = 10\nprofiles = \"{}\"\n", profiles.display()),
+            &format!(
+                "bandwidth_gbps = 10\nprofiles = \"{}\"\n",
+                profiles.display()
+            ),
         )
         .replace(
             "path = \"-\"",
@@ -471,7 +474,10 @@ fn under_overload_the_deadline_policy_drops_early_and_publishes_more_than_fixed(
         let pipeline = shipped
             .replace(
                 "bandwidth_gbps = 10\n",
-                &format!("bandwidth_gbps = 10\nprofiles = \"{}\"\n", profiles.display()),
+                &format!(
+                    "bandwidth_gbps = 10\nprofiles = \"{}\"\n",
+                    profiles.display()
+                ),
             )
             .replace("max_fps = 15", "max_fps = 40")
             .replace(

@@ -451,7 +451,11 @@ fn planned_files(
     (write(dir, "p.toml", &p), plan)
 }
 
-fn validate_with_plan(p: &std::path::Path, plan: &std::path::Path, profiles: &std::path::Path) -> (i32, String) {
+fn validate_with_plan(
+    p: &std::path::Path,
+    plan: &std::path::Path,
+    profiles: &std::path::Path,
+) -> (i32, String) {
     let o = poolpipe(&[
         "validate",
         p.to_str().unwrap(),
@@ -484,14 +488,25 @@ fn plans_are_checked_against_the_pipeline_file() {
     assert_eq!(code, 0, "{err}");
 
     // A plan for a model the file has no flow for: located in the plan file.
-    let (p, plan) = planned_files(dir.path(), &profiles, models, &["wide_resnet101_2"], "L4:2,T4:6");
+    let (p, plan) = planned_files(
+        dir.path(),
+        &profiles,
+        models,
+        &["wide_resnet101_2"],
+        "L4:2,T4:6",
+    );
     let (code, err) = validate_with_plan(&p, &plan, &profiles);
     assert_eq!(code, 2, "{err}");
     let text = std::fs::read_to_string(&plan).unwrap();
-    let line = text.lines().position(|l| l.contains("\"repvgg-b3\"")).unwrap() + 1;
+    let line = text
+        .lines()
+        .position(|l| l.contains("\"repvgg-b3\""))
+        .unwrap()
+        + 1;
     assert!(
         err.contains(&format!("{}:{line}:", plan.display()))
-            && err.contains("`models.repvgg-b3`: the plan serves model `repvgg-b3` but no [[flow]]"),
+            && err
+                .contains("`models.repvgg-b3`: the plan serves model `repvgg-b3` but no [[flow]]"),
         "{err}"
     );
 
@@ -515,7 +530,11 @@ fn plans_are_checked_against_the_pipeline_file() {
     let mut tampered: serde_json::Value = serde_json::from_str(&text).unwrap();
     let st = &mut tampered["models"][0]["pipelines"][0]["stages"][0];
     st["latency_ms"] = serde_json::json!(st["latency_ms"].as_f64().unwrap() / 2.0);
-    let bad = write(dir.path(), "tampered.json", &serde_json::to_string_pretty(&tampered).unwrap());
+    let bad = write(
+        dir.path(),
+        "tampered.json",
+        &serde_json::to_string_pretty(&tampered).unwrap(),
+    );
     let (p, _) = planned_files(
         dir.path(),
         &profiles,
@@ -537,7 +556,12 @@ fn plans_are_checked_against_the_pipeline_file() {
     );
 
     // A flow with a model but no plan.
-    let o = poolpipe(&["validate", p.to_str().unwrap(), "--profiles", profiles.to_str().unwrap()]);
+    let o = poolpipe(&[
+        "validate",
+        p.to_str().unwrap(),
+        "--profiles",
+        profiles.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -557,9 +581,19 @@ fn flows_sources_and_stages_name_each_other() {
         [[stage]]\nname = \"t\"\nmodel = \"noop\"\nflow = \"c\"\n\n\
         [[sink]]\ntype = \"jsonl\"\n";
     let errs = errors(text);
-    has(&errs, 20, "source[1].flow", "no [[flow]] named `nope`, expected one of: a, b");
+    has(
+        &errs,
+        20,
+        "source[1].flow",
+        "no [[flow]] named `nope`, expected one of: a, b",
+    );
     has(&errs, 21, "source[1].priority", "expected 1..=100");
-    has(&errs, 23, "source[2]", "missing key `flow`: the file has several [[flow]]s (a, b)");
+    has(
+        &errs,
+        23,
+        "source[2]",
+        "missing key `flow`: the file has several [[flow]]s (a, b)",
+    );
     has(&errs, 35, "stage[1].flow", "no [[flow]] named `c`");
     has(&errs, 8, "flow[1]", "no [[stage]] names flow `b`");
 }

@@ -313,10 +313,12 @@ impl<'a> Validator<'_, 'a> {
             profiles.as_ref(),
         );
         self.flow_names = Some(if flow_cfgs.is_empty() {
-            vec![header
-                .as_ref()
-                .map_or("pipeline", |h| h.name.as_str())
-                .to_string()]
+            vec![
+                header
+                    .as_ref()
+                    .map_or("pipeline", |h| h.name.as_str())
+                    .to_string(),
+            ]
         } else {
             flow_cfgs.iter().map(|(_, c)| c.name.clone()).collect()
         });
@@ -679,7 +681,10 @@ impl<'a> Validator<'_, 'a> {
         match flow {
             Some(f) if !names.iter().any(|n| n == f) => self.err(
                 &format!("{base}.flow"),
-                format!("no [[flow]] named `{f}`, expected one of: {}", names.join(", ")),
+                format!(
+                    "no [[flow]] named `{f}`, expected one of: {}",
+                    names.join(", ")
+                ),
             ),
             None if names.len() > 1 => self.err(
                 base,

@@ -278,7 +278,7 @@ fn run_once(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext, seq: &mut u
         Err(e) => return RunEnd::Error(IngestError::Build(scrub(&e.to_string(), spec))),
     };
     let bin = pipeline.clone().dynamic_cast::<gst::Bin>().ok();
-    if !(spec.pace == Pace::Fast && !spec.is_live()) {
+    if spec.pace != Pace::Fast || spec.is_live() {
         drop_early(bin.as_ref().and_then(|b| b.by_name("gate")), ctx);
     }
     let end = match bin.and_then(|b| b.by_name("sink")) {
@@ -491,7 +491,7 @@ fn deliver(
                     if ctx.stop.load(Ordering::SeqCst) {
                         return Some(RunEnd::Stop);
                     }
-                    frame = f;
+                    frame = *f;
                 }
                 Err(Refused::Closed(_)) => return Some(RunEnd::Stop),
             }

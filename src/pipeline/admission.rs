@@ -16,6 +16,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::batcher::{Load, saturated};
 use crate::clock::Nanos;
 use crate::frame::Frame;
 use crate::stats::Stats;
@@ -24,12 +27,15 @@ use crate::wrr::SmoothWrr;
 /// Frames one stream's lane holds.
 pub const LANE_FRAMES: usize = 2;
 
-/// Why a frame was not taken.
+/// How often a waiting admission looks whether its route has room again.
+const GATE_POLL: Duration = Duration::from_micros(250);
+
+/// Why a frame was not taken (it is given back, boxed).
 pub enum Refused {
     /// The stream's lane is full.
-    Full(Frame),
+    Full(Box<Frame>),
     /// The flow is shutting down.
-    Closed(Frame),
+    Closed(Box<Frame>),
 }
 
 struct Lane {
@@ -70,7 +76,7 @@ impl Inlet {
     pub fn try_send(&self, frame: Frame) -> Result<Option<Frame>, Refused> {
         let mut s = lock(&self.admission.state);
         if s.closed {
-            return Err(Refused::Closed(frame));
+            return Err(Refused::Closed(Box::new(frame)));
         }
         let lane = &mut s.lanes[self.lane];
         let evicted = if lane.frames.len() >= LANE_FRAMES {
@@ -90,7 +96,7 @@ impl Inlet {
         let mut s = lock(&self.admission.state);
         loop {
             if s.closed {
-                return Err(Refused::Closed(frame));
+                return Err(Refused::Closed(Box::new(frame)));
             }
             if s.lanes[self.lane].frames.len() < LANE_FRAMES {
                 s.lanes[self.lane].frames.push_back(frame);
@@ -100,7 +106,7 @@ impl Inlet {
             }
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Refused::Full(frame));
+                return Err(Refused::Full(Box::new(frame)));
             }
             s = self
                 .admission
@@ -135,6 +141,20 @@ pub struct RouteEntry {
     pub queue: flume::Sender<Frame>,
     /// Share of the flow's frames.
     pub weight: f64,
+    /// Batches in flight on each worker of its first stage.
+    pub in_flight: Arc<Vec<AtomicUsize>>,
+}
+
+/// The first stage's workers, as the gate reads them.
+struct FirstStage<'a>(&'a [AtomicUsize]);
+
+impl Load for FirstStage<'_> {
+    fn workers(&self) -> usize {
+        self.0.len()
+    }
+    fn of(&self, worker: usize) -> usize {
+        self.0[worker].load(Ordering::SeqCst)
+    }
 }
 
 impl Admission {
@@ -206,8 +226,17 @@ impl Admission {
             .name(format!("admit-{name}"))
             .spawn(move || {
                 let mut split = SmoothWrr::new(routes.iter().map(|r| r.weight).collect());
-                while let Some(mut f) = me.take() {
-                    let r = &routes[split.next()];
+                loop {
+                    // A route takes a frame once its first stage has room for a batch (nothing
+                    // waits in its queue, a worker has room): frames
+                    // wait here, in their streams' lanes, where they are taken fairly and the
+                    // oldest make way for new ones, rather than in reservations far ahead that
+                    // go to whichever stream happened to come first.
+                    let r = &routes[split.pick()];
+                    while !r.queue.is_empty() || saturated(&FirstStage(&r.in_flight)) {
+                        std::thread::sleep(GATE_POLL);
+                    }
+                    let Some(mut f) = me.take() else { break };
                     f.route = r.route;
                     let stream = f.stream;
                     match r.queue.send(f) {
@@ -260,7 +289,10 @@ mod tests {
             _ => panic!("the oldest frame makes room"),
         }
         assert!(x.full_of_fresh(10, 100), "captured at 0, younger than 100");
-        assert!(!x.full_of_fresh(200, 100), "older than 100: worth replacing");
+        assert!(
+            !x.full_of_fresh(200, 100),
+            "older than 100: worth replacing"
+        );
         assert!(!y.full_of_fresh(0, 100), "an empty lane takes frames");
         // Keep both lanes full: stream 1 (priority 3) gets three frames for each of stream 0's.
         let mut taken = [0; 2];

@@ -262,6 +262,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
             first_stage: route.stages[0],
             queue: next.queue.clone(),
             weight: route.weight,
+            in_flight: next.pool.in_flight.clone(),
         });
     }
     drop(publish_tx);

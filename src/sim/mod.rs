@@ -458,7 +458,7 @@ struct Splitter {
 
 impl Splitter {
     fn next(&mut self) -> usize {
-        self.pipes[self.wrr.next()]
+        self.pipes[self.wrr.pick()]
     }
 }
 
