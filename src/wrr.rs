@@ -40,6 +40,39 @@ impl SmoothWrr {
         self.next_among(|_| true).unwrap_or(0)
     }
 
+    /// The next entry among those `ready` says yes to, with credit for every entry `active`
+    /// says yes to (a ready entry must be active): an active entry that is not ready right now
+    /// (a stream between two frames) keeps earning its share and is picked once it is ready,
+    /// its credit capped at one round so that it cannot burst after a long wait. `None` when no
+    /// entry is ready.
+    pub fn pick_ready(
+        &mut self,
+        active: impl Fn(usize) -> bool,
+        ready: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        let mut total = 0.0;
+        for i in 0..self.weights.len() {
+            if !active(i) && !ready(i) {
+                continue;
+            }
+            let w = self.weights[i].max(0.0);
+            total += w;
+            self.credit[i] += w;
+            if ready(i) && best.is_none_or(|b| self.credit[i] > self.credit[b]) {
+                best = Some(i);
+            }
+        }
+        let b = best?;
+        self.credit[b] -= total;
+        for (i, c) in self.credit.iter_mut().enumerate() {
+            if i != b && *c > total {
+                *c = total;
+            }
+        }
+        Some(b)
+    }
+
     /// The next entry among those `eligible` says yes to; `None` when there is none.
     pub fn next_among(&mut self, eligible: impl Fn(usize) -> bool) -> Option<usize> {
         let mut best: Option<usize> = None;
@@ -76,6 +109,24 @@ mod tests {
             counts[w.pick()] += 1;
         }
         assert_eq!(counts, [500, 100, 100]);
+    }
+
+    #[test]
+    fn an_active_entry_between_items_keeps_its_share() {
+        // Entry 0 (weight 2) is ready only every other round; it still gets two picks for each
+        // of entry 1's once it is ready, rather than losing its turns.
+        let mut w = SmoothWrr::new(vec![2.0, 1.0]);
+        let mut counts = [0; 2];
+        for round in 0..300 {
+            let zero_ready = round % 2 == 0 || counts[0] < 2 * counts[1];
+            if let Some(i) = w.pick_ready(|_| true, |i| i == 1 || zero_ready) {
+                counts[i] += 1;
+            }
+        }
+        assert!(
+            (counts[0] as f64 / counts[1] as f64 - 2.0).abs() < 0.1,
+            "{counts:?}"
+        );
     }
 
     #[test]

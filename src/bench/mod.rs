@@ -9,6 +9,7 @@
 //!    and flat out.
 
 pub mod batcher;
+pub mod plan_run;
 pub mod planner;
 pub mod sim;
 pub mod sinks;
@@ -115,6 +116,23 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10.0)]
         time_limit: f64,
     },
+    /// Planner plans served by `poolpipe run --plan` on emulated devices next to the simulator
+    /// (two groups of three models, 8 devices, 0.5/0.9/1.2x load), and one pool under 1x, 3x
+    /// and 10x overload (published frames/s, fairness, early drops).
+    PlanRun {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Folder of latency profiles.
+        #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
+        profiles: PathBuf,
+        /// Seconds per run (the overload runs take half).
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// Solver time limit per plan, seconds.
+        #[arg(long, default_value_t = 20.0)]
+        time_limit: f64,
+    },
     /// Batching policies side by side on two emulated pools, on a virtual clock.
     Batcher {
         /// Print JSON instead of a table.
@@ -166,6 +184,20 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             time_limit,
         } => {
             let report = sim::run(&profiles, duration, time_limit, json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        BenchCommand::PlanRun {
+            json,
+            profiles,
+            seconds,
+            time_limit,
+        } => {
+            let report = plan_run::run(&profiles, seconds, time_limit)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -293,7 +293,7 @@ fn run_once(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext, seq: &mut u
 }
 
 /// Drops a decoded frame before colour conversion and scaling when the stream's lane is full of
-/// frames fresh enough to keep (captured within a quarter of the SLO), so that an overloaded
+/// frames fresh enough to keep (captured within a tenth of the SLO), so that an overloaded
 /// pipeline does not spend its CPU converting frames it would drop anyway (counted as
 /// `dropped_overload`, and `dropped_early`). Once the waiting frames are older than that, a new
 /// one is converted and replaces the oldest. Frames of a `fast` file wait instead.
@@ -306,7 +306,7 @@ fn drop_early(gate: Option<gst::Element>, ctx: &SourceContext) {
     let clock = ctx.clock.clone();
     let slo = ctx.slo.clone();
     pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-        let max_age = slo.load(Ordering::Relaxed) / 4;
+        let max_age = slo.load(Ordering::Relaxed) / 10;
         if inlet.full_of_fresh(clock.now(), max_age) {
             counters.frame_dropped_early();
             gst::PadProbeReturn::Drop

@@ -24,8 +24,9 @@ use crate::frame::Frame;
 use crate::stats::Stats;
 use crate::wrr::SmoothWrr;
 
-/// Frames one stream's lane holds.
-pub const LANE_FRAMES: usize = 2;
+/// Frames one stream's lane holds: one, the newest, so that a frame taken after a wait for room
+/// is at most one frame interval old.
+pub const LANE_FRAMES: usize = 1;
 
 /// How often a waiting admission looks whether its route has room again.
 const GATE_POLL: Duration = Duration::from_micros(250);
@@ -40,7 +41,13 @@ pub enum Refused {
 
 struct Lane {
     frames: VecDeque<Frame>,
+    /// When its last frame arrived: a stream that delivered within [`ACTIVE`] keeps earning its
+    /// share while its lane is momentarily empty.
+    last: Option<Instant>,
 }
+
+/// How long after its last frame a stream still counts as active.
+const ACTIVE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct State {
@@ -85,6 +92,7 @@ impl Inlet {
             None
         };
         lane.frames.push_back(frame);
+        lane.last = Some(Instant::now());
         drop(s);
         self.admission.arrived.notify_one();
         Ok(evicted)
@@ -99,6 +107,7 @@ impl Inlet {
                 return Err(Refused::Closed(Box::new(frame)));
             }
             if s.lanes[self.lane].frames.len() < LANE_FRAMES {
+                s.lanes[self.lane].last = Some(Instant::now());
                 s.lanes[self.lane].frames.push_back(frame);
                 drop(s);
                 self.admission.arrived.notify_one();
@@ -176,6 +185,7 @@ impl Admission {
             .push(f64::from(priority.max(1)));
         s.lanes.push(Lane {
             frames: VecDeque::new(),
+            last: None,
         });
         Inlet {
             admission: self.clone(),
@@ -196,9 +206,13 @@ impl Admission {
         let mut s = lock(&self.state);
         loop {
             let State { lanes, wrr, closed } = &mut *s;
-            let picked = wrr
-                .as_mut()
-                .and_then(|w| w.next_among(|i| !lanes[i].frames.is_empty()));
+            let now = Instant::now();
+            let picked = wrr.as_mut().and_then(|w| {
+                w.pick_ready(
+                    |i| lanes[i].last.is_some_and(|t| now - t < ACTIVE),
+                    |i| !lanes[i].frames.is_empty(),
+                )
+            });
             if let Some(i) = picked {
                 // Lanes of removed streams stay (indices never move) and, once empty, are never
                 // eligible again.
@@ -227,13 +241,16 @@ impl Admission {
             .spawn(move || {
                 let mut split = SmoothWrr::new(routes.iter().map(|r| r.weight).collect());
                 loop {
-                    // A route takes a frame once its first stage has room for a batch (nothing
-                    // waits in its queue, a worker has room): frames
-                    // wait here, in their streams' lanes, where they are taken fairly and the
-                    // oldest make way for new ones, rather than in reservations far ahead that
-                    // go to whichever stream happened to come first.
+                    // While streams share the flow, a route takes a frame once its first stage
+                    // has room for a batch (nothing waits in its queue, a worker has room):
+                    // frames wait here, in their streams' lanes, where they are taken fairly and
+                    // the newest replaces the one waiting, rather than in reservations far ahead
+                    // that go to whichever stream happened to come first. The price is up to one
+                    // frame interval of waiting; a stream alone in its flow does not pay it.
                     let r = &routes[split.pick()];
-                    while !r.queue.is_empty() || saturated(&FirstStage(&r.in_flight)) {
+                    while me.shared()
+                        && (!r.queue.is_empty() || saturated(&FirstStage(&r.in_flight)))
+                    {
                         std::thread::sleep(GATE_POLL);
                     }
                     let Some(mut f) = me.take() else { break };
@@ -245,6 +262,17 @@ impl Admission {
                     }
                 }
             })
+    }
+
+    /// Whether two or more streams are active in the flow (then it is worth being fair).
+    fn shared(&self) -> bool {
+        let now = Instant::now();
+        lock(&self.state)
+            .lanes
+            .iter()
+            .filter(|l| !l.frames.is_empty() || l.last.is_some_and(|t| now - t < ACTIVE))
+            .nth(1)
+            .is_some()
     }
 
     /// Frames waiting in the lanes (for status).

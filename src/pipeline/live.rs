@@ -334,13 +334,10 @@ impl Live {
             .all(|r| r.thread.is_finished())
     }
 
-    /// Stops every source and lets go of the first queue, so that the stages drain; returns the
-    /// source threads to join.
+    /// Stops every source; returns the source threads to join (then
+    /// [`Live::close_admissions`], so that what they delivered is still taken).
     pub(super) fn stop_sources(&self) -> Vec<JoinHandle<()>> {
         self.stopping.store(true, Ordering::SeqCst);
-        for a in &self.admissions {
-            a.close();
-        }
         let mut set = lock(&self.sources);
         let mut threads = std::mem::take(&mut set.retired);
         for (_, r) in std::mem::take(&mut set.running) {
@@ -348,6 +345,13 @@ impl Live {
             threads.push(r.thread);
         }
         threads
+    }
+
+    /// Closes every flow's admission: what the lanes hold is forwarded, then the stages drain.
+    pub(super) fn close_admissions(&self) {
+        for a in &self.admissions {
+            a.close();
+        }
     }
 
     /// Stage `i`'s queue: `(frames waiting, capacity, batches waiting in its workers' queues)`.

@@ -400,6 +400,7 @@ impl Running {
         for s in sources {
             let _ = s.join();
         }
+        live.close_admissions();
         for (name, t) in threads {
             if let Err(p) = t.join() {
                 stats.thread_panicked(name, panic_message(&*p));
