@@ -18,7 +18,9 @@
 //! | `poolpipe_stage_latency_seconds` | histogram | stage (queue entry to stage exit) |
 //! | `poolpipe_stage_queue_frames`, `poolpipe_stage_queue_capacity_frames` | gauge | stage |
 //! | `poolpipe_stage_worker_queue_batches` | gauge | stage |
+//! | `poolpipe_stream_frames_dropped_early_total` | counter | stream (part of `dropped_overload`: before conversion) |
 //! | `poolpipe_stage_workers` | gauge | stage, device |
+//! | `poolpipe_stage_device_processes` | gauge | stage, device_id (`L4:0`, `T4:3`, `cpu`) |
 //! | `poolpipe_stage_busy_seconds_total` | counter | stage (all workers together) |
 //! | `poolpipe_stage_busy_ratio` | gauge | stage (busy share since start) |
 //! | `poolpipe_sink_messages_total` | counter | sink, outcome (`offered`, `delivered`, `dropped_overflow`, `dropped_rejected`, `left_at_shutdown`) |
@@ -260,6 +262,13 @@ impl Collector for PipelineCollector {
             None,
             &per_stream(&|c| c.source_errors.load(Relaxed) as f64),
         )?;
+        counters(
+            e,
+            "poolpipe_stream_frames_dropped_early",
+            "Of the frames dropped_overload, those dropped before colour conversion and scaling.",
+            None,
+            &per_stream(&|c| c.dropped_early.load(Relaxed) as f64),
+        )?;
         gauges(
             e,
             "poolpipe_slo",
@@ -394,6 +403,26 @@ impl Collector for PipelineCollector {
                         s.workers as f64,
                     )
                 })
+                .collect::<Vec<_>>(),
+        )?;
+        // Where each stage's processes run: one row per (stage, device id).
+        let mut placed: Vec<(&str, &str, f64)> = Vec::new();
+        for st in &p.stages {
+            for d in &st.devices {
+                match placed.last_mut() {
+                    Some(last) if last.0 == st.name && last.1 == d => last.2 += 1.0,
+                    _ => placed.push((st.name.as_str(), d.as_str(), 1.0)),
+                }
+            }
+        }
+        gauges(
+            e,
+            "poolpipe_stage_device_processes",
+            "Processes of a stage on one device (device ids such as L4:0, T4:3, cpu).",
+            None,
+            &placed
+                .iter()
+                .map(|(stage, device, n)| (vec![("stage", *stage), ("device_id", *device)], *n))
                 .collect::<Vec<_>>(),
         )?;
         let busy = |i: usize| stats.stages[i].busy_nanos.load(Relaxed) as f64 / 1e9;

@@ -1,7 +1,8 @@
 //! A planner plan served by `poolpipe run --plan` on emulated devices, against the simulator
 //! serving the same plan with the same arrivals; and fairness between streams under overload.
-//! Alone in its test binary: emulated devices sleep in wall time, and other tests running at the
-//! same time on a 2-core machine would delay their wake-ups.
+//! Alone in its test binary, and its tests one at a time (`SERIAL`): emulated devices keep wall
+//! time, and other tests running at the same time on a 2-core machine would delay their
+//! wake-ups.
 
 mod common;
 
@@ -16,6 +17,13 @@ use poolpipe::sim::{self, Arrivals, SimOptions, SimSetup};
 use serde_json::Value;
 
 const MS: Nanos = 1_000_000;
+
+/// Held by each test for its whole run, so that they do not share the cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// `poolpipe plan` of `models` on `cluster`, written to `dir/plan.json`.
 fn plan(dir: &Path, profiles: &Path, cluster: &str, models: &str) -> Plan {
@@ -157,6 +165,7 @@ fn assert_agree(plan: &Plan, profiles: &Profiles, rates: &[u32], run: &Value, wh
 
 #[test]
 fn a_plan_runs_and_agrees_with_the_simulator_below_and_above_its_load() {
+    let _one_at_a_time = serial();
     let Some(dir_profiles) = common::shared_profiles() else {
         return;
     };
@@ -214,6 +223,7 @@ fn a_plan_runs_and_agrees_with_the_simulator_below_and_above_its_load() {
 
 #[test]
 fn a_model_with_two_planned_pipelines_gets_frames_on_both_in_proportion() {
+    let _one_at_a_time = serial();
     let Some(dir_profiles) = common::shared_profiles() else {
         return;
     };
@@ -304,6 +314,7 @@ fn overloaded(priorities: [u32; 4]) -> Vec<u64> {
 
 #[test]
 fn equal_streams_get_equal_shares_under_overload_and_priority_buys_more() {
+    let _one_at_a_time = serial();
     if common::shared_profiles().is_none() {
         return;
     }

@@ -259,9 +259,9 @@ fn pool_capacity(profiles: &Path) -> anyhow::Result<f64> {
 /// Four equal streams into one emulated pool at `load` x its capacity.
 fn overloaded(dir: &Path, profiles: &Path, load: f64, seconds: f64) -> anyhow::Result<OverloadRow> {
     let per_stream = ((pool_capacity(profiles)? * load / 4.0).round() as u32).max(1);
-    let mut text = format!(
+    let mut text = String::from(
         "[pipeline]\nname = \"overload\"\nslo_ms = 1000\n\n[[stage]]\nname = \"net\"\ndevice = \"emulated:T4\"\n\
-         profile = \"wide_resnet101_2\"\nmax_batch = 1\nqueue = 2\n\n[[sink]]\ntype = \"jsonl\"\npath = \"/dev/null\"\n"
+         profile = \"wide_resnet101_2\"\nmax_batch = 1\nqueue = 2\n\n[[sink]]\ntype = \"jsonl\"\npath = \"/dev/null\"\n",
     );
     for i in 0..4 {
         text += &format!(
