@@ -34,6 +34,8 @@
 //!   baselines and an independent plan checker.
 //! - [`profile`]: latency profiles per block, device class, share and batch size; cut sizes.
 //! - [`partition`]: cut points of ONNX graphs, block extraction, balanced splitting.
+//! - [`admission`]: each flow's front: a lane per stream, taken fairly by priority (smooth
+//!   weighted round robin, [`wrr`]) and spread over the flow's routes by planned throughput.
 //! - [`stats`]: per-stream and per-stage counters, bumped through one named method per event.
 //! - [`sinks`]: where results go: JSON lines, MQTT, NATS, Redis Streams, Kafka, HTTP webhooks,
 //!   each behind a bounded buffer with retries and delivery counters.
@@ -45,6 +47,7 @@
 //! - [`alloc`]: glibc allocator settings that keep RSS flat over long runs.
 //! - [`rtsp`]: a small RTSP server (used by tests and for local experiments).
 
+pub mod admission;
 pub mod alloc;
 pub mod api;
 pub mod batcher;

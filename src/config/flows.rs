@@ -10,7 +10,6 @@ use toml::Spanned;
 use toml::de::DeValue;
 
 use super::diag::Diagnostic;
-use super::load::Validator;
 use super::*;
 use crate::planner::{Cluster, Plan};
 use crate::profile::Profiles;
@@ -229,199 +228,90 @@ pub(super) fn string_key(value: &Spanned<DeValue<'_>>, key: &str) -> Option<Stri
     }
 }
 
-impl Validator<'_, '_> {
-    /// `[[flow]]` tables, checked (none: an empty list).
-    pub(super) fn flow_configs(&mut self) -> Vec<(String, FlowConfig)> {
-        let mut out = Vec::new();
-        let mut seen = HashSet::new();
-        for (base, value) in self.items_optional("flow") {
-            let Some(c) = self.part::<FlowConfig>(&base, value) else {
-                continue;
-            };
-            self.check_name(&format!("{base}.name"), &c.name, &mut seen, "flow");
-            if let Some(s) = c.slo_ms
-                && (s == 0 || s > 3_600_000)
-            {
-                self.err(
-                    &format!("{base}.slo_ms"),
-                    format!("{s} is not a latency budget: expected 1..=3600000 milliseconds"),
-                );
-            }
-            if !(c.margin_ms >= 0.0 && c.margin_ms < 10_000.0) {
-                self.err(
-                    &format!("{base}.margin_ms"),
-                    format!("{} ms: expected 0 <= margin_ms < 10000", c.margin_ms),
-                );
-            }
-            if c.model.is_none() && self.has(&format!("{base}.margin_ms")) {
-                self.err(
-                    &format!("{base}.margin_ms"),
-                    "`margin_ms` applies to flows served by a plan (`model`); set it on each [[stage]] otherwise",
-                );
-            }
-            out.push((base, c));
-        }
-        out
-    }
-
-    /// The plan named by `--plan` or `[pipeline] plan`, read and checked against the profiles
-    /// (`planner::check`): each broken rule is a problem in the plan file.
-    pub(super) fn plan_file(
-        &mut self,
-        from_file: Option<&Path>,
-        from_cli: Option<&Path>,
-        profiles: Option<&Profiles>,
-    ) -> Option<PlanFile> {
-        let path = match (from_cli, from_file) {
-            (Some(p), _) => p.to_path_buf(),
-            (None, Some(p)) => self.resolve(p),
-            (None, None) => return None,
-        };
-        let file = match read_plan(&path) {
-            Ok(f) => f,
-            Err(d) => {
-                if from_cli.is_none() && d.line == 0 {
-                    self.err("pipeline.plan", d.message);
-                } else {
-                    self.errors.push(d);
-                }
-                return None;
-            }
-        };
-        let Some(profiles) = profiles else {
-            self.err_plan_key(
-                from_cli.is_some(),
-                "a plan needs the latency profiles of its models: set [pipeline] profiles, --profiles or POOLPIPE_PROFILES",
-            );
-            return None;
-        };
-        let violations = crate::planner::check::check(&file.plan, profiles);
-        for v in &violations {
-            let needle = v
-                .model
-                .as_ref()
-                .map_or_else(|| "\"models\"".to_string(), |m| format!("\"{m}\""));
-            let d = file.diag(
-                &needle,
-                &v.model
-                    .as_ref()
-                    .map_or("plan".to_string(), |m| format!("models.{m}")),
-                format!(
-                    "the plan breaks rule {:?} of `poolpipe plan`'s checks: {}",
-                    v.rule, v.message
-                ),
-            );
-            self.errors.push(d);
-        }
-        violations.is_empty().then_some(file)
-    }
-
-    fn err_plan_key(&mut self, cli: bool, message: &str) {
-        if cli {
-            self.errors.push(Diagnostic {
-                file: self.parsed.src.path.to_path_buf(),
-                line: 0,
-                column: 0,
-                key: "--plan".into(),
-                message: message.to_string(),
-            });
-        } else {
-            self.err("pipeline.plan", message);
-        }
-    }
-
-    /// The stages of one planned flow: every pipeline the plan gives `model`, each stage a pool
-    /// of `processes` emulated devices of its class at its share, running its block range, with
-    /// the planned batch as the largest batch and the `deadline` policy.
-    pub(super) fn planned_stages(
-        &mut self,
-        flow: &str,
-        model: &str,
-        margin_ms: f64,
-        plan: &Plan,
-        profiles: &Profiles,
-    ) -> Vec<(Vec<StageSpec>, f64)> {
-        let Some(m) = plan.models.iter().find(|m| m.name == model) else {
-            return Vec::new();
-        };
-        m.pipelines
-            .iter()
-            .enumerate()
-            .map(|(k, p)| {
-                let stages = p
-                    .stages
-                    .iter()
-                    .enumerate()
-                    .map(|(j, st)| {
-                        let share = st.share.max(1);
-                        let profile = profiled_costs(
-                            profiles,
-                            model,
-                            (&st.class, share),
-                            st.blocks,
-                            p.batch,
-                            plan.bandwidth_gbps,
-                        );
-                        StageSpec {
-                            name: format!("{flow}.p{k}.s{j}"),
-                            model: ModelManifest::emulated(),
-                            device: Device::Emulated {
-                                class: st.class.clone(),
-                            },
-                            profile: Some(profile),
-                            split: None,
-                            policy: PolicyKind::Deadline,
-                            margin: Duration::from_secs_f64(margin_ms.max(0.0) / 1e3),
-                            workers: st.processes.max(1) as usize,
-                            threads: 1,
-                            max_batch: p.batch,
-                            max_wait: Duration::ZERO,
-                            queue: (2 * st.processes.max(1) as usize * p.batch).max(64),
-                            boxes_from: None,
-                            flow: 0,
-                            devices: Vec::new(),
-                        }
-                    })
-                    .collect();
-                (stages, p.throughput)
-            })
-            .collect()
-    }
-
-    /// Checks the devices the stages occupy against `[pipeline] cluster`.
-    pub(super) fn check_cluster(
-        &mut self,
-        cluster: &str,
-        stages: &[StageSpec],
-        plan: Option<&Path>,
-    ) {
-        let c = match Cluster::parse_spec(cluster, 10.0) {
-            Ok(c) => c,
-            Err(e) => {
-                self.err(
-                    "pipeline.cluster",
-                    format!("{e} (expected CLASS:COUNT,..., e.g. L4:2,T4:6)"),
-                );
-                return;
-            }
-        };
-        for (class, n) in devices_used(stages) {
-            let have = c
-                .classes
+/// The stages of one planned flow: every pipeline the plan gives `model`, each stage a pool
+/// of `processes` emulated devices of its class at its share, running its block range, with
+/// the planned batch as the largest batch and the `deadline` policy.
+pub(super) fn planned_stages(
+    flow: &str,
+    model: &str,
+    margin_ms: f64,
+    plan: &Plan,
+    profiles: &Profiles,
+) -> Vec<(Vec<StageSpec>, f64)> {
+    let Some(m) = plan.models.iter().find(|m| m.name == model) else {
+        return Vec::new();
+    };
+    m.pipelines
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let stages = p
+                .stages
                 .iter()
-                .find(|x| x.name == class)
-                .map_or(0, |x| x.count as usize);
-            if n > have {
-                let by = plan.map_or(String::new(), |p| format!(" (the plan {})", p.display()));
-                self.err(
-                    "pipeline.cluster",
-                    format!(
-                        "the stages{by} need {n} {class} device(s) but the cluster `{cluster}` has {have}"
-                    ),
-                );
-            }
+                .enumerate()
+                .map(|(j, st)| {
+                    let share = st.share.max(1);
+                    let profile = profiled_costs(
+                        profiles,
+                        model,
+                        (&st.class, share),
+                        st.blocks,
+                        p.batch,
+                        plan.bandwidth_gbps,
+                    );
+                    StageSpec {
+                        name: format!("{flow}.p{k}.s{j}"),
+                        model: ModelManifest::emulated(),
+                        device: Device::Emulated {
+                            class: st.class.clone(),
+                        },
+                        profile: Some(profile),
+                        split: None,
+                        policy: PolicyKind::Deadline,
+                        margin: Duration::from_secs_f64(margin_ms.max(0.0) / 1e3),
+                        workers: st.processes.max(1) as usize,
+                        threads: 1,
+                        max_batch: p.batch,
+                        max_wait: Duration::ZERO,
+                        queue: (2 * st.processes.max(1) as usize * p.batch).max(64),
+                        boxes_from: None,
+                        flow: 0,
+                        devices: Vec::new(),
+                    }
+                })
+                .collect();
+            (stages, p.throughput)
+        })
+        .collect()
+}
+
+/// What is wrong with the devices the stages occupy, against `[pipeline] cluster`.
+pub(super) fn check_cluster(
+    cluster: &str,
+    stages: &[StageSpec],
+    plan: Option<&Path>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let c = match Cluster::parse_spec(cluster, 10.0) {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![format!("{e} (expected CLASS:COUNT,..., e.g. L4:2,T4:6)")];
+        }
+    };
+    for (class, n) in devices_used(stages) {
+        let have = c
+            .classes
+            .iter()
+            .find(|x| x.name == class)
+            .map_or(0, |x| x.count as usize);
+        if n > have {
+            let by = plan.map_or(String::new(), |p| format!(" (the plan {})", p.display()));
+            problems.push(format!(
+                "the stages{by} need {n} {class} device(s) but the cluster `{cluster}` has {have}"
+            ));
         }
     }
+    problems
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use toml::Spanned;
 use toml::de::DeValue;
 
 use super::diag::{ConfigErrors, Diagnostic};
-use super::flows::string_key;
+use super::flows::{PlanFile, check_cluster, planned_stages, read_plan, string_key};
 use super::manifest::{ModelKind, load_manifest};
 use super::parse::{ParsedFile, deserialize_part, read_config};
 use super::*;
@@ -401,7 +401,7 @@ impl<'a> Validator<'_, 'a> {
                     }
                     match (&plan, &profiles, planned_model) {
                         (Some(p), Some(pr), Some(_)) => {
-                            self.planned_stages(&c.name, model, c.margin_ms, &p.plan, pr)
+                            planned_stages(&c.name, model, c.margin_ms, &p.plan, pr)
                         }
                         (Some(p), _, None) => {
                             let have: Vec<&str> =
@@ -498,7 +498,10 @@ impl<'a> Validator<'_, 'a> {
         }
         super::flows::assign_devices(&mut stages);
         if let Some(cluster) = header.as_ref().and_then(|h| h.cluster.clone()) {
-            self.check_cluster(&cluster, &stages, plan.as_ref().map(|p| p.path.as_path()));
+            for problem in check_cluster(&cluster, &stages, plan.as_ref().map(|p| p.path.as_path()))
+            {
+                self.err("pipeline.cluster", problem);
+            }
         }
         let sinks = self.sinks(&pipeline_name);
         let h = header?;
@@ -1173,6 +1176,108 @@ impl<'a> Validator<'_, 'a> {
             }
         }
         ok.then_some(out)
+    }
+}
+
+impl Validator<'_, '_> {
+    /// `[[flow]]` tables, checked (none: an empty list).
+    pub(super) fn flow_configs(&mut self) -> Vec<(String, FlowConfig)> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for (base, value) in self.items_optional("flow") {
+            let Some(c) = self.part::<FlowConfig>(&base, value) else {
+                continue;
+            };
+            self.check_name(&format!("{base}.name"), &c.name, &mut seen, "flow");
+            if let Some(s) = c.slo_ms
+                && (s == 0 || s > 3_600_000)
+            {
+                self.err(
+                    &format!("{base}.slo_ms"),
+                    format!("{s} is not a latency budget: expected 1..=3600000 milliseconds"),
+                );
+            }
+            if !(c.margin_ms >= 0.0 && c.margin_ms < 10_000.0) {
+                self.err(
+                    &format!("{base}.margin_ms"),
+                    format!("{} ms: expected 0 <= margin_ms < 10000", c.margin_ms),
+                );
+            }
+            if c.model.is_none() && self.has(&format!("{base}.margin_ms")) {
+                self.err(
+                    &format!("{base}.margin_ms"),
+                    "`margin_ms` applies to flows served by a plan (`model`); set it on each [[stage]] otherwise",
+                );
+            }
+            out.push((base, c));
+        }
+        out
+    }
+
+    /// The plan named by `--plan` or `[pipeline] plan`, read and checked against the profiles
+    /// (`planner::check`): each broken rule is a problem in the plan file.
+    pub(super) fn plan_file(
+        &mut self,
+        from_file: Option<&Path>,
+        from_cli: Option<&Path>,
+        profiles: Option<&crate::profile::Profiles>,
+    ) -> Option<PlanFile> {
+        let path = match (from_cli, from_file) {
+            (Some(p), _) => p.to_path_buf(),
+            (None, Some(p)) => self.resolve(p),
+            (None, None) => return None,
+        };
+        let file = match read_plan(&path) {
+            Ok(f) => f,
+            Err(d) => {
+                if from_cli.is_none() && d.line == 0 {
+                    self.err("pipeline.plan", d.message);
+                } else {
+                    self.errors.push(d);
+                }
+                return None;
+            }
+        };
+        let Some(profiles) = profiles else {
+            self.err_plan_key(
+                from_cli.is_some(),
+                "a plan needs the latency profiles of its models: set [pipeline] profiles, --profiles or POOLPIPE_PROFILES",
+            );
+            return None;
+        };
+        let violations = crate::planner::check::check(&file.plan, profiles);
+        for v in &violations {
+            let needle = v
+                .model
+                .as_ref()
+                .map_or_else(|| "\"models\"".to_string(), |m| format!("\"{m}\""));
+            let d = file.diag(
+                &needle,
+                &v.model
+                    .as_ref()
+                    .map_or("plan".to_string(), |m| format!("models.{m}")),
+                format!(
+                    "the plan breaks rule {:?} of `poolpipe plan`'s checks: {}",
+                    v.rule, v.message
+                ),
+            );
+            self.errors.push(d);
+        }
+        violations.is_empty().then_some(file)
+    }
+
+    fn err_plan_key(&mut self, cli: bool, message: &str) {
+        if cli {
+            self.errors.push(Diagnostic {
+                file: self.parsed.src.path.to_path_buf(),
+                line: 0,
+                column: 0,
+                key: "--plan".into(),
+                message: message.to_string(),
+            });
+        } else {
+            self.err("pipeline.plan", message);
+        }
     }
 }
 

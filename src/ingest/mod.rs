@@ -19,10 +19,10 @@ use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 
+use crate::admission::Refused;
 use crate::clock::SharedClock;
 use crate::config::{ImageSpec, Pace, SourceKind, SourceSpec, Transport};
 use crate::frame::{Frame, Image};
-use crate::pipeline::admission::Refused;
 use crate::stats::Stats;
 
 /// Errors of sources.
@@ -150,7 +150,7 @@ pub struct SourceContext {
     /// Index of the stream.
     pub stream: usize,
     /// The stream's lane into its flow.
-    pub tx: crate::pipeline::admission::Inlet,
+    pub tx: crate::admission::Inlet,
     /// Counters.
     pub stats: Arc<Stats>,
     /// Pipeline clock (capture times and deadlines).

@@ -22,8 +22,8 @@ use crate::frame::Frame;
 use crate::ingest::{self, SourceContext};
 use crate::stats::Stats;
 
-use super::admission::Admission;
 use super::graph::Batch;
+use crate::admission::Admission;
 
 /// Why a live change was not made.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,6 @@
 //! Shutdown (signal, `--duration`, `--max-frames`, or every source ended) stops the sources, and
 //! the rest drains in order as each channel's senders go away: nothing in flight is lost.
 
-pub mod admission;
 mod graph;
 pub mod live;
 mod publisher;
@@ -28,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::admission::{Admission, RouteEntry};
 use crate::batcher::deadline::Timeline;
 use crate::batcher::driver::WORKER_QUEUE;
 use crate::clock::{SharedClock, SystemClock};
@@ -40,7 +40,6 @@ use crate::panics::panic_message;
 use crate::sinks::delivery::Buffer;
 use crate::sinks::{self, SinkError, SinkHandle};
 use crate::stats::{Stats, Summary};
-use admission::{Admission, RouteEntry};
 use graph::{Batch, Downstream, Pool, Sequencer, policy_settings, spawn_batcher};
 pub use live::{Live, LiveError, ReloadReport};
 pub use publisher::result_json;
