@@ -279,6 +279,15 @@ fn a_model_with_two_planned_pipelines_gets_frames_on_both_in_proportion() {
 /// four streams at 12 frames/s each (3x overload), with these priorities; returns the frames
 /// each stream published.
 fn overloaded(priorities: [u32; 4]) -> Vec<u64> {
+    let s = overloaded_at(priorities, 12, 15);
+    let streams = common::assert_balanced(&s);
+    (0..4)
+        .map(|i| streams[&format!("cam{i}")]["published"].as_u64().unwrap())
+        .collect()
+}
+
+/// The same pool fed by four streams at `fps` each for `seconds`; returns the summary.
+fn overloaded_at(priorities: [u32; 4], fps: u32, seconds: u32) -> Value {
     let profiles = common::shared_profiles().expect("checked by the caller");
     let dir = tempfile::tempdir().unwrap();
     let mut p = format!(
@@ -289,7 +298,7 @@ fn overloaded(priorities: [u32; 4]) -> Vec<u64> {
     );
     for (i, pr) in priorities.iter().enumerate() {
         p += &format!(
-            "\n[[source]]\nname = \"cam{i}\"\nuri = \"test://ball\"\nmax_fps = 12\npriority = {pr}\n"
+            "\n[[source]]\nname = \"cam{i}\"\nuri = \"test://ball\"\nmax_fps = {fps}\npriority = {pr}\n"
         );
     }
     let file = common::write(dir.path(), "p.toml", &p);
@@ -300,16 +309,48 @@ fn overloaded(priorities: [u32; 4]) -> Vec<u64> {
         "--api",
         "off",
         "--duration",
-        "15",
+        &seconds.to_string(),
         "--summary-json",
         summary.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = common::read_summary(&summary);
-    let streams = common::assert_balanced(&s);
-    (0..4)
-        .map(|i| streams[&format!("cam{i}")]["published"].as_u64().unwrap())
-        .collect()
+    common::assert_balanced(&s);
+    s
+}
+
+fn total(s: &Value, key: &str) -> u64 {
+    s["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x[key].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn under_tenfold_overload_frames_are_dropped_before_conversion_and_the_rate_holds() {
+    let _one_at_a_time = serial();
+    if common::shared_profiles().is_none() {
+        return;
+    }
+    // 4 x 4 frames/s is about the pool's capacity; 4 x 41 is ten times it.
+    let one = overloaded_at([1; 4], 4, 10);
+    let ten = overloaded_at([1; 4], 41, 10);
+    let fps = |s: &Value| total(s, "published") as f64 / s["elapsed_s"].as_f64().unwrap();
+    assert!(
+        fps(&ten) >= 0.9 * fps(&one),
+        "published {:.1} frames/s at 10x, {:.1} at 1x",
+        fps(&ten),
+        fps(&one)
+    );
+    let dropped = total(&ten, "dropped_overload") + total(&ten, "dropped_late");
+    let early = total(&ten, "dropped_early");
+    assert!(
+        early * 2 > dropped,
+        "at 10x only {early} of {dropped} dropped frames were dropped before conversion"
+    );
+    assert!(early <= total(&ten, "dropped_overload"));
 }
 
 #[test]
