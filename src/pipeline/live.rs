@@ -213,8 +213,12 @@ impl Live {
     /// Reads the pipeline file again and applies what changed, or refuses (and changes nothing)
     /// when the edit touches what cannot change while running.
     pub fn reload(&self) -> Result<ReloadReport, LiveError> {
-        let file = lock(&self.pipeline).file.clone();
-        let new = config::load_pipeline(&file).map_err(LiveError::Invalid)?;
+        let (file, options) = {
+            let p = lock(&self.pipeline);
+            (p.file.clone(), p.options.clone())
+        };
+        // Read as it was at start (`--plan`, `--profiles`).
+        let new = config::load_pipeline_with(&file, &options).map_err(LiveError::Invalid)?;
         let mut set = lock(&self.sources);
         let old = lock(&self.pipeline).clone();
         let refused = unchangeable_differences(&old, &new);
