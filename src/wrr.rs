@@ -25,16 +25,6 @@ impl SmoothWrr {
         self.weights.len() - 1
     }
 
-    /// Number of entries.
-    pub fn len(&self) -> usize {
-        self.weights.len()
-    }
-
-    /// Whether there are no entries.
-    pub fn is_empty(&self) -> bool {
-        self.weights.is_empty()
-    }
-
     /// The next entry among all of them.
     pub fn pick(&mut self) -> usize {
         self.next_among(|_| true).unwrap_or(0)
@@ -75,23 +65,8 @@ impl SmoothWrr {
 
     /// The next entry among those `eligible` says yes to; `None` when there is none.
     pub fn next_among(&mut self, eligible: impl Fn(usize) -> bool) -> Option<usize> {
-        let mut best: Option<usize> = None;
-        let mut total = 0.0;
-        for i in 0..self.weights.len() {
-            if !eligible(i) {
-                continue;
-            }
-            let w = self.weights[i].max(0.0);
-            total += w;
-            self.credit[i] += w;
-            if best.is_none_or(|b| self.credit[i] > self.credit[b]) {
-                best = Some(i);
-            }
-        }
-        if let Some(b) = best {
-            self.credit[b] -= total;
-        }
-        best
+        // With every candidate ready, credits stay within one round: the cap never binds.
+        self.pick_ready(&eligible, &eligible)
     }
 }
 

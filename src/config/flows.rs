@@ -21,8 +21,6 @@ pub struct FlowSpec {
     pub name: String,
     /// Latency budget of its frames.
     pub slo: Duration,
-    /// Whether the SLO was written for the flow (else it follows the plan or the pipeline).
-    pub own_slo: bool,
     /// The plan's model it serves, when its stages come from a plan.
     pub model: Option<String>,
     /// Its routes (indices into [`Pipeline::routes`]).
@@ -64,7 +62,6 @@ impl Pipeline {
         self.flows = vec![FlowSpec {
             name: self.name.clone(),
             slo: self.slo,
-            own_slo: false,
             model: None,
             routes: vec![0],
         }];

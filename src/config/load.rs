@@ -471,7 +471,6 @@ impl<'a> Validator<'_, 'a> {
             flows.push(FlowSpec {
                 name: c.name,
                 slo: Duration::from_secs_f64(slo / 1e3),
-                own_slo: c.slo_ms.is_some(),
                 model: c.model,
                 routes: route_ids,
             });
