@@ -104,8 +104,9 @@ impl Latency {
     }
 }
 
-/// Every configuration of `model` meeting the SLO, computed directly from the CSV semantics.
-fn configs(p: &Profiles, model: &str, gbps: f64, max_stages: usize) -> Vec<Config> {
+/// Every configuration of `model` meeting the SLO, computed directly from the CSV semantics;
+/// `held`: a process holds a batch while it sends it (else it sends while computing the next).
+fn configs(p: &Profiles, model: &str, gbps: f64, max_stages: usize, held: bool) -> Vec<Config> {
     let prof = p.model(model).unwrap();
     let link = gbps * 1e9 / 8.0;
     let lat = |c: usize, s: u32, a: usize, b: usize, batch: usize| -> f64 {
@@ -143,10 +144,11 @@ fn configs(p: &Profiles, model: &str, gbps: f64, max_stages: usize) -> Vec<Confi
                     if part.len() == 2 {
                         let bytes = prof.cut_bytes[part[0].1 - 1] as f64;
                         if k == 0 {
-                            // The sender is held while it sends.
                             let send = bytes * batch as f64 / link;
                             fixed += send;
-                            rate = batch as f64 / (l + send);
+                            if held {
+                                rate = batch as f64 / (l + send);
+                            }
                         }
                         rate = rate.min(link / s as f64 / bytes);
                     }
@@ -257,6 +259,8 @@ fn milp_objective_equals_exhaustive_search_on_small_instances() {
         let profiles = synthetic(dir.path(), 2, &mut rng);
         let (nh, nl) = (1 + (rng.next() % 3) as u32, 1 + (rng.next() % 5) as u32); // <= 8 devices
         let gbps = [0.5, 2.0, 10.0, 10.0][instance % 4];
+        // Instances 4..8 hold a process while it sends; the others send while computing.
+        let held = (instance / 4) % 2;
         let cluster = Cluster::parse_spec(&format!("H:{nh},L:{nl}"), gbps).unwrap();
         let weights = [rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)];
         let mult = [rng.uniform(1.5, 6.0), rng.uniform(1.5, 6.0)];
@@ -279,11 +283,12 @@ fn milp_objective_equals_exhaustive_search_on_small_instances() {
                 time_limit: Duration::from_secs(30),
                 gap: 0.0,
                 mode,
+                send_while_computing: held == 0,
             };
             let f: Vec<Vec<Vec<f64>>> = models
                 .iter()
                 .map(|m| {
-                    let c = configs(&profiles, &m.name, gbps, stages);
+                    let c = configs(&profiles, &m.name, gbps, stages, held == 1);
                     let lat = Latency {
                         queueing,
                         tiers: tiers.clone(),

@@ -15,6 +15,10 @@
 //! - Before a batch goes, its route is booked in the shared [`Timeline`]; later stages run it on
 //!   the reserved workers. Bookings only ever start after a worker's last booking, so
 //!   reservations on one worker never overlap.
+//! - A stage that sends while it computes ([`StageCost::send_while_computing`]) holds its worker
+//!   only until it hands the batch to its link: when computing ends, or later if the worker's
+//!   previous batch is still being sent (one batch in flight on the link per worker). The next
+//!   hop starts when the transfer ends.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -29,6 +33,9 @@ pub struct StageCost {
     pub latency: Vec<Nanos>,
     /// Time to send a batch of `b` to the next stage, at index `b - 1`.
     pub transfer: Vec<Nanos>,
+    /// The worker sends batch k while it computes batch k+1, instead of holding the batch
+    /// until it is sent.
+    pub send_while_computing: bool,
 }
 
 /// Until when each worker of each stage is reserved.
@@ -36,8 +43,11 @@ pub struct StageCost {
 pub struct Timeline {
     /// `busy_until[stage][worker]`.
     busy_until: Vec<Vec<Nanos>>,
-    /// `booked[stage][worker]`: the (start, end) of the bookings not yet finished, in order.
-    booked: Vec<Vec<VecDeque<(Nanos, Nanos)>>>,
+    /// `sending_until[stage][worker]`: when the worker's last booked transfer ends (workers that
+    /// send while computing have one batch in flight on their link at a time).
+    sending_until: Vec<Vec<Nanos>>,
+    /// `booked[stage][worker]`: the (start, end, sent) of the bookings not yet finished, in order.
+    booked: Vec<Vec<VecDeque<(Nanos, Nanos, Nanos)>>>,
 }
 
 impl Timeline {
@@ -45,6 +55,10 @@ impl Timeline {
     pub fn new(workers_per_stage: &[usize]) -> Self {
         Self {
             busy_until: workers_per_stage
+                .iter()
+                .map(|w| vec![0; (*w).max(1)])
+                .collect(),
+            sending_until: workers_per_stage
                 .iter()
                 .map(|w| vec![0; (*w).max(1)])
                 .collect(),
@@ -58,6 +72,11 @@ impl Timeline {
     /// When a worker's last reservation ends.
     pub fn busy_until(&self, stage: usize, worker: usize) -> Nanos {
         self.busy_until[stage][worker]
+    }
+
+    /// When a worker's last booked transfer ends.
+    pub fn sending_until(&self, stage: usize, worker: usize) -> Nanos {
+        self.sending_until[stage][worker]
     }
 
     /// The worker of a stage that is free first (lowest index on ties), and when.
@@ -79,27 +98,35 @@ impl Timeline {
             "overlapping reservation {hop:?} (busy until {t})"
         );
         *t = hop.end;
-        self.booked[hop.stage][hop.worker].push_back((hop.start, hop.end));
+        let sending = &mut self.sending_until[hop.stage][hop.worker];
+        *sending = (*sending).max(hop.sent);
+        self.booked[hop.stage][hop.worker].push_back((hop.start, hop.end, hop.sent));
     }
 
-    /// A worker finished a batch at `at`. Workers run their batches in booking order, so this
-    /// was its oldest booking; the bookings still ahead of it are replayed from `at`, and the
-    /// worker is free when the last of them would end. A device that runs a little slower than
-    /// its profile thus moves the next bookings back by what it actually lost, instead of the
-    /// delay piling up unseen behind back-to-back reservations.
-    pub fn finished(&mut self, stage: usize, worker: usize, at: Nanos) {
+    /// A worker let go of a batch at `at` (its output reaches the next stage at `sent`, the
+    /// same instant unless it sends while computing). Workers run their batches in booking
+    /// order, so this was its oldest booking; the bookings still ahead of it move back by what
+    /// it ran late, and the worker is free when the last of them would end. A device that runs
+    /// a little slower than its profile thus moves the next bookings back by what it actually
+    /// lost, instead of the delay piling up unseen behind back-to-back reservations.
+    pub fn finished(&mut self, stage: usize, worker: usize, at: Nanos, sent: Nanos) {
         let queue = &mut self.booked[stage][worker];
         queue.pop_front();
         let t = &mut self.busy_until[stage][worker];
+        let sending = &mut self.sending_until[stage][worker];
         if queue.is_empty() {
             *t = (*t).max(at);
+            *sending = (*sending).max(sent);
             return;
         }
-        let mut free = at;
-        for (start, end) in queue.iter() {
-            free = free.max(*start) + (end - start);
+        let (mut free, mut link) = (at, sent);
+        for (start, end, done) in queue.iter() {
+            let late = free.max(*start) - start;
+            free = end + late;
+            link = link.max(done + late);
         }
         *t = free;
+        *sending = link;
     }
 }
 
@@ -152,7 +179,8 @@ impl<T: Deadline> DeadlinePolicy<T> {
 
     /// The route a batch of `b` would take if it left at `now`. A hop holds its worker for the
     /// stage's latency plus the transfer of the cut to the next stage (sending is part of the
-    /// stage's work); the next hop starts no earlier than that.
+    /// stage's work), or, where the stage sends while computing, until it can hand the batch to
+    /// its link (its previous transfer done). The next hop starts when the transfer ends.
     pub fn plan(&self, tl: &Timeline, now: Nanos, b: usize) -> Vec<Hop> {
         let mut t = now;
         let last = self.cfg.costs.len() - 1;
@@ -161,15 +189,22 @@ impl<T: Deadline> DeadlinePolicy<T> {
             let stage = self.cfg.stage + k;
             let (worker, free) = tl.earliest(stage);
             let start = t.max(free);
-            let hold = cost.latency[b - 1] + if k < last { cost.transfer[b - 1] } else { 0 };
-            let end = start + hold;
+            let computed = start + cost.latency[b - 1];
+            let transfer = if k < last { cost.transfer[b - 1] } else { 0 };
+            let (end, sent) = if cost.send_while_computing && transfer > 0 {
+                let handoff = computed.max(tl.sending_until(stage, worker));
+                (handoff, handoff + transfer)
+            } else {
+                (computed + transfer, computed + transfer)
+            };
             hops.push(Hop {
                 stage,
                 worker,
                 start,
                 end,
+                sent,
             });
-            t = end;
+            t = sent;
         }
         hops
     }
@@ -189,7 +224,7 @@ impl<T: Deadline> DeadlinePolicy<T> {
         let n = self.queue.len().min(self.cfg.planned);
         (1..=n).rev().find_map(|b| {
             let route = self.plan(tl, now, b);
-            let finish = route.last().map_or(now, |h| h.end) + self.cfg.margin;
+            let finish = route.last().map_or(now, |h| h.sent) + self.cfg.margin;
             let deadline = self.min_deadline(b);
             (finish <= deadline).then(|| (b, route, deadline - finish))
         })
@@ -210,7 +245,7 @@ impl<T: Deadline + Send> BatchPolicy<T> for DeadlinePolicy<T> {
             let tl = self.timeline.lock().unwrap_or_else(|e| e.into_inner());
             while let Some((front, _)) = self.queue.front() {
                 let route = self.plan(&tl, now, 1);
-                let finish = route.last().map_or(now, |h| h.end) + self.cfg.margin;
+                let finish = route.last().map_or(now, |h| h.sent) + self.cfg.margin;
                 if finish <= front.deadline() {
                     break;
                 }
@@ -295,6 +330,7 @@ mod tests {
         StageCost {
             latency: (1..=8).map(|b| (base + per * b) * MS).collect(),
             transfer: (1..=8).map(|b| tr * b * MS).collect(),
+            send_while_computing: false,
         }
     }
 
@@ -349,13 +385,15 @@ mod tests {
                     stage: 0,
                     worker: 0,
                     start: 17 * MS,
-                    end: 23 * MS
+                    end: 23 * MS,
+                    sent: 23 * MS,
                 },
                 Hop {
                     stage: 1,
                     worker: 0,
                     start: 23 * MS,
-                    end: 30 * MS
+                    end: 30 * MS,
+                    sent: 30 * MS,
                 },
             ]
         );
@@ -395,7 +433,8 @@ mod tests {
                 stage: 0,
                 worker: 0,
                 start: 30 * MS,
-                end: 50 * MS
+                end: 50 * MS,
+                sent: 50 * MS,
             }
         );
         // The last one would start at 50 and end at 60 > 55: dropped, not run late.
@@ -414,6 +453,7 @@ mod tests {
             worker: 0,
             start: 0,
             end: 40 * MS,
+            sent: 40 * MS,
         });
         p.push(
             Item {
@@ -429,9 +469,65 @@ mod tests {
                 stage: 1,
                 worker: 1,
                 start: 5 * MS,
-                end: 10 * MS
+                end: 10 * MS,
+                sent: 10 * MS,
             }
         );
+    }
+
+    #[test]
+    fn a_stage_that_sends_while_computing_frees_its_worker_at_hand_off() {
+        // Stage 0: 10 ms to compute, 15 ms to send; stage 1: 5 ms. One worker each.
+        let costs = |overlap| {
+            vec![
+                StageCost {
+                    send_while_computing: overlap,
+                    ..cost(9, 1, 15)
+                },
+                cost(4, 1, 0),
+            ]
+        };
+        let hops = |h: &[Hop]| -> Vec<(Nanos, Nanos, Nanos)> {
+            h.iter()
+                .map(|h| (h.start / MS, h.end / MS, h.sent / MS))
+                .collect()
+        };
+        let two_batches = |overlap| {
+            let (p, tl) = policy(costs(overlap), &[1, 1], 1, 0);
+            let mut tl = tl.lock().unwrap();
+            let a = p.plan(&tl, 0, 1);
+            a.iter().for_each(|h| tl.book(h));
+            let b = p.plan(&tl, 0, 1);
+            b.iter().for_each(|h| tl.book(h));
+            (hops(&a), hops(&b))
+        };
+        // Held for compute + send: the second batch starts at 25.
+        assert_eq!(
+            two_batches(false),
+            (
+                vec![(0, 25, 25), (25, 30, 30)],
+                vec![(25, 50, 50), (50, 55, 55)]
+            )
+        );
+        // Sending while computing: the second batch computes from 10 to 20, then waits for the
+        // first transfer (until 25) to hand off, and arrives at 40.
+        assert_eq!(
+            two_batches(true),
+            (
+                vec![(0, 10, 25), (25, 30, 30)],
+                vec![(10, 25, 40), (40, 45, 45)]
+            )
+        );
+        // The first batch lets go 3 ms late (its transfer ends at 28): the second moves back.
+        let (p, tl) = policy(costs(true), &[1, 1], 1, 0);
+        let mut tl = tl.lock().unwrap();
+        for _ in 0..2 {
+            let r = p.plan(&tl, 0, 1);
+            r.iter().for_each(|h| tl.book(h));
+        }
+        tl.finished(0, 0, 13 * MS, 28 * MS);
+        assert_eq!(tl.busy_until(0, 0), 28 * MS);
+        assert_eq!(tl.sending_until(0, 0), 43 * MS);
     }
 
     #[test]
@@ -442,20 +538,21 @@ mod tests {
             worker: 0,
             start,
             end,
+            sent: end,
         };
         tl.book(&hop(0, 10));
         tl.book(&hop(10, 20));
         tl.book(&hop(30, 40));
         // The first batch ends 2 late: the second will end 2 late, the third still fits its slot.
-        tl.finished(0, 0, 12);
+        tl.finished(0, 0, 12, 12);
         assert_eq!(tl.busy_until(0, 0), 40);
         // The second ends 25 late: the third starts late too.
-        tl.finished(0, 0, 45);
+        tl.finished(0, 0, 45, 45);
         assert_eq!(tl.busy_until(0, 0), 55);
-        tl.finished(0, 0, 55);
+        tl.finished(0, 0, 55, 55);
         assert_eq!(tl.busy_until(0, 0), 55);
         // Nothing booked: a finish only ever moves the free time later.
-        tl.finished(0, 0, 50);
+        tl.finished(0, 0, 50, 50);
         assert_eq!(tl.busy_until(0, 0), 55);
     }
 
@@ -569,8 +666,8 @@ mod tests {
         ) {
             // 1 ms + 0.5 ms per frame on each of two stages, a frame every 5..20 ms, SLO 100 ms.
             let costs = vec![
-                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8] },
-                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8] },
+                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8], send_while_computing: false },
+                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8], send_while_computing: false },
             ];
             let arrivals: Vec<(Nanos, Nanos)> = (0..n).map(|i| (i as u64 * gap * MS, 100 * MS)).collect();
             let (dispatched, late) = simulate(&arrivals, costs, &[1, 1], planned);

@@ -231,6 +231,7 @@ mod tests {
             worker: 1,
             start: 0,
             end: 1,
+            sent: 1,
         };
         assert_eq!(
             pick_worker(Some(&[hop]), &[0, 9, 0], &mut r),

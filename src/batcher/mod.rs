@@ -63,8 +63,11 @@ pub struct Hop {
     pub worker: usize,
     /// Reserved start.
     pub start: Nanos,
-    /// Reserved end (start + profiled latency).
+    /// Reserved end: when the worker is free again (start + profiled latency, plus the
+    /// transfer unless the stage sends while computing).
     pub end: Nanos,
+    /// When the batch reaches the next stage (`end`, unless the stage sends while computing).
+    pub sent: Nanos,
 }
 
 /// What a policy hands to its stage: the items, and for reservation-based policies the route

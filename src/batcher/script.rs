@@ -135,7 +135,7 @@ impl<T: Deadline> Outbox<T> for ScriptOutbox<T> {
                 self.timeline
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .finished(0, w, end);
+                    .finished(0, w, end, end);
                 report(end <= earliest);
             }
         }

@@ -244,6 +244,7 @@ fn decision_cost_ns(streams: usize, kind: PolicyKind) -> f64 {
     let cost = StageCost {
         latency: (1..=8).map(|b| (2 + b as u64) * MS).collect(),
         transfer: vec![0; 8],
+        send_while_computing: false,
     };
     let timeline = Arc::new(Mutex::new(Timeline::new(&[4])));
     let mut p: Driver<SimFrame> = Driver::new(make_policy(

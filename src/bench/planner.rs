@@ -48,6 +48,10 @@ pub struct Scenario {
     pub vs_np: f64,
     /// poolpipe / paired.
     pub vs_paired: f64,
+    /// poolpipe planned for processes held while they send (`--no-send-while-computing`).
+    pub poolpipe_held: f64,
+    /// poolpipe / poolpipe held: the gain of sending while computing.
+    pub vs_held: f64,
     /// Solver seconds of poolpipe (its NP warm start included).
     pub solve_seconds: f64,
     /// poolpipe's relative gap.
@@ -73,6 +77,8 @@ pub struct Report {
     pub min_vs_np: f64,
     /// Median poolpipe/paired.
     pub median_vs_paired: f64,
+    /// Median, smallest and largest poolpipe / poolpipe held.
+    pub vs_held: (f64, f64, f64),
     /// Longest poolpipe solve.
     pub max_solve_seconds: f64,
     /// Options used.
@@ -132,22 +138,26 @@ pub fn run(
         let cluster = Cluster::parse_spec(&format!("{high}:25,{low}:75"), gbps)?;
         for group in GROUPS {
             let specs = group_specs(&profiles, &group, 5.0)?;
-            let plan_of = |mode: Mode| -> anyhow::Result<Plan> {
+            // The baselines are planned as before (processes held while they send; NP has no
+            // transfers anyway), poolpipe both ways.
+            let plan_of = |mode: Mode, send_while_computing: bool| -> anyhow::Result<Plan> {
                 let opts = Options {
                     mode,
                     margin,
                     queueing,
                     time_limit: Duration::from_secs_f64(time_limit),
+                    send_while_computing,
                     ..Options::default()
                 };
                 planner::plan(&profiles, &cluster, &specs, &opts).with_context(|| {
                     format!("{} on {}: {:?}", mode.name(), cluster.describe(), group)
                 })
             };
-            let np = plan_of(Mode::Np)?;
-            let paired = plan_of(Mode::Paired)?;
-            let pp = plan_of(Mode::Poolpipe)?;
-            let violations = [&np, &paired, &pp]
+            let np = plan_of(Mode::Np, false)?;
+            let paired = plan_of(Mode::Paired, false)?;
+            let pp = plan_of(Mode::Poolpipe, true)?;
+            let held = plan_of(Mode::Poolpipe, false)?;
+            let violations = [&np, &paired, &pp, &held]
                 .iter()
                 .map(|p| planner::check::check(p, &profiles).len())
                 .sum();
@@ -159,6 +169,8 @@ pub fn run(
                 poolpipe: pp.objective,
                 vs_np: pp.objective / np.objective,
                 vs_paired: pp.objective / paired.objective,
+                poolpipe_held: held.objective,
+                vs_held: pp.objective / held.objective,
                 solve_seconds: pp.solve_seconds,
                 gap: pp.gap,
                 candidates: pp.candidates,
@@ -168,8 +180,8 @@ pub fn run(
             };
             if !quiet {
                 bar.line(&format!(
-                    "[bench planner] {} {:?}: poolpipe/NP {:.3}, solve {:.1} s",
-                    s.cluster, s.models, s.vs_np, s.solve_seconds
+                    "[bench planner] {} {:?}: poolpipe/NP {:.3}, /held {:.3}, solve {:.1} s",
+                    s.cluster, s.models, s.vs_np, s.vs_held, s.solve_seconds
                 ));
             }
             bar.inc(&s.cluster);
@@ -178,7 +190,13 @@ pub fn run(
     }
     let vs_np: Vec<f64> = scenarios.iter().map(|s| s.vs_np).collect();
     let vs_paired: Vec<f64> = scenarios.iter().map(|s| s.vs_paired).collect();
+    let vs_held: Vec<f64> = scenarios.iter().map(|s| s.vs_held).collect();
     Ok(Report {
+        vs_held: (
+            super::median_of(&vs_held).unwrap_or(f64::NAN),
+            vs_held.iter().copied().fold(f64::INFINITY, f64::min),
+            vs_held.iter().copied().fold(0.0, f64::max),
+        ),
         median_vs_np: super::median_of(&vs_np).unwrap_or(f64::NAN),
         min_vs_np: vs_np.iter().copied().fold(f64::INFINITY, f64::min),
         median_vs_paired: super::median_of(&vs_paired).unwrap_or(f64::NAN),
@@ -207,7 +225,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:<26} {:<46} {:>8} {:>8} {:>8} {:>6} {:>6} {:>7} {:>6} {:>6} {:>13}",
+            "{:<26} {:<46} {:>8} {:>8} {:>8} {:>6} {:>6} {:>8} {:>6} {:>7} {:>6} {:>6} {:>13}",
             "cluster",
             "models",
             "NP",
@@ -215,6 +233,8 @@ impl Report {
             "poolpipe",
             "/NP",
             "/pair",
+            "pp held",
+            "/held",
             "solve_s",
             "gap%",
             "cands",
@@ -223,7 +243,7 @@ impl Report {
         for r in &self.scenarios {
             let _ = writeln!(
                 s,
-                "{:<26} {:<46} {:>8.1} {:>8.1} {:>8.1} {:>6.3} {:>6.3} {:>7.1} {:>6.2} {:>6} {:>6.1}/{:<6.1}{}",
+                "{:<26} {:<46} {:>8.1} {:>8.1} {:>8.1} {:>6.3} {:>6.3} {:>8.1} {:>6.3} {:>7.1} {:>6.2} {:>6} {:>6.1}/{:<6.1}{}",
                 r.cluster,
                 r.models.join(","),
                 r.np,
@@ -231,6 +251,8 @@ impl Report {
                 r.poolpipe,
                 r.vs_np,
                 r.vs_paired,
+                r.poolpipe_held,
+                r.vs_held,
                 r.solve_seconds,
                 r.gap * 100.0,
                 r.candidates,
@@ -247,6 +269,11 @@ impl Report {
             s,
             "median poolpipe/NP {:.3} (min {:.3}); median poolpipe/paired {:.3}; longest solve {:.1} s",
             self.median_vs_np, self.min_vs_np, self.median_vs_paired, self.max_solve_seconds
+        );
+        let _ = writeln!(
+            s,
+            "sending while computing vs held while sending (poolpipe/pp held): median {:.3}, min {:.3}, max {:.3}; NP and paired are planned held",
+            self.vs_held.0, self.vs_held.1, self.vs_held.2
         );
         s
     }

@@ -54,6 +54,10 @@ pub struct Scenario {
     pub best_ratio: f64,
     /// Low-class busy share of the best NP and the best poolpipe plan.
     pub low_busy_best: (f64, f64),
+    /// The pool-aware poolpipe plan made and served with processes held while they send.
+    pub pp_held: Point,
+    /// Pool-aware poolpipe / the same held, at 99%: the gain of sending while computing.
+    pub vs_held: f64,
 }
 
 /// Speed of the simulator.
@@ -82,6 +86,8 @@ pub struct Report {
     pub same_q: Vec<(String, f64, f64)>,
     /// Median and smallest best-poolpipe / best-NP.
     pub best: (f64, f64),
+    /// Median, smallest and largest poolpipe / poolpipe held (pool-aware).
+    pub vs_held: (f64, f64, f64),
     /// Per allowance: scenarios where NP leaves the low-class GPUs idle, and the median
     /// relative low-class busy gain (poolpipe / NP - 1) over the others.
     pub low_busy: Vec<(String, usize, Option<f64>)>,
@@ -123,36 +129,46 @@ pub fn run(
         let cluster = Cluster::parse_spec(&format!("{high}:25,{low}:75"), gbps)?;
         for group in GROUPS {
             let specs = group_specs(&profiles, &group, 5.0)?;
-            let plan_of = |mode: Mode, tiers: &[u32]| -> anyhow::Result<Plan> {
+            let plan_with = |mode: Mode, tiers: &[u32], swc: bool| -> anyhow::Result<Plan> {
                 let o = Options {
                     mode,
                     pool_tiers: tiers.to_vec(),
                     time_limit: Duration::from_secs_f64(time_limit),
+                    send_while_computing: swc,
                     ..Options::default()
                 };
                 planner::plan(&profiles, &cluster, &specs, &o)
                     .with_context(|| format!("{} on {}", mode.name(), cluster.describe()))
             };
+            let serve = |setting: &str, plan: &Plan| -> anyhow::Result<Point> {
+                let setup = SimSetup::from_plan(plan, &profiles)?;
+                let r = sim::find_load(&setup, &opts, 0.99, 0.0, 1.0, 7, |_| {});
+                Ok(Point {
+                    setting: setting.to_string(),
+                    planned: plan.objective,
+                    load: r.load,
+                    at_99: r.weighted_goodput,
+                    low_busy: busy(&r, low),
+                    high_busy: busy(&r, high),
+                })
+            };
             let mut np = Vec::new();
             let mut pp = Vec::new();
             for (setting, tiers) in SETTINGS {
                 for (mode, out) in [(Mode::Np, &mut np), (Mode::Poolpipe, &mut pp)] {
-                    let plan = plan_of(mode, tiers)?;
-                    let setup = SimSetup::from_plan(&plan, &profiles)?;
-                    let r = sim::find_load(&setup, &opts, 0.99, 0.0, 1.0, 7, |_| {});
-                    out.push(Point {
-                        setting: setting.to_string(),
-                        planned: plan.objective,
-                        load: r.load,
-                        at_99: r.weighted_goodput,
-                        low_busy: busy(&r, low),
-                        high_busy: busy(&r, high),
-                    });
+                    let plan = plan_with(mode, tiers, true)?;
+                    out.push(serve(setting, &plan)?);
                     if mode == Mode::Poolpipe && first_pp.is_none() {
                         first_pp = Some(plan);
                     }
                 }
             }
+            // Paired before/after: the first setting's poolpipe plan with processes held while
+            // they send, planned and served that way.
+            let pp_held = serve(
+                &format!("{} held", SETTINGS[0].0),
+                &plan_with(Mode::Poolpipe, SETTINGS[0].1, false)?,
+            )?;
             let best = |v: &[Point]| -> Point {
                 v.iter()
                     .max_by(|a, b| a.at_99.total_cmp(&b.at_99))
@@ -166,13 +182,15 @@ pub fn run(
                 same_q_ratio: np.iter().zip(&pp).map(|(n, p)| p.at_99 / n.at_99).collect(),
                 best_ratio: bp.at_99 / bn.at_99,
                 low_busy_best: (bn.low_busy, bp.low_busy),
+                vs_held: pp[0].at_99 / pp_held.at_99,
+                pp_held,
                 np,
                 pp,
             };
             if !quiet {
                 bar.line(&format!(
-                    "[bench sim] {} {:?}: poolpipe/NP at 99% {:?}, best {:.3}",
-                    s.cluster, s.models, s.same_q_ratio, s.best_ratio
+                    "[bench sim] {} {:?}: poolpipe/NP at 99% {:?}, best {:.3}, /held {:.3}",
+                    s.cluster, s.models, s.same_q_ratio, s.best_ratio, s.vs_held
                 ));
             }
             bar.inc(&s.cluster);
@@ -231,7 +249,13 @@ pub fn run(
     }
     let best: Vec<f64> = scenarios.iter().map(|s| s.best_ratio).collect();
     let best_min = best.iter().copied().fold(f64::INFINITY, f64::min);
+    let held: Vec<f64> = scenarios.iter().map(|s| s.vs_held).collect();
     Ok(Report {
+        vs_held: (
+            super::median_of(&held).unwrap_or(f64::NAN),
+            held.iter().copied().fold(f64::INFINITY, f64::min),
+            held.iter().copied().fold(0.0, f64::max),
+        ),
         same_q,
         best: (super::median_of(&best).unwrap_or(f64::NAN), best_min),
         low_busy,
@@ -269,7 +293,11 @@ impl Report {
                     p.low_busy * 100.0
                 );
             }
-            let _ = writeln!(s, "{line}  best {:.3}", r.best_ratio);
+            let _ = writeln!(
+                s,
+                "{line}  best {:.3}  held {:>7.1} (pp/held {:.3})",
+                r.best_ratio, r.pp_held.at_99, r.vs_held
+            );
         }
         for ((q, med, min), (_, idle, gain)) in self.same_q.iter().zip(&self.low_busy) {
             let _ = writeln!(
@@ -286,6 +314,11 @@ impl Report {
             s,
             "each at its best setting: median poolpipe/NP at 99% {:.3} (min {:.3})",
             self.best.0, self.best.1
+        );
+        let _ = writeln!(
+            s,
+            "sending while computing vs held while sending ({} poolpipe plans, planned and served each way): median {:.3}, min {:.3}, max {:.3}",
+            SETTINGS[0].0, self.vs_held.0, self.vs_held.1, self.vs_held.2
         );
         let sp = &self.speed;
         let _ = writeln!(

@@ -62,6 +62,10 @@ pub struct PlanArgs {
     /// Solver time limit, seconds.
     #[arg(long, default_value_t = 60.0)]
     pub time_limit: f64,
+    /// Plan for processes that hold a batch while they send it on (rate b/(L+T)) instead of
+    /// sending batch k while computing batch k+1 (rate b/max(L,T) under the link's share).
+    #[arg(long)]
+    pub no_send_while_computing: bool,
     /// Relative optimality gap at which the solver stops.
     #[arg(long, default_value_t = 1e-4)]
     pub gap: f64,
@@ -145,6 +149,7 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
         time_limit: Duration::from_secs_f64(a.time_limit.max(0.01)),
         gap: a.gap,
         mode: a.baseline.unwrap_or(Mode::Poolpipe),
+        send_while_computing: !a.no_send_while_computing,
     };
     let ticker = crate::progress::Ticker::start("planning (HiGHS)", Some(opts.time_limit));
     let planned = planner::plan(&profiles, &cluster, &models, &opts);

@@ -117,14 +117,14 @@ pub(super) fn devices_used(stages: &[StageSpec]) -> BTreeMap<String, usize> {
 
 /// Latency per batch size `1..=max_batch` of blocks `blocks` of `model` on `class`/`share`, the
 /// transfer of the cut after them at `gbps` (zero after the model's last block), and the bytes
-/// of that cut.
+/// of that cut; the process sends while computing when `send_while_computing`.
 pub(super) fn profiled_costs(
     profiles: &Profiles,
     model: &str,
     (class, share): (&str, u32),
     blocks: [usize; 2],
     max_batch: usize,
-    gbps: f64,
+    (gbps, send_while_computing): (f64, bool),
 ) -> StageProfile {
     let nblocks = profiles.model(model).map_or(0, |m| m.blocks());
     let cut_bytes = profiles
@@ -153,6 +153,7 @@ pub(super) fn profiled_costs(
                 None => Duration::ZERO,
             })
             .collect(),
+        send_while_computing,
     }
 }
 
@@ -254,7 +255,7 @@ pub(super) fn planned_stages(
                         (&st.class, share),
                         st.blocks,
                         p.batch,
-                        plan.bandwidth_gbps,
+                        (plan.bandwidth_gbps, plan.send_while_computing),
                     );
                     StageSpec {
                         name: format!("{flow}.p{k}.s{j}"),
@@ -327,6 +328,7 @@ mod tests {
                 latency: vec![],
                 cut_bytes: None,
                 transfer: vec![],
+                send_while_computing: false,
             }),
             device,
             split: None,

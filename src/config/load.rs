@@ -324,6 +324,7 @@ impl<'a> Validator<'_, 'a> {
         });
         let sources = self.sources();
         let bandwidth = header.as_ref().map_or(10.0, |h| h.bandwidth_gbps);
+        let send_while_computing = header.as_ref().is_some_and(|h| h.send_while_computing);
         let slo_ms = header.as_ref().map(|h| h.slo_ms);
 
         // Which flow each [[stage]] belongs to.
@@ -443,7 +444,9 @@ impl<'a> Validator<'_, 'a> {
                             items,
                             &engines_dir,
                             slo_limit,
-                            profiles.as_ref().map(|p| (p, bandwidth)),
+                            profiles
+                                .as_ref()
+                                .map(|p| (p, (bandwidth, send_while_computing))),
                         ) {
                             Some(st) => vec![(st, 1.0)],
                             None => {
@@ -762,7 +765,7 @@ impl<'a> Validator<'_, 'a> {
         items: Vec<(String, Spanned<DeValue<'a>>)>,
         engines_dir: &Path,
         slo_ms: Option<u64>,
-        profiles: Option<(&crate::profile::Profiles, f64)>,
+        profiles: Option<(&crate::profile::Profiles, (f64, bool))>,
     ) -> Option<Vec<StageSpec>> {
         let mut out: Vec<StageSpec> = Vec::new();
         let mut ok = true;
@@ -961,7 +964,7 @@ impl<'a> Validator<'_, 'a> {
         base: &str,
         c: &StageConfig,
         device: &Device,
-        profiles: Option<(&crate::profile::Profiles, f64)>,
+        profiles: Option<(&crate::profile::Profiles, (f64, bool))>,
         previous: Option<&StageSpec>,
         has_split: bool,
     ) -> Option<StageProfile> {
@@ -977,7 +980,7 @@ impl<'a> Validator<'_, 'a> {
             }
             return None;
         };
-        let Some((profiles, bandwidth_gbps)) = profiles else {
+        let Some((profiles, link)) = profiles else {
             if !self.has("pipeline.profiles") {
                 self.err(
                     &format!("{base}.profile"),
@@ -1038,7 +1041,7 @@ impl<'a> Validator<'_, 'a> {
             (&class, share),
             blocks,
             c.max_batch as usize,
-            bandwidth_gbps,
+            link,
         ))
     }
 

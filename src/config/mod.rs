@@ -60,6 +60,11 @@ pub struct PipelineSection {
     /// Link bandwidth between stages, gigabits per second (transfer time of cuts).
     #[serde(default = "default_bandwidth_gbps")]
     pub bandwidth_gbps: f64,
+    /// Emulated stages send batch k to the next stage while they compute batch k+1 (one batch
+    /// in flight on the link per process), instead of holding the batch until it is sent.
+    /// Stages built from a plan do what the plan assumed.
+    #[serde(default)]
+    pub send_while_computing: bool,
 }
 
 fn default_bandwidth_gbps() -> f64 {
@@ -362,6 +367,9 @@ pub struct StageProfile {
     /// Time to send a batch of `b` frames to the next stage at the pipeline's bandwidth, at
     /// index `b - 1` (zero after the model's last block).
     pub transfer: Vec<Duration>,
+    /// The process sends batch k while it computes batch k+1, instead of holding the batch
+    /// until it is sent.
+    pub send_while_computing: bool,
 }
 
 /// A validated stage.

@@ -1,8 +1,10 @@
 //! The `emulated:<class>` device: a stage runner that computes nothing and holds each batch for
-//! the profiled latency of its block range at that batch size, plus the transfer of the cut to
-//! the next stage (the device is busy while it sends). The processes of one device share its
-//! link: a transfer starts when the link is free (first come, first served), as in the
-//! simulator. It records what it did in the frame's results. Computing the real output on the
+//! the profiled latency of its block range at that batch size, then sends it to the next stage.
+//! Either the process is busy while it sends (it holds the batch for the transfer too), or it
+//! sends while computing: it hands the batch to its link and takes the next batch at once, with
+//! one batch in flight on the link per process (a batch computed while the previous one is
+//! still being sent waits for it). The processes of one device share its link: a transfer
+//! starts when the link is free (first come, first served), as in the simulator. It records what it did in the frame's results. Computing the real output on the
 //! CPU at the same time is not implemented.
 
 use std::sync::{Arc, Mutex};
@@ -20,6 +22,12 @@ pub struct EmulatedDevice {
     profile: EmulatedCosts,
     /// When the device's link is free, shared by the processes of the device.
     link: Option<Link>,
+    /// Sends while computing the next batch.
+    send_while_computing: bool,
+    /// When this process's last transfer ends.
+    sending_until: Instant,
+    /// When the batch `run` last handed to the link arrives, until the worker asks.
+    pending: Option<Instant>,
 }
 
 /// The link of one emulated device: when it is free next.
@@ -48,7 +56,16 @@ impl EmulatedDevice {
             class: class.to_string(),
             profile,
             link: None,
+            send_while_computing: false,
+            sending_until: Instant::now(),
+            pending: None,
         }
+    }
+
+    /// Sends batch k while computing batch k+1.
+    pub fn sending_while_computing(mut self, on: bool) -> Self {
+        self.send_while_computing = on;
+        self
     }
 
     /// Sends over `link`, shared with the other processes of the same device.
@@ -65,7 +82,7 @@ const SPIN: Duration = Duration::from_micros(300);
 
 /// Waits until `t`: sleeps most of the way, then spins (a yield can give the core away for a
 /// whole time slice).
-fn sleep_until(t: Instant) {
+pub(crate) fn sleep_until(t: Instant) {
     loop {
         let now = Instant::now();
         if now >= t {
@@ -96,20 +113,29 @@ impl StageRunner for EmulatedDevice {
             .copied()
             .unwrap_or_default();
         let started = Instant::now();
-        match (&self.link, transfer.is_zero()) {
-            (Some(link), false) => {
-                let computed = started + latency;
-                sleep_until(computed);
-                // The transfer waits for the link, then holds it.
-                let done = {
-                    let mut free = link.lock().unwrap_or_else(|e| e.into_inner());
-                    let start = (*free).max(computed);
-                    *free = start + transfer;
-                    *free
-                };
-                sleep_until(done);
+        let computed = started + latency;
+        // A transfer waits for the link (shared by the device's processes), then holds it.
+        let book = |link: &Option<Link>, ready: Instant| match link {
+            Some(link) => {
+                let mut free = link.lock().unwrap_or_else(|e| e.into_inner());
+                let start = (*free).max(ready);
+                *free = start + transfer;
+                *free
             }
-            _ => sleep_until(started + latency + transfer),
+            None => ready + transfer,
+        };
+        if transfer.is_zero() {
+            sleep_until(computed);
+        } else if self.send_while_computing {
+            sleep_until(computed);
+            // One batch in flight on the link per process: wait for the previous one.
+            sleep_until(self.sending_until);
+            let done = book(&self.link, computed.max(self.sending_until));
+            self.sending_until = done;
+            self.pending = Some(done);
+        } else {
+            sleep_until(computed);
+            sleep_until(book(&self.link, computed));
         }
         let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         let run = crate::frame::EmulatedRun {
@@ -123,5 +149,9 @@ impl StageRunner for EmulatedDevice {
             f.outputs.push(StageOutput::Emulated(run.clone()));
         }
         Ok(())
+    }
+
+    fn sent_at(&mut self) -> Option<Instant> {
+        self.pending.take()
     }
 }

@@ -18,4 +18,12 @@ pub enum StageError {
 pub trait StageRunner: Send {
     /// Processes the batch in place.
     fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError>;
+
+    /// When the output of the batch [`run`](Self::run) just returned reaches the next stage, if
+    /// that is still ahead: a runner that sends batch k while it computes batch k+1 returns from
+    /// `run` once it has handed the batch to its link, and the worker passes the batch on at
+    /// this instant. `None`: it has arrived.
+    fn sent_at(&mut self) -> Option<std::time::Instant> {
+        None
+    }
 }

@@ -117,6 +117,7 @@ pub(crate) fn policy_settings(p: &Pipeline, route: &[usize], k: usize) -> Policy
             .map(|prof| StageCost {
                 latency: prof.latency.iter().map(ns).collect(),
                 transfer: prof.transfer.iter().map(ns).collect(),
+                send_while_computing: prof.send_while_computing,
             })
             .collect()
     } else {

@@ -28,7 +28,8 @@ pub fn build_runner(
                 latency: profile.latency.clone(),
                 transfer: profile.transfer.clone(),
             },
-        );
+        )
+        .sending_while_computing(profile.send_while_computing);
         if let Some(l) = link {
             d = d.with_link(l);
         }

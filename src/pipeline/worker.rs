@@ -9,6 +9,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use super::graph::{Batch, Downstream, Sequencer};
 use crate::batcher::Hop;
@@ -68,9 +69,12 @@ pub(super) fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("{}-{}", cx.name, cx.worker))
         .spawn(move || {
+            let cx = Arc::new(cx);
             let stats = &cx.stats;
             let panic_at = injected_panic(&cx.name);
             let mut broken = false;
+            // Batches still on the link, passed on when they arrive (started at the first one).
+            let mut courier: Option<Option<Courier>> = None;
             for Batch { mut frames, route, seq } in rx.iter() {
                 let t0 = cx.clock.now();
                 let result = if broken {
@@ -93,16 +97,22 @@ pub(super) fn spawn_worker(
                         }
                     }
                 };
+                // The worker is free now; the batch reaches the next stage now, or at `sent`
+                // when the runner sends it while computing the next one.
                 let t1 = cx.clock.now();
+                let on_link = runner.sent_at().filter(|_| !broken);
+                let sent = on_link.map_or(t1, |at| {
+                    t1 + crate::clock::nanos(at.saturating_duration_since(Instant::now()))
+                });
                 cx.in_flight[cx.worker].fetch_sub(1, Ordering::SeqCst);
                 cx.timeline
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .finished(cx.hop, cx.worker, t1);
+                    .finished(cx.hop, cx.worker, t1, sent);
                 if let Some(r) = &result {
                     stats.batch_ran(cx.stage, frames.len(), t1 - t0);
                     let earliest = frames.iter().map(|f| f.deadline).min().unwrap_or(u64::MAX);
-                    let _ = cx.feedback.try_send(t1 <= earliest);
+                    let _ = cx.feedback.try_send(sent <= earliest);
                     if let Err(e) = r {
                         tracing::error!(stage = %cx.name, frames = frames.len(), error = %e, "Batch failed.");
                     }
@@ -110,10 +120,10 @@ pub(super) fn spawn_worker(
                 let output = match result {
                     Some(Ok(())) => {
                         for f in frames.iter_mut() {
-                            let spent = t1.saturating_sub(f.entered_stage);
+                            let spent = sent.saturating_sub(f.entered_stage);
                             stats.frame_left_stage(cx.stage, spent);
                             f.stage_nanos.push(spent);
-                            f.entered_stage = t1;
+                            f.entered_stage = sent;
                         }
                         Some((frames, route))
                     }
@@ -125,14 +135,63 @@ pub(super) fn spawn_worker(
                         None
                     }
                 };
-                // Release finished batches in dispatch order (this one, and any it was holding
-                // up), forwarding under the lock so that no other worker can overtake.
-                let mut sq = cx.sequencer.lock().unwrap_or_else(|e| e.into_inner());
-                for (frames, route) in sq.finish(seq, output).into_iter().flatten() {
-                    forward(&cx, frames, route);
+                match on_link {
+                    Some(at) => {
+                        let c = courier.get_or_insert_with(|| {
+                            Courier::start(&cx)
+                                .inspect_err(|e| tracing::error!(stage = %cx.name, error = %e, "Could not start a courier thread: the worker waits for its transfers."))
+                                .ok()
+                        });
+                        // Never blocks for long: the runner waited for the previous transfer.
+                        let unsent = match c {
+                            Some(c) => c.tx.send((seq, output, at)).err().map(|e| e.0),
+                            None => Some((seq, output, at)),
+                        };
+                        if let Some((seq, output, at)) = unsent {
+                            crate::device::emulated::sleep_until(at);
+                            release(&cx, seq, output);
+                        }
+                    }
+                    None => release(&cx, seq, output),
                 }
             }
+            if let Some(Some(c)) = courier {
+                drop(c.tx);
+                let _ = c.thread.join();
+            }
         })
+}
+
+/// Releases a finished batch in dispatch order (this one, and any it was holding up),
+/// forwarding under the lock so that no other worker can overtake.
+fn release(cx: &WorkerContext, seq: u64, output: Finished) {
+    let mut sq = cx.sequencer.lock().unwrap_or_else(|e| e.into_inner());
+    for (frames, route) in sq.finish(seq, output).into_iter().flatten() {
+        forward(cx, frames, route);
+    }
+}
+
+/// A worker's batches in transit to the next stage: a thread that passes each on when its
+/// transfer ends.
+struct Courier {
+    tx: flume::Sender<(u64, Finished, Instant)>,
+    thread: JoinHandle<()>,
+}
+
+impl Courier {
+    fn start(cx: &Arc<WorkerContext>) -> std::io::Result<Self> {
+        let (tx, rx) = flume::bounded::<(u64, Finished, Instant)>(2);
+        let cx = cx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-{}-send", cx.name, cx.worker))
+            .spawn(move || {
+                for (seq, output, at) in rx.iter() {
+                    crate::device::emulated::sleep_until(at);
+                    release(&cx, seq, output);
+                }
+            })?;
+        Ok(Self { tx, thread })
+    }
 }
 
 /// Passes a finished batch on: the rest of a reserved route as a batch to the reserved worker,

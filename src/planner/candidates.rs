@@ -253,7 +253,18 @@ fn build(
                 share,
                 latency,
                 transfer,
-                rate: stage_rate(batch, latency + transfer, share, bytes_in, bytes_out, link),
+                rate: stage_rate(
+                    batch,
+                    if opts.send_while_computing {
+                        latency
+                    } else {
+                        latency + transfer
+                    },
+                    share,
+                    bytes_in,
+                    bytes_out,
+                    link,
+                ),
             });
         }
         out.push(Candidate {

@@ -177,8 +177,14 @@ pub fn check(plan: &Plan, profiles: &Profiles) -> Vec<Violation> {
                 e2e += latency * (1.0 + plan.queueing / f64::from(tier)) + transfer;
                 // What the stage can carry: compute, and the link of each GPU shared by its processes.
                 let procs = f64::from(st.processes);
-                // A process holds a batch while it runs and while it sends it on.
-                let compute = procs * p.batch as f64 / (latency + transfer);
+                // A process holds a batch while it runs it, and also while it sends it on unless
+                // it sends while computing the next (the links are checked below).
+                let hold = if plan.send_while_computing {
+                    latency
+                } else {
+                    latency + transfer
+                };
+                let compute = procs * p.batch as f64 / hold;
                 if compute < x * (1.0 - REL) {
                     bad(
                         Rule::Throughput,

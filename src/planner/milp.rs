@@ -322,6 +322,7 @@ impl Solved {
                 Mode::Paired => 2,
                 Mode::Poolpipe => opts.max_stages,
             },
+            send_while_computing: opts.send_while_computing,
             classes: cluster
                 .classes
                 .iter()

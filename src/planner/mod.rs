@@ -16,10 +16,14 @@
 //! stage `k`:
 //!
 //! - latency `L_k = Σ_{i..j} l(i, b)`; transfer into the next stage `T_k = b · B(j-1) / W`;
-//! - throughput of one process `r_k = min(b / (L_k + T_k), (W / s) / B_in, (W / s) / B_out)`:
-//!   a process holds a batch while it runs it and while it sends it on (as the runtime's
-//!   emulated devices and the simulator do), and a GPU at share `s` runs `s` processes that
-//!   share its link.
+//! - throughput of one process `r_k = min(b / L_k, (W / s) / B_in, (W / s) / B_out)`, that is
+//!   `b / max(L_k, s·T_k)`: a process sends batch `k` on its GPU's link while it computes batch
+//!   `k + 1` (one batch in flight on the link per process; copy engines and NICs work on their
+//!   own), and a GPU at share `s` runs `s` processes that share its link. With
+//!   `send_while_computing` off (`poolpipe plan --no-send-while-computing`, and plans written
+//!   before it existed) a process holds a batch while it runs it and while it sends it on:
+//!   `r_k = min(b / (L_k + T_k), ...)`. The runtime's emulated devices and the simulator do
+//!   what the plan says.
 //!
 //! A pipeline's end-to-end latency at arrival rate `x_p` is
 //! `Σ (1 + q/t) L_k + Σ T_k + (b - 1) / x_p`: the first frame of a batch waits for `b - 1` more,
@@ -163,6 +167,10 @@ pub struct Options {
     pub gap: f64,
     /// Which plans to search.
     pub mode: Mode,
+    /// A process sends batch k on its device's link while it computes batch k+1 (one batch in
+    /// flight on the link per process): a stage's rate is `b / max(L, T)` under the link's share
+    /// rather than `b / (L + T)`.
+    pub send_while_computing: bool,
 }
 
 impl Default for Options {
@@ -177,6 +185,7 @@ impl Default for Options {
             time_limit: Duration::from_secs(60),
             gap: 1e-4,
             mode: Mode::Poolpipe,
+            send_while_computing: true,
         }
     }
 }
@@ -268,6 +277,10 @@ pub struct Plan {
     pub pool_tiers: Vec<u32>,
     /// Most stages per pipeline allowed.
     pub max_stages: usize,
+    /// Whether processes send while they compute (see [`Options::send_while_computing`]);
+    /// plans written before this existed did not.
+    #[serde(default)]
+    pub send_while_computing: bool,
     /// Device classes: available and used.
     pub classes: Vec<ClassPlan>,
     /// Per model.

@@ -205,6 +205,10 @@ impl SimSetup {
                         st.blocks[0]..st.blocks[1],
                         (!last).then_some(plan.bandwidth_gbps),
                     )?;
+                    let cost = StageCost {
+                        send_while_computing: plan.send_while_computing,
+                        ..cost
+                    };
                     stages.push(SimStage {
                         cost,
                         workers: st.processes as usize,
@@ -244,6 +248,7 @@ pub fn stage_cost(
     let mut cost = StageCost {
         latency: Vec::with_capacity(max_b),
         transfer: Vec::with_capacity(max_b),
+        send_while_computing: false,
     };
     for b in 1..=max_b {
         let l = profiles.latency(model, class, share, blocks.clone(), b)?;
@@ -263,6 +268,11 @@ enum Event {
     Computed(usize, usize, usize),
     /// A worker finished computing and sending: (pipeline, stage, worker).
     Done(usize, usize, usize),
+    /// A worker that sends while computing may hand its computed batch to the link (its previous
+    /// transfer ended): (pipeline, stage, worker).
+    HandOff(usize, usize, usize),
+    /// The oldest batch a worker handed to its link arrived: (pipeline, stage, worker).
+    Sent(usize, usize, usize),
     /// The next frame of a model arrives.
     Arrive(usize),
     /// A batcher asked to look again: (pipeline, stage).
@@ -274,6 +284,12 @@ type Batch = (Vec<SimFrame>, Option<Vec<Hop>>);
 struct Worker {
     queue: VecDeque<Batch>,
     running: Option<Batch>,
+    /// When the running batch started.
+    started: Nanos,
+    /// Batches handed to the link and not yet arrived (workers that send while computing).
+    sending: VecDeque<Batch>,
+    /// When the worker's last transfer ends.
+    sending_until: Nanos,
     in_flight: usize,
     busy: Nanos,
 }
@@ -346,17 +362,61 @@ impl Sim<'_> {
             let b = batch.0.len();
             let hold = self.setup.pipelines[p].stages[s].cost.latency[b - 1];
             wk.running = Some(batch);
+            wk.started = now;
             self.push(now + hold, Event::Computed(p, s, w));
         }
     }
 
+    /// A worker's batch is done and has arrived at the next stage: the worker takes its next.
     fn finish(&mut self, p: usize, s: usize, w: usize, now: Nanos) {
-        let (frames, route) = self.pipes[p].workers[s][w]
+        let batch = self.pipes[p].workers[s][w]
             .running
             .take()
             .expect("a running batch");
+        self.free_worker(p, s, w, now, now);
+        let touched_next = self.deliver(p, s, batch, now);
+        self.start(p, s, w, now);
+        self.pump(p, s, now);
+        if touched_next {
+            self.pump(p, s + 1, now);
+        }
+    }
+
+    /// A worker that sends while computing hands its batch to its GPU's link (shared by the
+    /// GPU's processes, first come first served) and takes its next batch.
+    fn hand_off(&mut self, p: usize, s: usize, w: usize, now: Nanos) {
+        let stage = &self.setup.pipelines[p].stages[s];
+        let wk = &mut self.pipes[p].workers[s][w];
+        let batch = wk.running.take().expect("a running batch");
+        let transfer = stage.cost.transfer[batch.0.len() - 1];
+        let horizon = self.horizon;
+        wk.busy += now.min(horizon).saturating_sub(wk.started.min(horizon));
+        let link = &mut self.pipes[p].links[s][w / stage.share as usize];
+        let end = (*link).max(now) + transfer;
+        *link = end;
+        let wk = &mut self.pipes[p].workers[s][w];
+        wk.sending_until = end;
+        wk.sending.push_back(batch);
+        self.push(end, Event::Sent(p, s, w));
+        self.free_worker(p, s, w, now, end);
+        self.start(p, s, w, now);
+        self.pump(p, s, now);
+    }
+
+    /// A worker let go of its batch at `now`; the batch arrives at the next stage at `sent`.
+    fn free_worker(&mut self, p: usize, s: usize, w: usize, now: Nanos, sent: Nanos) {
         self.pipes[p].workers[s][w].in_flight -= 1;
-        self.pipes[p].timeline.lock().unwrap().finished(s, w, now);
+        self.pipes[p]
+            .timeline
+            .lock()
+            .unwrap()
+            .finished(s, w, now, sent);
+    }
+
+    /// A batch of stage `s` arrives where it goes next: published after the last stage, else
+    /// the reserved worker of the next stage or its queue (then returns true: the next stage's
+    /// batcher has frames to look at).
+    fn deliver(&mut self, p: usize, s: usize, (frames, route): Batch, now: Nanos) -> bool {
         let earliest = frames
             .iter()
             .map(|f| f.deadline)
@@ -365,7 +425,6 @@ impl Sim<'_> {
         self.pipes[p].batchers[s].feedback(now <= earliest);
         let model = self.setup.pipelines[p].model;
         let last = self.setup.pipelines[p].stages.len() - 1;
-        let mut touched_next = false;
         if s == last {
             let st = &mut self.stats[model];
             for f in frames {
@@ -376,12 +435,14 @@ impl Sim<'_> {
                     st.finished_late += 1;
                 }
             }
+            false
         } else if let Some(rest) = route.filter(|r| r.len() > 1).map(|r| r[1..].to_vec()) {
             let nw = rest[0].worker;
             let wk = &mut self.pipes[p].workers[s + 1][nw];
             wk.in_flight += 1;
             wk.queue.push_back((frames, Some(rest)));
             self.start(p, s + 1, nw, now);
+            false
         } else {
             for f in frames {
                 let ps = &mut self.pipes[p];
@@ -391,12 +452,7 @@ impl Sim<'_> {
                     ps.queues[s + 1].push_back(f);
                 }
             }
-            touched_next = true;
-        }
-        self.start(p, s, w, now);
-        self.pump(p, s, now);
-        if touched_next {
-            self.pump(p, s + 1, now);
+            true
         }
     }
 
@@ -578,6 +634,9 @@ fn simulate_inner(
                             .map(|_| Worker {
                                 queue: VecDeque::new(),
                                 running: None,
+                                started: 0,
+                                sending: VecDeque::new(),
+                                sending_until: 0,
                                 in_flight: 0,
                                 busy: 0,
                             })
@@ -669,17 +728,23 @@ fn simulate_inner(
             }
             Event::Computed(p, s, w) => {
                 let stage = &setup.pipelines[p].stages[s];
-                let b = sim.pipes[p].workers[s][w]
-                    .running
-                    .as_ref()
-                    .map_or(1, |r| r.0.len());
+                let wk = &sim.pipes[p].workers[s][w];
+                let b = wk.running.as_ref().map_or(1, |r| r.0.len());
                 let transfer = stage.cost.transfer[b - 1];
-                let started = now - stage.cost.latency[b - 1];
+                let started = wk.started;
+                let horizon = sim.horizon;
                 if transfer == 0 {
-                    let horizon = sim.horizon;
                     sim.pipes[p].workers[s][w].busy +=
                         (now.min(horizon)).saturating_sub(started.min(horizon));
                     sim.finish(p, s, w, now);
+                } else if stage.cost.send_while_computing {
+                    // One batch in flight on the link per worker: wait for the previous one.
+                    let until = wk.sending_until;
+                    if until > now {
+                        sim.push(until, Event::HandOff(p, s, w));
+                    } else {
+                        sim.hand_off(p, s, w, now);
+                    }
                 } else {
                     // The GPU's link, shared by its processes, first come first served.
                     let gpu = w / stage.share as usize;
@@ -687,10 +752,19 @@ fn simulate_inner(
                     let send = (*link).max(now);
                     *link = send + transfer;
                     let end = send + transfer;
-                    let horizon = sim.horizon;
                     sim.pipes[p].workers[s][w].busy +=
                         (end.min(horizon)).saturating_sub(started.min(horizon));
                     sim.push(end, Event::Done(p, s, w));
+                }
+            }
+            Event::HandOff(p, s, w) => sim.hand_off(p, s, w, now),
+            Event::Sent(p, s, w) => {
+                let batch = sim.pipes[p].workers[s][w]
+                    .sending
+                    .pop_front()
+                    .expect("a batch on the link");
+                if sim.deliver(p, s, batch, now) {
+                    sim.pump(p, s + 1, now);
                 }
             }
             Event::Done(p, s, w) => sim.finish(p, s, w, now),
@@ -877,6 +951,7 @@ mod tests {
                     cost: StageCost {
                         latency: (1..=8).map(|b| 3_000_017 + b * 1_370_003).collect(),
                         transfer: vec![0; 8],
+                        send_while_computing: false,
                     },
                     workers,
                     share: 1,
