@@ -28,8 +28,38 @@ use crate::wrr::SmoothWrr;
 /// is at most one frame interval old.
 pub const LANE_FRAMES: usize = 1;
 
-/// How often a waiting admission looks whether its route has room again.
-const GATE_POLL: Duration = Duration::from_micros(250);
+/// How long a waiting admission sleeps at most before it looks again whether its route has room
+/// (it is woken as soon as the route's first stage takes a frame or finishes a batch; this only
+/// bounds how late it notices that a stream went quiet).
+const GATE_RECHECK: Duration = Duration::from_millis(5);
+
+/// Wakes whoever waits for a stage to have room: its batcher took a frame from its queue, or one
+/// of its workers let go of a batch.
+#[derive(Default)]
+pub struct Signal {
+    changes: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Signal {
+    /// Something changed (call after the change).
+    pub fn notify(&self) {
+        *self.changes.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits while `busy()` holds, up to `recheck` at a time between looks.
+    fn wait_while(&self, mut busy: impl FnMut() -> bool, recheck: Duration) {
+        let mut g = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        while busy() {
+            g = self
+                .changed
+                .wait_timeout(g, recheck)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
 
 /// Why a frame was not taken (it is given back, boxed).
 pub enum Refused {
@@ -152,6 +182,8 @@ pub struct RouteEntry {
     pub weight: f64,
     /// Batches in flight on each worker of its first stage.
     pub in_flight: Arc<Vec<AtomicUsize>>,
+    /// Notified when its first stage takes a frame or a worker of it lets go of a batch.
+    pub room: Arc<Signal>,
 }
 
 /// The first stage's workers, as the gate reads them.
@@ -248,11 +280,13 @@ impl Admission {
                     // that go to whichever stream happened to come first. The price is up to one
                     // frame interval of waiting; a stream alone in its flow does not pay it.
                     let r = &routes[split.pick()];
-                    while me.shared()
-                        && (!r.queue.is_empty() || saturated(&FirstStage(&r.in_flight)))
-                    {
-                        std::thread::sleep(GATE_POLL);
-                    }
+                    r.room.wait_while(
+                        || {
+                            me.shared()
+                                && (!r.queue.is_empty() || saturated(&FirstStage(&r.in_flight)))
+                        },
+                        GATE_RECHECK,
+                    );
                     let Some(mut f) = me.take() else { break };
                     f.route = r.route;
                     let stream = f.stream;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::admission::Signal;
 use crate::batcher::deadline::{StageCost, Timeline};
 use crate::batcher::thread::{self, Inbox, Outbox, Recv};
 use crate::batcher::{Assigned, Driver, Hop, Load, PolicyKind, PolicySettings, make_policy};
@@ -65,6 +66,9 @@ pub(super) struct Pool {
     pub in_flight: Arc<Vec<AtomicUsize>>,
     /// Dispatch numbers of the stage.
     pub dispatched: Arc<AtomicU64>,
+    /// Notified when the stage's batcher takes a frame or a worker lets go of a batch (what an
+    /// admission waiting for room watches).
+    pub room: Arc<Signal>,
 }
 
 impl Pool {
@@ -75,6 +79,7 @@ impl Pool {
             workers,
             in_flight: Arc::new((0..n).map(|_| AtomicUsize::new(0)).collect()),
             dispatched: Arc::new(AtomicU64::new(0)),
+            room: Arc::new(Signal::default()),
         }
     }
 
@@ -137,6 +142,8 @@ pub(crate) fn policy_settings(p: &Pipeline, route: &[usize], k: usize) -> Policy
 struct QueueInbox {
     rx: flume::Receiver<Frame>,
     clock: SystemClock,
+    /// Notified after each frame taken.
+    room: Arc<Signal>,
 }
 
 impl Inbox<Frame> for QueueInbox {
@@ -149,14 +156,21 @@ impl Inbox<Frame> for QueueInbox {
             None => self.rx.recv().map_err(|_| true),
         };
         match got {
-            Ok(f) => Recv::Item(f),
+            Ok(f) => {
+                self.room.notify();
+                Recv::Item(f)
+            }
             Err(true) => Recv::Closed,
             Err(false) => Recv::Timeout,
         }
     }
 
     fn try_recv(&mut self) -> Option<Frame> {
-        self.rx.try_recv().ok()
+        let f = self.rx.try_recv().ok();
+        if f.is_some() {
+            self.room.notify();
+        }
+        f
     }
 
     fn sleep_until(&mut self, t: Nanos) {
@@ -228,7 +242,11 @@ pub(super) fn spawn_batcher(
         .name(format!("batch-{name}"))
         .spawn(move || {
             let mut driver = Driver::new(make_policy(settings, timeline));
-            let mut inbox = QueueInbox { rx, clock };
+            let mut inbox = QueueInbox {
+                rx,
+                clock,
+                room: pool.room.clone(),
+            };
             let mut outbox = PoolOutbox {
                 stage,
                 pool,

@@ -241,6 +241,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                             name: spec.name.clone(),
                             worker: w,
                             in_flight: pool.in_flight.clone(),
+                            room: pool.room.clone(),
                             next: next.clone(),
                             sequencer: sequencer.clone(),
                             feedback: fb_tx.clone(),
@@ -262,6 +263,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
             queue: next.queue.clone(),
             weight: route.weight,
             in_flight: next.pool.in_flight.clone(),
+            room: next.pool.room.clone(),
         });
     }
     drop(publish_tx);

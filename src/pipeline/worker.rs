@@ -40,6 +40,8 @@ pub(super) struct WorkerContext {
     pub worker: usize,
     /// This stage's in-flight counters (decremented when a batch is done).
     pub in_flight: Arc<Vec<std::sync::atomic::AtomicUsize>>,
+    /// Notified when this worker lets go of a batch.
+    pub room: Arc<crate::admission::Signal>,
     pub next: Downstream,
     pub sequencer: Arc<Mutex<Sequencer<Finished>>>,
     pub feedback: flume::Sender<bool>,
@@ -105,6 +107,7 @@ pub(super) fn spawn_worker(
                     t1 + crate::clock::nanos(at.saturating_duration_since(Instant::now()))
                 });
                 cx.in_flight[cx.worker].fetch_sub(1, Ordering::SeqCst);
+                cx.room.notify();
                 cx.timeline
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
