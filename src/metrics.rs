@@ -19,6 +19,7 @@
 //! | `poolpipe_stage_queue_frames`, `poolpipe_stage_queue_capacity_frames` | gauge | stage |
 //! | `poolpipe_stage_worker_queue_batches` | gauge | stage |
 //! | `poolpipe_stream_frames_dropped_early_total` | counter | stream (part of `dropped_overload`: before conversion) |
+//! | `poolpipe_stream_frames_dropped_before_decode_total` | counter | stream (part of `dropped_early`: before decoding) |
 //! | `poolpipe_stage_workers` | gauge | stage, device |
 //! | `poolpipe_stage_device_processes` | gauge | stage, device_id (`L4:0`, `T4:3`, `cpu`) |
 //! | `poolpipe_stage_busy_seconds_total` | counter | stage (all workers together) |
@@ -268,6 +269,13 @@ impl Collector for PipelineCollector {
             "Of the frames dropped_overload, those dropped before colour conversion and scaling.",
             None,
             &per_stream(&|c| c.dropped_early.load(Relaxed) as f64),
+        )?;
+        counters(
+            e,
+            "poolpipe_stream_frames_dropped_before_decode",
+            "Of the frames dropped_early, those dropped before decoding (the rest of a group of pictures).",
+            None,
+            &per_stream(&|c| c.dropped_before_decode.load(Relaxed) as f64),
         )?;
         gauges(
             e,

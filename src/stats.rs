@@ -27,6 +27,8 @@ pub struct StreamCounters {
     pub dropped_overload: AtomicU64,
     /// Of `dropped_overload`, those dropped in GStreamer before colour conversion and scaling.
     pub dropped_early: AtomicU64,
+    /// Of `dropped_early`, those dropped before decoding (the rest of a group of pictures).
+    pub dropped_before_decode: AtomicU64,
     /// Frames lost to an engine or processing error.
     pub failed: AtomicU64,
     /// Times a live source was restarted after an error, EOS or stall.
@@ -124,6 +126,11 @@ impl StreamCounters {
         self.ingested.fetch_add(1, Relaxed);
         self.dropped_overload.fetch_add(1, Relaxed);
         self.dropped_early.fetch_add(1, Relaxed);
+    }
+    /// Dropped before decoding, for the same reason.
+    pub fn frame_dropped_before_decode(&self) {
+        self.frame_dropped_early();
+        self.dropped_before_decode.fetch_add(1, Relaxed);
     }
     /// The source failed (a live source then reconnects).
     pub fn source_error(&self) {
@@ -346,6 +353,7 @@ impl Stats {
                 dropped_late: c.dropped_late.load(Relaxed),
                 dropped_overload: c.dropped_overload.load(Relaxed),
                 dropped_early: c.dropped_early.load(Relaxed),
+                dropped_before_decode: c.dropped_before_decode.load(Relaxed),
                 failed: c.failed.load(Relaxed),
                 reconnects: c.reconnects.load(Relaxed),
                 source_errors: c.source_errors.load(Relaxed),
@@ -368,6 +376,7 @@ impl Stats {
                     f.dropped_late += s.dropped_late;
                     f.dropped_overload += s.dropped_overload;
                     f.dropped_early += s.dropped_early;
+                    f.dropped_before_decode += s.dropped_before_decode;
                     f.failed += s.failed;
                 }
                 f
@@ -435,6 +444,8 @@ pub struct StreamSummary {
     pub dropped_overload: u64,
     /// See [`StreamCounters`] (part of `dropped_overload`).
     pub dropped_early: u64,
+    /// See [`StreamCounters`] (part of `dropped_early`).
+    pub dropped_before_decode: u64,
     /// See [`StreamCounters`].
     pub failed: u64,
     /// See [`StreamCounters`].
@@ -465,6 +476,8 @@ pub struct FlowSummary {
     pub dropped_overload: u64,
     /// Of `dropped_overload`, dropped before conversion.
     pub dropped_early: u64,
+    /// Of `dropped_early`, dropped before decoding.
+    pub dropped_before_decode: u64,
     /// Lost to errors.
     pub failed: u64,
     /// Median end-to-end latency of published frames, ms.

@@ -132,11 +132,17 @@ pub fn launch_string(spec: &SourceSpec, fmt: &ImageSpec) -> (String, Vec<&'stati
         }
         _ => String::new(),
     };
-    // Files in real time are paced by the appsink clock; live sources pace themselves.
-    let sync = matches!(spec.kind, SourceKind::File { .. }) && spec.pace == Pace::Realtime;
+    // Files in real time are paced by the pipeline clock right after decoding, before anything
+    // may drop a frame (frames dropped after a synchronised sink would let the file race ahead of
+    // the clock); live sources pace themselves.
+    let pace = if matches!(spec.kind, SourceKind::File { .. }) && spec.pace == Pace::Realtime {
+        " ! identity name=pace sync=true silent=true"
+    } else {
+        ""
+    };
     let launch = format!(
-        "{head}{rate} ! identity name=gate silent=true ! videoconvert ! videoscale ! video/x-raw,format={},width={},height={},pixel-aspect-ratio=1/1 \
-         ! appsink name=sink sync={sync} max-buffers=2 drop=false",
+        "{head}{pace}{rate} ! identity name=gate silent=true ! videoconvert ! videoscale ! video/x-raw,format={},width={},height={},pixel-aspect-ratio=1/1 \
+         ! appsink name=sink sync=false max-buffers=2 drop=false",
         fmt.pixel_format.gst_name(),
         fmt.width,
         fmt.height
@@ -280,6 +286,9 @@ fn run_once(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext, seq: &mut u
     let bin = pipeline.clone().dynamic_cast::<gst::Bin>().ok();
     if spec.pace != Pace::Fast || spec.is_live() {
         drop_early(bin.as_ref().and_then(|b| b.by_name("gate")), ctx);
+        if let Some(b) = bin.as_ref().filter(|_| spec.is_live()) {
+            drop_before_decode(b, spec.max_fps, ctx);
+        }
     }
     let end = match bin.and_then(|b| b.by_name("sink")) {
         Some(sink) => match sink.dynamic_cast::<gst_app::AppSink>() {
@@ -314,6 +323,101 @@ fn drop_early(gate: Option<gst::Element>, ctx: &SourceContext) {
             gst::PadProbeReturn::Ok
         }
     });
+}
+
+/// On a live source, cuts a group of pictures short before decoding: a coded frame (not a key
+/// frame) that arrives while the stream's lane is full of fresh frames, when the next key frame
+/// is due within the freshness window (a tenth of the SLO; the group's length is learnt from the
+/// last two key frames), is dropped before the decoder with every frame after it up to the next
+/// key frame (`dropped_before_decode`). Dropping the rest of a group is safe: later frames of
+/// the group may refer to the dropped one, but they are dropped too, and the key frame refers to
+/// nothing before it; a published frame is never decoded from a missing reference. Cutting only
+/// the end of a group keeps the stream fresh: a new frame comes within the window. Only where
+/// every coded frame would become a frame of the stream: a `max_fps` below the stream's own rate
+/// (frames `videorate` would leave out) turns it off, so that `ingested` counts the same frames
+/// either way. Not for files: a file is paced after decoding, and frames dropped before that
+/// would let it race ahead.
+fn drop_before_decode(bin: &gst::Bin, max_fps: Option<u32>, ctx: &SourceContext) {
+    let ctx = ctx.clone();
+    bin.connect_deep_element_added(move |_, _, element| {
+        let video_decoder = element
+            .factory()
+            .and_then(|f| f.metadata(gst::ELEMENT_METADATA_KLASS).map(str::to_string))
+            .is_some_and(|k| k.contains("Decoder") && k.contains("Video"));
+        let Some(pad) = element.static_pad("sink").filter(|_| video_decoder) else {
+            return;
+        };
+        let inlet = ctx.tx.clone();
+        let counters = ctx.stats.stream(ctx.stream);
+        let clock = ctx.clock.clone();
+        let slo = ctx.slo.clone();
+        let gop = std::sync::Mutex::new(Gop::default());
+        pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+            let Some(buffer) = info.buffer() else {
+                return gst::PadProbeReturn::Ok;
+            };
+            let key = !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT);
+            let pts = buffer.pts().map(|t| t.nseconds());
+            let mut g = gop.lock().unwrap_or_else(|e| e.into_inner());
+            let drop = g.next(key, pts, |next_key_in| {
+                let max_age = slo.load(Ordering::Relaxed) / 10;
+                next_key_in <= max_age
+                    && inlet.full_of_fresh(clock.now(), max_age)
+                    && every_frame_counts(pad, max_fps)
+            });
+            if drop {
+                counters.frame_dropped_before_decode();
+                gst::PadProbeReturn::Drop
+            } else {
+                gst::PadProbeReturn::Ok
+            }
+        });
+    });
+}
+
+/// A stream's groups of pictures, as seen before the decoder.
+#[derive(Debug, Default)]
+struct Gop {
+    /// Time stamp of the last key frame.
+    last_key: Option<u64>,
+    /// Time between the last two key frames.
+    length: Option<u64>,
+    /// Whether the rest of the current group is being dropped.
+    dropping: bool,
+}
+
+impl Gop {
+    /// Whether to drop a coded frame: never a key frame (it ends any cut); once a frame is
+    /// dropped, every frame up to the next key frame; else a frame for which `cut(time until the
+    /// next key frame is due)` says so.
+    fn next(&mut self, key: bool, pts: Option<u64>, cut: impl FnOnce(u64) -> bool) -> bool {
+        if key {
+            if let (Some(now), Some(last)) = (pts, self.last_key) {
+                self.length = now.checked_sub(last).filter(|l| *l > 0);
+            }
+            self.last_key = pts;
+            self.dropping = false;
+            return false;
+        }
+        if !self.dropping
+            && let (Some(now), Some(last), Some(len)) = (pts, self.last_key, self.length)
+        {
+            self.dropping = cut((last + len).saturating_sub(now));
+        }
+        self.dropping
+    }
+}
+
+/// Whether every coded frame on `pad` would become a frame of the stream: its frame rate is
+/// known and no above `max_fps`.
+fn every_frame_counts(pad: &gst::Pad, max_fps: Option<u32>) -> bool {
+    let Some(max) = max_fps else { return true };
+    pad.current_caps()
+        .and_then(|c| {
+            c.structure(0)
+                .and_then(|st| st.get::<gst::Fraction>("framerate").ok())
+        })
+        .is_some_and(|f| f.numer() > 0 && f.denom() > 0 && f.numer() <= max as i32 * f.denom())
 }
 
 fn pump(
@@ -554,8 +658,8 @@ mod tests {
         assert!(l.contains("videorate drop-only=true max-rate=5"), "{l}");
         assert!(l.contains("format=RGB,width=320,height=240"), "{l}");
         assert!(
-            l.contains("sync=true"),
-            "real-time files are paced by the sink: {l}"
+            l.contains("decodebin ! identity name=pace sync=true"),
+            "real-time files are paced before anything drops a frame: {l}"
         );
         assert!(el.contains(&"filesrc"));
         let (l, _) = launch_string(
@@ -567,7 +671,40 @@ mod tests {
             &fmt,
         );
         assert!(l.contains("protocols=udp latency=50"), "{l}");
-        assert!(l.contains("sync=false"), "{l}");
+        assert!(
+            !l.contains("sync=true"),
+            "live sources pace themselves: {l}"
+        );
+    }
+
+    #[test]
+    fn only_the_end_of_a_group_of_pictures_is_cut_and_key_frames_always_pass() {
+        const MS: u64 = 1_000_000;
+        let mut g = Gop::default();
+        // Groups of 10 frames at 10 frames/s; cut when the next key frame is due within 300 ms.
+        let mut decoded = Vec::new();
+        for i in 0..40u64 {
+            let key = i % 10 == 0;
+            if !g.next(key, Some(i * 100 * MS), |due| due <= 300 * MS) {
+                decoded.push(i);
+            }
+        }
+        // The first group is only measured; afterwards frames 7, 8, 9 of each group go.
+        let expected: Vec<u64> = (0..40u64).filter(|i| *i < 10 || i % 10 < 7).collect();
+        assert_eq!(decoded, expected);
+        // Once cut, the rest of the group goes even where `cut` would say no; the key frame
+        // ends it.
+        let mut g = Gop::default();
+        assert!(!g.next(true, Some(0), |_| true));
+        assert!(!g.next(true, Some(1000), |_| true));
+        assert!(g.next(false, Some(1100), |_| true));
+        assert!(g.next(false, Some(1200), |_| false));
+        assert!(!g.next(true, Some(2000), |_| true));
+        assert!(!g.next(false, Some(2100), |_| false));
+        // Without time stamps nothing is cut.
+        let mut g = Gop::default();
+        assert!(!g.next(true, None, |_| true));
+        assert!(!g.next(false, None, |_| true));
     }
 
     #[test]
