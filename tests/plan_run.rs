@@ -159,6 +159,9 @@ fn assert_agree(
     for (i, (sa, sg)) in simulated.iter().enumerate() {
         let (ra, rg, _) = ran[&format!("f{i}")];
         let m = &plan.models[i].name;
+        eprintln!(
+            "{what}, {m}: attainment simulator {sa:.3}, run {ra:.3}; goodput simulator {sg:.1}, run {rg:.1}"
+        );
         assert!(
             (sa - ra).abs() <= tolerance * sa.max(ra),
             "{what}, {m}: attainment simulator {sa:.3}, poolpipe run {ra:.3}"
@@ -225,12 +228,7 @@ fn a_plan_runs_and_agrees_with_the_simulator_below_and_above_its_load() {
         &pipeline_file(dir.path(), &plan, cluster, &rate),
         20,
     );
-    // Overloaded, the runtime runs 4-6% below the simulator on WideResNet-101-2 on this
-    // machine (0.744-0.76 against 0.790): its SLO leaves 16 ms of slack over the planned route,
-    // and the hand-overs the simulator does not have (source, lane, admission, batcher, each a
-    // thread wake-up on 2 busy cores) eat into it. Not explained further yet; the issue asks for
-    // 5%, this checks 10% so that the gap cannot grow unseen.
-    assert_agree(&plan, &profiles, (&rates, &run), "1.3x load", 0.10);
+    assert_agree(&plan, &profiles, (&rates, &run), "1.3x load", 0.05);
 }
 
 #[test]
