@@ -586,3 +586,57 @@ fn the_detector_cut_into_two_stages_publishes_what_the_uncut_pipeline_publishes(
         }
     }
 }
+
+#[test]
+fn overloaded_cameras_cut_the_end_of_their_groups_of_pictures_before_decoding() {
+    // Two RTSP cameras (10 frames/s, a key frame every 10) into the text detector, which does a
+    // few frames/s on 2 cores: the lanes stay full, and each camera drops the last frames of
+    // its groups before they are decoded (the next key frame is due within the freshness
+    // window, a tenth of the 5 s SLO).
+    require("engines/ppocr/ch_PP-OCRv4_det_infer.onnx");
+    let sample = require("samples/campus.mp4");
+    let port = free_port();
+    let _server = start_rtsp_server(sample.to_str().unwrap(), port);
+    let dir = tempfile::tempdir().unwrap();
+    let cams: String = (0..2)
+        .map(|i| {
+            format!(
+                "[[source]]\nname = \"cam{i}\"\nuri = \"rtsp://127.0.0.1:{port}/cam\"\nlatency_ms = 100\n\n"
+            )
+        })
+        .collect();
+    let pipeline = format!(
+        "{}{cams}[[stage]]\nname = \"detect\"\nmodel = \"ppocr-det\"\nthreads = 1\nmax_batch = 1\n\n{}",
+        header("cut", 5_000),
+        sink(dir.path())
+    );
+    let p = write(dir.path(), "p.toml", &pipeline);
+    let summary = dir.path().join("summary.json");
+    let o = poolpipe(&[
+        "run",
+        p.to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
+        "--duration",
+        "12",
+        "--summary-json",
+        summary.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = read_summary(&summary);
+    let streams = assert_balanced(&s);
+    for (name, v) in &streams {
+        let n = |k: &str| v[k].as_u64().unwrap();
+        assert!(
+            n("dropped_before_decode") > 0,
+            "{name} cut nothing before decoding: {v}"
+        );
+        assert!(
+            n("dropped_before_decode") <= n("dropped_early")
+                && n("dropped_early") <= n("dropped_overload"),
+            "{name}: before decoding is part of early, early part of overload: {v}"
+        );
+        // Key frames always pass and only the end of a group is cut: the camera stays fed.
+        assert!(n("published") >= 10, "{name} was starved: {v}");
+    }
+}
