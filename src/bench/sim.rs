@@ -1,7 +1,9 @@
 //! `poolpipe bench sim`: for the planner benchmark's 24 scenarios, the throughput at 99% SLO
 //! attainment (Poisson arrivals, simulated) of the NP plan served whole and of poolpipe's plan,
-//! both with the `deadline` batcher, and the busy share of low-class GPUs in each; then the
-//! simulator's speed on 100 GPUs, 3 models, 30 simulated seconds at full load.
+//! both with the `deadline` batcher, and the busy share of low-class GPUs in each; the same for
+//! poolpipe's plan made and served with processes held while they send (the gain of sending
+//! while computing, paired); then the simulator's speed on 100 GPUs, 3 models, 30 simulated
+//! seconds at full load.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -7,8 +7,10 @@
 //!   holds a batch for the stage's profiled latency at that batch size (class, share, blocks);
 //! - the transfer of a batch to the next stage on its GPU's link: the processes of one GPU
 //!   (`share` of them) share one link, first come first served, so the transfer waits while the
-//!   link is busy (contention); a worker is held until its batch has been sent, as in the
-//!   runtime's emulated devices;
+//!   link is busy (contention); a worker is held until its batch has been sent, or, where the
+//!   stage sends while computing (the plan's `send_while_computing`), until it has handed the
+//!   batch to the link (one batch in flight on the link per worker), as in the runtime's
+//!   emulated devices;
 //! - the batcher of each stage with its bounded queue: `deadline` (reservations over the whole
 //!   route, later stages take the reserved worker), `fixed` or `aimd`, the very code the runtime
 //!   runs, driven by event times;
