@@ -668,9 +668,27 @@ impl Summary {
     }
 }
 
+/// Jain's fairness index of shares `x`: `(Σx)² / (n·Σx²)`, 1 when all are equal, `1/n` when one
+/// gets everything; `None` when there is nothing to share.
+pub fn jain_index(x: &[f64]) -> Option<f64> {
+    let sum: f64 = x.iter().sum();
+    let squares: f64 = x.iter().map(|v| v * v).sum();
+    (squares > 0.0).then(|| sum * sum / (x.len() as f64 * squares))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jain_index_is_one_for_equal_shares_and_one_over_n_for_one_taker() {
+        assert_eq!(jain_index(&[3.0, 3.0, 3.0, 3.0]), Some(1.0));
+        assert_eq!(jain_index(&[8.0, 0.0, 0.0, 0.0]), Some(0.25));
+        let two_to_one = jain_index(&[2.0, 1.0]).unwrap();
+        assert!((two_to_one - 0.9).abs() < 1e-12, "{two_to_one}");
+        assert_eq!(jain_index(&[0.0, 0.0]), None);
+        assert_eq!(jain_index(&[]), None);
+    }
 
     #[test]
     fn streams_added_later_get_new_indices_and_a_name_keeps_its_counters() {

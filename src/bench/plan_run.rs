@@ -278,8 +278,6 @@ fn overloaded(dir: &Path, profiles: &Path, load: f64, seconds: f64) -> anyhow::R
         seconds,
     )?;
     let x: Vec<f64> = s.streams.iter().map(|v| v.published as f64).collect();
-    let sum: f64 = x.iter().sum();
-    let squares: f64 = x.iter().map(|v| v * v).sum();
     let dropped: u64 = s
         .streams
         .iter()
@@ -289,11 +287,7 @@ fn overloaded(dir: &Path, profiles: &Path, load: f64, seconds: f64) -> anyhow::R
     Ok(OverloadRow {
         load,
         published_fps: s.published_fps(),
-        jain: if squares > 0.0 {
-            sum * sum / (x.len() as f64 * squares)
-        } else {
-            0.0
-        },
+        jain: crate::stats::jain_index(&x).unwrap_or(0.0),
         dropped_early_share: if dropped > 0 {
             early as f64 / dropped as f64
         } else {

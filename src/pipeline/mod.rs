@@ -315,6 +315,7 @@ fn log_layout(p: &Pipeline) {
                 share = s.profile.as_ref().map_or(1, |x| x.share),
                 blocks = ?s.profile.as_ref().map(|x| x.blocks).or(s.split.as_ref().map(|x| x.blocks)),
                 max_batch = s.max_batch,
+                send_while_computing = s.profile.as_ref().is_some_and(|x| x.send_while_computing),
                 on = %devices.join(","),
                 "Stage layout."
             );
