@@ -34,23 +34,32 @@ pub const LANE_FRAMES: usize = 1;
 const GATE_RECHECK: Duration = Duration::from_millis(5);
 
 /// Wakes whoever waits for a stage to have room: its batcher took a frame from its queue, or one
-/// of its workers let go of a batch.
+/// of its workers let go of a batch. Every stage's batcher and workers call [`Signal::notify`]
+/// for every frame and batch, and only a flow's admission ever waits, so a notify with nobody
+/// waiting costs one atomic load and no lock or wake-up.
 #[derive(Default)]
 pub struct Signal {
-    changes: Mutex<u64>,
+    /// Threads inside [`Signal::wait_while`].
+    waiting: AtomicUsize,
+    lock: Mutex<()>,
     changed: Condvar,
 }
 
 impl Signal {
     /// Something changed (call after the change).
     pub fn notify(&self) {
-        *self.changes.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.changed.notify_all();
+        // A waiter counts itself before it looks at the state, so either it sees this change
+        // or this sees it waiting (and takes the lock it holds until it sleeps).
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+            self.changed.notify_all();
+        }
     }
 
     /// Waits while `busy()` holds, up to `recheck` at a time between looks.
     fn wait_while(&self, mut busy: impl FnMut() -> bool, recheck: Duration) {
-        let mut g = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         while busy() {
             g = self
                 .changed
@@ -58,6 +67,7 @@ impl Signal {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
