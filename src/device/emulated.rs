@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::clock::sleep_until;
 use crate::engine::{StageError, StageRunner};
 use crate::frame::{Frame, StageOutput};
 
@@ -72,28 +73,6 @@ impl EmulatedDevice {
     pub fn with_link(mut self, link: Link) -> Self {
         self.link = Some(link);
         self
-    }
-}
-
-/// Below this, [`sleep_until`] stops sleeping and spins: a thread woken from a sleep on a busy
-/// machine runs a few hundred microseconds late, which on a device busy back to back adds up to
-/// a few percent of its capacity and makes reserved finishes late.
-const SPIN: Duration = Duration::from_micros(300);
-
-/// Waits until `t`: sleeps most of the way, then spins (a yield can give the core away for a
-/// whole time slice).
-pub(crate) fn sleep_until(t: Instant) {
-    loop {
-        let now = Instant::now();
-        if now >= t {
-            return;
-        }
-        let left = t - now;
-        if left > SPIN {
-            std::thread::sleep(left - SPIN);
-        } else {
-            std::hint::spin_loop();
-        }
     }
 }
 

@@ -151,7 +151,7 @@ pub(super) fn spawn_worker(
                             None => Some((seq, output, at)),
                         };
                         if let Some((seq, output, at)) = unsent {
-                            crate::device::emulated::sleep_until(at);
+                            crate::clock::sleep_until(at);
                             release(&cx, seq, output);
                         }
                     }
@@ -189,7 +189,7 @@ impl Courier {
             .name(format!("{}-{}-send", cx.name, cx.worker))
             .spawn(move || {
                 for (seq, output, at) in rx.iter() {
-                    crate::device::emulated::sleep_until(at);
+                    crate::clock::sleep_until(at);
                     release(&cx, seq, output);
                 }
             })?;
