@@ -611,19 +611,7 @@ fn overloaded_cameras_cut_the_end_of_their_groups_of_pictures_before_decoding() 
         sink(dir.path())
     );
     let p = write(dir.path(), "p.toml", &pipeline);
-    let summary = dir.path().join("summary.json");
-    let o = poolpipe(&[
-        "run",
-        p.to_str().unwrap(),
-        "--api",
-        "127.0.0.1:0",
-        "--duration",
-        "12",
-        "--summary-json",
-        summary.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let s = read_summary(&summary);
+    let s = run_summarized(&p, Some("12"));
     let streams = assert_balanced(&s);
     for (name, v) in &streams {
         let n = |k: &str| v[k].as_u64().unwrap();

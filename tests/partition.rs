@@ -185,21 +185,7 @@ fn cpu_stages_of_a_cut_model_run_under_the_deadline_policy_with_a_measured_profi
         dir.path().join("out.jsonl").display()
     );
     let p = write(dir.path(), "p.toml", &pipeline);
-    let summary = dir.path().join("summary.json");
-    let out = poolpipe(&[
-        "run",
-        p.to_str().unwrap(),
-        "--api",
-        "127.0.0.1:0",
-        "--summary-json",
-        summary.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s = read_summary(&summary);
+    let s = run_summarized(&p, None);
     let streams = assert_balanced(&s);
     assert_eq!(streams["pattern"]["published"], 16, "{s}");
     let results = read_jsonl(&dir.path().join("out.jsonl"));

@@ -52,19 +52,7 @@ fn run_and_simulate(fps_per_stream: f64, margin_ms: u64, link: Link) -> ((f64, f
         dir.path().join("out.jsonl").display()
     );
     let p = common::write(dir.path(), "p.toml", &pipeline);
-    let summary = dir.path().join("summary.json");
-    let o = common::poolpipe(&[
-        "run",
-        p.to_str().unwrap(),
-        "--api",
-        "127.0.0.1:0",
-        "--duration",
-        "8",
-        "--summary-json",
-        summary.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let s = common::read_summary(&summary);
+    let s = common::run_summarized(&p, Some("8"));
     let streams = common::assert_balanced(&s);
     let ingested: u64 = streams
         .values()

@@ -264,6 +264,15 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Median, smallest and largest of `v` (NaN, infinity and 0 when empty).
+pub(crate) fn spread(v: &[f64]) -> (f64, f64, f64) {
+    (
+        median_of(v).unwrap_or(f64::NAN),
+        v.iter().copied().fold(f64::INFINITY, f64::min),
+        v.iter().copied().fold(0.0, f64::max),
+    )
+}
+
 /// Median of `v`, `None` when empty.
 pub(crate) fn median_of(v: &[f64]) -> Option<f64> {
     let mut v = v.to_vec();

@@ -192,11 +192,7 @@ pub fn run(
     let vs_paired: Vec<f64> = scenarios.iter().map(|s| s.vs_paired).collect();
     let vs_held: Vec<f64> = scenarios.iter().map(|s| s.vs_held).collect();
     Ok(Report {
-        vs_held: (
-            super::median_of(&vs_held).unwrap_or(f64::NAN),
-            vs_held.iter().copied().fold(f64::INFINITY, f64::min),
-            vs_held.iter().copied().fold(0.0, f64::max),
-        ),
+        vs_held: super::spread(&vs_held),
         median_vs_np: super::median_of(&vs_np).unwrap_or(f64::NAN),
         min_vs_np: vs_np.iter().copied().fold(f64::INFINITY, f64::min),
         median_vs_paired: super::median_of(&vs_paired).unwrap_or(f64::NAN),

@@ -253,11 +253,7 @@ pub fn run(
     let best_min = best.iter().copied().fold(f64::INFINITY, f64::min);
     let held: Vec<f64> = scenarios.iter().map(|s| s.vs_held).collect();
     Ok(Report {
-        vs_held: (
-            super::median_of(&held).unwrap_or(f64::NAN),
-            held.iter().copied().fold(f64::INFINITY, f64::min),
-            held.iter().copied().fold(0.0, f64::max),
-        ),
+        vs_held: super::spread(&held),
         same_q,
         best: (super::median_of(&best).unwrap_or(f64::NAN), best_min),
         low_busy,

@@ -56,6 +56,21 @@ pub fn poolpipe(args: &[&str]) -> Output {
     c.output().expect("run poolpipe")
 }
 
+/// `poolpipe run PIPELINE` with the API on a free port (for `duration` seconds, else until its
+/// sources end) writing its summary beside the pipeline file; asserts that it succeeded and
+/// returns the summary.
+pub fn run_summarized(pipeline: &Path, duration: Option<&str>) -> Value {
+    let summary = pipeline.with_file_name("summary.json");
+    let mut args = vec!["run", pipeline.to_str().unwrap(), "--api", "127.0.0.1:0"];
+    if let Some(d) = duration {
+        args.extend(["--duration", d]);
+    }
+    args.extend(["--summary-json", summary.to_str().unwrap()]);
+    let o = poolpipe(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    read_summary(&summary)
+}
+
 /// Reads a JSON lines file.
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
