@@ -16,6 +16,8 @@ ORT_VERSION=1.31.1          # ONNX Runtime shared library (PyPI wheel `onnxrunti
 RAPIDOCR_VERSION=1.4.4      # PP-OCRv4 detection + recognition ONNX models (PyPI wheel `rapidocr-onnxruntime`)
 ONNX_PY_VERSION=1.19.1      # `onnx` Python package, used by the benchmark-model generator
 NUMPY_VERSION=2.3.4
+YOLO_WHEEL=hafdh-nadhar==0.1.22   # carries the original Darknet YOLOv3-tiny COCO weights and cfg
+YOLO_SHA256=dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c
 TANSU_VERSION=0.6.0         # Kafka-compatible broker for the Kafka sink test (crates.io; Debian has none)
 
 APT_PACKAGES=(
@@ -91,6 +93,27 @@ for m in resnet18 resnet50 mobilenetv2; do
     "$VENV/bin/python" engines/gen_bench_models.py --out "$BENCH_DIR" "$m"
   fi
 done
+
+# --- 5b. YOLOv3-tiny (COCO, 80 classes) for the detect stage (pipelines/people.toml) ---------------------
+# Darknet's weights (public domain) are taken from a PyPI wheel that carries them byte for byte;
+# nothing else of that wheel is used. Its cfg has a known bug (the second [yolo] block's mask must
+# be 1,2,3 for these weights). engines/darknet2onnx.py converts them (batch norm folded, the YOLO
+# heads decoded in the graph, dynamic batch) and checks the result against its numpy reference.
+YOLO_DIR="$ROOT/engines/yolo"
+if [ ! -f "$YOLO_DIR/yolov3-tiny.onnx" ]; then
+  log "Fetching YOLOv3-tiny weights ($YOLO_WHEEL) from PyPI and converting them to ONNX."
+  pip_download "$YOLO_WHEEL"
+  mkdir -p "$YOLO_DIR"
+  unzip -o -j -q "$DL"/hafdh_nadhar-*.whl 'hafdh_nadhar/models/person_prediction/yolov3-tiny.*' -d "$YOLO_DIR"
+  echo "$YOLO_SHA256  $YOLO_DIR/yolov3-tiny.weights" | sha256sum -c --quiet - \
+    || { log "yolov3-tiny.weights: checksum mismatch"; rm -f "$YOLO_DIR/yolov3-tiny.weights"; exit 1; }
+  # The second [yolo] block (the 26x26 head) uses anchors 1,2,3.
+  awk 'BEGIN{n=0} /^\[yolo\]/{n++} n==2 && /^mask *=/{print "mask = 1,2,3"; next} {print}' \
+    "$YOLO_DIR/yolov3-tiny.cfg" > "$YOLO_DIR/yolov3-tiny.fixed.cfg"
+  "$VENV/bin/python" engines/darknet2onnx.py convert --cfg "$YOLO_DIR/yolov3-tiny.fixed.cfg" \
+    --weights "$YOLO_DIR/yolov3-tiny.weights" --out "$YOLO_DIR/yolov3-tiny.onnx.partial"
+  mv "$YOLO_DIR/yolov3-tiny.onnx.partial" "$YOLO_DIR/yolov3-tiny.onnx"
+fi
 
 # --- 6. Sample media -----------------------------------------------------------------------------------
 SAMPLE="$ROOT/samples/campus.mp4"

@@ -169,6 +169,25 @@ pub struct TextLine {
     pub bbox: BBox,
 }
 
+/// An object a detector found (and a tracker followed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Object {
+    /// Label (from the manifest's labels, or `class_<id>`).
+    pub label: Arc<str>,
+    /// Class index in the model's output.
+    pub class_id: usize,
+    /// Detection score (objectness x class score, or the class score).
+    #[serde(serialize_with = "round4")]
+    pub score: f32,
+    /// Where, in frame pixels.
+    #[serde(rename = "box")]
+    pub bbox: BBox,
+    /// Identity across frames, given by the tracker (absent without one, and for a detection no
+    /// confirmed track owns).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub track_id: Option<u64>,
+}
+
 /// What one stage attached to a frame.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -179,6 +198,8 @@ pub enum StageOutput {
     TextBoxes(Vec<TextBox>),
     /// Text read by a recogniser.
     Texts(Vec<TextLine>),
+    /// Objects found by a detector.
+    Objects(Vec<Object>),
     /// What an emulated device did (it computes no result of its own).
     Emulated(EmulatedRun),
     /// A stage ran blocks of a cut model and passed the activation on.

@@ -29,6 +29,9 @@ pub enum ModelKind {
     TextDetect,
     /// Crops of an earlier stage's text boxes -> characters (CTC); publishes text.
     TextRecognize,
+    /// Single-shot object detector (YOLO families); publishes labelled boxes. Takes frames at
+    /// any size: it letterboxes (or stretches) them to its input itself.
+    Detect,
     /// Runs nothing; frames pass through (with the `noop` backend).
     Passthrough,
 }
@@ -152,6 +155,68 @@ impl Default for TextDetectParams {
     }
 }
 
+/// How a detector's output tensor is laid out (one image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectFormat {
+    /// `[boxes, 5 + classes]`: centre x, centre y, width, height, objectness, class scores
+    /// (YOLOv3, v5, v7; score = objectness x class score).
+    Yolo,
+    /// `[4 + classes, boxes]`: centre x, centre y, width, height, class scores, without
+    /// objectness (YOLOv8, v11).
+    Yolov8,
+}
+
+/// How frames are fitted to a detector's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resize {
+    /// Scaled to fit with the aspect kept, centred, the borders filled with `pad`.
+    Letterbox,
+    /// Scaled to the input size, aspect not kept.
+    Stretch,
+}
+
+/// `[detect]`: single-shot detector post-processing.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectParams {
+    /// Output layout.
+    pub format: DetectFormat,
+    /// Box coordinates are fractions of the input size (else input pixels).
+    pub normalized: bool,
+    /// Fitting frames to the input.
+    pub resize: Resize,
+    /// Pixel value (0-255) of letterbox borders (Darknet: 127.5; Ultralytics: 114).
+    pub pad: f32,
+    /// Lowest score of a published object.
+    pub score: f32,
+    /// Boxes of one class overlapping more than this (IoU) are one object.
+    pub iou: f32,
+    /// Only these classes (labels or ids as strings); empty: all.
+    pub classes: Vec<String>,
+    /// Most objects per frame (the highest scores).
+    pub max_objects: usize,
+    /// Labels file, one per line (else `class_<id>`).
+    pub labels: Option<PathBuf>,
+}
+
+impl Default for DetectParams {
+    fn default() -> Self {
+        Self {
+            format: DetectFormat::Yolo,
+            normalized: false,
+            resize: Resize::Letterbox,
+            pad: 114.0,
+            score: 0.25,
+            iou: 0.45,
+            classes: Vec::new(),
+            max_objects: 300,
+            labels: None,
+        }
+    }
+}
+
 /// `[text_recognize]`: crops and CTC decoding.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -206,6 +271,9 @@ pub struct ModelManifest {
     /// Text recogniser settings.
     #[serde(default)]
     pub text_recognize: TextRecognizeParams,
+    /// Object detector settings.
+    #[serde(default)]
+    pub detect: DetectParams,
     /// Folder of the model cut into blocks by `poolpipe split` (with `manifest.json`), for stages
     /// that run a block range of it.
     #[serde(default)]
@@ -228,6 +296,7 @@ impl ModelManifest {
             classify: ClassifyParams::default(),
             text_detect: TextDetectParams::default(),
             text_recognize: TextRecognizeParams::default(),
+            detect: DetectParams::default(),
             split: None,
             path: PathBuf::new(),
         }
@@ -244,6 +313,7 @@ pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
     m.path = path.to_path_buf();
     m.onnx = m.onnx.map(|p| dir.join(p));
     m.classify.labels = m.classify.labels.map(|p| dir.join(p));
+    m.detect.labels = m.detect.labels.map(|p| dir.join(p));
     m.split = m.split.map(|p| dir.join(p));
     let mut errs = Vec::new();
     let mut err = |key: &str, msg: String| errs.push(parsed.diag_at(key, msg));
@@ -261,13 +331,28 @@ pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
         ),
         _ => {}
     }
-    if let Some(l) = &m.classify.labels
-        && !l.is_file()
-    {
+    for (key, labels) in [
+        ("classify.labels", &m.classify.labels),
+        ("detect.labels", &m.detect.labels),
+    ] {
+        if let Some(l) = labels
+            && !l.is_file()
+        {
+            err(key, format!("labels file {} does not exist", l.display()));
+        }
+    }
+    let d = &m.detect;
+    if !(0.0..=1.0).contains(&d.score) || !(0.0..=1.0).contains(&d.iou) {
         err(
-            "classify.labels",
-            format!("labels file {} does not exist", l.display()),
+            "detect",
+            "score and iou are in [0, 1]".into(),
         );
+    }
+    if !(0.0..=255.0).contains(&d.pad) {
+        err("detect.pad", format!("{}: a pixel value in [0, 255]", d.pad));
+    }
+    if d.max_objects == 0 {
+        err("detect.max_objects", "must be at least 1".into());
     }
     match (&m.image, m.kind) {
         (None, k) if k != ModelKind::Passthrough => err(

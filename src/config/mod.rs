@@ -27,8 +27,8 @@ pub use load::{
     load_source_str,
 };
 pub use manifest::{
-    Backend, ClassifyParams, ImageSpec, Layout, ModelKind, ModelManifest, TextDetectParams,
-    TextRecognizeParams, load_manifest,
+    Backend, ClassifyParams, DetectFormat, DetectParams, ImageSpec, Layout, ModelKind,
+    ModelManifest, Resize, TextDetectParams, TextRecognizeParams, load_manifest,
 };
 
 /// `[pipeline]`: settings of the whole pipeline.
@@ -453,7 +453,9 @@ impl Pipeline {
 
     /// Size and pixel format of the images that sources of flow `flow` deliver: the input of
     /// the first stage of its first route that takes whole images (a pass-through stage may name
-    /// one with an [image] section).
+    /// one with an [image] section); where only detectors take images, the source's own size
+    /// (width and height 0) in the first detector's pixel format, since detectors fit frames to
+    /// their input themselves and publish boxes in the camera's pixels.
     pub fn ingest_format_of(&self, flow: usize) -> ImageSpec {
         let route = self
             .flows
@@ -461,14 +463,19 @@ impl Pipeline {
             .and_then(|f| f.routes.first())
             .map(|r| self.routes[*r].stages.as_slice())
             .unwrap_or_default();
-        route
-            .iter()
-            .map(|i| &self.stages[*i])
-            .find_map(|s| {
-                s.model
-                    .image
-                    .clone()
-                    .filter(|_| s.model.kind != ModelKind::TextRecognize)
+        let stages = || route.iter().map(|i| &self.stages[*i]);
+        stages()
+            .filter(|s| !matches!(s.model.kind, ModelKind::TextRecognize | ModelKind::Detect))
+            .find_map(|s| s.model.image.clone())
+            .or_else(|| {
+                stages()
+                    .filter(|s| s.model.kind == ModelKind::Detect)
+                    .find_map(|s| s.model.image.clone())
+                    .map(|i| ImageSpec {
+                        width: 0,
+                        height: 0,
+                        ..i
+                    })
             })
             .unwrap_or_else(ImageSpec::passthrough)
     }

@@ -140,12 +140,16 @@ pub fn launch_string(spec: &SourceSpec, fmt: &ImageSpec) -> (String, Vec<&'stati
     } else {
         ""
     };
+    // Width and height 0: the source's own size (square pixels).
+    let size = if fmt.width > 0 && fmt.height > 0 {
+        format!(",width={},height={}", fmt.width, fmt.height)
+    } else {
+        String::new()
+    };
     let launch = format!(
-        "{head}{pace}{rate} ! identity name=gate silent=true ! videoconvert ! videoscale ! video/x-raw,format={},width={},height={},pixel-aspect-ratio=1/1 \
+        "{head}{pace}{rate} ! identity name=gate silent=true ! videoconvert ! videoscale ! video/x-raw,format={}{size},pixel-aspect-ratio=1/1 \
          ! appsink name=sink sync=false max-buffers=2 drop=false",
         fmt.pixel_format.gst_name(),
-        fmt.width,
-        fmt.height
     );
     (launch, elements)
 }

@@ -5,12 +5,13 @@ use std::path::Path;
 use ndarray::{Array4, Axis, s};
 
 use crate::config::{
-    Backend, Device, ImageSpec, ModelKind, StageSpec, TextDetectParams, TextRecognizeParams,
+    Backend, DetectParams, Device, ImageSpec, ModelKind, Resize, StageSpec, TextDetectParams,
+    TextRecognizeParams,
 };
 use crate::engine::ort::{OrtConfig, OrtEngine};
 use crate::engine::{Engine, EngineError, NoopEngine};
-use crate::frame::{Frame, StageOutput, TextLine};
-use crate::postprocess::{classify, ctc, image, text_detect};
+use crate::frame::{Frame, Object, StageOutput, TextLine};
+use crate::postprocess::{classify, ctc, detect, image, text_detect};
 
 use crate::engine::{StageError, StageRunner};
 
@@ -62,6 +63,7 @@ pub fn build_runner(
     let image = m.image.clone().unwrap_or_else(ImageSpec::passthrough);
     let input = match &spec.split {
         Some(split) if !split.first => Input::Activation,
+        _ if m.kind == ModelKind::Detect => Input::Fitted(m.detect.resize, m.detect.pad),
         _ => Input::Image,
     };
     if let Some(split) = spec.split.as_ref().filter(|s| !s.last) {
@@ -74,24 +76,28 @@ pub fn build_runner(
     }
     Ok(match m.kind {
         ModelKind::Passthrough => Box::new(Passthrough),
-        ModelKind::Classify => {
-            let labels = match &m.classify.labels {
-                Some(p) => std::fs::read_to_string(p)
-                    .map_err(|e| EngineError::Load {
-                        model: p.display().to_string(),
-                        message: e.to_string(),
-                    })?
-                    .lines()
-                    .map(str::to_string)
-                    .collect(),
-                None => Vec::new(),
-            };
-            Box::new(Classify {
+        ModelKind::Classify => Box::new(Classify {
+            engine,
+            image,
+            input,
+            top_k: m.classify.top_k,
+            labels: read_labels(m.classify.labels.as_deref())?,
+        }),
+        ModelKind::Detect => {
+            let labels = read_labels(m.detect.labels.as_deref())?;
+            let allowed = detect::class_filter(&m.detect.classes, &labels).map_err(|message| {
+                EngineError::Load {
+                    model: m.path.display().to_string(),
+                    message,
+                }
+            })?;
+            Box::new(Detect {
                 engine,
                 image,
                 input,
-                top_k: m.classify.top_k,
-                labels,
+                params: m.detect.clone(),
+                labels: labels.into_iter().map(Into::into).collect(),
+                allowed,
             })
         }
         ModelKind::TextDetect => Box::new(TextDetect {
@@ -122,6 +128,18 @@ pub fn build_runner(
     })
 }
 
+/// The lines of a labels file (none without one).
+pub fn read_labels(path: Option<&Path>) -> Result<Vec<String>, EngineError> {
+    let Some(p) = path else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(p).map_err(|e| EngineError::Load {
+        model: p.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(text.lines().map(|l| l.trim_end().to_string()).collect())
+}
+
 /// Does nothing: for measuring the pipeline itself.
 struct Passthrough;
 
@@ -135,10 +153,12 @@ impl StageRunner for Passthrough {
 }
 
 /// What a stage feeds its engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Input {
-    /// The frames' images, normalised.
+    /// The frames' images, normalised (already the input's size).
     Image,
+    /// The frames' images at any size, fitted to the input (and the border's pixel value).
+    Fitted(Resize, f32),
     /// The activations an earlier stage (running the first blocks of the model) left.
     Activation,
 }
@@ -186,6 +206,22 @@ fn infer_batch(
             let images: Vec<&crate::frame::Image> =
                 frames.iter().map(|f| f.image.as_ref()).collect();
             image::batch_tensor(&images, image).into_dyn()
+        }
+        Input::Fitted(resize, pad) => {
+            let (w, h) = (image.width as usize, image.height as usize);
+            let mut t = match image.layout {
+                crate::config::Layout::NCHW => Array4::<f32>::zeros((frames.len(), 3, h, w)),
+                crate::config::Layout::NHWC => Array4::<f32>::zeros((frames.len(), h, w, 3)),
+            };
+            for (i, f) in frames.iter().enumerate() {
+                let fit = detect::Fit::new(
+                    (f.image.width, f.image.height),
+                    (image.width, image.height),
+                    resize,
+                );
+                detect::fill(&f.image, &fit, image, pad, t.index_axis_mut(Axis(0), i));
+            }
+            t.into_dyn()
         }
         Input::Activation => {
             let views: Vec<ndarray::ArrayViewD<'_, f32>> = frames
@@ -308,6 +344,61 @@ impl StageRunner for TextDetect {
                 &self.params,
             );
             f.outputs.push(StageOutput::TextBoxes(boxes));
+        }
+        Ok(())
+    }
+}
+
+/// Single-shot object detector: labelled boxes per frame, in frame pixels.
+struct Detect {
+    engine: Box<dyn Engine>,
+    image: ImageSpec,
+    input: Input,
+    params: DetectParams,
+    labels: Vec<std::sync::Arc<str>>,
+    allowed: Vec<bool>,
+}
+
+impl StageRunner for Detect {
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
+        let out = infer_batch(self.engine.as_mut(), &self.image, self.input, frames)?;
+        if out.ndim() != 3 {
+            return Err(StageError::Output(format!(
+                "expected an N x boxes x attributes (or N x attributes x boxes) output, got {:?}",
+                out.shape()
+            )));
+        }
+        let dims = (self.image.width, self.image.height);
+        let d = detect::Decode {
+            format: self.params.format,
+            normalized: self.params.normalized,
+            input: dims,
+            score: self.params.score,
+            allowed: &self.allowed,
+        };
+        for (i, f) in frames.iter_mut().enumerate() {
+            let found = detect::decode(out.index_axis(Axis(0), i).into_dimensionality().map_err(|e| StageError::Output(e.to_string()))?, &d)
+                .map_err(StageError::Output)?;
+            let kept = detect::nms(found, self.params.iou, self.params.max_objects);
+            let fit = detect::Fit::new((f.image.width, f.image.height), dims, self.params.resize);
+            let objects = kept
+                .into_iter()
+                .map(|c| {
+                    let [x0, y0, x1, y1] = c.corners;
+                    Object {
+                        label: self
+                            .labels
+                            .get(c.class)
+                            .cloned()
+                            .unwrap_or_else(|| format!("class_{}", c.class).into()),
+                        class_id: c.class,
+                        score: c.score,
+                        bbox: fit.box_to_frame(x0, y0, x1, y1),
+                        track_id: None,
+                    }
+                })
+                .collect();
+            f.outputs.push(StageOutput::Objects(objects));
         }
         Ok(())
     }
