@@ -49,6 +49,7 @@
 
 pub mod admission;
 pub mod alloc;
+pub mod analytics;
 pub mod api;
 pub mod batcher;
 pub mod bench;

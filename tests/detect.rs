@@ -26,14 +26,24 @@ fn detect_sample(dir: &Path, frames: u64, max_batch: u32) -> Vec<(u64, Vec<Value
         ),
     );
     let n = frames.to_string();
-    let o = poolpipe(&["run", p.to_str().unwrap(), "--max-frames", &n, "--api", "127.0.0.1:0"]);
+    let o = poolpipe(&[
+        "run",
+        p.to_str().unwrap(),
+        "--max-frames",
+        &n,
+        "--api",
+        "127.0.0.1:0",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut rows: Vec<(u64, Vec<Value>)> = read_jsonl(&out)
         .into_iter()
         .map(|r| {
             (
                 r["seq"].as_u64().unwrap(),
-                r["results"]["detect"]["objects"].as_array().unwrap().clone(),
+                r["results"]["detect"]["objects"]
+                    .as_array()
+                    .unwrap()
+                    .clone(),
             )
         })
         .collect();
@@ -64,8 +74,18 @@ fn the_detector_finds_the_reference_boxes_on_the_first_frame() {
     let raw = dir.path().join("f%02d.rgb");
     let st = Command::new("gst-launch-1.0")
         .args(["-q", "filesrc"])
-        .arg(format!("location={}", require("samples/campus.mp4").display()))
-        .args(["!", "decodebin", "!", "videoconvert", "!", "video/x-raw,format=RGB"])
+        .arg(format!(
+            "location={}",
+            require("samples/campus.mp4").display()
+        ))
+        .args([
+            "!",
+            "decodebin",
+            "!",
+            "videoconvert",
+            "!",
+            "video/x-raw,format=RGB",
+        ])
         .args(["!", "identity", "eos-after=2", "!", "multifilesink"])
         .arg(format!("location={}", raw.display()))
         .status()
@@ -93,8 +113,14 @@ fn the_detector_finds_the_reference_boxes_on_the_first_frame() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let reference: Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(reference["max_diff_xywh"].as_f64().unwrap() < 1e-4, "{reference}");
-    assert!(reference["max_diff_prob"].as_f64().unwrap() < 1e-4, "{reference}");
+    assert!(
+        reference["max_diff_xywh"].as_f64().unwrap() < 1e-4,
+        "{reference}"
+    );
+    assert!(
+        reference["max_diff_prob"].as_f64().unwrap() < 1e-4,
+        "{reference}"
+    );
     let want = reference["detections"].as_array().unwrap();
     // What the hand check found on the original clip's first frame: three people, a car
     // and the white van (as a truck).
@@ -141,7 +167,15 @@ fn the_detector_finds_the_reference_boxes_on_the_first_frame() {
 fn people_found_on_sampled_frames_are_within_what_is_visible() {
     let dir = tempfile::tempdir().unwrap();
     let rows = detect_sample(dir.path(), 301, 4);
-    let visible = [(0, 3), (50, 6), (100, 7), (150, 7), (200, 7), (250, 7), (300, 6)];
+    let visible = [
+        (0, 3),
+        (50, 6),
+        (100, 7),
+        (150, 7),
+        (200, 7),
+        (250, 7),
+        (300, 6),
+    ];
     let mut total = 0;
     for (seq, v) in visible {
         let objects = &rows[seq].1;
@@ -153,7 +187,10 @@ fn people_found_on_sampled_frames_are_within_what_is_visible() {
         total += n;
         for o in objects {
             let e = edges(o);
-            assert!(e[0] >= 0.0 && e[1] >= 0.0 && e[2] <= 768.0 && e[3] <= 576.0, "{o}");
+            assert!(
+                e[0] >= 0.0 && e[1] >= 0.0 && e[2] <= 768.0 && e[3] <= 576.0,
+                "{o}"
+            );
         }
     }
     assert!(total >= 35, "{total} people over the sampled frames");

@@ -343,13 +343,13 @@ pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
     }
     let d = &m.detect;
     if !(0.0..=1.0).contains(&d.score) || !(0.0..=1.0).contains(&d.iou) {
-        err(
-            "detect",
-            "score and iou are in [0, 1]".into(),
-        );
+        err("detect", "score and iou are in [0, 1]".into());
     }
     if !(0.0..=255.0).contains(&d.pad) {
-        err("detect.pad", format!("{}: a pixel value in [0, 255]", d.pad));
+        err(
+            "detect.pad",
+            format!("{}: a pixel value in [0, 255]", d.pad),
+        );
     }
     if d.max_objects == 0 {
         err("detect.max_objects", "must be at least 1".into());

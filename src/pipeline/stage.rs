@@ -377,8 +377,13 @@ impl StageRunner for Detect {
             allowed: &self.allowed,
         };
         for (i, f) in frames.iter_mut().enumerate() {
-            let found = detect::decode(out.index_axis(Axis(0), i).into_dimensionality().map_err(|e| StageError::Output(e.to_string()))?, &d)
-                .map_err(StageError::Output)?;
+            let found = detect::decode(
+                out.index_axis(Axis(0), i)
+                    .into_dimensionality()
+                    .map_err(|e| StageError::Output(e.to_string()))?,
+                &d,
+            )
+            .map_err(StageError::Output)?;
             let kept = detect::nms(found, self.params.iou, self.params.max_objects);
             let fit = detect::Fit::new((f.image.width, f.image.height), dims, self.params.resize);
             let objects = kept

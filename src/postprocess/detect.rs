@@ -241,7 +241,9 @@ pub fn decode(out: ArrayView2<'_, f32>, d: &Decode<'_>) -> Result<Vec<Candidate>
             }
         }
         let score = obj * best_score;
-        if !(score >= d.score) || (!d.allowed.is_empty() && !d.allowed.get(best).copied().unwrap_or(false)) {
+        if !(score >= d.score)
+            || (!d.allowed.is_empty() && !d.allowed.get(best).copied().unwrap_or(false))
+        {
             continue;
         }
         let (cx, cy, w, h) = (at(b, 0) * sx, at(b, 1) * sy, at(b, 2) * sx, at(b, 3) * sy);
@@ -282,7 +284,11 @@ pub fn class_filter(classes: &[String], labels: &[String]) -> Result<Vec<bool>, 
             None => c.parse::<usize>().map_err(|_| {
                 format!(
                     "class `{c}` is neither a label{} nor a class index",
-                    if labels.is_empty() { " (the model has no labels file)" } else { " of the model" }
+                    if labels.is_empty() {
+                        " (the model has no labels file)"
+                    } else {
+                        " of the model"
+                    }
                 )
             })?,
         };
@@ -310,7 +316,10 @@ mod tests {
         for (x, y) in [(0.0, 0.0), (768.0, 576.0), (123.4, 456.7)] {
             let (a, b) = fit.to_input(x, y);
             let (c, d) = fit.to_frame(a, b);
-            assert!((c - x).abs() < 1e-3 && (d - y).abs() < 1e-3, "{x},{y} -> {c},{d}");
+            assert!(
+                (c - x).abs() < 1e-3 && (d - y).abs() < 1e-3,
+                "{x},{y} -> {c},{d}"
+            );
         }
         assert_eq!(fit.to_input(0.0, 0.0), (0.0, 52.0));
         // Portrait frames get side borders.
@@ -387,8 +396,8 @@ mod tests {
     fn both_output_layouts_decode_to_the_same_boxes() {
         // Three boxes, two classes: cx, cy, w, h, (obj,) c0, c1.
         let rows = [
-            [100.0, 50.0, 20.0, 40.0, 0.9, 0.1, 0.8],  // class 1, score 0.72
-            [10.0, 10.0, 4.0, 4.0, 0.2, 0.9, 0.1],     // objectness too low
+            [100.0, 50.0, 20.0, 40.0, 0.9, 0.1, 0.8], // class 1, score 0.72
+            [10.0, 10.0, 4.0, 4.0, 0.2, 0.9, 0.1],    // objectness too low
             [200.0, 100.0, 10.0, 10.0, 1.0, 0.5, 0.3], // class 0, score 0.5
         ];
         let yolo = Array2::from_shape_fn((3, 7), |(b, a)| rows[b][a]);
@@ -409,7 +418,14 @@ mod tests {
             .iter()
             .map(|r| {
                 let s = r[4];
-                [r[0] / 416.0, r[1] / 416.0, r[2] / 416.0, r[3] / 416.0, r[5] * s, r[6] * s]
+                [
+                    r[0] / 416.0,
+                    r[1] / 416.0,
+                    r[2] / 416.0,
+                    r[3] / 416.0,
+                    r[5] * s,
+                    r[6] * s,
+                ]
             })
             .collect();
         let v8 = Array2::from_shape_fn((6, 3), |(a, b)| v8_rows[b][a]);
@@ -431,7 +447,14 @@ mod tests {
             }
         }
         // The class filter drops class 1.
-        let only0 = decode(yolo.view(), &Decode { allowed: &[true, false], ..d }).unwrap();
+        let only0 = decode(
+            yolo.view(),
+            &Decode {
+                allowed: &[true, false],
+                ..d
+            },
+        )
+        .unwrap();
         assert_eq!(only0.len(), 1);
         assert_eq!(only0[0].class, 0);
         // A tensor without class scores is an error.
