@@ -20,6 +20,7 @@
 //! | `poolpipe_stage_worker_queue_batches` | gauge | stage |
 //! | `poolpipe_stream_frames_dropped_early_total` | counter | stream (part of `dropped_overload`: before conversion) |
 //! | `poolpipe_stream_frames_dropped_before_decode_total` | counter | stream (part of `dropped_early`: before decoding) |
+//! | `poolpipe_stream_events_total` | counter | stream (events raised by analytics rules) |
 //! | `poolpipe_stage_workers` | gauge | stage, device |
 //! | `poolpipe_stage_device_processes` | gauge | stage, device_id (`L4:0`, `T4:3`, `cpu`) |
 //! | `poolpipe_stage_busy_seconds_total` | counter | stage (all workers together) |
@@ -276,6 +277,13 @@ impl Collector for PipelineCollector {
             "Of the frames dropped_early, those dropped before decoding (the rest of a group of pictures).",
             None,
             &per_stream(&|c| c.dropped_before_decode.load(Relaxed) as f64),
+        )?;
+        counters(
+            e,
+            "poolpipe_stream_events",
+            "Events raised by the analytics rules on the stream's frames.",
+            None,
+            &per_stream(&|c| c.events.load(Relaxed) as f64),
         )?;
         gauges(
             e,

@@ -35,6 +35,8 @@ pub struct StreamCounters {
     pub reconnects: AtomicU64,
     /// Source errors (each followed by a reconnect for live sources).
     pub source_errors: AtomicU64,
+    /// Events its frames raised (rule events offered to the sinks beside the results).
+    pub events: AtomicU64,
 }
 
 /// Counters of one stage.
@@ -357,6 +359,7 @@ impl Stats {
                 failed: c.failed.load(Relaxed),
                 reconnects: c.reconnects.load(Relaxed),
                 source_errors: c.source_errors.load(Relaxed),
+                events: c.events.load(Relaxed),
             })
             .collect();
         let flows = self
@@ -450,6 +453,8 @@ pub struct StreamSummary {
     pub failed: u64,
     /// See [`StreamCounters`].
     pub reconnects: u64,
+    /// See [`StreamCounters`].
+    pub events: u64,
     /// See [`StreamCounters`].
     pub source_errors: u64,
 }

@@ -195,3 +195,95 @@ fn people_found_on_sampled_frames_are_within_what_is_visible() {
     }
     assert!(total >= 35, "{total} people over the sampled frames");
 }
+
+/// The people demo's chain (detect, track, a line and a zone) on the sample: events name real
+/// tracks of their frames, the results' counts add up to the events, tracks last.
+#[test]
+fn tracked_people_crossing_a_line_raise_events_that_match_the_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = std::fs::read_to_string(root().join("pipelines/people.toml")).unwrap();
+    // The demo as it ships, read as fast as it decodes.
+    let out = dir.path().join("out.jsonl");
+    let ev = dir.path().join("events.jsonl");
+    let text = demo
+        .replace(
+            "../samples/campus.mp4",
+            require("samples/campus.mp4").to_str().unwrap(),
+        )
+        .replace("pace = \"realtime\"", "pace = \"fast\"")
+        .replace(
+            "slo_ms = 2000",
+            &format!(
+                "slo_ms = 60000\nengines_dir = \"{}\"",
+                root().join("engines").display()
+            ),
+        )
+        .replace("path = \"-\"", &format!("path = \"{}\"", ev.display()))
+        .replace("/tmp/poolpipe-people.jsonl", out.to_str().unwrap());
+    let p = write(dir.path(), "people.toml", &text);
+    let summary = run_summarized(&p, None);
+    let streams = assert_balanced(&summary);
+    let cam = &streams["north-gate"];
+    assert_eq!(cam["published"], 795, "{cam}");
+    let results = read_jsonl(&out);
+    let events = read_jsonl(&ev);
+    assert!(results.iter().all(|r| r.get("event").is_none()));
+    assert!(events.iter().all(|r| r.get("event").is_some()));
+    assert_eq!(cam["events"].as_u64().unwrap(), events.len() as u64);
+    let by_seq: std::collections::HashMap<u64, &Value> = results
+        .iter()
+        .map(|r| (r["seq"].as_u64().unwrap(), r))
+        .collect();
+    let crossings: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "line_crossed")
+        .collect();
+    assert!(crossings.len() >= 5, "{} crossings", crossings.len());
+    let mut per_dir = std::collections::HashMap::new();
+    for e in &crossings {
+        assert_eq!(e["rule"], "crossing");
+        assert_eq!(e["label"], "person");
+        let dir = e["direction"].as_str().unwrap();
+        assert!(dir == "in" || dir == "out", "{e}");
+        *per_dir.entry(dir.to_string()).or_insert(0u64) += 1;
+        // The event's object is in its frame's result, with that track id.
+        let frame = by_seq[&e["seq"].as_u64().unwrap()];
+        let objects = frame["results"]["detect"]["objects"].as_array().unwrap();
+        assert!(
+            objects.iter().any(|o| o["track_id"] == e["track_id"]),
+            "{e}"
+        );
+    }
+    // The last frame's counts are the events' sums.
+    let last = by_seq[&794];
+    let total = &last["analytics"]["crossing"]["total"];
+    for (dir, n) in &per_dir {
+        assert_eq!(total[dir]["person"].as_u64().unwrap(), *n, "{total}");
+    }
+    let zone = &last["analytics"]["road"];
+    let entered = events
+        .iter()
+        .filter(|e| e["event"] == "zone_entered")
+        .count() as u64;
+    assert_eq!(
+        zone["total"]["entered"]["person"].as_u64().unwrap(),
+        entered
+    );
+    // Windows of 30 s: two closed in the 79.5 s clip.
+    assert_eq!(events.iter().filter(|e| e["event"] == "window").count(), 2);
+    // Tracks last: people tracked over 3 frames or more carry most of the tracked detections.
+    let mut lengths: std::collections::HashMap<u64, u64> = Default::default();
+    for r in &results {
+        for o in r["results"]["detect"]["objects"].as_array().unwrap() {
+            if let (Some(id), "person") = (o["track_id"].as_u64(), o["label"].as_str().unwrap()) {
+                *lengths.entry(id).or_default() += 1;
+            }
+        }
+    }
+    let tracked: u64 = lengths.values().sum();
+    let long: u64 = lengths.values().filter(|n| **n >= 30).sum();
+    assert!(
+        long * 10 >= tracked * 8,
+        "{long} of {tracked} tracked detections in tracks of 30+ frames"
+    );
+}

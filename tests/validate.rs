@@ -597,3 +597,35 @@ fn flows_sources_and_stages_name_each_other() {
     has(&errs, 35, "stage[1].flow", "no [[flow]] named `c`");
     has(&errs, 8, "flow[1]", "no [[stage]] names flow `b`");
 }
+
+#[test]
+fn malformed_rules_are_located_errors() {
+    require("engines/yolo/yolov3-tiny.onnx");
+    let text = format!(
+        "{}[[source]]\nname = \"cam\"\nuri = \"test://ball\"\n\n\
+         [[stage]]\nname = \"detect\"\nmodel = \"yolov3-tiny\"\n\n\
+         [[rule]]\nname = \"door\"\ntype = \"line\"\nframe = [768, 576]\nline = [[10, 10], [900, 10]]\n\n\
+         [[rule]]\nname = \"yard\"\ntype = \"zone\"\npolygon = [[0.1, 0.1], [0.5, 0.5], [0.5, 0.1], [0.1, 0.5]]\nclasses = [\"unicorn\"]\nstreams = [\"nope\"]\n\n\
+         [[rule]]\nname = \"door\"\ntype = \"zone\"\npolygon = [[0.1, 0.1], [0.5, 0.5]]\n\n\
+         [[sink]]\ntype = \"jsonl\"\n",
+        header("x", 1000)
+    );
+    let errs = errors(&text);
+    // The header is 5 lines; sources 6-8, the stage 10-12, the rules from 14.
+    has(&errs, 18, "rule[0].line", "outside the frame");
+    has(&errs, 23, "rule[1].polygon", "edges cross");
+    has(&errs, 24, "rule[1].classes", "`unicorn` is not a label");
+    has(&errs, 25, "rule[1].streams", "no [[source]] named `nope`");
+    has(&errs, 28, "rule[2].name", "already exists");
+    has(&errs, 30, "rule[2].polygon", "at least 3");
+    assert_eq!(errs.len(), 6, "{errs:?}");
+    // Rules need a detector to follow.
+    let no_detector = format!(
+        "{}[[source]]\nname = \"cam\"\nuri = \"test://ball\"\n\n[[stage]]\nname = \"s\"\nmodel = \"noop\"\n\n\
+         [tracker]\nhigh_score = 2.0\n\n[[sink]]\ntype = \"jsonl\"\n",
+        header("x", 1000)
+    );
+    let errs = errors(&no_detector);
+    has(&errs, 15, "tracker.high_score", "[0, 1]");
+    has(&errs, 14, "tracker", "needs a `detect` stage");
+}

@@ -257,6 +257,9 @@ pub struct Event {
     pub window: Option<WindowCounts>,
 }
 
+/// Counts per direction or event, per label.
+pub type Counts = BTreeMap<String, BTreeMap<String, u64>>;
+
 /// Counts of one window.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WindowCounts {
@@ -265,7 +268,7 @@ pub struct WindowCounts {
     /// End, media seconds.
     pub end_s: f64,
     /// Per direction (`line`) or event (`zone`: `entered`, `exited`), per label.
-    pub counts: BTreeMap<String, BTreeMap<String, u64>>,
+    pub counts: Counts,
 }
 
 /// Per-object memory of a rule.
@@ -296,9 +299,9 @@ pub struct RuleState {
     /// The objects it has seen, by track id.
     seen: HashMap<u64, Seen>,
     /// Totals since the start: per direction/event, per label.
-    totals: BTreeMap<String, BTreeMap<String, u64>>,
+    totals: Counts,
     /// The current window (start, counts).
-    window: Option<(f64, BTreeMap<String, BTreeMap<String, u64>>)>,
+    window: Option<(f64, Counts)>,
     /// How long an object not seen is remembered (the tracker's lost-track buffer), seconds.
     forget_s: f64,
     /// The last media time, to see a jump back (a loop or a restart).

@@ -200,12 +200,12 @@ fn measure(
     // Warm-up (connection, topic creation).
     let mut h = sinks::open(spec, "bench")?;
     for (i, p) in payloads.iter().take(100).enumerate() {
-        h.offer(Message {
-            stream: stream.clone(),
-            seq: i as u64,
-            payload: p.clone(),
-            offered: Instant::now(),
-        });
+        h.offer(Message::result(
+            stream.clone(),
+            i as u64,
+            p.clone(),
+            Instant::now(),
+        ));
     }
     let warm = h.close();
     anyhow::ensure!(
@@ -219,12 +219,12 @@ fn measure(
     let mut h = sinks::open(&big, "bench")?;
     let t0 = Instant::now();
     for (i, p) in payloads.iter().enumerate() {
-        h.offer(Message {
-            stream: stream.clone(),
-            seq: i as u64,
-            payload: p.clone(),
-            offered: Instant::now(),
-        });
+        h.offer(Message::result(
+            stream.clone(),
+            i as u64,
+            p.clone(),
+            Instant::now(),
+        ));
     }
     let s = h.close();
     let secs = t0.elapsed().as_secs_f64();
@@ -242,12 +242,12 @@ fn measure(
         if let Some(d) = at.checked_duration_since(Instant::now()) {
             std::thread::sleep(d);
         }
-        h.offer(Message {
-            stream: stream.clone(),
-            seq: i as u64,
-            payload: payloads[i % n].clone(),
-            offered: Instant::now(),
-        });
+        h.offer(Message::result(
+            stream.clone(),
+            i as u64,
+            payloads[i % n].clone(),
+            Instant::now(),
+        ));
     }
     let s = h.close();
     anyhow::ensure!(s.delivered == paced as u64, "paced run lost results: {s:?}");

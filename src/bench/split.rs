@@ -63,6 +63,7 @@ fn pipeline(
     frames: u32,
 ) -> Pipeline {
     Pipeline {
+        analytics: Default::default(),
         file: PathBuf::from("bench-split"),
         name: "bench-split".into(),
         slo: Duration::from_secs(600),

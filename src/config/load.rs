@@ -111,7 +111,9 @@ pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec
     }
 }
 
-const SECTIONS: [&str; 5] = ["pipeline", "flow", "source", "stage", "sink"];
+const SECTIONS: [&str; 7] = [
+    "pipeline", "flow", "source", "stage", "sink", "tracker", "rule",
+];
 
 /// videotestsrc patterns (GStreamer 1.22).
 const TEST_PATTERNS: [&str; 26] = [
@@ -162,7 +164,7 @@ impl<'a> Validator<'_, 'a> {
         self.parsed.index.value_span(key).is_some()
     }
 
-    fn section(&self, name: &str) -> Option<Spanned<DeValue<'a>>> {
+    pub(super) fn section(&self, name: &str) -> Option<Spanned<DeValue<'a>>> {
         self.parsed
             .table
             .get_ref()
@@ -506,6 +508,7 @@ impl<'a> Validator<'_, 'a> {
             }
         }
         let sinks = self.sinks(&pipeline_name);
+        let analytics = self.analytics(&stages, &routes, sources.as_deref());
         let h = header?;
         if !stages_ok {
             return None;
@@ -521,6 +524,7 @@ impl<'a> Validator<'_, 'a> {
             bandwidth_gbps: h.bandwidth_gbps,
             flows,
             routes,
+            analytics,
             plan: plan.map(|p| PlanRef {
                 path: p.path,
                 plan: p.plan,

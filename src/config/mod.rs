@@ -8,6 +8,7 @@
 //!
 //! Relative paths in a file are relative to the folder of that file.
 
+mod analytics;
 mod diag;
 mod flows;
 mod load;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::sinks::spec::{SinkConfig, SinkKind, SinkSpec};
+pub use analytics::AnalyticsSpec;
 pub use diag::{ConfigErrors, Diagnostic, SourceText, SpanIndex};
 pub use flows::{FlowSpec, PlanRef, RouteSpec, assign_devices};
 pub use load::{
@@ -431,6 +433,8 @@ pub struct Pipeline {
     pub flows: Vec<FlowSpec>,
     /// Chains of stages; every flow has one or more (a plan's pipelines side by side).
     pub routes: Vec<RouteSpec>,
+    /// Tracking and rules after the detectors.
+    pub analytics: AnalyticsSpec,
     /// The plan the flows follow, if any.
     pub plan: Option<PlanRef>,
     /// How it was loaded (`--plan`, `--profiles`), so that a reload reads it the same way.

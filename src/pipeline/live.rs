@@ -22,6 +22,7 @@ use crate::frame::Frame;
 use crate::ingest::{self, SourceContext};
 use crate::stats::Stats;
 
+use super::analytics::Analytics;
 use super::graph::Batch;
 use crate::admission::Admission;
 
@@ -64,6 +65,8 @@ pub struct ReloadReport {
 /// One source thread.
 struct RunningSource {
     spec: SourceSpec,
+    /// Its index in the stats (and the analytics).
+    index: usize,
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
@@ -99,6 +102,8 @@ pub struct Live {
     pub(super) queues: Vec<StageQueues>,
     reloads: AtomicU64,
     stopping: AtomicBool,
+    /// Tracks and rule states per stream.
+    analytics: Arc<Analytics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -113,6 +118,7 @@ impl Live {
         budget: Option<Arc<AtomicU64>>,
         admissions: Vec<Arc<Admission>>,
         queues: Vec<StageQueues>,
+        analytics: Arc<Analytics>,
     ) -> Self {
         Self {
             started: Instant::now(),
@@ -131,6 +137,7 @@ impl Live {
             queues,
             reloads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            analytics,
         }
     }
 
@@ -204,6 +211,7 @@ impl Live {
             return Err(LiveError::NotFound(name.to_string()));
         };
         r.stop.store(true, Ordering::SeqCst);
+        self.analytics.end_stream(r.index);
         tracing::info!(stream = %name, "Stream removed.");
         set.retired.push(r.thread);
         lock(&self.pipeline).sources.retain(|s| s.name != name);
@@ -243,6 +251,7 @@ impl Live {
             if !wanted.contains_key(name.as_str()) || changed {
                 if let Some(r) = set.running.remove(&name) {
                     r.stop.store(true, Ordering::SeqCst);
+                    self.analytics.end_stream(r.index);
                     set.retired.push(r.thread);
                 }
                 if changed {
@@ -261,6 +270,7 @@ impl Live {
                 }
             }
         }
+        self.analytics.reconfigure(&new.analytics);
         *lock(&self.pipeline) = new;
         self.reloads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(?report, "Pipeline file reloaded.");
@@ -309,6 +319,7 @@ impl Live {
             }])));
         };
         let index = self.stats.add_stream(&spec.name, flow);
+        self.analytics.start_stream(index, &spec.name);
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = SourceContext {
             stream: index,
@@ -327,7 +338,12 @@ impl Live {
                 let spec = spec.clone();
                 move || ingest::run_source(&spec, &fmt, &ctx)
             })?;
-        Ok(RunningSource { spec, stop, thread })
+        Ok(RunningSource {
+            spec,
+            index,
+            stop,
+            thread,
+        })
     }
 
     /// Whether every source has ended by itself (none is running).

@@ -14,6 +14,7 @@
 //! Shutdown (signal, `--duration`, `--max-frames`, or every source ended) stops the sources, and
 //! the rest drains in order as each channel's senders go away: nothing in flight is lost.
 
+mod analytics;
 mod graph;
 pub mod live;
 mod publisher;
@@ -40,6 +41,7 @@ use crate::panics::panic_message;
 use crate::sinks::delivery::Buffer;
 use crate::sinks::{self, SinkError, SinkHandle};
 use crate::stats::{Stats, Summary};
+use analytics::Analytics;
 use graph::{Batch, Downstream, Pool, Sequencer, policy_settings, spawn_batcher};
 pub use live::{Live, LiveError, ReloadReport};
 pub use publisher::result_json;
@@ -176,11 +178,19 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     }
     let sink_buffers: Vec<_> = sinks.iter().map(SinkHandle::blocked_release).collect();
 
+    let analytics = Analytics::new(&p.analytics);
     let (publish_tx, publish_rx) = flume::bounded::<Frame>(64);
     let mut threads: Vec<(String, JoinHandle<()>)> = Vec::new();
     threads.push((
         "publisher".into(),
-        publisher::spawn_publisher(p, publish_rx, sinks, stats.clone(), clock.clone())?,
+        publisher::spawn_publisher(
+            p,
+            publish_rx,
+            sinks,
+            stats.clone(),
+            clock.clone(),
+            analytics.clone(),
+        )?,
     ));
 
     // Every route: its stages, last first, each feeding the one after it: frames one by one
@@ -288,6 +298,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         budget.clone(),
         admissions,
         queues,
+        analytics,
     ));
     Ok(Running {
         live,

@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use serde_json::json;
 
+use super::analytics::Analytics;
+use crate::analytics::rules::Event;
 use crate::clock::{SharedClock, ms};
 use crate::config::Pipeline;
 use crate::frame::Frame;
@@ -16,8 +18,15 @@ use crate::panics::panic_message;
 use crate::sinks::{self, Message, SinkHandle};
 use crate::stats::Stats;
 
-/// The JSON object published for a frame of stream `stream` (schema in the README).
-pub fn result_json(p: &Pipeline, stream: &str, f: &Frame, published: u64) -> serde_json::Value {
+/// The JSON object published for a frame of stream `stream` (schema in the README); with the
+/// counts of the stream's analytics rules after the frame, if it has any.
+pub fn result_json(
+    p: &Pipeline,
+    stream: &str,
+    f: &Frame,
+    published: u64,
+    analytics: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> serde_json::Value {
     let mut stages = serde_json::Map::new();
     let mut results = serde_json::Map::new();
     let route = p.routes.get(f.route);
@@ -37,7 +46,7 @@ pub fn result_json(p: &Pipeline, stream: &str, f: &Frame, published: u64) -> ser
             serde_json::to_value(out).unwrap_or(serde_json::Value::Null),
         );
     }
-    json!({
+    let mut v = json!({
         "pipeline": p.name,
         "flow": flow,
         "stream": stream,
@@ -51,7 +60,30 @@ pub fn result_json(p: &Pipeline, stream: &str, f: &Frame, published: u64) -> ser
         },
         "deadline_slack_ms": round3(ms(f.deadline.saturating_sub(published))),
         "results": results,
-    })
+    });
+    if let Some(a) = analytics.filter(|a| !a.is_empty()) {
+        v["analytics"] = serde_json::Value::Object(a.clone());
+    }
+    v
+}
+
+/// The JSON object published for an event a rule raised on a frame of stream `stream`: the
+/// frame's identity and time, then the event's fields.
+pub fn event_json(p: &Pipeline, stream: &str, f: &Frame, e: &Event) -> serde_json::Value {
+    let mut v = json!({
+        "pipeline": p.name,
+        "stream": stream,
+        "seq": f.seq,
+        "pts_ms": f.pts.map(|d| round3(d.as_secs_f64() * 1e3)),
+        "captured_at": sinks::rfc3339_millis(f.captured_wall),
+        "captured_at_unix_ms": f.captured_wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    });
+    if let (Some(m), Ok(serde_json::Value::Object(ev))) =
+        (v.as_object_mut(), serde_json::to_value(e))
+    {
+        m.extend(ev);
+    }
+    v
 }
 
 fn round3(v: f64) -> f64 {
@@ -66,6 +98,7 @@ pub(super) fn spawn_publisher(
     mut sinks: Vec<SinkHandle>,
     stats: Arc<Stats>,
     clock: SharedClock,
+    analytics: Arc<Analytics>,
 ) -> std::io::Result<JoinHandle<()>> {
     let p = p.clone();
     std::thread::Builder::new()
@@ -74,7 +107,15 @@ pub(super) fn spawn_publisher(
             // The stream of the frame being published, for counting it if publishing panics.
             let mut current = None;
             let published = catch_unwind(AssertUnwindSafe(|| {
-                publish(&p, &rx, &mut sinks, &stats, &clock, &mut current);
+                publish(
+                    &p,
+                    &rx,
+                    &mut sinks,
+                    &stats,
+                    &clock,
+                    &analytics,
+                    &mut current,
+                );
             }));
             if let Err(e) = published {
                 stats.thread_panicked("publisher".into(), panic_message(&*e));
@@ -100,14 +141,36 @@ fn publish(
     sinks: &mut [SinkHandle],
     stats: &Stats,
     clock: &SharedClock,
+    analytics: &Analytics,
     current: &mut Option<usize>,
 ) {
     // Stream names by index (streams added while running are looked up once).
     let mut names: Vec<Arc<str>> = Vec::new();
-    for f in rx.iter() {
+    for mut f in rx.iter() {
         *current = Some(f.stream);
         while names.len() <= f.stream {
             names.push(stats.stream_name(names.len()));
+        }
+        // Tracks and rules see every frame that finished, late or not: a late frame's objects
+        // still moved, and its events (a line crossed) still happened.
+        let found = analytics.process(&mut f);
+        if let Some(a) = &found {
+            let offered = Instant::now();
+            for (n, e) in a.events.iter().enumerate() {
+                let payload: Arc<str> = event_json(p, &names[f.stream], &f, e).to_string().into();
+                let rule: Arc<str> = e.rule.as_str().into();
+                for s in sinks.iter_mut() {
+                    s.offer(Message {
+                        rule: Some(rule.clone()),
+                        part: n as u32 + 1,
+                        ..Message::result(names[f.stream].clone(), f.seq, payload.clone(), offered)
+                    });
+                }
+                stats
+                    .stream(f.stream)
+                    .events
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         let now = clock.now();
         if now > f.deadline {
@@ -117,15 +180,18 @@ fn publish(
         }
         // Published = made on time and handed to every sink; what each sink then delivered,
         // retried or dropped is in its own counters.
-        let payload: Arc<str> = result_json(p, &names[f.stream], &f, now).to_string().into();
+        let counts = found.as_ref().map(|a| &a.counts);
+        let payload: Arc<str> = result_json(p, &names[f.stream], &f, now, counts)
+            .to_string()
+            .into();
         let offered = Instant::now();
         for s in sinks.iter_mut() {
-            s.offer(Message {
-                stream: names[f.stream].clone(),
-                seq: f.seq,
-                payload: payload.clone(),
+            s.offer(Message::result(
+                names[f.stream].clone(),
+                f.seq,
+                payload.clone(),
                 offered,
-            });
+            ));
         }
         stats.frame_published(f.stream, now - f.captured);
         *current = None;

@@ -241,7 +241,8 @@ pub fn decode(out: ArrayView2<'_, f32>, d: &Decode<'_>) -> Result<Vec<Candidate>
             }
         }
         let score = obj * best_score;
-        if !(score >= d.score)
+        // NaN scores fail too.
+        if score.partial_cmp(&d.score).is_none_or(|o| o.is_lt())
             || (!d.allowed.is_empty() && !d.allowed.get(best).copied().unwrap_or(false))
         {
             continue;

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::settings::{Delivery, WhenFull};
+use super::settings::{Delivery, Messages, WhenFull};
+use super::template::Template;
 use crate::histogram::Histogram;
 
 /// One result on its way to a sink.
@@ -30,6 +31,40 @@ pub struct Message {
     pub payload: Arc<str>,
     /// When the publisher offered it (for delivery latency).
     pub offered: Instant,
+    /// Events: the rule that raised it (None: a frame's result).
+    pub rule: Option<Arc<str>>,
+    /// 0 for a frame's result; its events are numbered from 1 (with `seq`, a unique id).
+    pub part: u32,
+}
+
+impl Message {
+    /// A frame's result.
+    pub fn result(stream: Arc<str>, seq: u64, payload: Arc<str>, offered: Instant) -> Self {
+        Self {
+            stream,
+            seq,
+            payload,
+            offered,
+            rule: None,
+            part: 0,
+        }
+    }
+
+    /// Where it goes: `results` rendered for a result, `events` for an event.
+    pub fn topic(&self, results: &Template, events: &Template, pipeline: &str) -> String {
+        match &self.rule {
+            None => results.render(pipeline, &self.stream),
+            Some(rule) => events.render_event(pipeline, &self.stream, rule),
+        }
+    }
+
+    /// An id unique within the run: the stream, the frame's seq and the part.
+    pub fn id(&self) -> String {
+        match self.part {
+            0 => format!("{}-{}", self.stream, self.seq),
+            n => format!("{}-{}-{n}", self.stream, self.seq),
+        }
+    }
 }
 
 /// How an attempt failed.
@@ -378,6 +413,7 @@ pub struct SinkHandle {
     flush_timeout: Duration,
     thread: Option<JoinHandle<()>>,
     overflowing: bool,
+    messages: Messages,
 }
 
 impl SinkHandle {
@@ -419,6 +455,7 @@ impl SinkHandle {
             flush_timeout: delivery.flush_timeout,
             thread: Some(thread),
             overflowing: false,
+            messages: delivery.messages,
         })
     }
 
@@ -440,6 +477,10 @@ impl SinkHandle {
 
     /// Hands a result to the sink (may block under `when_full = "block"`).
     pub fn offer(&mut self, m: Message) {
+        match (self.messages, &m.rule) {
+            (Messages::Results, Some(_)) | (Messages::Events, None) => return,
+            _ => {}
+        }
         self.counters.offered.fetch_add(1, Relaxed);
         // Counted as buffered before it is, so the delivery thread's decrement never comes first.
         self.counters.buffered.fetch_add(1, Relaxed);
@@ -660,12 +701,12 @@ mod tests {
     use super::*;
 
     fn msg(seq: u64) -> Message {
-        Message {
-            stream: "s".into(),
+        Message::result(
+            "s".into(),
             seq,
-            payload: format!("{{\"seq\":{seq}}}").into(),
-            offered: Instant::now(),
-        }
+            format!("{{\"seq\":{seq}}}").into(),
+            Instant::now(),
+        )
     }
 
     fn seqs(b: &Buffer) -> Vec<u64> {

@@ -101,6 +101,19 @@ pub enum WhenFull {
     DropNewest,
 }
 
+/// Which messages a sink takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Messages {
+    /// Frames' results and rule events (default).
+    #[default]
+    All,
+    /// Frames' results only.
+    Results,
+    /// Rule events only.
+    Events,
+}
+
 /// A credential: never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -178,6 +191,8 @@ pub struct Delivery {
     pub timeout: Duration,
     /// Shutdown flush limit.
     pub flush_timeout: Duration,
+    /// Which messages it takes.
+    pub messages: Messages,
 }
 
 impl Default for Delivery {
@@ -190,6 +205,7 @@ impl Default for Delivery {
             retry_max: Duration::from_millis(5000),
             timeout: Duration::from_millis(5000),
             flush_timeout: Duration::from_millis(5000),
+            messages: Messages::All,
         }
     }
 }
@@ -222,6 +238,8 @@ sink_keys! {
         pub timeout_ms: Option<u64>,
         /// At shutdown, time allowed to deliver what is buffered, ms (default 5000).
         pub flush_timeout_ms: Option<u64>,
+        /// `all` (default), `results` (frames' results only) or `events` (rule events only).
+        pub messages: Option<Messages>,
     }
 }
 
@@ -323,6 +341,7 @@ impl DeliveryConfig {
             retry_max: Duration::from_millis(retry_max),
             timeout: Duration::from_millis(timeout),
             flush_timeout: Duration::from_millis(flush_timeout),
+            messages: c.messages.unwrap_or_default(),
         }
     }
 }
@@ -542,14 +561,33 @@ impl TokenConfig {
     }
 }
 
-/// A required template setting.
+/// A required template setting of results (which have no `{rule}`).
 pub fn template(v: Option<&str>, key: &str, problems: &mut Vec<Problem>) -> Option<Template> {
     let Some(v) = v else {
         problems.push((key.into(), format!("missing key `{key}`")));
         return None;
     };
-    Template::parse(v)
+    let t = Template::parse(v)
         .map_err(|e| problems.push((key.into(), e)))
+        .ok()?;
+    if t.uses_rule() {
+        problems.push((
+            key.into(),
+            "`{rule}` belongs in `events_topic`: results are not from a rule".into(),
+        ));
+        return None;
+    }
+    Some(t)
+}
+
+/// The `events_topic` template: where rule events go (default `default`).
+pub fn events_template(
+    v: Option<&str>,
+    default: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Template> {
+    Template::parse(v.unwrap_or(default))
+        .map_err(|e| problems.push(("events_topic".into(), e)))
         .ok()
 }
 

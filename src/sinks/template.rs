@@ -1,14 +1,16 @@
 //! Topic, subject and key templates: literal text with `{field}` placeholders, e.g.
-//! `cameras/{stream}/text`. Fields: `pipeline`, `stream`. `{{` and `}}` are literal braces.
+//! `cameras/{stream}/text`. Fields: `pipeline`, `stream`, and in event topics `rule`. `{{` and
+//! `}}` are literal braces.
 
 /// Template fields.
-pub const FIELDS: [&str; 2] = ["pipeline", "stream"];
+pub const FIELDS: [&str; 3] = ["pipeline", "stream", "rule"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Text(String),
     Pipeline,
     Stream,
+    Rule,
 }
 
 /// A parsed template.
@@ -49,6 +51,7 @@ impl Template {
                     let part = match field.as_str() {
                         "pipeline" => Part::Pipeline,
                         "stream" => Part::Stream,
+                        "rule" => Part::Rule,
                         _ => {
                             return Err(format!(
                                 "unknown template field `{{{field}}}` in `{s}`; fields: {}",
@@ -90,23 +93,30 @@ impl Template {
         self.parts.iter().all(|p| matches!(p, Part::Text(_)))
     }
 
+    /// Whether the template uses `{rule}` (only event topics may).
+    pub fn uses_rule(&self) -> bool {
+        self.parts.contains(&Part::Rule)
+    }
+
     /// The template with every field replaced by `wildcard` (e.g. NATS `*`).
     pub fn with_wildcards(&self, wildcard: &str) -> String {
-        self.render_with(wildcard, wildcard)
+        self.render_event(wildcard, wildcard, wildcard)
     }
 
-    /// Fills in the fields.
+    /// Fills in the fields of a result's topic.
     pub fn render(&self, pipeline: &str, stream: &str) -> String {
-        self.render_with(pipeline, stream)
+        self.render_event(pipeline, stream, "")
     }
 
-    fn render_with(&self, pipeline: &str, stream: &str) -> String {
-        let mut out = String::with_capacity(self.source.len() + stream.len());
+    /// Fills in the fields of an event's topic.
+    pub fn render_event(&self, pipeline: &str, stream: &str, rule: &str) -> String {
+        let mut out = String::with_capacity(self.source.len() + stream.len() + rule.len());
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.push_str(t),
                 Part::Pipeline => out.push_str(pipeline),
                 Part::Stream => out.push_str(stream),
+                Part::Rule => out.push_str(rule),
             }
         }
         out
@@ -131,6 +141,9 @@ mod tests {
         assert_eq!(t.literal_text(), "cameras///{x}");
         assert!(!t.is_constant());
         assert!(Template::parse("plain").unwrap().is_constant());
+        let e = Template::parse("events/{stream}/{rule}").unwrap();
+        assert!(e.uses_rule() && !t.uses_rule());
+        assert_eq!(e.render_event("p", "gate", "line-1"), "events/gate/line-1");
     }
 
     #[test]

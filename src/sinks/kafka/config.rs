@@ -1,7 +1,8 @@
 //! `[[sink]] type = "kafka"`: its keys, and their validation into [`KafkaSettings`].
 
 use crate::sinks::settings::{
-    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, sink_config, sink_keys, template, url,
+    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, events_template, sink_config, sink_keys,
+    template, url,
 };
 use crate::sinks::template::Template;
 
@@ -12,6 +13,8 @@ sink_keys! {
         pub url: Option<String>,
         /// Topic template.
         pub topic: Option<String>,
+        /// Topic template of rule events (default `events.{stream}.{rule}`).
+        pub events_topic: Option<String>,
         /// Record key template (default `{stream}`).
         pub key: Option<String>,
         /// Create the topic (1 partition, replication 1) if the broker does not have it.
@@ -36,6 +39,8 @@ pub struct KafkaSettings {
     pub brokers: Vec<HostPort>,
     /// Topic template.
     pub topic: Template,
+    /// Topic template of rule events.
+    pub events_topic: Template,
     /// Record key template.
     pub key: Template,
     /// Create missing topics.
@@ -56,16 +61,23 @@ impl KafkaConfig {
             problems,
         );
         let topic = template(c.topic.as_deref(), "topic", problems);
-        if let Some(t) = &topic
-            && !t
-                .literal_text()
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
-        {
-            problems.push((
-                "topic".into(),
-                "Kafka topic names allow only letters, digits, `.`, `_` and `-`".into(),
-            ));
+        let events_topic = events_template(
+            c.events_topic.as_deref(),
+            "events.{stream}.{rule}",
+            problems,
+        );
+        for (k, t) in [("topic", &topic), ("events_topic", &events_topic)] {
+            if let Some(t) = t
+                && !t
+                    .literal_text()
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
+            {
+                problems.push((
+                    k.into(),
+                    "Kafka topic names allow only letters, digits, `.`, `_` and `-`".into(),
+                ));
+            }
         }
         let key = template(
             Some(c.key.as_deref().unwrap_or("{stream}")),
@@ -76,6 +88,7 @@ impl KafkaConfig {
         Some(KafkaSettings {
             brokers: u?.hosts,
             topic: topic?,
+            events_topic: events_topic?,
             key: key?,
             create_topic: c.create_topic.unwrap_or(false),
             login,

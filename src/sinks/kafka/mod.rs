@@ -145,7 +145,7 @@ impl Inner {
             .iter()
             .map(|m| {
                 (
-                    self.s.topic.render(&self.run.pipeline, &m.stream),
+                    m.topic(&self.s.topic, &self.s.events_topic, &self.run.pipeline),
                     self.s.key.render(&self.run.pipeline, &m.stream),
                 )
             })

@@ -1,8 +1,8 @@
 //! `[[sink]] type = "mqtt"`: its keys, and their validation into [`MqttSettings`].
 
 use crate::sinks::settings::{
-    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, TlsConfig, TlsFiles, sink_config,
-    sink_keys, template, url,
+    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, TlsConfig, TlsFiles, events_template,
+    sink_config, sink_keys, template, url,
 };
 use crate::sinks::template::Template;
 
@@ -13,6 +13,8 @@ sink_keys! {
         pub url: Option<String>,
         /// Topic template.
         pub topic: Option<String>,
+        /// Topic template of rule events (default `events/{stream}/{rule}`).
+        pub events_topic: Option<String>,
         /// QoS, 0 or 1 (default 1).
         pub qos: Option<u8>,
         /// Client id (default `poolpipe-<pipeline>-<sink>`).
@@ -39,6 +41,8 @@ pub struct MqttSettings {
     pub addr: HostPort,
     /// Topic template.
     pub topic: Template,
+    /// Topic template of rule events.
+    pub events_topic: Template,
     /// 0 or 1.
     pub qos: u8,
     /// Client id.
@@ -66,13 +70,20 @@ impl MqttConfig {
             problems,
         );
         let topic = template(c.topic.as_deref(), "topic", problems);
-        if let Some(t) = &topic
-            && t.literal_text().contains(['+', '#'])
-        {
-            problems.push((
-                "topic".into(),
-                "MQTT topics to publish to cannot contain the wildcards + or #".into(),
-            ));
+        let events_topic = events_template(
+            c.events_topic.as_deref(),
+            "events/{stream}/{rule}",
+            problems,
+        );
+        for (key, t) in [("topic", &topic), ("events_topic", &events_topic)] {
+            if let Some(t) = t
+                && t.literal_text().contains(['+', '#'])
+            {
+                problems.push((
+                    key.into(),
+                    "MQTT topics to publish to cannot contain the wildcards + or #".into(),
+                ));
+            }
         }
         let qos = c.qos.unwrap_or(1);
         if qos > 1 {
@@ -96,6 +107,7 @@ impl MqttConfig {
         Some(MqttSettings {
             addr: u?.hosts.remove(0),
             topic: topic?,
+            events_topic: events_topic?,
             qos,
             client_id,
             login,

@@ -126,7 +126,7 @@ impl Transport for MqttSink {
             QoS::AtLeastOnce
         };
         for m in batch {
-            let topic = self.s.topic.render(&self.run.pipeline, &m.stream);
+            let topic = m.topic(&self.s.topic, &self.s.events_topic, &self.run.pipeline);
             if let Err(e) = client.try_publish(topic, qos, false, m.payload.as_bytes().to_vec()) {
                 return Err(Failure::retriable(format!("queueing a publish: {e}")));
             }

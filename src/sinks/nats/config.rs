@@ -2,7 +2,7 @@
 
 use crate::sinks::settings::{
     Ctx, HostPort, Login, LoginConfig, Problem, Secret, SinkKind, TlsConfig, TlsFiles, TokenConfig,
-    sink_config, sink_keys, template, url,
+    events_template, sink_config, sink_keys, template, url,
 };
 use crate::sinks::template::Template;
 
@@ -13,6 +13,8 @@ sink_keys! {
         pub url: Option<String>,
         /// Subject template.
         pub topic: Option<String>,
+        /// Subject template of rule events (default `events.{stream}.{rule}`).
+        pub events_topic: Option<String>,
         /// Publish through JetStream and wait for its acknowledgements.
         pub jetstream: Option<bool>,
         /// JetStream stream to create if missing, over the topic template's subjects.
@@ -41,6 +43,8 @@ pub struct NatsSettings {
     pub addr: HostPort,
     /// Subject template.
     pub subject: Template,
+    /// Subject template of rule events.
+    pub events_subject: Template,
     /// Wait for JetStream acknowledgements.
     pub jetstream: bool,
     /// JetStream stream to create if missing.
@@ -65,14 +69,22 @@ impl NatsConfig {
             problems,
         );
         let subject = template(c.topic.as_deref(), "topic", problems);
-        if let Some(t) = &subject
-            && (t.literal_text().contains(['*', '>', ' '])
-                || t.with_wildcards("x").split('.').any(str::is_empty))
-        {
-            problems.push((
-                "topic".into(),
-                "NATS subjects to publish to cannot contain *, >, spaces or empty tokens".into(),
-            ));
+        let events_subject = events_template(
+            c.events_topic.as_deref(),
+            "events.{stream}.{rule}",
+            problems,
+        );
+        for (key, t) in [("topic", &subject), ("events_topic", &events_subject)] {
+            if let Some(t) = t
+                && (t.literal_text().contains(['*', '>', ' '])
+                    || t.with_wildcards("x").split('.').any(str::is_empty))
+            {
+                problems.push((
+                    key.into(),
+                    "NATS subjects to publish to cannot contain *, >, spaces or empty tokens"
+                        .into(),
+                ));
+            }
         }
         let jetstream = c.jetstream.unwrap_or(false);
         if c.stream.is_some() && !jetstream {
@@ -87,6 +99,7 @@ impl NatsConfig {
         Some(NatsSettings {
             addr: u?.hosts.remove(0),
             subject: subject?,
+            events_subject: events_subject?,
             jetstream,
             stream: c.stream.clone(),
             login,

@@ -119,7 +119,7 @@ impl Transport for NatsSink {
             match js {
                 None => {
                     for (i, m) in batch.iter().enumerate() {
-                        let subject = s.subject.render(&run.pipeline, &m.stream);
+                        let subject = m.topic(&s.subject, &s.events_subject, &run.pipeline);
                         client
                             .publish(subject, m.payload.to_string().into())
                             .await
@@ -138,10 +138,10 @@ impl Transport for NatsSink {
                 Some(js) => {
                     let mut acks = Vec::with_capacity(batch.len());
                     for (i, m) in batch.iter().enumerate() {
-                        let subject = s.subject.render(&run.pipeline, &m.stream);
+                        let subject = m.topic(&s.subject, &s.events_subject, &run.pipeline);
                         let msg = jetstream::message::PublishMessage::build()
                             .payload(m.payload.to_string().into())
-                            .message_id(format!("{run_id}-{}-{}", m.stream, m.seq));
+                            .message_id(format!("{run_id}-{}", m.id()));
                         let ack = js
                             .send_publish(subject, msg)
                             .await

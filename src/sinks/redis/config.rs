@@ -1,7 +1,8 @@
 //! `[[sink]] type = "redis"`: its keys, and their validation into [`RedisSettings`].
 
 use crate::sinks::settings::{
-    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, sink_config, sink_keys, template, url,
+    Ctx, HostPort, Login, LoginConfig, Problem, SinkKind, events_template, sink_config, sink_keys,
+    template, url,
 };
 use crate::sinks::template::Template;
 
@@ -12,6 +13,8 @@ sink_keys! {
         pub url: Option<String>,
         /// Stream key template.
         pub topic: Option<String>,
+        /// Stream key template of rule events (default `events:{stream}:{rule}`).
+        pub events_topic: Option<String>,
         /// `XADD ... MAXLEN ~ n` (default 100000; 0 = unbounded).
         pub maxlen: Option<u64>,
     }
@@ -36,6 +39,8 @@ pub struct RedisSettings {
     pub db: i64,
     /// Stream key template.
     pub key: Template,
+    /// Stream key template of rule events.
+    pub events_key: Template,
     /// Approximate MAXLEN; 0 = unbounded.
     pub maxlen: u64,
     /// ACL user (optional) and password.
@@ -54,6 +59,11 @@ impl RedisConfig {
             problems,
         );
         let key = template(c.topic.as_deref(), "topic", problems);
+        let events_key = events_template(
+            c.events_topic.as_deref(),
+            "events:{stream}:{rule}",
+            problems,
+        );
         // Redis needs no user: a password alone authenticates the default user.
         let login = self.login.validate(u.as_ref(), true, ctx, problems);
         let db = match u.as_ref().map(|u| u.path.trim_start_matches('/')) {
@@ -73,6 +83,7 @@ impl RedisConfig {
             addr: u?.hosts.remove(0),
             db,
             key: key?,
+            events_key: events_key?,
             maxlen: c.maxlen.unwrap_or(100_000),
             login,
         })

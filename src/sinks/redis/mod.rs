@@ -91,7 +91,7 @@ impl Transport for RedisSink {
         };
         let mut pipe = redis::pipe();
         for m in batch {
-            let key = self.s.key.render(&self.run.pipeline, &m.stream);
+            let key = m.topic(&self.s.key, &self.s.events_key, &self.run.pipeline);
             let cmd = pipe.cmd("XADD").arg(key);
             if self.s.maxlen > 0 {
                 cmd.arg("MAXLEN").arg("~").arg(self.s.maxlen);

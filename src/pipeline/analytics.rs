@@ -1,0 +1,140 @@
+//! Tracking and rules in a running pipeline: one tracker and one state per rule for every
+//! stream, created when the stream starts and freed when it is removed, fed by the publisher
+//! (the one place every frame of a stream passes, whichever route and worker it took).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::analytics::rules::{Event, RuleState, Tracked};
+use crate::analytics::tracker::{Detection, Tracker};
+use crate::config::AnalyticsSpec;
+use crate::frame::{Frame, StageOutput};
+
+/// What one frame caused.
+#[derive(Debug, Default)]
+pub struct FrameAnalytics {
+    /// Events, in the order the rules raised them.
+    pub events: Vec<Event>,
+    /// Each rule's counts after the frame, by rule name.
+    pub counts: serde_json::Map<String, serde_json::Value>,
+}
+
+struct StreamState {
+    tracker: Tracker,
+    rules: Vec<RuleState>,
+}
+
+/// The analytics of every stream.
+pub struct Analytics {
+    spec: Mutex<AnalyticsSpec>,
+    streams: Mutex<HashMap<usize, (String, StreamState)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Analytics {
+    /// Analytics as the pipeline file says (nothing happens without a tracker).
+    pub fn new(spec: &AnalyticsSpec) -> Arc<Self> {
+        Arc::new(Self {
+            spec: Mutex::new(spec.clone()),
+            streams: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn state(spec: &AnalyticsSpec, name: &str) -> Option<StreamState> {
+        let t = spec.tracker.as_ref()?;
+        let forget = t.max_lost_ms as f64 / 1e3;
+        Some(StreamState {
+            tracker: Tracker::new(t.clone()),
+            rules: spec
+                .rules
+                .iter()
+                .filter(|r| r.streams.is_empty() || r.streams.iter().any(|s| s == name))
+                .map(|r| RuleState::new(r.clone(), forget))
+                .collect(),
+        })
+    }
+
+    /// Stream `index` (named `name`) starts: fresh tracks and counts.
+    pub fn start_stream(&self, index: usize, name: &str) {
+        let state = Self::state(&lock(&self.spec), name);
+        let mut streams = lock(&self.streams);
+        match state {
+            Some(s) => {
+                streams.insert(index, (name.to_string(), s));
+            }
+            None => {
+                streams.remove(&index);
+            }
+        }
+    }
+
+    /// Stream `index` was removed: its state is freed (frames of it still in flight are
+    /// published without analytics).
+    pub fn end_stream(&self, index: usize) {
+        lock(&self.streams).remove(&index);
+    }
+
+    /// The pipeline file was reloaded: every running stream starts over with the new settings.
+    pub fn reconfigure(&self, spec: &AnalyticsSpec) {
+        let mut old = lock(&self.spec);
+        if *old == *spec {
+            return;
+        }
+        *old = spec.clone();
+        let mut streams = lock(&self.streams);
+        let names: Vec<(usize, String)> =
+            streams.iter().map(|(i, (n, _))| (*i, n.clone())).collect();
+        streams.clear();
+        for (i, n) in names {
+            if let Some(s) = Self::state(spec, &n) {
+                streams.insert(i, (n, s));
+            }
+        }
+    }
+
+    /// Tracks the frame's objects (setting their `track_id`) and runs the rules; None when the
+    /// frame's stream has no analytics or its route no tracked detector.
+    pub fn process(&self, f: &mut Frame) -> Option<FrameAnalytics> {
+        let pos = lock(&self.spec).tracked.get(f.route).copied().flatten()?;
+        let mut streams = lock(&self.streams);
+        let (_, st) = streams.get_mut(&f.stream)?;
+        let Some(StageOutput::Objects(objects)) = f.outputs.get_mut(pos) else {
+            return None;
+        };
+        // Media time: the frame's timestamp where the source has one.
+        let t = f.pts.map_or(f.captured as f64 / 1e9, |p| p.as_secs_f64());
+        let dets: Vec<Detection> = objects
+            .iter()
+            .map(|o| Detection {
+                class: o.class_id,
+                score: o.score,
+                corners: [o.bbox.x, o.bbox.y, o.bbox.x + o.bbox.w, o.bbox.y + o.bbox.h],
+            })
+            .collect();
+        for (o, id) in objects.iter_mut().zip(st.tracker.update(t, f.seq, &dets)) {
+            o.track_id = id;
+        }
+        let tracked: Vec<Tracked<'_>> = objects
+            .iter()
+            .zip(&dets)
+            .filter_map(|(o, d)| {
+                Some(Tracked {
+                    id: o.track_id?,
+                    label: &o.label,
+                    class_id: o.class_id,
+                    corners: d.corners,
+                })
+            })
+            .collect();
+        let size = (f.image.width, f.image.height);
+        let mut out = FrameAnalytics::default();
+        for r in &mut st.rules {
+            out.events.extend(r.update(t, size, &tracked));
+            out.counts.insert(r.name().to_string(), r.counts());
+        }
+        Some(out)
+    }
+}
