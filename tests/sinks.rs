@@ -1071,3 +1071,82 @@ fn nats_over_tls_delivers_with_the_right_ca() {
     let (summary, _) = run(&p, &[]);
     assert_eq!(sink_balance(&summary, "nats").0, 40);
 }
+
+#[test]
+fn rule_events_reach_mqtt_on_their_own_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = mosquitto(dir.path(), None);
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+        .args(["-t", "events/#", "-t", "cams/#", "-q", "1", "-v"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (run ./setup.sh)");
+    let out = sub.stdout.take().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l = lines.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // The people demo's detector and rules on the first 300 frames; only events go to MQTT.
+    let demo = std::fs::read_to_string(root().join("pipelines/people.toml")).unwrap();
+    let head = demo.split("[[sink]]").next().unwrap();
+    let text =
+        head.replace(
+            "../samples/campus.mp4",
+            require("samples/campus.mp4").to_str().unwrap(),
+        )
+        .replace("pace = \"realtime\"", "pace = \"fast\"")
+        .replace(
+            "slo_ms = 2000",
+            &format!(
+                "slo_ms = 60000\nengines_dir = \"{}\"",
+                root().join("engines").display()
+            ),
+        ) + &mqtt_sink(broker.port, "messages = \"events\"");
+    let p = write(dir.path(), "people.toml", &text);
+    let o = poolpipe(&[
+        "run",
+        p.to_str().unwrap(),
+        "--max-frames",
+        "300",
+        "--api",
+        "127.0.0.1:0",
+        "--summary-json",
+        dir.path().join("summary.json").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = read_summary(&dir.path().join("summary.json"));
+    let events = summary["streams"][0]["events"].as_u64().unwrap() as usize;
+    assert!(events >= 5, "{events} events");
+    let until = Instant::now() + Duration::from_secs(20);
+    while lines.lock().unwrap().len() < events && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = sub.kill();
+    let _ = sub.wait();
+    reader.join().unwrap();
+    let got = lines.lock().unwrap().clone();
+    assert_eq!(
+        got.len(),
+        events,
+        "results must not reach a sink of events only"
+    );
+    for line in &got {
+        let (topic, payload) = line.split_once(' ').unwrap();
+        let v: Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(
+            topic,
+            format!("events/north-gate/{}", v["rule"].as_str().unwrap()),
+            "{v}"
+        );
+        assert!(v["event"].is_string() && v["seq"].is_u64(), "{v}");
+    }
+    let (delivered, dropped, _) = sink_balance(&summary, "mqtt");
+    assert_eq!((delivered as usize, dropped), (events, 0));
+}

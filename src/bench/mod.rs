@@ -9,6 +9,7 @@
 //!    and flat out.
 
 pub mod batcher;
+pub mod detect;
 pub mod plan_run;
 pub mod planner;
 pub mod sim;
@@ -45,6 +46,28 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20.0)]
         demo_seconds: f64,
         /// Threads for the engine comparison (both sides).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Python interpreter with `onnxruntime` and `numpy` (setup.sh makes `.venv`).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// Repository root (pipelines/, engines/, samples/).
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+    },
+    /// The YOLOv3-tiny detector vs Python onnxruntime at batch 1-8, the people demo flat out
+    /// with the cost of tracking and rules, and the deadline policy at 2 and 8 streams.
+    Detect {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Repeats of each engine measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Seconds of each policy run.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Threads of every engine (both sides).
         #[arg(long, default_value_t = 2)]
         threads: usize,
         /// Python interpreter with `onnxruntime` and `numpy` (setup.sh makes `.venv`).
@@ -212,6 +235,22 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             rate,
         } => {
             let report = sinks::run(results, batch, rate)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        BenchCommand::Detect {
+            json,
+            repeats,
+            seconds,
+            threads,
+            python,
+            root,
+        } => {
+            let report = detect::run(&root, &python, repeats.max(1), seconds, threads)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -467,8 +506,15 @@ fn bench_pipeline(
         let iters = if batch == 1 { 40 } else { 8 };
         let (mut rust, mut py) = (Vec::new(), Vec::new());
         for _ in 0..repeats {
-            rust.push(rust_images_per_s(&model, batch, threads, iters)?);
-            if let Some(v) = python_images_per_s(python, &model, batch, threads, iters) {
+            rust.push(rust_images_per_s(
+                &model,
+                batch,
+                (224, 224),
+                threads,
+                iters,
+            )?);
+            if let Some(v) = python_images_per_s(python, &model, batch, (224, 224), threads, iters)
+            {
                 py.push(v);
             }
             bar.inc(&format!("engines at batch {batch}"));
@@ -608,9 +654,11 @@ fn gstreamer_alone(sample: &Path, caps: &str) -> anyhow::Result<(u64, f64)> {
     Ok((count.load(std::sync::atomic::Ordering::Relaxed), secs))
 }
 
-fn rust_images_per_s(
+/// poolpipe's engine on `model` (one image input of `hw` pixels), images/s.
+pub(crate) fn rust_images_per_s(
     model: &Path,
     batch: usize,
+    hw: (usize, usize),
     threads: usize,
     iters: usize,
 ) -> anyhow::Result<f64> {
@@ -622,7 +670,7 @@ fn rust_images_per_s(
         optimize: true,
         spin: true, // as Python's onnxruntime does by default
     })?;
-    let input = ndarray::Array4::<f32>::from_shape_fn((batch, 3, 224, 224), |(n, c, y, x)| {
+    let input = ndarray::Array4::<f32>::from_shape_fn((batch, 3, hw.0, hw.1), |(n, c, y, x)| {
         ((n * 7 + c * 13 + y * 3 + x) % 255) as f32 / 255.0
     });
     for _ in 0..3 {
@@ -637,14 +685,14 @@ fn rust_images_per_s(
 
 const PY_BENCH: &str = r#"
 import sys, time, numpy as np, onnxruntime as ort
-model, batch, threads, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model, batch, threads, iters, h, w = sys.argv[1], *map(int, sys.argv[2:7])
 o = ort.SessionOptions()
 o.intra_op_num_threads = threads
 o.inter_op_num_threads = 1
 o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
 s = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
-x = np.random.rand(batch, 3, 224, 224).astype(np.float32)
+x = np.random.rand(batch, 3, h, w).astype(np.float32)
 name = s.get_inputs()[0].name
 for _ in range(3): s.run(None, {name: x})
 t = time.perf_counter()
@@ -652,17 +700,19 @@ for _ in range(iters): s.run(None, {name: x})
 print(batch * iters / (time.perf_counter() - t))
 "#;
 
-fn python_images_per_s(
+/// Python onnxruntime on the same, images/s (None when it cannot run).
+pub(crate) fn python_images_per_s(
     python: &Path,
     model: &Path,
     batch: usize,
+    hw: (usize, usize),
     threads: usize,
     iters: usize,
 ) -> Option<f64> {
     let out = Command::new(python)
         .args(["-c", PY_BENCH])
         .arg(model)
-        .args([batch.to_string(), threads.to_string(), iters.to_string()])
+        .args([batch, threads, iters, hw.0, hw.1].map(|v| v.to_string()))
         .output()
         .ok()?;
     if !out.status.success() {

@@ -138,3 +138,78 @@ impl Analytics {
         Some(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analytics::tracker::TrackerParams;
+    use crate::frame::{BBox, Image, Object, PixelFormat};
+
+    fn frame(stream: usize, seq: u64, x: f32) -> Frame {
+        Frame {
+            stream,
+            seq,
+            pts: Some(std::time::Duration::from_millis(seq * 100)),
+            captured_wall: std::time::SystemTime::now(),
+            captured: 0,
+            deadline: u64::MAX,
+            image: Arc::new(Image::black(100, 100, PixelFormat::RGB)),
+            outputs: vec![StageOutput::Objects(vec![Object {
+                label: "person".into(),
+                class_id: 0,
+                score: 0.9,
+                bbox: BBox {
+                    x,
+                    y: 10.0,
+                    w: 10.0,
+                    h: 20.0,
+                },
+                track_id: None,
+            }])],
+            stage_nanos: vec![0],
+            entered_stage: 0,
+            activation: None,
+            route: 0,
+        }
+    }
+
+    fn ids(f: &Frame) -> Vec<Option<u64>> {
+        match &f.outputs[0] {
+            StageOutput::Objects(o) => o.iter().map(|o| o.track_id).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn streams_get_their_own_tracks_from_start_to_removal() {
+        let spec = AnalyticsSpec {
+            tracker: Some(TrackerParams::default()),
+            rules: Vec::new(),
+            tracked: vec![Some(0)],
+        };
+        let a = Analytics::new(&spec);
+        a.start_stream(0, "a");
+        a.start_stream(1, "b");
+        for seq in 0..3 {
+            let mut f = frame(0, seq, 10.0 + seq as f32);
+            assert!(a.process(&mut f).is_some());
+            assert_eq!(ids(&f), vec![Some(1)]);
+            // Stream b numbers its own tracks.
+            let mut g = frame(1, seq, 50.0);
+            a.process(&mut g);
+            assert_eq!(ids(&g), vec![Some(1)]);
+        }
+        assert_eq!(lock(&a.streams).len(), 2);
+        // Removed: its state is gone and its late frames pass untouched.
+        a.end_stream(0);
+        assert_eq!(lock(&a.streams).len(), 1);
+        let mut f = frame(0, 3, 13.0);
+        assert!(a.process(&mut f).is_none());
+        assert_eq!(ids(&f), vec![None]);
+        // Added again: tracks start over.
+        a.start_stream(0, "a");
+        let mut f = frame(0, 4, 14.0);
+        a.process(&mut f);
+        assert_eq!(ids(&f), vec![Some(1)]);
+    }
+}
