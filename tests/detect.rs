@@ -201,23 +201,10 @@ fn people_found_on_sampled_frames_are_within_what_is_visible() {
 #[test]
 fn tracked_people_crossing_a_line_raise_events_that_match_the_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = std::fs::read_to_string(root().join("pipelines/people.toml")).unwrap();
     // The demo as it ships, read as fast as it decodes.
     let out = dir.path().join("out.jsonl");
     let ev = dir.path().join("events.jsonl");
-    let text = demo
-        .replace(
-            "../samples/campus.mp4",
-            require("samples/campus.mp4").to_str().unwrap(),
-        )
-        .replace("pace = \"realtime\"", "pace = \"fast\"")
-        .replace(
-            "slo_ms = 2000",
-            &format!(
-                "slo_ms = 60000\nengines_dir = \"{}\"",
-                root().join("engines").display()
-            ),
-        )
+    let text = people_demo_fast()
         .replace("path = \"-\"", &format!("path = \"{}\"", ev.display()))
         .replace("/tmp/poolpipe-people.jsonl", out.to_str().unwrap());
     let p = write(dir.path(), "people.toml", &text);

@@ -1093,21 +1093,9 @@ fn rule_events_reach_mqtt_on_their_own_topics() {
     });
     std::thread::sleep(Duration::from_millis(500));
     // The people demo's detector and rules on the first 300 frames; only events go to MQTT.
-    let demo = std::fs::read_to_string(root().join("pipelines/people.toml")).unwrap();
-    let head = demo.split("[[sink]]").next().unwrap();
-    let text =
-        head.replace(
-            "../samples/campus.mp4",
-            require("samples/campus.mp4").to_str().unwrap(),
-        )
-        .replace("pace = \"realtime\"", "pace = \"fast\"")
-        .replace(
-            "slo_ms = 2000",
-            &format!(
-                "slo_ms = 60000\nengines_dir = \"{}\"",
-                root().join("engines").display()
-            ),
-        ) + &mqtt_sink(broker.port, "messages = \"events\"");
+    let demo = people_demo_fast();
+    let text = demo.split("[[sink]]").next().unwrap().to_string()
+        + &mqtt_sink(broker.port, "messages = \"events\"");
     let p = write(dir.path(), "people.toml", &text);
     let o = poolpipe(&[
         "run",

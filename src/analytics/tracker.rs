@@ -399,6 +399,17 @@ mod tests {
         turn: Option<(usize, (f32, f32))>,
     }
 
+    fn walker(start: (f32, f32), step: (f32, f32), size: (f32, f32), score: f32) -> Walker {
+        Walker {
+            start,
+            step,
+            size,
+            hidden: 0..0,
+            score,
+            turn: None,
+        }
+    }
+
     impl Walker {
         fn at(&self, f: usize) -> (f32, f32) {
             match self.turn {
@@ -483,48 +494,22 @@ mod tests {
     fn crossing_scene() -> Vec<Walker> {
         vec![
             // Two people crossing each other head on.
-            Walker {
-                start: (100.0, 300.0),
-                step: (6.0, 0.0),
-                size: (40.0, 90.0),
-                hidden: 0..0,
-                score: 0.9,
-                turn: None,
-            },
-            Walker {
-                start: (700.0, 305.0),
-                step: (-6.0, 0.0),
-                size: (40.0, 90.0),
-                hidden: 0..0,
-                score: 0.8,
-                turn: None,
-            },
+            walker((100.0, 300.0), (6.0, 0.0), (40.0, 90.0), 0.9),
+            walker((700.0, 305.0), (-6.0, 0.0), (40.0, 90.0), 0.8),
             // One walking down, hidden (behind a pillar) for five frames.
             Walker {
-                start: (400.0, 50.0),
-                step: (0.5, 5.0),
-                size: (35.0, 80.0),
                 hidden: 40..45,
-                score: 0.85,
-                turn: None,
+                ..walker((400.0, 50.0), (0.5, 5.0), (35.0, 80.0), 0.85)
             },
-            // One that walks up and to the right, then turns right (down the image) at frame 30
-            // and stops at frame 70.
+            // One that walks up and to the right, then turns down the image at frame 30.
             Walker {
-                start: (200.0, 500.0),
-                step: (6.0, -3.0),
-                size: (30.0, 70.0),
-                hidden: 0..0,
-                score: 0.7,
                 turn: Some((30, (7.0, 7.0))),
+                ..walker((200.0, 500.0), (6.0, -3.0), (30.0, 70.0), 0.7)
             },
+            // One standing, who sets off to the right at frame 70.
             Walker {
-                start: (50.0, 100.0),
-                step: (0.0, 0.0),
-                size: (30.0, 70.0),
-                hidden: 0..0,
-                score: 0.75,
                 turn: Some((70, (8.0, 0.0))),
+                ..walker((50.0, 100.0), (0.0, 0.0), (30.0, 70.0), 0.75)
             },
         ]
     }
@@ -589,12 +574,8 @@ mod tests {
     #[test]
     fn a_gap_longer_than_the_buffer_ends_the_track_and_a_new_one_starts() {
         let w = [Walker {
-            start: (100.0, 100.0),
-            step: (2.0, 0.0),
-            size: (40.0, 80.0),
             hidden: 10..30,
-            score: 0.9,
-            turn: None,
+            ..walker((100.0, 100.0), (2.0, 0.0), (40.0, 80.0), 0.9)
         }];
         let mot = run(&w, 40, 0.0, |_| true);
         let ids = &mot.ids[0];

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use serde::Serialize;
 
-use super::{median, python_images_per_s, rust_images_per_s};
+use super::{EngineRun, median};
 use crate::analytics::rules::{RuleState, Tracked};
 use crate::analytics::tracker::{Detection, Tracker};
 use crate::config::{self, Pace, SinkSpec};
@@ -108,27 +108,19 @@ pub fn run(
     let mut engines = Vec::new();
     for batch in [1usize, 2, 4, 8] {
         let iters = (32 / batch).max(4);
-        let (mut rust, mut py) = (Vec::new(), Vec::new());
-        for _ in 0..repeats {
-            rust.push(rust_images_per_s(
-                &model,
-                batch,
-                (416, 416),
-                threads,
-                iters,
-            )?);
-            if let Some(v) = python_images_per_s(python, &model, batch, (416, 416), threads, iters)
-            {
-                py.push(v);
-            }
-            bar.inc(&format!("detector at batch {batch}"));
-        }
-        let ratio = (py.len() == rust.len())
-            .then(|| median(rust.iter().zip(&py).map(|(r, p)| r / p).collect()));
+        let run = EngineRun {
+            model: &model,
+            python,
+            batch,
+            hw: (416, 416),
+            threads,
+            iters,
+        };
+        let (rust, py, ratio) = run.paired(repeats, &mut bar)?;
         engines.push(DetectEngineRow {
             batch,
-            rust_images_per_s: median(rust),
-            python_images_per_s: (!py.is_empty()).then(|| median(py)),
+            rust_images_per_s: rust,
+            python_images_per_s: py,
             ratio,
             stage_images_per_s: stage_images_per_s(&stage_spec, batch, iters)?,
         });

@@ -503,26 +503,15 @@ fn bench_pipeline(
     let model = root.join("engines/bench/resnet18.onnx");
     let mut engines = Vec::new();
     for batch in [1usize, 8] {
-        let iters = if batch == 1 { 40 } else { 8 };
-        let (mut rust, mut py) = (Vec::new(), Vec::new());
-        for _ in 0..repeats {
-            rust.push(rust_images_per_s(
-                &model,
-                batch,
-                (224, 224),
-                threads,
-                iters,
-            )?);
-            if let Some(v) = python_images_per_s(python, &model, batch, (224, 224), threads, iters)
-            {
-                py.push(v);
-            }
-            bar.inc(&format!("engines at batch {batch}"));
-        }
-        let ratio = (py.len() == rust.len())
-            .then(|| median(rust.iter().zip(&py).map(|(r, p)| r / p).collect()));
-        let r = median(rust);
-        let py = (!py.is_empty()).then(|| median(py));
+        let run = EngineRun {
+            model: &model,
+            python,
+            batch,
+            hw: (224, 224),
+            threads,
+            iters: if batch == 1 { 40 } else { 8 },
+        };
+        let (r, py, ratio) = run.paired(repeats, &mut bar)?;
         engines.push(EngineRow {
             model: "resnet18".into(),
             batch,
@@ -654,8 +643,54 @@ fn gstreamer_alone(sample: &Path, caps: &str) -> anyhow::Result<(u64, f64)> {
     Ok((count.load(std::sync::atomic::Ordering::Relaxed), secs))
 }
 
+/// One engine measurement, made by poolpipe and by Python onnxruntime.
+pub(crate) struct EngineRun<'a> {
+    pub model: &'a Path,
+    pub python: &'a Path,
+    pub batch: usize,
+    pub hw: (usize, usize),
+    pub threads: usize,
+    pub iters: usize,
+}
+
+impl EngineRun<'_> {
+    /// `repeats` pairs, back to back: poolpipe's median images/s, Python's (if it ran), and the
+    /// median of the paired ratios (which drifts less on a shared machine than a ratio of
+    /// medians).
+    pub(crate) fn paired(
+        &self,
+        repeats: usize,
+        bar: &mut crate::progress::Progress,
+    ) -> anyhow::Result<(f64, Option<f64>, Option<f64>)> {
+        let (mut rust, mut py) = (Vec::new(), Vec::new());
+        for _ in 0..repeats {
+            rust.push(rust_images_per_s(
+                self.model,
+                self.batch,
+                self.hw,
+                self.threads,
+                self.iters,
+            )?);
+            if let Some(v) = python_images_per_s(
+                self.python,
+                self.model,
+                self.batch,
+                self.hw,
+                self.threads,
+                self.iters,
+            ) {
+                py.push(v);
+            }
+            bar.inc(&format!("engines at batch {}", self.batch));
+        }
+        let ratio = (py.len() == rust.len())
+            .then(|| median(rust.iter().zip(&py).map(|(r, p)| r / p).collect()));
+        Ok((median(rust), (!py.is_empty()).then(|| median(py)), ratio))
+    }
+}
+
 /// poolpipe's engine on `model` (one image input of `hw` pixels), images/s.
-pub(crate) fn rust_images_per_s(
+fn rust_images_per_s(
     model: &Path,
     batch: usize,
     hw: (usize, usize),
@@ -701,7 +736,7 @@ print(batch * iters / (time.perf_counter() - t))
 "#;
 
 /// Python onnxruntime on the same, images/s (None when it cannot run).
-pub(crate) fn python_images_per_s(
+fn python_images_per_s(
     python: &Path,
     model: &Path,
     batch: usize,

@@ -161,3 +161,22 @@ pub fn shared_profiles() -> Option<PathBuf> {
         None
     }
 }
+
+/// `pipelines/people.toml` as shipped, but reading the sample as fast as it decodes, with a
+/// generous SLO and absolute paths (so it runs from a temporary folder).
+pub fn people_demo_fast() -> String {
+    std::fs::read_to_string(root().join("pipelines/people.toml"))
+        .unwrap()
+        .replace(
+            "../samples/campus.mp4",
+            require("samples/campus.mp4").to_str().unwrap(),
+        )
+        .replace("pace = \"realtime\"", "pace = \"fast\"")
+        .replace(
+            "slo_ms = 2000",
+            &format!(
+                "slo_ms = 60000\nengines_dir = \"{}\"",
+                root().join("engines").display()
+            ),
+        )
+}
