@@ -24,7 +24,10 @@
 //! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`) and the emulated device.
 //! - [`engine`]: the `Engine` trait and its backends (ONNX Runtime on the CPU, no-op), and the
 //!   `StageRunner` trait that devices and engines implement for the pipeline.
-//! - [`postprocess`]: turning model outputs into results (classes, text boxes, text).
+//! - [`postprocess`]: turning model outputs into results (classes, text boxes, text, detector
+//!   boxes).
+//! - [`analytics`]: what follows detections: a multi-object tracker and line/zone rules (pure
+//!   state per stream, run by the publisher).
 //! - [`config`]: pipeline files and model manifests: parse (TOML with key spans), validate
 //!   (pure, collects every error with file:line:column), resolve into a runnable description.
 //! - [`batcher`]: batching policies (pure state: fixed, AIMD, reservation-based deadline), the
