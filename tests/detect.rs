@@ -11,14 +11,14 @@ use serde_json::Value;
 
 /// Runs the sample (its first `frames` frames, as fast as they decode) through the detector and
 /// returns the objects of every frame by seq.
-fn detect_sample(dir: &Path, frames: u64, max_batch: u32) -> Vec<(u64, Vec<Value>)> {
+fn detect_sample(dir: &Path, frames: u64, max_batch: u32, extra: &str) -> Vec<(u64, Vec<Value>)> {
     let out = dir.join("out.jsonl");
     let p = write(
         dir,
         "det.toml",
         &format!(
             "{}[[source]]\nname = \"cam\"\nuri = \"{}\"\npace = \"fast\"\n\n\
-             [[stage]]\nname = \"detect\"\nmodel = \"yolov3-tiny\"\nthreads = 2\nmax_batch = {max_batch}\nmax_wait_ms = 20\n\n\
+             [[stage]]\nname = \"detect\"\nmodel = \"yolov3-tiny\"\nthreads = 2\nmax_batch = {max_batch}\nmax_wait_ms = 20\n{extra}\n\n\
              [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
             header("det", 60_000),
             require("samples/campus.mp4").display(),
@@ -128,7 +128,7 @@ fn the_detector_finds_the_reference_boxes_on_the_first_frame() {
     assert_eq!(count(want, "car"), 1);
     assert_eq!(count(want, "truck"), 1);
 
-    let got = &detect_sample(dir.path(), 1, 1)[0];
+    let got = &detect_sample(dir.path(), 1, 1, "")[0];
     assert_eq!(got.0, 0);
     let got = &got.1;
     assert_eq!(got.len(), want.len(), "got {got:?}\nwant {want:?}");
@@ -166,7 +166,7 @@ fn the_detector_finds_the_reference_boxes_on_the_first_frame() {
 #[test]
 fn people_found_on_sampled_frames_are_within_what_is_visible() {
     let dir = tempfile::tempdir().unwrap();
-    let rows = detect_sample(dir.path(), 301, 4);
+    let rows = detect_sample(dir.path(), 301, 4, "");
     let visible = [
         (0, 3),
         (50, 6),
@@ -194,6 +194,16 @@ fn people_found_on_sampled_frames_are_within_what_is_visible() {
         }
     }
     assert!(total >= 35, "{total} people over the sampled frames");
+    // A stage that keeps only people finds the same people and nothing else.
+    let people = detect_sample(dir.path(), 51, 4, "classes = [\"person\"]");
+    for seq in [0, 50] {
+        let objects = &people[seq].1;
+        assert!(
+            objects.iter().all(|o| o["label"] == "person"),
+            "{objects:?}"
+        );
+        assert_eq!(objects.len(), count(&rows[seq].1, "person"));
+    }
 }
 
 /// The people demo's chain (detect, track, a line and a zone) on the sample: events name real

@@ -629,3 +629,27 @@ fn malformed_rules_are_located_errors() {
     has(&errs, 15, "tracker.high_score", "[0, 1]");
     has(&errs, 14, "tracker", "needs a `detect` stage");
 }
+
+#[test]
+fn detect_classes_rule_names_and_shared_files_are_checked() {
+    require("engines/yolo/yolov3-tiny.onnx");
+    let text = format!(
+        "{}[[source]]\nname = \"cam\"\nuri = \"test://ball\"\n\n\
+         [[stage]]\nname = \"detect\"\nmodel = \"yolov3-tiny\"\nclasses = [\"person\", \"unicorn\"]\n\n\
+         [[stage]]\nname = \"pass\"\nmodel = \"noop\"\nclasses = [\"person\"]\n\n\
+         [[rule]]\nname = \"front door\"\ntype = \"line\"\nline = [[0.1, 0.5], [0.9, 0.5]]\n\n\
+         [[sink]]\ntype = \"jsonl\"\npath = \"/tmp/x.jsonl\"\n\n\
+         [[sink]]\ntype = \"jsonl\"\npath = \"/tmp/x.jsonl\"\n",
+        header("x", 1000)
+    );
+    let errs = errors(&text);
+    has(
+        &errs,
+        13,
+        "stage[0].classes",
+        "`unicorn` is neither a label",
+    );
+    has(&errs, 18, "stage[1].classes", "detect stages only");
+    has(&errs, 21, "rule[0].name", "letters, digits");
+    has(&errs, 31, "sink[1].path", "writes /tmp/x.jsonl already");
+}

@@ -95,6 +95,21 @@ impl RuleConfig {
     /// tracked detector's (empty: unknown, class names are not checked).
     pub fn problems(&self, labels: &[String]) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
+        // The name goes into topics, subjects and keys of every broker.
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            out.push((
+                "name",
+                format!(
+                    "`{}`: rule names take letters, digits, `-` and `_` (they become part of event topics)",
+                    self.name
+                ),
+            ));
+        }
         let (w, h) = match self.frame {
             Some([w, h]) if w > 0.0 && h > 0.0 => (w, h),
             Some(f) => {

@@ -77,9 +77,7 @@ impl Validator<'_, '_> {
             .iter()
             .zip(&tracked)
             .find_map(|(r, t)| t.map(|t| &stages[r.stages[t]]))
-            .and_then(|s| s.model.detect.labels.as_ref())
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .map(|t| t.lines().map(|l| l.trim_end().to_string()).collect())
+            .and_then(|s| super::read_labels(s.model.detect.labels.as_deref()).ok())
             .unwrap_or_default();
         let mut names = std::collections::HashSet::new();
         for (base, r) in &rules {
@@ -88,9 +86,6 @@ impl Validator<'_, '_> {
                     &format!("{base}.name"),
                     format!("a rule named `{}` already exists", r.name),
                 );
-            }
-            if r.name.trim().is_empty() {
-                self.err(&format!("{base}.name"), "must not be empty");
             }
             for (k, m) in r.problems(&labels) {
                 let key = format!("{base}.{k}");

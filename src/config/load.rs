@@ -805,7 +805,7 @@ impl<'a> Validator<'_, 'a> {
                     format!("{} ms leaves nothing of the {slo} ms SLO", c.max_wait_ms),
                 );
             }
-            let model = match (&c.model, &device) {
+            let mut model = match (&c.model, &device) {
                 (Some(name), _) => self.manifest(&base, name, engines_dir),
                 (None, Some(Device::Emulated { .. })) => Some(ModelManifest::emulated()),
                 (None, _) => {
@@ -816,6 +816,20 @@ impl<'a> Validator<'_, 'a> {
                     None
                 }
             };
+            if let (Some(classes), Some(m)) = (&c.classes, model.as_mut()) {
+                if m.kind != ModelKind::Detect {
+                    self.err(
+                        &format!("{base}.classes"),
+                        "`classes` applies to detect stages only",
+                    );
+                } else {
+                    let labels = read_labels(m.detect.labels.as_deref()).unwrap_or_default();
+                    match super::manifest::class_filter(classes, &labels) {
+                        Ok(_) => m.detect.classes = classes.clone(),
+                        Err(e) => self.err(&format!("{base}.classes"), e),
+                    }
+                }
+            }
             let has_split =
                 model.as_ref().is_some_and(|m| m.split.is_some()) && device == Some(Device::Cpu);
             let profile = match &device {
@@ -1167,7 +1181,23 @@ impl<'a> Validator<'_, 'a> {
                 env: &env,
             };
             match crate::sinks::spec::validate(&c, &present, name, &ctx) {
-                Ok(spec) => out.push(spec),
+                Ok(spec) => {
+                    if let Some(path) = spec.file()
+                        && let Some(other) = out.iter().find(|s| s.file() == Some(path))
+                    {
+                        self.err(
+                            &format!("{base}.path"),
+                            format!(
+                                "sink `{}` writes {} already: two sinks writing one file would mix their lines",
+                                other.name,
+                                path.display()
+                            ),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                    out.push(spec)
+                }
                 Err(problems) => {
                     ok = false;
                     for (key, message) in problems {

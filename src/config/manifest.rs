@@ -217,6 +217,47 @@ impl Default for DetectParams {
     }
 }
 
+/// The lines of a labels file (none without one).
+pub fn read_labels(path: Option<&Path>) -> std::io::Result<Vec<String>> {
+    let Some(p) = path else {
+        return Ok(Vec::new());
+    };
+    Ok(std::fs::read_to_string(p)?
+        .lines()
+        .map(|l| l.trim_end().to_string())
+        .collect())
+}
+
+/// The class filter of a detector: `classes` (labels or indices) resolved against `labels`.
+pub fn class_filter(classes: &[String], labels: &[String]) -> Result<Vec<bool>, String> {
+    if classes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = Vec::new();
+    for c in classes {
+        let id = match labels.iter().position(|l| l == c) {
+            Some(i) => i,
+            None => c.parse::<usize>().map_err(|_| {
+                format!(
+                    "class `{c}` is neither a label{} nor a class index",
+                    if labels.is_empty() {
+                        " (the model has no labels file)"
+                    } else {
+                        " of the model"
+                    }
+                )
+            })?,
+        };
+        ids.push(id);
+    }
+    let n = ids.iter().max().map_or(0, |m| m + 1).max(labels.len());
+    let mut allowed = vec![false; n];
+    for i in ids {
+        allowed[i] = true;
+    }
+    Ok(allowed)
+}
+
 /// `[text_recognize]`: crops and CTC decoding.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -410,5 +451,21 @@ pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
         Ok(m)
     } else {
         Err(ConfigErrors(errs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_filters_take_labels_or_indices() {
+        let labels = vec!["person".to_string(), "car".into(), "truck".into()];
+        assert_eq!(
+            class_filter(&["car".into(), "0".into()], &labels).unwrap(),
+            vec![true, true, false]
+        );
+        assert!(class_filter(&["zebra".into()], &labels).is_err());
+        assert!(class_filter(&[], &labels).unwrap().is_empty());
     }
 }

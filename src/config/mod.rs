@@ -30,7 +30,8 @@ pub use load::{
 };
 pub use manifest::{
     Backend, ClassifyParams, DetectFormat, DetectParams, ImageSpec, Layout, ModelKind,
-    ModelManifest, Resize, TextDetectParams, TextRecognizeParams, load_manifest,
+    ModelManifest, Resize, TextDetectParams, TextRecognizeParams, class_filter, load_manifest,
+    read_labels,
 };
 
 /// `[pipeline]`: settings of the whole pipeline.
@@ -222,6 +223,10 @@ pub struct StageConfig {
     /// earlier one).
     #[serde(default)]
     pub input: Option<String>,
+    /// `detect` stages: publish only these classes (labels or class ids), instead of the
+    /// manifest's `[detect] classes`.
+    #[serde(default)]
+    pub classes: Option<Vec<String>>,
     /// The `[[flow]]` this stage belongs to (may be left out when there is one flow).
     #[serde(default)]
     pub flow: Option<String>,

@@ -85,12 +85,13 @@ pub fn build_runner(
         }),
         ModelKind::Detect => {
             let labels = read_labels(m.detect.labels.as_deref())?;
-            let allowed = detect::class_filter(&m.detect.classes, &labels).map_err(|message| {
-                EngineError::Load {
-                    model: m.path.display().to_string(),
-                    message,
-                }
-            })?;
+            let allowed =
+                crate::config::class_filter(&m.detect.classes, &labels).map_err(|message| {
+                    EngineError::Load {
+                        model: m.path.display().to_string(),
+                        message,
+                    }
+                })?;
             Box::new(Detect {
                 engine,
                 image,
@@ -129,15 +130,11 @@ pub fn build_runner(
 }
 
 /// The lines of a labels file (none without one).
-pub fn read_labels(path: Option<&Path>) -> Result<Vec<String>, EngineError> {
-    let Some(p) = path else {
-        return Ok(Vec::new());
-    };
-    let text = std::fs::read_to_string(p).map_err(|e| EngineError::Load {
-        model: p.display().to_string(),
+fn read_labels(path: Option<&Path>) -> Result<Vec<String>, EngineError> {
+    crate::config::read_labels(path).map_err(|e| EngineError::Load {
+        model: path.unwrap_or(Path::new("")).display().to_string(),
         message: e.to_string(),
-    })?;
-    Ok(text.lines().map(|l| l.trim_end().to_string()).collect())
+    })
 }
 
 /// Does nothing: for measuring the pipeline itself.

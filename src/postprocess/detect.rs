@@ -273,36 +273,6 @@ pub fn nms(mut c: Vec<Candidate>, iou: f32, max: usize) -> Vec<Candidate> {
     kept
 }
 
-/// The class filter of a detector: `classes` (labels or indices) resolved against `labels`.
-pub fn class_filter(classes: &[String], labels: &[String]) -> Result<Vec<bool>, String> {
-    if classes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut ids = Vec::new();
-    for c in classes {
-        let id = match labels.iter().position(|l| l == c) {
-            Some(i) => i,
-            None => c.parse::<usize>().map_err(|_| {
-                format!(
-                    "class `{c}` is neither a label{} nor a class index",
-                    if labels.is_empty() {
-                        " (the model has no labels file)"
-                    } else {
-                        " of the model"
-                    }
-                )
-            })?,
-        };
-        ids.push(id);
-    }
-    let n = ids.iter().max().map_or(0, |m| m + 1).max(labels.len());
-    let mut allowed = vec![false; n];
-    for i in ids {
-        allowed[i] = true;
-    }
-    Ok(allowed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,16 +430,5 @@ mod tests {
         assert_eq!(only0[0].class, 0);
         // A tensor without class scores is an error.
         assert!(decode(Array2::<f32>::zeros((3, 5)).view(), &d).is_err());
-    }
-
-    #[test]
-    fn class_filters_take_labels_or_indices() {
-        let labels = vec!["person".to_string(), "car".into(), "truck".into()];
-        assert_eq!(
-            class_filter(&["car".into(), "0".into()], &labels).unwrap(),
-            vec![true, true, false]
-        );
-        assert!(class_filter(&["zebra".into()], &labels).is_err());
-        assert!(class_filter(&[], &labels).unwrap().is_empty());
     }
 }

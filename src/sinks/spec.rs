@@ -182,6 +182,14 @@ impl SinkSpec {
         }
     }
 
+    /// The file it writes, for a `jsonl` sink to a file.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        match &self.target {
+            Target::Jsonl(JsonlSettings::File(p)) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Where it delivers, for logs: never includes credentials.
     pub fn describe(&self) -> String {
         match &self.target {
