@@ -322,8 +322,9 @@ impl Tracker {
         ids
     }
 
-    /// Greedy association by IoU (best pairs first) of tracks `ts` with detections `ds` of the
-    /// same class.
+    /// Associates tracks `ts` with detections `ds` of the same class: the most pairs that pass
+    /// the gate, and of those the assignment nearest the predictions in total (optimal linear
+    /// assignment, as ByteTrack does, rather than best pair first).
     #[allow(clippy::too_many_arguments)]
     fn associate(
         &self,
@@ -335,15 +336,21 @@ impl Tracker {
         det_used: &mut [bool],
         track_det: &mut [Option<usize>],
     ) {
-        let mut pairs = Vec::new();
-        for &k in ts {
-            if track_det[k].is_some() {
-                continue;
-            }
+        let ts: Vec<usize> = ts
+            .iter()
+            .copied()
+            .filter(|&k| track_det[k].is_none())
+            .collect();
+        let ds: Vec<usize> = ds.iter().copied().filter(|&d| !det_used[d]).collect();
+        if ts.is_empty() || ds.is_empty() {
+            return;
+        }
+        let mut cost = vec![vec![f64::INFINITY; ds.len()]; ts.len()];
+        for (row, &k) in ts.iter().enumerate() {
             let (s, grow) = predicted[k];
             let tight = to_corners(&s, 1.0);
-            for &d in ds {
-                if det_used[d] || dets[d].class != self.tracks[k].class {
+            for (col, &d) in ds.iter().enumerate() {
+                if dets[d].class != self.tracks[k].class {
                     continue;
                 }
                 // Gated on the buffered IoU (both boxes grown by the gap's factor around their
@@ -358,18 +365,98 @@ impl Tracker {
                     let dist = ((z[0] - s[0]).powi(2) + (z[1] - s[1]).powi(2)).sqrt()
                         + (z[2] - s[2]).abs()
                         + (z[3] - s[3]).abs();
-                    pairs.push((-dist / scale, k, d));
+                    cost[row][col] = (dist / scale) as f64;
                 }
             }
         }
-        pairs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        for (_, k, d) in pairs {
-            if track_det[k].is_none() && !det_used[d] {
-                track_det[k] = Some(d);
-                det_used[d] = true;
+        for (row, col) in assign(&cost).into_iter().enumerate() {
+            if let Some(col) = col {
+                track_det[ts[row]] = Some(ds[col]);
+                det_used[ds[col]] = true;
             }
         }
     }
+}
+
+/// Optimal assignment of rows to columns for a cost matrix where `INFINITY` forbids a pair: the
+/// most allowed pairs, and of those the least total cost (Kuhn-Munkres with potentials,
+/// O(n^3) on the padded square matrix). Returns each row's column.
+pub fn assign(cost: &[Vec<f64>]) -> Vec<Option<usize>> {
+    let rows = cost.len();
+    let cols = cost.first().map_or(0, Vec::len);
+    let n = rows.max(cols);
+    if n == 0 {
+        return Vec::new();
+    }
+    // A forbidden pair costs more than any set of allowed ones, so fewer of them always wins.
+    let finite = cost
+        .iter()
+        .flatten()
+        .filter(|c| c.is_finite())
+        .fold(0.0f64, |a, c| a + c.abs());
+    let forbidden = (finite + 1.0) * (n as f64 + 1.0);
+    let at = |i: usize, j: usize| -> f64 {
+        match cost.get(i).and_then(|r| r.get(j)) {
+            Some(c) if c.is_finite() => *c,
+            Some(_) => forbidden,
+            None => forbidden, // padding
+        }
+    };
+    // 1-based potentials and matching (row of each column), column 0 a sentinel.
+    let (mut u, mut v) = (vec![0.0f64; n + 1], vec![0.0f64; n + 1]);
+    let (mut p, mut way) = (vec![0usize; n + 1], vec![0usize; n + 1]);
+    for i in 1..=n {
+        p[0] = i;
+        let mut j0 = 0;
+        let mut minv = vec![f64::INFINITY; n + 1];
+        let mut used = vec![false; n + 1];
+        loop {
+            used[j0] = true;
+            let i0 = p[j0];
+            let (mut delta, mut j1) = (f64::INFINITY, 0);
+            for j in 1..=n {
+                if !used[j] {
+                    let cur = at(i0 - 1, j - 1) - u[i0] - v[j];
+                    if cur < minv[j] {
+                        minv[j] = cur;
+                        way[j] = j0;
+                    }
+                    if minv[j] < delta {
+                        delta = minv[j];
+                        j1 = j;
+                    }
+                }
+            }
+            for j in 0..=n {
+                if used[j] {
+                    u[p[j]] += delta;
+                    v[j] -= delta;
+                } else {
+                    minv[j] -= delta;
+                }
+            }
+            j0 = j1;
+            if p[j0] == 0 {
+                break;
+            }
+        }
+        loop {
+            let j1 = way[j0];
+            p[j0] = p[j1];
+            j0 = j1;
+            if j0 == 0 {
+                break;
+            }
+        }
+    }
+    let mut out = vec![None; rows];
+    for j in 1..=n {
+        let i = p[j];
+        if i >= 1 && i <= rows && j <= cols && cost[i - 1][j - 1].is_finite() {
+            out[i - 1] = Some(j - 1);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -569,6 +656,109 @@ mod tests {
         // Two frames later, the pipeline having dropped the two between: the gate has grown
         // by half and the track goes on.
         assert_eq!(standing().update(0.5, 5, &d(24.0)), vec![Some(1)]);
+    }
+
+    #[test]
+    fn assignment_matches_the_most_pairs_then_the_least_cost() {
+        let inf = f64::INFINITY;
+        // Best pair first would take (0, 0) and leave row 1 with nothing.
+        assert_eq!(
+            assign(&[vec![0.1, 0.2], vec![0.15, inf]]),
+            vec![Some(1), Some(0)]
+        );
+        // Least total cost: 1 + 1 beats 0 + 5.
+        assert_eq!(
+            assign(&[vec![0.0, 1.0], vec![1.0, 5.0]]),
+            vec![Some(1), Some(0)]
+        );
+        // Rectangular, and a row with no allowed pair.
+        assert_eq!(
+            assign(&[vec![3.0, 1.0, 2.0], vec![inf, inf, inf]]),
+            vec![Some(1), None]
+        );
+        assert_eq!(
+            assign(&[vec![2.0], vec![1.0], vec![inf]]),
+            vec![None, Some(0), None]
+        );
+        assert!(assign(&[]).is_empty());
+        // Against brute force on small random matrices.
+        let mut rng = Noise(7);
+        for _ in 0..200 {
+            let (r, c) = (
+                1 + (rng.next().abs() * 4.0) as usize,
+                1 + (rng.next().abs() * 4.0) as usize,
+            );
+            let m: Vec<Vec<f64>> = (0..r)
+                .map(|_| {
+                    (0..c)
+                        .map(|_| {
+                            let x = rng.next();
+                            if x > 0.5 { inf } else { (x + 1.0) as f64 }
+                        })
+                        .collect()
+                })
+                .collect();
+            let got = assign(&m);
+            let score = |a: &[Option<usize>]| {
+                let pairs = a.iter().filter(|x| x.is_some()).count();
+                let total: f64 = a
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, j)| j.map(|j| m[i][j]))
+                    .sum();
+                (pairs, total)
+            };
+            // Every assignment of rows to distinct columns or none.
+            fn all(
+                r: usize,
+                c: usize,
+                i: usize,
+                used: &mut Vec<bool>,
+                cur: &mut Vec<Option<usize>>,
+                out: &mut Vec<Vec<Option<usize>>>,
+            ) {
+                if i == r {
+                    out.push(cur.clone());
+                    return;
+                }
+                cur.push(None);
+                all(r, c, i + 1, used, cur, out);
+                cur.pop();
+                for j in 0..c {
+                    if !used[j] {
+                        used[j] = true;
+                        cur.push(Some(j));
+                        all(r, c, i + 1, used, cur, out);
+                        cur.pop();
+                        used[j] = false;
+                    }
+                }
+            }
+            let mut every = Vec::new();
+            all(r, c, 0, &mut vec![false; c], &mut Vec::new(), &mut every);
+            let best = every
+                .iter()
+                .filter(|a| {
+                    a.iter()
+                        .enumerate()
+                        .all(|(i, j)| j.is_none_or(|j| m[i][j].is_finite()))
+                })
+                .map(|a| score(a))
+                .fold((0, 0.0), |b, s| {
+                    if s.0 > b.0 || (s.0 == b.0 && s.1 < b.1) {
+                        s
+                    } else {
+                        b
+                    }
+                });
+            let (gp, gt) = score(&got);
+            assert_eq!(gp, best.0, "{m:?} -> {got:?}");
+            assert!(
+                (gt - best.1).abs() < 1e-9,
+                "{m:?} -> {got:?}: {gt} vs {}",
+                best.1
+            );
+        }
     }
 
     #[test]
