@@ -108,6 +108,8 @@ pub struct Stats {
     pub stages: Vec<StageCounters>,
     /// End-to-end latency of published frames.
     pub end_to_end: Histogram,
+    /// Time the publisher spent tracking and running rules, per frame that has them.
+    pub analytics: Histogram,
     /// Sinks by name, as they were opened.
     sinks: Mutex<Vec<(String, Arc<SinkCounters>)>>,
     /// Threads that panicked (a pipeline with any exits with an error).
@@ -177,6 +179,7 @@ impl Stats {
                 .collect(),
             stage_names,
             end_to_end: Histogram::default(),
+            analytics: Histogram::default(),
             sinks: Mutex::new(Vec::new()),
             panics: Mutex::new(Vec::new()),
         }
@@ -425,6 +428,8 @@ impl Stats {
             sinks,
             end_to_end_p50_ms: self.end_to_end.quantile_ms(0.5),
             end_to_end_p99_ms: self.end_to_end.quantile_ms(0.99),
+            analytics_p50_us: self.analytics.quantile_ms(0.5).map(|v| v * 1e3),
+            analytics_p99_us: self.analytics.quantile_ms(0.99).map(|v| v * 1e3),
             panics: self.panics(),
         }
     }
@@ -533,6 +538,12 @@ pub struct Summary {
     pub end_to_end_p50_ms: Option<f64>,
     /// 99th percentile end-to-end latency of published frames, ms.
     pub end_to_end_p99_ms: Option<f64>,
+    /// Median time of tracking and rules per frame, microseconds (absent without them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub analytics_p50_us: Option<f64>,
+    /// 99th percentile of the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub analytics_p99_us: Option<f64>,
     /// Pipeline threads that panicked (absent from JSON when none did).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub panics: Vec<ThreadPanic>,

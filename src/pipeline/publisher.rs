@@ -153,7 +153,11 @@ fn publish(
         }
         // Tracks and rules see every frame that finished, late or not: a late frame's objects
         // still moved, and its events (a line crossed) still happened.
+        let t0 = Instant::now();
         let found = analytics.process(&mut f);
+        if found.is_some() {
+            stats.analytics.record(crate::clock::nanos(t0.elapsed()));
+        }
         if let Some(a) = &found {
             let offered = Instant::now();
             for (n, e) in a.events.iter().enumerate() {
