@@ -169,6 +169,18 @@ impl Tracker {
         }
     }
 
+    /// The id the next confirmed track gets.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// The same tracker numbering its tracks from `next` on (so that a tracker replacing
+    /// another never reuses its ids).
+    pub fn numbering_from(mut self, next: u64) -> Self {
+        self.next_id = self.next_id.max(next);
+        self
+    }
+
     /// Tracks currently alive (confirmed or not).
     pub fn live_tracks(&self) -> usize {
         self.tracks.len()

@@ -77,7 +77,8 @@ impl Analytics {
         lock(&self.streams).remove(&index);
     }
 
-    /// The pipeline file was reloaded: every running stream starts over with the new settings.
+    /// The pipeline file was reloaded: every running stream starts over with the new settings
+    /// (its track ids go on from where they were; a stream added again starts from 1).
     pub fn reconfigure(&self, spec: &AnalyticsSpec) {
         let mut old = lock(&self.spec);
         if *old == *spec {
@@ -85,11 +86,15 @@ impl Analytics {
         }
         *old = spec.clone();
         let mut streams = lock(&self.streams);
-        let names: Vec<(usize, String)> =
-            streams.iter().map(|(i, (n, _))| (*i, n.clone())).collect();
+        let old: Vec<(usize, String, u64)> = streams
+            .iter()
+            .map(|(i, (n, s))| (*i, n.clone(), s.tracker.next_id()))
+            .collect();
         streams.clear();
-        for (i, n) in names {
-            if let Some(s) = Self::state(spec, &n) {
+        for (i, n, next) in old {
+            if let Some(mut s) = Self::state(spec, &n) {
+                // New tracks, but never an id the old tracker gave.
+                s.tracker = s.tracker.numbering_from(next);
                 streams.insert(i, (n, s));
             }
         }
@@ -211,5 +216,34 @@ mod tests {
         let mut f = frame(0, 4, 14.0);
         a.process(&mut f);
         assert_eq!(ids(&f), vec![Some(1)]);
+        // A reload with the same settings keeps the tracks; new settings start them over, with
+        // the rules that apply to each stream.
+        a.reconfigure(&spec);
+        let mut f = frame(1, 3, 50.0);
+        a.process(&mut f);
+        assert_eq!(ids(&f), vec![Some(1)]);
+        let mut rule: crate::analytics::rules::RuleConfig = toml::from_str(
+            "name = \"door\"\ntype = \"line\"\nline = [[0.5, 0.0], [0.5, 1.0]]\nstreams = [\"b\"]",
+        )
+        .unwrap();
+        rule.anchor = crate::analytics::rules::Anchor::Center;
+        let with_rule = AnalyticsSpec {
+            rules: vec![rule],
+            ..spec.clone()
+        };
+        a.reconfigure(&with_rule);
+        let mut f = frame(1, 4, 50.0);
+        let out = a.process(&mut f).unwrap();
+        assert!(out.counts.contains_key("door"));
+        assert_eq!(
+            ids(&f),
+            vec![Some(2)],
+            "a fresh tracker, confirmed at once, numbering on"
+        );
+        let mut g = frame(0, 5, 15.0);
+        assert!(
+            a.process(&mut g).unwrap().counts.is_empty(),
+            "stream a has no rule"
+        );
     }
 }
