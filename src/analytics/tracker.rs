@@ -112,8 +112,9 @@ struct Track {
 }
 
 impl Track {
+    /// Where the track is at `t` (before its last match too, for a frame that arrives late).
     fn predict(&self, t: f64) -> [f32; 4] {
-        let dt = (t - self.t).max(0.0) as f32;
+        let dt = (t - self.t) as f32;
         let mut s = self.state;
         for (v, d) in s.iter_mut().zip(self.velocity) {
             *v += d * dt;
@@ -197,8 +198,11 @@ impl Tracker {
                 self.tracks.clear();
                 self.last = None;
             } else if t <= last {
+                // Older than the last frame tracked (it came by another route): its detections
+                // get the ids of the confirmed tracks they match where those tracks were then,
+                // and change nothing.
                 self.out_of_order += 1;
-                return ids;
+                return self.match_only(t, seq, dets);
             }
         }
         let first_frame = self.last.is_none();
@@ -330,6 +334,43 @@ impl Tracker {
                 ids[i] = Some(tr.id);
             }
             self.tracks.push(tr);
+        }
+        ids
+    }
+
+    /// Ids for the detections of a frame older than the last one tracked, without changing any
+    /// track.
+    fn match_only(&self, t: f64, seq: u64, dets: &[Detection]) -> Vec<Option<u64>> {
+        let confirmed: Vec<usize> = (0..self.tracks.len())
+            .filter(|&k| self.tracks[k].id > 0)
+            .collect();
+        let predicted: Vec<([f32; 4], f32)> = self
+            .tracks
+            .iter()
+            .map(|tr| {
+                let apart = seq.abs_diff(tr.seq).saturating_sub(1) as f32;
+                (tr.predict(t), (1.0 + GROW_PER_FRAME * apart).min(MAX_GROW))
+            })
+            .collect();
+        let usable: Vec<usize> = (0..dets.len())
+            .filter(|&i| dets[i].score >= self.p.low_score)
+            .collect();
+        let mut det_used = vec![false; dets.len()];
+        let mut track_det = vec![None; self.tracks.len()];
+        self.associate(
+            &confirmed,
+            &usable,
+            dets,
+            &predicted,
+            self.p.match_iou,
+            &mut det_used,
+            &mut track_det,
+        );
+        let mut ids = vec![None; dets.len()];
+        for (k, d) in track_det.iter().enumerate() {
+            if let Some(d) = d {
+                ids[*d] = Some(self.tracks[k].id);
+            }
         }
         ids
     }
@@ -811,9 +852,14 @@ mod tests {
         let mut other = d(3.0, 0.9);
         other.class = 1;
         assert_eq!(tr.update(0.4, 4, &[other]), vec![None]);
-        // A frame older than the last is left untracked; a jump back by seconds starts over.
-        assert_eq!(tr.update(0.35, 5, &[d(3.0, 0.9)]), vec![None]);
+        // A frame older than the last gets the id of the track it matches there, and changes
+        // nothing (no new track from the detection far away); a jump back by seconds starts over.
+        assert_eq!(
+            tr.update(0.35, 5, &[d(2.5, 0.9), d(300.0, 0.9)]),
+            vec![Some(1), None]
+        );
         assert_eq!(tr.out_of_order, 1);
+        assert_eq!(tr.live_tracks(), 2);
         assert_eq!(tr.update(-5.0, 0, &[d(3.0, 0.9)]), vec![Some(2)]);
     }
 }

@@ -119,9 +119,13 @@ impl Analytics {
                 corners: [o.bbox.x, o.bbox.y, o.bbox.x + o.bbox.w, o.bbox.y + o.bbox.h],
             })
             .collect();
+        let before = st.tracker.out_of_order;
         for (o, id) in objects.iter_mut().zip(st.tracker.update(t, f.seq, &dets)) {
             o.track_id = id;
         }
+        // A frame older than the last one tracked gets ids, but the rules have moved on: fed an
+        // earlier position they would see objects cross back.
+        let stale = st.tracker.out_of_order > before;
         let tracked: Vec<Tracked<'_>> = objects
             .iter()
             .zip(&dets)
@@ -137,7 +141,9 @@ impl Analytics {
         let size = (f.image.width, f.image.height);
         let mut out = FrameAnalytics::default();
         for r in &mut st.rules {
-            out.events.extend(r.update(t, size, &tracked));
+            if !stale {
+                out.events.extend(r.update(t, size, &tracked));
+            }
             out.counts.insert(r.name().to_string(), r.counts());
         }
         Some(out)
@@ -245,5 +251,43 @@ mod tests {
             a.process(&mut g).unwrap().counts.is_empty(),
             "stream a has no rule"
         );
+    }
+
+    #[test]
+    fn a_frame_that_arrives_late_gets_ids_but_moves_no_rule() {
+        let rule: crate::analytics::rules::RuleConfig = toml::from_str(
+            "name = \"door\"\ntype = \"line\"\nline = [[0.5, 0.0], [0.5, 1.0]]\nanchor = \"center\"",
+        )
+        .unwrap();
+        let a = Analytics::new(&AnalyticsSpec {
+            tracker: Some(TrackerParams::default()),
+            rules: vec![rule],
+            tracked: vec![Some(0)],
+        });
+        a.start_stream(0, "a");
+        // A 40 px wide person walking left across x = 50; the frame of seq 3 comes late, from
+        // where the person was then (right of the line).
+        let wide = |seq: u64, centre: f32| {
+            let mut f = frame(0, seq, centre - 20.0);
+            if let StageOutput::Objects(o) = &mut f.outputs[0] {
+                o[0].bbox.w = 40.0;
+            }
+            f
+        };
+        let mut events = Vec::new();
+        for (seq, centre) in [
+            (0, 70.0),
+            (1, 64.0),
+            (2, 58.0),
+            (4, 46.0),
+            (3, 53.0),
+            (5, 40.0),
+        ] {
+            let mut f = wide(seq, centre);
+            events.extend(a.process(&mut f).unwrap().events);
+            assert_eq!(ids(&f), vec![Some(1)], "seq {seq}");
+        }
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].direction, Some("in"));
     }
 }
