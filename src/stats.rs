@@ -303,6 +303,16 @@ impl Stats {
             .clone()
     }
 
+    /// Frames all streams have ingested (every frame counted at its source, dropped or not).
+    pub fn ingested_total(&self) -> u64 {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(_, _, c)| c.ingested.load(Relaxed))
+            .sum()
+    }
+
     /// The name of stream `i`.
     pub fn stream_name(&self, i: usize) -> Arc<str> {
         self.streams.read().unwrap_or_else(|e| e.into_inner())[i]

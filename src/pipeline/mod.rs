@@ -359,6 +359,7 @@ impl Running {
         let show_progress = opts.progress && std::io::stderr().is_terminal();
         let mut last_progress = Instant::now();
         let mut last_trim = Instant::now();
+        let mut budget_spent_at: Option<Instant> = None;
         loop {
             std::thread::sleep(Duration::from_millis(50));
             if last_trim.elapsed() >= Duration::from_secs(60) {
@@ -366,9 +367,19 @@ impl Running {
                 crate::alloc::trim();
             }
             let all_ended = !opts.serve && live.all_sources_ended();
-            let out_of_budget = budget
+            // Spent once every budgeted frame has been counted at the source (ingested, or
+            // dropped there): a frame that took the last unit may still be waiting for room in
+            // its lane, and stopping the sources then would lose it. (A source stopped by hand
+            // may have taken a unit and never count it: two seconds end the wait.)
+            let spent = budget
                 .as_ref()
                 .is_some_and(|b| b.load(Ordering::SeqCst) == 0);
+            if spent && budget_spent_at.is_none() {
+                budget_spent_at = Some(Instant::now());
+            }
+            let out_of_budget = spent
+                && (opts.max_frames.is_some_and(|n| stats.ingested_total() >= n)
+                    || budget_spent_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)));
             let timed_out = opts.duration.is_some_and(|d| started.elapsed() >= d);
             let panicked = stats.any_panicked();
             if shutdown.is_triggered() || out_of_budget || timed_out || all_ended || panicked {
