@@ -595,11 +595,24 @@ fn overloaded_cameras_cut_the_end_of_their_groups_of_pictures_before_decoding() 
     // window, a tenth of the 5 s SLO).
     require("engines/ppocr/ch_PP-OCRv4_det_infer.onnx");
     let sample = require("samples/campus.mp4");
-    let port = free_port();
-    let _server = start_rtsp_server(sample.to_str().unwrap(), port);
+    // A server per camera: two clients joining one shared file-backed media at the same moment
+    // once left the first of them failing to start (a CI run; not reproduced since).
+    let first = free_port();
+    let ports = [
+        first,
+        std::iter::repeat_with(free_port)
+            .find(|p| *p != first)
+            .unwrap(),
+    ];
+    let _servers: Vec<KillOnDrop> = ports
+        .iter()
+        .map(|p| start_rtsp_server(sample.to_str().unwrap(), *p))
+        .collect();
     let dir = tempfile::tempdir().unwrap();
-    let cams: String = (0..2)
-        .map(|i| {
+    let cams: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
             format!(
                 "[[source]]\nname = \"cam{i}\"\nuri = \"rtsp://127.0.0.1:{port}/cam\"\nlatency_ms = 100\n\n"
             )
