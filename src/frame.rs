@@ -123,6 +123,22 @@ pub struct BBox {
     pub h: f32,
 }
 
+impl BBox {
+    /// Left, top, right, bottom.
+    pub fn corners(&self) -> [f32; 4] {
+        [self.x, self.y, self.x + self.w, self.y + self.h]
+    }
+}
+
+/// Intersection over union of two boxes given by their corners (left, top, right, bottom).
+pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = iw * ih;
+    let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
+}
+
 /// Pixels to 0.1: finer is noise.
 fn round1<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64((*v as f64 * 10.0).round() / 10.0)

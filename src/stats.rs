@@ -230,6 +230,11 @@ impl Stats {
         self.stream(stream).dropped_late.fetch_add(1, Relaxed);
     }
 
+    /// A rule raised an event on a frame of `stream`.
+    pub fn event_raised(&self, stream: usize) {
+        self.stream(stream).events.fetch_add(1, Relaxed);
+    }
+
     /// A frame of `stream` was published, `end_to_end` after it was captured.
     pub fn frame_published(&self, stream: usize, end_to_end: Nanos) {
         let flow = {

@@ -9,6 +9,8 @@
 
 use serde::Deserialize;
 
+use crate::frame::iou;
+
 /// `[tracker]` settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -80,15 +82,6 @@ pub struct Detection {
     pub score: f32,
     /// Left, top, right, bottom.
     pub corners: [f32; 4],
-}
-
-/// Intersection over union of two boxes given by corners.
-pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = iw * ih;
-    let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
-    if union > 0.0 { inter / union } else { 0.0 }
 }
 
 /// State of one track.
@@ -207,17 +200,7 @@ impl Tracker {
         }
         let first_frame = self.last.is_none();
         self.last = Some(t);
-        // Frames missed since a track's last match (dropped by the pipeline, or without a
-        // detection) widen its gate, since the motion model's error grows with the gap: boxes are
-        // compared grown by a quarter per frame missed, up to two and a half times.
-        let predicted: Vec<([f32; 4], f32)> = self
-            .tracks
-            .iter()
-            .map(|tr| {
-                let missed = seq.saturating_sub(tr.seq).saturating_sub(1) as f32;
-                (tr.predict(t), (1.0 + GROW_PER_FRAME * missed).min(MAX_GROW))
-            })
-            .collect();
+        let predicted = self.predictions(t, seq);
         let high: Vec<usize> = (0..dets.len())
             .filter(|&i| dets[i].score >= self.p.high_score)
             .collect();
@@ -227,9 +210,7 @@ impl Tracker {
         let mut det_used = vec![false; dets.len()];
         let mut track_det: Vec<Option<usize>> = vec![None; self.tracks.len()];
         // 1. Confirmed tracks (tracked or lost) with high-score detections.
-        let confirmed: Vec<usize> = (0..self.tracks.len())
-            .filter(|&k| self.tracks[k].id > 0)
-            .collect();
+        let confirmed = self.confirmed();
         self.associate(
             &confirmed,
             &high,
@@ -338,20 +319,32 @@ impl Tracker {
         ids
     }
 
+    /// Tracks with an id.
+    fn confirmed(&self) -> Vec<usize> {
+        (0..self.tracks.len())
+            .filter(|&k| self.tracks[k].id > 0)
+            .collect()
+    }
+
+    /// Every track's box at time `t` (frame `seq`) and its gate's growth. Frames missed since a
+    /// track's last match (dropped by the pipeline, or without a detection) widen its gate,
+    /// since the motion model's error grows with the gap: boxes are compared grown by a quarter
+    /// per frame between, up to two and a half times.
+    fn predictions(&self, t: f64, seq: u64) -> Vec<([f32; 4], f32)> {
+        self.tracks
+            .iter()
+            .map(|tr| {
+                let missed = seq.abs_diff(tr.seq).saturating_sub(1) as f32;
+                (tr.predict(t), (1.0 + GROW_PER_FRAME * missed).min(MAX_GROW))
+            })
+            .collect()
+    }
+
     /// Ids for the detections of a frame older than the last one tracked, without changing any
     /// track.
     fn match_only(&self, t: f64, seq: u64, dets: &[Detection]) -> Vec<Option<u64>> {
-        let confirmed: Vec<usize> = (0..self.tracks.len())
-            .filter(|&k| self.tracks[k].id > 0)
-            .collect();
-        let predicted: Vec<([f32; 4], f32)> = self
-            .tracks
-            .iter()
-            .map(|tr| {
-                let apart = seq.abs_diff(tr.seq).saturating_sub(1) as f32;
-                (tr.predict(t), (1.0 + GROW_PER_FRAME * apart).min(MAX_GROW))
-            })
-            .collect();
+        let confirmed = self.confirmed();
+        let predicted = self.predictions(t, seq);
         let usable: Vec<usize> = (0..dets.len())
             .filter(|&i| dets[i].score >= self.p.low_score)
             .collect();

@@ -9,10 +9,9 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 
 use super::{EngineRun, median};
-use crate::analytics::rules::{RuleState, Tracked};
-use crate::analytics::tracker::{Detection, Tracker};
+use crate::analytics::StreamAnalytics;
 use crate::config::{self, Pace, SinkSpec};
-use crate::frame::{Frame, Image, PixelFormat};
+use crate::frame::{BBox, Frame, Image, Object, PixelFormat};
 use crate::pipeline::{self, RunOptions, Shutdown};
 
 /// Everything `bench detect` measured.
@@ -140,11 +139,14 @@ pub fn run(
     let published: u64 = s.streams.iter().map(|x| x.published).sum();
     let fps = published as f64 / secs;
     bar.inc("people demo flat out");
-    let frames = read_detections(&results)?;
-    let objects: usize = frames.iter().map(|f| f.1.len()).sum();
+    let mut frames = read_objects(&results)?;
+    let objects: usize = frames.iter().map(|f| f.2.len()).sum();
+    let stream = people.sources[0].name.clone();
     let mut per_frame = Vec::new();
     for _ in 0..repeats.max(3) {
-        per_frame.push(replay(&people.analytics, &frames) * 1e6 / frames.len().max(1) as f64);
+        per_frame.push(
+            replay(&people.analytics, &mut frames, &stream) * 1e6 / frames.len().max(1) as f64,
+        );
     }
     let analytics_us = median(per_frame);
     let demo = DemoFlatOut {
@@ -268,11 +270,11 @@ fn stage_images_per_s(spec: &config::StageSpec, batch: usize, iters: usize) -> a
     Ok((batch * iters) as f64 / t.elapsed().as_secs_f64())
 }
 
-/// One frame's detections: media time, seq, (label, class, score, corners) per object.
-type FrameDetections = (f64, Vec<(String, usize, f32, [f32; 4])>, u64);
+/// One frame of a run's results: media time, seq and its objects (as published).
+type FrameObjects = (f64, u64, Vec<Object>);
 
-/// The detections of a run's results file, in frame order.
-fn read_detections(path: &Path) -> anyhow::Result<Vec<FrameDetections>> {
+/// The objects of a run's results file, in frame order.
+fn read_objects(path: &Path) -> anyhow::Result<Vec<FrameObjects>> {
     let text = std::fs::read_to_string(path)?;
     let mut frames = Vec::new();
     for line in text.lines() {
@@ -280,67 +282,41 @@ fn read_detections(path: &Path) -> anyhow::Result<Vec<FrameDetections>> {
         let Some(objects) = v["results"]["detect"]["objects"].as_array() else {
             continue;
         };
-        let t = v["pts_ms"].as_f64().unwrap_or(0.0) / 1e3;
-        let seq = v["seq"].as_u64().unwrap_or(0);
-        let dets = objects
+        let objects = objects
             .iter()
             .map(|o| {
                 let b = &o["box"];
                 let f = |k: &str| b[k].as_f64().unwrap_or(0.0) as f32;
-                (
-                    o["label"].as_str().unwrap_or("").to_string(),
-                    o["class_id"].as_u64().unwrap_or(0) as usize,
-                    o["score"].as_f64().unwrap_or(0.0) as f32,
-                    [f("x"), f("y"), f("x") + f("w"), f("y") + f("h")],
-                )
+                Object {
+                    label: o["label"].as_str().unwrap_or("").into(),
+                    class_id: o["class_id"].as_u64().unwrap_or(0) as usize,
+                    score: o["score"].as_f64().unwrap_or(0.0) as f32,
+                    bbox: BBox {
+                        x: f("x"),
+                        y: f("y"),
+                        w: f("w"),
+                        h: f("h"),
+                    },
+                    track_id: None,
+                }
             })
             .collect();
-        frames.push((t, dets, seq));
+        let t = v["pts_ms"].as_f64().unwrap_or(0.0) / 1e3;
+        frames.push((t, v["seq"].as_u64().unwrap_or(0), objects));
     }
-    frames.sort_by_key(|f| f.2);
+    frames.sort_by_key(|f| f.1);
     Ok(frames)
 }
 
-/// Runs the detections through a fresh tracker and the rules; seconds taken.
-fn replay(spec: &config::AnalyticsSpec, frames: &[FrameDetections]) -> f64 {
+/// Runs the objects through the stream analytics the pipeline runs (a fresh tracker and the
+/// rules); seconds taken.
+fn replay(spec: &config::AnalyticsSpec, frames: &mut [FrameObjects], stream: &str) -> f64 {
     let params = spec.tracker.clone().unwrap_or_default();
-    let forget = params.max_lost_ms as f64 / 1e3;
-    let mut tracker = Tracker::new(params);
-    let mut rules: Vec<RuleState> = spec
-        .rules
-        .iter()
-        .map(|r| RuleState::new(r.clone(), forget))
-        .collect();
+    let mut state = StreamAnalytics::new(&params, &spec.rules, stream);
     let t = Instant::now();
-    let mut events = 0usize;
-    for (time, objs, seq) in frames {
-        let dets: Vec<Detection> = objs
-            .iter()
-            .map(|(_, class, score, corners)| Detection {
-                class: *class,
-                score: *score,
-                corners: *corners,
-            })
-            .collect();
-        let ids = tracker.update(*time, *seq, &dets);
-        let tracked: Vec<Tracked<'_>> = objs
-            .iter()
-            .zip(&ids)
-            .filter_map(|((label, class, _, corners), id)| {
-                Some(Tracked {
-                    id: (*id)?,
-                    label,
-                    class_id: *class,
-                    corners: *corners,
-                })
-            })
-            .collect();
-        for r in &mut rules {
-            events += r.update(*time, (768, 576), &tracked).len();
-            std::hint::black_box(r.counts());
-        }
+    for (time, seq, objects) in frames.iter_mut() {
+        std::hint::black_box(state.step(*time, *seq, (768, 576), objects));
     }
-    std::hint::black_box(events);
     t.elapsed().as_secs_f64()
 }
 

@@ -77,7 +77,7 @@ impl Validator<'_, '_> {
             .iter()
             .zip(&tracked)
             .find_map(|(r, t)| t.map(|t| &stages[r.stages[t]]))
-            .and_then(|s| super::read_labels(s.model.detect.labels.as_deref()).ok())
+            .map(|s| s.model.detect.names.clone())
             .unwrap_or_default();
         let mut names = std::collections::HashSet::new();
         for (base, r) in &rules {

@@ -823,8 +823,7 @@ impl<'a> Validator<'_, 'a> {
                         "`classes` applies to detect stages only",
                     );
                 } else {
-                    let labels = read_labels(m.detect.labels.as_deref()).unwrap_or_default();
-                    match super::manifest::class_filter(classes, &labels) {
+                    match super::manifest::class_filter(classes, &m.detect.names) {
                         Ok(_) => m.detect.classes = classes.clone(),
                         Err(e) => self.err(&format!("{base}.classes"), e),
                     }

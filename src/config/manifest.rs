@@ -109,6 +109,9 @@ pub struct ClassifyParams {
     /// Labels file, one per line (else `class_<id>`).
     #[serde(default)]
     pub labels: Option<PathBuf>,
+    /// The labels, read from the file when the manifest is loaded.
+    #[serde(skip)]
+    pub names: Vec<String>,
 }
 
 fn default_top_k() -> usize {
@@ -120,6 +123,7 @@ impl Default for ClassifyParams {
         Self {
             top_k: default_top_k(),
             labels: None,
+            names: Vec::new(),
         }
     }
 }
@@ -199,6 +203,9 @@ pub struct DetectParams {
     pub max_objects: usize,
     /// Labels file, one per line (else `class_<id>`).
     pub labels: Option<PathBuf>,
+    /// The labels, read from the file when the manifest is loaded.
+    #[serde(skip)]
+    pub names: Vec<String>,
 }
 
 impl Default for DetectParams {
@@ -213,19 +220,9 @@ impl Default for DetectParams {
             classes: Vec::new(),
             max_objects: 300,
             labels: None,
+            names: Vec::new(),
         }
     }
-}
-
-/// The lines of a labels file (none without one).
-pub fn read_labels(path: Option<&Path>) -> std::io::Result<Vec<String>> {
-    let Some(p) = path else {
-        return Ok(Vec::new());
-    };
-    Ok(std::fs::read_to_string(p)?
-        .lines()
-        .map(|l| l.trim_end().to_string())
-        .collect())
 }
 
 /// The class filter of a detector: `classes` (labels or indices) resolved against `labels`.
@@ -372,17 +369,22 @@ pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
         ),
         _ => {}
     }
-    for (key, labels) in [
-        ("classify.labels", &m.classify.labels),
-        ("detect.labels", &m.detect.labels),
+    // Labels are read here, once: stages and the validation of classes use them.
+    for (key, labels, names) in [
+        ("classify.labels", &m.classify.labels, &mut m.classify.names),
+        ("detect.labels", &m.detect.labels, &mut m.detect.names),
     ] {
-        if let Some(l) = labels
-            && !l.is_file()
-        {
-            err(key, format!("labels file {} does not exist", l.display()));
+        if let Some(l) = labels {
+            match std::fs::read_to_string(l) {
+                Ok(text) => *names = text.lines().map(|l| l.trim_end().to_string()).collect(),
+                Err(e) => err(key, format!("labels file {}: {e}", l.display())),
+            }
         }
     }
     let d = &m.detect;
+    if let Err(e) = class_filter(&d.classes, &d.names) {
+        err("detect.classes", e);
+    }
     if !(0.0..=1.0).contains(&d.score) || !(0.0..=1.0).contains(&d.iou) {
         err("detect", "score and iou are in [0, 1]".into());
     }

@@ -31,7 +31,6 @@ pub use load::{
 pub use manifest::{
     Backend, ClassifyParams, DetectFormat, DetectParams, ImageSpec, Layout, ModelKind,
     ModelManifest, Resize, TextDetectParams, TextRecognizeParams, class_filter, load_manifest,
-    read_labels,
 };
 
 /// `[pipeline]`: settings of the whole pipeline.

@@ -1,33 +1,22 @@
-//! Tracking and rules in a running pipeline: one tracker and one state per rule for every
-//! stream, created when the stream starts and freed when it is removed, fed by the publisher
-//! (the one place every frame of a stream passes, whichever route and worker it took).
+//! Tracking and rules in a running pipeline: a [`StreamAnalytics`] for every stream, created
+//! when the stream starts and freed when it is removed, fed by the publisher (the one place every
+//! frame of a stream passes, whichever route and worker it took).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::analytics::rules::{Event, RuleState, Tracked};
-use crate::analytics::tracker::{Detection, Tracker};
+pub use crate::analytics::FrameAnalytics;
+use crate::analytics::StreamAnalytics;
 use crate::config::AnalyticsSpec;
 use crate::frame::{Frame, StageOutput};
 
-/// What one frame caused.
-#[derive(Debug, Default)]
-pub struct FrameAnalytics {
-    /// Events, in the order the rules raised them.
-    pub events: Vec<Event>,
-    /// Each rule's counts after the frame, by rule name.
-    pub counts: serde_json::Map<String, serde_json::Value>,
-}
-
-struct StreamState {
-    tracker: Tracker,
-    rules: Vec<RuleState>,
-}
-
 /// The analytics of every stream.
 pub struct Analytics {
+    /// Whether the pipeline tracks at all (read without a lock for every frame).
+    active: AtomicBool,
     spec: Mutex<AnalyticsSpec>,
-    streams: Mutex<HashMap<usize, (String, StreamState)>>,
+    streams: Mutex<HashMap<usize, (String, StreamAnalytics)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -38,23 +27,20 @@ impl Analytics {
     /// Analytics as the pipeline file says (nothing happens without a tracker).
     pub fn new(spec: &AnalyticsSpec) -> Arc<Self> {
         Arc::new(Self {
+            active: AtomicBool::new(spec.tracker.is_some()),
             spec: Mutex::new(spec.clone()),
             streams: Mutex::new(HashMap::new()),
         })
     }
 
-    fn state(spec: &AnalyticsSpec, name: &str) -> Option<StreamState> {
+    /// Whether the pipeline tracks and runs rules.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn state(spec: &AnalyticsSpec, name: &str) -> Option<StreamAnalytics> {
         let t = spec.tracker.as_ref()?;
-        let forget = t.max_lost_ms as f64 / 1e3;
-        Some(StreamState {
-            tracker: Tracker::new(t.clone()),
-            rules: spec
-                .rules
-                .iter()
-                .filter(|r| r.streams.is_empty() || r.streams.iter().any(|s| s == name))
-                .map(|r| RuleState::new(r.clone(), forget))
-                .collect(),
-        })
+        Some(StreamAnalytics::new(t, &spec.rules, name))
     }
 
     /// Stream `index` (named `name`) starts: fresh tracks and counts.
@@ -85,6 +71,7 @@ impl Analytics {
             return;
         }
         *old = spec.clone();
+        self.active.store(spec.tracker.is_some(), Ordering::Relaxed);
         let mut streams = lock(&self.streams);
         let old: Vec<(usize, String, u64)> = streams
             .iter()
@@ -101,8 +88,12 @@ impl Analytics {
     }
 
     /// Tracks the frame's objects (setting their `track_id`) and runs the rules; None when the
-    /// frame's stream has no analytics or its route no tracked detector.
+    /// pipeline does not track, the frame's stream has no analytics or its route no tracked
+    /// detector.
     pub fn process(&self, f: &mut Frame) -> Option<FrameAnalytics> {
+        if !self.is_active() {
+            return None;
+        }
         let pos = lock(&self.spec).tracked.get(f.route).copied().flatten()?;
         let mut streams = lock(&self.streams);
         let (_, st) = streams.get_mut(&f.stream)?;
@@ -111,42 +102,7 @@ impl Analytics {
         };
         // Media time: the frame's timestamp where the source has one.
         let t = f.pts.map_or(f.captured as f64 / 1e9, |p| p.as_secs_f64());
-        let dets: Vec<Detection> = objects
-            .iter()
-            .map(|o| Detection {
-                class: o.class_id,
-                score: o.score,
-                corners: [o.bbox.x, o.bbox.y, o.bbox.x + o.bbox.w, o.bbox.y + o.bbox.h],
-            })
-            .collect();
-        let before = st.tracker.out_of_order;
-        for (o, id) in objects.iter_mut().zip(st.tracker.update(t, f.seq, &dets)) {
-            o.track_id = id;
-        }
-        // A frame older than the last one tracked gets ids, but the rules have moved on: fed an
-        // earlier position they would see objects cross back.
-        let stale = st.tracker.out_of_order > before;
-        let tracked: Vec<Tracked<'_>> = objects
-            .iter()
-            .zip(&dets)
-            .filter_map(|(o, d)| {
-                Some(Tracked {
-                    id: o.track_id?,
-                    label: &o.label,
-                    class_id: o.class_id,
-                    corners: d.corners,
-                })
-            })
-            .collect();
-        let size = (f.image.width, f.image.height);
-        let mut out = FrameAnalytics::default();
-        for r in &mut st.rules {
-            if !stale {
-                out.events.extend(r.update(t, size, &tracked));
-            }
-            out.counts.insert(r.name().to_string(), r.counts());
-        }
-        Some(out)
+        Some(st.step(t, f.seq, (f.image.width, f.image.height), objects))
     }
 }
 

@@ -29,11 +29,10 @@ pub fn result_json(
 ) -> serde_json::Value {
     let mut stages = serde_json::Map::new();
     let mut results = serde_json::Map::new();
-    let route = p.routes.get(f.route);
-    let chain = route.map_or(&[][..], |r| r.stages.as_slice());
-    let flow = route
-        .and_then(|r| p.flows.get(r.flow))
-        .map(|f| f.name.as_str());
+    let chain = p
+        .routes
+        .get(f.route)
+        .map_or(&[][..], |r| r.stages.as_slice());
     for ((spec, spent), out) in chain
         .iter()
         .map(|i| &p.stages[*i])
@@ -46,44 +45,69 @@ pub fn result_json(
             serde_json::to_value(out).unwrap_or(serde_json::Value::Null),
         );
     }
-    let mut v = json!({
-        "pipeline": p.name,
-        "flow": flow,
-        "stream": stream,
-        "seq": f.seq,
-        "pts_ms": f.pts.map(|d| round3(d.as_secs_f64() * 1e3)),
-        "captured_at": sinks::rfc3339_millis(f.captured_wall),
-        "captured_at_unix_ms": f.captured_wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-        "latency_ms": {
+    let mut v = frame_header(p, stream, f);
+    v.insert(
+        "latency_ms".into(),
+        json!({
             "end_to_end": round3(ms(published.saturating_sub(f.captured))),
             "stages": stages,
-        },
-        "deadline_slack_ms": round3(ms(f.deadline.saturating_sub(published))),
-        "results": results,
-    });
+        }),
+    );
+    v.insert(
+        "deadline_slack_ms".into(),
+        json!(round3(ms(f.deadline.saturating_sub(published)))),
+    );
+    v.insert("results".into(), serde_json::Value::Object(results));
     if let Some(a) = analytics.filter(|a| !a.is_empty()) {
-        v["analytics"] = serde_json::Value::Object(a.clone());
+        v.insert("analytics".into(), serde_json::Value::Object(a.clone()));
     }
-    v
+    serde_json::Value::Object(v)
+}
+
+/// What every message about a frame starts with: the pipeline, the flow, the stream, the
+/// frame's number and times.
+fn frame_header(
+    p: &Pipeline,
+    stream: &str,
+    f: &Frame,
+) -> serde_json::Map<String, serde_json::Value> {
+    let flow = p
+        .routes
+        .get(f.route)
+        .and_then(|r| p.flows.get(r.flow))
+        .map(|f| f.name.as_str());
+    let mut m = serde_json::Map::new();
+    m.insert("pipeline".into(), json!(p.name));
+    m.insert("flow".into(), json!(flow));
+    m.insert("stream".into(), json!(stream));
+    m.insert("seq".into(), json!(f.seq));
+    m.insert(
+        "pts_ms".into(),
+        json!(f.pts.map(|d| round3(d.as_secs_f64() * 1e3))),
+    );
+    m.insert(
+        "captured_at".into(),
+        json!(sinks::rfc3339_millis(f.captured_wall)),
+    );
+    m.insert(
+        "captured_at_unix_ms".into(),
+        json!(
+            f.captured_wall
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        ),
+    );
+    m
 }
 
 /// The JSON object published for an event a rule raised on a frame of stream `stream`: the
 /// frame's identity and time, then the event's fields.
 pub fn event_json(p: &Pipeline, stream: &str, f: &Frame, e: &Event) -> serde_json::Value {
-    let mut v = json!({
-        "pipeline": p.name,
-        "stream": stream,
-        "seq": f.seq,
-        "pts_ms": f.pts.map(|d| round3(d.as_secs_f64() * 1e3)),
-        "captured_at": sinks::rfc3339_millis(f.captured_wall),
-        "captured_at_unix_ms": f.captured_wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-    });
-    if let (Some(m), Ok(serde_json::Value::Object(ev))) =
-        (v.as_object_mut(), serde_json::to_value(e))
-    {
-        m.extend(ev);
+    let mut v = frame_header(p, stream, f);
+    if let Ok(serde_json::Value::Object(ev)) = serde_json::to_value(e) {
+        v.extend(ev);
     }
-    v
+    serde_json::Value::Object(v)
 }
 
 fn round3(v: f64) -> f64 {
@@ -153,11 +177,16 @@ fn publish(
         }
         // Tracks and rules see every frame that finished, late or not: a late frame's objects
         // still moved, and its events (a line crossed) still happened.
-        let t0 = Instant::now();
-        let found = analytics.process(&mut f);
-        if found.is_some() {
-            stats.analytics.record(crate::clock::nanos(t0.elapsed()));
-        }
+        let found = if analytics.is_active() {
+            let t0 = Instant::now();
+            let found = analytics.process(&mut f);
+            if found.is_some() {
+                stats.analytics.record(crate::clock::nanos(t0.elapsed()));
+            }
+            found
+        } else {
+            None
+        };
         if let Some(a) = &found {
             let offered = Instant::now();
             for (n, e) in a.events.iter().enumerate() {
@@ -170,10 +199,7 @@ fn publish(
                         ..Message::result(names[f.stream].clone(), f.seq, payload.clone(), offered)
                     });
                 }
-                stats
-                    .stream(f.stream)
-                    .events
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats.event_raised(f.stream);
             }
         }
         let now = clock.now();

@@ -81,12 +81,12 @@ pub fn build_runner(
             image,
             input,
             top_k: m.classify.top_k,
-            labels: read_labels(m.classify.labels.as_deref())?,
+            labels: m.classify.names.clone(),
         }),
         ModelKind::Detect => {
-            let labels = read_labels(m.detect.labels.as_deref())?;
+            let labels = &m.detect.names;
             let allowed =
-                crate::config::class_filter(&m.detect.classes, &labels).map_err(|message| {
+                crate::config::class_filter(&m.detect.classes, labels).map_err(|message| {
                     EngineError::Load {
                         model: m.path.display().to_string(),
                         message,
@@ -97,7 +97,7 @@ pub fn build_runner(
                 image,
                 input,
                 params: m.detect.clone(),
-                labels: labels.into_iter().map(Into::into).collect(),
+                labels: labels.iter().map(|l| l.as_str().into()).collect(),
                 allowed,
             })
         }
@@ -126,14 +126,6 @@ pub fn build_runner(
                 boxes_from: spec.boxes_from.unwrap_or(0),
             })
         }
-    })
-}
-
-/// The lines of a labels file (none without one).
-fn read_labels(path: Option<&Path>) -> Result<Vec<String>, EngineError> {
-    crate::config::read_labels(path).map_err(|e| EngineError::Load {
-        model: path.unwrap_or(Path::new("")).display().to_string(),
-        message: e.to_string(),
     })
 }
 
@@ -205,11 +197,7 @@ fn infer_batch(
             image::batch_tensor(&images, image).into_dyn()
         }
         Input::Fitted(resize, pad) => {
-            let (w, h) = (image.width as usize, image.height as usize);
-            let mut t = match image.layout {
-                crate::config::Layout::NCHW => Array4::<f32>::zeros((frames.len(), 3, h, w)),
-                crate::config::Layout::NHWC => Array4::<f32>::zeros((frames.len(), h, w, 3)),
-            };
+            let mut t = image::batch_zeros(frames.len(), image);
             for (i, f) in frames.iter().enumerate() {
                 let fit = detect::Fit::new(
                     (f.image.width, f.image.height),

@@ -169,13 +169,7 @@ pub struct Candidate {
 impl Candidate {
     /// Intersection over union with another candidate.
     pub fn iou(&self, o: &Candidate) -> f32 {
-        let [a0, a1, a2, a3] = self.corners;
-        let [b0, b1, b2, b3] = o.corners;
-        let iw = (a2.min(b2) - a0.max(b0)).max(0.0);
-        let ih = (a3.min(b3) - a1.max(b1)).max(0.0);
-        let inter = iw * ih;
-        let union = (a2 - a0) * (a3 - a1) + (b2 - b0) * (b3 - b1) - inter;
-        if union > 0.0 { inter / union } else { 0.0 }
+        crate::frame::iou(&self.corners, &o.corners)
     }
 }
 

@@ -31,13 +31,19 @@ fn fill_one(
     }
 }
 
+/// A zeroed batch tensor of `n` images of the spec's size and layout.
+pub fn batch_zeros(n: usize, spec: &ImageSpec) -> Array4<f32> {
+    let (h, w) = (spec.height as usize, spec.width as usize);
+    match spec.layout {
+        Layout::NCHW => Array4::<f32>::zeros((n, 3, h, w)),
+        Layout::NHWC => Array4::<f32>::zeros((n, h, w, 3)),
+    }
+}
+
 /// Builds the normalised batch tensor of whole images.
 pub fn batch_tensor(images: &[&Image], spec: &ImageSpec) -> Array4<f32> {
     let (h, w) = (spec.height as usize, spec.width as usize);
-    let mut t = match spec.layout {
-        Layout::NCHW => Array4::<f32>::zeros((images.len(), 3, h, w)),
-        Layout::NHWC => Array4::<f32>::zeros((images.len(), h, w, 3)),
-    };
+    let mut t = batch_zeros(images.len(), spec);
     for (i, img) in images.iter().enumerate() {
         debug_assert_eq!((img.width as usize, img.height as usize), (w, h));
         fill_one(
