@@ -25,7 +25,7 @@
 //! | `poolpipe_stage_device_processes` | gauge | stage, device_id (`L4:0`, `T4:3`, `cpu`) |
 //! | `poolpipe_stage_busy_seconds_total` | counter | stage (all workers together) |
 //! | `poolpipe_stage_busy_ratio` | gauge | stage (busy share since start) |
-//! | `poolpipe_sink_messages_total` | counter | sink, outcome (`offered`, `delivered`, `dropped_overflow`, `dropped_rejected`, `left_at_shutdown`) |
+//! | `poolpipe_sink_messages_total` | counter | sink, outcome (`offered`, `recovered`, `delivered`, `dropped_overflow`, `dropped_rejected`, `dropped_corrupt`, `left_at_shutdown`) |
 //! | `poolpipe_sink_retries_total`, `poolpipe_sink_resent_total` | counter | sink |
 //! | `poolpipe_sink_buffered_messages` | gauge | sink |
 //! | `poolpipe_uptime_seconds` | gauge | |
@@ -466,7 +466,9 @@ impl Collector for PipelineCollector {
                 ("delivered", s.delivered),
                 ("dropped_overflow", s.dropped_overflow),
                 ("dropped_rejected", s.dropped_rejected),
+                ("dropped_corrupt", s.dropped_corrupt),
                 ("left_at_shutdown", s.left_at_shutdown),
+                ("recovered", s.recovered),
             ] {
                 sink_rows.push((vec![("sink", s.name.as_str()), ("outcome", o)], v as f64));
             }
@@ -474,7 +476,7 @@ impl Collector for PipelineCollector {
         counters(
             e,
             "poolpipe_sink_messages",
-            "Results by sink outcome: offered, delivered (acknowledged), dropped_overflow, dropped_rejected, left_at_shutdown.",
+            "Results by sink outcome: offered, recovered (left in a disk buffer by an earlier run), delivered (acknowledged), dropped_overflow, dropped_rejected, dropped_corrupt, left_at_shutdown.",
             None,
             &sink_rows,
         )?;

@@ -660,28 +660,32 @@ impl Summary {
         if !self.sinks.is_empty() {
             let _ = writeln!(
                 s,
-                "{:<20} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8}",
+                "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8}",
                 "sink",
                 "offered",
+                "recovered",
                 "delivered",
                 "retries",
                 "resent",
                 "overflow",
                 "refused",
+                "corrupt",
                 "left",
                 "p99 ms"
             );
             for k in &self.sinks {
                 let _ = writeln!(
                     s,
-                    "{:<20} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8}",
+                    "{:<20} {:>9} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8}",
                     k.name,
                     k.offered,
+                    k.recovered,
                     k.delivered,
                     k.retries,
                     k.resent,
                     k.dropped_overflow,
                     k.dropped_rejected,
+                    k.dropped_corrupt,
                     k.left_at_shutdown + k.buffered,
                     f(k.p99_ms)
                 );

@@ -149,6 +149,7 @@ pub fn run(profiles_dir: &Path, seconds: f64, time_limit: f64) -> anyhow::Result
     let profiles = Profiles::load_dir(profiles_dir, None)?;
     let dir = TempDir::new()?;
     let load_opts = |plan: &Path| LoadOptions {
+        data_dir: None,
         plan: Some(plan.to_path_buf()),
         profiles: Some(profiles_dir.to_path_buf()),
     };
@@ -272,6 +273,7 @@ fn overloaded(dir: &Path, profiles: &Path, load: f64, seconds: f64) -> anyhow::R
     let s = run_file(
         &file,
         &LoadOptions {
+        data_dir: None,
             plan: None,
             profiles: Some(profiles.to_path_buf()),
         },

@@ -183,6 +183,7 @@ fn spec(toml_text: &str) -> anyhow::Result<SinkSpec> {
         pipeline: "bench",
         dir: Path::new("."),
         env: &env,
+        data_dir: None,
     };
     let name = c.kind.as_str().to_string();
     validate(&c, &keys, name, &ctx).map_err(|p| anyhow::anyhow!("bench sink spec: {p:?}"))

@@ -16,6 +16,10 @@ pub struct LoadArgs {
     /// Folder of latency profiles (instead of `[pipeline] profiles` and POOLPIPE_PROFILES).
     #[arg(long)]
     pub profiles: Option<PathBuf>,
+    /// Where sinks with `buffer_type = "disk"` keep their buffers (one folder per pipeline and
+    /// sink); default `poolpipe-data` beside the pipeline file.
+    #[arg(long, env = "POOLPIPE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 impl LoadArgs {
@@ -24,6 +28,7 @@ impl LoadArgs {
         LoadOptions {
             plan: self.plan.clone(),
             profiles: self.profiles.clone(),
+            data_dir: self.data_dir.clone(),
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct LoadOptions {
     pub plan: Option<PathBuf>,
     /// `--profiles`: the folder of latency profiles, instead of `[pipeline] profiles`.
     pub profiles: Option<PathBuf>,
+    /// `--data-dir`: where disk-buffered sinks keep their buffers.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Reads and validates a pipeline file.
@@ -1178,6 +1180,7 @@ impl<'a> Validator<'_, 'a> {
                 pipeline,
                 dir: self.dir,
                 env: &env,
+                data_dir: self.opts.data_dir.as_deref(),
             };
             match crate::sinks::spec::validate(&c, &present, name, &ctx) {
                 Ok(spec) => {

@@ -38,7 +38,7 @@ use crate::engine::StageRunner;
 use crate::frame::Frame;
 use crate::ingest::{self, IngestError};
 use crate::panics::panic_message;
-use crate::sinks::delivery::Buffer;
+use crate::sinks::delivery::Queue;
 use crate::sinks::{self, SinkError, SinkHandle};
 use crate::stats::{Stats, Summary};
 use analytics::Analytics;
@@ -120,7 +120,7 @@ pub struct Running {
     /// Stage, worker and publisher threads, with what each is, in the order they drain.
     threads: Vec<(String, JoinHandle<()>)>,
     /// Sinks' buffers, released after their flush timeout at shutdown.
-    sink_buffers: Vec<(Arc<Buffer>, Duration)>,
+    sink_buffers: Vec<(Arc<Queue>, Duration)>,
 }
 
 /// Runs a validated pipeline until it ends or is stopped, and returns its counters.

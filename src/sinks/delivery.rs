@@ -2,8 +2,12 @@
 //! delivery thread that sends batches through a [`Transport`], retries with capped exponential
 //! backoff and full jitter, and counters for every result.
 //!
+//! The buffer is in memory, or on disk ([`super::disk`], `buffer_type = "disk"`), where it
+//! survives a crash and the next run delivers what it holds first (counted `recovered`).
+//!
 //! For every sink, once it has been closed:
-//! `offered = delivered + dropped_overflow + dropped_rejected + left_at_shutdown`.
+//! `offered + recovered = delivered + dropped_overflow + dropped_rejected + dropped_corrupt +
+//! left_at_shutdown`.
 //! Results are delivered in the order they were offered; after a failed attempt the unacknowledged
 //! rest of the batch is sent again, so a result the broker had received but not acknowledged may
 //! arrive twice (counted as `resent`, "duplicates possible"): at-least-once.
@@ -16,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::disk::DiskBuffer;
 use super::settings::{Delivery, Messages, WhenFull};
 use super::template::Template;
 use crate::histogram::Histogram;
@@ -157,8 +162,13 @@ pub struct SinkCounters {
     pub dropped_overflow: AtomicU64,
     /// Results the destination refused for good.
     pub dropped_rejected: AtomicU64,
-    /// Results still buffered when the shutdown flush deadline passed.
+    /// Results still buffered when the shutdown flush deadline passed (a disk buffer keeps
+    /// them for the next run).
     pub left_at_shutdown: AtomicU64,
+    /// Results an earlier run left in the disk buffer, delivered first by this one.
+    pub recovered: AtomicU64,
+    /// Disk-buffered results whose record failed its checksum: skipped, never delivered.
+    pub dropped_corrupt: AtomicU64,
     /// Results in the buffer now.
     pub buffered: AtomicU64,
     /// Time from offer to acknowledgement.
@@ -193,6 +203,10 @@ pub struct SinkSummary {
     pub dropped_rejected: u64,
     /// Not delivered by the shutdown deadline.
     pub left_at_shutdown: u64,
+    /// Left by an earlier run in the disk buffer.
+    pub recovered: u64,
+    /// Disk-buffered results that failed their checksum.
+    pub dropped_corrupt: u64,
     /// In the buffer now.
     pub buffered: u64,
     /// Median offer-to-acknowledgement time, ms.
@@ -213,6 +227,8 @@ impl SinkCounters {
             dropped_overflow: self.dropped_overflow.load(Relaxed),
             dropped_rejected: self.dropped_rejected.load(Relaxed),
             left_at_shutdown: self.left_at_shutdown.load(Relaxed),
+            recovered: self.recovered.load(Relaxed),
+            dropped_corrupt: self.dropped_corrupt.load(Relaxed),
             buffered: self.buffered.load(Relaxed),
             p50_ms: self.latency.quantile_ms(0.5),
             p99_ms: self.latency.quantile_ms(0.99),
@@ -221,12 +237,13 @@ impl SinkCounters {
 }
 
 impl SinkSummary {
-    /// Whether every offered result is accounted for (after close).
+    /// Whether every offered (or recovered) result is accounted for (after close).
     pub fn balanced(&self) -> bool {
-        self.offered
+        self.offered + self.recovered
             == self.delivered
                 + self.dropped_overflow
                 + self.dropped_rejected
+                + self.dropped_corrupt
                 + self.left_at_shutdown
                 + self.buffered
     }
@@ -237,8 +254,8 @@ impl SinkSummary {
 pub enum Offer {
     /// Buffered.
     Queued,
-    /// Buffered; the oldest buffered result was dropped for it.
-    DroppedOldest,
+    /// Buffered; this many of the oldest buffered results were dropped for it.
+    DroppedOldest(u64),
     /// Not buffered: the buffer was full.
     DroppedNewest,
     /// Not buffered: the sink is closed.
@@ -290,7 +307,7 @@ impl Buffer {
                 WhenFull::Block => s = self.room.wait(s).unwrap_or_else(|e| e.into_inner()),
                 WhenFull::DropOldest => {
                     s.queue.pop_front();
-                    outcome = Offer::DroppedOldest;
+                    outcome = Offer::DroppedOldest(1);
                 }
                 WhenFull::DropNewest => return Offer::DroppedNewest,
             }
@@ -361,6 +378,96 @@ impl Buffer {
     }
 }
 
+/// A sink's buffer: in memory, or on disk.
+#[derive(Debug)]
+pub enum Queue {
+    /// See [`Buffer`].
+    Memory(Buffer),
+    /// See [`DiskBuffer`].
+    Disk(DiskBuffer),
+}
+
+impl Queue {
+    /// Adds a result, applying the policy when full.
+    pub fn offer(&self, m: Message) -> Offer {
+        match self {
+            Self::Memory(b) => b.offer(m),
+            Self::Disk(b) => b.offer(m),
+        }
+    }
+
+    /// Moves up to `max` results into `out`, waiting up to `wait` for the first; `false` once
+    /// closed and empty.
+    pub fn take(&self, max: usize, out: &mut Vec<Message>, wait: Duration) -> bool {
+        match self {
+            Self::Memory(b) => b.take(max, out, wait),
+            Self::Disk(b) => b.take(max, out, wait),
+        }
+    }
+
+    /// Refuses further offers and wakes every waiter.
+    pub fn close(&self) {
+        match self {
+            Self::Memory(b) => b.close(),
+            Self::Disk(b) => b.close(),
+        }
+    }
+
+    /// Stops `block` from waiting: from now on a full buffer drops new results (counted).
+    pub fn release_blocked(&self) {
+        match self {
+            Self::Memory(b) => b.release_blocked(),
+            Self::Disk(b) => b.release_blocked(),
+        }
+    }
+
+    /// At shutdown: what is still buffered, counted as left. Memory forgets it; disk keeps it
+    /// for the next run.
+    pub fn leave(&self) -> usize {
+        match self {
+            Self::Memory(b) => b.drain(),
+            Self::Disk(b) => b.leave(),
+        }
+    }
+
+    /// The first `n` taken results are about to be sent; returns how many of them an earlier
+    /// run may have sent already (disk only).
+    fn sending(&self, n: usize) -> u64 {
+        match self {
+            Self::Memory(_) => 0,
+            Self::Disk(b) => b.sending(n),
+        }
+    }
+
+    /// The first `n` taken results are done with (disk: the acknowledgement moves).
+    fn ack(&self, n: usize) {
+        if let Self::Disk(b) = self {
+            b.ack(n);
+        }
+    }
+
+    /// Results waiting to be taken.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Memory(b) => b.len(),
+            Self::Disk(b) => b.len(),
+        }
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether less than half of the capacity is used.
+    fn below_half(&self) -> bool {
+        match self {
+            Self::Memory(b) => b.len() * 2 < b.capacity,
+            Self::Disk(b) => b.below_half(),
+        }
+    }
+}
+
 /// Capped exponential backoff with full jitter: attempt `n` waits a uniform random time in
 /// `[0, min(max, initial * 2^n)]`, never less than `initial / 2`.
 #[derive(Debug, Clone)]
@@ -407,7 +514,7 @@ impl Backoff {
 /// A running sink: its buffer, counters and delivery thread.
 pub struct SinkHandle {
     name: String,
-    buffer: Arc<Buffer>,
+    buffer: Arc<Queue>,
     counters: Arc<SinkCounters>,
     flush_deadline: Arc<Mutex<Option<Instant>>>,
     flush_timeout: Duration,
@@ -425,7 +532,13 @@ impl SinkHandle {
         delivery: &Delivery,
         counters: Arc<SinkCounters>,
     ) -> std::io::Result<Self> {
-        let buffer = Arc::new(Buffer::new(delivery.buffer, delivery.when_full));
+        let buffer = Arc::new(match &delivery.disk {
+            None => Queue::Memory(Buffer::new(delivery.buffer, delivery.when_full)),
+            Some(d) => Queue::Disk(
+                DiskBuffer::open(d, delivery.when_full, counters.clone())
+                    .map_err(std::io::Error::other)?,
+            ),
+        });
         let flush_deadline = Arc::new(Mutex::new(None));
         let worker = Worker {
             name: name.clone(),
@@ -471,7 +584,7 @@ impl SinkHandle {
 
     /// The buffer, for [`Buffer::release_blocked`] from another thread while the publisher may
     /// be blocked in [`SinkHandle::offer`]; with the flush timeout to wait before releasing.
-    pub fn blocked_release(&self) -> (Arc<Buffer>, Duration) {
+    pub fn blocked_release(&self) -> (Arc<Queue>, Duration) {
         (self.buffer.clone(), self.flush_timeout)
     }
 
@@ -486,9 +599,13 @@ impl SinkHandle {
         self.counters.buffered.fetch_add(1, Relaxed);
         let outcome = self.buffer.offer(m);
         if outcome != Offer::Queued {
-            // Either it or the oldest result was dropped; the buffer holds one fewer than counted.
-            self.counters.buffered.fetch_sub(1, Relaxed);
-            self.counters.dropped_overflow.fetch_add(1, Relaxed);
+            // It, or the oldest results, were dropped; the buffer holds fewer than counted.
+            let n = match outcome {
+                Offer::DroppedOldest(n) => n,
+                _ => 1,
+            };
+            self.counters.buffered.fetch_sub(n, Relaxed);
+            self.counters.dropped_overflow.fetch_add(n, Relaxed);
             if !self.overflowing {
                 self.overflowing = true;
                 tracing::warn!(
@@ -497,10 +614,7 @@ impl SinkHandle {
                 );
             }
         }
-        if self.overflowing
-            && outcome == Offer::Queued
-            && self.buffer.len() * 2 < self.buffer.capacity
-        {
+        if self.overflowing && outcome == Offer::Queued && self.buffer.below_half() {
             self.overflowing = false;
             tracing::info!(sink = %self.name, dropped = self.counters.dropped_overflow.load(Relaxed), "Sink buffer has room again.");
         }
@@ -522,7 +636,7 @@ impl SinkHandle {
         self.buffer.close();
         if t.join().is_err() || self.counters.panicked().is_some() {
             tracing::error!(sink = %self.name, "Sink thread panicked.");
-            let left = self.buffer.drain() as u64;
+            let left = self.buffer.leave() as u64;
             self.counters.left_at_shutdown.fetch_add(left, Relaxed);
         }
         let left = self.counters.left_at_shutdown.load(Relaxed);
@@ -541,7 +655,7 @@ impl Drop for SinkHandle {
 struct Worker {
     name: String,
     transport: Box<dyn Transport>,
-    buffer: Arc<Buffer>,
+    buffer: Arc<Queue>,
     counters: Arc<SinkCounters>,
     delivery: Delivery,
     flush_deadline: Arc<Mutex<Option<Instant>>>,
@@ -627,6 +741,11 @@ impl Worker {
             } else {
                 self.transport.connect()
             };
+            let earlier = self.buffer.sending(inflight.len());
+            if earlier > 0 {
+                // Written by a run that stopped before the destination acknowledged them.
+                self.counters.resent.fetch_add(earlier, Relaxed);
+            }
             let result = attempt.and_then(|()| {
                 connected = true;
                 self.transport.send(&inflight)
@@ -634,6 +753,7 @@ impl Worker {
             match result {
                 Ok(()) => {
                     self.delivered(&inflight);
+                    self.buffer.ack(inflight.len());
                     inflight.clear();
                     written = 0;
                     backoff.reset();
@@ -649,6 +769,7 @@ impl Worker {
                 Err(f) => {
                     let acked = f.acked.min(inflight.len());
                     self.delivered(&inflight[..acked]);
+                    self.buffer.ack(acked);
                     inflight.drain(..acked);
                     written = written.saturating_sub(acked);
                     if f.kind == FailureKind::Rejected {
@@ -657,6 +778,7 @@ impl Worker {
                             .clamp(1, inflight.len().max(1))
                             .min(inflight.len());
                         inflight.drain(..n);
+                        self.buffer.ack(n);
                         written = written.saturating_sub(n);
                         self.counters.dropped_rejected.fetch_add(n as u64, Relaxed);
                         tracing::error!(sink = %self.name, results = n, error = %f, "Destination refused results; dropped.");
@@ -687,7 +809,7 @@ impl Worker {
                 }
             }
         }
-        let left = inflight.len() + self.buffer.drain();
+        let left = inflight.len() + self.buffer.leave();
         self.counters.buffered.store(0, Relaxed);
         self.counters
             .left_at_shutdown
@@ -720,7 +842,7 @@ mod tests {
         let b = Buffer::new(2, WhenFull::DropOldest);
         assert_eq!(b.offer(msg(1)), Offer::Queued);
         assert_eq!(b.offer(msg(2)), Offer::Queued);
-        assert_eq!(b.offer(msg(3)), Offer::DroppedOldest);
+        assert_eq!(b.offer(msg(3)), Offer::DroppedOldest(1));
         assert_eq!(seqs(&b), [2, 3]);
         let b = Buffer::new(2, WhenFull::DropNewest);
         b.offer(msg(1));

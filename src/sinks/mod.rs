@@ -8,6 +8,7 @@
 //! (delivered, retries, resent = possible duplicates, dropped by cause, left at shutdown).
 
 pub mod delivery;
+pub mod disk;
 pub mod http;
 pub mod jsonl;
 pub mod kafka;

@@ -101,6 +101,17 @@ pub enum WhenFull {
     DropNewest,
 }
 
+/// Where a sink buffers results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferType {
+    /// In memory (default): lost if the process dies.
+    #[default]
+    Memory,
+    /// On disk, in the data folder: delivered by the next run if the process dies.
+    Disk,
+}
+
 /// Which messages a sink takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -193,6 +204,8 @@ pub struct Delivery {
     pub flush_timeout: Duration,
     /// Which messages it takes.
     pub messages: Messages,
+    /// `buffer_type = "disk"`: the buffer's folder and limits (None: in memory).
+    pub disk: Option<super::disk::DiskSettings>,
 }
 
 impl Default for Delivery {
@@ -206,6 +219,7 @@ impl Default for Delivery {
             timeout: Duration::from_millis(5000),
             flush_timeout: Duration::from_millis(5000),
             messages: Messages::All,
+            disk: None,
         }
     }
 }
@@ -240,6 +254,12 @@ sink_keys! {
         pub flush_timeout_ms: Option<u64>,
         /// `all` (default), `results` (frames' results only) or `events` (rule events only).
         pub messages: Option<Messages>,
+        /// `memory` (default) or `disk`: a disk buffer survives a crash of the process.
+        pub buffer_type: Option<BufferType>,
+        /// Disk buffer: most bytes on disk (default 268435456, 256 MiB).
+        pub max_bytes: Option<u64>,
+        /// Disk buffer: how often new writes are fsync'd, ms (default 100).
+        pub fsync_ms: Option<u64>,
     }
 }
 
@@ -290,11 +310,37 @@ pub struct Ctx<'a> {
     pub dir: &'a Path,
     /// Looks up environment variables (a closure so tests need not touch the process env).
     pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// `--data-dir`: where disk buffers live (else POOLPIPE_DATA_DIR, else `poolpipe-data`
+    /// beside the pipeline file).
+    pub data_dir: Option<&'a Path>,
+}
+
+impl Ctx<'_> {
+    /// The folder of sink `name`'s disk buffer: `<data dir>/<pipeline>/<name>`.
+    pub fn buffer_dir(&self, name: &str) -> std::path::PathBuf {
+        let root = match (self.data_dir, (self.env)("POOLPIPE_DATA_DIR")) {
+            (Some(d), _) => d.to_path_buf(),
+            (None, Some(d)) if !d.is_empty() => d.into(),
+            _ => self.dir.join("poolpipe-data"),
+        };
+        let root = if root.is_relative() {
+            self.dir.join(root)
+        } else {
+            root
+        };
+        root.join(self.pipeline).join(name)
+    }
 }
 
 impl DeliveryConfig {
-    /// The delivery settings of a sink of `kind`, defaults filled in.
-    pub fn validate(&self, kind: SinkKind, problems: &mut Vec<Problem>) -> Delivery {
+    /// The delivery settings of a sink of `kind` named `name`, defaults filled in.
+    pub fn validate(
+        &self,
+        kind: SinkKind,
+        name: &str,
+        ctx: &Ctx<'_>,
+        problems: &mut Vec<Problem>,
+    ) -> Delivery {
         let c = self;
         let d = Delivery::default();
         let mut positive = |key: &str, v: Option<u64>, default: u64| -> u64 {
@@ -321,6 +367,8 @@ impl DeliveryConfig {
         let retry_max = positive("retry_max_ms", c.retry_max_ms, ms(d.retry_max));
         let timeout = positive("timeout_ms", c.timeout_ms, ms(d.timeout));
         let flush_timeout = c.flush_timeout_ms.unwrap_or(ms(d.flush_timeout));
+        let max_bytes = positive("max_bytes", c.max_bytes, 256 << 20);
+        let fsync = positive("fsync_ms", c.fsync_ms, 100);
         if retry_max < retry_initial {
             problems.push((
                 "retry_max_ms".into(),
@@ -333,7 +381,41 @@ impl DeliveryConfig {
                 "at most 1000 for mqtt (results in flight)".into(),
             ));
         }
+        let disk = match c.buffer_type.unwrap_or_default() {
+            BufferType::Memory => {
+                for (key, set) in [
+                    ("max_bytes", c.max_bytes.is_some()),
+                    ("fsync_ms", c.fsync_ms.is_some()),
+                ] {
+                    if set {
+                        problems.push((
+                            key.into(),
+                            "applies to disk buffers only; set buffer_type = \"disk\"".into(),
+                        ));
+                    }
+                }
+                None
+            }
+            BufferType::Disk => {
+                if c.buffer.is_some() {
+                    problems.push((
+                        "buffer".into(),
+                        "counts results in a memory buffer; a disk buffer is bounded by max_bytes"
+                            .into(),
+                    ));
+                }
+                if max_bytes < 64 << 10 {
+                    problems.push(("max_bytes".into(), "at least 65536 (64 KiB)".into()));
+                }
+                Some(super::disk::DiskSettings::new(
+                    ctx.buffer_dir(name),
+                    max_bytes,
+                    Duration::from_millis(fsync),
+                ))
+            }
+        };
         Delivery {
+            disk,
             buffer,
             when_full: c.when_full.unwrap_or(d.when_full),
             batch,

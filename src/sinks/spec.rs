@@ -15,7 +15,7 @@ use super::nats::config::{NatsConfig, NatsSettings};
 use super::redis::config::{RedisConfig, RedisSettings};
 pub use super::settings::{
     Ctx, Delivery, DeliveryConfig, HostPort, Login, LoginConfig, PartReader, Problem, Secret,
-    SinkKind, TlsConfig, TlsFiles, TokenConfig, Url, WhenFull, parse_url, redact,
+    SinkKind, TlsConfig, TlsFiles, TokenConfig, Url, WhenFull, parse_url, redact, BufferType,
 };
 
 /// The keys every sink has: its type and name.
@@ -245,7 +245,7 @@ pub fn validate(
         };
         problems.push((k.clone(), message));
     }
-    let delivery = c.delivery.validate(c.kind, &mut problems);
+    let delivery = c.delivery.validate(c.kind, &name, ctx, &mut problems);
     let target = match &c.settings {
         KindConfig::Jsonl(k) => k.validate(ctx, &mut problems).map(Target::Jsonl),
         KindConfig::Mqtt(k) => k.validate(&name, ctx, &mut problems).map(Target::Mqtt),
@@ -282,6 +282,7 @@ mod tests {
             pipeline: "p",
             dir: Path::new("."),
             env: &env,
+            data_dir: None,
         };
         let (c, keys) = cfg(text);
         validate(&c, &keys, "s".into(), &ctx)
