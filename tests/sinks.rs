@@ -181,10 +181,11 @@ fn n(v: &Value, k: &str) -> u64 {
 fn sink_balance(summary: &Value, name: &str) -> (u64, u64, u64) {
     let s = sink_counters(summary, name);
     assert_eq!(
-        n(&s, "offered"),
+        n(&s, "offered") + n(&s, "recovered"),
         n(&s, "delivered")
             + n(&s, "dropped_overflow")
             + n(&s, "dropped_rejected")
+            + n(&s, "dropped_corrupt")
             + n(&s, "left_at_shutdown")
             + n(&s, "buffered"),
         "sink accounting broken: {s}"
@@ -1137,4 +1138,259 @@ fn rule_events_reach_mqtt_on_their_own_topics() {
     }
     let (delivered, dropped, _) = sink_balance(&summary, "mqtt");
     assert_eq!((delivered as usize, dropped), (events, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disk buffers: results survive `kill -9` while the broker is down.
+
+/// A sink's counter in a running pipeline's `/status`.
+fn live_sink_counter(api: u16, sink: &str, key: &str) -> Option<u64> {
+    let mut r = ureq::get(&format!("http://127.0.0.1:{api}/status"))
+        .call()
+        .ok()?;
+    let v: Value = serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
+    v["sinks"].as_array()?.iter().find(|s| s["name"] == sink)?[key].as_u64()
+}
+
+/// Runs `p` until `count` results were offered to sink `sink` and the JSON lines file has them
+/// all, then kills poolpipe with SIGKILL (no flush, no shutdown); returns its log.
+fn run_and_kill(p: &Path, sink: &str, count: u64) -> String {
+    let api = free_port();
+    let log = p.with_file_name("killed.log");
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            p.to_str().unwrap(),
+            "--api",
+            &format!("127.0.0.1:{api}"),
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(240);
+    loop {
+        let offered = live_sink_counter(api, sink, "offered").unwrap_or(0);
+        let written = live_sink_counter(api, "jsonl", "delivered").unwrap_or(0);
+        if offered >= count && written >= count {
+            break;
+        }
+        let log = || std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "poolpipe exited before it was killed:\n{}",
+            log()
+        );
+        assert!(
+            Instant::now() < until,
+            "{offered} of {count} offered:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::read_to_string(&log).unwrap_or_default()
+}
+
+/// Checks what arrived after a crash and a restart. Per stream, results arrive in order: the
+/// first run's (as its JSON lines file holds them), then the second run's, each exactly as
+/// written (nothing garbled), less `lost` of the first run's (corrupted on disk). Returns the
+/// number of duplicates.
+fn check_recovered(received: &[Value], first: &[Value], second: &[Value], lost: usize) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let mut got: HashMap<String, Vec<String>> = HashMap::new();
+    for v in received {
+        let text = v.to_string();
+        if seen.insert(text.clone()) {
+            got.entry(v["stream"].as_str().unwrap().to_string())
+                .or_default()
+                .push(text);
+        }
+    }
+    let dups = received.len() - seen.len();
+    let mut missing = 0;
+    for stream in ["a", "b"] {
+        let of = |run: &[Value]| -> Vec<String> {
+            run.iter()
+                .filter(|v| v["stream"] == stream)
+                .map(Value::to_string)
+                .collect()
+        };
+        let (one, two) = (of(first), of(second));
+        assert!(
+            !one.is_empty() && !two.is_empty(),
+            "stream {stream} had no results"
+        );
+        let expected: Vec<&String> = one.iter().chain(two.iter()).collect();
+        let got = got.remove(stream).unwrap_or_default();
+        // `got` must be `expected` with some of the first run's left out, in order.
+        let mut i = 0;
+        for (k, g) in got.iter().enumerate() {
+            while i < expected.len() && expected[i] != g {
+                assert!(
+                    i < one.len(),
+                    "stream {stream}: result {k} of the second run missing or out of order"
+                );
+                missing += 1;
+                i += 1;
+            }
+            assert!(
+                i < expected.len(),
+                "stream {stream}: result {k} is not one that was published, or out of order: {g}"
+            );
+            i += 1;
+        }
+        assert_eq!(
+            i,
+            expected.len(),
+            "stream {stream}: the last results never arrived"
+        );
+    }
+    assert!(got.is_empty(), "results of unknown streams: {got:?}");
+    assert_eq!(missing, lost, "results missing after the restart");
+    dups
+}
+
+fn disk_sink(head: &str) -> String {
+    format!(
+        "[[sink]]\n{head}\nbuffer_type = \"disk\"\nretry_initial_ms = 50\nretry_max_ms = 500\n\
+         flush_timeout_ms = 60000\n"
+    )
+}
+
+#[test]
+fn a_disk_buffer_delivers_after_kill_9_what_the_broker_never_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = mosquitto(dir.path(), None);
+    broker.stop(true);
+    let sink = disk_sink(&format!(
+        "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{}\"\ntopic = \"cams/{{stream}}/results\"",
+        broker.port
+    ));
+    // 2 x 2,500 results while the broker is down; then SIGKILL.
+    let p = pipeline(dir.path(), 2500, 0, &sink);
+    run_and_kill(&p, "mqtt", 5000);
+    let first = read_jsonl(&dir.path().join("truth.jsonl"));
+    assert_eq!(first.len(), 5000);
+    let buffer = dir.path().join("poolpipe-data/sinks/mqtt");
+    assert!(
+        buffer.join("lock").is_file(),
+        "no buffer in {}",
+        buffer.display()
+    );
+
+    // The broker is back; the same pipeline again.
+    broker.restart();
+    let sub = MqttSubscriber::start(broker.port, "cams/#");
+    let (summary, _) = run(&p, &[]);
+    let second = read_jsonl(&dir.path().join("truth.jsonl"));
+    assert_eq!(second.len(), 5000);
+    let got = sub.finish(10_000);
+    let dups = check_recovered(&got, &first, &second, 0);
+    let s = sink_counters(&summary, "mqtt");
+    assert_eq!(n(&s, "recovered"), 5000, "{s}");
+    assert_eq!(n(&s, "delivered"), 10_000, "{s}");
+    assert_eq!(n(&s, "dropped_corrupt"), 0, "{s}");
+    sink_balance(&summary, "mqtt");
+    // Nothing reached the broker before the kill: no duplicates from the first run, and any
+    // from the second's own retries are counted.
+    assert!(
+        dups as u64 <= n(&s, "resent") + 20,
+        "{dups} duplicates: {s}"
+    );
+}
+
+#[test]
+fn a_torn_tail_and_a_flipped_byte_lose_only_those_records_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = redis(dir.path(), None);
+    broker.stop(false);
+    let sink = disk_sink(&format!(
+        "type = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\ntopic = \"cams:{{stream}}\"",
+        broker.port
+    ));
+    let p = pipeline(dir.path(), 1000, 0, &sink);
+    run_and_kill(&p, "redis", 2000);
+    let first = read_jsonl(&dir.path().join("truth.jsonl"));
+    // The crash tore the last record, and a byte in the middle flipped.
+    let buffer = dir.path().join("poolpipe-data/sinks/redis");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&buffer)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    let mut data = std::fs::read(&segs[0]).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x10;
+    std::fs::write(&segs[0], &data).unwrap();
+    let last = segs.last().unwrap();
+    let len = std::fs::metadata(last).unwrap().len();
+    assert!(len > 100, "{} is {len} bytes", last.display());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(last)
+        .unwrap()
+        .set_len(len - 37)
+        .unwrap();
+
+    broker.restart();
+    let (summary, stderr) = run(&p, &[]);
+    let second = read_jsonl(&dir.path().join("truth.jsonl"));
+    let got = redis_entries(broker.port);
+    let dups = check_recovered(&got, &first, &second, 2);
+    let s = sink_counters(&summary, "redis");
+    assert_eq!(n(&s, "recovered"), 2000, "{s}");
+    assert_eq!(n(&s, "dropped_corrupt"), 2, "{s}");
+    assert_eq!(n(&s, "delivered"), 3998, "{s}");
+    assert_eq!(dups, 0);
+    sink_balance(&summary, "redis");
+    assert!(stderr.contains("failed their checksum"), "{stderr}");
+}
+
+#[test]
+fn a_disk_buffer_is_refused_to_a_second_process_and_a_bad_folder_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = disk_sink("type = \"jsonl\"\nname = \"out\"\npath = \"/dev/null\"");
+    // One process holds the buffer (its sources run for minutes)...
+    let p = pipeline(dir.path(), 100_000, 20, &sink);
+    let buffer = dir.path().join("poolpipe-data/sinks/out");
+    let holder = Command::new(bin())
+        .args(["run", p.to_str().unwrap(), "--api", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _holder = KillOnDrop(holder);
+    let until = Instant::now() + Duration::from_secs(30);
+    while !buffer.join("ack").is_file() {
+        assert!(
+            Instant::now() < until,
+            "the first process never opened its buffer"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // ...so a second one on the same file stops at start, naming the folder.
+    let (ok, _, stderr) = run_status(&p, &[]);
+    assert!(!ok, "a second process shared the buffer");
+    assert!(
+        stderr.contains("in use by another poolpipe process"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&buffer.display().to_string()), "{stderr}");
+
+    // A data folder that cannot be created stops the start too.
+    let blocker = dir.path().join("not-a-folder");
+    std::fs::write(&blocker, "").unwrap();
+    let data = blocker.join("data");
+    let (ok, _, stderr) = run_status(&p, &[("POOLPIPE_DATA_DIR", data.to_str().unwrap())]);
+    assert!(!ok, "started without its buffer folder");
+    let folder = data.join("sinks/out");
+    assert!(
+        stderr.contains(&folder.display().to_string()),
+        "the error does not name {}:\n{stderr}",
+        folder.display()
+    );
 }

@@ -273,7 +273,7 @@ fn overloaded(dir: &Path, profiles: &Path, load: f64, seconds: f64) -> anyhow::R
     let s = run_file(
         &file,
         &LoadOptions {
-        data_dir: None,
+            data_dir: None,
             plan: None,
             profiles: Some(profiles.to_path_buf()),
         },

@@ -6,6 +6,10 @@
 //! Throughput: `n` results of a realistic size offered at once (buffer = n, block), timed until
 //! the last is acknowledged. Latency: results offered one at a time at a fixed rate; offer to
 //! acknowledgement, p50 and p99.
+//!
+//! Disk buffers: the jsonl, redis and mqtt sinks again with `buffer_type = "disk"`, next to the
+//! memory-buffered row of the same run (ratio = disk / memory); and the time a restart takes to
+//! deliver 100,000 results a crashed run left in the buffer.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -53,6 +57,23 @@ pub struct Report {
     pub paced_per_s: f64,
     /// Rows.
     pub rows: Vec<Row>,
+    /// Recovery after a restart, per disk-buffered sink.
+    pub recovery: Vec<Recovery>,
+}
+
+/// How long a restart takes to deliver what a crashed run left in a disk buffer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recovery {
+    /// Sink.
+    pub sink: String,
+    /// Results left in the buffer.
+    pub results: u64,
+    /// Seconds from opening the sink until the destination acknowledged the last.
+    pub seconds: f64,
+    /// Results per second.
+    pub results_per_s: f64,
+    /// What went wrong, if it did.
+    pub note: String,
 }
 
 impl Report {
@@ -84,6 +105,21 @@ impl Report {
                 f(r.ratio, 2),
                 r.note
             );
+        }
+        if !self.recovery.is_empty() {
+            let _ = writeln!(s, "recovery after a restart (disk buffer):");
+            let _ = writeln!(
+                s,
+                "{:<8} {:>10} {:>9} {:>12}  note",
+                "sink", "results", "seconds", "results/s"
+            );
+            for r in &self.recovery {
+                let _ = writeln!(
+                    s,
+                    "{:<8} {:>10} {:>9.2} {:>12.0}  {}",
+                    r.sink, r.results, r.seconds, r.results_per_s, r.note
+                );
+            }
         }
         s
     }
@@ -174,7 +210,7 @@ fn payload(seq: u64) -> String {
     .to_string()
 }
 
-fn spec(toml_text: &str) -> anyhow::Result<SinkSpec> {
+fn spec(toml_text: &str, data_dir: &Path) -> anyhow::Result<SinkSpec> {
     let table: toml::Table = toml::from_str(toml_text)?;
     let keys: Vec<String> = table.keys().cloned().collect();
     let c = SinkConfig::from_table(&table).map_err(anyhow::Error::msg)?;
@@ -183,7 +219,7 @@ fn spec(toml_text: &str) -> anyhow::Result<SinkSpec> {
         pipeline: "bench",
         dir: Path::new("."),
         env: &env,
-        data_dir: None,
+        data_dir: Some(data_dir),
     };
     let name = c.kind.as_str().to_string();
     validate(&c, &keys, name, &ctx).map_err(|p| anyhow::anyhow!("bench sink spec: {p:?}"))
@@ -253,6 +289,48 @@ fn measure(
     let s = h.close();
     anyhow::ensure!(s.delivered == paced as u64, "paced run lost results: {s:?}");
     Ok((throughput, s.p50_ms, s.p99_ms))
+}
+
+/// Leaves `n` results in the disk buffer of `spec` as a crashed run would, then times a
+/// restart delivering them.
+fn recover(spec: &SinkSpec, n: u64) -> anyhow::Result<f64> {
+    let disk = spec
+        .delivery
+        .disk
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("not disk-buffered"))?;
+    let _ = std::fs::remove_dir_all(&disk.dir);
+    let stream: Arc<str> = Arc::from("cam-1");
+    {
+        let counters = Arc::new(sinks::SinkCounters::default());
+        let b = sinks::disk::DiskBuffer::open(disk, spec.delivery.when_full, counters)?;
+        for i in 0..n {
+            let _ = b.offer(Message::result(
+                stream.clone(),
+                i,
+                payload(i).into(),
+                Instant::now(),
+            ));
+        }
+        b.sync();
+    }
+    let t0 = Instant::now();
+    let h = sinks::open(spec, "bench")?;
+    let c = h.counters().clone();
+    let until = t0 + Duration::from_secs(600);
+    while c.delivered.load(std::sync::atomic::Ordering::Relaxed) < n {
+        anyhow::ensure!(Instant::now() < until, "not delivered within 600 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let s = h.close();
+    anyhow::ensure!(
+        s.recovered == n && s.delivered == n,
+        "recovered {} and delivered {} of {n}",
+        s.recovered,
+        s.delivered
+    );
+    Ok(secs)
 }
 
 fn mosquitto_pub(port: u16, n: usize) -> anyhow::Result<f64> {
@@ -356,16 +434,45 @@ pub fn tansu_args(port: u16) -> Vec<String> {
 pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
     let dir = tempfile_dir()?;
     let paced = (rate * 3.0) as usize;
-    let common = format!(
-        "batch = {batch}\nbuffer = 10000\nwhen_full = \"block\"\nflush_timeout_ms = 60000\n"
-    );
-    let mut rows = Vec::new();
+    let delivery = format!("batch = {batch}\nwhen_full = \"block\"\nflush_timeout_ms = 60000\n");
+    let common = format!("{delivery}buffer = 10000\n");
+    // The same sink with a disk buffer in this run's folder.
+    let on_disk = format!("{delivery}buffer_type = \"disk\"\nmax_bytes = 1073741824\n");
+    let spec = |text: &str| spec(text, &dir);
+    let mut recovery = Vec::new();
+    let mut recover_row = |sink: &str, s: anyhow::Result<SinkSpec>| {
+        let n = 100_000;
+        let r = match s.and_then(|s| recover(&s, n)) {
+            Ok(secs) => Recovery {
+                sink: sink.into(),
+                results: n,
+                seconds: secs,
+                results_per_s: n as f64 / secs,
+                note: String::new(),
+            },
+            Err(e) => Recovery {
+                sink: sink.into(),
+                results: n,
+                seconds: 0.0,
+                results_per_s: 0.0,
+                note: format!("failed: {e}"),
+            },
+        };
+        eprintln!("bench sinks: {sink} recovery done");
+        recovery.push(r);
+    };
+    let mut rows: Vec<Row> = Vec::new();
     let mut row = |sink: &str,
                    spec: anyhow::Result<SinkSpec>,
                    tool: Option<(&str, anyhow::Result<f64>)>,
                    note: &str| {
         let measured = spec.and_then(|s| measure(&s, n, paced, rate));
         let (tool_name, tool_rate) = match tool {
+            // A disk row is compared with the memory row of the same sink, just measured.
+            Some(("memory buffer", _)) => (
+                Some("memory buffer".to_string()),
+                rows.last().map(|r| r.results_per_s).filter(|r| *r > 0.0),
+            ),
             Some((t, r)) => (Some(t.to_string()), r.ok()),
             None => (None, None),
         };
@@ -422,6 +529,18 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
             "broker: Debian defaults (Nagle on PUBACKs)"
         };
         row(name, s, Some(("mosquitto_pub -q1", tool)), note);
+        let disk = |c: &str| {
+            format!(
+                "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{port}\"\ntopic = \"bench/{{stream}}\"\nname = \"{name}-disk\"\n{c}"
+            )
+        };
+        row(
+            &format!("{name}-disk"),
+            spec(&disk(&on_disk)),
+            Some(("memory buffer", Ok(0.0))),
+            "disk buffer, fsync every 100 ms",
+        );
+        recover_row(name, spec(&disk(&on_disk)));
         drop(broker);
     }
 
@@ -475,6 +594,16 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
         Some(("redis-benchmark", tool)),
         "XADD MAXLEN ~, pipelined per batch; tool: -c 1 -P batch",
     );
+    let disk = format!(
+        "type = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\ntopic = \"bench:{{stream}}\"\nname = \"redis-disk\"\n{on_disk}"
+    );
+    row(
+        "redis-disk",
+        spec(&disk),
+        Some(("memory buffer", Ok(0.0))),
+        "disk buffer, fsync every 100 ms",
+    );
+    recover_row("redis", spec(&disk));
     drop(broker);
 
     // Kafka, when a broker is installed.
@@ -517,6 +646,17 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
         file.display()
     ));
     row("jsonl", s, None, "file, flushed per batch");
+    let disk = format!(
+        "type = \"jsonl\"\npath = \"{}\"\nname = \"jsonl-disk\"\n{on_disk}",
+        file.display()
+    );
+    row(
+        "jsonl-disk",
+        spec(&disk),
+        Some(("memory buffer", Ok(0.0))),
+        "disk buffer, fsync every 100 ms",
+    );
+    recover_row("jsonl", spec(&disk));
 
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Report {
@@ -525,6 +665,7 @@ pub fn run(n: usize, batch: usize, rate: f64) -> anyhow::Result<Report> {
         batch,
         paced_per_s: rate,
         rows,
+        recovery,
     })
 }
 

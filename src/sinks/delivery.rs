@@ -384,7 +384,7 @@ pub enum Queue {
     /// See [`Buffer`].
     Memory(Buffer),
     /// See [`DiskBuffer`].
-    Disk(DiskBuffer),
+    Disk(Box<DiskBuffer>),
 }
 
 impl Queue {
@@ -534,10 +534,10 @@ impl SinkHandle {
     ) -> std::io::Result<Self> {
         let buffer = Arc::new(match &delivery.disk {
             None => Queue::Memory(Buffer::new(delivery.buffer, delivery.when_full)),
-            Some(d) => Queue::Disk(
+            Some(d) => Queue::Disk(Box::new(
                 DiskBuffer::open(d, delivery.when_full, counters.clone())
                     .map_err(std::io::Error::other)?,
-            ),
+            )),
         });
         let flush_deadline = Arc::new(Mutex::new(None));
         let worker = Worker {

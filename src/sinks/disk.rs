@@ -44,6 +44,9 @@ const ACK_MAGIC: u32 = 0x4b41_5050; // "PPAK"
 const HEADER: usize = 12;
 /// A length above this is corruption.
 const MAX_RECORD: usize = 64 << 20;
+/// Payload bytes of the newest results also kept in memory, so that a reader keeping up with
+/// the writer takes them from there instead of reading and decoding them back.
+const TAIL_BYTES: usize = 8 << 20;
 /// Bytes read from a segment at a time.
 const CHUNK: usize = 256 << 10;
 
@@ -110,11 +113,23 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.seg"))
 }
 
+/// A result just written, kept in memory for the reader.
+#[derive(Debug)]
+struct Tail {
+    id: u64,
+    message: Message,
+    /// The segment it is in, and the offset after it.
+    seg: u64,
+    end: u64,
+}
+
 /// Where the reader is.
 #[derive(Debug)]
 struct Reader {
-    /// The segment it reads (its `first`), and that file.
-    seg: Option<(u64, File)>,
+    /// The segment it reads (its `first`).
+    seg: Option<u64>,
+    /// That segment's file, opened when first read from.
+    file: Option<(u64, File)>,
     /// Bytes read from the segment and not yet parsed; `buf[0]` is at file offset `buf_at`.
     buf: Vec<u8>,
     buf_at: u64,
@@ -149,6 +164,12 @@ struct State {
     dirty: bool,
     /// Closed segments not yet fsync'd.
     unsynced: Vec<File>,
+    /// The newest results, in memory too (see [`TAIL_BYTES`]).
+    tail: VecDeque<Tail>,
+    tail_bytes: usize,
+    /// Ids of segments dropped for room (`drop_oldest`) the reader has not passed yet: not
+    /// corruption when it finds them missing.
+    dropped: Option<(u64, u64)>,
     closed: bool,
     released: bool,
     record: Vec<u8>,
@@ -464,6 +485,7 @@ impl DiskBuffer {
                 next_id,
                 reader: Reader {
                     seg: None,
+                    file: None,
                     buf: Vec::new(),
                     buf_at: 0,
                     expect: acked,
@@ -478,6 +500,9 @@ impl DiskBuffer {
                 bytes,
                 dirty: false,
                 unsynced: Vec::new(),
+                tail: VecDeque::new(),
+                tail_bytes: 0,
+                dropped: None,
                 closed: false,
                 released: false,
                 record: Vec::new(),
@@ -522,7 +547,7 @@ impl DiskBuffer {
             }
             let fits = s.bytes + need <= self.max_bytes;
             if fits {
-                match self.append(&mut s, &record) {
+                match self.append(&mut s, &record, &m) {
                     Ok(()) => {
                         break if dropped > 0 {
                             Offer::DroppedOldest(dropped)
@@ -564,8 +589,8 @@ impl DiskBuffer {
         outcome
     }
 
-    fn append(&self, s: &mut State, record: &[u8]) -> std::io::Result<()> {
-        let len = s.segments.back().map_or(0, |g| g.len);
+    fn append(&self, s: &mut State, record: &[u8], m: &Message) -> std::io::Result<()> {
+        let (seg, len) = s.segments.back().map_or((0, 0), |g| (g.first, g.len));
         if let Err(e) = s.writer.write_all(record) {
             // Leave no partial record behind.
             let _ = s.writer.set_len(len);
@@ -579,6 +604,17 @@ impl DiskBuffer {
         if let Some(g) = s.segments.back_mut() {
             g.len += n;
             g.end = next;
+        }
+        s.tail.push_back(Tail {
+            id: next - 1,
+            message: m.clone(),
+            seg,
+            end: len + n,
+        });
+        s.tail_bytes += m.payload.len();
+        while s.tail_bytes > TAIL_BYTES {
+            let Some(t) = s.tail.pop_front() else { break };
+            s.tail_bytes -= t.message.payload.len();
         }
         if len + n >= self.segment_bytes {
             // Close the segment; the next sync makes it durable (never in the offering thread).
@@ -600,7 +636,7 @@ impl DiskBuffer {
     /// Drops the oldest segment nobody reads yet (not the reader's, not the active one):
     /// returns how many results it held.
     fn drop_oldest_segment(&self, s: &mut State) -> Option<u64> {
-        let reading = s.reader.seg.as_ref().map(|(f, _)| *f);
+        let reading = s.reader.seg;
         let last = s.segments.len().checked_sub(1)?;
         let i = (0..last).find(|&i| reading.is_none_or(|r| s.segments[i].first > r))?;
         // Before the reader: its records have been taken; never drop those.
@@ -614,7 +650,22 @@ impl DiskBuffer {
         let n = g.end - from;
         if s.reader.expect >= g.first {
             s.reader.expect = g.end;
+        } else {
+            // The reader will find these ids missing: dropped, not corrupt. Dropped segments
+            // always follow the reader's, so the range stays contiguous.
+            s.dropped = Some(match s.dropped {
+                Some((a, b)) if b == g.first => (a, g.end),
+                _ => (g.first, g.end),
+            });
         }
+        let tail_bytes: usize = s
+            .tail
+            .iter()
+            .filter(|t| t.id >= g.first && t.id < g.end)
+            .map(|t| t.message.payload.len())
+            .sum();
+        s.tail.retain(|t| t.id < g.first || t.id >= g.end);
+        s.tail_bytes -= tail_bytes;
         Some(n)
     }
 
@@ -637,11 +688,34 @@ impl DiskBuffer {
         open
     }
 
-    /// Reads good records into `out`; counts the bad ones it skips.
+    /// Reads good records into `out` (from memory while the reader keeps up with the writer);
+    /// counts the bad ones it skips.
     fn read(&self, s: &mut State, max: usize, out: &mut Vec<Message>) -> usize {
         let mut n = 0;
         let mut corrupt = 0u64;
         while n < max {
+            // Kept in memory: no read, no decoding.
+            while s.tail.front().is_some_and(|t| t.id < s.reader.expect) {
+                let t = s.tail.pop_front().unwrap_or_else(|| unreachable!());
+                s.tail_bytes -= t.message.payload.len();
+            }
+            if let Some(t) = s.tail.front()
+                && t.id == s.reader.expect
+            {
+                let t = s.tail.pop_front().unwrap_or_else(|| unreachable!());
+                s.tail_bytes -= t.message.payload.len();
+                let r = &mut s.reader;
+                if r.seg != Some(t.seg) {
+                    r.seg = Some(t.seg);
+                }
+                r.buf.clear();
+                r.buf_at = t.end;
+                r.expect = t.id + 1;
+                s.taken.push_back(t.id);
+                out.push(t.message);
+                n += 1;
+                continue;
+            }
             if s.reader.seg.is_none() {
                 // The segment holding `expect`, or the first after it.
                 let expect = s.reader.expect;
@@ -656,30 +730,24 @@ impl DiskBuffer {
                     break;
                 };
                 if g.first > expect && expect < s.next_id {
-                    // Missing from `expect` to the segment: skipped before (dropped segments
-                    // are accounted when dropped and move `expect` past them).
-                    corrupt += g.first - expect;
+                    // Missing between `expect` and this segment: dropped for room (counted
+                    // then), or lost (the end of a segment that could not be read).
+                    let dropped = s
+                        .dropped
+                        .map_or(0, |(a, b)| b.min(g.first).saturating_sub(a.max(expect)));
+                    corrupt += g.first - expect - dropped;
+                }
+                if s.dropped.is_some_and(|(_, b)| b <= g.first) {
+                    s.dropped = None;
                 }
                 s.reader.expect = s.reader.expect.max(g.first);
-                match File::open(segment_path(&self.dir, g.first)) {
-                    Ok(f) => {
-                        s.reader.seg = Some((g.first, f));
-                        s.reader.buf.clear();
-                        s.reader.buf_at = 0;
-                    }
-                    Err(e) => {
-                        tracing::error!(dir = %self.dir.display(), segment = g.first, error = %e, "Disk buffer segment unreadable; its results are counted dropped_corrupt.");
-                        corrupt += g.end.saturating_sub(s.reader.expect);
-                        s.reader.expect = g.end;
-                        continue;
-                    }
-                }
+                s.reader.seg = Some(g.first);
+                s.reader.buf.clear();
+                s.reader.buf_at = 0;
             }
-            let Some((first, _)) = s.reader.seg.as_ref().map(|(f, _)| (*f, ())) else {
-                break;
-            };
+            let Some(first) = s.reader.seg else { break };
             let Some(g) = s.segments.iter().find(|g| g.first == first).cloned() else {
-                // Dropped under us (drop_oldest): move on.
+                // Deleted (fully acknowledged) or dropped: move on.
                 s.reader.seg = None;
                 continue;
             };
@@ -719,15 +787,27 @@ impl DiskBuffer {
                     let end = s.reader.buf_at + s.reader.buf.len() as u64;
                     let avail = g.len.saturating_sub(end);
                     if avail > 0 {
+                        if s.reader.file.as_ref().is_none_or(|(f, _)| *f != first) {
+                            match File::open(segment_path(&self.dir, first)) {
+                                Ok(f) => s.reader.file = Some((first, f)),
+                                Err(e) => {
+                                    tracing::error!(dir = %self.dir.display(), segment = first, error = %e, "Disk buffer segment unreadable; its results are counted dropped_corrupt.");
+                                    corrupt += g.end.saturating_sub(s.reader.expect);
+                                    s.reader.expect = s.reader.expect.max(g.end);
+                                    s.reader.seg = None;
+                                    continue;
+                                }
+                            }
+                        }
                         let want = (avail as usize).min(CHUNK.max(s.reader.buf.len()));
-                        let old = s.reader.buf.len();
-                        s.reader.buf.resize(old + want, 0);
-                        let State { reader, .. } = &mut *s;
-                        let file = &reader.seg.as_ref().unwrap_or_else(|| unreachable!()).1;
-                        match file.read_exact_at(&mut reader.buf[old..], end) {
+                        let r = &mut s.reader;
+                        let old = r.buf.len();
+                        r.buf.resize(old + want, 0);
+                        let file = &r.file.as_ref().unwrap_or_else(|| unreachable!()).1;
+                        match file.read_exact_at(&mut r.buf[old..], end) {
                             Ok(()) => continue,
                             Err(e) => {
-                                reader.buf.truncate(old);
+                                r.buf.truncate(old);
                                 tracing::error!(dir = %self.dir.display(), error = %e, "Disk buffer read failed.");
                                 break;
                             }
@@ -750,16 +830,16 @@ impl DiskBuffer {
                     }
                     s.reader.expect = s.reader.expect.max(g.end);
                     s.reader.seg = None;
+                    s.reader.file = None;
                     s.reader.buf.clear();
                 }
             }
         }
         if corrupt > 0 {
             self.counters.dropped_corrupt.fetch_add(corrupt, Relaxed);
-            self.counters.buffered.fetch_sub(
-                corrupt.min(self.counters.buffered.load(Relaxed)),
-                Relaxed,
-            );
+            self.counters
+                .buffered
+                .fetch_sub(corrupt.min(self.counters.buffered.load(Relaxed)), Relaxed);
             tracing::error!(dir = %self.dir.display(), records = corrupt, "Disk buffer records failed their checksum; skipped (dropped_corrupt).");
         }
         n
@@ -805,7 +885,7 @@ impl DiskBuffer {
             last + 1
         };
         self.persist(&mut s);
-        let reading = s.reader.seg.as_ref().map(|(f, _)| *f);
+        let reading = s.reader.seg;
         let mut freed = false;
         while s.segments.len() > 1
             && s.segments
@@ -1073,16 +1153,29 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (b, c2) = open(d.path(), max, WhenFull::DropOldest);
         let mut dropped = 0;
+        let mut got = Vec::new();
         for s in 0..300 {
             if let Offer::DroppedOldest(n) = b.offer(msg(s)) {
                 dropped += n;
             }
+            if s == 10 {
+                // The reader is inside the first segment, its results in flight.
+                let mut out = Vec::new();
+                b.take(5, &mut out, Duration::ZERO);
+                got.extend(out.iter().map(|m| m.seq));
+            }
         }
-        let got = take_all(&b);
+        assert!(dropped > 0);
+        got.extend(take_all(&b));
         assert_eq!(got.len() as u64 + dropped, 300);
+        assert_eq!(&got[..5], [0, 1, 2, 3, 4]);
         assert_eq!(*got.last().unwrap(), 299);
         assert!(got.windows(2).all(|w| w[0] < w[1]));
-        assert_eq!(c2.dropped_corrupt.load(Relaxed), 0, "drops are not corruption");
+        assert_eq!(
+            c2.dropped_corrupt.load(Relaxed),
+            0,
+            "drops are not corruption"
+        );
         assert_eq!(c.dropped_corrupt.load(Relaxed), 0);
     }
 

@@ -14,8 +14,8 @@ use super::mqtt::config::{MqttConfig, MqttSettings};
 use super::nats::config::{NatsConfig, NatsSettings};
 use super::redis::config::{RedisConfig, RedisSettings};
 pub use super::settings::{
-    Ctx, Delivery, DeliveryConfig, HostPort, Login, LoginConfig, PartReader, Problem, Secret,
-    SinkKind, TlsConfig, TlsFiles, TokenConfig, Url, WhenFull, parse_url, redact, BufferType,
+    BufferType, Ctx, Delivery, DeliveryConfig, HostPort, Login, LoginConfig, PartReader, Problem,
+    Secret, SinkKind, TlsConfig, TlsFiles, TokenConfig, Url, WhenFull, parse_url, redact,
 };
 
 /// The keys every sink has: its type and name.
@@ -286,6 +286,29 @@ mod tests {
         };
         let (c, keys) = cfg(text);
         validate(&c, &keys, "s".into(), &ctx)
+    }
+
+    #[test]
+    fn disk_buffer_keys_are_checked() {
+        let s =
+            check("type = \"jsonl\"\nname = \"out\"\nbuffer_type = \"disk\"\nmax_bytes = 1048576")
+                .unwrap();
+        let d = s.delivery.disk.expect("a disk buffer");
+        assert_eq!(d.max_bytes, 1 << 20);
+        assert_eq!(d.segment_bytes, 128 << 10);
+        assert_eq!(d.dir, Path::new("./poolpipe-data/p/s"));
+        let keys = |text: &str| -> Vec<String> {
+            check(text)
+                .unwrap_err()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(keys("type = \"jsonl\"\nmax_bytes = 1048576"), ["max_bytes"]);
+        assert_eq!(
+            keys("type = \"jsonl\"\nbuffer_type = \"disk\"\nbuffer = 5\nmax_bytes = 100"),
+            ["buffer", "max_bytes"]
+        );
     }
 
     #[test]
