@@ -1000,4 +1000,105 @@ mod tests {
         assert!(sum.balanced(), "{sum:?}");
         assert_eq!(sum.left_at_shutdown + sum.dropped_overflow, 6);
     }
+
+    /// A destination down until `up_at`, then accepting everything.
+    struct DownUntil {
+        up_at: Instant,
+        got: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl Transport for DownUntil {
+        fn connect(&mut self) -> Result<(), Failure> {
+            if Instant::now() < self.up_at {
+                return Err(Failure::retriable("connection refused"));
+            }
+            Ok(())
+        }
+        fn send(&mut self, batch: &[Message]) -> Result<(), Failure> {
+            self.connect()?;
+            self.got.lock().unwrap().extend(batch.iter().map(|m| m.seq));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_small_disk_buffer_in_an_outage_follows_its_policy_and_counts_like_memory() {
+        for policy in [WhenFull::DropOldest, WhenFull::DropNewest, WhenFull::Block] {
+            let dir = tempfile::tempdir().unwrap();
+            // About 300 results fit; 2000 are offered while the destination is down for 0.3 s
+            // (forever for the dropping policies, which never wait).
+            let down = match policy {
+                WhenFull::Block => Duration::from_millis(300),
+                _ => Duration::from_secs(3600),
+            };
+            let got = Arc::new(Mutex::new(Vec::new()));
+            let t = DownUntil {
+                up_at: Instant::now() + down,
+                got: got.clone(),
+            };
+            let mut disk = super::super::disk::DiskSettings::new(
+                dir.path().to_path_buf(),
+                16 << 10,
+                Duration::from_millis(100),
+            );
+            disk.segment_bytes = 2 << 10;
+            let d = Delivery {
+                when_full: policy,
+                flush_timeout: Duration::from_millis(100),
+                disk: Some(disk),
+                ..delivery(16)
+            };
+            let counters = Arc::new(SinkCounters::default());
+            let mut h = SinkHandle::start("d".into(), Box::new(t), false, &d, counters).unwrap();
+            let t0 = Instant::now();
+            for s in 0..2000 {
+                h.offer(msg(s));
+            }
+            let waited = t0.elapsed();
+            let sum = h.close();
+            assert!(sum.balanced(), "{policy:?}: {sum:?}");
+            assert_eq!(sum.offered, 2000);
+            let got = got.lock().unwrap().clone();
+            assert!(
+                got.windows(2).all(|w| w[0] < w[1]),
+                "{policy:?}: out of order"
+            );
+            match policy {
+                WhenFull::Block => {
+                    assert!(
+                        waited >= Duration::from_millis(200),
+                        "{policy:?} did not wait"
+                    );
+                    assert_eq!((sum.delivered, sum.dropped_overflow), (2000, 0), "{sum:?}");
+                    assert_eq!(got, (0..2000).collect::<Vec<_>>());
+                }
+                _ => {
+                    assert!(sum.dropped_overflow > 1000, "{policy:?}: {sum:?}");
+                    assert_eq!(sum.delivered, 0);
+                    assert_eq!(sum.left_at_shutdown + sum.dropped_overflow, 2000);
+                }
+            }
+            // What was left is on disk for the next run, the newest (drop_oldest) or the
+            // oldest (drop_newest) kept.
+            if policy != WhenFull::Block {
+                let c = Arc::new(SinkCounters::default());
+                let b = super::super::disk::DiskBuffer::open(
+                    d.disk.as_ref().unwrap(),
+                    policy,
+                    c.clone(),
+                )
+                .unwrap();
+                assert_eq!(c.recovered.load(Relaxed), sum.left_at_shutdown);
+                let mut out = Vec::new();
+                b.take(5000, &mut out, Duration::ZERO);
+                let first = out.first().unwrap().seq;
+                let last = out.last().unwrap().seq;
+                if policy == WhenFull::DropOldest {
+                    assert_eq!(last, 1999);
+                } else {
+                    assert_eq!(first, 0);
+                }
+            }
+        }
+    }
 }

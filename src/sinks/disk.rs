@@ -167,9 +167,8 @@ struct State {
     /// The newest results, in memory too (see [`TAIL_BYTES`]).
     tail: VecDeque<Tail>,
     tail_bytes: usize,
-    /// Ids of segments dropped for room (`drop_oldest`) the reader has not passed yet: not
-    /// corruption when it finds them missing.
-    dropped: Option<(u64, u64)>,
+    /// Results on disk not yet read (nor dropped, nor found corrupt).
+    pending: u64,
     closed: bool,
     released: bool,
     record: Vec<u8>,
@@ -447,7 +446,11 @@ impl DiskBuffer {
             let _ = std::fs::remove_file(segment_path(dir, s.first));
             bytes -= s.len;
         }
-        let recovered = next_id - acked;
+        // Ids missing between segments were dropped for room (counted then).
+        let recovered: u64 = segments
+            .iter()
+            .map(|g| g.end.saturating_sub(g.first.max(acked)))
+            .sum();
         let writer = OpenOptions::new()
             .create(true)
             .append(true)
@@ -502,7 +505,7 @@ impl DiskBuffer {
                 unsynced: Vec::new(),
                 tail: VecDeque::new(),
                 tail_bytes: 0,
-                dropped: None,
+                pending: recovered,
                 closed: false,
                 released: false,
                 record: Vec::new(),
@@ -598,6 +601,7 @@ impl DiskBuffer {
         }
         let n = record.len() as u64;
         s.next_id += 1;
+        s.pending += 1;
         s.bytes += n;
         s.dirty = true;
         let next = s.next_id;
@@ -650,14 +654,8 @@ impl DiskBuffer {
         let n = g.end - from;
         if s.reader.expect >= g.first {
             s.reader.expect = g.end;
-        } else {
-            // The reader will find these ids missing: dropped, not corrupt. Dropped segments
-            // always follow the reader's, so the range stays contiguous.
-            s.dropped = Some(match s.dropped {
-                Some((a, b)) if b == g.first => (a, g.end),
-                _ => (g.first, g.end),
-            });
         }
+        s.pending -= n;
         let tail_bytes: usize = s
             .tail
             .iter()
@@ -682,7 +680,7 @@ impl DiskBuffer {
                 .0;
             n = self.read(&mut s, max, out);
         }
-        let open = !(s.closed && n == 0 && s.reader.expect >= s.next_id);
+        let open = !(s.closed && n == 0 && Self::unread(&s) == 0);
         drop(s);
         self.maybe_sync();
         open
@@ -711,6 +709,7 @@ impl DiskBuffer {
                 r.buf.clear();
                 r.buf_at = t.end;
                 r.expect = t.id + 1;
+                s.pending -= 1;
                 s.taken.push_back(t.id);
                 out.push(t.message);
                 n += 1;
@@ -729,17 +728,7 @@ impl DiskBuffer {
                 else {
                     break;
                 };
-                if g.first > expect && expect < s.next_id {
-                    // Missing between `expect` and this segment: dropped for room (counted
-                    // then), or lost (the end of a segment that could not be read).
-                    let dropped = s
-                        .dropped
-                        .map_or(0, |(a, b)| b.min(g.first).saturating_sub(a.max(expect)));
-                    corrupt += g.first - expect - dropped;
-                }
-                if s.dropped.is_some_and(|(_, b)| b <= g.first) {
-                    s.dropped = None;
-                }
+                // Ids missing before this segment were dropped for room (and counted then).
                 s.reader.expect = s.reader.expect.max(g.first);
                 s.reader.seg = Some(g.first);
                 s.reader.buf.clear();
@@ -761,6 +750,7 @@ impl DiskBuffer {
                     }
                     corrupt += r.id - s.reader.expect;
                     s.reader.expect = r.id + 1;
+                    s.pending -= 1;
                     s.taken.push_back(r.id);
                     let offered = if r.id < s.recovered_end {
                         self.base
@@ -824,10 +814,9 @@ impl DiskBuffer {
                         s.reader.buf_at += i as u64;
                         continue;
                     }
-                    // What is left is a torn or bad record.
-                    if !s.reader.buf.is_empty() && s.reader.expect < g.end {
-                        corrupt += records_in(&s.reader.buf).min(g.end - s.reader.expect);
-                    }
+                    // What is left is torn or bad: the segment's ids not found (its end counts
+                    // one per record start in bad bytes at its end, see `open`).
+                    corrupt += g.end.saturating_sub(s.reader.expect);
                     s.reader.expect = s.reader.expect.max(g.end);
                     s.reader.seg = None;
                     s.reader.file = None;
@@ -836,6 +825,7 @@ impl DiskBuffer {
             }
         }
         if corrupt > 0 {
+            s.pending = s.pending.saturating_sub(corrupt);
             self.counters.dropped_corrupt.fetch_add(corrupt, Relaxed);
             self.counters
                 .buffered
@@ -969,10 +959,7 @@ impl DiskBuffer {
     /// At shutdown: leaves the unread results on disk for the next run (made durable) and
     /// returns how many.
     pub fn leave(&self) -> usize {
-        let n = {
-            let s = self.lock();
-            s.next_id.saturating_sub(s.reader.expect) as usize
-        };
+        let n = Self::unread(&self.lock()) as usize;
         self.sync();
         self.room.notify_all();
         n
@@ -980,8 +967,12 @@ impl DiskBuffer {
 
     /// Results written and not yet read.
     pub fn len(&self) -> usize {
-        let s = self.lock();
-        s.next_id.saturating_sub(s.reader.expect) as usize
+        Self::unread(&self.lock()) as usize
+    }
+
+    /// Results on disk not yet read.
+    fn unread(s: &State) -> u64 {
+        s.pending
     }
 
     /// Whether nothing waits to be read.
