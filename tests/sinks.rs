@@ -1260,20 +1260,33 @@ fn disk_sink(head: &str) -> String {
     )
 }
 
+/// With the broker stopped, runs a pipeline of 2 x `n` results to the disk-buffered sink
+/// `head` (its type names it) and kills it with SIGKILL once they are all offered. Returns the
+/// pipeline and the results it published.
+fn crash_during_outage(
+    dir: &Path,
+    broker: &mut Broker,
+    head: &str,
+    n: u32,
+) -> (PathBuf, Vec<Value>) {
+    broker.stop(true);
+    let kind = head.split('"').nth(1).unwrap();
+    let p = pipeline(dir, n, 0, &disk_sink(head));
+    run_and_kill(&p, kind, 2 * u64::from(n));
+    let first = read_jsonl(&dir.join("truth.jsonl"));
+    assert_eq!(first.len(), 2 * n as usize);
+    (p, first)
+}
+
 #[test]
 fn a_disk_buffer_delivers_after_kill_9_what_the_broker_never_got() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = mosquitto(dir.path(), None);
-    broker.stop(true);
-    let sink = disk_sink(&format!(
+    let head = format!(
         "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1:{}\"\ntopic = \"cams/{{stream}}/results\"",
         broker.port
-    ));
-    // 2 x 2,500 results while the broker is down; then SIGKILL.
-    let p = pipeline(dir.path(), 2500, 0, &sink);
-    run_and_kill(&p, "mqtt", 5000);
-    let first = read_jsonl(&dir.path().join("truth.jsonl"));
-    assert_eq!(first.len(), 5000);
+    );
+    let (p, first) = crash_during_outage(dir.path(), &mut broker, &head, 2500);
     let buffer = dir.path().join("poolpipe-data/sinks/mqtt");
     assert!(
         buffer.join("lock").is_file(),
@@ -1306,14 +1319,11 @@ fn a_disk_buffer_delivers_after_kill_9_what_the_broker_never_got() {
 fn a_torn_tail_and_a_flipped_byte_lose_only_those_records_and_are_counted() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = redis(dir.path(), None);
-    broker.stop(false);
-    let sink = disk_sink(&format!(
+    let head = format!(
         "type = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\ntopic = \"cams:{{stream}}\"",
         broker.port
-    ));
-    let p = pipeline(dir.path(), 1000, 0, &sink);
-    run_and_kill(&p, "redis", 2000);
-    let first = read_jsonl(&dir.path().join("truth.jsonl"));
+    );
+    let (p, first) = crash_during_outage(dir.path(), &mut broker, &head, 1000);
     // The crash tore the last record, and a byte in the middle flipped.
     let buffer = dir.path().join("poolpipe-data/sinks/redis");
     let mut segs: Vec<PathBuf> = std::fs::read_dir(&buffer)

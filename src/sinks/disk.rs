@@ -1067,22 +1067,34 @@ mod tests {
         v
     }
 
-    #[test]
-    fn a_torn_tail_and_a_flipped_byte_are_skipped_and_counted() {
-        let d = tempfile::tempdir().unwrap();
-        let (b, _) = open(d.path(), 1 << 20, WhenFull::Block);
-        for s in 0..50 {
+    /// Writes `n` results, lets `damage` change the segment (given the size of a record), and
+    /// opens the buffer again.
+    fn damaged(
+        d: &Path,
+        n: u64,
+        damage: impl FnOnce(&mut Vec<u8>, usize),
+    ) -> (DiskBuffer, Arc<SinkCounters>) {
+        let (b, _) = open(d, 1 << 20, WhenFull::Block);
+        for s in 0..n {
             b.offer(msg(s));
         }
         drop(b);
-        let seg = &segments(d.path())[0];
+        let seg = &segments(d)[0];
         let mut data = std::fs::read(seg).unwrap();
-        let rec = data.len() / 50;
-        // A flipped byte in record 20's payload, and the last record torn in half.
-        data[20 * rec + rec / 2] ^= 0x40;
-        data.truncate(data.len() - rec / 2);
+        let rec = data.len() / n as usize;
+        damage(&mut data, rec);
         std::fs::write(seg, &data).unwrap();
-        let (b, c) = open(d.path(), 1 << 20, WhenFull::Block);
+        open(d, 1 << 20, WhenFull::Block)
+    }
+
+    #[test]
+    fn a_torn_tail_and_a_flipped_byte_are_skipped_and_counted() {
+        let d = tempfile::tempdir().unwrap();
+        // A flipped byte in record 20's payload, and the last record torn in half.
+        let (b, c) = damaged(d.path(), 50, |data, rec| {
+            data[20 * rec + rec / 2] ^= 0x40;
+            data.truncate(data.len() - rec / 2);
+        });
         assert_eq!(c.recovered.load(Relaxed), 50);
         let got = take_all(&b);
         let want: Vec<u64> = (0..49).filter(|&s| s != 20).collect();
@@ -1096,17 +1108,8 @@ mod tests {
     #[test]
     fn a_flipped_length_resynchronises_on_the_next_record() {
         let d = tempfile::tempdir().unwrap();
-        let (b, _) = open(d.path(), 1 << 20, WhenFull::Block);
-        for s in 0..10 {
-            b.offer(msg(s));
-        }
-        drop(b);
-        let seg = &segments(d.path())[0];
-        let mut data = std::fs::read(seg).unwrap();
-        let rec = data.len() / 10;
-        data[3 * rec + 5] ^= 0x7f; // the length of record 3
-        std::fs::write(seg, &data).unwrap();
-        let (b, c) = open(d.path(), 1 << 20, WhenFull::Block);
+        // The length of record 3.
+        let (b, c) = damaged(d.path(), 10, |data, rec| data[3 * rec + 5] ^= 0x7f);
         let want: Vec<u64> = (0..10).filter(|&s| s != 3).collect();
         assert_eq!(take_all(&b), want);
         assert_eq!(c.dropped_corrupt.load(Relaxed), 1);
