@@ -88,14 +88,14 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:<8} {:>12} {:>8} {:>8} {:<16} {:>12} {:>7}  note",
+            "{:<12} {:>12} {:>8} {:>8} {:<16} {:>12} {:>7}  note",
             "sink", "results/s", "p50 ms", "p99 ms", "tool", "tool msg/s", "ratio"
         );
         let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
         for r in &self.rows {
             let _ = writeln!(
                 s,
-                "{:<8} {:>12.0} {:>8} {:>8} {:<16} {:>12} {:>7}  {}",
+                "{:<12} {:>12.0} {:>8} {:>8} {:<16} {:>12} {:>7}  {}",
                 r.sink,
                 r.results_per_s,
                 f(r.p50_ms, 2),

@@ -1043,8 +1043,22 @@ mod tests {
             (30..100).collect::<Vec<_>>()
         );
         assert_eq!(out[0].payload, msg(30).payload);
+        assert_eq!((&*out[0].stream, out[0].rule.as_deref(), out[0].part), ("cam", None, 0));
         // 30..40 were sent before the crash: counted as possibly sent twice.
         assert_eq!(b.sending(70), 10);
+        // An event keeps its rule and part.
+        let event = Message {
+            rule: Some("door-in".into()),
+            part: 2,
+            ..msg(7)
+        };
+        b.offer(event);
+        drop(b);
+        let (b, _) = open(d.path(), 1 << 20, WhenFull::Block);
+        let mut out = Vec::new();
+        b.take(1000, &mut out, Duration::ZERO);
+        let e = out.last().unwrap();
+        assert_eq!((e.seq, e.rule.as_deref(), e.part), (7, Some("door-in"), 2));
     }
 
     #[test]
