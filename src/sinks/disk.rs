@@ -1043,7 +1043,10 @@ mod tests {
             (30..100).collect::<Vec<_>>()
         );
         assert_eq!(out[0].payload, msg(30).payload);
-        assert_eq!((&*out[0].stream, out[0].rule.as_deref(), out[0].part), ("cam", None, 0));
+        assert_eq!(
+            (&*out[0].stream, out[0].rule.as_deref(), out[0].part),
+            ("cam", None, 0)
+        );
         // 30..40 were sent before the crash: counted as possibly sent twice.
         assert_eq!(b.sending(70), 10);
         // An event keeps its rule and part.
