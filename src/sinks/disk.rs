@@ -33,7 +33,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::delivery::{Message, Offer, SinkCounters};
+use super::message::{Message, Offer, SinkCounters};
+pub use super::settings::DiskSettings;
 use super::settings::WhenFull;
 
 /// Marks the start of a record.
@@ -49,31 +50,6 @@ const MAX_RECORD: usize = 64 << 20;
 const TAIL_BYTES: usize = 8 << 20;
 /// Bytes read from a segment at a time.
 const CHUNK: usize = 256 << 10;
-
-/// Settings of a disk buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskSettings {
-    /// The buffer's own folder.
-    pub dir: PathBuf,
-    /// Most bytes of segments on disk.
-    pub max_bytes: u64,
-    /// How often new writes are made durable.
-    pub fsync: Duration,
-    /// Bytes at which a segment is closed and a new one started.
-    pub segment_bytes: u64,
-}
-
-impl DiskSettings {
-    /// Settings with segments of an eighth of `max_bytes` (4 KiB to 8 MiB).
-    pub fn new(dir: PathBuf, max_bytes: u64, fsync: Duration) -> Self {
-        Self {
-            dir,
-            max_bytes,
-            fsync,
-            segment_bytes: (max_bytes / 8).clamp(4 << 10, 8 << 20),
-        }
-    }
-}
 
 /// Errors opening a disk buffer.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,7 @@ pub mod disk;
 pub mod http;
 pub mod jsonl;
 pub mod kafka;
+pub mod message;
 pub mod mqtt;
 pub mod nats;
 pub mod redis;

@@ -205,7 +205,7 @@ pub struct Delivery {
     /// Which messages it takes.
     pub messages: Messages,
     /// `buffer_type = "disk"`: the buffer's folder and limits (None: in memory).
-    pub disk: Option<super::disk::DiskSettings>,
+    pub disk: Option<DiskSettings>,
 }
 
 impl Default for Delivery {
@@ -220,6 +220,31 @@ impl Default for Delivery {
             flush_timeout: Duration::from_millis(5000),
             messages: Messages::All,
             disk: None,
+        }
+    }
+}
+
+/// Settings of a disk buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSettings {
+    /// The buffer's own folder.
+    pub dir: PathBuf,
+    /// Most bytes of segments on disk.
+    pub max_bytes: u64,
+    /// How often new writes are made durable.
+    pub fsync: Duration,
+    /// Bytes at which a segment is closed and a new one started.
+    pub segment_bytes: u64,
+}
+
+impl DiskSettings {
+    /// Settings with segments of an eighth of `max_bytes` (4 KiB to 8 MiB).
+    pub fn new(dir: PathBuf, max_bytes: u64, fsync: Duration) -> Self {
+        Self {
+            dir,
+            max_bytes,
+            fsync,
+            segment_bytes: (max_bytes / 8).clamp(4 << 10, 8 << 20),
         }
     }
 }
@@ -407,7 +432,7 @@ impl DeliveryConfig {
                 if max_bytes < 64 << 10 {
                     problems.push(("max_bytes".into(), "at least 65536 (64 KiB)".into()));
                 }
-                Some(super::disk::DiskSettings::new(
+                Some(DiskSettings::new(
                     ctx.buffer_dir(name),
                     max_bytes,
                     Duration::from_millis(fsync),
