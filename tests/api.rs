@@ -440,6 +440,11 @@ fn off_loopback_the_api_needs_the_token() {
     );
     let port = api.rsplit(':').next().unwrap();
     let local = format!("http://127.0.0.1:{port}");
+    // The API listens before the sources start: `a` is `starting` for a moment.
+    let until = Instant::now() + Duration::from_secs(20);
+    while state_of(&local, "a", Some("s3cret-token")) == "starting" && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for path in ["/status", "/metrics"] {
         let (code, body) = http("GET", &format!("{local}{path}"), None, None);
         assert_eq!(code, 401, "{path} without a token: {body}");

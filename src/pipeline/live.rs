@@ -74,6 +74,8 @@ struct RunningSource {
 #[derive(Default)]
 struct SourceSet {
     running: BTreeMap<String, RunningSource>,
+    /// Whether the pipeline file's sources were started (the API listens before they are).
+    started: bool,
     /// Threads of removed streams, joined at shutdown.
     retired: Vec<JoinHandle<()>>,
 }
@@ -281,6 +283,7 @@ impl Live {
     pub(super) fn start_sources(&self) -> Result<(), LiveError> {
         let specs = lock(&self.pipeline).sources.clone();
         let mut set = lock(&self.sources);
+        set.started = true;
         for s in specs {
             let r = self.spawn(s.clone())?;
             set.running.insert(s.name, r);
@@ -384,10 +387,21 @@ impl Live {
         )
     }
 
-    /// Names of the streams running now, with their state (`running` or `ended`).
+    /// Names of the streams running now, with their state (`running` or `ended`); before the
+    /// sources start, the pipeline file's streams are `starting`.
     pub fn stream_states(&self) -> BTreeMap<String, (&'static str, String, bool)> {
-        lock(&self.sources)
-            .running
+        let set = lock(&self.sources);
+        if !set.started {
+            return lock(&self.pipeline)
+                .sources
+                .iter()
+                .map(|s| {
+                    let state = ("starting", s.redacted_uri(), s.is_live());
+                    (s.name.clone(), state)
+                })
+                .collect();
+        }
+        set.running
             .iter()
             .map(|(n, r)| {
                 let state = if r.thread.is_finished() {
