@@ -28,7 +28,11 @@ impl LoadArgs {
         LoadOptions {
             plan: self.plan.clone(),
             profiles: self.profiles.clone(),
-            data_dir: self.data_dir.clone(),
+            // Relative to the working folder, as given (not to the pipeline file).
+            data_dir: self
+                .data_dir
+                .as_ref()
+                .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone())),
         }
     }
 }

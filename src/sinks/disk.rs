@@ -150,6 +150,15 @@ struct State {
     record: Vec<u8>,
 }
 
+impl State {
+    /// Drops the oldest result kept in memory, returning it.
+    fn pop_tail(&mut self) -> Option<Tail> {
+        let t = self.tail.pop_front()?;
+        self.tail_bytes -= t.message.payload.len();
+        Some(t)
+    }
+}
+
 /// A sink buffer on disk. See the module documentation.
 #[derive(Debug)]
 pub struct DiskBuffer {
@@ -504,11 +513,6 @@ impl DiskBuffer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Appends a result, applying the policy when `max_bytes` is reached or the disk is full
     /// (`block` waits for acknowledgements to free a segment). `DroppedOldest(n)`: the `n`
     /// oldest unread results were dropped (a whole segment) to make room.
@@ -536,9 +540,6 @@ impl DiskBuffer {
                     }
                     Err(e) => {
                         tracing::warn!(dir = %self.dir.display(), error = %e, "Disk buffer write failed (disk full?); applying when_full.");
-                        if need > self.max_bytes {
-                            break Offer::DroppedNewest;
-                        }
                     }
                 }
             } else if need > self.max_bytes {
@@ -592,10 +593,7 @@ impl DiskBuffer {
             end: len + n,
         });
         s.tail_bytes += m.payload.len();
-        while s.tail_bytes > TAIL_BYTES {
-            let Some(t) = s.tail.pop_front() else { break };
-            s.tail_bytes -= t.message.payload.len();
-        }
+        while s.tail_bytes > TAIL_BYTES && s.pop_tail().is_some() {}
         if len + n >= self.segment_bytes {
             // Close the segment; the next sync makes it durable (never in the offering thread).
             let f = OpenOptions::new()
@@ -670,18 +668,13 @@ impl DiskBuffer {
         while n < max {
             // Kept in memory: no read, no decoding.
             while s.tail.front().is_some_and(|t| t.id < s.reader.expect) {
-                let t = s.tail.pop_front().unwrap_or_else(|| unreachable!());
-                s.tail_bytes -= t.message.payload.len();
+                s.pop_tail();
             }
-            if let Some(t) = s.tail.front()
-                && t.id == s.reader.expect
+            if s.tail.front().is_some_and(|t| t.id == s.reader.expect)
+                && let Some(t) = s.pop_tail()
             {
-                let t = s.tail.pop_front().unwrap_or_else(|| unreachable!());
-                s.tail_bytes -= t.message.payload.len();
                 let r = &mut s.reader;
-                if r.seg != Some(t.seg) {
-                    r.seg = Some(t.seg);
-                }
+                r.seg = Some(t.seg);
                 r.buf.clear();
                 r.buf_at = t.end;
                 r.expect = t.id + 1;
@@ -937,7 +930,6 @@ impl DiskBuffer {
     pub fn leave(&self) -> usize {
         let n = Self::unread(&self.lock()) as usize;
         self.sync();
-        self.room.notify_all();
         n
     }
 
@@ -1108,14 +1100,17 @@ mod tests {
         assert_eq!(c.dropped_corrupt.load(Relaxed), 1);
     }
 
+    /// Bytes of one test record.
+    fn record_len() -> u64 {
+        let mut v = Vec::new();
+        encode(&mut v, 0, 0, &msg(0));
+        v.len() as u64
+    }
+
     #[test]
     fn acknowledged_segments_are_deleted_and_max_bytes_applies_the_policy() {
         let d = tempfile::tempdir().unwrap();
-        let rec = {
-            let mut v = Vec::new();
-            encode(&mut v, 0, 0, &msg(0));
-            v.len() as u64
-        };
+        let rec = record_len();
         // Room for 200 records; segments of 25.
         let max = 200 * rec;
         let (b, c) = open(d.path(), max, WhenFull::DropNewest);
@@ -1169,11 +1164,7 @@ mod tests {
     #[test]
     fn block_waits_for_acknowledgements_to_free_a_segment() {
         let d = tempfile::tempdir().unwrap();
-        let rec = {
-            let mut v = Vec::new();
-            encode(&mut v, 0, 0, &msg(0));
-            v.len() as u64
-        };
+        let rec = record_len();
         let (b, _) = open(d.path(), 100 * rec, WhenFull::Block);
         let b = Arc::new(b);
         let writer = {

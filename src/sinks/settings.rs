@@ -335,23 +335,17 @@ pub struct Ctx<'a> {
     pub dir: &'a Path,
     /// Looks up environment variables (a closure so tests need not touch the process env).
     pub env: &'a dyn Fn(&str) -> Option<String>,
-    /// `--data-dir`: where disk buffers live (else POOLPIPE_DATA_DIR, else `poolpipe-data`
-    /// beside the pipeline file).
+    /// `--data-dir` (or POOLPIPE_DATA_DIR, read by the command line): where disk buffers live;
+    /// else `poolpipe-data` beside the pipeline file.
     pub data_dir: Option<&'a Path>,
 }
 
 impl Ctx<'_> {
     /// The folder of sink `name`'s disk buffer: `<data dir>/<pipeline>/<name>`.
     pub fn buffer_dir(&self, name: &str) -> std::path::PathBuf {
-        let root = match (self.data_dir, (self.env)("POOLPIPE_DATA_DIR")) {
-            (Some(d), _) => d.to_path_buf(),
-            (None, Some(d)) if !d.is_empty() => d.into(),
-            _ => self.dir.join("poolpipe-data"),
-        };
-        let root = if root.is_relative() {
-            self.dir.join(root)
-        } else {
-            root
+        let root = match self.data_dir {
+            Some(d) => d.to_path_buf(),
+            None => self.dir.join("poolpipe-data"),
         };
         root.join(self.pipeline).join(name)
     }
