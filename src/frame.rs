@@ -220,8 +220,61 @@ pub enum StageOutput {
     Emulated(EmulatedRun),
     /// A stage ran blocks of a cut model and passed the activation on.
     Partial(PartialRun),
+    /// A per-stream recurrent cell's step on this frame.
+    State(StreamStep),
+    /// What a recurrent decoder read from each item (the frame, or each box).
+    Decoded(Vec<DecodedItem>),
     /// Nothing (a pass-through stage).
     Nothing,
+}
+
+/// One step of a per-stream recurrent cell.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StreamStep {
+    /// Steps the stream's state has taken, this one included (1 at the stream's first frame).
+    pub step: u64,
+    /// The cell's published output for this frame.
+    #[serde(serialize_with = "round4_vec")]
+    pub output: Vec<f32>,
+    /// Its largest entry, labelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top: Option<Class>,
+}
+
+/// Why a decoded item ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeEnd {
+    /// The cell emitted the end token.
+    EndToken,
+    /// It ran its step limit.
+    MaxSteps,
+}
+
+/// The tokens a recurrent decoder emitted for one item.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DecodedItem {
+    /// The box it read (absent where the item is the whole frame).
+    #[serde(rename = "box", skip_serializing_if = "Option::is_none")]
+    pub bbox: Option<BBox>,
+    /// Token ids, the end token left out.
+    pub tokens: Vec<u32>,
+    /// The tokens as text, where the model names its tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Steps it ran.
+    pub steps: u32,
+    /// Why it ended.
+    pub end: DecodeEnd,
+}
+
+fn round4_vec<S: serde::Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for x in v {
+        seq.serialize_element(&((*x as f64 * 1e4).round() / 1e4))?;
+    }
+    seq.end()
 }
 
 /// Blocks of a cut model that a stage ran.

@@ -71,6 +71,7 @@ pub mod pipeline;
 pub mod planner;
 pub mod postprocess;
 pub mod profile;
+pub mod recurrent;
 pub mod progress;
 pub mod rtsp;
 pub mod sim;

@@ -409,7 +409,13 @@ impl Stats {
             .zip(&self.stage_names)
             .map(|(c, name)| {
                 let batches = c.batches.load(Relaxed);
-                let out = c.frames_out.load(Relaxed) + c.failed.load(Relaxed);
+                // Frames per batch (a recurrent stage: rows per step).
+                let rows: u64 = c
+                    .batch_sizes
+                    .counts()
+                    .iter()
+                    .map(|(size, n)| *size as u64 * n)
+                    .sum();
                 StageSummary {
                     name: name.clone(),
                     frames_in: c.frames_in.load(Relaxed),
@@ -418,7 +424,7 @@ impl Stats {
                     failed: c.failed.load(Relaxed),
                     batches,
                     mean_batch: if batches > 0 {
-                        out as f64 / batches as f64
+                        rows as f64 / batches as f64
                     } else {
                         0.0
                     },

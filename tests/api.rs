@@ -3,110 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, assert_balanced, bin, header, read_summary, write};
+use common::{assert_balanced, bin, header, http, json, read_summary, start, stop, write};
 use serde_json::Value;
-
-/// One HTTP request: `(status, body)`.
-fn http(method: &str, url: &str, token: Option<&str>, body: Option<(&str, &str)>) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let result = match (method, body) {
-        ("GET", _) => {
-            let mut r = agent.get(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.call()
-        }
-        ("DELETE", _) => {
-            let mut r = agent.delete(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            r.call()
-        }
-        ("POST", b) => {
-            let mut r = agent.post(url);
-            if let Some(a) = &auth {
-                r = r.header("Authorization", a);
-            }
-            let (ctype, text) = b.unwrap_or(("application/json", ""));
-            r.header("Content-Type", ctype).send(text)
-        }
-        _ => unreachable!("{method}"),
-    };
-    let mut resp = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = resp.status().as_u16();
-    (status, resp.body_mut().read_to_string().unwrap_or_default())
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
-/// Starts `poolpipe run` with these extra arguments and waits for the API address it prints.
-fn start(
-    pipeline: &Path,
-    summary: &Path,
-    extra: &[&str],
-    envs: &[(&str, &str)],
-) -> (KillOnDrop, String) {
-    let mut child: Child = Command::new(bin())
-        .args(["run", pipeline.to_str().unwrap(), "--summary-json"])
-        .arg(summary)
-        .args(extra)
-        .envs(envs.iter().copied())
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start poolpipe");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && line.contains("HTTP API and metrics listening") {
-                let url = line
-                    .split("api=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .unwrap_or_default()
-                    .to_string();
-                let _ = tx.send(url);
-                sent = true;
-            }
-            eprintln!("poolpipe: {line}");
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("poolpipe printed where its API listens");
-    (KillOnDrop(child), url)
-}
-
-/// SIGTERM, then the exit status.
-fn stop(mut child: KillOnDrop) -> std::process::ExitStatus {
-    let pid = child.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < until, "poolpipe did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Published frames of each stream, from `/status`.
 fn published(api: &str) -> std::collections::HashMap<String, u64> {

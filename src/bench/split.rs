@@ -100,6 +100,7 @@ fn pipeline(
                 max_wait: Duration::from_millis(5),
                 queue: 8,
                 boxes_from: None,
+                batching: Default::default(),
                 flow: 0,
                 devices: Vec::new(),
             })

@@ -273,6 +273,7 @@ pub(super) fn planned_stages(
                         max_wait: Duration::ZERO,
                         queue: (2 * st.processes.max(1) as usize * p.batch).max(64),
                         boxes_from: None,
+                        batching: Default::default(),
                         flow: 0,
                         devices: Vec::new(),
                     }
@@ -340,6 +341,7 @@ mod tests {
             max_wait: Duration::ZERO,
             queue: 1,
             boxes_from: None,
+            batching: Default::default(),
             flow: 0,
             devices: vec![],
         }

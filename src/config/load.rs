@@ -11,7 +11,7 @@ use toml::de::DeValue;
 
 use super::diag::{ConfigErrors, Diagnostic};
 use super::flows::{PlanFile, check_cluster, planned_stages, read_plan, string_key};
-use super::manifest::{ModelKind, load_manifest};
+use super::manifest::{ModelKind, RecurrentMode, RecurrentParams, load_manifest};
 use super::parse::{ParsedFile, deserialize_part, read_config};
 use super::*;
 
@@ -58,6 +58,7 @@ fn load_str(path: &Path, text: &str, opts: &LoadOptions) -> Result<Pipeline, Con
         errors: Vec::new(),
         opts,
         flow_names: None,
+        onnxruntime: None,
     };
     let pipeline = v.pipeline();
     let mut errors = v.errors;
@@ -81,6 +82,7 @@ pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec
         errors: Vec::new(),
         opts: &opts,
         flow_names: None,
+        onnxruntime: None,
     };
     let extra: Vec<(String, Range<usize>)> = parsed
         .table
@@ -154,6 +156,8 @@ pub(super) struct Validator<'p, 'a> {
     opts: &'p LoadOptions,
     /// Names of the file's `[[flow]]`s (None: the file has none, or this is one stream).
     flow_names: Option<Vec<String>>,
+    /// The ONNX Runtime library the file names (for reading recurrent cells' tensors).
+    onnxruntime: Option<PathBuf>,
 }
 
 impl<'a> Validator<'_, 'a> {
@@ -275,6 +279,7 @@ impl<'a> Validator<'_, 'a> {
                     ),
                 );
             }
+            self.onnxruntime = h.onnxruntime.as_ref().map(|l| self.resolve(l));
             if let Some(lib) = &h.onnxruntime
                 && !self.resolve(lib).is_file()
             {
@@ -842,7 +847,16 @@ impl<'a> Validator<'_, 'a> {
                 _ => None,
             };
             let mut boxes_from = None;
-            if let Some(m) = &model {
+            let recurrent = model.as_ref().and_then(|m| m.recurrent.clone());
+            if let (Some(r), Some(m)) = (&recurrent, &model) {
+                boxes_from = self.recurrent_stage(&base, &c, r, m, device.as_ref(), &out);
+            } else if c.batching.is_some() {
+                self.err(
+                    &format!("{base}.batching"),
+                    "`batching` applies to stages of `kind = \"recurrent\"` models only",
+                );
+            }
+            if let Some(m) = model.as_ref().filter(|_| recurrent.is_none()) {
                 if i == 0 && m.kind == ModelKind::TextRecognize {
                     self.err(&format!("{base}.model"), "a text_recognize stage reads boxes of an earlier text_detect stage; it cannot come first");
                 }
@@ -906,6 +920,16 @@ impl<'a> Validator<'_, 'a> {
                 continue;
             };
             let policy = match (c.policy, &profile) {
+                // A recurrent stage learns its step latency as it runs.
+                (Some(PolicyKind::Aimd), _) if recurrent.is_some() => {
+                    self.err(
+                        &format!("{base}.policy"),
+                        "a recurrent stage batches per step: `deadline` (drops items that cannot finish in time) or `fixed`",
+                    );
+                    PolicyKind::Fixed
+                }
+                (Some(p), _) if recurrent.is_some() => p,
+                (None, _) if recurrent.is_some() => PolicyKind::Deadline,
                 (Some(PolicyKind::Deadline), None) => {
                     self.err(
                         &format!("{base}.policy"),
@@ -941,11 +965,97 @@ impl<'a> Validator<'_, 'a> {
                 max_wait: Duration::from_millis(c.max_wait_ms),
                 queue: c.queue as usize,
                 boxes_from,
+                batching: c.batching.unwrap_or_default(),
                 flow: 0,
                 devices: Vec::new(),
             });
         }
         ok.then_some(out)
+    }
+
+    /// Checks a recurrent stage: where its items come from (returns the position of the stage
+    /// whose boxes a decoder reads), its device, and its model's state tensors.
+    fn recurrent_stage(
+        &mut self,
+        base: &str,
+        c: &StageConfig,
+        r: &RecurrentParams,
+        m: &ModelManifest,
+        device: Option<&Device>,
+        earlier: &[StageSpec],
+    ) -> Option<usize> {
+        if device.is_some_and(|d| *d != Device::Cpu) {
+            self.err(
+                &format!("{base}.device"),
+                "a recurrent cell runs on `cpu` (emulated devices have no per-step profile)",
+            );
+        }
+        if c.profile.is_some() {
+            self.err(
+                &format!("{base}.profile"),
+                "a recurrent stage measures its step latency as it runs: it takes no profile",
+            );
+        }
+        let boxes_from = match &c.input {
+            None => None,
+            Some(name) => match earlier.iter().position(|s| &s.name == name) {
+                None => {
+                    self.err(
+                        &format!("{base}.input"),
+                        format!("no earlier stage named `{name}`"),
+                    );
+                    None
+                }
+                Some(j) => {
+                    let kind = earlier[j].model.kind;
+                    let per_box = matches!(kind, ModelKind::Detect | ModelKind::TextDetect);
+                    match (r.mode, per_box) {
+                        (RecurrentMode::Stream, true) => {
+                            self.err(
+                                &format!("{base}.input"),
+                                format!("stage `{name}` emits per-box items ({kind:?}), but a per-stream cell (`mode = \"stream\"` in {}) takes one item per frame: use `mode = \"decode\"`, or leave `input` out to step on whole frames", m.path.display()),
+                            );
+                            None
+                        }
+                        (RecurrentMode::Stream, false) => {
+                            self.err(
+                                &format!("{base}.input"),
+                                "a per-stream cell steps on whole frames: leave `input` out",
+                            );
+                            None
+                        }
+                        (RecurrentMode::Decode, false) => {
+                            self.err(
+                                &format!("{base}.input"),
+                                format!("stage `{name}` emits no boxes ({kind:?}): a decoder's `input` names a detect or text_detect stage"),
+                            );
+                            None
+                        }
+                        (RecurrentMode::Decode, true) => Some(j),
+                    }
+                }
+            },
+        };
+        if let Some(onnx) = &m.onnx
+            && onnx.is_file()
+        {
+            match crate::engine::ort::describe(onnx, self.onnxruntime.as_deref()) {
+                Ok(info) => {
+                    for problem in crate::recurrent::check_io(&info, m) {
+                        self.err(
+                            &format!("{base}.model"),
+                            format!("{}: {problem}", m.path.display()),
+                        );
+                    }
+                }
+                // Without the runtime the tensors are checked when the stage loads.
+                Err(crate::engine::EngineError::Runtime(e)) => {
+                    tracing::debug!(error = %e, "Recurrent cell not checked: no ONNX Runtime.")
+                }
+                Err(e) => self.err(&format!("{base}.model"), e.to_string()),
+            }
+        }
+        boxes_from
     }
 
     fn manifest(&mut self, base: &str, name: &str, engines_dir: &Path) -> Option<ModelManifest> {

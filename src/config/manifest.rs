@@ -34,6 +34,9 @@ pub enum ModelKind {
     Detect,
     /// Runs nothing; frames pass through (with the `noop` backend).
     Passthrough,
+    /// One step of a recurrent cell (`[recurrent]`): per-stream state over frames, or per-item
+    /// decoding until an end condition, with cellular batching.
+    Recurrent,
 }
 
 impl ModelKind {
@@ -280,6 +283,122 @@ impl Default for TextRecognizeParams {
     }
 }
 
+/// How a recurrent cell is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecurrentMode {
+    /// One step per frame of a stream; the stream's state is kept between its frames.
+    Stream,
+    /// Each item (the frame, or each box of an earlier stage) runs steps until its end
+    /// condition, from a fresh state.
+    Decode,
+}
+
+/// A state carried from one step to the next: the output `output` of a step is the input
+/// `input` of the next.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSpec {
+    /// The cell's state input.
+    pub input: String,
+    /// The cell's state output (same shape as the input).
+    pub output: String,
+    /// Model metadata key holding the initial state (comma-separated floats); else zeros.
+    #[serde(default)]
+    pub initial: Option<String>,
+}
+
+/// `feedback`: a decoder's input fed with the one-hot of the previous step's token.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackSpec {
+    /// The cell's token input (`[N, vocabulary]`; zeros at the first step).
+    pub input: String,
+}
+
+/// `[recurrent]`: a cell of a recurrent model, run one step per call.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecurrentParams {
+    /// Per-stream state or per-item decoding.
+    pub mode: RecurrentMode,
+    /// State inputs and outputs (at least one).
+    #[serde(default)]
+    pub state: Vec<StateSpec>,
+    /// The step output that is published (stream: the vector; decode: its argmax is the token).
+    pub output: String,
+    /// Decode: the previous token, fed back.
+    #[serde(default)]
+    pub feedback: Option<FeedbackSpec>,
+    /// Decode: the token that ends an item (argmax of `output`).
+    #[serde(default)]
+    pub end_token: Option<usize>,
+    /// Decode: the most steps an item runs (its end condition where there is no end token).
+    #[serde(default)]
+    pub max_steps: Option<u32>,
+    /// Model metadata key with the token strings (decode) or labels (stream), one per line.
+    #[serde(default)]
+    pub labels_metadata_key: Option<String>,
+}
+
+/// Most steps of a decoder without `max_steps` (an end token that never comes stops here).
+pub const DEFAULT_MAX_STEPS: u32 = 256;
+
+impl RecurrentParams {
+    /// The step limit of an item.
+    pub fn step_limit(&self) -> u32 {
+        match self.mode {
+            RecurrentMode::Stream => 1,
+            RecurrentMode::Decode => self.max_steps.unwrap_or(DEFAULT_MAX_STEPS),
+        }
+    }
+
+    /// Problems of these settings alone, as `(key under [recurrent], message)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.state.is_empty() {
+            out.push((
+                "state",
+                "a recurrent cell needs at least one state: `state = [{ input = \"h_in\", output = \"h_out\" }]`".to_string(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.state {
+            if !seen.insert(&s.input) || !seen.insert(&s.output) {
+                out.push(("state", format!("`{}`/`{}` is named twice", s.input, s.output)));
+            }
+        }
+        match self.mode {
+            RecurrentMode::Decode => {
+                if self.end_token.is_none() && self.max_steps.is_none() {
+                    out.push((
+                        "mode",
+                        "a decoder needs an end condition: `end_token = ID` (argmax of `output`) or `max_steps = N`, or both".to_string(),
+                    ));
+                }
+                if self.max_steps == Some(0) {
+                    out.push(("max_steps", "must be at least 1".to_string()));
+                }
+            }
+            RecurrentMode::Stream => {
+                for (key, set) in [
+                    ("end_token", self.end_token.is_some()),
+                    ("max_steps", self.max_steps.is_some()),
+                    ("feedback", self.feedback.is_some()),
+                ] {
+                    if set {
+                        out.push((
+                            key,
+                            "applies to `mode = \"decode\"` only (a per-stream cell runs one step per frame)".to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// A model manifest, with paths made absolute.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -312,6 +431,9 @@ pub struct ModelManifest {
     /// Object detector settings.
     #[serde(default)]
     pub detect: DetectParams,
+    /// Recurrent cell settings (`kind = "recurrent"`).
+    #[serde(default)]
+    pub recurrent: Option<RecurrentParams>,
     /// Folder of the model cut into blocks by `poolpipe split` (with `manifest.json`), for stages
     /// that run a block range of it.
     #[serde(default)]
@@ -335,6 +457,7 @@ impl ModelManifest {
             text_detect: TextDetectParams::default(),
             text_recognize: TextRecognizeParams::default(),
             detect: DetectParams::default(),
+            recurrent: None,
             split: None,
             path: PathBuf::new(),
         }
@@ -435,6 +558,25 @@ pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
                 s.display()
             ),
         );
+    }
+    match (&m.recurrent, m.kind) {
+        (None, ModelKind::Recurrent) => err(
+            "kind",
+            "a `recurrent` model needs a [recurrent] section (mode, state, output, ...)".into(),
+        ),
+        (Some(_), k) if k != ModelKind::Recurrent => err(
+            "recurrent",
+            format!("[recurrent] applies to `kind = \"recurrent\"` models, not `{k:?}`"),
+        ),
+        (Some(r), _) => {
+            for (key, msg) in r.problems() {
+                err(&format!("recurrent.{key}"), msg);
+            }
+            if m.backend != Backend::Onnxruntime {
+                err("backend", "a recurrent cell runs on the onnxruntime backend".into());
+            }
+        }
+        _ => {}
     }
     if m.classify.top_k == 0 {
         err("classify.top_k", "must be at least 1".into());

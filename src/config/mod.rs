@@ -29,8 +29,9 @@ pub use load::{
     load_source_str,
 };
 pub use manifest::{
-    Backend, ClassifyParams, DetectFormat, DetectParams, ImageSpec, Layout, ModelKind,
-    ModelManifest, Resize, TextDetectParams, TextRecognizeParams, class_filter, load_manifest,
+    Backend, ClassifyParams, DetectFormat, DetectParams, FeedbackSpec, ImageSpec, Layout,
+    ModelKind, ModelManifest, RecurrentMode, RecurrentParams, Resize, StateSpec,
+    TextDetectParams, TextRecognizeParams, class_filter, load_manifest,
 };
 
 /// `[pipeline]`: settings of the whole pipeline.
@@ -229,6 +230,10 @@ pub struct StageConfig {
     /// The `[[flow]]` this stage belongs to (may be left out when there is one flow).
     #[serde(default)]
     pub flow: Option<String>,
+    /// Recurrent stages: `cellular` (a step's batch is assembled anew from the items at that
+    /// step) or `padded` (whole groups of items run until the longest ends).
+    #[serde(default)]
+    pub batching: Option<crate::batcher::cell::CellBatching>,
 }
 
 fn default_margin_ms() -> f64 {
@@ -405,8 +410,11 @@ pub struct StageSpec {
     pub max_wait: Duration,
     /// Queue capacity in frames.
     pub queue: usize,
-    /// `text_recognize`: position (in its route) of the stage whose text boxes it reads.
+    /// `text_recognize` (and recurrent decoders over boxes): position (in its route) of the
+    /// stage whose boxes it reads.
     pub boxes_from: Option<usize>,
+    /// Recurrent stages: how a step's batch is formed.
+    pub batching: crate::batcher::cell::CellBatching,
     /// The flow it belongs to (index into [`Pipeline::flows`]).
     pub flow: usize,
     /// The device each worker runs on (`L4:0`, `T4:3`, `cpu`), one per worker.
@@ -473,7 +481,12 @@ impl Pipeline {
             .unwrap_or_default();
         let stages = || route.iter().map(|i| &self.stages[*i]);
         stages()
-            .filter(|s| !matches!(s.model.kind, ModelKind::TextRecognize | ModelKind::Detect))
+            .filter(|s| {
+                !matches!(
+                    s.model.kind,
+                    ModelKind::TextRecognize | ModelKind::Detect | ModelKind::Recurrent
+                )
+            })
             .find_map(|s| s.model.image.clone())
             .or_else(|| {
                 stages()

@@ -62,6 +62,20 @@ pub trait Engine: Send {
     fn info(&self) -> &EngineInfo;
     /// Runs one batch (the first dimension of `input` is the batch) and returns every output.
     fn infer(&mut self, input: ArrayViewD<'_, f32>) -> Result<Vec<ArrayD<f32>>, EngineError>;
+    /// Runs one batch fed to several named inputs (a recurrent cell: the step input and its
+    /// states) and returns every output, in the model's order.
+    fn infer_named(
+        &mut self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+    ) -> Result<Vec<ArrayD<f32>>, EngineError> {
+        match inputs {
+            [(_, x)] => self.infer(x.view()),
+            _ => Err(EngineError::Input(format!(
+                "this engine takes one input, not {}",
+                inputs.len()
+            ))),
+        }
+    }
     /// A custom metadata value stored in the model file.
     fn metadata(&self, key: &str) -> Option<String>;
 }

@@ -158,6 +158,18 @@ impl OrtEngine {
     }
 }
 
+/// Opens a model only to read its tensors and metadata (one thread, no graph optimisation).
+pub fn describe(model: &Path, library: Option<&Path>) -> Result<OrtEngine, EngineError> {
+    OrtEngine::load(&OrtConfig {
+        model: model.to_path_buf(),
+        input: None,
+        threads: 1,
+        library: library.map(Path::to_path_buf),
+        optimize: false,
+        spin: false,
+    })
+}
+
 impl Engine for OrtEngine {
     fn info(&self) -> &EngineInfo {
         &self.info
@@ -169,6 +181,30 @@ impl Engine for OrtEngine {
         let outputs = self
             .session
             .run(ort::inputs![self.input.as_str() => tensor])
+            .map_err(|e| EngineError::Infer(e.to_string()))?;
+        let mut out = Vec::with_capacity(outputs.len());
+        for (_, v) in outputs.iter() {
+            let a = v
+                .try_extract_array::<f32>()
+                .map_err(|e| EngineError::Infer(e.to_string()))?;
+            out.push(a.to_owned());
+        }
+        Ok(out)
+    }
+
+    fn infer_named(
+        &mut self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+    ) -> Result<Vec<ArrayD<f32>>, EngineError> {
+        let mut feed = Vec::with_capacity(inputs.len());
+        for (name, view) in inputs {
+            let t = TensorRef::from_array_view(view.view())
+                .map_err(|e| EngineError::Input(format!("{name}: {e}")))?;
+            feed.push((std::borrow::Cow::Borrowed(*name), ort::session::SessionInputValue::from(t)));
+        }
+        let outputs = self
+            .session
+            .run(feed)
             .map_err(|e| EngineError::Infer(e.to_string()))?;
         let mut out = Vec::with_capacity(outputs.len());
         for (_, v) in outputs.iter() {

@@ -171,6 +171,8 @@ pub struct SourceContext {
     pub stop: Arc<AtomicBool>,
     /// Frames all sources together may still ingest (`--max-frames`), if limited.
     pub budget: Option<Arc<AtomicU64>>,
+    /// Told when the stream reconnects (recurrent stages start its state again).
+    pub resets: Option<Arc<crate::recurrent::StreamResets>>,
 }
 
 /// Why one run of a GStreamer pipeline ended.
@@ -250,6 +252,9 @@ pub fn run_source(spec: &SourceSpec, fmt: &ImageSpec, ctx: &SourceContext) {
                     break;
                 }
                 counters.source_reconnected();
+                if let Some(r) = &ctx.resets {
+                    r.restarted(ctx.stream, ctx.clock.now());
+                }
                 backoff = (backoff * 2).min(spec.reconnect_max);
             }
         }

@@ -85,6 +85,8 @@ pub(super) struct StageQueues {
     pub input: flume::Receiver<Frame>,
     pub capacity: usize,
     pub workers: Vec<flume::Receiver<Batch>>,
+    /// A recurrent stage's workers: what each holds.
+    pub cells: Vec<Arc<crate::recurrent::CellGauges>>,
 }
 
 /// A running pipeline, as the API and the run loop see it.
@@ -106,6 +108,8 @@ pub struct Live {
     stopping: AtomicBool,
     /// Tracks and rule states per stream.
     analytics: Arc<Analytics>,
+    /// Tells recurrent stages when a stream (re)starts or is removed.
+    resets: Arc<crate::recurrent::StreamResets>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +125,7 @@ impl Live {
         admissions: Vec<Arc<Admission>>,
         queues: Vec<StageQueues>,
         analytics: Arc<Analytics>,
+        resets: Arc<crate::recurrent::StreamResets>,
     ) -> Self {
         Self {
             started: Instant::now(),
@@ -140,6 +145,7 @@ impl Live {
             reloads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             analytics,
+            resets,
         }
     }
 
@@ -214,6 +220,7 @@ impl Live {
         };
         r.stop.store(true, Ordering::SeqCst);
         self.analytics.end_stream(r.index);
+        self.resets.removed(r.index, self.clock.now());
         tracing::info!(stream = %name, "Stream removed.");
         set.retired.push(r.thread);
         lock(&self.pipeline).sources.retain(|s| s.name != name);
@@ -254,6 +261,7 @@ impl Live {
                 if let Some(r) = set.running.remove(&name) {
                     r.stop.store(true, Ordering::SeqCst);
                     self.analytics.end_stream(r.index);
+                    self.resets.removed(r.index, self.clock.now());
                     set.retired.push(r.thread);
                 }
                 if changed {
@@ -323,6 +331,7 @@ impl Live {
         };
         let index = self.stats.add_stream(&spec.name, flow);
         self.analytics.start_stream(index, &spec.name);
+        self.resets.restarted(index, self.clock.now());
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = SourceContext {
             stream: index,
@@ -332,6 +341,7 @@ impl Live {
             slo: self.slos[flow].clone(),
             stop: stop.clone(),
             budget: self.budget.clone(),
+            resets: Some(self.resets.clone()),
         };
         tracing::info!(stream = %spec.name, uri = %spec.redacted_uri(), flow, "Starting source.");
         let fmt = self.fmts[flow].clone();
@@ -385,6 +395,29 @@ impl Live {
             q.capacity,
             q.workers.iter().map(flume::Receiver::len).sum(),
         )
+    }
+
+    /// What a recurrent stage holds (null for other stages).
+    fn cell_status(&self, i: usize, spec: &crate::config::StageSpec) -> Value {
+        let cells = &self.queues[i].cells;
+        let Some(r) = spec.model.recurrent.as_ref().filter(|_| !cells.is_empty()) else {
+            return Value::Null;
+        };
+        let sum = |f: &dyn Fn(&crate::recurrent::CellGauges) -> u64| -> u64 {
+            cells.iter().map(|c| f(c)).sum()
+        };
+        let steps = sum(&|c| c.steps.load(Ordering::Relaxed));
+        let rows = sum(&|c| c.rows.load(Ordering::Relaxed));
+        json!({
+            "mode": r.mode,
+            "batching": spec.batching,
+            "streams_held": sum(&|c| c.streams.load(Ordering::Relaxed) as u64),
+            "state_bytes": sum(&|c| c.state_bytes.load(Ordering::Relaxed) as u64),
+            "items": sum(&|c| c.items.load(Ordering::Relaxed) as u64),
+            "steps": steps,
+            "mean_step_rows": if steps > 0 { rows as f64 / steps as f64 } else { 0.0 },
+            "padding_rows": sum(&|c| c.padding.load(Ordering::Relaxed)),
+        })
     }
 
     /// Names of the streams running now, with their state (`running` or `ended`); before the
@@ -461,6 +494,7 @@ impl Live {
                     "queue": {"frames": depth, "capacity": capacity, "worker_batches": worker_batches},
                     "busy_share": busy_share(c.busy_s, elapsed, spec.workers),
                     "counters": c,
+                    "recurrent": self.cell_status(i, spec),
                 })
             })
             .collect();

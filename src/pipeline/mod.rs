@@ -18,6 +18,7 @@ mod analytics;
 mod graph;
 pub mod live;
 mod publisher;
+mod recurrent;
 pub mod stage;
 mod worker;
 
@@ -147,8 +148,26 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     // device share its link.
     let mut links: HashMap<&str, Link> = HashMap::new();
     let mut runners: Vec<Option<Vec<Box<dyn StageRunner>>>> = Vec::new();
+    let mut cells: Vec<Vec<crate::recurrent::Recurrent>> = Vec::new();
+    let resets = Arc::new(crate::recurrent::StreamResets::default());
     for s in &p.stages {
         let mut pool = Vec::new();
+        let mut stage_cells = Vec::new();
+        if s.model.kind == crate::config::ModelKind::Recurrent {
+            for _ in 0..s.workers {
+                let cell = stage::build_recurrent(s, p.onnxruntime.as_deref()).map_err(|source| {
+                    PipelineError::Engine {
+                        stage: s.name.clone(),
+                        source,
+                    }
+                })?;
+                stage_cells.push(cell.with_resets(resets.clone()));
+            }
+            runners.push(Some(pool));
+            cells.push(stage_cells);
+            continue;
+        }
+        cells.push(stage_cells);
         for w in 0..s.workers {
             let link = match (&s.device, s.devices.get(w)) {
                 (Device::Emulated { .. }, Some(id)) => {
@@ -221,8 +240,28 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                 input: in_rx.clone(),
                 capacity: spec.queue,
                 workers: chans.iter().map(|c| c.1.clone()).collect(),
+                cells: Vec::new(),
             });
             let pool = Pool::new(chans.iter().map(|c| c.0.clone()).collect());
+            if spec.model.kind == crate::config::ModelKind::Recurrent {
+                let gauges = spawn_cells(
+                    &mut threads,
+                    i,
+                    route.stages.get(k + 1).copied(),
+                    spec,
+                    std::mem::take(&mut cells[i]),
+                    in_rx,
+                    &next,
+                    &pool,
+                    &stats,
+                    &clock,
+                )?;
+                if let Some(q) = queues[i].as_mut() {
+                    q.cells = gauges;
+                }
+                next = Downstream { queue: in_tx, pool };
+                continue;
+            }
             let (fb_tx, fb_rx) = flume::bounded::<bool>(256);
             let sequencer = Arc::new(Mutex::new(Sequencer::default()));
             let started = Arc::new(AtomicU64::new(0));
@@ -299,6 +338,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         admissions,
         queues,
         analytics,
+        resets,
     ));
     Ok(Running {
         live,
@@ -308,6 +348,67 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         threads,
         sink_buffers,
     })
+}
+
+/// Starts a recurrent stage's workers (and, with several, the router that keeps each stream on
+/// one of them); returns each worker's gauges.
+#[allow(clippy::too_many_arguments)]
+fn spawn_cells(
+    threads: &mut Vec<(String, JoinHandle<()>)>,
+    stage: usize,
+    next_stage: Option<usize>,
+    spec: &crate::config::StageSpec,
+    cells: Vec<crate::recurrent::Recurrent>,
+    input: flume::Receiver<Frame>,
+    next: &Downstream,
+    pool: &Pool,
+    stats: &Arc<Stats>,
+    clock: &SharedClock,
+) -> Result<Vec<Arc<crate::recurrent::CellGauges>>, PipelineError> {
+    let capacity = spec.queue.max(2 * spec.max_batch);
+    let inputs: Vec<flume::Receiver<Frame>> = if cells.len() > 1 {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..cells.len())
+            .map(|_| flume::bounded::<Frame>(spec.max_batch))
+            .unzip();
+        threads.push((
+            format!("stage `{}` router", spec.name),
+            recurrent::spawn_cell_router(
+                &spec.name,
+                stage,
+                input,
+                txs,
+                pool.room.clone(),
+                stats.clone(),
+            )?,
+        ));
+        rxs
+    } else {
+        vec![input]
+    };
+    let mut gauges = Vec::new();
+    for (w, (cell, rx)) in cells.into_iter().zip(inputs).enumerate() {
+        let g = Arc::new(crate::recurrent::CellGauges::default());
+        gauges.push(g.clone());
+        threads.push((
+            format!("stage `{}` worker {w}", spec.name),
+            recurrent::spawn_cell_worker(
+                recurrent::CellWorker {
+                    stage,
+                    next_stage,
+                    name: spec.name.clone(),
+                    worker: w,
+                    capacity,
+                    next: next.clone(),
+                    room: pool.room.clone(),
+                    stats: stats.clone(),
+                    clock: clock.clone(),
+                },
+                cell.with_gauges(g),
+                rx,
+            )?,
+        ));
+    }
+    Ok(gauges)
 }
 
 /// Logs which devices each stage's processes run on.

@@ -75,6 +75,13 @@ pub fn build_runner(
         }));
     }
     Ok(match m.kind {
+        // Not a batch-in, batch-out stage: the pipeline runs it with `build_recurrent`.
+        ModelKind::Recurrent => {
+            return Err(EngineError::Load {
+                model: m.path.display().to_string(),
+                message: "a recurrent cell runs in a recurrent stage, not in a batch worker".into(),
+            });
+        }
         ModelKind::Passthrough => Box::new(Passthrough),
         ModelKind::Classify => Box::new(Classify {
             engine,
@@ -127,6 +134,33 @@ pub fn build_runner(
             })
         }
     })
+}
+
+/// Loads a recurrent stage's cell (one per worker).
+pub fn build_recurrent(
+    spec: &StageSpec,
+    library: Option<&Path>,
+) -> Result<crate::recurrent::Recurrent, EngineError> {
+    let m = &spec.model;
+    let engine = OrtEngine::load(&OrtConfig {
+        model: m.onnx.clone().unwrap_or_default(),
+        input: None,
+        threads: spec.threads,
+        library: library.map(Path::to_path_buf),
+        spin: false,
+        optimize: true,
+    })?;
+    crate::recurrent::Recurrent::new(
+        Box::new(engine),
+        m,
+        crate::recurrent::RecurrentSettings {
+            batching: spec.batching,
+            max_batch: spec.max_batch,
+            drop_late: spec.policy == crate::batcher::PolicyKind::Deadline,
+            margin: crate::clock::nanos(spec.margin),
+            boxes_from: spec.boxes_from,
+        },
+    )
 }
 
 /// Does nothing: for measuring the pipeline itself.

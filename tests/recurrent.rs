@@ -1,0 +1,467 @@
+//! Recurrent stages on the generated GRU cells (real ONNX Runtime): per-stream state and per-item
+//! decoding give exactly what running each stream's frames, or each item, alone through the cell
+//! gives, whatever the interleaving and batch sizes; a stream's state starts and is freed with
+//! the stream; items that cannot end in time are dropped and counted; bad cells are refused.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{header, http, json, require, start, stop, write};
+use ndarray::{ArrayD, IxDyn};
+use poolpipe::batcher::cell::CellBatching;
+use poolpipe::clock::{Clock, Nanos};
+use poolpipe::config::{ModelManifest, load_manifest};
+use poolpipe::engine::Engine;
+use poolpipe::engine::ort::{OrtConfig, OrtEngine};
+use poolpipe::frame::{Frame, Image, PixelFormat, StageOutput};
+use poolpipe::postprocess::image::batch_tensor;
+use poolpipe::recurrent::{Outcome, Recurrent, RecurrentSettings, StreamResets};
+
+fn manifest(name: &str) -> ModelManifest {
+    require(&format!("engines/recurrent/{}.onnx", name.replace('-', "_")));
+    load_manifest(&common::root().join(format!("engines/{name}.toml"))).unwrap()
+}
+
+fn engine(m: &ModelManifest) -> OrtEngine {
+    OrtEngine::load(&OrtConfig {
+        model: m.onnx.clone().unwrap(),
+        input: None,
+        threads: 1,
+        library: None,
+        optimize: true,
+        spin: false,
+    })
+    .unwrap()
+}
+
+fn cell(m: &ModelManifest, batching: CellBatching, max_batch: usize, drop_late: bool) -> Recurrent {
+    Recurrent::new(
+        Box::new(engine(m)),
+        m,
+        RecurrentSettings {
+            batching,
+            max_batch,
+            drop_late,
+            margin: 0,
+            boxes_from: None,
+        },
+    )
+    .unwrap()
+}
+
+/// A deterministic pseudo-random image of the model's input size.
+fn image(m: &ModelManifest, seed: u64) -> Arc<Image> {
+    let spec = m.image.as_ref().unwrap();
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let n = (spec.width * spec.height * 3) as usize;
+    // Brightness varies by seed, so that items differ in more than noise.
+    let level = (seed % 7) as u32 * 30;
+    let data = (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (((x >> 33) % 64) as u32 + level).min(255) as u8
+        })
+        .collect();
+    Arc::new(Image::from_vec(
+        spec.width,
+        spec.height,
+        PixelFormat::RGB,
+        data,
+    ))
+}
+
+fn frame(stream: usize, seq: u64, image: Arc<Image>, captured: Nanos, deadline: Nanos) -> Frame {
+    Frame {
+        stream,
+        seq,
+        pts: None,
+        captured_wall: SystemTime::now(),
+        captured,
+        deadline,
+        image,
+        outputs: Vec::new(),
+        stage_nanos: Vec::new(),
+        entered_stage: captured,
+        activation: None,
+        route: 0,
+    }
+}
+
+/// A clock that moves 1 ms at every reading: each step "takes" 1 ms.
+#[derive(Debug, Default)]
+struct TickClock(AtomicU64);
+
+impl Clock for TickClock {
+    fn now(&self) -> Nanos {
+        self.0.fetch_add(1_000_000, Ordering::SeqCst)
+    }
+}
+
+fn output_index(e: &OrtEngine, name: &str) -> usize {
+    e.info().outputs.iter().position(|t| t.name == name).unwrap()
+}
+
+/// The cell's outputs for one item, run alone (batch of one) straight on the engine.
+fn run_alone(e: &mut OrtEngine, feed: &[(&str, ArrayD<f32>)]) -> Vec<ArrayD<f32>> {
+    let views: Vec<(&str, ndarray::ArrayViewD<'_, f32>)> =
+        feed.iter().map(|(n, a)| (*n, a.view())).collect();
+    e.infer_named(&views).unwrap()
+}
+
+fn close(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5)
+}
+
+/// Steps until nothing is held; returns every outcome merged, and the largest step.
+fn drain(c: &mut Recurrent, clock: &dyn Clock, into: &mut Outcome) -> usize {
+    let mut widest = 0;
+    while !c.is_idle() {
+        let o = c.step(clock);
+        widest = widest.max(o.rows);
+        assert!(o.error.is_none(), "{:?}", o.error);
+        into.done.extend(o.done);
+        into.late.extend(o.late);
+        into.failed.extend(o.failed);
+    }
+    widest
+}
+
+#[test]
+fn per_stream_state_gives_each_stream_what_running_it_alone_gives() {
+    let m = manifest("gru-stream");
+    let spec = m.image.clone().unwrap();
+    let (streams, frames) = (5usize, 12u64);
+    // Reference: each stream alone, one frame at a time, its state carried by hand.
+    let mut e = engine(&m);
+    let (h_out, scores) = (output_index(&e, "h_out"), output_index(&e, "scores"));
+    let h0: Vec<f32> = e
+        .metadata("h0")
+        .unwrap()
+        .split(',')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let mut want: HashMap<(usize, u64), Vec<f32>> = HashMap::new();
+    for s in 0..streams {
+        let mut h = ArrayD::from_shape_vec(IxDyn(&[1, 64]), h0.clone()).unwrap();
+        for q in 0..frames {
+            let img = image(&m, s as u64 * 100 + q);
+            let x = batch_tensor(&[&img], &spec).into_dyn();
+            let out = run_alone(&mut e, &[("image", x), ("h_in", h.clone())]);
+            h = out[h_out].clone();
+            want.insert((s, q), out[scores].iter().copied().collect());
+        }
+    }
+    for (batching, max_batch) in [
+        (CellBatching::Cellular, 1),
+        (CellBatching::Cellular, 3),
+        (CellBatching::Cellular, 8),
+        (CellBatching::Padded, 4),
+    ] {
+        let mut c = cell(&m, batching, max_batch, false);
+        let clock = TickClock::default();
+        // Interleave the streams unevenly (stream s sends a frame every s+1 turns), admitting a
+        // varying number of frames between steps.
+        let mut next = vec![0u64; streams];
+        let mut out = Outcome::default();
+        let mut widest = 0;
+        let mut turn = 0u64;
+        while next.iter().any(|n| *n < frames) {
+            for s in 0..streams {
+                if next[s] < frames && turn % (s as u64 + 1) == 0 {
+                    let img = image(&m, s as u64 * 100 + next[s]);
+                    out.done.extend(c.admit(frame(s, next[s], img, 0, u64::MAX / 2)).done);
+                    next[s] += 1;
+                }
+            }
+            for _ in 0..(turn % 3) {
+                let o = c.step(&clock);
+                widest = widest.max(o.rows);
+                out.done.extend(o.done);
+            }
+            turn += 1;
+        }
+        widest = widest.max(drain(&mut c, &clock, &mut out));
+        assert_eq!(out.done.len(), streams * frames as usize, "{batching:?} {max_batch}");
+        let mut last_seq: HashMap<usize, u64> = HashMap::new();
+        for f in &out.done {
+            if let Some(prev) = last_seq.insert(f.stream, f.seq) {
+                assert!(f.seq > prev, "a stream's frames leave in order");
+            }
+            let Some(StageOutput::State(st)) = f.outputs.last() else {
+                panic!("no state output: {:?}", f.outputs);
+            };
+            assert_eq!(st.step, f.seq + 1, "one step per frame");
+            let w = &want[&(f.stream, f.seq)];
+            assert!(
+                close(&st.output, w),
+                "{batching:?} batch {max_batch}: stream {} frame {}: {:?} vs alone {:?}",
+                f.stream,
+                f.seq,
+                st.output,
+                w
+            );
+        }
+        if max_batch > 1 {
+            assert!(widest > 1, "{batching:?} {max_batch}: steps batched several streams");
+        }
+        assert!(widest <= max_batch);
+    }
+}
+
+/// Runs one decoder item alone: its tokens (end token left out) and steps.
+fn decode_alone(e: &mut OrtEngine, m: &ModelManifest, img: &Image) -> (Vec<u32>, u32) {
+    let spec = m.image.clone().unwrap();
+    let r = m.recurrent.as_ref().unwrap();
+    let (h_out, c_out, logits) = (
+        output_index(e, "h_out"),
+        output_index(e, "c_out"),
+        output_index(e, "logits"),
+    );
+    let x = batch_tensor(&[img], &spec).into_dyn();
+    let mut h = ArrayD::<f32>::zeros(IxDyn(&[1, 64]));
+    let mut cnt = ArrayD::<f32>::zeros(IxDyn(&[1, 1]));
+    let mut tok = ArrayD::<f32>::zeros(IxDyn(&[1, 16]));
+    let mut tokens = Vec::new();
+    for step in 1..=r.max_steps.unwrap() {
+        let out = run_alone(
+            e,
+            &[
+                ("image", x.clone()),
+                ("token", tok.clone()),
+                ("h_in", h.clone()),
+                ("c_in", cnt.clone()),
+            ],
+        );
+        h = out[h_out].clone();
+        cnt = out[c_out].clone();
+        let l: Vec<f32> = out[logits].iter().copied().collect();
+        let t = (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b });
+        if Some(t) == r.end_token {
+            return (tokens, step);
+        }
+        tokens.push(t as u32);
+        tok = ArrayD::<f32>::zeros(IxDyn(&[1, 16]));
+        tok[[0, t]] = 1.0;
+    }
+    (tokens, r.max_steps.unwrap())
+}
+
+#[test]
+fn per_item_decoding_gives_each_item_what_decoding_it_alone_gives() {
+    let m = manifest("gru-decoder");
+    let n = 24u64;
+    let mut e = engine(&m);
+    let want: Vec<(Vec<u32>, u32)> = (0..n)
+        .map(|i| decode_alone(&mut e, &m, &image(&m, i)))
+        .collect();
+    let lengths: Vec<u32> = want.iter().map(|w| w.1).collect();
+    assert!(
+        lengths.iter().min() != lengths.iter().max(),
+        "items of different lengths: {lengths:?}"
+    );
+    for (batching, max_batch) in [(CellBatching::Cellular, 8), (CellBatching::Padded, 8)] {
+        let mut c = cell(&m, batching, max_batch, false);
+        let clock = TickClock::default();
+        let mut out = Outcome::default();
+        let mut widest = 0;
+        // Items arrive while others are mid-way: 3 at a time, 4 steps apart.
+        for i in 0..n {
+            out.done
+                .extend(c.admit(frame(i as usize % 3, i, image(&m, i), 0, u64::MAX / 2)).done);
+            if i % 3 == 2 {
+                for _ in 0..4 {
+                    let o = c.step(&clock);
+                    widest = widest.max(o.rows);
+                    out.done.extend(o.done);
+                }
+            }
+        }
+        widest = widest.max(drain(&mut c, &clock, &mut out));
+        assert_eq!(out.done.len(), n as usize);
+        for f in &out.done {
+            let Some(StageOutput::Decoded(items)) = f.outputs.last() else {
+                panic!("no decoded output: {:?}", f.outputs);
+            };
+            assert_eq!(items.len(), 1, "the frame is the item");
+            let (tokens, steps) = &want[f.seq as usize];
+            assert_eq!(
+                (&items[0].tokens, items[0].steps),
+                (tokens, *steps),
+                "{batching:?}: item {} decoded in a batch differs from alone",
+                f.seq
+            );
+            let text = items[0].text.as_deref().unwrap();
+            assert_eq!(text.chars().count(), tokens.len(), "one character per token");
+        }
+        assert!(widest > 3, "{batching:?}: items joined running steps: {widest}");
+    }
+}
+
+#[test]
+fn items_that_cannot_end_in_time_are_dropped_and_every_frame_is_accounted_for() {
+    let m = manifest("gru-decoder");
+    let mut c = cell(&m, CellBatching::Cellular, 8, true);
+    let clock = TickClock::default();
+    let mut out = Outcome::default();
+    // Items with room learn the lengths (about 20 to 40 steps of 1 ms each).
+    for i in 0..8 {
+        c.admit(frame(0, i, image(&m, i), 0, u64::MAX / 2));
+    }
+    drain(&mut c, &clock, &mut out);
+    assert_eq!((out.done.len(), out.late.len()), (8, 0));
+    // 10 ms left: none can end.
+    let now = clock.now();
+    for i in 8..12 {
+        c.admit(frame(1, i, image(&m, i), now, now + 10_000_000));
+    }
+    // Room for them: they end.
+    for i in 12..14 {
+        c.admit(frame(2, i, image(&m, i), now, now + 10_000_000_000));
+    }
+    let mut rest = Outcome::default();
+    drain(&mut c, &clock, &mut rest);
+    let late: Vec<u64> = rest.late.iter().map(|f| f.seq).collect();
+    let done: Vec<u64> = rest.done.iter().map(|f| f.seq).collect();
+    assert_eq!(late, vec![8, 9, 10, 11]);
+    assert_eq!(done, vec![12, 13]);
+    assert!(rest.failed.is_empty());
+}
+
+#[test]
+fn a_restarted_stream_starts_from_the_initial_state_and_a_removed_one_is_freed() {
+    let m = manifest("gru-stream");
+    let resets = Arc::new(StreamResets::default());
+    let mut c = cell(&m, CellBatching::Cellular, 4, false).with_resets(resets.clone());
+    let clock = TickClock::default();
+    const MS: Nanos = 1_000_000;
+    let budget = 50 * MS;
+    let step_of = |o: &Outcome| match o.done[0].outputs.last() {
+        Some(StageOutput::State(s)) => (s.step, s.output.clone()),
+        other => panic!("{other:?}"),
+    };
+    let mut first = Vec::new();
+    for (seq, at) in [(0u64, 10), (1, 20), (2, 30)] {
+        c.admit(frame(0, seq, image(&m, seq), at * MS, at * MS + budget));
+        first.push(step_of(&c.step(&clock)));
+    }
+    assert_eq!(first[2].0, 3);
+    c.admit(frame(1, 0, image(&m, 99), 15 * MS, 15 * MS + budget));
+    c.step(&clock);
+    assert_eq!(c.streams_held(), 2);
+    // Stream 0 reconnects at 40 ms: its next frame starts again, as its first did.
+    resets.restarted(0, 40 * MS);
+    c.admit(frame(0, 3, image(&m, 0), 50 * MS, 50 * MS + budget));
+    let again = step_of(&c.step(&clock));
+    assert_eq!(again.0, 1, "a reconnected stream starts at step 1");
+    assert!(close(&again.1, &first[0].1), "from the initial state");
+    // Stream 1 is removed at 60 ms; a frame it sent before is still on its way and goes on
+    // from its state; once no frame of it can still come (its budget after the removal), the
+    // state is freed.
+    resets.removed(1, 60 * MS);
+    c.admit(frame(1, 1, image(&m, 98), 55 * MS, 55 * MS + budget));
+    assert_eq!(step_of(&c.step(&clock)).0, 2, "the frame on its way continues");
+    assert_eq!(c.streams_held(), 2);
+    while clock.now() < 60 * MS + budget {
+        c.tick(&clock);
+    }
+    c.tick(&clock);
+    assert_eq!(c.streams_held(), 1, "the removed stream's state is freed");
+}
+
+/// `recurrent` of stage `stage` in `/status`.
+fn cell_status(api: &str, stage: &str) -> serde_json::Value {
+    let (code, body) = http("GET", &format!("{api}/status"), None, None);
+    assert_eq!(code, 200, "{body}");
+    json(&body)["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == stage)
+        .unwrap()["recurrent"]
+        .clone()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_stream_added_through_the_api_starts_fresh_and_its_state_goes_when_it_is_removed() {
+    require("engines/recurrent/gru_stream.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let summary = dir.path().join("summary.json");
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            "{}[[source]]\nname = \"a\"\nuri = \"test://ball\"\nmax_fps = 20\n\n\
+             [[stage]]\nname = \"temporal\"\nmodel = \"gru-stream\"\nmax_batch = 8\n\n\
+             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+            header("rec", 5000),
+            out.display()
+        ),
+    );
+    let (child, api) = start(&p, &summary, &["--api", "127.0.0.1:0", "--serve"], &[]);
+    wait_for("stream a's state", || {
+        cell_status(&api, "temporal")["streams_held"] == 1
+    });
+    let one = cell_status(&api, "temporal")["state_bytes"].as_u64().unwrap();
+    assert_eq!(one, 64 * 4, "one 64-float state");
+    let (code, body) = http(
+        "POST",
+        &format!("{api}/streams"),
+        None,
+        Some((
+            "application/json",
+            r#"{"name": "b", "uri": "test://snow", "max_fps": 20}"#,
+        )),
+    );
+    assert!(code == 200 || code == 201, "{code} {body}");
+    wait_for("stream b's state", || {
+        cell_status(&api, "temporal")["streams_held"] == 2
+    });
+    assert_eq!(cell_status(&api, "temporal")["state_bytes"], 2 * one);
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, body) = http("DELETE", &format!("{api}/streams/b"), None, None);
+    assert!(code == 200 || code == 204, "{code} {body}");
+    wait_for("stream b's state to be freed", || {
+        cell_status(&api, "temporal")["state_bytes"] == one
+    });
+    assert_eq!(cell_status(&api, "temporal")["streams_held"], 1);
+    assert!(stop(child).success());
+    let lines = common::read_jsonl(&out);
+    let steps = |stream: &str| -> Vec<(u64, u64)> {
+        lines
+            .iter()
+            .filter(|l| l["stream"] == stream)
+            .map(|l| {
+                (
+                    l["seq"].as_u64().unwrap(),
+                    l["results"]["temporal"]["state"]["step"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let b = steps("b");
+    assert!(b.len() > 3, "b published: {b:?}");
+    assert_eq!(b[0], (0, 1), "b's first frame is its state's first step");
+    assert!(
+        b.iter().all(|(seq, step)| step == &(seq + 1)),
+        "one step per frame of b: {b:?}"
+    );
+    let a = steps("a");
+    assert!(a.last().unwrap().1 > b.len() as u64, "a's state went on: {a:?}");
+    let summary = common::read_summary(&summary);
+    common::assert_balanced(&summary);
+}
