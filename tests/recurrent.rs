@@ -465,3 +465,179 @@ fn a_stream_added_through_the_api_starts_fresh_and_its_state_goes_when_it_is_rem
     let summary = common::read_summary(&summary);
     common::assert_balanced(&summary);
 }
+
+#[test]
+fn a_decoder_over_boxes_runs_one_item_per_box_as_each_alone() {
+    use poolpipe::frame::{BBox, Object};
+    use poolpipe::postprocess::image::crop_resize;
+    let m = manifest("gru-decoder");
+    let mut e = engine(&m);
+    let mut c = Recurrent::new(
+        Box::new(engine(&m)),
+        &m,
+        RecurrentSettings {
+            batching: CellBatching::Cellular,
+            max_batch: 8,
+            drop_late: false,
+            margin: 0,
+            boxes_from: Some(0),
+        },
+    )
+    .unwrap();
+    let clock = TickClock::default();
+    let big = |seed: u64| {
+        let mut x = seed;
+        let data = (0..64 * 48 * 3)
+            .map(|i| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 40) as u8 / 4).wrapping_add((i % 200) as u8)
+            })
+            .collect();
+        Arc::new(Image::from_vec(64, 48, PixelFormat::RGB, data))
+    };
+    let boxes = |n: usize| -> Vec<BBox> {
+        (0..n)
+            .map(|k| BBox {
+                x: 4.0 + 9.0 * k as f32,
+                y: 2.0 + 5.0 * k as f32,
+                w: 20.0 + 3.0 * k as f32,
+                h: 16.0,
+            })
+            .collect()
+    };
+    let mut out = Outcome::default();
+    for (seq, n) in [(0u64, 2usize), (1, 0), (2, 3)] {
+        let mut f = frame(0, seq, big(seq), 0, u64::MAX / 2);
+        f.outputs.push(StageOutput::Objects(
+            boxes(n)
+                .into_iter()
+                .map(|b| Object {
+                    label: "thing".into(),
+                    class_id: 0,
+                    score: 0.9,
+                    bbox: b,
+                    track_id: None,
+                })
+                .collect(),
+        ));
+        out.done.extend(c.admit(f).done);
+    }
+    drain(&mut c, &clock, &mut out);
+    let seqs: Vec<u64> = out.done.iter().map(|f| f.seq).collect();
+    assert_eq!(seqs, vec![0, 1, 2], "in order, the frame without boxes too");
+    for f in &out.done {
+        let Some(StageOutput::Decoded(items)) = f.outputs.last() else {
+            panic!("{:?}", f.outputs);
+        };
+        let want = boxes([2, 0, 3][f.seq as usize]);
+        assert_eq!(items.len(), want.len(), "one item per box");
+        for (item, b) in items.iter().zip(&want) {
+            assert_eq!(item.bbox, Some(*b));
+            let crop = Image::from_vec(16, 16, PixelFormat::RGB, crop_resize(&f.image, b, 16, 16));
+            let (tokens, steps) = decode_alone(&mut e, &m, &crop);
+            assert_eq!((&item.tokens, item.steps), (&tokens, steps));
+        }
+    }
+}
+
+/// Loads a pipeline whose engines folder is `dir` (with the repository's cells beside it).
+fn diagnostics(dir: &std::path::Path, stages: &str) -> Vec<poolpipe::config::Diagnostic> {
+    let text = format!(
+        "[pipeline]\nname = \"x\"\nslo_ms = 1000\nengines_dir = \"{}\"\n\n[[source]]\nname = \"t\"\nuri = \"test://ball\"\n\n{stages}\n[[sink]]\ntype = \"jsonl\"\n",
+        dir.display()
+    );
+    match poolpipe::config::load_pipeline_str(&dir.join("p.toml"), &text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.0,
+    }
+}
+
+#[test]
+fn bad_cells_and_bad_wiring_are_refused_with_file_line_and_key() {
+    require("engines/recurrent/gru_decoder.onnx");
+    require("engines/ppocr/ch_PP-OCRv4_det_infer.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let engines = common::root().join("engines");
+    let onnx = engines.join("recurrent/gru_decoder.onnx");
+    let cell = |state: &str, end: &str| {
+        format!(
+            "name = \"c\"\nkind = \"recurrent\"\nonnx = \"{}\"\ninput = \"image\"\n\n[image]\nwidth = 16\nheight = 16\n\n\
+             [recurrent]\nmode = \"decode\"\noutput = \"logits\"\nstate = {state}\nfeedback = {{ input = \"token\" }}\n{end}",
+            onnx.display()
+        )
+    };
+    let both = r#"[{ input = "h_in", output = "h_out" }, { input = "c_in", output = "c_out" }]"#;
+    // A state output of another shape than its input.
+    write(
+        dir.path(),
+        "bad-state.toml",
+        &cell(
+            r#"[{ input = "h_in", output = "logits" }, { input = "c_in", output = "c_out" }]"#,
+            "end_token = 0\n",
+        ),
+    );
+    // A decoder that never ends.
+    write(dir.path(), "no-end.toml", &cell(both, ""));
+    write(dir.path(), "good.toml", &cell(both, "max_steps = 5\n"));
+    write(
+        dir.path(),
+        "det.toml",
+        &format!(
+            "name = \"det\"\nkind = \"text_detect\"\nonnx = \"{}\"\n\n[image]\nwidth = 320\nheight = 320\n",
+            engines.join("ppocr/ch_PP-OCRv4_det_infer.onnx").display()
+        ),
+    );
+    let stream = std::fs::read_to_string(engines.join("gru-stream.toml")).unwrap().replace(
+        "onnx = \"recurrent/gru_stream.onnx\"",
+        &format!("onnx = \"{}\"", engines.join("recurrent/gru_stream.onnx").display()),
+    );
+    write(dir.path(), "stream.toml", &stream);
+
+    let errs = diagnostics(dir.path(), "[[stage]]\nname = \"s\"\nmodel = \"bad-state\"\n");
+    assert!(
+        errs.iter().any(|d| d.key == "stage[0].model"
+            && d.line == 12
+            && d.message.contains("bad-state.toml")
+            && d.message.contains(
+                "state output `logits` has shape [N, 16] but its input `h_in` has [N, 64]"
+            )),
+        "{errs:#?}"
+    );
+
+    let errs = diagnostics(dir.path(), "[[stage]]\nname = \"s\"\nmodel = \"no-end\"\n");
+    assert!(
+        errs.iter().any(|d| d.file.ends_with("no-end.toml")
+            && d.key == "recurrent.mode"
+            && d.line == 11
+            && d.message.contains("a decoder needs an end condition")),
+        "{errs:#?}"
+    );
+
+    // A per-stream cell fed by a stage that emits per-box items.
+    let errs = diagnostics(
+        dir.path(),
+        "[[stage]]\nname = \"det\"\nmodel = \"det\"\n\n[[stage]]\nname = \"temporal\"\nmodel = \"stream\"\ninput = \"det\"\n",
+    );
+    assert!(
+        errs.iter().any(|d| d.key == "stage[1].input"
+            && d.line == 17
+            && d.message.contains("emits per-box items")),
+        "{errs:#?}"
+    );
+
+    // The same decoder with an end condition, over the detector's boxes, is fine; `batching`
+    // elsewhere is not.
+    let ok = diagnostics(
+        dir.path(),
+        "[[stage]]\nname = \"det\"\nmodel = \"det\"\n\n[[stage]]\nname = \"read\"\nmodel = \"good\"\ninput = \"det\"\nbatching = \"padded\"\n",
+    );
+    assert!(ok.is_empty(), "{ok:#?}");
+    let errs = diagnostics(
+        dir.path(),
+        "[[stage]]\nname = \"det\"\nmodel = \"det\"\nbatching = \"padded\"\n",
+    );
+    assert!(
+        errs.iter().any(|d| d.key == "stage[0].batching"),
+        "{errs:#?}"
+    );
+}
