@@ -363,6 +363,8 @@ pub struct Outcome {
     pub error: Option<StageError>,
     /// Rows of the step run (0: none ran).
     pub rows: usize,
+    /// Of them, padding rows.
+    pub padding: usize,
     /// How long it ran.
     pub busy: Nanos,
 }
@@ -548,6 +550,12 @@ impl Recurrent {
     /// Takes a frame in: its items wait for the next steps. A decoder's frame without boxes is
     /// complete at once.
     pub fn admit(&mut self, frame: Frame) -> Outcome {
+        self.admit_limited(frame, u32::MAX)
+    }
+
+    /// [`admit`](Self::admit), with every item of the frame running at most `limit` steps (what
+    /// `poolpipe bench recurrent` uses to give items lengths drawn from a distribution).
+    pub fn admit_limited(&mut self, frame: Frame, limit: u32) -> Outcome {
         self.follow_resets();
         let key = self.next_id;
         self.next_id += 1;
@@ -568,7 +576,7 @@ impl Recurrent {
             None => vec![(None, self.item_input(&frame.image, None))],
         };
         let n = inputs.len();
-        let limit = self.params.step_limit();
+        let limit = self.params.step_limit().min(limit);
         let group = (self.params.mode == RecurrentMode::Stream).then_some(stream as u64);
         for (slot, (bbox, x)) in inputs.into_iter().enumerate() {
             let id = self.next_id;
@@ -697,6 +705,7 @@ impl Recurrent {
             let result = self.run_step(&step.ids, step.padding);
             let t1 = clock.now();
             out.rows = step.rows();
+            out.padding = step.padding;
             out.busy = t1.saturating_sub(t0);
             self.sched.observe(step.rows(), out.busy);
             self.gauges.steps.fetch_add(1, Ordering::Relaxed);

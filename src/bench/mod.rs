@@ -12,6 +12,7 @@ pub mod batcher;
 pub mod detect;
 pub mod plan_run;
 pub mod planner;
+pub mod recurrent;
 pub mod sim;
 pub mod sinks;
 pub mod split;
@@ -156,6 +157,23 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20.0)]
         time_limit: f64,
     },
+    /// A recurrent decoder cell under Poisson load, cellular vs padded batching (p50/p99,
+    /// throughput, highest rate within a p99 bound), and per-stream state batched across 8, 32
+    /// and 128 streams vs one step per stream.
+    Recurrent {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Seconds of arrivals per decoder run.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Largest step batch of the decoder.
+        #[arg(long, default_value_t = 32)]
+        max_batch: usize,
+        /// Repository root (engines/).
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+    },
     /// Batching policies side by side on two emulated pools, on a virtual clock.
     Batcher {
         /// Print JSON instead of a table.
@@ -251,6 +269,20 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             root,
         } => {
             let report = detect::run(&root, &python, repeats.max(1), seconds, threads)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
+        BenchCommand::Recurrent {
+            json,
+            seconds,
+            max_batch,
+            root,
+        } => {
+            let report = recurrent::run(&root, seconds, max_batch.max(1))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
