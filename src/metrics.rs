@@ -28,6 +28,7 @@
 //! | `poolpipe_sink_messages_total` | counter | sink, outcome (`offered`, `recovered`, `delivered`, `dropped_overflow`, `dropped_rejected`, `dropped_corrupt`, `left_at_shutdown`) |
 //! | `poolpipe_sink_retries_total`, `poolpipe_sink_resent_total` | counter | sink |
 //! | `poolpipe_sink_buffered_messages` | gauge | sink |
+//! | `poolpipe_recurrent_streams_held`, `poolpipe_recurrent_state_bytes`, `poolpipe_recurrent_items` | gauge | stage (recurrent stages: streams whose state is held, its bytes, items at the cell) |
 //! | `poolpipe_uptime_seconds` | gauge | |
 
 use std::sync::Arc;
@@ -404,6 +405,40 @@ impl Collector for PipelineCollector {
             None,
             &stage_rows(&|i| depths[i].2 as f64),
         )?;
+        let cells: Vec<(usize, [usize; 3])> = (0..p.stages.len())
+            .filter_map(|i| live.cell_gauges(i).map(|g| (i, g)))
+            .collect();
+        for (k, (name, help)) in [
+            (
+                "poolpipe_recurrent_streams_held",
+                "Streams whose state a recurrent stage holds.",
+            ),
+            (
+                "poolpipe_recurrent_state_bytes",
+                "Bytes of state a recurrent stage holds (streams and items).",
+            ),
+            (
+                "poolpipe_recurrent_items",
+                "Items waiting at or stepping through a recurrent cell.",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if cells.is_empty() {
+                break;
+            }
+            gauges(
+                e,
+                name,
+                help,
+                None,
+                &cells
+                    .iter()
+                    .map(|(i, g)| (vec![("stage", p.stages[*i].name.as_str())], g[k] as f64))
+                    .collect::<Vec<_>>(),
+            )?;
+        }
         let devices: Vec<String> = p.stages.iter().map(|s| s.device.to_string()).collect();
         gauges(
             e,

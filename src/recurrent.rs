@@ -24,9 +24,7 @@ use crate::batcher::cell::{CellBatching, CellItem, CellScheduler};
 use crate::clock::{Clock, Nanos};
 use crate::config::{ImageSpec, ModelManifest, RecurrentMode, RecurrentParams};
 use crate::engine::{Engine, EngineError, StageError};
-use crate::frame::{
-    BBox, Class, DecodeEnd, DecodedItem, Frame, Image, StageOutput, StreamStep,
-};
+use crate::frame::{BBox, Class, DecodeEnd, DecodedItem, Frame, Image, StageOutput, StreamStep};
 use crate::postprocess::image;
 
 /// A state tensor of the cell, resolved against the model.
@@ -83,7 +81,10 @@ pub fn resolve_io(engine: &dyn Engine, m: &ModelManifest) -> Result<CellIo, Vec<
     let input = |name: &str| info.inputs.iter().find(|t| t.name == name);
     let output = |name: &str| info.outputs.iter().position(|t| t.name == name);
     let names = |ts: &[crate::engine::TensorInfo]| {
-        ts.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+        ts.iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let mut fed: Vec<&str> = Vec::new();
     let mut states = Vec::new();
@@ -132,11 +133,9 @@ pub fn resolve_io(engine: &dyn Engine, m: &ModelManifest) -> Result<CellIo, Vec<
         let initial = match &s.initial {
             None => ArrayD::zeros(IxDyn(&dims)),
             Some(key) => {
-                let values: Option<Vec<f32>> = engine.metadata(key).and_then(|v| {
-                    v.split(',')
-                        .map(|x| x.trim().parse::<f32>().ok())
-                        .collect()
-                });
+                let values: Option<Vec<f32>> = engine
+                    .metadata(key)
+                    .and_then(|v| v.split(',').map(|x| x.trim().parse::<f32>().ok()).collect());
                 match values.filter(|v| v.len() == size) {
                     Some(v) => ArrayD::from_shape_vec(IxDyn(&dims), v).expect("sized"),
                     None => {
@@ -651,7 +650,10 @@ impl Recurrent {
             return;
         };
         while let Some(key) = q.front() {
-            if matches!(self.frames.get(key).map(|p| &p.how), Some(Resolution::Running)) {
+            if matches!(
+                self.frames.get(key).map(|p| &p.how),
+                Some(Resolution::Running)
+            ) {
                 break;
             }
             let key = q.pop_front().expect("front");
@@ -709,7 +711,9 @@ impl Recurrent {
             out.busy = t1.saturating_sub(t0);
             self.sched.observe(step.rows(), out.busy);
             self.gauges.steps.fetch_add(1, Ordering::Relaxed);
-            self.gauges.rows.fetch_add(step.rows() as u64, Ordering::Relaxed);
+            self.gauges
+                .rows
+                .fetch_add(step.rows() as u64, Ordering::Relaxed);
             self.gauges
                 .padding
                 .fetch_add(step.padding as u64, Ordering::Relaxed);
@@ -904,7 +908,9 @@ impl Recurrent {
         self.gauges
             .streams
             .store(self.streams.len(), Ordering::Relaxed);
-        self.gauges.state_bytes.store(state_bytes, Ordering::Relaxed);
+        self.gauges
+            .state_bytes
+            .store(state_bytes, Ordering::Relaxed);
         self.gauges.items.store(self.items.len(), Ordering::Relaxed);
     }
 }

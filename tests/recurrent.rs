@@ -22,7 +22,10 @@ use poolpipe::postprocess::image::batch_tensor;
 use poolpipe::recurrent::{Outcome, Recurrent, RecurrentSettings, StreamResets};
 
 fn manifest(name: &str) -> ModelManifest {
-    require(&format!("engines/recurrent/{}.onnx", name.replace('-', "_")));
+    require(&format!(
+        "engines/recurrent/{}.onnx",
+        name.replace('-', "_")
+    ));
     load_manifest(&common::root().join(format!("engines/{name}.toml"))).unwrap()
 }
 
@@ -56,7 +59,9 @@ fn cell(m: &ModelManifest, batching: CellBatching, max_batch: usize, drop_late: 
 /// A deterministic pseudo-random image of the model's input size.
 fn image(m: &ModelManifest, seed: u64) -> Arc<Image> {
     let spec = m.image.as_ref().unwrap();
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let n = (spec.width * spec.height * 3) as usize;
     // Brightness varies by seed, so that items differ in more than noise.
     let level = (seed % 7) as u32 * 30;
@@ -104,7 +109,11 @@ impl Clock for TickClock {
 }
 
 fn output_index(e: &OrtEngine, name: &str) -> usize {
-    e.info().outputs.iter().position(|t| t.name == name).unwrap()
+    e.info()
+        .outputs
+        .iter()
+        .position(|t| t.name == name)
+        .unwrap()
 }
 
 /// The cell's outputs for one item, run alone (batch of one) straight on the engine.
@@ -172,11 +181,12 @@ fn per_stream_state_gives_each_stream_what_running_it_alone_gives() {
         let mut widest = 0;
         let mut turn = 0u64;
         while next.iter().any(|n| *n < frames) {
-            for s in 0..streams {
-                if next[s] < frames && turn % (s as u64 + 1) == 0 {
-                    let img = image(&m, s as u64 * 100 + next[s]);
-                    out.done.extend(c.admit(frame(s, next[s], img, 0, u64::MAX / 2)).done);
-                    next[s] += 1;
+            for (s, seq) in next.iter_mut().enumerate() {
+                if *seq < frames && turn.is_multiple_of(s as u64 + 1) {
+                    let img = image(&m, s as u64 * 100 + *seq);
+                    out.done
+                        .extend(c.admit(frame(s, *seq, img, 0, u64::MAX / 2)).done);
+                    *seq += 1;
                 }
             }
             for _ in 0..(turn % 3) {
@@ -187,7 +197,11 @@ fn per_stream_state_gives_each_stream_what_running_it_alone_gives() {
             turn += 1;
         }
         widest = widest.max(drain(&mut c, &clock, &mut out));
-        assert_eq!(out.done.len(), streams * frames as usize, "{batching:?} {max_batch}");
+        assert_eq!(
+            out.done.len(),
+            streams * frames as usize,
+            "{batching:?} {max_batch}"
+        );
         let mut last_seq: HashMap<usize, u64> = HashMap::new();
         for f in &out.done {
             if let Some(prev) = last_seq.insert(f.stream, f.seq) {
@@ -208,7 +222,10 @@ fn per_stream_state_gives_each_stream_what_running_it_alone_gives() {
             );
         }
         if max_batch > 1 {
-            assert!(widest > 1, "{batching:?} {max_batch}: steps batched several streams");
+            assert!(
+                widest > 1,
+                "{batching:?} {max_batch}: steps batched several streams"
+            );
         }
         assert!(widest <= max_batch);
     }
@@ -272,8 +289,10 @@ fn per_item_decoding_gives_each_item_what_decoding_it_alone_gives() {
         let mut widest = 0;
         // Items arrive while others are mid-way: 3 at a time, 4 steps apart.
         for i in 0..n {
-            out.done
-                .extend(c.admit(frame(i as usize % 3, i, image(&m, i), 0, u64::MAX / 2)).done);
+            out.done.extend(
+                c.admit(frame(i as usize % 3, i, image(&m, i), 0, u64::MAX / 2))
+                    .done,
+            );
             if i % 3 == 2 {
                 for _ in 0..4 {
                     let o = c.step(&clock);
@@ -297,9 +316,16 @@ fn per_item_decoding_gives_each_item_what_decoding_it_alone_gives() {
                 f.seq
             );
             let text = items[0].text.as_deref().unwrap();
-            assert_eq!(text.chars().count(), tokens.len(), "one character per token");
+            assert_eq!(
+                text.chars().count(),
+                tokens.len(),
+                "one character per token"
+            );
         }
-        assert!(widest > 3, "{batching:?}: items joined running steps: {widest}");
+        assert!(
+            widest > 3,
+            "{batching:?}: items joined running steps: {widest}"
+        );
     }
 }
 
@@ -365,7 +391,11 @@ fn a_restarted_stream_starts_from_the_initial_state_and_a_removed_one_is_freed()
     // state is freed.
     resets.removed(1, 60 * MS);
     c.admit(frame(1, 1, image(&m, 98), 55 * MS, 55 * MS + budget));
-    assert_eq!(step_of(&c.step(&clock)).0, 2, "the frame on its way continues");
+    assert_eq!(
+        step_of(&c.step(&clock)).0,
+        2,
+        "the frame on its way continues"
+    );
     assert_eq!(c.streams_held(), 2);
     while clock.now() < 60 * MS + budget {
         c.tick(&clock);
@@ -416,7 +446,9 @@ fn a_stream_added_through_the_api_starts_fresh_and_its_state_goes_when_it_is_rem
     wait_for("stream a's state", || {
         cell_status(&api, "temporal")["streams_held"] == 1
     });
-    let one = cell_status(&api, "temporal")["state_bytes"].as_u64().unwrap();
+    let one = cell_status(&api, "temporal")["state_bytes"]
+        .as_u64()
+        .unwrap();
     assert_eq!(one, 64 * 4, "one 64-float state");
     let (code, body) = http(
         "POST",
@@ -439,6 +471,13 @@ fn a_stream_added_through_the_api_starts_fresh_and_its_state_goes_when_it_is_rem
         cell_status(&api, "temporal")["state_bytes"] == one
     });
     assert_eq!(cell_status(&api, "temporal")["streams_held"], 1);
+    let (_, metrics) = http("GET", &format!("{api}/metrics"), None, None);
+    assert!(
+        metrics.contains(&format!(
+            "poolpipe_recurrent_state_bytes{{stage=\"temporal\"}} {one}"
+        )),
+        "{metrics}"
+    );
     assert!(stop(child).success());
     let lines = common::read_jsonl(&out);
     let steps = |stream: &str| -> Vec<(u64, u64)> {
@@ -461,7 +500,10 @@ fn a_stream_added_through_the_api_starts_fresh_and_its_state_goes_when_it_is_rem
         "one step per frame of b: {b:?}"
     );
     let a = steps("a");
-    assert!(a.last().unwrap().1 > b.len() as u64, "a's state went on: {a:?}");
+    assert!(
+        a.last().unwrap().1 > b.len() as u64,
+        "a's state went on: {a:?}"
+    );
     let summary = common::read_summary(&summary);
     common::assert_balanced(&summary);
 }
@@ -489,7 +531,9 @@ fn a_decoder_over_boxes_runs_one_item_per_box_as_each_alone() {
         let mut x = seed;
         let data = (0..64 * 48 * 3)
             .map(|i| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((x >> 40) as u8 / 4).wrapping_add((i % 200) as u8)
             })
             .collect();
@@ -587,13 +631,21 @@ fn bad_cells_and_bad_wiring_are_refused_with_file_line_and_key() {
             engines.join("ppocr/ch_PP-OCRv4_det_infer.onnx").display()
         ),
     );
-    let stream = std::fs::read_to_string(engines.join("gru-stream.toml")).unwrap().replace(
-        "onnx = \"recurrent/gru_stream.onnx\"",
-        &format!("onnx = \"{}\"", engines.join("recurrent/gru_stream.onnx").display()),
-    );
+    let stream = std::fs::read_to_string(engines.join("gru-stream.toml"))
+        .unwrap()
+        .replace(
+            "onnx = \"recurrent/gru_stream.onnx\"",
+            &format!(
+                "onnx = \"{}\"",
+                engines.join("recurrent/gru_stream.onnx").display()
+            ),
+        );
     write(dir.path(), "stream.toml", &stream);
 
-    let errs = diagnostics(dir.path(), "[[stage]]\nname = \"s\"\nmodel = \"bad-state\"\n");
+    let errs = diagnostics(
+        dir.path(),
+        "[[stage]]\nname = \"s\"\nmodel = \"bad-state\"\n",
+    );
     assert!(
         errs.iter().any(|d| d.key == "stage[0].model"
             && d.line == 12
@@ -640,4 +692,50 @@ fn bad_cells_and_bad_wiring_are_refused_with_file_line_and_key() {
         errs.iter().any(|d| d.key == "stage[0].batching"),
         "{errs:#?}"
     );
+}
+
+#[test]
+fn the_shipped_recurrent_pipeline_runs_on_the_sample_clip_and_a_test_stream() {
+    require("engines/recurrent/gru_stream.onnx");
+    require("samples/campus.mp4");
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("summary.json");
+    let p = common::root().join("pipelines/recurrent.toml");
+    let o = common::poolpipe(&[
+        "run",
+        p.to_str().unwrap(),
+        "--duration",
+        "4",
+        "--summary-json",
+        summary.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let streams = common::assert_balanced(&common::read_summary(&summary));
+    for name in ["north-gate", "pattern"] {
+        let mine: Vec<&serde_json::Value> = lines.iter().filter(|l| l["stream"] == name).collect();
+        assert!(mine.len() > 10, "{name} published {}", mine.len());
+        assert_eq!(
+            streams[name]["published"].as_u64().unwrap() as usize,
+            mine.len()
+        );
+        // Per-stream state: the step counts the stream's frames that reached the stage.
+        let steps: Vec<u64> = mine
+            .iter()
+            .map(|l| l["results"]["temporal"]["state"]["step"].as_u64().unwrap())
+            .collect();
+        assert!(
+            steps.windows(2).all(|w| w[1] == w[0] + 1),
+            "{name}: {steps:?}"
+        );
+        for l in &mine {
+            let items = l["results"]["decode"]["decoded"].as_array().unwrap();
+            assert_eq!(items.len(), 1, "the frame is the decoder's item");
+            let steps = items[0]["steps"].as_u64().unwrap();
+            assert!((1..=80).contains(&steps), "{l}");
+        }
+    }
 }

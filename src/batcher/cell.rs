@@ -146,12 +146,8 @@ impl StepCost {
         }
         // The nearest measured size: a larger batch does not take less than a smaller one, and
         // takes at most proportionally more.
-        let measured = self
-            .by_size
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, n))| *n > 0);
-        let below = measured.clone().filter(|(s, _)| *s < rows).last();
+        let measured = self.by_size.iter().enumerate().filter(|(_, (_, n))| *n > 0);
+        let below = measured.clone().rfind(|(s, _)| *s < rows);
         let above = measured.clone().find(|(s, _)| *s > rows);
         match (below, above) {
             (Some((s, (m, _))), None) => (m * rows as f64 / s as f64) as Nanos,
@@ -381,7 +377,11 @@ mod tests {
 
     /// Runs the scheduler to the end; each item ends after its `len` steps. Returns the step
     /// (1-based) at which each item ended, and the rows of every step.
-    fn run(s: &mut CellScheduler, lens: &[(u64, u32)], arrive: &[(u64, usize)]) -> (Vec<(u64, usize)>, Vec<usize>) {
+    fn run(
+        s: &mut CellScheduler,
+        lens: &[(u64, u32)],
+        arrive: &[(u64, usize)],
+    ) -> (Vec<(u64, usize)>, Vec<usize>) {
         let mut ended = Vec::new();
         let mut rows = Vec::new();
         let mut t = 0;
@@ -441,7 +441,11 @@ mod tests {
         }
         s.push(item(9, 50, 1));
         let first = s.next_step().unwrap();
-        assert_eq!(first.ids, vec![9, 0], "one item of group 7, its oldest, despite deadlines");
+        assert_eq!(
+            first.ids,
+            vec![9, 0],
+            "one item of group 7, its oldest, despite deadlines"
+        );
         for id in first.ids {
             assert!(s.stepped(id, false), "limit 1: one step");
         }
@@ -465,7 +469,11 @@ mod tests {
             l.record(len);
         }
         assert_eq!(l.remaining(0, 100), 25, "mean of 10, 10, 10, 70");
-        assert_eq!(l.remaining(20, 100), 50, "past 10, only the long one is left");
+        assert_eq!(
+            l.remaining(20, 100),
+            50,
+            "past 10, only the long one is left"
+        );
         assert_eq!(l.remaining(20, 30), 10, "never past the limit");
         assert_eq!(l.remaining(80, 100), 1, "longer than all seen: one more");
     }
@@ -496,6 +504,9 @@ mod tests {
         assert_eq!(s.take_late(60), vec![1], "at 60, 50 more is past 100");
         let mut keep = CellScheduler::new(CellBatching::Cellular, 4, false, 0);
         keep.push(item(1, 0, 10));
-        assert!(keep.take_late(1_000).is_empty(), "fixed: nothing dropped here");
+        assert!(
+            keep.take_late(1_000).is_empty(),
+            "fixed: nothing dropped here"
+        );
     }
 }

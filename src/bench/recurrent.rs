@@ -110,7 +110,10 @@ fn cell(
 }
 
 fn images(m: &ModelManifest, n: usize, seed: u64) -> Vec<std::sync::Arc<Image>> {
-    let spec = m.image.clone().unwrap_or_else(crate::config::ImageSpec::passthrough);
+    let spec = m
+        .image
+        .clone()
+        .unwrap_or_else(crate::config::ImageSpec::passthrough);
     let mut rng = Rng(seed);
     (0..n)
         .map(|_| {
@@ -185,7 +188,12 @@ fn decode_run(
     while done < n {
         let now = clock.now() - start;
         while next < n && at[next] <= now && c.frames_held() < hold {
-            let f = frame(next, next as u64, pool[next % pool.len()].clone(), start + at[next]);
+            let f = frame(
+                next,
+                next as u64,
+                pool[next % pool.len()].clone(),
+                start + at[next],
+            );
             let o = c.admit_limited(f, lens[next]);
             done += o.done.len();
             next += 1;
@@ -242,7 +250,12 @@ fn stream_run(
         // Keep up to `hold` frames here, round robin over the streams (as a stage's queue).
         while sent < total && c.frames_held() < hold {
             let (s, q) = (sent % streams, sent / streams);
-            c.admit(frame(s, q as u64, pool[sent % pool.len()].clone(), clock.now()));
+            c.admit(frame(
+                s,
+                q as u64,
+                pool[sent % pool.len()].clone(),
+                clock.now(),
+            ));
             sent += 1;
         }
         let o = c.step(&clock);
@@ -264,11 +277,7 @@ fn stream_run(
 }
 
 /// Step latency of the decoder cell at `rows` rows, ms (median of 50).
-fn step_ms(
-    m: &ModelManifest,
-    rows: usize,
-    pool: &[std::sync::Arc<Image>],
-) -> anyhow::Result<f64> {
+fn step_ms(m: &ModelManifest, rows: usize, pool: &[std::sync::Arc<Image>]) -> anyhow::Result<f64> {
     let mut c = cell(m, CellBatching::Cellular, rows, 1)?;
     let clock = SystemClock::new();
     for i in 0..rows {
@@ -308,11 +317,18 @@ pub fn run(root: &std::path::Path, seconds: f64, max_batch: usize) -> anyhow::Re
     sorted.sort_unstable();
     let mean_len = lens.iter().map(|l| *l as f64).sum::<f64>() / lens.len() as f64;
     let q = |p: f64| sorted[((sorted.len() - 1) as f64 * p) as usize] as f64;
-    let lengths_stat = [mean_len, q(0.5), q(0.99), *sorted.last().unwrap_or(&0) as f64];
+    let lengths_stat = [
+        mean_len,
+        q(0.5),
+        q(0.99),
+        *sorted.last().unwrap_or(&0) as f64,
+    ];
     // Cellular's capacity: full steps of `max_batch` rows, each item taking `mean` of them.
     let full = steps.last().map_or(1.0, |s| s.1);
     let capacity = max_batch as f64 / (mean_len * full / 1e3);
-    eprintln!("steps {steps:?} ms; lengths {lengths_stat:?}; estimated capacity {capacity:.0} items/s");
+    eprintln!(
+        "steps {steps:?} ms; lengths {lengths_stat:?}; estimated capacity {capacity:.0} items/s"
+    );
     // The bound: 4x the p99 length run alone, one step after another.
     let slo_ms = 4.0 * lengths_stat[2] * steps[0].1;
     let fractions = [0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0];
@@ -368,7 +384,14 @@ impl Report {
         }
         s += &format!(
             "\n\ndecoder, max_batch {}, Poisson arrivals\n{:>9} {:>10} {:>12} {:>10} {:>10} {:>10} {:>9}\n",
-            self.max_batch, "batching", "offered/s", "completed/s", "p50 ms", "p99 ms", "rows/step", "padding"
+            self.max_batch,
+            "batching",
+            "offered/s",
+            "completed/s",
+            "p50 ms",
+            "p99 ms",
+            "rows/step",
+            "padding"
         );
         for r in &self.decode {
             s += &format!(

@@ -365,7 +365,10 @@ impl RecurrentParams {
         let mut seen = std::collections::HashSet::new();
         for s in &self.state {
             if !seen.insert(&s.input) || !seen.insert(&s.output) {
-                out.push(("state", format!("`{}`/`{}` is named twice", s.input, s.output)));
+                out.push((
+                    "state",
+                    format!("`{}`/`{}` is named twice", s.input, s.output),
+                ));
             }
         }
         match self.mode {
@@ -573,7 +576,10 @@ pub fn load_manifest(path: &Path) -> Result<ModelManifest, ConfigErrors> {
                 err(&format!("recurrent.{key}"), msg);
             }
             if m.backend != Backend::Onnxruntime {
-                err("backend", "a recurrent cell runs on the onnxruntime backend".into());
+                err(
+                    "backend",
+                    "a recurrent cell runs on the onnxruntime backend".into(),
+                );
             }
         }
         _ => {}

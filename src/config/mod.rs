@@ -30,8 +30,8 @@ pub use load::{
 };
 pub use manifest::{
     Backend, ClassifyParams, DetectFormat, DetectParams, FeedbackSpec, ImageSpec, Layout,
-    ModelKind, ModelManifest, RecurrentMode, RecurrentParams, Resize, StateSpec,
-    TextDetectParams, TextRecognizeParams, class_filter, load_manifest,
+    ModelKind, ModelManifest, RecurrentMode, RecurrentParams, Resize, StateSpec, TextDetectParams,
+    TextRecognizeParams, class_filter, load_manifest,
 };
 
 /// `[pipeline]`: settings of the whole pipeline.

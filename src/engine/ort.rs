@@ -200,7 +200,10 @@ impl Engine for OrtEngine {
         for (name, view) in inputs {
             let t = TensorRef::from_array_view(view.view())
                 .map_err(|e| EngineError::Input(format!("{name}: {e}")))?;
-            feed.push((std::borrow::Cow::Borrowed(*name), ort::session::SessionInputValue::from(t)));
+            feed.push((
+                std::borrow::Cow::Borrowed(*name),
+                ort::session::SessionInputValue::from(t),
+            ));
         }
         let outputs = self
             .session

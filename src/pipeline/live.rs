@@ -117,6 +117,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Live {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         p: &Pipeline,
         stats: Arc<Stats>,
@@ -397,6 +398,20 @@ impl Live {
         )
     }
 
+    /// A recurrent stage's `[streams held, state bytes, items]` (None for other stages).
+    pub fn cell_gauges(&self, i: usize) -> Option<[usize; 3]> {
+        let cells = &self.queues.get(i)?.cells;
+        (!cells.is_empty()).then(|| {
+            let mut g = [0; 3];
+            for c in cells {
+                g[0] += c.streams.load(Ordering::Relaxed);
+                g[1] += c.state_bytes.load(Ordering::Relaxed);
+                g[2] += c.items.load(Ordering::Relaxed);
+            }
+            g
+        })
+    }
+
     /// What a recurrent stage holds (null for other stages).
     fn cell_status(&self, i: usize, spec: &crate::config::StageSpec) -> Value {
         let cells = &self.queues[i].cells;
@@ -408,12 +423,13 @@ impl Live {
         };
         let steps = sum(&|c| c.steps.load(Ordering::Relaxed));
         let rows = sum(&|c| c.rows.load(Ordering::Relaxed));
+        let [streams, bytes, items] = self.cell_gauges(i).unwrap_or_default();
         json!({
             "mode": r.mode,
             "batching": spec.batching,
-            "streams_held": sum(&|c| c.streams.load(Ordering::Relaxed) as u64),
-            "state_bytes": sum(&|c| c.state_bytes.load(Ordering::Relaxed) as u64),
-            "items": sum(&|c| c.items.load(Ordering::Relaxed) as u64),
+            "streams_held": streams,
+            "state_bytes": bytes,
+            "items": items,
             "steps": steps,
             "mean_step_rows": if steps > 0 { rows as f64 / steps as f64 } else { 0.0 },
             "padding_rows": sum(&|c| c.padding.load(Ordering::Relaxed)),

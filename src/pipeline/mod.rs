@@ -155,12 +155,13 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         let mut stage_cells = Vec::new();
         if s.model.kind == crate::config::ModelKind::Recurrent {
             for _ in 0..s.workers {
-                let cell = stage::build_recurrent(s, p.onnxruntime.as_deref()).map_err(|source| {
-                    PipelineError::Engine {
-                        stage: s.name.clone(),
-                        source,
-                    }
-                })?;
+                let cell =
+                    stage::build_recurrent(s, p.onnxruntime.as_deref()).map_err(|source| {
+                        PipelineError::Engine {
+                            stage: s.name.clone(),
+                            source,
+                        }
+                    })?;
                 stage_cells.push(cell.with_resets(resets.clone()));
             }
             runners.push(Some(pool));

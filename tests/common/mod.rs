@@ -183,7 +183,12 @@ pub fn people_demo_fast() -> String {
 }
 
 /// One HTTP request: `(status, body)`.
-pub fn http(method: &str, url: &str, token: Option<&str>, body: Option<(&str, &str)>) -> (u16, String) {
+pub fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<(&str, &str)>,
+) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(10)))
@@ -278,4 +283,3 @@ pub fn stop(mut child: KillOnDrop) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
-
