@@ -99,7 +99,7 @@ REC_DIR="$ROOT/engines/recurrent"
 for m in gru_stream gru_decoder; do
   if [ ! -f "$REC_DIR/$m.onnx" ]; then
     log "Generating recurrent cell $m."
-    "$VENV/bin/python" engines/gen_recurrent_models.py --out "$REC_DIR" "$m"
+    "$VENV/bin/python" engines/gen_bench_models.py --out "$REC_DIR" "$m"
   fi
 done
 

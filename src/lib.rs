@@ -16,10 +16,14 @@
 //!   started by `cli` on the [`pipeline::Live`] handle of a started pipeline.
 //! - [`metrics`]: Prometheus metrics read from the pipeline's counters at scrape time.
 //! - [`pipeline`]: builds and runs the stage graph. `graph` (queues, batcher threads, pools),
-//!   `worker` (a pool's worker threads), `publisher` (the result schema and the sinks),
+//!   `worker` (a pool's worker threads), `recurrent` (a recurrent stage's threads),
+//!   `publisher` (the result schema and the sinks),
 //!   `stage` (what each model kind does to a batch), `live` (changes while running).
 //! - [`sim`]: the discrete-event simulator: plans served on a virtual clock by the runtime's
 //!   batcher driver, with arrivals (Poisson, bursty, traces) and a search for the 99% load.
+//! - [`recurrent`]: recurrent stages: a cell run step by step with per-stream or per-item state,
+//!   under cellular (or padded) batching; the pipeline's worker threads, tests and
+//!   `bench recurrent` drive it.
 //! - [`ingest`]: GStreamer sources (RTSP, files, test patterns) -> frames, with reconnects.
 //! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`) and the emulated device.
 //! - [`engine`]: the `Engine` trait and its backends (ONNX Runtime on the CPU, no-op), and the
@@ -30,7 +34,8 @@
 //!   state per stream, run by the publisher).
 //! - [`config`]: pipeline files and model manifests: parse (TOML with key spans), validate
 //!   (pure, collects every error with file:line:column), resolve into a runnable description.
-//! - [`batcher`]: batching policies (pure state: fixed, AIMD, reservation-based deadline), the
+//! - [`batcher`]: batching policies (pure state: fixed, AIMD, reservation-based deadline, and
+//!   `cell`: cellular and padded batching of a recurrent cell's steps), the
 //!   one batcher driver (a step: what is late, what goes to which worker, when to look again)
 //!   and the batcher thread's loop over it, shared by the runtime, the simulator and the tests.
 //! - [`planner`]: the MILP planner (cuts, classes, shares, batch sizes, device counts), its

@@ -739,3 +739,66 @@ fn the_shipped_recurrent_pipeline_runs_on_the_sample_clip_and_a_test_stream() {
         }
     }
 }
+
+#[test]
+fn a_camera_that_reconnects_starts_its_state_again() {
+    require("engines/recurrent/gru_stream.onnx");
+    let sample = require("samples/campus.mp4");
+    let port = common::free_port();
+    let mut server = Some(common::start_rtsp_server(sample.to_str().unwrap(), port));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let summary = dir.path().join("summary.json");
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            "{}[[source]]\nname = \"cam\"\nuri = \"rtsp://127.0.0.1:{port}/cam\"\nlatency_ms = 100\n\
+             reconnect_min_ms = 200\nreconnect_max_ms = 800\nstall_timeout_ms = 2000\n\n\
+             [[stage]]\nname = \"temporal\"\nmodel = \"gru-stream\"\nmax_batch = 4\n\n\
+             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+            header("rec", 60_000),
+            out.display()
+        ),
+    );
+    let run = std::process::Command::new(common::bin())
+        .args([
+            "run",
+            p.to_str().unwrap(),
+            "--duration",
+            "12",
+            "--summary-json",
+        ])
+        .arg(&summary)
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut run = common::KillOnDrop(run);
+    std::thread::sleep(Duration::from_secs(4));
+    drop(server.take()); // the camera goes away
+    std::thread::sleep(Duration::from_secs(2));
+    server = Some(common::start_rtsp_server(sample.to_str().unwrap(), port));
+    assert!(run.0.wait().unwrap().success());
+    drop(server);
+    let streams = common::assert_balanced(&common::read_summary(&summary));
+    assert!(streams["cam"]["reconnects"].as_u64().unwrap() >= 1);
+    let steps: Vec<u64> = common::read_jsonl(&out)
+        .iter()
+        .map(|l| l["results"]["temporal"]["state"]["step"].as_u64().unwrap())
+        .collect();
+    // One session before the outage and one after: each counts 1, 2, 3, ...
+    let restarts: Vec<usize> = (1..steps.len()).filter(|i| steps[*i] == 1).collect();
+    assert_eq!(steps.first(), Some(&1), "{steps:?}");
+    assert!(
+        !restarts.is_empty(),
+        "the state started again after the reconnect: {steps:?}"
+    );
+    for w in steps.windows(2) {
+        assert!(w[1] == w[0] + 1 || w[1] == 1, "{steps:?}");
+    }
+    assert!(
+        steps[restarts[0] - 1] > 10 && steps.len() - restarts[0] > 10,
+        "frames on both sides of the outage: {steps:?}"
+    );
+}

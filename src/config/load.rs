@@ -1041,7 +1041,7 @@ impl<'a> Validator<'_, 'a> {
         {
             match crate::engine::ort::describe(onnx, self.onnxruntime.as_deref()) {
                 Ok(info) => {
-                    for problem in crate::recurrent::check_io(&info, m) {
+                    for problem in super::cell::check_io(&info, m) {
                         self.err(
                             &format!("{base}.model"),
                             format!("{}: {problem}", m.path.display()),

@@ -9,6 +9,7 @@
 //! Relative paths in a file are relative to the folder of that file.
 
 mod analytics;
+pub mod cell;
 mod diag;
 mod flows;
 mod load;
