@@ -704,6 +704,8 @@ fn the_shipped_recurrent_pipeline_runs_on_the_sample_clip_and_a_test_stream() {
     let o = common::poolpipe(&[
         "run",
         p.to_str().unwrap(),
+        "--api",
+        "127.0.0.1:0",
         "--duration",
         "4",
         "--summary-json",
