@@ -246,11 +246,6 @@ impl Recurrent {
         self.streams.len()
     }
 
-    /// The scheduler (its lengths history and step costs).
-    pub fn scheduler(&self) -> &CellScheduler {
-        &self.sched
-    }
-
     fn item_input(&self, img: &Image, bbox: Option<&BBox>) -> ArrayD<f32> {
         let spec = &self.image;
         let (w, h) = (spec.width as usize, spec.height as usize);

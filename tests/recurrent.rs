@@ -804,3 +804,43 @@ fn a_camera_that_reconnects_starts_its_state_again() {
         "frames on both sides of the outage: {steps:?}"
     );
 }
+
+#[test]
+fn a_recurrent_stage_that_panics_makes_run_exit_1_and_every_frame_is_accounted_for() {
+    require("engines/recurrent/gru_decoder.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let summary = dir.path().join("summary.json");
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            "{}[[source]]\nname = \"cam\"\nuri = \"test://ball\"\nnum_buffers = 100000\npace = \"fast\"\n\n\
+             [[stage]]\nname = \"decode\"\nmodel = \"gru-decoder\"\nworkers = 2\nmax_batch = 8\n\n\
+             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+            header("panics", 60_000),
+            out.display()
+        ),
+    );
+    let o = std::process::Command::new(common::bin())
+        .args(["run", p.to_str().unwrap(), "--api", "off", "--summary-json"])
+        .arg(&summary)
+        .env("POOLPIPE_PANIC_STAGE", "decode:200")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("injected by POOLPIPE_PANIC_STAGE at step 200"),
+        "{stderr}"
+    );
+    let summary = common::read_summary(&summary);
+    let streams = common::assert_balanced(&summary);
+    let cam = &streams["cam"];
+    assert!(cam["failed"].as_u64().unwrap() >= 1, "{summary}");
+    assert!(cam["published"].as_u64().unwrap() >= 1, "{summary}");
+    assert_eq!(
+        common::read_jsonl(&out).len() as u64,
+        cam["published"].as_u64().unwrap()
+    );
+}

@@ -106,15 +106,6 @@ impl Lengths {
         (sum.div_ceil(n) as u32).clamp(1, left)
     }
 
-    /// Lengths recorded.
-    pub fn len(&self) -> usize {
-        self.ring.len()
-    }
-
-    /// Whether none is recorded.
-    pub fn is_empty(&self) -> bool {
-        self.ring.is_empty()
-    }
 }
 
 /// Measured step latency per batch size.
@@ -221,23 +212,14 @@ impl CellScheduler {
     }
 
     /// Steps item `id` has run.
-    pub fn done(&self, id: u64) -> Option<u32> {
+    #[cfg(test)]
+    fn done(&self, id: u64) -> Option<u32> {
         self.items.iter().find(|w| w.item.id == id).map(|w| w.done)
-    }
-
-    /// The lengths of ended items.
-    pub fn lengths(&self) -> &Lengths {
-        &self.lengths
     }
 
     /// Records a measured step.
     pub fn observe(&mut self, rows: usize, nanos: Nanos) {
         self.cost.observe(rows, nanos);
-    }
-
-    /// The step latency it expects at `rows` rows.
-    pub fn step_latency(&self, rows: usize) -> Nanos {
-        self.cost.latency(rows)
     }
 
     fn remaining(&self, w: &Waiting) -> u32 {

@@ -387,6 +387,7 @@ fn spawn_cells(
         vec![input]
     };
     let mut gauges = Vec::new();
+    let started = Arc::new(AtomicU64::new(0));
     for (w, (cell, rx)) in cells.into_iter().zip(inputs).enumerate() {
         let g = Arc::new(crate::recurrent::CellGauges::default());
         gauges.push(g.clone());
@@ -403,6 +404,7 @@ fn spawn_cells(
                     room: pool.room.clone(),
                     stats: stats.clone(),
                     clock: clock.clone(),
+                    started: started.clone(),
                 },
                 cell.with_gauges(g),
                 rx,

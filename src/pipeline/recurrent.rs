@@ -9,10 +9,12 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::graph::Downstream;
+use super::worker::{PANIC_STAGE_ENV, injected_panic};
 use crate::admission::Signal;
 use crate::clock::SharedClock;
 use crate::frame::Frame;
@@ -32,6 +34,8 @@ pub(super) struct CellWorker {
     pub room: Arc<Signal>,
     pub stats: Arc<Stats>,
     pub clock: SharedClock,
+    /// Steps the stage's pool has started, counted only when [`PANIC_STAGE_ENV`] names it.
+    pub started: Arc<AtomicU64>,
 }
 
 impl CellWorker {
@@ -82,6 +86,7 @@ pub(super) fn spawn_cell_worker(
         .name(format!("{}-{}", cx.name, cx.worker))
         .spawn(move || {
             let thread = format!("stage `{}` worker {}", cx.name, cx.worker);
+            let panic_at = injected_panic(&cx.name);
             let mut open = true;
             let mut broken = false;
             loop {
@@ -123,7 +128,15 @@ pub(super) fn spawn_cell_worker(
                     }
                     break;
                 }
-                match catch_unwind(AssertUnwindSafe(|| cell.step(cx.clock.as_ref()))) {
+                // Steps are counted only where a panic was asked for.
+                let inject =
+                    panic_at.filter(|at| cx.started.fetch_add(1, Ordering::SeqCst) + 1 == *at);
+                match catch_unwind(AssertUnwindSafe(|| {
+                    if let Some(n) = inject {
+                        panic!("injected by {PANIC_STAGE_ENV} at step {n}");
+                    }
+                    cell.step(cx.clock.as_ref())
+                })) {
                     Ok(out) => {
                         let ran = out.rows > 0;
                         cx.settle(out);

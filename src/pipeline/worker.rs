@@ -25,7 +25,8 @@ use crate::stats::Stats;
 pub(super) type Finished = Option<(Vec<Frame>, Option<Vec<Hop>>)>;
 
 /// Environment variable that makes a stage panic, for testing how a run survives it:
-/// `STAGE` or `STAGE:N` (the stage's N-th batch, counted over its pool from 1; default 1).
+/// `STAGE` or `STAGE:N` (the stage's N-th batch, counted over its pool from 1; default 1; a
+/// recurrent stage's N-th step).
 pub const PANIC_STAGE_ENV: &str = "POOLPIPE_PANIC_STAGE";
 
 /// What a worker thread shares with the rest of the pipeline.
@@ -53,7 +54,7 @@ pub(super) struct WorkerContext {
 }
 
 /// The batch number at which stage `name` is asked to panic, if it is.
-fn injected_panic(name: &str) -> Option<u64> {
+pub(super) fn injected_panic(name: &str) -> Option<u64> {
     let v = std::env::var(PANIC_STAGE_ENV).ok()?;
     let (stage, n) = match v.split_once(':') {
         Some((s, n)) => (s, n.parse().ok()?),
