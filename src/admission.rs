@@ -331,20 +331,13 @@ mod tests {
     use crate::frame::{Image, PixelFormat};
 
     fn frame(stream: usize, seq: u64) -> Frame {
-        Frame {
+        Frame::new(
             stream,
             seq,
-            pts: None,
-            captured_wall: std::time::SystemTime::now(),
-            captured: 0,
-            deadline: u64::MAX,
-            image: Arc::new(Image::black(1, 1, PixelFormat::RGB)),
-            outputs: Vec::new(),
-            stage_nanos: Vec::new(),
-            entered_stage: 0,
-            activation: None,
-            route: 0,
-        }
+            Arc::new(Image::black(1, 1, PixelFormat::RGB)),
+            0,
+            u64::MAX,
+        )
     }
 
     #[test]

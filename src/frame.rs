@@ -106,6 +106,33 @@ pub struct Frame {
     pub route: usize,
 }
 
+impl Frame {
+    /// Frame `seq` of stream `stream`, captured now (wall clock) at `captured` on the pipeline's
+    /// clock, due at `deadline`, with nothing attached yet.
+    pub fn new(
+        stream: usize,
+        seq: u64,
+        image: Arc<Image>,
+        captured: Nanos,
+        deadline: Nanos,
+    ) -> Self {
+        Self {
+            stream,
+            seq,
+            pts: None,
+            captured_wall: SystemTime::now(),
+            captured,
+            deadline,
+            image,
+            outputs: Vec::new(),
+            stage_nanos: Vec::new(),
+            entered_stage: captured,
+            activation: None,
+            route: 0,
+        }
+    }
+}
+
 /// An axis-aligned box in image pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct BBox {

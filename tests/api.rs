@@ -12,9 +12,7 @@ use serde_json::Value;
 
 /// Published frames of each stream, from `/status`.
 fn published(api: &str) -> std::collections::HashMap<String, u64> {
-    let (code, body) = http("GET", &format!("{api}/status"), None, None);
-    assert_eq!(code, 200, "{body}");
-    json(&body)["streams"]
+    common::status(api)["streams"]
         .as_array()
         .unwrap()
         .iter()
@@ -101,14 +99,9 @@ fn streams_come_and_go_through_the_api_and_a_reload_applies_a_new_slo() {
     }
 
     // Add a third stream while the two run.
-    let (code, body) = http(
-        "POST",
-        &format!("{api}/streams"),
-        None,
-        Some((
-            "application/json",
-            r#"{"name": "c", "uri": "test://ball", "max_fps": 10}"#,
-        )),
+    let (code, body) = common::add_stream(
+        &api,
+        r#"{"name": "c", "uri": "test://ball", "max_fps": 10}"#,
     );
     assert_eq!(code, 201, "{body}");
     let (code, body) = http(

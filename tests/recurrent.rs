@@ -8,9 +8,9 @@ mod common;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use common::{header, http, json, require, start, stop, write};
+use common::{header, http, require, start, stop, write};
 use ndarray::{ArrayD, IxDyn};
 use poolpipe::batcher::cell::CellBatching;
 use poolpipe::clock::{Clock, Nanos};
@@ -82,20 +82,7 @@ fn image(m: &ModelManifest, seed: u64) -> Arc<Image> {
 }
 
 fn frame(stream: usize, seq: u64, image: Arc<Image>, captured: Nanos, deadline: Nanos) -> Frame {
-    Frame {
-        stream,
-        seq,
-        pts: None,
-        captured_wall: SystemTime::now(),
-        captured,
-        deadline,
-        image,
-        outputs: Vec::new(),
-        stage_nanos: Vec::new(),
-        entered_stage: captured,
-        activation: None,
-        route: 0,
-    }
+    Frame::new(stream, seq, image, captured, deadline)
 }
 
 /// A clock that moves 1 ms at every reading: each step "takes" 1 ms.
@@ -404,11 +391,25 @@ fn a_restarted_stream_starts_from_the_initial_state_and_a_removed_one_is_freed()
     assert_eq!(c.streams_held(), 1, "the removed stream's state is freed");
 }
 
+/// A pipeline file in `dir` with this SLO, these sources and stages and a JSON-lines sink;
+/// returns its path, the sink's file and where the summary goes.
+fn pipeline_in(
+    dir: &std::path::Path,
+    slo_ms: u64,
+    sources_and_stages: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let out = dir.join("out.jsonl");
+    let text = format!(
+        "{}{sources_and_stages}\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+        header("rec", slo_ms),
+        out.display()
+    );
+    (write(dir, "p.toml", &text), out, dir.join("summary.json"))
+}
+
 /// `recurrent` of stage `stage` in `/status`.
 fn cell_status(api: &str, stage: &str) -> serde_json::Value {
-    let (code, body) = http("GET", &format!("{api}/status"), None, None);
-    assert_eq!(code, 200, "{body}");
-    json(&body)["stages"]
+    common::status(api)["stages"]
         .as_array()
         .unwrap()
         .iter()
@@ -429,18 +430,12 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 fn a_stream_added_through_the_api_starts_fresh_and_its_state_goes_when_it_is_removed() {
     require("engines/recurrent/gru_stream.onnx");
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.jsonl");
-    let summary = dir.path().join("summary.json");
-    let p = write(
+    // A removed stream's state is freed one SLO after the removal.
+    let (p, out, summary) = pipeline_in(
         dir.path(),
-        "p.toml",
-        &format!(
-            "{}[[source]]\nname = \"a\"\nuri = \"test://ball\"\nmax_fps = 20\n\n\
-             [[stage]]\nname = \"temporal\"\nmodel = \"gru-stream\"\nmax_batch = 8\n\n\
-             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
-            header("rec", 5000),
-            out.display()
-        ),
+        2000,
+        "[[source]]\nname = \"a\"\nuri = \"test://ball\"\nmax_fps = 20\n\n\
+         [[stage]]\nname = \"temporal\"\nmodel = \"gru-stream\"\nmax_batch = 8\n",
     );
     let (child, api) = start(&p, &summary, &["--api", "127.0.0.1:0", "--serve"], &[]);
     wait_for("stream a's state", || {
@@ -450,14 +445,9 @@ fn a_stream_added_through_the_api_starts_fresh_and_its_state_goes_when_it_is_rem
         .as_u64()
         .unwrap();
     assert_eq!(one, 64 * 4, "one 64-float state");
-    let (code, body) = http(
-        "POST",
-        &format!("{api}/streams"),
-        None,
-        Some((
-            "application/json",
-            r#"{"name": "b", "uri": "test://snow", "max_fps": 20}"#,
-        )),
+    let (code, body) = common::add_stream(
+        &api,
+        r#"{"name": "b", "uri": "test://snow", "max_fps": 20}"#,
     );
     assert!(code == 200 || code == 201, "{code} {body}");
     wait_for("stream b's state", || {
@@ -749,18 +739,13 @@ fn a_camera_that_reconnects_starts_its_state_again() {
     let port = common::free_port();
     let mut server = Some(common::start_rtsp_server(sample.to_str().unwrap(), port));
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.jsonl");
-    let summary = dir.path().join("summary.json");
-    let p = write(
+    let (p, out, summary) = pipeline_in(
         dir.path(),
-        "p.toml",
+        60_000,
         &format!(
-            "{}[[source]]\nname = \"cam\"\nuri = \"rtsp://127.0.0.1:{port}/cam\"\nlatency_ms = 100\n\
+            "[[source]]\nname = \"cam\"\nuri = \"rtsp://127.0.0.1:{port}/cam\"\nlatency_ms = 100\n\
              reconnect_min_ms = 200\nreconnect_max_ms = 800\nstall_timeout_ms = 2000\n\n\
-             [[stage]]\nname = \"temporal\"\nmodel = \"gru-stream\"\nmax_batch = 4\n\n\
-             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
-            header("rec", 60_000),
-            out.display()
+             [[stage]]\nname = \"temporal\"\nmodel = \"gru-stream\"\nmax_batch = 4\n"
         ),
     );
     let run = std::process::Command::new(common::bin())
@@ -809,18 +794,11 @@ fn a_camera_that_reconnects_starts_its_state_again() {
 fn a_recurrent_stage_that_panics_makes_run_exit_1_and_every_frame_is_accounted_for() {
     require("engines/recurrent/gru_decoder.onnx");
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.jsonl");
-    let summary = dir.path().join("summary.json");
-    let p = write(
+    let (p, out, summary) = pipeline_in(
         dir.path(),
-        "p.toml",
-        &format!(
-            "{}[[source]]\nname = \"cam\"\nuri = \"test://ball\"\nnum_buffers = 100000\npace = \"fast\"\n\n\
-             [[stage]]\nname = \"decode\"\nmodel = \"gru-decoder\"\nworkers = 2\nmax_batch = 8\n\n\
-             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
-            header("panics", 60_000),
-            out.display()
-        ),
+        60_000,
+        "[[source]]\nname = \"cam\"\nuri = \"test://ball\"\nnum_buffers = 100000\npace = \"fast\"\n\n\
+         [[stage]]\nname = \"decode\"\nmodel = \"gru-decoder\"\nworkers = 2\nmax_batch = 8\n",
     );
     let o = std::process::Command::new(common::bin())
         .args(["run", p.to_str().unwrap(), "--api", "off", "--summary-json"])

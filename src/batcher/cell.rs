@@ -105,7 +105,6 @@ impl Lengths {
         }
         (sum.div_ceil(n) as u32).clamp(1, left)
     }
-
 }
 
 /// Measured step latency per batch size.

@@ -8,7 +8,7 @@
 //! item ends exactly at its drawn length; the compute is the real cell on real images. Policy
 //! `fixed` (nothing dropped): latency includes all queueing.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -131,20 +131,7 @@ fn images(m: &ModelManifest, n: usize, seed: u64) -> Vec<std::sync::Arc<Image>> 
 }
 
 fn frame(stream: usize, seq: u64, image: std::sync::Arc<Image>, captured: Nanos) -> Frame {
-    Frame {
-        stream,
-        seq,
-        pts: None,
-        captured_wall: SystemTime::now(),
-        captured,
-        deadline: Nanos::MAX / 2,
-        image,
-        outputs: Vec::new(),
-        stage_nanos: Vec::new(),
-        entered_stage: captured,
-        activation: None,
-        route: 0,
-    }
+    Frame::new(stream, seq, image, captured, Nanos::MAX / 2)
 }
 
 /// Item lengths: log-normal (median 15, sigma 0.75), clamped to 1..=120.

@@ -158,6 +158,18 @@ impl OrtEngine {
     }
 }
 
+/// Every output of a run, copied out of the session, in the model's order.
+fn owned(outputs: &ort::session::SessionOutputs<'_>) -> Result<Vec<ArrayD<f32>>, EngineError> {
+    let mut out = Vec::with_capacity(outputs.len());
+    for (_, v) in outputs.iter() {
+        let a = v
+            .try_extract_array::<f32>()
+            .map_err(|e| EngineError::Infer(e.to_string()))?;
+        out.push(a.to_owned());
+    }
+    Ok(out)
+}
+
 /// Opens a model only to read its tensors and metadata (one thread, no graph optimisation).
 pub fn describe(model: &Path, library: Option<&Path>) -> Result<OrtEngine, EngineError> {
     OrtEngine::load(&OrtConfig {
@@ -182,14 +194,7 @@ impl Engine for OrtEngine {
             .session
             .run(ort::inputs![self.input.as_str() => tensor])
             .map_err(|e| EngineError::Infer(e.to_string()))?;
-        let mut out = Vec::with_capacity(outputs.len());
-        for (_, v) in outputs.iter() {
-            let a = v
-                .try_extract_array::<f32>()
-                .map_err(|e| EngineError::Infer(e.to_string()))?;
-            out.push(a.to_owned());
-        }
-        Ok(out)
+        owned(&outputs)
     }
 
     fn infer_named(
@@ -209,14 +214,7 @@ impl Engine for OrtEngine {
             .session
             .run(feed)
             .map_err(|e| EngineError::Infer(e.to_string()))?;
-        let mut out = Vec::with_capacity(outputs.len());
-        for (_, v) in outputs.iter() {
-            let a = v
-                .try_extract_array::<f32>()
-                .map_err(|e| EngineError::Infer(e.to_string()))?;
-            out.push(a.to_owned());
-        }
-        Ok(out)
+        owned(&outputs)
     }
 
     fn metadata(&self, key: &str) -> Option<String> {

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
@@ -571,25 +571,19 @@ fn deliver(
         return Some(RunEnd::Stop);
     }
     let now = ctx.clock.now();
-    let frame = Frame {
-        stream: ctx.stream,
-        seq: this_seq,
-        pts,
-        captured_wall: SystemTime::now(),
-        captured: now,
-        deadline: now + ctx.slo.load(Ordering::Relaxed),
-        image: Arc::new(Image {
+    let mut frame = Frame::new(
+        ctx.stream,
+        this_seq,
+        Arc::new(Image {
             width: w as u32,
             height: h as u32,
             format,
             data: pixels,
         }),
-        outputs: Vec::new(),
-        stage_nanos: Vec::new(),
-        entered_stage: now,
-        activation: None,
-        route: 0,
-    };
+        now,
+        now + ctx.slo.load(Ordering::Relaxed),
+    );
+    frame.pts = pts;
     let blocking = !spec.is_live() && spec.pace == Pace::Fast;
     if blocking {
         // Offline processing: wait for room, but stay responsive to a stop.

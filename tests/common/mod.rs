@@ -283,3 +283,20 @@ pub fn stop(mut child: KillOnDrop) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `GET /status` of a running pipeline, as JSON.
+pub fn status(api: &str) -> Value {
+    let (code, body) = http("GET", &format!("{api}/status"), None, None);
+    assert_eq!(code, 200, "{body}");
+    json(&body)
+}
+
+/// `POST /streams` with this JSON definition: `(status, body)`.
+pub fn add_stream(api: &str, definition: &str) -> (u16, String) {
+    http(
+        "POST",
+        &format!("{api}/streams"),
+        None,
+        Some(("application/json", definition)),
+    )
+}
