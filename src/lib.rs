@@ -44,6 +44,8 @@
 //! - [`partition`]: cut points of ONNX graphs, block extraction, balanced splitting.
 //! - [`admission`]: each flow's front: a lane per stream, taken fairly by priority (smooth
 //!   weighted round robin, [`wrr`]) and spread over the flow's routes by planned throughput.
+//! - [`demand`]: each flow's arrival rate over sliding windows and its burstiness (index of
+//!   dispersion), from counts sampled by the run loop.
 //! - [`stats`]: per-stream and per-stage counters, bumped through one named method per event.
 //! - [`sinks`]: where results go: JSON lines, MQTT, NATS, Redis Streams, Kafka, HTTP webhooks,
 //!   each behind a bounded buffer with retries and delivery counters.
@@ -64,6 +66,7 @@ pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod demand;
 pub mod device;
 pub mod engine;
 pub mod frame;

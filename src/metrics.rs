@@ -29,6 +29,8 @@
 //! | `poolpipe_sink_retries_total`, `poolpipe_sink_resent_total` | counter | sink |
 //! | `poolpipe_sink_buffered_messages` | gauge | sink |
 //! | `poolpipe_recurrent_streams_held`, `poolpipe_recurrent_state_bytes`, `poolpipe_recurrent_items` | gauge | stage (recurrent stages: streams whose state is held, its bytes, items at the cell) |
+//! | `poolpipe_flow_arrival_rate` | gauge | flow, window (`1s`, `10s`, `60s`): frames/s its sources delivered |
+//! | `poolpipe_flow_arrival_dispersion` | gauge | flow (variance / mean of arrivals per 100 ms over 10 s: 1 Poisson, 0 steady, > 1 bursty) |
 //! | `poolpipe_uptime_seconds` | gauge | |
 
 use std::sync::Arc;
@@ -292,6 +294,38 @@ impl Collector for PipelineCollector {
             "Latency budget of new frames, capture to publication.",
             Some(&Unit::Seconds),
             &[(vec![], live.slo().as_secs_f64())],
+        )?;
+        let flows = stats.flow_names();
+        let demand: Vec<_> = (0..flows.len()).map(|i| live.demand(i)).collect();
+        let windows: Vec<String> = crate::demand::WINDOWS_S
+            .iter()
+            .map(|w| format!("{w}s"))
+            .collect();
+        let mut rates = Vec::new();
+        let mut dispersion = Vec::new();
+        for (f, (r, d)) in flows.iter().zip(&demand) {
+            for (w, v) in windows.iter().zip(r) {
+                if let Some(v) = v {
+                    rates.push((vec![("flow", f.as_str()), ("window", w.as_str())], *v));
+                }
+            }
+            if let Some(d) = d {
+                dispersion.push((vec![("flow", f.as_str())], *d));
+            }
+        }
+        gauges(
+            e,
+            "poolpipe_flow_arrival_rate",
+            "Frames per second the flow's sources delivered, over the window.",
+            None,
+            &rates,
+        )?;
+        gauges(
+            e,
+            "poolpipe_flow_arrival_dispersion",
+            "Variance / mean of the flow's arrivals per 100 ms over 10 s (1: Poisson, 0: steady, more: bursty).",
+            None,
+            &dispersion,
         )?;
         histograms(
             e,

@@ -318,6 +318,22 @@ impl Stats {
             .sum()
     }
 
+    /// Frames ingested by the streams of each flow (as they feed flows now), by flow index.
+    pub fn ingested_by_flow(&self) -> Vec<u64> {
+        let mut out = vec![0; self.flows.len()];
+        for (_, flow, c) in self
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if let Some(n) = out.get_mut(*flow) {
+                *n += c.ingested.load(Relaxed);
+            }
+        }
+        out
+    }
+
     /// The name of stream `i`.
     pub fn stream_name(&self, i: usize) -> Arc<str> {
         self.streams.read().unwrap_or_else(|e| e.into_inner())[i]

@@ -97,6 +97,16 @@ fn streams_come_and_go_through_the_api_and_a_reload_applies_a_new_slo() {
             "stream {s} runs at about 10 fps: {before:?}"
         );
     }
+    // The flow's demand: two steady 10 fps streams.
+    let demand = common::status(&api)["flows"][0]["demand"].clone();
+    let fps = demand["fps_10s"].as_f64().unwrap();
+    let expected = before["a"] + before["b"];
+    assert!(
+        (fps - expected).abs() < 0.25 * expected,
+        "demand {demand} vs published {before:?}"
+    );
+    let dispersion = demand["dispersion_10s"].as_f64().unwrap();
+    assert!(dispersion < 1.0, "steady cameras are not bursty: {demand}");
 
     // Add a third stream while the two run.
     let (code, body) = common::add_stream(
@@ -182,6 +192,12 @@ fn streams_come_and_go_through_the_api_and_a_reload_applies_a_new_slo() {
         "the sink was offered every published frame: {offered} vs {pub_b} of b"
     );
     assert_eq!(sample(&metrics, "poolpipe_slo_seconds"), Some(5.0));
+    let rate = sample(
+        &metrics,
+        r#"poolpipe_flow_arrival_rate{flow="live",window="10s"}"#,
+    )
+    .expect("the flow's arrival rate is exported");
+    assert!(rate > 10.0, "{rate}");
 
     // An invalid definition gets a 400 with the text `poolpipe validate` prints for it.
     let bad = r#"{"name": "bad", "uri": "test://ball", "max_fps": 5000, "fps": 3}"#;

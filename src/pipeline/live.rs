@@ -110,6 +110,8 @@ pub struct Live {
     analytics: Arc<Analytics>,
     /// Tells recurrent stages when a stream (re)starts or is removed.
     resets: Arc<crate::recurrent::StreamResets>,
+    /// Each flow's arrivals, sampled by the run loop.
+    demand: Mutex<Vec<crate::demand::Demand>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -147,6 +149,7 @@ impl Live {
             stopping: AtomicBool::new(false),
             analytics,
             resets,
+            demand: Mutex::new(vec![Default::default(); p.flows.len()]),
         }
     }
 
@@ -398,6 +401,29 @@ impl Live {
         )
     }
 
+    /// Samples every flow's arrivals (the run loop calls it every 100 ms).
+    pub(super) fn sample_demand(&self) {
+        let now = self.clock.now();
+        let totals = self.stats.ingested_by_flow();
+        for (d, n) in lock(&self.demand).iter_mut().zip(totals) {
+            d.observe(now, n);
+        }
+    }
+
+    /// Flow `flow`'s arrival rate (frames/s) over each of [`crate::demand::WINDOWS_S`], and the
+    /// index of dispersion of its arrivals over 10 s.
+    pub fn demand(&self, flow: usize) -> ([Option<f64>; 3], Option<f64>) {
+        let d = lock(&self.demand);
+        let Some(d) = d.get(flow) else {
+            return ([None; 3], None);
+        };
+        let s = |w: u64| w * 1_000_000_000;
+        (
+            crate::demand::WINDOWS_S.map(|w| d.rate(s(w))),
+            d.dispersion(s(10)),
+        )
+    }
+
     /// A recurrent stage's `[streams held, state bytes, items]` (None for other stages).
     pub fn cell_gauges(&self, i: usize) -> Option<[usize; 3]> {
         let cells = &self.queues.get(i)?.cells;
@@ -542,6 +568,7 @@ impl Live {
             .enumerate()
             .map(|(i, f)| {
                 let c = summary.flows.get(i);
+                let demand = self.demand(i);
                 json!({
                     "name": f.name,
                     "model": f.model,
@@ -551,6 +578,12 @@ impl Live {
                         "weight": p.routes[*r].weight,
                     })).collect::<Vec<_>>(),
                     "waiting": self.admissions.get(i).map_or(0, |a| a.waiting()),
+                    "demand": {
+                        "fps_1s": demand.0[0],
+                        "fps_10s": demand.0[1],
+                        "fps_60s": demand.0[2],
+                        "dispersion_10s": demand.1,
+                    },
                     "counters": c,
                 })
             })

@@ -464,8 +464,17 @@ impl Running {
         let mut last_progress = Instant::now();
         let mut last_trim = Instant::now();
         let mut budget_spent_at: Option<Instant> = None;
+        let mut last_demand = Instant::now();
         loop {
             std::thread::sleep(Duration::from_millis(50));
+            // Every 100 ms, on a steady beat (after a stall, the beat starts again).
+            if last_demand.elapsed() >= Duration::from_millis(300) {
+                last_demand = Instant::now();
+                live.sample_demand();
+            } else if last_demand.elapsed() >= Duration::from_millis(100) {
+                last_demand += Duration::from_millis(100);
+                live.sample_demand();
+            }
             if last_trim.elapsed() >= Duration::from_secs(60) {
                 last_trim = Instant::now();
                 crate::alloc::trim();
