@@ -111,8 +111,9 @@ struct Item {
     bbox: Option<BBox>,
 }
 
-enum Resolution {
-    Running,
+/// How a frame's time at the cell ended.
+#[derive(Clone, Copy)]
+enum Ended {
     Done,
     Late,
     Failed,
@@ -123,7 +124,8 @@ struct Pending {
     left: usize,
     decoded: Vec<Option<DecodedItem>>,
     step: Option<StreamStep>,
-    how: Resolution,
+    /// None while an item of it still runs.
+    how: Option<Ended>,
 }
 
 /// What a step (or an admission) resolved.
@@ -384,11 +386,7 @@ impl Recurrent {
                 left: n,
                 decoded: vec![None; n],
                 step: None,
-                how: if n == 0 {
-                    Resolution::Done
-                } else {
-                    Resolution::Running
-                },
+                how: (n == 0).then_some(Ended::Done),
             },
         );
         let mut out = Outcome::default();
@@ -400,7 +398,7 @@ impl Recurrent {
     }
 
     /// Ends frame `key` (late or failed): its other items leave the cell.
-    fn resolve(&mut self, key: u64, how: Resolution) {
+    fn resolve(&mut self, key: u64, how: Ended) {
         let ids: Vec<u64> = self
             .items
             .iter()
@@ -412,7 +410,7 @@ impl Recurrent {
             self.sched.remove(id);
         }
         if let Some(p) = self.frames.get_mut(&key) {
-            p.how = how;
+            p.how = Some(how);
         }
     }
 
@@ -421,19 +419,19 @@ impl Recurrent {
         let Some(q) = self.order.get_mut(&stream) else {
             return;
         };
-        while let Some(key) = q.front() {
-            if matches!(
-                self.frames.get(key).map(|p| &p.how),
-                Some(Resolution::Running)
-            ) {
-                break;
-            }
-            let key = q.pop_front().expect("front");
+        while let Some(&key) = q.front() {
+            // A frame still running holds back those after it.
+            let Some(how) = self.frames.get(&key).map(|p| p.how) else {
+                q.pop_front();
+                continue;
+            };
+            let Some(how) = how else { break };
+            q.pop_front();
             let Some(mut p) = self.frames.remove(&key) else {
                 continue;
             };
-            match p.how {
-                Resolution::Done => {
+            match how {
+                Ended::Done => {
                     let output = match p.step.take() {
                         Some(s) => StageOutput::State(s),
                         None => StageOutput::Decoded(p.decoded.into_iter().flatten().collect()),
@@ -441,9 +439,8 @@ impl Recurrent {
                     p.frame.outputs.push(output);
                     out.done.push(p.frame);
                 }
-                Resolution::Late => out.late.push(p.frame),
-                Resolution::Failed => out.failed.push(p.frame),
-                Resolution::Running => unreachable!("checked above"),
+                Ended::Late => out.late.push(p.frame),
+                Ended::Failed => out.failed.push(p.frame),
             }
         }
         if q.is_empty() {
@@ -471,7 +468,7 @@ impl Recurrent {
         for id in self.sched.take_late(clock.now()) {
             if let Some(key) = self.items.get(&id).map(|it| it.frame) {
                 touched.push(self.frames[&key].frame.stream);
-                self.resolve(key, Resolution::Late);
+                self.resolve(key, Ended::Late);
             }
         }
         if let Some(step) = self.sched.next_step() {
@@ -495,7 +492,7 @@ impl Recurrent {
                     for id in &step.ids {
                         if let Some(key) = self.items.get(id).map(|it| it.frame) {
                             touched.push(self.frames[&key].frame.stream);
-                            self.resolve(key, Resolution::Failed);
+                            self.resolve(key, Ended::Failed);
                         }
                     }
                     out.error = Some(e);
@@ -663,7 +660,7 @@ impl Recurrent {
             }
             p.left -= 1;
             if p.left == 0 {
-                p.how = Resolution::Done;
+                p.how = Some(Ended::Done);
                 touched.push(stream);
             }
         }
