@@ -44,6 +44,7 @@ fn two_stage(head: u64, send: u64, tail: u64, share: u32, planned: f64) -> SimSe
                     class: 1,
                 },
             ],
+            wait: None,
         }],
         classes: vec![("H".into(), 2), ("L".into(), 2)],
     }
@@ -284,4 +285,36 @@ fn cli_plans_then_simulates_and_repeats_itself_with_the_same_seed() {
         .map(|m| m["offered"].as_u64().unwrap())
         .sum();
     assert_eq!(offered, 6, "each model replays the three timestamps: {t}");
+}
+
+#[test]
+fn the_analytic_batch_and_wait_match_a_grid_search_where_the_demand_can_be_served() {
+    let Some(dir) = common::shared_profiles() else {
+        eprintln!("skipped: the published profiles are not beside the repository");
+        return;
+    };
+    let profiles = poolpipe::profile::Profiles::load_dir(&dir, None).unwrap();
+    let models = poolpipe::bench::analytic::main_models(&dir, &profiles);
+    assert_eq!(models.len(), 18, "the paper's 18 models: {models:?}");
+    // At 30% and 60% of the pool's capacity every model's demand can be served within the SLO.
+    let rows =
+        poolpipe::bench::analytic::compare(&profiles, &models, "L4", 2, &[0.3, 0.6], 20.0).unwrap();
+    assert_eq!(rows.len(), 36);
+    for r in &rows {
+        assert!(
+            r.ratio >= 0.95,
+            "{} at {:.0}/s: analytic {:?} gives {:.1}/s, the grid's best {:?}",
+            r.model,
+            r.rate,
+            r.choice,
+            r.analytic,
+            r.best
+        );
+        assert!(
+            r.choose_us < 1000.0,
+            "{} took {} us to choose",
+            r.model,
+            r.choose_us
+        );
+    }
 }

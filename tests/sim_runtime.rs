@@ -99,6 +99,7 @@ fn run_and_simulate(fps_per_stream: f64, margin_ms: u64, link: Link) -> ((f64, f
                     class: 1,
                 },
             ],
+            wait: None,
         }],
         classes: vec![("L4".into(), 1), ("T4".into(), tail_workers as u32)],
     };

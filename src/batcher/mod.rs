@@ -13,6 +13,7 @@
 //!   queued can still meet the oldest frame's deadline through every remaining stage, reserving
 //!   a slot on a worker of each of them first.
 
+pub mod analytic;
 pub mod cell;
 pub mod deadline;
 pub mod driver;

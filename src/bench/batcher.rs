@@ -204,6 +204,7 @@ fn simulate(
                     class: i,
                 })
                 .collect(),
+            wait: None,
         }],
         classes: stages
             .iter()

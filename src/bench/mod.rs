@@ -8,6 +8,7 @@
 //! 3. the demo pipeline: published frames/s and p50/p99 end-to-end latency, at the clip's pace
 //!    and flat out.
 
+pub mod analytic;
 pub mod batcher;
 pub mod detect;
 pub mod plan_run;
@@ -174,6 +175,25 @@ pub enum BenchCommand {
         #[arg(long, default_value = ".")]
         root: PathBuf,
     },
+    /// The analytic batch size and wait of a `fixed` stage against a grid search in the
+    /// simulator, over the paper's 18 models at 30%, 60% and 90% of a pool's capacity.
+    Analytic {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Folder of latency profiles.
+        #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
+        profiles: PathBuf,
+        /// Device class of the pool.
+        #[arg(long, default_value = "L4")]
+        class: String,
+        /// Devices in the pool.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Simulated seconds per run.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+    },
     /// Batching policies side by side on two emulated pools, on a virtual clock.
     Batcher {
         /// Print JSON instead of a table.
@@ -287,6 +307,30 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.table());
+            }
+            Ok(())
+        }
+        BenchCommand::Analytic {
+            json,
+            profiles,
+            class,
+            workers,
+            seconds,
+        } => {
+            let p = crate::profile::Profiles::load_dir(&profiles, None)?;
+            let models = analytic::main_models(&profiles, &p);
+            let rows = analytic::compare(
+                &p,
+                &models,
+                &class,
+                workers.max(1),
+                &[0.3, 0.6, 0.9],
+                seconds,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", analytic::table(&rows));
             }
             Ok(())
         }

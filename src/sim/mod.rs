@@ -64,6 +64,9 @@ pub struct SimPipeline {
     pub weight: f64,
     /// Stages in order.
     pub stages: Vec<SimStage>,
+    /// `fixed`/`aimd`: the first stage's longest wait (None: half of what the route leaves of
+    /// the SLO).
+    pub wait: Option<Nanos>,
 }
 
 /// One model.
@@ -226,6 +229,7 @@ impl SimSetup {
                     batch: p.batch,
                     weight: p.throughput,
                     stages,
+                    wait: None,
                 });
             }
         }
@@ -543,7 +547,11 @@ pub fn policy_settings(
         kind: opts.policy,
         stage: i,
         max_batch: pl.batch,
-        max_wait: if i == 0 { slack / 2 } else { 0 },
+        max_wait: match (i, pl.wait) {
+            (0, Some(w)) => w,
+            (0, None) => slack / 2,
+            _ => 0,
+        },
         margin: opts.margin,
         costs: pl.stages[i..].iter().map(|s| s.cost.clone()).collect(),
     }
@@ -959,6 +967,7 @@ mod tests {
                     share: 1,
                     class: 0,
                 }],
+                wait: None,
             }],
             classes: vec![("c".into(), workers as u32)],
         }

@@ -1,0 +1,260 @@
+//! Analytic batching for `fixed` stages: the batch size and wait that serve an arrival process
+//! within the SLO, from the stage's latency profile (BATCH, SC '20: model batch formation and
+//! service as a queue rather than search by trial).
+//!
+//! The model, for a stage of `n` workers with batch latency `l(b)`, arrivals at rate `λ` with
+//! index of dispersion `D` (1 for Poisson), and a policy that dispatches at `b` frames or `w`
+//! after the first:
+//!
+//! - **formation**: `b` frames take `(b - 1) / λ` to gather after the first; with
+//!   `w` shorter than that a batch leaves on its timeout with `b_e = 1 + λ w` frames on average.
+//!   The first frame of a batch waits `min(w, (b - 1) / λ)`.
+//! - **service**: `s = l(b_e)` (interpolated between profiled sizes); utilisation
+//!   `ρ = λ s / (n b_e)`.
+//! - **queueing** of batches for the `n` workers (Allen–Cunneen for G/D/n): a batch waits with
+//!   probability `C` (Erlang C at `n ρ`), then on average `s / (n (1 - ρ)) x ca² / 2`, where
+//!   `ca² = D / b_e` is the variability of batch inter-arrivals (gathering `b_e` arrivals smooths
+//!   them). The wait's tail is taken as exponential: its 99th percentile is
+//!   `mean_if_waiting x ln(C / 0.01)` (0 when `C <= 0.01`).
+//! - **a frame's p99**: formation + queueing p99 + `s`.
+//!
+//! A choice is feasible when `ρ < 1` and the predicted p99 fits the SLO; among feasible choices
+//! the one with the most slack is taken (they all serve `λ`; slack absorbs what the model does
+//! not see). When none is feasible (overload), the stage can only serve part of the demand: the
+//! choice for the highest rate it can serve within the SLO is taken (found by bisection on the
+//! rate). Pure arithmetic over `max_batch x 6` candidates per rate tried.
+
+use serde::Serialize;
+
+use crate::clock::Nanos;
+
+/// What the chooser knows of a stage and its demand.
+#[derive(Debug, Clone)]
+pub struct Demand<'a> {
+    /// Batch latency at sizes 1, 2, ... (nanoseconds).
+    pub latency: &'a [Nanos],
+    /// Workers.
+    pub workers: usize,
+    /// Arrivals per second.
+    pub rate: f64,
+    /// Index of dispersion of arrivals (1: Poisson).
+    pub dispersion: f64,
+    /// Latency budget of a frame at this stage.
+    pub slo: Nanos,
+}
+
+/// The chosen batch size and wait, with what the model predicts of them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Choice {
+    /// Largest batch.
+    pub max_batch: usize,
+    /// Longest wait of a batch's first frame, ns.
+    pub max_wait: Nanos,
+    /// Mean batch size the wait leads to.
+    pub mean_batch: f64,
+    /// Workers' utilisation.
+    pub utilisation: f64,
+    /// Predicted 99th-percentile latency of a frame, ns.
+    pub p99: Nanos,
+    /// Whether the demand fits within the SLO (else: overload, the largest capacity).
+    pub feasible: bool,
+}
+
+/// Latency at a fractional batch size, interpolated between profiled sizes.
+fn service(latency: &[Nanos], b: f64) -> f64 {
+    let b = b.clamp(1.0, latency.len() as f64);
+    let lo = b.floor() as usize;
+    let hi = b.ceil() as usize;
+    let f = b - lo as f64;
+    latency[lo - 1] as f64 * (1.0 - f) + latency[hi - 1] as f64 * f
+}
+
+/// Erlang C: the probability that an arrival waits, `n` servers at utilisation `rho`.
+fn erlang_c(n: usize, rho: f64) -> f64 {
+    let a = n as f64 * rho;
+    // Erlang B by its recurrence, then C from B.
+    let mut b = 1.0;
+    for k in 1..=n {
+        b = a * b / (k as f64 + a * b);
+    }
+    let c = b / (1.0 - rho + rho * b);
+    c.clamp(0.0, 1.0)
+}
+
+/// The prediction for batch size `b` and wait `w` (None: unstable).
+fn predict(d: &Demand<'_>, b: usize, w: f64) -> Option<(f64, f64, f64)> {
+    let lambda = d.rate / 1e9; // per ns
+    let fill = (b as f64 - 1.0) / lambda;
+    let (be, formation) = if w >= fill {
+        (b as f64, fill)
+    } else {
+        ((1.0 + lambda * w).min(b as f64), w)
+    };
+    let s = service(d.latency, be);
+    let n = d.workers.max(1) as f64;
+    let rho = lambda * s / (n * be);
+    if rho >= 1.0 {
+        return None;
+    }
+    let c = erlang_c(d.workers.max(1), rho);
+    let ca2 = d.dispersion.max(0.0) / be;
+    let mean_if_waiting = s / (n * (1.0 - rho)) * (ca2 / 2.0).max(0.05);
+    let q99 = if c > 0.01 {
+        mean_if_waiting * (c / 0.01).ln()
+    } else {
+        0.0
+    };
+    Some((formation + q99 + s, be, rho))
+}
+
+/// The feasible choice with the most slack at the demand's rate, if any.
+fn best_at(d: &Demand<'_>) -> Option<Choice> {
+    let slo = d.slo as f64;
+    let lambda = d.rate.max(1e-9) / 1e9;
+    let mut best: Option<(f64, Choice)> = None;
+    for b in 1..=d.latency.len() {
+        let fill = (b as f64 - 1.0) / lambda;
+        for k in [0.0, 0.25, 0.5, 1.0, 1.5, 2.0] {
+            let w = (fill * k).min(slo);
+            let Some((p99, be, rho)) = predict(d, b, w) else {
+                continue;
+            };
+            if p99 > slo {
+                continue;
+            }
+            let slack = slo - p99;
+            if best.as_ref().is_none_or(|(s, _)| slack > *s) {
+                best = Some((
+                    slack,
+                    Choice {
+                        max_batch: b,
+                        max_wait: w as Nanos,
+                        mean_batch: be,
+                        utilisation: rho,
+                        p99: p99 as Nanos,
+                        feasible: true,
+                    },
+                ));
+            }
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+/// The batch size and wait for this demand.
+pub fn choose(d: &Demand<'_>) -> Choice {
+    if let Some(c) = best_at(d) {
+        return c;
+    }
+    // Overload: no choice serves the whole rate within the SLO. The stage then serves what it
+    // can, so take the choice for the highest rate it can serve within the SLO (bisection).
+    let (mut lo, mut hi) = (0.0, d.rate);
+    let mut found = None;
+    for _ in 0..30 {
+        let mid = (lo + hi) / 2.0;
+        match best_at(&Demand {
+            rate: mid,
+            ..d.clone()
+        }) {
+            Some(c) => {
+                found = Some(c);
+                lo = mid;
+            }
+            None => hi = mid,
+        }
+    }
+    let c = found.unwrap_or(Choice {
+        max_batch: 1,
+        max_wait: 0,
+        mean_batch: 1.0,
+        utilisation: 1.0,
+        p99: d.latency[0],
+        feasible: false,
+    });
+    Choice {
+        feasible: false,
+        ..c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Nanos = 1_000_000;
+
+    /// 10 ms + 2 ms per extra frame: batching pays.
+    fn lat() -> Vec<Nanos> {
+        (1..=8)
+            .map(|b| 10 * MS + 2 * MS * (b as Nanos - 1))
+            .collect()
+    }
+
+    #[test]
+    fn erlang_c_matches_known_values() {
+        assert!((erlang_c(1, 0.5) - 0.5).abs() < 1e-9, "M/M/1: rho");
+        // 2 servers at 0.5: C = 1/3.
+        assert!((erlang_c(2, 0.5) - 1.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn light_load_runs_small_batches_and_heavy_load_large_ones() {
+        let l = lat();
+        let light = choose(&Demand {
+            latency: &l,
+            workers: 1,
+            rate: 20.0,
+            dispersion: 1.0,
+            slo: 100 * MS,
+        });
+        assert!(light.feasible && light.max_batch <= 2, "{light:?}");
+        // 250/s needs batches: batch 1 serves 100/s, 8 frames in 24 ms 333/s.
+        let heavy = choose(&Demand {
+            latency: &l,
+            workers: 1,
+            rate: 250.0,
+            dispersion: 1.0,
+            slo: 100 * MS,
+        });
+        assert!(heavy.feasible && heavy.mean_batch > 5.0, "{heavy:?}");
+        assert!(heavy.p99 <= 100 * MS);
+    }
+
+    #[test]
+    fn overload_takes_the_choice_for_the_highest_rate_it_can_serve() {
+        let l = lat();
+        let c = choose(&Demand {
+            latency: &l,
+            workers: 1,
+            rate: 1000.0,
+            dispersion: 1.0,
+            slo: 100 * MS,
+        });
+        assert!(!c.feasible);
+        assert_eq!(c.max_batch, 8);
+        // An SLO that only batch 1 fits.
+        let c = choose(&Demand {
+            latency: &l,
+            workers: 1,
+            rate: 1000.0,
+            dispersion: 1.0,
+            slo: 11 * MS,
+        });
+        assert_eq!(c.max_batch, 1);
+    }
+
+    #[test]
+    fn burstier_demand_is_predicted_slower() {
+        let l = lat();
+        let d = |dispersion| Demand {
+            latency: &l,
+            workers: 2,
+            rate: 250.0,
+            dispersion,
+            slo: 100 * MS,
+        };
+        let calm = predict(&d(0.0), 4, 20.0 * MS as f64).unwrap().0;
+        let bursty = predict(&d(4.0), 4, 20.0 * MS as f64).unwrap().0;
+        assert!(bursty > calm, "{bursty} vs {calm}");
+    }
+}
