@@ -20,12 +20,18 @@
 //!
 //! A choice is feasible when `ρ < 1` and the predicted p99 fits the SLO; among feasible choices
 //! the one with the most slack is taken (they all serve `λ`; slack absorbs what the model does
-//! not see). When none is feasible (overload), the stage can only serve part of the demand: the
-//! choice for the highest rate it can serve within the SLO is taken (found by bisection on the
-//! rate). Pure arithmetic over `max_batch x 6` candidates per rate tried.
+//! not see). When none is feasible (overload), the queues stay full: a frame waits for the
+//! stage's queue ahead of it, drained at the pool's rate at batch `b`, then for the batches in its
+//! worker's channel, then runs; the batch with the largest rate whose frames still make their
+//! deadline that way is taken. When no batch does (the queue alone outlasts the SLO, and frames
+//! past their deadline are dropped from it), the largest rate among the batches that leave room
+//! for one more ahead of them. Under overload the wait is long enough to fill batches (queued
+//! frames fill them at once; a short wait would only send small ones). Pure arithmetic over
+//! `max_batch x 6` candidates.
 
 use serde::Serialize;
 
+use super::driver::WORKER_QUEUE;
 use crate::clock::Nanos;
 
 /// What the chooser knows of a stage and its demand.
@@ -41,6 +47,8 @@ pub struct Demand<'a> {
     pub dispersion: f64,
     /// Latency budget of a frame at this stage.
     pub slo: Nanos,
+    /// Frames the stage's queue holds (what waits ahead of a frame under overload).
+    pub queue: usize,
 }
 
 /// The chosen batch size and wait, with what the model predicts of them.
@@ -146,34 +154,47 @@ pub fn choose(d: &Demand<'_>) -> Choice {
     if let Some(c) = best_at(d) {
         return c;
     }
-    // Overload: no choice serves the whole rate within the SLO. The stage then serves what it
-    // can, so take the choice for the highest rate it can serve within the SLO (bisection).
-    let (mut lo, mut hi) = (0.0, d.rate);
-    let mut found = None;
-    for _ in 0..30 {
-        let mid = (lo + hi) / 2.0;
-        match best_at(&Demand {
-            rate: mid,
-            ..d.clone()
-        }) {
-            Some(c) => {
-                found = Some(c);
-                lo = mid;
-            }
-            None => hi = mid,
-        }
-    }
-    let c = found.unwrap_or(Choice {
-        max_batch: 1,
-        max_wait: 0,
-        mean_batch: 1.0,
-        utilisation: 1.0,
-        p99: d.latency[0],
-        feasible: false,
-    });
+    // Overload: no choice serves the whole rate within the SLO. The queues then stay full: a
+    // frame waits for the stage's queue ahead of it (drained at the pool's rate at batch `b`),
+    // then for the batches in its worker's channel, then runs. The largest rate whose frames
+    // still make their deadline that way; batches fill before any wait, so the wait only needs
+    // to be long enough not to send small batches.
+    let slo = d.slo as f64;
+    let n = d.workers.max(1) as f64;
+    let through = |b: usize| {
+        let s = d.latency[b - 1] as f64;
+        let rate = n * b as f64 / s;
+        let delay = d.queue as f64 / rate + (WORKER_QUEUE as f64 + 1.0) * s;
+        (rate, delay, s)
+    };
+    let fits: Vec<usize> = (1..=d.latency.len())
+        .filter(|b| through(*b).1 <= slo)
+        .collect();
+    // When no queue fits (frames past their deadline are then dropped from the queue rather
+    // than served late), the largest rate among the batches that leave room for one more ahead
+    // of them within the SLO.
+    let b = if fits.is_empty() {
+        (1..=d.latency.len())
+            .filter(|b| 2.0 * through(*b).2 <= slo)
+            .max_by(|x, y| through(*x).0.total_cmp(&through(*y).0))
+            .unwrap_or(1)
+    } else {
+        fits.into_iter()
+            .max_by(|x, y| through(*x).0.total_cmp(&through(*y).0))
+            .unwrap_or(1)
+    };
+    let (_, delay, s) = through(b);
+    let lambda = d.rate.max(1e-9) / 1e9;
+    // Queued frames fill a batch at once; the wait only covers a lull, and a short one would
+    // send small batches (less throughput when throughput is what is short).
+    let w = (2.0 * (b as f64 - 1.0) / lambda).min(slo / 2.0);
     Choice {
+        max_batch: b,
+        max_wait: w as Nanos,
+        mean_batch: b as f64,
+        utilisation: 1.0,
+        p99: (delay + w).max(s) as Nanos,
         feasible: false,
-        ..c
     }
 }
 
@@ -206,6 +227,7 @@ mod tests {
             rate: 20.0,
             dispersion: 1.0,
             slo: 100 * MS,
+            queue: 8,
         });
         assert!(light.feasible && light.max_batch <= 2, "{light:?}");
         // 250/s needs batches: batch 1 serves 100/s, 8 frames in 24 ms 333/s.
@@ -215,13 +237,14 @@ mod tests {
             rate: 250.0,
             dispersion: 1.0,
             slo: 100 * MS,
+            queue: 8,
         });
         assert!(heavy.feasible && heavy.mean_batch > 5.0, "{heavy:?}");
         assert!(heavy.p99 <= 100 * MS);
     }
 
     #[test]
-    fn overload_takes_the_choice_for_the_highest_rate_it_can_serve() {
+    fn overload_takes_the_largest_rate_whose_frames_still_make_their_deadline() {
         let l = lat();
         let c = choose(&Demand {
             latency: &l,
@@ -229,6 +252,7 @@ mod tests {
             rate: 1000.0,
             dispersion: 1.0,
             slo: 100 * MS,
+            queue: 8,
         });
         assert!(!c.feasible);
         assert_eq!(c.max_batch, 8);
@@ -239,6 +263,7 @@ mod tests {
             rate: 1000.0,
             dispersion: 1.0,
             slo: 11 * MS,
+            queue: 8,
         });
         assert_eq!(c.max_batch, 1);
     }
@@ -252,6 +277,7 @@ mod tests {
             rate: 250.0,
             dispersion,
             slo: 100 * MS,
+            queue: 8,
         };
         let calm = predict(&d(0.0), 4, 20.0 * MS as f64).unwrap().0;
         let bursty = predict(&d(4.0), 4, 20.0 * MS as f64).unwrap().0;

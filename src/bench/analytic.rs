@@ -134,6 +134,8 @@ pub fn compare(
                 rate,
                 dispersion: 1.0,
                 slo,
+                // The simulator's stage queue: twice a batch per worker, at least 64 frames.
+                queue: (2 * top * workers).max(64),
             });
             let choose_us = started.elapsed().as_secs_f64() * 1e6;
             let analytic = goodput(
