@@ -34,7 +34,8 @@
 //!   state per stream, run by the publisher).
 //! - [`config`]: pipeline files and model manifests: parse (TOML with key spans), validate
 //!   (pure, collects every error with file:line:column), resolve into a runnable description.
-//! - [`batcher`]: batching policies (pure state: fixed, AIMD, reservation-based deadline, and
+//! - [`batcher`]: batching policies (pure state: fixed, AIMD, reservation-based deadline, the
+//!   analytic batch size and wait of a fixed stage, and
 //!   `cell`: cellular and padded batching of a recurrent cell's steps), the
 //!   one batcher driver (a step: what is late, what goes to which worker, when to look again)
 //!   and the batcher thread's loop over it, shared by the runtime, the simulator and the tests.

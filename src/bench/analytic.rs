@@ -17,7 +17,7 @@ use crate::batcher::deadline::StageCost;
 use crate::clock::Nanos;
 use crate::config::PolicyKind;
 use crate::profile::Profiles;
-use crate::sim::{self, SimModel, SimOptions, SimPipeline, SimSetup, SimStage};
+use crate::sim::{self, SimOptions, SimSetup};
 
 /// One model at one rate.
 #[derive(Debug, Clone, Serialize)]
@@ -52,27 +52,7 @@ fn goodput(
     times: &[Nanos],
     duration: Nanos,
 ) -> f64 {
-    let setup = SimSetup {
-        models: vec![SimModel {
-            name: "model".into(),
-            slo,
-            weight: 1.0,
-            planned: 0.0,
-        }],
-        pipelines: vec![SimPipeline {
-            model: 0,
-            batch: b,
-            weight: 1.0,
-            stages: vec![SimStage {
-                cost: cost.clone(),
-                workers,
-                share: 1,
-                class: 0,
-            }],
-            wait: Some(w),
-        }],
-        classes: vec![("pool".into(), workers as u32)],
-    };
+    let setup = SimSetup::one_model(slo, b, Some(w), &[(cost.clone(), workers)]);
     let opts = SimOptions {
         policy: PolicyKind::Fixed,
         duration: duration as f64 / 1e9,

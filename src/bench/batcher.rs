@@ -22,7 +22,7 @@ use crate::batcher::{Driver, PolicySettings, make_policy};
 use crate::clock::Nanos;
 use crate::config::PolicyKind;
 use crate::profile::Profiles;
-use crate::sim::{self, SimFrame, SimModel, SimOptions, SimPipeline, SimSetup, SimStage};
+use crate::sim::{self, SimFrame, SimOptions, SimSetup};
 
 const MS: Nanos = 1_000_000;
 
@@ -183,35 +183,9 @@ fn simulate(
     times: &[Nanos],
     duration: Nanos,
 ) -> RunResult {
-    let setup = SimSetup {
-        models: vec![SimModel {
-            name: "model".into(),
-            slo,
-            weight: 1.0,
-            planned: 0.0,
-        }],
-        pipelines: vec![SimPipeline {
-            model: 0,
-            batch: planned,
-            weight: 1.0,
-            stages: stages
-                .iter()
-                .enumerate()
-                .map(|(i, s)| SimStage {
-                    cost: s.cost.clone(),
-                    workers: s.workers,
-                    share: 1,
-                    class: i,
-                })
-                .collect(),
-            wait: None,
-        }],
-        classes: stages
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (format!("stage{i}"), s.workers as u32))
-            .collect(),
-    };
+    let stages: Vec<(StageCost, usize)> =
+        stages.iter().map(|s| (s.cost.clone(), s.workers)).collect();
+    let setup = SimSetup::one_model(slo, planned, None, &stages);
     let opts = SimOptions {
         policy,
         duration: duration as f64 / 1e9,

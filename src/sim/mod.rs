@@ -524,6 +524,48 @@ impl Splitter {
     }
 }
 
+impl SimSetup {
+    /// One model with latency budget `slo` on one pipeline of these stages (cost and workers;
+    /// each stage its own device class, `stage0`, `stage1`, ...), at batch `batch`, the first
+    /// stage waiting at most `wait` under `fixed`/`aimd` (None: half the slack).
+    pub fn one_model(
+        slo: Nanos,
+        batch: usize,
+        wait: Option<Nanos>,
+        stages: &[(StageCost, usize)],
+    ) -> Self {
+        SimSetup {
+            models: vec![SimModel {
+                name: "model".into(),
+                slo,
+                weight: 1.0,
+                planned: 0.0,
+            }],
+            pipelines: vec![SimPipeline {
+                model: 0,
+                batch,
+                weight: 1.0,
+                stages: stages
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (cost, workers))| SimStage {
+                        cost: cost.clone(),
+                        workers: *workers,
+                        share: 1,
+                        class: i,
+                    })
+                    .collect(),
+                wait,
+            }],
+            classes: stages
+                .iter()
+                .enumerate()
+                .map(|(i, (_, w))| (format!("stage{i}"), *w as u32))
+                .collect(),
+        }
+    }
+}
+
 /// The batching settings of stage `i` of a simulated pipeline whose model has latency budget
 /// `slo`: `deadline` reserves the route through every later stage; `fixed`/`aimd` are tuned for
 /// the SLO: the planned batch, the first stage waits at most half of what the route leaves of
