@@ -61,12 +61,23 @@ impl StreamResets {
         self.version.load(Ordering::SeqCst)
     }
 
-    fn get(&self, stream: usize) -> Option<(Nanos, bool)> {
+    /// The removed streams, with when.
+    fn removed_now(&self) -> HashMap<usize, Nanos> {
+        self.resets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, (_, removed))| *removed)
+            .map(|(s, (at, _))| (*s, *at))
+            .collect()
+    }
+
+    fn restarted_at(&self, stream: usize) -> Option<Nanos> {
         self.resets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&stream)
-            .copied()
+            .and_then(|(at, removed)| (!removed).then_some(*at))
     }
 }
 
@@ -79,11 +90,7 @@ pub struct CellGauges {
     pub state_bytes: AtomicUsize,
     /// Items waiting at or running through the cell.
     pub items: AtomicUsize,
-    /// Steps run.
-    pub steps: AtomicU64,
-    /// Rows of those steps (items and padding).
-    pub rows: AtomicU64,
-    /// Padding rows.
+    /// Padding rows run (steps and their rows are the stage's batch counters).
     pub padding: AtomicU64,
 }
 
@@ -163,6 +170,10 @@ pub struct Recurrent {
     order: HashMap<usize, VecDeque<u64>>,
     resets: Option<Arc<StreamResets>>,
     resets_seen: u64,
+    /// Removed streams and when, as of the last announcement read.
+    removed: HashMap<usize, Nanos>,
+    /// Bytes of one stream's (or item's) state.
+    state_size: usize,
     /// Removed streams whose state is freed at the given time.
     freeing: Vec<(usize, Nanos)>,
     gauges: Arc<CellGauges>,
@@ -194,6 +205,7 @@ impl Recurrent {
             message: p.join("; "),
         })?;
         let params = m.recurrent.clone().expect("resolve_io checked");
+        let state_size = io.states.iter().map(|s| s.initial.len() * 4).sum();
         Ok(Self {
             engine,
             io,
@@ -208,6 +220,8 @@ impl Recurrent {
             order: HashMap::new(),
             resets: None,
             resets_seen: 0,
+            removed: HashMap::new(),
+            state_size,
             freeing: Vec::new(),
             gauges: Arc::default(),
         })
@@ -250,26 +264,36 @@ impl Recurrent {
 
     fn item_input(&self, img: &Image, bbox: Option<&BBox>) -> ArrayD<f32> {
         let spec = &self.image;
-        let (w, h) = (spec.width as usize, spec.height as usize);
+        let one = |img: &Image| {
+            image::batch_tensor(&[img], spec)
+                .index_axis_move(Axis(0), 0)
+                .into_dyn()
+        };
+        // A whole frame that already has the cell's size and channel order goes in as it is.
+        if bbox.is_none()
+            && (img.width, img.height, img.format) == (spec.width, spec.height, spec.pixel_format)
+        {
+            return one(img);
+        }
         let whole = BBox {
             x: 0.0,
             y: 0.0,
             w: img.width as f32,
             h: img.height as f32,
         };
-        let mut pixels = match bbox {
-            None if (img.width as usize, img.height as usize) == (w, h) => img.bytes().to_vec(),
-            _ => image::crop_resize(img, bbox.unwrap_or(&whole), w, h),
-        };
+        let (w, h) = (spec.width as usize, spec.height as usize);
+        let mut pixels = image::crop_resize(img, bbox.unwrap_or(&whole), w, h);
         if img.format != spec.pixel_format {
             for p in pixels.chunks_exact_mut(3) {
                 p.swap(0, 2);
             }
         }
-        let resized = Image::from_vec(w as u32, h as u32, spec.pixel_format, pixels);
-        image::batch_tensor(&[&resized], spec)
-            .index_axis_move(Axis(0), 0)
-            .into_dyn()
+        one(&Image::from_vec(
+            spec.width,
+            spec.height,
+            spec.pixel_format,
+            pixels,
+        ))
     }
 
     /// Restarts stream states after announced restarts, and schedules removed streams' states to
@@ -281,32 +305,37 @@ impl Recurrent {
             return;
         }
         self.resets_seen = v;
+        self.removed = r.removed_now();
+        let removed = &self.removed;
         let mut freeing = Vec::new();
-        self.streams.retain(|stream, st| match r.get(*stream) {
-            Some((at, true)) => {
+        self.streams.retain(|stream, st| {
+            if let Some(at) = removed.get(stream) {
                 freeing.push((*stream, at + st.slack));
-                true
+                return true;
             }
-            Some((at, false)) => st.last >= at,
-            None => true,
+            r.restarted_at(*stream).is_none_or(|at| st.last >= at)
         });
         for (stream, at) in freeing {
-            if !self.freeing.iter().any(|(s, _)| *s == stream) {
-                self.freeing.push((stream, at));
-            }
+            self.free_later(stream, at);
+        }
+    }
+
+    /// Frees removed stream `stream`'s state at `at` (unless it is already due to be).
+    fn free_later(&mut self, stream: usize, at: Nanos) {
+        if !self.freeing.iter().any(|(s, _)| *s == stream) {
+            self.freeing.push((stream, at));
         }
     }
 
     /// Frees the states of removed streams that are due (none of their frames is here).
     fn free_removed(&mut self, now: Nanos) {
-        let Some(r) = &self.resets else { return };
-        let (streams, order) = (&mut self.streams, &self.order);
+        let (streams, order, removed) = (&mut self.streams, &self.order, &self.removed);
         self.freeing.retain(|(stream, at)| {
             if now < *at || order.contains_key(stream) {
                 return true;
             }
             // Not if the stream came back in the meantime.
-            if r.get(*stream).is_some_and(|(_, removed)| removed) {
+            if removed.contains_key(stream) {
                 streams.remove(stream);
             }
             false
@@ -479,10 +508,6 @@ impl Recurrent {
             out.padding = step.padding;
             out.busy = t1.saturating_sub(t0);
             self.sched.observe(step.rows(), out.busy);
-            self.gauges.steps.fetch_add(1, Ordering::Relaxed);
-            self.gauges
-                .rows
-                .fetch_add(step.rows() as u64, Ordering::Relaxed);
             self.gauges
                 .padding
                 .fetch_add(step.padding as u64, Ordering::Relaxed);
@@ -606,11 +631,7 @@ impl Recurrent {
                     st.last = captured;
                     st.slack = slack;
                     // A frame of a removed stream that was on its way: freed again later.
-                    if let Some((at, true)) = self.resets.as_ref().and_then(|r| r.get(stream))
-                        && !self.freeing.iter().any(|(s, _)| *s == stream)
-                    {
-                        self.freeing.push((stream, at.max(captured) + slack));
-                    }
+                    let removed_at = self.removed.get(&stream).copied();
                     let top = (!values.is_empty()).then(|| Class {
                         id: token,
                         label: self
@@ -626,6 +647,9 @@ impl Recurrent {
                         output: values,
                         top,
                     };
+                    if let Some(at) = removed_at {
+                        self.free_later(stream, at.max(captured) + slack);
+                    }
                     if let Some(p) = self.frames.get_mut(&key) {
                         p.step = Some(step);
                     }
@@ -667,20 +691,15 @@ impl Recurrent {
     }
 
     fn update_gauges(&self) {
-        let state_bytes: usize = self
-            .streams
-            .values()
-            .flat_map(|s| s.state.iter())
-            .chain(self.items.values().flat_map(|it| it.state.iter()))
-            .map(|a| a.len() * 4)
-            .sum();
-        self.gauges
-            .streams
-            .store(self.streams.len(), Ordering::Relaxed);
-        self.gauges
-            .state_bytes
-            .store(state_bytes, Ordering::Relaxed);
-        self.gauges.items.store(self.items.len(), Ordering::Relaxed);
+        let holders = match self.params.mode {
+            RecurrentMode::Stream => self.streams.len(),
+            RecurrentMode::Decode => self.items.len(),
+        };
+        let g = &self.gauges;
+        g.streams.store(self.streams.len(), Ordering::Relaxed);
+        g.state_bytes
+            .store(holders * self.state_size, Ordering::Relaxed);
+        g.items.store(self.items.len(), Ordering::Relaxed);
     }
 }
 

@@ -310,12 +310,7 @@ impl Stats {
 
     /// Frames all streams have ingested (every frame counted at its source, dropped or not).
     pub fn ingested_total(&self) -> u64 {
-        self.streams
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(_, _, c)| c.ingested.load(Relaxed))
-            .sum()
+        self.ingested_by_flow().iter().sum()
     }
 
     /// Frames ingested by the streams of each flow (as they feed flows now), by flow index.

@@ -74,11 +74,17 @@ impl Step {
     }
 }
 
-/// Lengths of recently ended items.
+/// Lengths of recently ended items, with their counts by length for answering
+/// [`remaining`](Self::remaining) without a pass over the history.
 #[derive(Debug, Clone, Default)]
 pub struct Lengths {
     ring: Vec<u32>,
     next: usize,
+    /// Ended items in the history by length.
+    by_len: Vec<u32>,
+    /// `above[d]` = (items longer than `d`, the sum of their lengths); rebuilt when stale.
+    above: Vec<(u64, u64)>,
+    stale: bool,
 }
 
 impl Lengths {
@@ -87,23 +93,36 @@ impl Lengths {
         if self.ring.len() < HISTORY {
             self.ring.push(steps);
         } else {
-            self.ring[self.next] = steps;
+            let old = std::mem::replace(&mut self.ring[self.next], steps);
+            self.by_len[old as usize] -= 1;
         }
         self.next = (self.next + 1) % HISTORY;
+        if self.by_len.len() <= steps as usize {
+            self.by_len.resize(steps as usize + 1, 0);
+        }
+        self.by_len[steps as usize] += 1;
+        self.stale = true;
     }
 
     /// Expected steps still to run for an item that has run `done` of at most `limit`.
-    pub fn remaining(&self, done: u32, limit: u32) -> u32 {
-        let left = limit.saturating_sub(done).max(1);
-        let (sum, n) = self
-            .ring
-            .iter()
-            .filter(|l| **l > done)
-            .fold((0u64, 0u64), |(s, n), l| (s + u64::from(l - done), n + 1));
-        if n == 0 {
-            return 1;
+    pub fn remaining(&mut self, done: u32, limit: u32) -> u32 {
+        if self.stale {
+            self.stale = false;
+            self.above = vec![(0, 0); self.by_len.len()];
+            let mut acc = (0u64, 0u64);
+            for d in (0..self.by_len.len()).rev() {
+                self.above[d] = acc;
+                let c = u64::from(self.by_len[d]);
+                acc = (acc.0 + c, acc.1 + c * d as u64);
+            }
         }
-        (sum.div_ceil(n) as u32).clamp(1, left)
+        let left = limit.saturating_sub(done).max(1);
+        match self.above.get(done as usize) {
+            Some(&(n, sum)) if n > 0 => {
+                ((sum - n * u64::from(done)).div_ceil(n) as u32).clamp(1, left)
+            }
+            _ => 1,
+        }
     }
 }
 
@@ -221,10 +240,6 @@ impl CellScheduler {
         self.cost.observe(rows, nanos);
     }
 
-    fn remaining(&self, w: &Waiting) -> u32 {
-        self.lengths.remaining(w.done, w.item.limit)
-    }
-
     /// Items (not ended) that cannot end by their deadline at `now`, removed (empty unless
     /// dropping late items).
     pub fn take_late(&mut self, now: Nanos) -> Vec<u64> {
@@ -237,22 +252,30 @@ impl CellScheduler {
             CellBatching::Padded => self.group.len().max(live.min(self.max_batch)),
         };
         let step = self.cost.latency(rows.max(1));
+        let lengths = &mut self.lengths;
+        let remaining: Vec<u64> = self
+            .items
+            .iter()
+            .map(|w| u64::from(lengths.remaining(w.done, w.item.limit)))
+            .collect();
         // Padded: an item outside the running group first waits for the group's longest item.
+        let in_group = |w: &Waiting| self.group.contains(&w.item.id);
         let group_left = self
             .items
             .iter()
-            .filter(|w| !w.ended && self.group.contains(&w.item.id))
-            .map(|w| self.remaining(w))
+            .zip(&remaining)
+            .filter(|(w, _)| !w.ended && in_group(w))
+            .map(|(_, r)| *r)
             .max()
             .unwrap_or(0);
         let mut late = Vec::new();
-        for w in &self.items {
+        for (w, r) in self.items.iter().zip(&remaining) {
             if w.ended {
                 continue;
             }
-            let mut steps = u64::from(self.remaining(w));
-            if self.batching == CellBatching::Padded && !self.group.contains(&w.item.id) {
-                steps += u64::from(group_left);
+            let mut steps = *r;
+            if self.batching == CellBatching::Padded && !in_group(w) {
+                steps += group_left;
             }
             if now + steps * step + self.margin > w.item.deadline {
                 late.push(w.item.id);

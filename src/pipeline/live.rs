@@ -444,21 +444,19 @@ impl Live {
         let Some(r) = spec.model.recurrent.as_ref().filter(|_| !cells.is_empty()) else {
             return Value::Null;
         };
-        let sum = |f: &dyn Fn(&crate::recurrent::CellGauges) -> u64| -> u64 {
-            cells.iter().map(|c| f(c)).sum()
-        };
-        let steps = sum(&|c| c.steps.load(Ordering::Relaxed));
-        let rows = sum(&|c| c.rows.load(Ordering::Relaxed));
         let [streams, bytes, items] = self.cell_gauges(i).unwrap_or_default();
+        let padding: u64 = cells
+            .iter()
+            .map(|c| c.padding.load(Ordering::Relaxed))
+            .sum();
+        // Steps and rows per step are the stage's `batches` and `mean_batch` counters.
         json!({
             "mode": r.mode,
             "batching": spec.batching,
             "streams_held": streams,
             "state_bytes": bytes,
             "items": items,
-            "steps": steps,
-            "mean_step_rows": if steps > 0 { rows as f64 / steps as f64 } else { 0.0 },
-            "padding_rows": sum(&|c| c.padding.load(Ordering::Relaxed)),
+            "padding_rows": padding,
         })
     }
 
