@@ -220,6 +220,20 @@ pub enum BenchCommand {
     },
 }
 
+/// Prints a report as JSON, or as the text its `table` makes.
+fn emit<R: Serialize>(
+    json: bool,
+    report: &R,
+    table: impl FnOnce(&R) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", table(report));
+    }
+    Ok(())
+}
+
 /// Runs a benchmark.
 pub fn run(which: BenchCommand) -> anyhow::Result<()> {
     match which {
@@ -231,12 +245,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             queueing,
         } => {
             let report = planner::run(&profiles, time_limit, margin, queueing, json)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            emit(json, &report, |r| r.table())
         }
         BenchCommand::Sim {
             json,
@@ -245,12 +254,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             time_limit,
         } => {
             let report = sim::run(&profiles, duration, time_limit, json)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            emit(json, &report, |r| r.table())
         }
         BenchCommand::PlanRun {
             json,
@@ -259,12 +263,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             time_limit,
         } => {
             let report = plan_run::run(&profiles, seconds, time_limit)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            emit(json, &report, |r| r.table())
         }
         BenchCommand::Sinks {
             json,
@@ -273,12 +272,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             rate,
         } => {
             let report = sinks::run(results, batch, rate)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            emit(json, &report, |r| r.table())
         }
         BenchCommand::Detect {
             json,
@@ -289,12 +283,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             root,
         } => {
             let report = detect::run(&root, &python, repeats.max(1), seconds, threads)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            emit(json, &report, |r| r.table())
         }
         BenchCommand::Recurrent {
             json,
@@ -303,12 +292,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             root,
         } => {
             let report = recurrent::run(&root, seconds, max_batch.max(1))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            emit(json, &report, |r| r.table())
         }
         BenchCommand::Analytic {
             json,
@@ -327,21 +311,11 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 &[0.3, 0.6, 0.9],
                 seconds,
             )?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                print!("{}", analytic::table(&rows));
-            }
-            Ok(())
+            emit(json, &rows, |r| analytic::table(r))
         }
         BenchCommand::Split { json, runs, root } => {
             let reports = split::run(&root, runs.max(1))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reports)?);
-            } else {
-                print!("{}", split::table(&reports));
-            }
-            Ok(())
+            emit(json, &reports, |r| split::table(r))
         }
         BenchCommand::Batcher {
             json,
@@ -353,12 +327,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             bandwidth_gbps,
         } => {
             let report = batcher::run(&profiles, &model, &high, &low, seconds, bandwidth_gbps)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("{}", report.table());
-            }
-            Ok(())
+            emit(json, &report, |r| format!("{}\n", r.table()))
         }
         BenchCommand::Pipeline {
             json,
@@ -369,12 +338,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             root,
         } => {
             let report = bench_pipeline(&root, &python, repeats.max(1), demo_seconds, threads)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("{}", report.table());
-            }
-            Ok(())
+            emit(json, &report, |r| format!("{}\n", r.table()))
         }
     }
 }

@@ -862,26 +862,17 @@ impl<'a> Validator<'_, 'a> {
                 }
                 if m.kind == ModelKind::TextRecognize {
                     boxes_from = match &c.input {
-                        Some(name) => {
-                            let found = out.iter().position(|s| &s.name == name);
-                            match found {
-                                Some(j) if out[j].model.kind == ModelKind::TextDetect => Some(j),
-                                Some(_) => {
-                                    self.err(
-                                        &format!("{base}.input"),
-                                        format!("stage `{name}` is not a text_detect stage"),
-                                    );
-                                    None
-                                }
-                                None => {
-                                    self.err(
-                                        &format!("{base}.input"),
-                                        format!("no earlier stage named `{name}`"),
-                                    );
-                                    None
-                                }
+                        Some(name) => match self.earlier_stage(&base, name, &out) {
+                            Some(j) if out[j].model.kind == ModelKind::TextDetect => Some(j),
+                            Some(_) => {
+                                self.err(
+                                    &format!("{base}.input"),
+                                    format!("stage `{name}` is not a text_detect stage"),
+                                );
+                                None
                             }
-                        }
+                            None => None,
+                        },
                         None => {
                             let j = out
                                 .iter()
@@ -973,6 +964,19 @@ impl<'a> Validator<'_, 'a> {
         ok.then_some(out)
     }
 
+    /// The position of the earlier stage that `input` names (an error at `input` when there is
+    /// none).
+    fn earlier_stage(&mut self, base: &str, name: &str, earlier: &[StageSpec]) -> Option<usize> {
+        let found = earlier.iter().position(|s| s.name == name);
+        if found.is_none() {
+            self.err(
+                &format!("{base}.input"),
+                format!("no earlier stage named `{name}`"),
+            );
+        }
+        found
+    }
+
     /// Checks a recurrent stage: where its items come from (returns the position of the stage
     /// whose boxes a decoder reads), its device, and its model's state tensors.
     fn recurrent_stage(
@@ -998,14 +1002,8 @@ impl<'a> Validator<'_, 'a> {
         }
         let boxes_from = match &c.input {
             None => None,
-            Some(name) => match earlier.iter().position(|s| &s.name == name) {
-                None => {
-                    self.err(
-                        &format!("{base}.input"),
-                        format!("no earlier stage named `{name}`"),
-                    );
-                    None
-                }
+            Some(name) => match self.earlier_stage(base, name, earlier) {
+                None => None,
                 Some(j) => {
                     let kind = earlier[j].model.kind;
                     let per_box = matches!(kind, ModelKind::Detect | ModelKind::TextDetect);
