@@ -67,6 +67,7 @@ pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod demand;
 pub mod device;
 pub mod engine;

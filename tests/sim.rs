@@ -318,3 +318,96 @@ fn the_analytic_batch_and_wait_match_a_grid_search_where_the_demand_can_be_serve
         );
     }
 }
+
+/// The online control plane on a small cluster: a demand step of one model of three (1x to 2.5x
+/// at 10 s) against the static plan on the same arrivals; then steady demand, where it must not
+/// re-plan on the mix at all.
+#[test]
+fn re_planning_after_a_demand_step_misses_fewer_frames_than_the_static_plan() {
+    use poolpipe::control::{ControlSettings, PlanSupervisor};
+    use poolpipe::planner::{self, Cluster, Options};
+    use poolpipe::sim::arrivals::Shape;
+    let Some(dir) = common::shared_profiles() else {
+        return;
+    };
+    let group = ["colorization-v2", "googlenet-v3", "repvgg-b3"];
+    let profiles = poolpipe::profile::Profiles::load_dir(&dir, None).unwrap();
+    let specs = poolpipe::bench::planner::group_specs(&profiles, &group, 5.0).unwrap();
+    let cluster = Cluster::parse_spec("L4:4,T4:12", 10.0).unwrap();
+    let opts = Options {
+        time_limit: std::time::Duration::from_secs(10),
+        ..Options::default()
+    };
+    let plan = planner::plan(&profiles, &cluster, &specs, &opts).unwrap();
+    let setup = SimSetup::from_plan(&plan, &profiles).unwrap();
+    let settings = ControlSettings::default();
+    let run = |adaptive: bool, shape: &Shape| {
+        let mut sup = PlanSupervisor::new(
+            settings.clone(),
+            &profiles,
+            &cluster,
+            &specs,
+            &opts,
+            plan.clone(),
+        );
+        sup.adaptive = adaptive;
+        let r = poolpipe::bench::control::run_one(
+            &setup,
+            &mut sup,
+            shape,
+            &Arrivals::Poisson,
+            0.5,
+            60.0,
+            5,
+        );
+        (r, sup.plan().clone())
+    };
+    let step = Shape::Step {
+        model: 0,
+        at_s: 10.0,
+        factor: 2.5,
+    };
+    let (fixed, _) = run(false, &step);
+    let (online, last) = run(true, &step);
+    eprintln!("static: {fixed:?}\nonline: {online:?}");
+    assert_eq!(fixed.offered, online.offered, "the same arrivals");
+    assert!(fixed.replans.is_empty());
+    // The step leaves the first model short on the static plan.
+    assert!(fixed.attainment < 0.97, "{fixed:?}");
+    let first = online.replans.first().expect("a re-plan after the step");
+    assert!(
+        first.at_s > 10.0 && first.at_s <= 20.0,
+        "re-planned at {} s: {:?}",
+        first.at_s,
+        online.replans
+    );
+    assert!(
+        first.reason.contains("colorization"),
+        "{:#?} {:?}",
+        online.replans,
+        fixed.windows
+    );
+    assert!(first.after > first.before, "{first:?}");
+    assert!(first.moves.started > 0, "{first:?}");
+    assert!(
+        online.missed * 2 <= fixed.missed,
+        "online missed {} vs static {}",
+        online.missed,
+        fixed.missed
+    );
+    // After the switch the windows are back near the target.
+    let tail = &online.windows[2..];
+    assert!(tail.iter().all(|a| *a >= 0.97), "{:?}", online.windows);
+    // The plan that runs at the end is a valid plan of this cluster.
+    assert!(planner::check::check(&last, &profiles).is_empty());
+    assert!(last.models[0].throughput > plan.models[0].throughput);
+
+    // Steady demand: no mix trigger (attainment ones are allowed).
+    let (steady, _) = run(true, &Shape::Steady);
+    assert!(
+        steady.replans.iter().all(|p| !p.reason.starts_with("mix")),
+        "{:?}",
+        steady.replans
+    );
+    assert!(steady.attainment >= 0.99, "{steady:?}");
+}

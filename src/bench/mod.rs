@@ -10,6 +10,7 @@
 
 pub mod analytic;
 pub mod batcher;
+pub mod control;
 pub mod detect;
 pub mod plan_run;
 pub mod planner;
@@ -194,6 +195,28 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
     },
+    /// The online control plane (re-planning as demand moves) against the static plan, in the
+    /// simulator: a demand step, a slow drift and bursts on two of the paper's clusters.
+    Control {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Folder of latency profiles.
+        #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
+        profiles: PathBuf,
+        /// Offered load before the shapes apply, a fraction of the planned throughput.
+        #[arg(long, default_value_t = 0.6)]
+        load: f64,
+        /// Re-plan band: a model's share of the demand may move this much (relative).
+        #[arg(long, default_value_t = 0.2)]
+        band: f64,
+        /// Objective cost of one process started by a re-plan (a fraction of the demand).
+        #[arg(long, default_value_t = 0.002)]
+        move_cost: f64,
+        /// Time limit of a re-plan's solve, seconds.
+        #[arg(long, default_value_t = 2.0)]
+        time_limit: f64,
+    },
     /// Batching policies side by side on two emulated pools, on a virtual clock.
     Batcher {
         /// Print JSON instead of a table.
@@ -312,6 +335,23 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 seconds,
             )?;
             emit(json, &rows, |r| analytic::table(r))
+        }
+        BenchCommand::Control {
+            json,
+            profiles,
+            load,
+            band,
+            move_cost,
+            time_limit,
+        } => {
+            let settings = crate::control::ControlSettings {
+                band,
+                move_cost,
+                time_limit: std::time::Duration::from_secs_f64(time_limit.max(0.01)),
+                ..Default::default()
+            };
+            let rows = control::run(&profiles, load, &settings, json)?;
+            emit(json, &rows, |r| control::table(r))
         }
         BenchCommand::Split { json, runs, root } => {
             let reports = split::run(&root, runs.max(1))?;

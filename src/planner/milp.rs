@@ -17,6 +17,66 @@ use super::{
     StagePlan,
 };
 
+/// Where a solve starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Start<'a> {
+    /// From scratch.
+    None,
+    /// From a solution over one-stage candidates (the NP plan).
+    Solved(&'a Solved),
+    /// From the plan that runs now (a re-plan): its pipelines are the starting solution, and
+    /// every process started that it does not already run costs `move_cost` in the objective
+    /// (`maximise z - move_cost x processes started`).
+    Running {
+        /// The current plan.
+        plan: &'a Plan,
+        /// Objective units (fractions of the demand) per process started.
+        move_cost: f64,
+    },
+}
+
+/// The running plan's pipelines as candidates: `(model, candidate, processes per stage,
+/// throughput)`. A pipeline goes to the candidate of the same batch, stages and the tier its
+/// smallest pool reaches (lower tiers when that one was pruned); one that matches none (a plan
+/// made with other options) is left out.
+fn running_pipelines(
+    plan: &Plan,
+    cluster: &Cluster,
+    models: &[ModelSpec],
+    cands: &[Vec<Candidate>],
+) -> Vec<(usize, usize, Vec<u32>, f64)> {
+    let mut out = Vec::new();
+    for mp in &plan.models {
+        let Some(m) = models.iter().position(|s| s.name == mp.name) else {
+            continue;
+        };
+        for pp in &mp.pipelines {
+            let smallest = pp.stages.iter().map(|s| s.processes).min().unwrap_or(0);
+            let same = |c: &Candidate| {
+                c.batch == pp.batch
+                    && c.tier <= smallest.max(1)
+                    && c.stages.len() == pp.stages.len()
+                    && c.stages.iter().zip(&pp.stages).all(|(a, b)| {
+                        a.blocks.start == b.blocks[0]
+                            && a.blocks.end == b.blocks[1]
+                            && a.share == b.share
+                            && cluster.classes[a.class].name == b.class
+                    })
+            };
+            let best = cands[m]
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| same(c))
+                .max_by_key(|(_, c)| c.tier);
+            if let Some((p, _)) = best {
+                let n = pp.stages.iter().map(|s| s.processes).collect();
+                out.push((m, p, n, pp.throughput));
+            }
+        }
+    }
+    out
+}
+
 /// Columns of one candidate.
 #[derive(Debug, Clone)]
 struct Cols {
@@ -54,18 +114,32 @@ pub fn solve(
     opts: &Options,
     cands: &[Vec<Candidate>],
 ) -> Result<Solved, PlanError> {
-    solve_with_start(cluster, models, opts, cands, None)
+    solve_with_start(cluster, models, opts, cands, Start::None)
 }
 
-/// Solves, starting from `start` (a solution over one-stage candidates, e.g. the NP plan).
+/// Solves from `start`.
 pub fn solve_with_start(
     cluster: &Cluster,
     models: &[ModelSpec],
     opts: &Options,
     cands: &[Vec<Candidate>],
-    start: Option<&Solved>,
+    start: Start<'_>,
 ) -> Result<Solved, PlanError> {
     let t0 = Instant::now();
+    let running = match start {
+        Start::Running { plan, .. } => running_pipelines(plan, cluster, models, cands),
+        _ => Vec::new(),
+    };
+    let move_cost = match start {
+        Start::Running { move_cost, .. } => move_cost.max(0.0),
+        _ => 0.0,
+    };
+    // Processes each candidate's stages run now (re-plans only).
+    let mut now_running: Vec<Vec<Option<Vec<u32>>>> =
+        cands.iter().map(|c| vec![None; c.len()]).collect();
+    for (m, p, n, _) in &running {
+        now_running[*m][*p] = Some(n.clone());
+    }
     let mut vars = ProblemVariables::new();
     let mut next = 0usize;
     let mut col = || {
@@ -77,9 +151,12 @@ pub fn solve_with_start(
     debug_assert_eq!(z_col, 0);
     let mut layout: Vec<Vec<Cols>> = Vec::with_capacity(cands.len());
     let mut handles = Vec::new();
-    for model_cands in cands {
+    // Re-plans: processes started, `Σ max(0, n - n_now)`; a column per stage that runs now.
+    let mut started = Expression::from(0.0);
+    let mut started_rows = Vec::new();
+    for (m, model_cands) in cands.iter().enumerate() {
         let mut ml = Vec::with_capacity(model_cands.len());
-        for c in model_cands {
+        for (p, c) in model_cands.iter().enumerate() {
             let upper: Vec<f64> = c
                 .stages
                 .iter()
@@ -110,6 +187,23 @@ pub fn solve_with_start(
                         .map(|s| s.rate)
                         .fold(f64::INFINITY, f64::min);
             let y = needs_y.then(|| (vars.add(variable().binary()), col()));
+            if move_cost > 0.0 {
+                match &now_running[m][p] {
+                    Some(n0) => {
+                        for (nv, &k) in n.iter().zip(n0) {
+                            let sv = vars.add(variable().min(0.0));
+                            col();
+                            started += sv;
+                            started_rows.push((sv, *nv, f64::from(k)));
+                        }
+                    }
+                    None => {
+                        for nv in &n {
+                            started += *nv;
+                        }
+                    }
+                }
+            }
             handles.push((x, n, y.map(|(v, _)| v)));
             ml.push(Cols {
                 x: xc,
@@ -119,7 +213,10 @@ pub fn solve_with_start(
         }
         layout.push(ml);
     }
-    let mut problem = vars.maximise(z).using(highs);
+    let mut problem = vars.maximise(z - move_cost * started).using(highs);
+    for (sv, nv, k) in started_rows {
+        problem.add_constraint((Expression::from(sv) - nv).geq(-k));
+    }
     let scale = lcm_upto(opts.max_share);
     let mut per_class: Vec<Expression> = vec![Expression::from(0.0); cluster.classes.len()];
     let mut per_model: Vec<Expression> = vec![Expression::from(0.0); cands.len()];
@@ -167,8 +264,12 @@ pub fn solve_with_start(
     model.set_option("mip_rel_gap", opts.gap);
     // HiGHS presolve spends seconds probing the big-M rows of these models and finds little.
     model.set_option("presolve", "off");
-    if let Some(start) = start {
-        let cols = starting_columns(next, &layout, cands, models, start);
+    let cols = match start {
+        Start::None => None,
+        Start::Solved(start) => Some(starting_columns(next, &layout, cands, models, start)),
+        Start::Running { .. } => Some(running_columns(next, &layout, cands, models, &running)),
+    };
+    if let Some(cols) = cols {
         model
             .try_set_solution(Some(&cols), None, None, None)
             .map_err(|e| PlanError::Solver(format!("starting solution refused: {e:?}")))?;
@@ -236,13 +337,46 @@ fn starting_columns(
             }
         }
     }
+    set_z(&mut cols, layout, models);
+    cols
+}
+
+/// The running plan as columns (nothing started: the `started` columns stay 0).
+fn running_columns(
+    ncols: usize,
+    layout: &[Vec<Cols>],
+    cands: &[Vec<Candidate>],
+    models: &[ModelSpec],
+    running: &[(usize, usize, Vec<u32>, f64)],
+) -> Vec<f64> {
+    let mut cols = vec![0.0; ncols];
+    for (m, p, n, x) in running {
+        let (c, l) = (&cands[*m][*p], &layout[*m][*p]);
+        let cap = c
+            .stages
+            .iter()
+            .zip(n)
+            .map(|(s, &k)| s.rate * f64::from(k))
+            .fold(f64::INFINITY, f64::min);
+        cols[l.x] = x.min(cap).max(0.0);
+        for (&i, &k) in l.n.iter().zip(n) {
+            cols[i] = f64::from(k);
+        }
+        if let Some(y) = l.y {
+            cols[y] = 1.0;
+        }
+    }
+    set_z(&mut cols, layout, models);
+    cols
+}
+
+fn set_z(cols: &mut [f64], layout: &[Vec<Cols>], models: &[ModelSpec]) {
     let z = layout
         .iter()
         .zip(models)
         .map(|(ml, spec)| ml.iter().map(|l| cols[l.x]).sum::<f64>() / spec.weight)
         .fold(f64::INFINITY, f64::min);
     cols[0] = if z.is_finite() { z } else { 0.0 };
-    cols
 }
 
 impl Solved {

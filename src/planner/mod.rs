@@ -448,7 +448,10 @@ pub fn plan(
         _ => None,
     };
     let cands = candidates::enumerate(profiles, cluster, models, opts)?;
-    let mut solved = milp::solve_with_start(cluster, models, opts, &cands, start.as_ref())?;
+    let start_from = start
+        .as_ref()
+        .map_or(milp::Start::None, milp::Start::Solved);
+    let mut solved = milp::solve_with_start(cluster, models, opts, &cands, start_from)?;
     if let Some(np) = &start {
         solved.solve_seconds += np.solve_seconds;
     }
@@ -464,6 +467,83 @@ pub fn plan(
         });
     }
     Ok(plan)
+}
+
+/// Re-plans for a new demand (`models` with their measured rates as weights) from the plan that
+/// runs now: the solve starts from `running` (so a time-limited solve never returns less than
+/// it) and every process started that `running` does not already run costs `move_cost` (a
+/// fraction of the demand, the objective's unit, per process) in the objective. A model whose
+/// measured rate is 0 keeps a token weight, so it stays planned.
+pub fn replan(
+    profiles: &Profiles,
+    cluster: &Cluster,
+    models: &[ModelSpec],
+    opts: &Options,
+    running: &Plan,
+    move_cost: f64,
+) -> Result<Plan, PlanError> {
+    validate_input(cluster, models, opts)?;
+    if !(0.0..=1.0).contains(&move_cost) {
+        return Err(PlanError::Input(format!(
+            "the cost of a moved process is a fraction of the demand in [0, 1], got {move_cost}"
+        )));
+    }
+    let cands = candidates::enumerate(profiles, cluster, models, opts)?;
+    let start = milp::Start::Running {
+        plan: running,
+        move_cost,
+    };
+    let solved = milp::solve_with_start(cluster, models, opts, &cands, start)?;
+    Ok(solved.into_plan(cluster, models, opts))
+}
+
+/// What a re-plan changes: processes started and stopped, counted per stage of each pipeline
+/// (same model, batch, blocks, class and share).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Moves {
+    /// Processes the new plan runs that the old one did not.
+    pub started: u32,
+    /// Processes the old plan ran that the new one does not.
+    pub stopped: u32,
+}
+
+impl Moves {
+    /// The processes that change between `old` and `new`.
+    pub fn between(old: &Plan, new: &Plan) -> Moves {
+        use std::collections::BTreeMap;
+        type Key = (String, usize, usize, [usize; 2], String, u32);
+        let count = |plan: &Plan| {
+            let mut c: BTreeMap<Key, i64> = BTreeMap::new();
+            for m in &plan.models {
+                for p in &m.pipelines {
+                    for (k, s) in p.stages.iter().enumerate() {
+                        let key = (
+                            m.name.clone(),
+                            p.batch,
+                            k,
+                            s.blocks,
+                            s.class.clone(),
+                            s.share,
+                        );
+                        *c.entry(key).or_default() += i64::from(s.processes);
+                    }
+                }
+            }
+            c
+        };
+        let (a, b) = (count(old), count(new));
+        let keys: std::collections::BTreeSet<&Key> = a.keys().chain(b.keys()).collect();
+        let mut moves = Moves::default();
+        for key in keys {
+            let d = b.get(key).copied().unwrap_or(0) - a.get(key).copied().unwrap_or(0);
+            if d > 0 {
+                moves.started += d as u32;
+            } else {
+                moves.stopped += (-d) as u32;
+            }
+        }
+        moves
+    }
 }
 
 fn validate_input(

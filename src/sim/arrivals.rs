@@ -219,6 +219,100 @@ impl Trace {
     }
 }
 
+/// How each model's demand moves over a run: a factor of its base rate at each time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shape {
+    /// The base rate throughout.
+    Steady,
+    /// Model `model` goes to `factor` x its base rate at `at_s` seconds.
+    Step {
+        /// Model index.
+        model: usize,
+        /// When, seconds.
+        at_s: f64,
+        /// Its rate after, as a multiple of before.
+        factor: f64,
+    },
+    /// A compressed day: model `m` of `n` runs at `1 + amplitude * sin(2 pi (t / period_s + m /
+    /// n))`, so the mix drifts slowly while the total stays near its base.
+    Diurnal {
+        /// Period, seconds.
+        period_s: f64,
+        /// Amplitude in [0, 1).
+        amplitude: f64,
+    },
+}
+
+impl Shape {
+    /// Model `model`'s (of `models`) factor at `t_s` seconds.
+    pub fn factor(&self, model: usize, models: usize, t_s: f64) -> f64 {
+        match *self {
+            Shape::Steady => 1.0,
+            Shape::Step {
+                model: m,
+                at_s,
+                factor,
+            } => {
+                if m == model && t_s >= at_s {
+                    factor
+                } else {
+                    1.0
+                }
+            }
+            Shape::Diurnal {
+                period_s,
+                amplitude,
+            } => {
+                let phase = t_s / period_s + model as f64 / models.max(1) as f64;
+                1.0 + amplitude * (std::f64::consts::TAU * phase).sin()
+            }
+        }
+    }
+
+    /// The largest factor of `model` over any run.
+    pub fn peak(&self, model: usize) -> f64 {
+        match *self {
+            Shape::Steady => 1.0,
+            Shape::Step {
+                model: m, factor, ..
+            } => {
+                if m == model {
+                    factor.max(1.0)
+                } else {
+                    1.0
+                }
+            }
+            Shape::Diurnal { amplitude, .. } => 1.0 + amplitude.abs(),
+        }
+    }
+}
+
+impl Arrivals {
+    /// Arrival times of model `model` of `models` whose rate is `rate` x `shape`'s factor at
+    /// each time: the process at the peak rate, thinned (each arrival kept with probability
+    /// factor / peak), which keeps Poisson arrivals Poisson and bursts bursty.
+    #[allow(clippy::too_many_arguments)]
+    pub fn shaped_times(
+        &self,
+        shape: &Shape,
+        model: usize,
+        models: usize,
+        name: &str,
+        rate: f64,
+        duration: Nanos,
+        seed: u64,
+    ) -> Vec<Nanos> {
+        let peak = shape.peak(model);
+        let mut all = self.times(model, name, rate * peak, duration, seed);
+        if *shape == Shape::Steady {
+            return all;
+        }
+        let mut rng = Rng(seed ^ 0x5DEE_CE66_D1CE_5EED);
+        all.retain(|&t| rng.next_f64() * peak < shape.factor(model, models, t as f64 / 1e9));
+        all
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

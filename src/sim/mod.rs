@@ -41,7 +41,7 @@ use crate::profile::{ProfileError, Profiles};
 pub use arrivals::Arrivals;
 
 /// One stage pool of a simulated pipeline.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SimStage {
     /// Profiled latency and transfer per batch size.
     pub cost: StageCost,
@@ -54,7 +54,7 @@ pub struct SimStage {
 }
 
 /// One pipeline.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SimPipeline {
     /// Index of its model.
     pub model: usize,
@@ -283,6 +283,19 @@ enum Event {
     Arrive(usize),
     /// A batcher asked to look again: (pipeline, stage).
     Wake(usize, usize),
+    /// The supervisor looks at the run.
+    Look,
+    /// A new plan takes over (index into the plans the supervisor handed in).
+    Apply(usize),
+}
+
+/// Watches a run and may change its plan: the online control plane, on the simulator's clock.
+pub trait Supervisor {
+    /// How often it looks.
+    fn interval(&self) -> Nanos;
+    /// Looks at the run at `now` (each model's counts so far: `offered` is every arrival) and
+    /// returns the plan that takes over, and when (at or after `now`), if it changes it.
+    fn look(&mut self, now: Nanos, seen: &[ModelResult]) -> Option<(Nanos, SimSetup)>;
 }
 
 type Batch = (Vec<SimFrame>, Option<Vec<Hop>>);
@@ -325,7 +338,12 @@ struct PipeState {
 }
 
 struct Sim<'a> {
-    setup: &'a SimSetup,
+    models: &'a [SimModel],
+    /// Every pipeline that ran: those of the first plan, then those each new plan added.
+    pipelines: Vec<SimPipeline>,
+    /// The pipelines that take new frames (the current plan's).
+    active: Vec<bool>,
+    splitters: Vec<Splitter>,
     routed: bool,
     pipes: Vec<PipeState>,
     heap: BinaryHeap<Reverse<(Nanos, u64, Event)>>,
@@ -366,7 +384,7 @@ impl Sim<'_> {
         }
         if let Some(batch) = wk.queue.pop_front() {
             let b = batch.0.len();
-            let hold = self.setup.pipelines[p].stages[s].cost.latency[b - 1];
+            let hold = self.pipelines[p].stages[s].cost.latency[b - 1];
             wk.running = Some(batch);
             wk.started = now;
             self.push(now + hold, Event::Computed(p, s, w));
@@ -391,7 +409,7 @@ impl Sim<'_> {
     /// A worker that sends while computing hands its batch to its GPU's link (shared by the
     /// GPU's processes, first come first served) and takes its next batch.
     fn hand_off(&mut self, p: usize, s: usize, w: usize, now: Nanos) {
-        let stage = &self.setup.pipelines[p].stages[s];
+        let stage = &self.pipelines[p].stages[s];
         let wk = &mut self.pipes[p].workers[s][w];
         let batch = wk.running.take().expect("a running batch");
         let transfer = stage.cost.transfer[batch.0.len() - 1];
@@ -429,8 +447,8 @@ impl Sim<'_> {
             .min()
             .unwrap_or(Nanos::MAX);
         self.pipes[p].batchers[s].feedback(now <= earliest);
-        let model = self.setup.pipelines[p].model;
-        let last = self.setup.pipelines[p].stages.len() - 1;
+        let model = self.pipelines[p].model;
+        let last = self.pipelines[p].stages.len() - 1;
         if s == last {
             let st = &mut self.stats[model];
             for f in frames {
@@ -467,7 +485,7 @@ impl Sim<'_> {
         if self.routed && s > 0 {
             return;
         }
-        let model = self.setup.pipelines[p].model;
+        let model = self.pipelines[p].model;
         loop {
             let ps = &mut self.pipes[p];
             let load = InFlight(&ps.workers[s]);
@@ -647,81 +665,150 @@ fn simulate_inner(
     duration: Nanos,
     trace: bool,
 ) -> (SimResult, Option<Vec<Dispatched>>) {
-    let routed = opts.policy == PolicyKind::Deadline;
-    let pipes: Vec<PipeState> = setup
-        .pipelines
-        .iter()
-        .map(|pl| {
-            let slo = setup.models[pl.model].slo;
-            let timeline = Arc::new(Mutex::new(Timeline::new(
-                &pl.stages
-                    .iter()
-                    .map(|s| s.workers.max(1))
-                    .collect::<Vec<_>>(),
-            )));
-            let batchers = (0..pl.stages.len())
-                .map(|i| {
-                    Driver::new(make_policy(
-                        policy_settings(pl, slo, i, opts),
-                        timeline.clone(),
-                    ))
-                })
-                .collect();
-            PipeState {
-                batchers,
-                queues: pl.stages.iter().map(|_| VecDeque::new()).collect(),
-                capacity: pl
-                    .stages
-                    .iter()
-                    .map(|s| {
-                        opts.queue
-                            .unwrap_or((2 * s.workers.max(1) * pl.batch).max(64))
-                    })
-                    .collect(),
-                workers: pl
-                    .stages
-                    .iter()
-                    .map(|s| {
-                        (0..s.workers.max(1))
-                            .map(|_| Worker {
-                                queue: VecDeque::new(),
-                                running: None,
-                                started: 0,
-                                sending: VecDeque::new(),
-                                sending_until: 0,
-                                in_flight: 0,
-                                busy: 0,
-                            })
-                            .collect()
-                    })
-                    .collect(),
-                links: pl
-                    .stages
-                    .iter()
-                    .map(|s| vec![0; s.workers.max(1).div_ceil(s.share as usize)])
-                    .collect(),
-                timeline,
-                wake_at: vec![None; pl.stages.len()],
-            }
+    run_sim(setup, opts, times, duration, trace, None)
+}
+
+/// Runs one simulation on given arrival times per model, with a supervisor that may change the
+/// plan while it runs. The pipelines of a new plan that the running one already has (same
+/// model, batch and stages with their process counts) keep running as they are; the others
+/// stop taking frames and finish what they hold, and the new ones start empty.
+pub fn simulate_supervised(
+    setup: &SimSetup,
+    opts: &SimOptions,
+    times: &[Vec<Nanos>],
+    duration: Nanos,
+    supervisor: &mut dyn Supervisor,
+) -> SimResult {
+    run_sim(setup, opts, times, duration, false, Some(supervisor)).0
+}
+
+fn pipe_state(pl: &SimPipeline, slo: Nanos, opts: &SimOptions) -> PipeState {
+    let timeline = Arc::new(Mutex::new(Timeline::new(
+        &pl.stages
+            .iter()
+            .map(|s| s.workers.max(1))
+            .collect::<Vec<_>>(),
+    )));
+    let batchers = (0..pl.stages.len())
+        .map(|i| {
+            Driver::new(make_policy(
+                policy_settings(pl, slo, i, opts),
+                timeline.clone(),
+            ))
         })
         .collect();
-    let mut splitters: Vec<Splitter> = (0..setup.models.len())
+    PipeState {
+        batchers,
+        queues: pl.stages.iter().map(|_| VecDeque::new()).collect(),
+        capacity: pl
+            .stages
+            .iter()
+            .map(|s| {
+                opts.queue
+                    .unwrap_or((2 * s.workers.max(1) * pl.batch).max(64))
+            })
+            .collect(),
+        workers: pl
+            .stages
+            .iter()
+            .map(|s| {
+                (0..s.workers.max(1))
+                    .map(|_| Worker {
+                        queue: VecDeque::new(),
+                        running: None,
+                        started: 0,
+                        sending: VecDeque::new(),
+                        sending_until: 0,
+                        in_flight: 0,
+                        busy: 0,
+                    })
+                    .collect()
+            })
+            .collect(),
+        links: pl
+            .stages
+            .iter()
+            .map(|s| vec![0; s.workers.max(1).div_ceil(s.share as usize)])
+            .collect(),
+        timeline,
+        wake_at: vec![None; pl.stages.len()],
+    }
+}
+
+/// Each model's active pipelines, weighted by their planned throughput.
+fn splitters(models: usize, pipelines: &[SimPipeline], active: &[bool]) -> Vec<Splitter> {
+    (0..models)
         .map(|m| {
-            let pipes: Vec<usize> = (0..setup.pipelines.len())
-                .filter(|&p| setup.pipelines[p].model == m && !setup.pipelines[p].stages.is_empty())
+            let pipes: Vec<usize> = (0..pipelines.len())
+                .filter(|&p| {
+                    active[p] && pipelines[p].model == m && !pipelines[p].stages.is_empty()
+                })
                 .collect();
             let weights: Vec<f64> = pipes
                 .iter()
-                .map(|&p| setup.pipelines[p].weight.max(1e-9))
+                .map(|&p| pipelines[p].weight.max(1e-9))
                 .collect();
             Splitter {
                 pipes,
                 wrr: crate::wrr::SmoothWrr::new(weights),
             }
         })
+        .collect()
+}
+
+impl Sim<'_> {
+    /// A new plan takes over at `now`.
+    fn apply(&mut self, next: &SimSetup, opts: &SimOptions) {
+        let before = self.pipelines.len();
+        let mut keep = vec![false; before];
+        for pl in &next.pipelines {
+            let same = (0..before).find(|&p| {
+                self.active[p] && !keep[p] && {
+                    let old = &self.pipelines[p];
+                    old.model == pl.model
+                        && old.batch == pl.batch
+                        && old.wait == pl.wait
+                        && old.stages == pl.stages
+                }
+            });
+            match same {
+                Some(p) => {
+                    keep[p] = true;
+                    self.pipelines[p].weight = pl.weight;
+                }
+                None => {
+                    self.pipes
+                        .push(pipe_state(pl, self.models[pl.model].slo, opts));
+                    self.pipelines.push(pl.clone());
+                    keep.push(true);
+                }
+            }
+        }
+        self.active = keep;
+        self.splitters = splitters(self.models.len(), &self.pipelines, &self.active);
+    }
+}
+
+fn run_sim(
+    setup: &SimSetup,
+    opts: &SimOptions,
+    times: &[Vec<Nanos>],
+    duration: Nanos,
+    trace: bool,
+    mut supervisor: Option<&mut dyn Supervisor>,
+) -> (SimResult, Option<Vec<Dispatched>>) {
+    let routed = opts.policy == PolicyKind::Deadline;
+    let pipes: Vec<PipeState> = setup
+        .pipelines
+        .iter()
+        .map(|pl| pipe_state(pl, setup.models[pl.model].slo, opts))
         .collect();
+    let active = vec![true; setup.pipelines.len()];
     let mut sim = Sim {
-        setup,
+        models: &setup.models,
+        splitters: splitters(setup.models.len(), &setup.pipelines, &active),
+        pipelines: setup.pipelines.clone(),
+        active,
         routed,
         pipes,
         heap: BinaryHeap::new(),
@@ -738,6 +825,10 @@ fn simulate_inner(
         latencies: vec![Vec::new(); setup.models.len()],
         trace: trace.then(Vec::new),
     };
+    let mut plans: Vec<SimSetup> = Vec::new();
+    if let Some(sup) = supervisor.as_ref() {
+        sim.push(sup.interval().max(1), Event::Look);
+    }
     let mut next_arrival = vec![0usize; setup.models.len()];
     for (m, t) in times.iter().enumerate() {
         if let Some(&first) = t.first() {
@@ -755,11 +846,11 @@ fn simulate_inner(
                     sim.push(t, Event::Arrive(m));
                 }
                 sim.stats[m].offered += 1;
-                if splitters[m].pipes.is_empty() {
+                if sim.splitters[m].pipes.is_empty() {
                     sim.stats[m].dropped_overload += 1;
                     continue;
                 }
-                let p = splitters[m].next();
+                let p = sim.splitters[m].next();
                 let f = SimFrame {
                     arrival: now,
                     deadline: now + setup.models[m].slo,
@@ -779,17 +870,19 @@ fn simulate_inner(
                 sim.pump(p, s, now);
             }
             Event::Computed(p, s, w) => {
-                let stage = &setup.pipelines[p].stages[s];
+                let stage = &sim.pipelines[p].stages[s];
                 let wk = &sim.pipes[p].workers[s][w];
                 let b = wk.running.as_ref().map_or(1, |r| r.0.len());
                 let transfer = stage.cost.transfer[b - 1];
+                let send_while_computing = stage.cost.send_while_computing;
+                let share = stage.share as usize;
                 let started = wk.started;
                 let horizon = sim.horizon;
                 if transfer == 0 {
                     sim.pipes[p].workers[s][w].busy +=
                         (now.min(horizon)).saturating_sub(started.min(horizon));
                     sim.finish(p, s, w, now);
-                } else if stage.cost.send_while_computing {
+                } else if send_while_computing {
                     // One batch in flight on the link per worker: wait for the previous one.
                     let until = wk.sending_until;
                     if until > now {
@@ -799,7 +892,7 @@ fn simulate_inner(
                     }
                 } else {
                     // The GPU's link, shared by its processes, first come first served.
-                    let gpu = w / stage.share as usize;
+                    let gpu = w / share;
                     let link = &mut sim.pipes[p].links[s][gpu];
                     let send = (*link).max(now);
                     *link = send + transfer;
@@ -820,6 +913,20 @@ fn simulate_inner(
                 }
             }
             Event::Done(p, s, w) => sim.finish(p, s, w, now),
+            Event::Look => {
+                let Some(sup) = supervisor.as_mut() else {
+                    continue;
+                };
+                if let Some((at, next)) = sup.look(now, &sim.stats) {
+                    plans.push(next);
+                    sim.push(at.max(now), Event::Apply(plans.len() - 1));
+                }
+                let next = now + sup.interval().max(1);
+                if next < duration {
+                    sim.push(next, Event::Look);
+                }
+            }
+            Event::Apply(i) => sim.apply(&plans[i], opts),
         }
     }
     // Results.
@@ -842,7 +949,7 @@ fn simulate_inner(
         r.goodput = r.on_time as f64 / secs;
     }
     let mut busy = vec![0.0f64; setup.classes.len()];
-    for (pl, ps) in setup.pipelines.iter().zip(&sim.pipes) {
+    for (pl, ps) in sim.pipelines.iter().zip(&sim.pipes) {
         for (st, ws) in pl.stages.iter().zip(&ps.workers) {
             busy[st.class] += ws.iter().map(|w| w.busy as f64).sum::<f64>() / st.share as f64;
         }
