@@ -411,3 +411,65 @@ fn re_planning_after_a_demand_step_misses_fewer_frames_than_the_static_plan() {
     );
     assert!(steady.attainment >= 0.99, "{steady:?}");
 }
+
+/// Accuracy scaling: a family of three published classifiers at 1x, 1.5x and 2x the demand its
+/// most accurate variant can carry. The family's plan serves every frame in time while the
+/// cheaper variant's capacity allows, at a higher accuracy than always using the cheapest; the
+/// best variant alone drops what it cannot carry.
+#[test]
+fn a_model_family_serves_overload_with_cheaper_variants_and_keeps_accuracy_where_it_can() {
+    use poolpipe::bench::family;
+    use poolpipe::planner::Cluster;
+    let Some(dir) = common::shared_profiles() else {
+        return;
+    };
+    let profiles = poolpipe::profile::Profiles::load_dir(&dir, None).unwrap();
+    let cluster = Cluster::parse_spec("L4:4,T4:12", 10.0).unwrap();
+    let rows = family::run(&profiles, &cluster, &[1.0, 1.5, 2.0], 0.8, 10.0).unwrap();
+    eprintln!("{}", family::table(&rows));
+    assert_eq!(rows.len(), 9);
+    let best_acc = family::FAMILY[0].1;
+    let cheapest_acc = family::FAMILY[2].1;
+    for load in [1.0, 1.5, 2.0] {
+        let row = |p: &str| {
+            rows.iter()
+                .find(|r| r.load == load && r.policy == p)
+                .unwrap()
+        };
+        let (fam, best, cheap) = (row("family"), row("best"), row("cheapest"));
+        assert!(fam.attainment >= 0.99, "family at {load}x: {fam:?}");
+        assert!(
+            fam.accuracy >= cheap.accuracy + 0.5 || load == 2.0,
+            "family at {load}x serves {:.2} vs cheapest {:.2}",
+            fam.accuracy,
+            cheap.accuracy
+        );
+        assert!(fam.accuracy >= cheapest_acc - 1e-9 && fam.accuracy <= best_acc + 1e-9);
+        if load == 1.0 {
+            // The best variant carries it all: nothing is given up.
+            assert!((fam.accuracy - best_acc).abs() < 0.01, "{fam:?}");
+            assert!(best.attainment >= 0.99, "{best:?}");
+        } else {
+            // The best alone drops what it cannot carry; the family does not.
+            assert!(best.attainment < 0.9 * fam.attainment, "{best:?}");
+            let shares: f64 = fam.plan.variants.iter().map(|v| v.share).sum();
+            assert!((shares - 1.0).abs() < 1e-6, "{:?}", fam.plan.variants);
+        }
+    }
+    // Bad input: an accuracy outside 0..100, a variant named twice.
+    let mut vars = family::variants(&profiles).unwrap();
+    let opts = poolpipe::planner::Options::default();
+    vars[1].accuracy = 120.0;
+    let e = poolpipe::planner::family::plan_family(&profiles, &cluster, &vars, 100.0, 0.8, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("wide_resnet101_2") && e.contains("0..100"),
+        "{e}"
+    );
+    vars[1] = vars[0].clone();
+    let e = poolpipe::planner::family::plan_family(&profiles, &cluster, &vars, 100.0, 0.8, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("named twice"), "{e}");
+}

@@ -252,6 +252,55 @@ pub fn run(
     Ok(out)
 }
 
+/// The whole benchmark: the control scenarios and the accuracy-scaling table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Static vs online.
+    pub control: Vec<Scenario>,
+    /// Accuracy scaling on the first cluster.
+    pub family: Vec<super::family::Row>,
+    /// The cluster of the accuracy-scaling table.
+    pub family_cluster: String,
+}
+
+/// Runs both parts.
+pub fn report(
+    profiles_dir: &Path,
+    load: f64,
+    settings: &ControlSettings,
+    quiet: bool,
+) -> anyhow::Result<Report> {
+    let control = run(profiles_dir, load, settings, quiet)?;
+    let profiles = Profiles::load_dir(profiles_dir, None)
+        .with_context(|| format!("loading profiles from {}", profiles_dir.display()))?;
+    let (high, low, gbps) = CLUSTERS[0];
+    let cluster = Cluster::parse_spec(&format!("{high}:25,{low}:75"), gbps)?;
+    let family = super::family::run(&profiles, &cluster, &[1.0, 1.5, 2.0], 0.8, 20.0)?;
+    Ok(Report {
+        control,
+        family,
+        family_cluster: cluster.describe(),
+    })
+}
+
+impl Report {
+    /// Both tables.
+    pub fn table(&self) -> String {
+        let mut s = table(&self.control);
+        s.push_str(&format!(
+            "\naccuracy scaling on {} (family: {}; planned at 80% utilisation; 20 s simulated):\n",
+            self.family_cluster,
+            super::family::FAMILY
+                .iter()
+                .map(|(m, a, _)| format!("{m} {a}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        s.push_str(&super::family::table(&self.family));
+        s
+    }
+}
+
 /// The table.
 pub fn table(rows: &[Scenario]) -> String {
     use std::fmt::Write;

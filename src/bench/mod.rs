@@ -12,6 +12,7 @@ pub mod analytic;
 pub mod batcher;
 pub mod control;
 pub mod detect;
+pub mod family;
 pub mod plan_run;
 pub mod planner;
 pub mod recurrent;
@@ -350,8 +351,8 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 time_limit: std::time::Duration::from_secs_f64(time_limit.max(0.01)),
                 ..Default::default()
             };
-            let rows = control::run(&profiles, load, &settings, json)?;
-            emit(json, &rows, |r| control::table(r))
+            let report = control::report(&profiles, load, &settings, json)?;
+            emit(json, &report, |r| r.table())
         }
         BenchCommand::Split { json, runs, root } => {
             let reports = split::run(&root, runs.max(1))?;

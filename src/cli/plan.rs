@@ -150,6 +150,7 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
         gap: a.gap,
         mode: a.baseline.unwrap_or(Mode::Poolpipe),
         send_while_computing: !a.no_send_while_computing,
+        objective: planner::Objective::MaxMin,
     };
     let ticker = crate::progress::Ticker::start("planning (HiGHS)", Some(opts.time_limit));
     let planned = planner::plan(&profiles, &cluster, &models, &opts);

@@ -13,8 +13,8 @@ use highs::{HighsModelStatus, HighsSolutionStatus};
 
 use super::candidates::Candidate;
 use super::{
-    ClassPlan, Cluster, Mode, ModelPlan, ModelSpec, Options, PipelinePlan, Plan, PlanError,
-    StagePlan,
+    ClassPlan, Cluster, Mode, ModelPlan, ModelSpec, Objective, Options, PipelinePlan, Plan,
+    PlanError, StagePlan,
 };
 
 /// Where a solve starts.
@@ -213,7 +213,27 @@ pub fn solve_with_start(
         }
         layout.push(ml);
     }
-    let mut problem = vars.maximise(z - move_cost * started).using(highs);
+    // The objective: the demand's scale `z` (minus the cost of moves), or, for model families,
+    // the frames served weighted by their value, per frame of the family's demand.
+    let objective = match &opts.objective {
+        Objective::MaxMin => z - move_cost * started,
+        Objective::Served {
+            family,
+            demand,
+            value,
+        } => {
+            let mut e = Expression::from(0.0);
+            let mut h = handles.iter();
+            for (m, model_cands) in cands.iter().enumerate() {
+                for _ in model_cands {
+                    let (x, _, _) = h.next().expect("one handle per candidate");
+                    e += (value[m] / demand[family[m]]) * *x;
+                }
+            }
+            e - move_cost * started
+        }
+    };
+    let mut problem = vars.maximise(objective).using(highs);
     for (sv, nv, k) in started_rows {
         problem.add_constraint((Expression::from(sv) - nv).geq(-k));
     }
@@ -250,8 +270,24 @@ pub fn solve_with_start(
         let cap = f64::from(scale) * f64::from(cluster.classes[c].count);
         problem.add_constraint(e.leq(cap));
     }
-    for (m, e) in per_model.into_iter().enumerate() {
-        problem.add_constraint((models[m].weight * z - e).leq(0.0));
+    match &opts.objective {
+        Objective::MaxMin => {
+            for (m, e) in per_model.into_iter().enumerate() {
+                problem.add_constraint((models[m].weight * z - e).leq(0.0));
+            }
+        }
+        Objective::Served { family, demand, .. } => {
+            // A family's variants together serve at most its demand.
+            for (f, d) in demand.iter().enumerate() {
+                let mut e = Expression::from(0.0);
+                for (m, x) in per_model.iter().enumerate() {
+                    if family[m] == f {
+                        e += x.clone();
+                    }
+                }
+                problem.add_constraint(e.leq(*d));
+            }
+        }
     }
     let mut model = problem
         .try_into_inner()

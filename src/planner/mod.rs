@@ -67,6 +67,7 @@
 pub mod candidates;
 pub mod check;
 pub mod cluster;
+pub mod family;
 pub mod milp;
 
 use std::path::PathBuf;
@@ -171,6 +172,29 @@ pub struct Options {
     /// flight on the link per process): a stage's rate is `b / max(L, T)` under the link's share
     /// rather than `b / (L + T)`.
     pub send_while_computing: bool,
+    /// What the MILP maximises.
+    pub objective: Objective,
+}
+
+/// What the planner maximises.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Objective {
+    /// `min over models of throughput / weight` (the paper's objective).
+    #[default]
+    MaxMin,
+    /// Model families (accuracy scaling): each model is a variant of family `family[m]`, whose
+    /// demand is `demand[f]` frames/s; the variants of a family serve at most its demand
+    /// together, and the plan maximises `sum over models of value[m] x served[m] /
+    /// demand[family[m]]`. With `value = 1000 + accuracy` serving a frame always beats serving
+    /// it more accurately, and among plans that serve as much the most accurate wins.
+    Served {
+        /// Family of each model.
+        family: Vec<usize>,
+        /// Frames/s per family.
+        demand: Vec<f64>,
+        /// Value of a frame served by each model.
+        value: Vec<f64>,
+    },
 }
 
 impl Default for Options {
@@ -186,6 +210,7 @@ impl Default for Options {
             gap: 1e-4,
             mode: Mode::Poolpipe,
             send_while_computing: true,
+            objective: Objective::MaxMin,
         }
     }
 }
