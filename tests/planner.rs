@@ -284,6 +284,7 @@ fn milp_objective_equals_exhaustive_search_on_small_instances() {
                 gap: 0.0,
                 mode,
                 send_while_computing: held == 0,
+                objective: Default::default(),
             };
             let f: Vec<Vec<Vec<f64>>> = models
                 .iter()

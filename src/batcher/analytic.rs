@@ -31,7 +31,7 @@
 
 use serde::Serialize;
 
-use super::driver::WORKER_QUEUE;
+use super::driver::{Knob, WORKER_QUEUE};
 use crate::clock::Nanos;
 
 /// What the chooser knows of a stage and its demand.
@@ -195,6 +195,147 @@ pub fn choose(d: &Demand<'_>) -> Choice {
         utilisation: 1.0,
         p99: (delay + w).max(s) as Nanos,
         feasible: false,
+    }
+}
+
+/// What a tuned stage chose last, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tuned {
+    /// The choice.
+    pub choice: Choice,
+    /// Frames/s reaching the stage (its flow's rate over 10 s times its share of the flow).
+    pub rate: f64,
+    /// Index of dispersion of the flow's arrivals.
+    pub dispersion: f64,
+    /// The stage's latency budget (the flow's SLO less the rest of its route), ms.
+    pub budget_ms: f64,
+    /// The choice in words.
+    pub why: String,
+}
+
+/// A `fixed` stage whose batch size and/or wait are chosen while running (`max_batch = "auto"`,
+/// `max_wait_ms = "auto"`): each look re-computes the choice from the measured demand and sets
+/// the policy's [`Knob`] when it changed. A limit that is not `auto` keeps its written value.
+#[derive(Debug)]
+pub struct Tuner {
+    /// Where the stage's policy reads its limits.
+    pub knob: std::sync::Arc<Knob>,
+    latency: Vec<Nanos>,
+    workers: usize,
+    queue: usize,
+    /// Latency of the rest of the route, subtracted from the flow's SLO.
+    rest: Nanos,
+    /// Share of the flow's frames that reach the stage.
+    share: f64,
+    /// Which limits are chosen.
+    auto: (bool, bool),
+    /// The written limits.
+    written: (usize, Nanos),
+    last: std::sync::Mutex<Option<Tuned>>,
+    changes: std::sync::atomic::AtomicU64,
+}
+
+impl Tuner {
+    /// A tuner for a stage with batch latencies `latency` (sizes 1, 2, ...), `workers`,
+    /// a queue of `queue` frames, `rest` of latency after it on its route, taking `share` of
+    /// its flow's frames; `auto` = (batch, wait) chosen; `written` = the limits as written.
+    pub fn new(
+        latency: Vec<Nanos>,
+        workers: usize,
+        queue: usize,
+        rest: Nanos,
+        share: f64,
+        auto: (bool, bool),
+        written: (usize, Nanos),
+    ) -> Tuner {
+        Tuner {
+            knob: std::sync::Arc::new(Knob::new(written.0.max(1), written.1)),
+            latency,
+            workers: workers.max(1),
+            queue,
+            rest,
+            share,
+            auto,
+            written,
+            last: std::sync::Mutex::new(None),
+            changes: 0.into(),
+        }
+    }
+
+    /// Re-computes the choice for the flow's measured `rate` and `dispersion` under `slo`.
+    /// Returns the new choice when the limits changed. Nothing happens before a rate is known.
+    pub fn retune(&self, rate: Option<f64>, dispersion: Option<f64>, slo: Nanos) -> Option<Tuned> {
+        let rate = rate? * self.share;
+        let dispersion = dispersion.unwrap_or(1.0).max(0.0);
+        let budget = slo.saturating_sub(self.rest);
+        let choice = choose(&Demand {
+            latency: &self.latency,
+            workers: self.workers,
+            rate: rate.max(1e-3),
+            dispersion,
+            slo: budget,
+            queue: self.queue,
+        });
+        let batch = if self.auto.0 {
+            choice.max_batch
+        } else {
+            self.written.0
+        };
+        let wait = if self.auto.1 {
+            choice.max_wait
+        } else {
+            self.written.1
+        };
+        let ms = |n: Nanos| n as f64 / 1e6;
+        let why = if choice.feasible {
+            format!(
+                "{rate:.1} frames/s (dispersion {dispersion:.2}) on {} worker(s): batches of up to {} after at most {:.1} ms give {:.1} frames per batch, {:.0}% busy, p99 {:.1} ms of a {:.1} ms budget",
+                self.workers,
+                choice.max_batch,
+                ms(choice.max_wait),
+                choice.mean_batch,
+                choice.utilisation * 100.0,
+                ms(choice.p99),
+                ms(budget)
+            )
+        } else {
+            format!(
+                "{rate:.1} frames/s (dispersion {dispersion:.2}) is more than {} worker(s) serve within the {:.1} ms budget: batches of {} for the largest rate that still meets deadlines",
+                self.workers,
+                ms(budget),
+                choice.max_batch
+            )
+        };
+        let tuned = Tuned {
+            choice,
+            rate,
+            dispersion,
+            budget_ms: ms(budget),
+            why,
+        };
+        let changed = self.knob.get() != (batch, wait);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(tuned.clone());
+        if changed {
+            self.knob.set(batch, wait);
+            self.changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(tuned)
+        } else {
+            None
+        }
+    }
+
+    /// The last choice with the limits in force and how often they changed, for `/status`.
+    pub fn report(&self) -> serde_json::Value {
+        let (batch, wait) = self.knob.get();
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        serde_json::json!({
+            "max_batch": batch,
+            "max_wait_ms": wait as f64 / 1e6,
+            "auto": {"max_batch": self.auto.0, "max_wait_ms": self.auto.1},
+            "changes": self.changes.load(std::sync::atomic::Ordering::Relaxed),
+            "last": last,
+        })
     }
 }
 

@@ -36,6 +36,39 @@ pub struct PolicySettings {
     /// Costs of this stage and of every following stage whose route it reserves (`deadline`).
     /// Empty: the stage's latency is unknown, and a `deadline` stage batches as `fixed`.
     pub costs: Vec<StageCost>,
+    /// `fixed` stages whose limits are chosen while running: where the policy reads them.
+    pub knob: Option<Arc<Knob>>,
+}
+
+/// A `fixed` stage's batch limits, set while it runs (analytic batching) and read by its policy
+/// at each decision.
+#[derive(Debug)]
+pub struct Knob {
+    batch: std::sync::atomic::AtomicUsize,
+    wait: std::sync::atomic::AtomicU64,
+}
+
+impl Knob {
+    /// Limits to start with.
+    pub fn new(batch: usize, wait: Nanos) -> Knob {
+        Knob {
+            batch: batch.into(),
+            wait: wait.into(),
+        }
+    }
+
+    /// Sets both limits.
+    pub fn set(&self, batch: usize, wait: Nanos) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.batch.store(batch, Relaxed);
+        self.wait.store(wait, Relaxed);
+    }
+
+    /// `(max_batch, max_wait)`.
+    pub fn get(&self) -> (usize, Nanos) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.batch.load(Relaxed), self.wait.load(Relaxed))
+    }
 }
 
 /// The policy a stage's settings describe. `deadline` stages book their routes on `timeline`,
@@ -55,7 +88,7 @@ pub fn make_policy<T: Deadline + Send + 'static>(
             timeline,
         )),
         PolicyKind::Aimd => Box::new(AimdPolicy::new(s.max_batch, s.max_wait)),
-        _ => Box::new(FixedPolicy::new(s.max_batch, s.max_wait)),
+        _ => Box::new(FixedPolicy::new(s.max_batch, s.max_wait).with_knob(s.knob)),
     }
 }
 
@@ -210,6 +243,7 @@ mod tests {
                 max_wait,
                 margin: 0,
                 costs: Vec::new(),
+                knob: None,
             },
             Arc::new(Mutex::new(Timeline::new(&[1]))),
         ))

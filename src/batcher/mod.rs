@@ -126,6 +126,8 @@ pub struct FixedPolicy<T> {
     max_wait: Nanos,
     /// Items with their arrival time, oldest first.
     queue: VecDeque<(T, Nanos)>,
+    /// Limits set while running (analytic batching), read at each decision.
+    knob: Option<std::sync::Arc<driver::Knob>>,
 }
 
 impl<T> FixedPolicy<T> {
@@ -135,6 +137,23 @@ impl<T> FixedPolicy<T> {
             max_batch: max_batch.max(1),
             max_wait,
             queue: VecDeque::new(),
+            knob: None,
+        }
+    }
+
+    /// The same, its limits read from `knob` at each decision (`max_batch` stays the bound).
+    pub fn with_knob(mut self, knob: Option<std::sync::Arc<driver::Knob>>) -> Self {
+        self.knob = knob;
+        self
+    }
+
+    fn limits(&self) -> (usize, Nanos) {
+        match &self.knob {
+            Some(k) => {
+                let (b, w) = k.get();
+                (b.clamp(1, self.max_batch), w)
+            }
+            None => (self.max_batch, self.max_wait),
         }
     }
 }
@@ -155,10 +174,11 @@ impl<T: Deadline + Send> BatchPolicy<T> for FixedPolicy<T> {
     }
 
     fn next_batch(&mut self, now: Nanos, closing: bool) -> Option<Dispatch<T>> {
+        let (max_batch, max_wait) = self.limits();
         let (_, oldest) = self.queue.front()?;
-        let due = now >= oldest.saturating_add(self.max_wait);
-        if self.queue.len() >= self.max_batch || due || closing {
-            let n = self.queue.len().min(self.max_batch);
+        let due = now >= oldest.saturating_add(max_wait);
+        if self.queue.len() >= max_batch || due || closing {
+            let n = self.queue.len().min(max_batch);
             Some(Dispatch::unrouted(
                 self.queue.drain(..n).map(|(t, _)| t).collect(),
             ))
@@ -168,9 +188,10 @@ impl<T: Deadline + Send> BatchPolicy<T> for FixedPolicy<T> {
     }
 
     fn next_wakeup(&self) -> Option<Nanos> {
+        let (_, max_wait) = self.limits();
         self.queue
             .front()
-            .map(|(_, at)| at.saturating_add(self.max_wait))
+            .map(|(_, at)| at.saturating_add(max_wait))
     }
 
     fn len(&self) -> usize {
@@ -178,7 +199,7 @@ impl<T: Deadline + Send> BatchPolicy<T> for FixedPolicy<T> {
     }
 
     fn max_batch(&self) -> usize {
-        self.max_batch
+        self.limits().0
     }
 }
 

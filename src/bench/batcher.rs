@@ -230,6 +230,7 @@ fn decision_cost_ns(streams: usize, kind: PolicyKind) -> f64 {
             max_wait: 5 * MS,
             margin: MS,
             costs: vec![cost],
+            knob: None,
         },
         timeline,
     ));

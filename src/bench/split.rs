@@ -98,6 +98,7 @@ fn pipeline(
                 threads: *threads,
                 max_batch: 4,
                 max_wait: Duration::from_millis(5),
+                auto: Default::default(),
                 queue: 8,
                 boxes_from: None,
                 batching: Default::default(),

@@ -792,9 +792,9 @@ impl<'a> Validator<'_, 'a> {
             let ranges: [(&str, u64, u64, u64); 5] = [
                 ("workers", c.workers.into(), 1, 64),
                 ("threads", c.threads.into(), 1, 256),
-                ("max_batch", c.max_batch.into(), 1, 256),
+                ("max_batch", c.max_batch.value_or(1), 1, 256),
                 ("queue", c.queue.into(), 1, 4096),
-                ("max_wait_ms", c.max_wait_ms, 0, 10_000),
+                ("max_wait_ms", c.max_wait_ms.value_or(0), 0, 10_000),
             ];
             for (key, value, lo, hi) in ranges {
                 if value < lo || value > hi {
@@ -805,11 +805,12 @@ impl<'a> Validator<'_, 'a> {
                 }
             }
             if let Some(slo) = slo_ms
-                && c.max_wait_ms >= slo
+                && let OrAuto::Value(wait) = c.max_wait_ms
+                && wait >= slo
             {
                 self.err(
                     &format!("{base}.max_wait_ms"),
-                    format!("{} ms leaves nothing of the {slo} ms SLO", c.max_wait_ms),
+                    format!("{wait} ms leaves nothing of the {slo} ms SLO"),
                 );
             }
             let mut model = match (&c.model, &device) {
@@ -932,6 +933,28 @@ impl<'a> Validator<'_, 'a> {
                 (None, Some(_)) => PolicyKind::Deadline,
                 (None, None) => PolicyKind::Fixed,
             };
+            let auto = AutoLimits {
+                batch: c.max_batch == OrAuto::Auto,
+                wait: c.max_wait_ms == OrAuto::Auto,
+            };
+            if auto.any() {
+                let key = if auto.batch {
+                    "max_batch"
+                } else {
+                    "max_wait_ms"
+                };
+                if policy != PolicyKind::Fixed || recurrent.is_some() {
+                    self.err(
+                        &format!("{base}.{key}"),
+                        "\"auto\" applies to `policy = \"fixed\"` stages (deadline stages batch by their reservations; aimd adapts by itself)",
+                    );
+                } else if profile.is_none() {
+                    self.err(
+                        &format!("{base}.{key}"),
+                        "\"auto\" needs the stage's latency: give the stage a `profile` (or run it on an emulated device)",
+                    );
+                }
+            }
             if !(c.margin_ms >= 0.0 && c.margin_ms < 10_000.0) {
                 self.err(
                     &format!("{base}.margin_ms"),
@@ -942,6 +965,10 @@ impl<'a> Validator<'_, 'a> {
                 ok = false;
                 continue;
             }
+            let max_batch = match (c.max_batch, &profile) {
+                (OrAuto::Auto, Some(p)) => p.latency.len(),
+                (v, _) => v.value_or(1) as usize,
+            };
             out.push(StageSpec {
                 name: c.name,
                 model,
@@ -952,8 +979,10 @@ impl<'a> Validator<'_, 'a> {
                 margin: Duration::from_secs_f64(c.margin_ms.max(0.0) / 1e3),
                 workers: c.workers as usize,
                 threads: c.threads as usize,
-                max_batch: c.max_batch as usize,
-                max_wait: Duration::from_millis(c.max_wait_ms),
+                max_batch,
+                // Before the first choice an auto wait is none: frames go as they come.
+                max_wait: Duration::from_millis(c.max_wait_ms.value_or(0)),
+                auto,
                 queue: c.queue as usize,
                 boxes_from,
                 batching: c.batching.unwrap_or_default(),
@@ -1151,12 +1180,12 @@ impl<'a> Validator<'_, 'a> {
                 ),
             );
         }
-        if c.max_batch as usize > timing.max_batch() {
+        let max_batch = c.max_batch.value_or(timing.max_batch() as u64) as usize;
+        if max_batch > timing.max_batch() {
             self.err(
                 &format!("{base}.max_batch"),
                 format!(
-                    "{}: the profile of `{model}` on {class}/{share} covers batch sizes 1..={}",
-                    c.max_batch,
+                    "{max_batch}: the profile of `{model}` on {class}/{share} covers batch sizes 1..={}",
                     timing.max_batch()
                 ),
             );
@@ -1167,7 +1196,7 @@ impl<'a> Validator<'_, 'a> {
             model,
             (&class, share),
             blocks,
-            c.max_batch as usize,
+            max_batch,
             link,
         ))
     }

@@ -211,12 +211,14 @@ pub struct StageConfig {
     /// Threads each engine instance uses for one inference.
     #[serde(default = "one")]
     pub threads: u32,
-    /// Largest batch the stage runs.
+    /// Largest batch the stage runs; `"auto"` (`fixed` stages with a profile): chosen from the
+    /// measured demand ([`crate::batcher::analytic`]).
     #[serde(default = "default_max_batch")]
-    pub max_batch: u32,
-    /// Longest time the first frame of a batch waits for more, in milliseconds.
+    pub max_batch: OrAuto,
+    /// Longest time the first frame of a batch waits for more, in milliseconds; `"auto"` as
+    /// for `max_batch`.
     #[serde(default = "default_max_wait_ms")]
-    pub max_wait_ms: u64,
+    pub max_wait_ms: OrAuto,
     /// Frames the stage's queue holds; when it is full upstream waits (or a source drops).
     #[serde(default = "default_queue")]
     pub queue: u32,
@@ -249,11 +251,62 @@ fn default_device() -> String {
 fn one() -> u32 {
     1
 }
-fn default_max_batch() -> u32 {
-    4
+fn default_max_batch() -> OrAuto {
+    OrAuto::Value(4)
 }
-fn default_max_wait_ms() -> u64 {
-    10
+fn default_max_wait_ms() -> OrAuto {
+    OrAuto::Value(10)
+}
+
+/// A number, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrAuto {
+    /// As written.
+    Value(u64),
+    /// Chosen while running.
+    Auto,
+}
+
+impl OrAuto {
+    /// The number, or `auto` when chosen while running.
+    pub fn value_or(self, auto: u64) -> u64 {
+        match self {
+            OrAuto::Value(v) => v,
+            OrAuto::Auto => auto,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OrAuto {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = OrAuto;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number or \"auto\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<OrAuto, E> {
+                u64::try_from(v).map(OrAuto::Value).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is negative: expected a whole number >= 0 or \"auto\""
+                    ))
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<OrAuto, E> {
+                Ok(OrAuto::Value(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OrAuto, E> {
+                if v == "auto" {
+                    Ok(OrAuto::Auto)
+                } else {
+                    Err(E::custom(format!(
+                        "`{v}`: expected a whole number or \"auto\""
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 fn default_queue() -> u32 {
     8
@@ -416,10 +469,30 @@ pub struct StageSpec {
     pub boxes_from: Option<usize>,
     /// Recurrent stages: how a step's batch is formed.
     pub batching: crate::batcher::cell::CellBatching,
+    /// `fixed` stages: whether `max_batch` / `max_wait` are chosen while running from the
+    /// measured demand (then `max_batch` is the profile's largest batch and `max_wait` the
+    /// wait before the first choice).
+    pub auto: AutoLimits,
     /// The flow it belongs to (index into [`Pipeline::flows`]).
     pub flow: usize,
     /// The device each worker runs on (`L4:0`, `T4:3`, `cpu`), one per worker.
     pub devices: Vec<String>,
+}
+
+/// Which batching limits of a `fixed` stage are chosen while running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AutoLimits {
+    /// `max_batch = "auto"`.
+    pub batch: bool,
+    /// `max_wait_ms = "auto"`.
+    pub wait: bool,
+}
+
+impl AutoLimits {
+    /// Whether anything is chosen while running.
+    pub fn any(self) -> bool {
+        self.batch || self.wait
+    }
 }
 
 /// A validated pipeline, ready to build.

@@ -135,6 +135,7 @@ pub(crate) fn policy_settings(p: &Pipeline, route: &[usize], k: usize) -> Policy
         max_wait: nanos(s.max_wait),
         margin: nanos(s.margin),
         costs,
+        knob: None,
     }
 }
 

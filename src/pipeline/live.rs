@@ -87,6 +87,8 @@ pub(super) struct StageQueues {
     pub workers: Vec<flume::Receiver<Batch>>,
     /// A recurrent stage's workers: what each holds.
     pub cells: Vec<Arc<crate::recurrent::CellGauges>>,
+    /// A `fixed` stage with `"auto"` limits: what chooses them.
+    pub tuner: Option<Arc<crate::batcher::analytic::Tuner>>,
 }
 
 /// A running pipeline, as the API and the run loop see it.
@@ -410,6 +412,28 @@ impl Live {
         }
     }
 
+    /// Re-computes the limits of every stage with `"auto"` batching from its flow's measured
+    /// demand (the run loop calls it every second).
+    pub(super) fn tune_batches(&self) {
+        let flows: Vec<usize> = lock(&self.pipeline).stages.iter().map(|s| s.flow).collect();
+        for (i, q) in self.queues.iter().enumerate() {
+            let Some(t) = &q.tuner else { continue };
+            let flow = flows.get(i).copied().unwrap_or(0);
+            let (rates, dispersion) = self.demand(flow);
+            let slo = self.slos.get(flow).map_or(0, |s| s.load(Ordering::Relaxed));
+            if let Some(tuned) = t.retune(rates[1], dispersion, slo) {
+                let (batch, wait) = t.knob.get();
+                tracing::info!(
+                    stage = i,
+                    max_batch = batch,
+                    max_wait_ms = wait as f64 / 1e6,
+                    "auto batching: {}",
+                    tuned.why
+                );
+            }
+        }
+    }
+
     /// Flow `flow`'s arrival rate (frames/s) over each of [`crate::demand::WINDOWS_S`], and the
     /// index of dispersion of its arrivals over 10 s.
     pub fn demand(&self, flow: usize) -> ([Option<f64>; 3], Option<f64>) {
@@ -535,6 +559,7 @@ impl Live {
                     "busy_share": busy_share(c.busy_s, elapsed, spec.workers),
                     "counters": c,
                     "recurrent": self.cell_status(i, spec),
+                    "auto_batching": self.queues[i].tuner.as_ref().map(|t| t.report()),
                 })
             })
             .collect();

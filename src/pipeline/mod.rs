@@ -237,11 +237,13 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
             let chans: Vec<(flume::Sender<Batch>, flume::Receiver<Batch>)> = (0..spec.workers)
                 .map(|_| flume::bounded::<Batch>(WORKER_QUEUE))
                 .collect();
+            let tuner = auto_tuner(p, route, k);
             queues[i] = Some(live::StageQueues {
                 input: in_rx.clone(),
                 capacity: spec.queue,
                 workers: chans.iter().map(|c| c.1.clone()).collect(),
                 cells: Vec::new(),
+                tuner: tuner.clone(),
             });
             let pool = Pool::new(chans.iter().map(|c| c.0.clone()).collect());
             if spec.model.kind == crate::config::ModelKind::Recurrent {
@@ -274,7 +276,10 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                     in_rx,
                     pool.clone(),
                     fb_rx,
-                    policy_settings(p, &route.stages, k),
+                    crate::batcher::PolicySettings {
+                        knob: tuner.map(|t| t.knob.clone()),
+                        ..policy_settings(p, &route.stages, k)
+                    },
                     timeline.clone(),
                     stats.clone(),
                     system_clock,
@@ -463,6 +468,7 @@ impl Running {
         let show_progress = opts.progress && std::io::stderr().is_terminal();
         let mut last_progress = Instant::now();
         let mut last_trim = Instant::now();
+        let mut last_tune = Instant::now();
         let mut budget_spent_at: Option<Instant> = None;
         let mut last_demand = Instant::now();
         loop {
@@ -474,6 +480,10 @@ impl Running {
             } else if last_demand.elapsed() >= Duration::from_millis(100) {
                 last_demand += Duration::from_millis(100);
                 live.sample_demand();
+            }
+            if last_tune.elapsed() >= Duration::from_secs(1) {
+                last_tune = Instant::now();
+                live.tune_batches();
             }
             if last_trim.elapsed() >= Duration::from_secs(60) {
                 last_trim = Instant::now();
@@ -545,4 +555,50 @@ impl Running {
         }
         Ok(stats.summary(started.elapsed().as_secs_f64()))
     }
+}
+
+/// The tuner of the `k`-th stage of `route` when its batching limits are `"auto"`: its
+/// profiled latency, pool and queue; the rest of the route's profiled latency (at each later or
+/// earlier stage's largest batch) comes off the flow's SLO; it takes the route's share of its
+/// flow's frames.
+fn auto_tuner(
+    p: &Pipeline,
+    route: &crate::config::RouteSpec,
+    k: usize,
+) -> Option<Arc<crate::batcher::analytic::Tuner>> {
+    let spec = &p.stages[route.stages[k]];
+    let prof = spec.profile.as_ref().filter(|_| spec.auto.any())?;
+    let ns = |d: &Duration| d.as_nanos() as crate::clock::Nanos;
+    let rest: crate::clock::Nanos = route
+        .stages
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != k)
+        .filter_map(|(_, s)| {
+            let s = &p.stages[*s];
+            let pr = s.profile.as_ref()?;
+            let b = s.max_batch.clamp(1, pr.latency.len());
+            Some(ns(&pr.latency[b - 1]) + pr.transfer.get(b - 1).map_or(0, ns))
+        })
+        .sum();
+    let total: f64 = p
+        .routes
+        .iter()
+        .filter(|r| r.flow == route.flow)
+        .map(|r| r.weight)
+        .sum();
+    let share = if total > 0.0 {
+        route.weight / total
+    } else {
+        1.0
+    };
+    Some(Arc::new(crate::batcher::analytic::Tuner::new(
+        prof.latency.iter().map(ns).collect(),
+        spec.workers,
+        spec.queue,
+        rest,
+        share,
+        (spec.auto.batch, spec.auto.wait),
+        (spec.max_batch, ns(&spec.max_wait)),
+    )))
 }

@@ -614,6 +614,7 @@ pub fn policy_settings(
         },
         margin: opts.margin,
         costs: pl.stages[i..].iter().map(|s| s.cost.clone()).collect(),
+        knob: None,
     }
 }
 
