@@ -324,7 +324,7 @@ fn the_analytic_batch_and_wait_match_a_grid_search_where_the_demand_can_be_serve
 /// re-plan on the mix at all.
 #[test]
 fn re_planning_after_a_demand_step_misses_fewer_frames_than_the_static_plan() {
-    use poolpipe::control::{ControlSettings, PlanSupervisor};
+    use poolpipe::control::ControlSettings;
     use poolpipe::planner::{self, Cluster, Options};
     use poolpipe::sim::arrivals::Shape;
     let Some(dir) = common::shared_profiles() else {
@@ -341,26 +341,16 @@ fn re_planning_after_a_demand_step_misses_fewer_frames_than_the_static_plan() {
     let plan = planner::plan(&profiles, &cluster, &specs, &opts).unwrap();
     let setup = SimSetup::from_plan(&plan, &profiles).unwrap();
     let settings = ControlSettings::default();
+    let case = poolpipe::bench::control::Case {
+        profiles: &profiles,
+        cluster: &cluster,
+        specs: &specs,
+        opts: &opts,
+        plan: &plan,
+        setup: &setup,
+    };
     let run = |adaptive: bool, shape: &Shape| {
-        let mut sup = PlanSupervisor::new(
-            settings.clone(),
-            &profiles,
-            &cluster,
-            &specs,
-            &opts,
-            plan.clone(),
-        );
-        sup.adaptive = adaptive;
-        let r = poolpipe::bench::control::run_one(
-            &setup,
-            &mut sup,
-            shape,
-            &Arrivals::Poisson,
-            0.5,
-            60.0,
-            5,
-        );
-        (r, sup.plan().clone())
+        case.run(&settings, adaptive, shape, &Arrivals::Poisson, 0.5, 60.0, 5)
     };
     let step = Shape::Step {
         model: 0,

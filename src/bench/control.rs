@@ -27,7 +27,7 @@ use super::planner::{GROUPS, group_specs};
 use crate::clock::Nanos;
 use crate::config::PolicyKind;
 use crate::control::{ControlSettings, PlanSupervisor, Replan};
-use crate::planner::{self, Cluster, Options};
+use crate::planner::{self, Cluster, ModelSpec, Options, Plan};
 use crate::profile::Profiles;
 use crate::sim::arrivals::Shape;
 use crate::sim::{self, Arrivals, SimOptions, SimSetup};
@@ -184,6 +184,51 @@ pub fn run_one(
     }
 }
 
+/// A plan of models on a cluster, to run shaped demand on with or without re-planning.
+pub struct Case<'a> {
+    /// Profiles.
+    pub profiles: &'a Profiles,
+    /// Cluster.
+    pub cluster: &'a Cluster,
+    /// The models as planned.
+    pub specs: &'a [ModelSpec],
+    /// Planner options (re-plans take the settings' time limit).
+    pub opts: &'a Options,
+    /// The first plan.
+    pub plan: &'a Plan,
+    /// Its simulation.
+    pub setup: &'a SimSetup,
+}
+
+impl Case<'_> {
+    /// One run: the first plan kept (`adaptive` false) or re-planned by the controller.
+    /// Returns the run and the plan that runs at its end.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        settings: &ControlSettings,
+        adaptive: bool,
+        shape: &Shape,
+        arrivals: &Arrivals,
+        load: f64,
+        seconds: f64,
+        seed: u64,
+    ) -> (Run, Plan) {
+        let mut sup = PlanSupervisor::new(
+            settings.clone(),
+            self.profiles,
+            self.cluster,
+            self.specs,
+            self.opts,
+            self.plan.clone(),
+        );
+        sup.adaptive = adaptive;
+        let mut run = run_one(self.setup, &mut sup, shape, arrivals, load, seconds, seed);
+        run.skipped = sup.skipped;
+        (run, sup.plan().clone())
+    }
+}
+
 /// Runs every scenario on both clusters.
 pub fn run(
     profiles_dir: &Path,
@@ -210,22 +255,21 @@ pub fn run(
         let setup = SimSetup::from_plan(&plan, &profiles)?;
         for (name, shape, arrivals, seconds, scale) in &all {
             let load = load * scale;
-            let mut runs = Vec::new();
-            for adaptive in [false, true] {
-                let mut sup = PlanSupervisor::new(
-                    settings.clone(),
-                    &profiles,
-                    &cluster,
-                    &specs,
-                    &opts,
-                    plan.clone(),
-                );
-                sup.adaptive = adaptive;
-                runs.push(run_one(
-                    &setup, &mut sup, shape, arrivals, load, *seconds, 1,
-                ));
-                runs.last_mut().expect("pushed").skipped = sup.skipped;
-            }
+            let case = Case {
+                profiles: &profiles,
+                cluster: &cluster,
+                specs: &specs,
+                opts: &opts,
+                plan: &plan,
+                setup: &setup,
+            };
+            let runs: Vec<Run> = [false, true]
+                .into_iter()
+                .map(|adaptive| {
+                    case.run(settings, adaptive, shape, arrivals, load, *seconds, 1)
+                        .0
+                })
+                .collect();
             let fewer = runs[0].missed as f64 / (runs[1].missed.max(1)) as f64;
             let s = Scenario {
                 cluster: cluster.describe(),
