@@ -69,6 +69,17 @@ pub struct PlanArgs {
     /// Relative optimality gap at which the solver stops.
     #[arg(long, default_value_t = 1e-4)]
     pub gap: f64,
+    /// Model family (accuracy scaling): the `--models` are variants of one task and this is
+    /// its demand in frames/s; the plan splits it across them for the highest accuracy served
+    /// (every variant takes the first one's SLO).
+    #[arg(long, requires = "accuracy")]
+    pub demand: Option<f64>,
+    /// Model family: the published accuracy of each variant, percent, one per model.
+    #[arg(long, value_delimiter = ',', requires = "demand")]
+    pub accuracy: Vec<f64>,
+    /// Model family: plan for demand / this, so pools keep room for queueing.
+    #[arg(long, default_value_t = 0.8)]
+    pub utilisation: f64,
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
@@ -153,7 +164,10 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
         objective: planner::Objective::MaxMin,
     };
     let ticker = crate::progress::Ticker::start("planning (HiGHS)", Some(opts.time_limit));
-    let planned = planner::plan(&profiles, &cluster, &models, &opts);
+    let planned = match a.demand {
+        Some(demand) => plan_family(&a, &profiles, &cluster, &models, demand, &opts),
+        None => planner::plan(&profiles, &cluster, &models, &opts),
+    };
     drop(ticker);
     let plan = match planned {
         Ok(p) => p,
@@ -173,6 +187,27 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
         println!("{json}");
     } else {
         print!("{}", plan.table());
+        if a.demand.is_some() {
+            let served: f64 = plan.models.iter().map(|m| m.throughput).sum();
+            println!(
+                "\nfamily (planned for {:.1} frames/s at {:.0}% utilisation):",
+                a.demand.unwrap_or(0.0) / a.utilisation,
+                a.utilisation * 100.0
+            );
+            for m in &plan.models {
+                println!(
+                    "  {:<44} accuracy {:>6.2}  {:>9.1} frames/s  {:>5.1}% of what is served",
+                    m.name,
+                    m.accuracy.unwrap_or(0.0),
+                    m.throughput,
+                    if served > 0.0 {
+                        m.throughput / served * 100.0
+                    } else {
+                        0.0
+                    }
+                );
+            }
+        }
         println!(
             "\nchecked: {}",
             if violations.is_empty() {
@@ -189,4 +224,40 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
         return Err(CliError::Failed(String::new()));
     }
     Ok(())
+}
+
+/// `--demand`: the models are variants of one task (accuracy scaling).
+fn plan_family(
+    a: &PlanArgs,
+    profiles: &crate::profile::Profiles,
+    cluster: &crate::planner::Cluster,
+    models: &[crate::planner::ModelSpec],
+    demand: f64,
+    opts: &crate::planner::Options,
+) -> Result<crate::planner::Plan, crate::planner::PlanError> {
+    use crate::planner::PlanError;
+    use crate::planner::family::Variant;
+    if a.accuracy.len() != models.len() {
+        return Err(PlanError::Input(format!(
+            "--accuracy has {} values for {} models",
+            a.accuracy.len(),
+            models.len()
+        )));
+    }
+    let slo = models[0].slo;
+    let variants: Vec<Variant> = models
+        .iter()
+        .zip(&a.accuracy)
+        .map(|(m, acc)| Variant {
+            spec: crate::planner::ModelSpec {
+                slo,
+                slo_basis: format!("the family's: {}", models[0].slo_basis),
+                ..m.clone()
+            },
+            accuracy: *acc,
+            source: "--accuracy".into(),
+        })
+        .collect();
+    crate::planner::family::plan_family(profiles, cluster, &variants, demand, a.utilisation, opts)
+        .map(|f| f.plan)
 }

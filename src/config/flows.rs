@@ -23,6 +23,8 @@ pub struct FlowSpec {
     pub slo: Duration,
     /// The plan's model it serves, when its stages come from a plan.
     pub model: Option<String>,
+    /// The plan's models (variants of one task) it serves, for a model family.
+    pub family: Vec<String>,
     /// Its routes (indices into [`Pipeline::routes`]).
     pub routes: Vec<usize>,
 }
@@ -36,6 +38,8 @@ pub struct RouteSpec {
     pub stages: Vec<usize>,
     /// Share of the flow's frames it takes (a plan's throughput; 1 when written by hand).
     pub weight: f64,
+    /// Model families: the variant the route runs and its accuracy (results carry them).
+    pub variant: Option<(String, Option<f64>)>,
 }
 
 /// The plan a pipeline follows.
@@ -58,11 +62,13 @@ impl Pipeline {
             flow: 0,
             stages: (0..self.stages.len()).collect(),
             weight: 1.0,
+            variant: None,
         }];
         self.flows = vec![FlowSpec {
             name: self.name.clone(),
             slo: self.slo,
             model: None,
+            family: Vec::new(),
             routes: vec![0],
         }];
         assign_devices(&mut self.stages);

@@ -15,6 +15,9 @@ use super::manifest::{ModelKind, RecurrentMode, RecurrentParams, load_manifest};
 use super::parse::{ParsedFile, deserialize_part, read_config};
 use super::*;
 
+/// A route as built from a flow: its stages, its weight, and the variant it runs (families).
+type BuiltRoute = (Vec<StageSpec>, f64, Option<(String, Option<f64>)>);
+
 /// Environment variable naming the folder of latency profiles (after `--profiles` and
 /// `[pipeline] profiles`).
 pub const PROFILES_ENV: &str = "POOLPIPE_PROFILES";
@@ -379,6 +382,7 @@ impl<'a> Validator<'_, 'a> {
             name: pipeline_name.clone(),
             slo_ms: None,
             model: None,
+            family: None,
             margin_ms: 2.0,
         };
         let flow_list: Vec<(Option<String>, FlowConfig)> = if declared {
@@ -391,7 +395,8 @@ impl<'a> Validator<'_, 'a> {
         let mut flows: Vec<FlowSpec> = Vec::new();
         let mut stages_ok = true;
         for (fi, ((base, c), items)) in flow_list.into_iter().zip(groups).enumerate() {
-            let planned_model = c.model.as_ref().and_then(|m| {
+            let family = c.family.clone().unwrap_or_default();
+            let planned_model = c.model.as_ref().or(family.first()).and_then(|m| {
                 plan.as_ref()
                     .and_then(|p| p.plan.models.iter().find(|x| &x.name == m))
             });
@@ -401,8 +406,17 @@ impl<'a> Validator<'_, 'a> {
                 .or(planned_model.map(|m| m.slo_ms))
                 .or(slo_ms.map(|ms| ms as f64))
                 .unwrap_or(1000.0);
-            let built: Vec<(Vec<StageSpec>, f64)> = match (&c.model, &base) {
+            let built: Vec<BuiltRoute> = match (&c.model, &base) {
+                (None, Some(base)) if c.family.is_some() => {
+                    self.family_routes(base, &c, &family, plan.as_ref(), profiles.as_ref(), &items)
+                }
                 (Some(model), Some(base)) => {
+                    if c.family.is_some() {
+                        self.err(
+                            &format!("{base}.family"),
+                            "a flow serves one plan's `model` or a `family` of them, not both",
+                        );
+                    }
                     if let Some((b, _)) = items.first() {
                         self.err(
                             &format!("{b}.flow"),
@@ -412,6 +426,9 @@ impl<'a> Validator<'_, 'a> {
                     match (&plan, &profiles, planned_model) {
                         (Some(p), Some(pr), Some(_)) => {
                             planned_stages(&c.name, model, c.margin_ms, &p.plan, pr)
+                                .into_iter()
+                                .map(|(st, w)| (st, w, None))
+                                .collect()
                         }
                         (Some(p), _, None) => {
                             let have: Vec<&str> =
@@ -457,7 +474,7 @@ impl<'a> Validator<'_, 'a> {
                                 .as_ref()
                                 .map(|p| (p, (bandwidth, send_while_computing))),
                         ) {
-                            Some(st) => vec![(st, 1.0)],
+                            Some(st) => vec![(st, 1.0, None)],
                             None => {
                                 stages_ok = false;
                                 Vec::new()
@@ -467,7 +484,7 @@ impl<'a> Validator<'_, 'a> {
                 }
             };
             let mut route_ids = Vec::new();
-            for (mut chain, weight) in built {
+            for (mut chain, weight, variant) in built {
                 let first = stages.len();
                 for st in &mut chain {
                     st.flow = fi;
@@ -478,26 +495,27 @@ impl<'a> Validator<'_, 'a> {
                     flow: fi,
                     stages: (first..stages.len()).collect(),
                     weight,
+                    variant,
                 });
             }
             flows.push(FlowSpec {
                 name: c.name,
                 slo: Duration::from_secs_f64(slo / 1e3),
                 model: c.model,
+                family,
                 routes: route_ids,
             });
         }
         if let Some(p) = &plan {
             for m in &p.plan.models {
-                if !flows
-                    .iter()
-                    .any(|f| f.model.as_deref() == Some(m.name.as_str()))
-                {
+                if !flows.iter().any(|f| {
+                    f.model.as_deref() == Some(m.name.as_str()) || f.family.contains(&m.name)
+                }) {
                     let d = p.diag(
                         &format!("\"{}\"", m.name),
                         &format!("models.{}", m.name),
                         format!(
-                            "the plan serves model `{}` but no [[flow]] of {} has `model = \"{}\"`",
+                            "the plan serves model `{}` but no [[flow]] of {} has `model = \"{}\"` or names it in a `family`",
                             m.name,
                             self.parsed.src.path.display(),
                             m.name
@@ -1199,6 +1217,92 @@ impl<'a> Validator<'_, 'a> {
             max_batch,
             link,
         ))
+    }
+
+    /// The routes of a flow served by a model family of the plan: each variant's planned
+    /// pipelines, weighted by their planned rates, named `FLOW.vK.pN.sM`.
+    fn family_routes(
+        &mut self,
+        base: &str,
+        c: &FlowConfig,
+        family: &[String],
+        plan: Option<&PlanFile>,
+        profiles: Option<&crate::profile::Profiles>,
+        items: &[(String, Spanned<DeValue<'a>>)],
+    ) -> Vec<BuiltRoute> {
+        let key = format!("{base}.family");
+        if let Some((b, _)) = items.first() {
+            self.err(
+                &format!("{b}.flow"),
+                format!(
+                    "flow `{}` is served by the plan's family: its stages come from the plan",
+                    c.name
+                ),
+            );
+        }
+        if family.is_empty() {
+            self.err(&key, "a family names at least one model of the plan");
+            return Vec::new();
+        }
+        for (i, m) in family.iter().enumerate() {
+            if family[..i].contains(m) {
+                self.err(&key, format!("`{m}` is named twice"));
+            }
+        }
+        let Some(p) = plan else {
+            if self.opts.plan.is_none() {
+                self.err(
+                    &key,
+                    "a flow with `family` is served by a plan: give `--plan PLAN.json` or [pipeline] plan",
+                );
+            }
+            return Vec::new();
+        };
+        let mut slos: Vec<(String, f64)> = Vec::new();
+        for m in family {
+            match p.plan.models.iter().find(|x| &x.name == m) {
+                Some(x) => slos.push((m.clone(), x.slo_ms)),
+                None => {
+                    let have: Vec<&str> = p.plan.models.iter().map(|m| m.name.as_str()).collect();
+                    self.err(
+                        &key,
+                        format!(
+                            "the plan {} has no model `{m}` (it plans: {})",
+                            p.path.display(),
+                            have.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        // Variants of one task answer one request: one SLO (the planner plans a family so).
+        if let Some((first, slo)) = slos.first()
+            && let Some((other, o)) = slos.iter().find(|(_, o)| (o - slo).abs() > 1e-6)
+        {
+            self.err(
+                &key,
+                format!(
+                    "the variants of a family share one SLO, but the plan gives `{first}` {slo:.1} ms and `{other}` {o:.1} ms"
+                ),
+            );
+        }
+        let Some(pr) = profiles else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (k, m) in family.iter().enumerate() {
+            let accuracy = p
+                .plan
+                .models
+                .iter()
+                .find(|x| &x.name == m)
+                .and_then(|x| x.accuracy);
+            for (st, w) in planned_stages(&format!("{}.v{k}", c.name), m, c.margin_ms, &p.plan, pr)
+            {
+                out.push((st, w, Some((m.clone(), accuracy))));
+            }
+        }
+        out
     }
 
     /// Resolves the block range a CPU stage runs of its model's split.

@@ -157,6 +157,10 @@ pub struct FlowConfig {
     /// `[[stage]]`s that name this flow).
     #[serde(default)]
     pub model: Option<String>,
+    /// A model family of the plan (`poolpipe plan --demand ... --accuracy ...`): every
+    /// variant's planned pipelines serve this flow, frames split in the planned proportions.
+    #[serde(default)]
+    pub family: Option<Vec<String>>,
     /// Planned stages: safety margin of the `deadline` policy, in milliseconds.
     #[serde(default = "default_margin_ms")]
     pub margin_ms: f64,

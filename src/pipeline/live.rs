@@ -595,10 +595,12 @@ impl Live {
                 json!({
                     "name": f.name,
                     "model": f.model,
+                    "family": f.family,
                     "slo_ms": self.flow_slo(i).as_secs_f64() * 1e3,
                     "routes": f.routes.iter().map(|r| json!({
                         "stages": p.routes[*r].stages.iter().map(|s| p.stages[*s].name.clone()).collect::<Vec<_>>(),
                         "weight": p.routes[*r].weight,
+                        "variant": p.routes[*r].variant.as_ref().map(|(m, a)| json!({"model": m, "accuracy": a})),
                     })).collect::<Vec<_>>(),
                     "waiting": self.admissions.get(i).map_or(0, |a| a.waiting()),
                     "demand": {
@@ -666,7 +668,7 @@ pub fn unchangeable_differences(old: &Pipeline, new: &Pipeline) -> Vec<String> {
     let flows = |p: &Pipeline| {
         p.flows
             .iter()
-            .map(|f| format!("{} {:?} {:?}", f.name, f.model, f.routes))
+            .map(|f| format!("{} {:?} {:?} {:?}", f.name, f.model, f.family, f.routes))
             .chain(p.routes.iter().map(|r| format!("{r:?}")))
             .collect::<Vec<_>>()
     };

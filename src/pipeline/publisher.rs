@@ -79,6 +79,12 @@ fn frame_header(
     let mut m = serde_json::Map::new();
     m.insert("pipeline".into(), json!(p.name));
     m.insert("flow".into(), json!(flow));
+    if let Some((model, accuracy)) = p.routes.get(f.route).and_then(|r| r.variant.as_ref()) {
+        m.insert(
+            "variant".into(),
+            json!({"model": model, "accuracy": accuracy}),
+        );
+    }
     m.insert("stream".into(), json!(stream));
     m.insert("seq".into(), json!(f.seq));
     m.insert(

@@ -113,7 +113,10 @@ pub fn plan_family(
     };
     let cands = candidates::enumerate(profiles, cluster, &specs, &opts)?;
     let solved = milp::solve(cluster, &specs, &opts, &cands)?;
-    let plan = solved.into_plan(cluster, &specs, &opts);
+    let mut plan = solved.into_plan(cluster, &specs, &opts);
+    for (m, v) in plan.models.iter_mut().zip(variants) {
+        m.accuracy = Some(v.accuracy);
+    }
     let planned: f64 = plan.models.iter().map(|m| m.throughput).sum();
     // A pipeline's rate may be raised to what fills its batches in time: route in proportion.
     let base = planned.max(target);

@@ -468,8 +468,10 @@ impl Solved {
                 weight: spec.weight,
                 slo_ms: spec.slo.as_secs_f64() * 1e3,
                 slo_basis: spec.slo_basis.clone(),
-                throughput: pipelines.iter().map(|p| p.throughput).sum(),
+                // (An empty sum of floats is -0.0.)
+                throughput: pipelines.iter().map(|p| p.throughput).sum::<f64>().max(0.0),
                 pipelines,
+                accuracy: None,
             });
         }
         let objective = model_plans

@@ -264,6 +264,9 @@ pub struct ModelPlan {
     pub throughput: f64,
     /// Pipelines side by side.
     pub pipelines: Vec<PipelinePlan>,
+    /// Model families: the published accuracy of this variant, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
 }
 
 /// A device class of the cluster, as recorded in a plan.
