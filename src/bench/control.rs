@@ -30,7 +30,7 @@ use crate::control::{ControlSettings, PlanSupervisor, Replan};
 use crate::planner::{self, Cluster, ModelSpec, Options, Plan};
 use crate::profile::Profiles;
 use crate::sim::arrivals::Shape;
-use crate::sim::{self, Arrivals, SimOptions, SimSetup};
+use crate::sim::{self, Arrivals, SimOptions, SimResult, SimSetup};
 
 /// The clusters: high class, low class, link Gbit/s (25 + 75 GPUs).
 pub const CLUSTERS: [(&str, &str, f64); 2] = [("L4", "T4", 10.0), ("V100", "P4", 6.0)];
@@ -125,48 +125,37 @@ fn windows(samples: &[(Nanos, u64, u64)], every: Nanos) -> Vec<f64> {
     out
 }
 
-/// Runs one shaped scenario on `setup` (the plan of `supervisor`), with or without re-planning.
-#[allow(clippy::too_many_arguments)]
+/// Runs one shaped scenario on `setup` (the plan of `supervisor`), with or without re-planning
+/// (`supervisor.adaptive`): `opts` gives the policy, arrivals, load (of each model's planned
+/// throughput, before the shape), duration and seed.
 pub fn run_one(
     setup: &SimSetup,
     supervisor: &mut PlanSupervisor<'_>,
     shape: &Shape,
-    arrivals: &Arrivals,
-    load: f64,
-    seconds: f64,
-    seed: u64,
-) -> Run {
-    let duration = (seconds * 1e9) as Nanos;
+    opts: &SimOptions,
+) -> (Run, SimResult) {
+    let duration = (opts.duration * 1e9) as Nanos;
     let n = setup.models.len();
     let times: Vec<Vec<Nanos>> = setup
         .models
         .iter()
         .enumerate()
         .map(|(m, model)| {
-            arrivals.shaped_times(
+            opts.arrivals.shaped_times(
                 shape,
                 m,
                 n,
                 &model.name,
-                model.planned * load,
+                model.planned * opts.load,
                 duration,
-                seed.wrapping_add(m as u64 * 7919),
+                opts.seed.wrapping_add(m as u64 * 7919),
             )
         })
         .collect();
-    let opts = SimOptions {
-        policy: PolicyKind::Deadline,
-        duration: seconds,
-        load,
-        arrivals: arrivals.clone(),
-        seed,
-        margin: 0,
-        queue: None,
-    };
-    let r = sim::simulate_supervised(setup, &opts, &times, duration, supervisor);
+    let r = sim::simulate_supervised(setup, opts, &times, duration, supervisor);
     let offered: u64 = r.models.iter().map(|m| m.offered).sum();
     let on_time: u64 = r.models.iter().map(|m| m.on_time).sum();
-    Run {
+    let run = Run {
         policy: if supervisor.adaptive {
             "online"
         } else {
@@ -180,8 +169,9 @@ pub fn run_one(
         goodput: r.goodput,
         windows: windows(&supervisor.samples, 10_000_000_000),
         replans: supervisor.log.clone(),
-        skipped: 0,
-    }
+        skipped: supervisor.skipped,
+    };
+    (run, r)
 }
 
 /// A plan of models on a cluster, to run shaped demand on with or without re-planning.
@@ -223,8 +213,16 @@ impl Case<'_> {
             self.plan.clone(),
         );
         sup.adaptive = adaptive;
-        let mut run = run_one(self.setup, &mut sup, shape, arrivals, load, seconds, seed);
-        run.skipped = sup.skipped;
+        let opts = SimOptions {
+            policy: PolicyKind::Deadline,
+            duration: seconds,
+            load,
+            arrivals: arrivals.clone(),
+            seed,
+            margin: 0,
+            queue: None,
+        };
+        let (run, _) = run_one(self.setup, &mut sup, shape, &opts);
         (run, sup.plan().clone())
     }
 }

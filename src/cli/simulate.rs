@@ -38,6 +38,23 @@ pub struct SimulateArgs {
     /// model meets its SLO for at least 99% of its frames.
     #[arg(long)]
     pub find_99: bool,
+    /// How each model's demand moves over the run: `steady`, `step:MODEL:AT_S:FACTOR` (model
+    /// index in the plan) or `diurnal:PERIOD_S:AMPLITUDE`.
+    #[arg(long, default_value = "steady")]
+    pub shape: String,
+    /// Re-plan while it runs (the online control plane): when the demand mix leaves its band
+    /// or a model's attainment stays under 99%, re-solve from the running plan.
+    #[arg(long)]
+    pub control: bool,
+    /// `--control`: how far (relative) a model's share of the demand may move before a re-plan.
+    #[arg(long, default_value_t = 0.2)]
+    pub band: f64,
+    /// `--control`: objective cost of one process started (a fraction of the demand).
+    #[arg(long, default_value_t = 0.002)]
+    pub move_cost: f64,
+    /// `--control`: time limit of a re-plan's solve, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub replan_time_limit: f64,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -98,6 +115,14 @@ pub fn run(a: SimulateArgs) -> Result<(), CliError> {
         margin: crate::clock::nanos(Duration::from_secs_f64(a.margin_ms.max(0.0) / 1e3)),
         queue: None,
     };
+    if a.control || a.shape != "steady" {
+        if a.find_99 || a.plot.is_some() {
+            return Err(CliError::Usage(
+                "--control and --shape run once: leave out --find-99 and --plot".into(),
+            ));
+        }
+        return supervised(&a, &plan, &profiles, &setup, &opts);
+    }
     let t0 = std::time::Instant::now();
     let mut runs = 0u64;
     let mut events = 0u64;
@@ -165,6 +190,71 @@ pub fn run(a: SimulateArgs) -> Result<(), CliError> {
         println!(
             "{runs} run(s), {events} events in {wall:.2} s of wall time ({:.2} M events/s)",
             events as f64 / wall.max(1e-9) / 1e6
+        );
+    }
+    Ok(())
+}
+
+/// `--control` / `--shape`: one run with demand shaped over time, re-planned while it runs when
+/// `--control` is given.
+fn supervised(
+    a: &SimulateArgs,
+    plan: &crate::planner::Plan,
+    profiles: &crate::profile::Profiles,
+    setup: &crate::sim::SimSetup,
+    opts: &crate::sim::SimOptions,
+) -> Result<(), CliError> {
+    use crate::control::{ControlSettings, PlanSupervisor};
+    let shape = crate::sim::arrivals::Shape::parse(&a.shape).map_err(CliError::Usage)?;
+    if let crate::sim::arrivals::Shape::Step { model, .. } = shape
+        && model >= plan.models.len()
+    {
+        return Err(CliError::Usage(format!(
+            "--shape: model {model} is not in the plan (it has {} models, numbered from 0)",
+            plan.models.len()
+        )));
+    }
+    let settings = ControlSettings {
+        band: a.band,
+        move_cost: a.move_cost,
+        time_limit: Duration::from_secs_f64(a.replan_time_limit.max(0.0)),
+        ..Default::default()
+    };
+    settings
+        .check()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let (cluster, specs, popts) = plan.problem();
+    let mut sup = PlanSupervisor::new(settings, profiles, &cluster, &specs, &popts, plan.clone());
+    sup.adaptive = a.control;
+    let (run, result) = crate::bench::control::run_one(setup, &mut sup, &shape, opts);
+    if a.json {
+        let v = serde_json::json!({"result": result, "run": run});
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON"));
+        return Ok(());
+    }
+    print!("{}", crate::sim::table(&result, plan));
+    let w: Vec<String> = run.windows.iter().map(|x| format!("{x:.3}")).collect();
+    println!(
+        "{}: missed {} of {} frames; attainment per 10 s: {}",
+        run.policy,
+        run.missed,
+        run.offered,
+        w.join(" ")
+    );
+    for p in &run.replans {
+        println!(
+            "re-plan at {:.1} s ({}): solve {:.2} s, serves {:.3} -> {:.3} of the demand, started {} stopped {}{}",
+            p.at_s,
+            p.reason,
+            p.solve_s,
+            p.before,
+            p.after,
+            p.moves.started,
+            p.moves.stopped,
+            p.error
+                .as_ref()
+                .map(|e| format!(", failed: {e}"))
+                .unwrap_or_default()
         );
     }
     Ok(())

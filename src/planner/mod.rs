@@ -316,6 +316,43 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The planning problem this plan answers, as far as the plan records it: its cluster,
+    /// its models (weights and SLOs) and its options (largest batch and share are the
+    /// defaults, which plans do not record). What a re-plan of a plan file starts from.
+    pub fn problem(&self) -> (Cluster, Vec<ModelSpec>, Options) {
+        let cluster = Cluster {
+            classes: self
+                .classes
+                .iter()
+                .map(|c| cluster::ClassSpec {
+                    name: c.class.clone(),
+                    count: c.available,
+                })
+                .collect(),
+            bandwidth_gbps: self.bandwidth_gbps,
+        };
+        let specs = self
+            .models
+            .iter()
+            .map(|m| ModelSpec {
+                name: m.name.clone(),
+                weight: m.weight,
+                slo: Duration::from_secs_f64(m.slo_ms / 1e3),
+                slo_basis: m.slo_basis.clone(),
+            })
+            .collect();
+        let opts = Options {
+            max_stages: self.max_stages,
+            margin: self.margin,
+            queueing: self.queueing,
+            pool_tiers: self.pool_tiers.clone(),
+            mode: self.mode,
+            send_while_computing: self.send_while_computing,
+            ..Options::default()
+        };
+        (cluster, specs, opts)
+    }
+
     /// Reads a plan written with `--json` / `--out`.
     pub fn load(path: &std::path::Path) -> Result<Plan, PlanError> {
         let text = std::fs::read_to_string(path).map_err(|e| PlanError::ClusterFile {

@@ -244,6 +244,44 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// Parses `steady`, `step:MODEL:AT_S:FACTOR` (model index) or
+    /// `diurnal:PERIOD_S:AMPLITUDE`.
+    pub fn parse(spec: &str) -> Result<Shape, String> {
+        let parts: Vec<&str> = spec.split(':').collect();
+        let num = |s: &str, what: &str| {
+            s.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .ok_or_else(|| format!("shape `{spec}`: {what} `{s}` is not a number >= 0"))
+        };
+        match parts.as_slice() {
+            ["steady"] => Ok(Shape::Steady),
+            ["step", m, at, f] => Ok(Shape::Step {
+                model: m
+                    .parse()
+                    .map_err(|_| format!("shape `{spec}`: model `{m}` is not an index"))?,
+                at_s: num(at, "time")?,
+                factor: num(f, "factor")?,
+            }),
+            ["diurnal", period, amp] => {
+                let period_s = num(period, "period")?;
+                let amplitude = num(amp, "amplitude")?;
+                if period_s <= 0.0 || amplitude >= 1.0 {
+                    return Err(format!(
+                        "shape `{spec}`: the period is positive and the amplitude in [0, 1)"
+                    ));
+                }
+                Ok(Shape::Diurnal {
+                    period_s,
+                    amplitude,
+                })
+            }
+            _ => Err(format!(
+                "unknown shape `{spec}`: expected steady, step:MODEL:AT_S:FACTOR or diurnal:PERIOD_S:AMPLITUDE"
+            )),
+        }
+    }
+
     /// Model `model`'s (of `models`) factor at `t_s` seconds.
     pub fn factor(&self, model: usize, models: usize, t_s: f64) -> f64 {
         match *self {
