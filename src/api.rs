@@ -7,6 +7,7 @@
 //! | `GET /metrics` | Prometheus / OpenMetrics text ([`crate::metrics`]) |
 //! | `POST /streams` | add a stream: a JSON object with the keys of a `[[source]]` table (or that table as TOML with `Content-Type: application/toml`); 201, 400 with the same text as `poolpipe validate`, 409 when the name runs |
 //! | `DELETE /streams/{name}` | stop a stream; 200, 404 |
+//! | `GET /streams/{name}/snapshot.jpg` | the stream's last published frame with its results drawn on it (JPEG; its `seq` in `X-Poolpipe-Seq`); 404 before its first |
 //! | `POST /reload` | read the pipeline file again and apply it; 200 with what changed, 400 when it is invalid, 409 when it changes what cannot change live (nothing is applied) |
 //!
 //! Bound to a loopback address, no token is needed. Bound to any other address, the server
@@ -160,6 +161,7 @@ fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/streams", post(add_stream))
         .route("/streams/{name}", delete(remove_stream))
+        .route("/streams/{name}/snapshot.jpg", get(snapshot))
         .route("/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -291,6 +293,31 @@ async fn remove_stream(State(s): State<AppState>, Path(name): Path<String>) -> R
     match s.live.remove_stream(&name) {
         Ok(()) => axum::Json(json!({"removed": name})).into_response(),
         Err(e) => live_error(&e),
+    }
+}
+
+async fn snapshot(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    let live = s.live.clone();
+    let who = name.clone();
+    match tokio::task::spawn_blocking(move || live.snapshot(&who)).await {
+        Ok(Some(Ok((jpeg, seq)))) => (
+            [
+                (header::CONTENT_TYPE, "image/jpeg".to_string()),
+                (header::CACHE_CONTROL, "no-store".to_string()),
+                (
+                    header::HeaderName::from_static("x-poolpipe-seq"),
+                    seq.to_string(),
+                ),
+            ],
+            jpeg,
+        )
+            .into_response(),
+        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("stream `{name}` has published no frame (unknown, or none yet)"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -75,6 +75,7 @@ pub mod frame;
 pub mod histogram;
 pub mod ingest;
 pub mod metrics;
+pub mod osd;
 pub mod panics;
 pub mod partition;
 pub mod pipeline;

@@ -284,3 +284,93 @@ fn tracked_people_crossing_a_line_raise_events_that_match_the_counts() {
         "{long} of {tracked} tracked detections in tracks of 30+ frames"
     );
 }
+
+/// `GET /streams/{name}/snapshot.jpg`: the last published frame with its results drawn on it.
+/// The boxes of the result with the snapshot's `seq` are outlined in their class colour (person:
+/// red) at their place in the picture.
+#[test]
+fn a_snapshot_shows_the_detections_of_its_frame_where_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let p = write(
+        dir.path(),
+        "snap.toml",
+        &format!(
+            "{}[[source]]\nname = \"cam\"\nuri = \"{}\"\npace = \"realtime\"\n\n\
+             [[stage]]\nname = \"detect\"\nmodel = \"yolov3-tiny\"\nthreads = 2\nmax_batch = 2\nmax_wait_ms = 20\n\n\
+             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+            header("snap", 60_000),
+            require("samples/campus.mp4").display(),
+            out.display()
+        ),
+    );
+    let summary = dir.path().join("summary.json");
+    let (child, api) = common::start(&p, &summary, &["--api", "127.0.0.1:0"], &[]);
+    let (code, _) = common::http(
+        "GET",
+        &format!("{api}/streams/nope/snapshot.jpg"),
+        None,
+        None,
+    );
+    assert_eq!(code, 404);
+    // Wait for a frame with people in it.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (jpeg, seq) = loop {
+        assert!(std::time::Instant::now() < until, "no snapshot");
+        let mut r = agent
+            .get(&format!("{api}/streams/cam/snapshot.jpg"))
+            .call()
+            .unwrap();
+        if r.status() == 200 {
+            assert_eq!(r.headers()["content-type"], "image/jpeg");
+            let seq: u64 = r.headers()["x-poolpipe-seq"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let body = r.body_mut().read_to_vec().unwrap();
+            if seq >= 20 {
+                break (body, seq);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert!(common::stop(child).success());
+    let img = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+    let row = read_jsonl(&out)
+        .into_iter()
+        .find(|r| r["seq"].as_u64() == Some(seq))
+        .expect("the snapshot's frame was published");
+    let people: Vec<[f64; 4]> = row["results"]["detect"]["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["label"] == "person")
+        .map(edges)
+        .collect();
+    assert!(!people.is_empty(), "{row}");
+    // Along each person's bottom edge (labels sit above boxes), most pixels are red.
+    let (w, h) = img.dimensions();
+    for [x0, _, x1, y1] in people {
+        let y = (y1.round() as u32).saturating_sub(1).min(h - 1);
+        let xs: Vec<u32> = (x0.round() as u32 + 3..(x1.round() as u32).saturating_sub(3))
+            .filter(|x| *x < w)
+            .collect();
+        let red = xs
+            .iter()
+            .filter(|&&x| {
+                let p = img.get_pixel(x, y).0;
+                i32::from(p[0]) > i32::from(p[1]) + 60 && i32::from(p[0]) > i32::from(p[2]) + 60
+            })
+            .count();
+        assert!(
+            xs.is_empty() || red * 10 >= xs.len() * 6,
+            "box bottom at y {y}: {red} of {} pixels red",
+            xs.len()
+        );
+    }
+}

@@ -13,6 +13,7 @@ pub mod batcher;
 pub mod control;
 pub mod detect;
 pub mod family;
+pub mod osd;
 pub mod plan_run;
 pub mod planner;
 pub mod recurrent;
@@ -196,6 +197,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20.0)]
         seconds: f64,
     },
+    /// What drawing a frame's results (and encoding it as JPEG) costs per frame.
+    Osd {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Frames drawn.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+    },
     /// The online control plane (re-planning as demand moves) against the static plan, in the
     /// simulator: a demand step, a slow drift and bursts on two of the paper's clusters.
     Control {
@@ -336,6 +346,10 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 seconds,
             )?;
             emit(json, &rows, |r| analytic::table(r))
+        }
+        BenchCommand::Osd { json, iterations } => {
+            let report = osd::run(iterations)?;
+            emit(json, &report, |r| r.table())
         }
         BenchCommand::Control {
             json,

@@ -114,6 +114,8 @@ pub struct Live {
     resets: Arc<crate::recurrent::StreamResets>,
     /// Each flow's arrivals, sampled by the run loop.
     demand: Mutex<Vec<crate::demand::Demand>>,
+    /// The last frame published on each stream.
+    latest: super::publisher::LatestFrames,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -131,6 +133,7 @@ impl Live {
         queues: Vec<StageQueues>,
         analytics: Arc<Analytics>,
         resets: Arc<crate::recurrent::StreamResets>,
+        latest: super::publisher::LatestFrames,
     ) -> Self {
         Self {
             started: Instant::now(),
@@ -152,6 +155,7 @@ impl Live {
             analytics,
             resets,
             demand: Mutex::new(vec![Default::default(); p.flows.len()]),
+            latest,
         }
     }
 
@@ -432,6 +436,31 @@ impl Live {
                 );
             }
         }
+    }
+
+    /// The last frame published on stream `name`, its results drawn on it
+    /// ([`crate::osd`]), as a JPEG, with the frame's `seq`; None when the stream has published
+    /// nothing (yet).
+    pub fn snapshot(&self, name: &str) -> Option<Result<(Vec<u8>, u64), String>> {
+        let (image, outputs, seq, spent) = {
+            let latest = lock(&self.latest);
+            let f = latest.get(name)?;
+            (
+                f.image.clone(),
+                f.outputs.clone(),
+                f.seq,
+                f.stage_nanos.iter().sum::<u64>(),
+            )
+        };
+        let mut canvas = crate::osd::Canvas::from_image(&image);
+        let header = format!("{name}  #{seq}  {:.1} ms in stages", spent as f64 / 1e6);
+        canvas.draw(
+            &crate::osd::marks(&outputs),
+            &header,
+            &crate::osd::Style::default(),
+            crate::osd::system_font(),
+        );
+        Some(canvas.jpeg(85).map(|j| (j, seq)).map_err(|e| e.to_string()))
     }
 
     /// Flow `flow`'s arrival rate (frames/s) over each of [`crate::demand::WINDOWS_S`], and the

@@ -200,6 +200,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
 
     let analytics = Analytics::new(&p.analytics);
     let (publish_tx, publish_rx) = flume::bounded::<Frame>(64);
+    let latest = publisher::LatestFrames::default();
     let mut threads: Vec<(String, JoinHandle<()>)> = Vec::new();
     threads.push((
         "publisher".into(),
@@ -210,6 +211,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
             stats.clone(),
             clock.clone(),
             analytics.clone(),
+            latest.clone(),
         )?,
     ));
 
@@ -345,6 +347,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         queues,
         analytics,
         resets,
+        latest,
     ));
     Ok(Running {
         live,

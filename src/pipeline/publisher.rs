@@ -122,6 +122,9 @@ fn round3(v: f64) -> f64 {
 
 /// Starts the publisher thread. It ends when every stage has finished, after closing the sinks
 /// (each delivers what it holds within its flush timeout).
+/// The last frame published on each stream, by stream name (what snapshots draw).
+pub type LatestFrames = Arc<std::sync::Mutex<std::collections::HashMap<Arc<str>, Frame>>>;
+
 pub(super) fn spawn_publisher(
     p: &Pipeline,
     rx: flume::Receiver<Frame>,
@@ -129,6 +132,7 @@ pub(super) fn spawn_publisher(
     stats: Arc<Stats>,
     clock: SharedClock,
     analytics: Arc<Analytics>,
+    latest: LatestFrames,
 ) -> std::io::Result<JoinHandle<()>> {
     let p = p.clone();
     std::thread::Builder::new()
@@ -137,15 +141,14 @@ pub(super) fn spawn_publisher(
             // The stream of the frame being published, for counting it if publishing panics.
             let mut current = None;
             let published = catch_unwind(AssertUnwindSafe(|| {
-                publish(
-                    &p,
-                    &rx,
-                    &mut sinks,
-                    &stats,
-                    &clock,
-                    &analytics,
-                    &mut current,
-                );
+                let ctx = Publishing {
+                    p: &p,
+                    stats: &stats,
+                    clock: &clock,
+                    analytics: &analytics,
+                    latest: &latest,
+                };
+                publish(&ctx, &rx, &mut sinks, &mut current);
             }));
             if let Err(e) = published {
                 stats.thread_panicked("publisher".into(), panic_message(&*e));
@@ -165,15 +168,28 @@ pub(super) fn spawn_publisher(
         })
 }
 
+/// What the publisher reads and writes besides its queue and sinks.
+struct Publishing<'a> {
+    p: &'a Pipeline,
+    stats: &'a Stats,
+    clock: &'a SharedClock,
+    analytics: &'a Analytics,
+    latest: &'a LatestFrames,
+}
+
 fn publish(
-    p: &Pipeline,
+    ctx: &Publishing<'_>,
     rx: &flume::Receiver<Frame>,
     sinks: &mut [SinkHandle],
-    stats: &Stats,
-    clock: &SharedClock,
-    analytics: &Analytics,
     current: &mut Option<usize>,
 ) {
+    let Publishing {
+        p,
+        stats,
+        clock,
+        analytics,
+        latest,
+    } = *ctx;
     // Stream names by index (streams added while running are looked up once).
     let mut names: Vec<Arc<str>> = Vec::new();
     for mut f in rx.iter() {
@@ -231,5 +247,11 @@ fn publish(
         }
         stats.frame_published(f.stream, now - f.captured);
         *current = None;
+        // Kept until the stream's next one: a snapshot draws it on request, off this thread.
+        let name = names[f.stream].clone();
+        latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, f);
     }
 }

@@ -26,10 +26,7 @@ pub enum PlotError {
     },
 }
 
-const FONTS: [&str; 2] = [
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-];
+use crate::osd::FONT_PATHS as FONTS;
 
 fn register_font() -> Result<(), PlotError> {
     static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
