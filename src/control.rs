@@ -347,6 +347,27 @@ pub struct Replan {
     pub error: Option<String>,
 }
 
+impl std::fmt::Display for Replan {
+    /// `at 34.0 s (why): solve 1.10 s, serves 0.942 -> 1.192 of the demand, started 8 stopped 12`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "at {:.1} s ({}): solve {:.2} s, serves {:.3} -> {:.3} of the demand, started {} stopped {}",
+            self.at_s,
+            self.reason,
+            self.solve_s,
+            self.before,
+            self.after,
+            self.moves.started,
+            self.moves.stopped
+        )?;
+        match &self.error {
+            Some(e) => write!(f, ", failed: {e}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The controller and the planner, supervising a simulated run.
 pub struct PlanSupervisor<'a> {
     /// The controller.

@@ -110,15 +110,18 @@ fn a_family_flow_routes_frames_to_its_variants_in_the_planned_proportions() {
 
     // Bad input: a variant the plan lacks; `model` and `family` together.
     let bad = pipeline.replace(&format!("\"{}\"]", names[1]), "\"resnet9000\"]");
-    let bp = common::write(dir.path(), "bad.toml", &bad);
-    let o = common::poolpipe(&[
-        "validate",
-        bp.to_str().unwrap(),
-        "--plan",
-        plan_path.to_str().unwrap(),
-        "--profiles",
-        profiles.to_str().unwrap(),
-    ]);
+    let validate = |name: &str, text: &str| {
+        let bp = common::write(dir.path(), name, text);
+        common::poolpipe(&[
+            "validate",
+            bp.to_str().unwrap(),
+            "--plan",
+            plan_path.to_str().unwrap(),
+            "--profiles",
+            profiles.to_str().unwrap(),
+        ])
+    };
+    let o = validate("bad.toml", &bad);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
@@ -131,15 +134,7 @@ fn a_family_flow_routes_frames_to_its_variants_in_the_planned_proportions() {
         "name = \"cls\"\nfamily",
         "name = \"cls\"\nmodel = \"x\"\nfamily",
     );
-    let bp = common::write(dir.path(), "both.toml", &both);
-    let o = common::poolpipe(&[
-        "validate",
-        bp.to_str().unwrap(),
-        "--plan",
-        plan_path.to_str().unwrap(),
-        "--profiles",
-        profiles.to_str().unwrap(),
-    ]);
+    let o = validate("both.toml", &both);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("not both"), "{err}");
 }

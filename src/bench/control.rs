@@ -396,23 +396,7 @@ pub fn table(rows: &[Scenario]) -> String {
     let _ = writeln!(s, "\nre-plans (online):");
     for sc in rows {
         for p in sc.runs.iter().flat_map(|r| &r.replans) {
-            let _ = writeln!(
-                s,
-                "  {:<28} {:<6} at {:>6.1} s  {:<52} solve {:.2} s  serves {:.3} -> {:.3} of demand  started {} stopped {}{}",
-                sc.cluster,
-                sc.scenario,
-                p.at_s,
-                p.reason,
-                p.solve_s,
-                p.before,
-                p.after,
-                p.moves.started,
-                p.moves.stopped,
-                p.error
-                    .as_ref()
-                    .map(|e| format!("  error: {e}"))
-                    .unwrap_or_default()
-            );
+            let _ = writeln!(s, "  {:<28} {:<6} {p}", sc.cluster, sc.scenario);
         }
     }
     s

@@ -242,20 +242,7 @@ fn supervised(
         w.join(" ")
     );
     for p in &run.replans {
-        println!(
-            "re-plan at {:.1} s ({}): solve {:.2} s, serves {:.3} -> {:.3} of the demand, started {} stopped {}{}",
-            p.at_s,
-            p.reason,
-            p.solve_s,
-            p.before,
-            p.after,
-            p.moves.started,
-            p.moves.stopped,
-            p.error
-                .as_ref()
-                .map(|e| format!(", failed: {e}"))
-                .unwrap_or_default()
-        );
+        println!("re-plan {p}");
     }
     Ok(())
 }
