@@ -7,6 +7,7 @@
 //! | `GET /metrics` | Prometheus / OpenMetrics text ([`crate::metrics`]) |
 //! | `POST /streams` | add a stream: a JSON object with the keys of a `[[source]]` table (or that table as TOML with `Content-Type: application/toml`); 201, 400 with the same text as `poolpipe validate`, 409 when the name runs |
 //! | `DELETE /streams/{name}` | stop a stream; 200, 404 |
+//! | `GET /streams/{name}/preview.mjpeg?fps=N` | a live preview: the stream's newest published frame, drawn, as MJPEG (`multipart/x-mixed-replace`) at most N (default 5, at most 30) times a second; a slow client gets fewer frames and slows nothing else; 404 for an unknown stream |
 //! | `GET /streams/{name}/snapshot.jpg` | the stream's last published frame with its results drawn on it (JPEG; its `seq` in `X-Poolpipe-Seq`); 404 before its first |
 //! | `POST /reload` | read the pipeline file again and apply it; 200 with what changed, 400 when it is invalid, 409 when it changes what cannot change live (nothing is applied) |
 //!
@@ -162,6 +163,7 @@ fn router(state: AppState) -> Router {
         .route("/streams", post(add_stream))
         .route("/streams/{name}", delete(remove_stream))
         .route("/streams/{name}/snapshot.jpg", get(snapshot))
+        .route("/streams/{name}/preview.mjpeg", get(preview))
         .route("/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -319,6 +321,73 @@ async fn snapshot(State(s): State<AppState>, Path(name): Path<String>) -> Respon
         ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// The boundary of MJPEG parts.
+const BOUNDARY: &str = "poolpipe-frame";
+
+async fn preview(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    uri: axum::http::Uri,
+) -> Response {
+    if !s.live.stream_states().contains_key(&name) {
+        return error(StatusCode::NOT_FOUND, format!("no stream `{name}`"));
+    }
+    let fps = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("fps=")))
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|f| f.is_finite() && *f > 0.0)
+        .unwrap_or(5.0)
+        .min(30.0);
+    let every = std::time::Duration::from_secs_f64(1.0 / fps);
+    // Each client draws the newest frame when it is ready for one: a client that reads slowly
+    // (or not at all) holds only its own loop back, and the frames it missed are counted.
+    let parts = futures_util::stream::unfold(
+        (s.live.clone(), name, None::<u64>),
+        move |(live, name, last)| async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let (l, n) = (live.clone(), name.clone());
+                match tokio::task::spawn_blocking(move || l.snapshot(&n)).await {
+                    Ok(Some(Ok((jpeg, seq)))) if Some(seq) != last => {
+                        let skipped = last.map_or(0, |l| seq.saturating_sub(l + 1));
+                        live.preview_sent(&name, skipped);
+                        let mut part = format!(
+                            "--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nX-Poolpipe-Seq: {seq}\r\n\r\n",
+                            jpeg.len()
+                        )
+                        .into_bytes();
+                        part.extend_from_slice(&jpeg);
+                        part.extend_from_slice(b"\r\n");
+                        return Some((
+                            Ok::<Bytes, std::convert::Infallible>(Bytes::from(part)),
+                            (live, name, Some(seq)),
+                        ));
+                    }
+                    // Nothing new yet (or no frame yet): look again.
+                    Ok(Some(Ok(_))) | Ok(None) => {
+                        if live.is_stopping() {
+                            return None;
+                        }
+                    }
+                    Ok(Some(Err(_))) | Err(_) => return None,
+                }
+            }
+        },
+    );
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                format!("multipart/x-mixed-replace; boundary={BOUNDARY}"),
+            ),
+            (header::CACHE_CONTROL, "no-store".to_string()),
+        ],
+        axum::body::Body::from_stream(parts),
+    )
+        .into_response()
 }
 
 async fn reload(State(s): State<AppState>) -> Response {

@@ -374,3 +374,87 @@ fn a_snapshot_shows_the_detections_of_its_frame_where_they_are() {
         );
     }
 }
+
+/// `GET /streams/{name}/preview.mjpeg`: new frames as MJPEG parts; a client that connects and
+/// never reads slows nothing (the stream keeps publishing at the camera's rate).
+#[test]
+fn a_preview_streams_new_frames_and_a_stalled_client_slows_nothing() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "prev.toml",
+        &format!(
+            "{}[[source]]\nname = \"cam\"\nuri = \"{}\"\npace = \"realtime\"\n\n\
+             [[stage]]\nname = \"detect\"\nmodel = \"yolov3-tiny\"\nthreads = 2\nmax_batch = 2\nmax_wait_ms = 20\n\n\
+             [[sink]]\ntype = \"jsonl\"\npath = \"/dev/null\"\n",
+            header("prev", 60_000),
+            require("samples/campus.mp4").display(),
+        ),
+    );
+    let summary = dir.path().join("summary.json");
+    let (child, api) = common::start(&p, &summary, &["--api", "127.0.0.1:0"], &[]);
+    let (code, _) = common::http(
+        "GET",
+        &format!("{api}/streams/nope/preview.mjpeg"),
+        None,
+        None,
+    );
+    assert_eq!(code, 404);
+    let addr = api.trim_start_matches("http://").to_string();
+    let open = || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /streams/cam/preview.mjpeg?fps=10 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        s
+    };
+    // A reader: the multipart header, then parts with increasing seq.
+    let mut reader = open();
+    reader
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut seqs: Vec<u64> = Vec::new();
+    while seqs.len() < 3 {
+        let n = reader.read(&mut buf).unwrap();
+        assert!(n > 0, "the preview ended");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        seqs = text
+            .split("X-Poolpipe-Seq: ")
+            .skip(1)
+            .filter_map(|t| t.split("\r\n").next()?.parse().ok())
+            .collect();
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(
+        text.contains("multipart/x-mixed-replace; boundary=poolpipe-frame"),
+        "{}",
+        &text[..200.min(text.len())]
+    );
+    assert!(text.contains("Content-Type: image/jpeg"));
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    drop(reader);
+    // A client that never reads, while the camera runs at 10 frames/s.
+    let _stalled = open();
+    let published = |api: &str| {
+        common::status(api)["streams"][0]["counters"]["published"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = published(&api);
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let after = published(&api);
+    assert!(
+        after >= before + 30,
+        "published {before} -> {after} in 4 s with a stalled preview client"
+    );
+    let st = common::status(&api);
+    assert!(
+        st["previews"]["cam"]["sent"].as_u64().unwrap() >= 3,
+        "{}",
+        st["previews"]
+    );
+    assert!(common::stop(child).success());
+}

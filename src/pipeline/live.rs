@@ -116,6 +116,9 @@ pub struct Live {
     demand: Mutex<Vec<crate::demand::Demand>>,
     /// The last frame published on each stream.
     latest: super::publisher::LatestFrames,
+    /// Per stream: preview frames sent to clients, and frames of the stream the clients did not
+    /// get (seq gaps between two frames sent to one client).
+    previews: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +159,7 @@ impl Live {
             resets,
             demand: Mutex::new(vec![Default::default(); p.flows.len()]),
             latest,
+            previews: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -463,6 +467,14 @@ impl Live {
         Some(canvas.jpeg(85).map(|j| (j, seq)).map_err(|e| e.to_string()))
     }
 
+    /// Counts a preview frame of `name` sent to a client that `skipped` frames since its last.
+    pub fn preview_sent(&self, name: &str, skipped: u64) {
+        let mut p = lock(&self.previews);
+        let e = p.entry(name.to_string()).or_default();
+        e.0 += 1;
+        e.1 += skipped;
+    }
+
     /// Flow `flow`'s arrival rate (frames/s) over each of [`crate::demand::WINDOWS_S`], and the
     /// index of dispersion of its arrivals over 10 s.
     pub fn demand(&self, flow: usize) -> ([Option<f64>; 3], Option<f64>) {
@@ -655,6 +667,10 @@ impl Live {
             "stages": stages,
             "pools": pools,
             "plan": plan,
+            "previews": lock(&self.previews)
+                .iter()
+                .map(|(k, (sent, skipped))| (k.clone(), json!({"sent": sent, "skipped": skipped})))
+                .collect::<serde_json::Map<_, _>>(),
             "sinks": summary.sinks,
             "published_fps": summary.published_fps(),
             "end_to_end_ms": {"p50": summary.end_to_end_p50_ms, "p99": summary.end_to_end_p99_ms},
