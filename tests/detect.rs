@@ -285,6 +285,29 @@ fn tracked_people_crossing_a_line_raise_events_that_match_the_counts() {
     );
 }
 
+/// The sample played like a camera (stream `cam`, real time) through the detector, every result
+/// to `out`, with the API on a free port: the running process and the API's address.
+fn start_camera(dir: &Path, out: &Path) -> (KillOnDrop, String) {
+    let p = write(
+        dir,
+        "camera.toml",
+        &format!(
+            "{}[[source]]\nname = \"cam\"\nuri = \"{}\"\npace = \"realtime\"\n\n\
+             [[stage]]\nname = \"detect\"\nmodel = \"yolov3-tiny\"\nthreads = 2\nmax_batch = 2\nmax_wait_ms = 20\n\n\
+             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+            header("camera", 60_000),
+            require("samples/campus.mp4").display(),
+            out.display()
+        ),
+    );
+    common::start(
+        &p,
+        &dir.join("summary.json"),
+        &["--api", "127.0.0.1:0"],
+        &[],
+    )
+}
+
 /// `GET /streams/{name}/snapshot.jpg`: the last published frame with its results drawn on it.
 /// The boxes of the result with the snapshot's `seq` are outlined in their class colour (person:
 /// red) at their place in the picture.
@@ -292,20 +315,7 @@ fn tracked_people_crossing_a_line_raise_events_that_match_the_counts() {
 fn a_snapshot_shows_the_detections_of_its_frame_where_they_are() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
-    let p = write(
-        dir.path(),
-        "snap.toml",
-        &format!(
-            "{}[[source]]\nname = \"cam\"\nuri = \"{}\"\npace = \"realtime\"\n\n\
-             [[stage]]\nname = \"detect\"\nmodel = \"yolov3-tiny\"\nthreads = 2\nmax_batch = 2\nmax_wait_ms = 20\n\n\
-             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
-            header("snap", 60_000),
-            require("samples/campus.mp4").display(),
-            out.display()
-        ),
-    );
-    let summary = dir.path().join("summary.json");
-    let (child, api) = common::start(&p, &summary, &["--api", "127.0.0.1:0"], &[]);
+    let (child, api) = start_camera(dir.path(), &out);
     let (code, _) = common::http(
         "GET",
         &format!("{api}/streams/nope/snapshot.jpg"),
@@ -381,19 +391,7 @@ fn a_snapshot_shows_the_detections_of_its_frame_where_they_are() {
 fn a_preview_streams_new_frames_and_a_stalled_client_slows_nothing() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
-    let p = write(
-        dir.path(),
-        "prev.toml",
-        &format!(
-            "{}[[source]]\nname = \"cam\"\nuri = \"{}\"\npace = \"realtime\"\n\n\
-             [[stage]]\nname = \"detect\"\nmodel = \"yolov3-tiny\"\nthreads = 2\nmax_batch = 2\nmax_wait_ms = 20\n\n\
-             [[sink]]\ntype = \"jsonl\"\npath = \"/dev/null\"\n",
-            header("prev", 60_000),
-            require("samples/campus.mp4").display(),
-        ),
-    );
-    let summary = dir.path().join("summary.json");
-    let (child, api) = common::start(&p, &summary, &["--api", "127.0.0.1:0"], &[]);
+    let (child, api) = start_camera(dir.path(), Path::new("/dev/null"));
     let (code, _) = common::http(
         "GET",
         &format!("{api}/streams/nope/preview.mjpeg"),

@@ -165,11 +165,12 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
     };
     let ticker = crate::progress::Ticker::start("planning (HiGHS)", Some(opts.time_limit));
     let planned = match a.demand {
-        Some(demand) => plan_family(&a, &profiles, &cluster, &models, demand, &opts),
-        None => planner::plan(&profiles, &cluster, &models, &opts),
+        Some(demand) => plan_family(&a, &profiles, &cluster, &models, demand, &opts)
+            .map(|f| (f.plan.clone(), Some(f))),
+        None => planner::plan(&profiles, &cluster, &models, &opts).map(|p| (p, None)),
     };
     drop(ticker);
-    let plan = match planned {
+    let (plan, family) = match planned {
         Ok(p) => p,
         Err(e @ (PlanError::Solver(_) | PlanError::Profile(_))) => {
             return Err(CliError::Runtime(e.to_string()));
@@ -187,24 +188,22 @@ pub fn run(a: PlanArgs) -> Result<(), CliError> {
         println!("{json}");
     } else {
         print!("{}", plan.table());
-        if a.demand.is_some() {
-            let served: f64 = plan.models.iter().map(|m| m.throughput).sum();
+        if let Some(f) = &family {
             println!(
-                "\nfamily (planned for {:.1} frames/s at {:.0}% utilisation):",
-                a.demand.unwrap_or(0.0) / a.utilisation,
-                a.utilisation * 100.0
+                "\nfamily (planned for {:.1} frames/s at {:.0}% utilisation): serves {:.1}% of {:.1} frames/s at a mean accuracy of {:.2}",
+                f.demand / f.utilisation,
+                f.utilisation * 100.0,
+                f.served * 100.0,
+                f.demand,
+                f.accuracy
             );
-            for m in &plan.models {
+            for v in &f.variants {
                 println!(
-                    "  {:<44} accuracy {:>6.2}  {:>9.1} frames/s  {:>5.1}% of what is served",
-                    m.name,
-                    m.accuracy.unwrap_or(0.0),
-                    m.throughput,
-                    if served > 0.0 {
-                        m.throughput / served * 100.0
-                    } else {
-                        0.0
-                    }
+                    "  {:<44} accuracy {:>6.2}  {:>9.1} frames/s  {:>5.1}% of the demand",
+                    v.name,
+                    v.accuracy,
+                    v.rate,
+                    v.share * 100.0
                 );
             }
         }
@@ -234,7 +233,7 @@ fn plan_family(
     models: &[crate::planner::ModelSpec],
     demand: f64,
     opts: &crate::planner::Options,
-) -> Result<crate::planner::Plan, crate::planner::PlanError> {
+) -> Result<crate::planner::family::FamilyPlan, crate::planner::PlanError> {
     use crate::planner::PlanError;
     use crate::planner::family::Variant;
     if a.accuracy.len() != models.len() {
@@ -259,5 +258,4 @@ fn plan_family(
         })
         .collect();
     crate::planner::family::plan_family(profiles, cluster, &variants, demand, a.utilisation, opts)
-        .map(|f| f.plan)
 }

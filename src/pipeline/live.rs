@@ -89,6 +89,8 @@ pub(super) struct StageQueues {
     pub cells: Vec<Arc<crate::recurrent::CellGauges>>,
     /// A `fixed` stage with `"auto"` limits: what chooses them.
     pub tuner: Option<Arc<crate::batcher::analytic::Tuner>>,
+    /// The flow the stage serves (fixed while running).
+    pub flow: usize,
 }
 
 /// A running pipeline, as the API and the run loop see it.
@@ -423,10 +425,9 @@ impl Live {
     /// Re-computes the limits of every stage with `"auto"` batching from its flow's measured
     /// demand (the run loop calls it every second).
     pub(super) fn tune_batches(&self) {
-        let flows: Vec<usize> = lock(&self.pipeline).stages.iter().map(|s| s.flow).collect();
         for (i, q) in self.queues.iter().enumerate() {
             let Some(t) = &q.tuner else { continue };
-            let flow = flows.get(i).copied().unwrap_or(0);
+            let flow = q.flow;
             let (rates, dispersion) = self.demand(flow);
             let slo = self.slos.get(flow).map_or(0, |s| s.load(Ordering::Relaxed));
             if let Some(tuned) = t.retune(rates[1], dispersion, slo) {

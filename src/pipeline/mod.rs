@@ -246,6 +246,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                 workers: chans.iter().map(|c| c.1.clone()).collect(),
                 cells: Vec::new(),
                 tuner: tuner.clone(),
+                flow: spec.flow,
             });
             let pool = Pool::new(chans.iter().map(|c| c.0.clone()).collect());
             if spec.model.kind == crate::config::ModelKind::Recurrent {

@@ -26,22 +26,22 @@ pub enum PlotError {
     },
 }
 
-use crate::osd::FONT_PATHS as FONTS;
+use crate::osd::{FONT_PATHS, system_font};
 
+/// Gives plotters the system font that the on-screen display loads (once, for both).
 fn register_font() -> Result<(), PlotError> {
     static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let ok = *DONE.get_or_init(|| {
-        FONTS.iter().any(|f| {
-            std::fs::read(f).ok().is_some_and(|bytes| {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
-            })
+        system_font().is_some_and(|f| {
+            plotters::style::register_font("sans-serif", FontStyle::Normal, f.as_slice()).is_ok()
         })
     });
     if ok {
         Ok(())
     } else {
-        Err(PlotError::NoFont(FONTS.iter().map(PathBuf::from).collect()))
+        Err(PlotError::NoFont(
+            FONT_PATHS.iter().map(PathBuf::from).collect(),
+        ))
     }
 }
 
