@@ -100,6 +100,8 @@ struct State {
 /// One flow's admission: lanes, and the routes' first queues.
 pub struct Admission {
     state: Mutex<State>,
+    /// Routes that replace the running ones at the thread's next frame (a re-plan).
+    next_routes: Mutex<Option<Vec<RouteEntry>>>,
     /// Signalled when a frame arrives or the flow closes.
     arrived: Condvar,
     /// Signalled when a lane has room again.
@@ -181,6 +183,7 @@ impl Inlet {
 }
 
 /// A route of the flow as the admission thread sees it.
+#[derive(Clone)]
 pub struct RouteEntry {
     /// The route's index in the pipeline.
     pub route: usize,
@@ -213,6 +216,7 @@ impl Admission {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State::default()),
+            next_routes: Mutex::new(None),
             arrived: Condvar::new(),
             room: Condvar::new(),
         })
@@ -233,6 +237,27 @@ impl Admission {
             admission: self.clone(),
             lane,
         }
+    }
+
+    /// Sends the flow's frames to these routes from the next frame on. The routes no longer
+    /// named are let go of (once the thread has swapped), so that their stages finish what they
+    /// hold and end.
+    pub fn set_routes(&self, routes: Vec<RouteEntry>) {
+        *self.next_routes.lock().unwrap_or_else(|e| e.into_inner()) = Some(routes);
+    }
+
+    fn swap_pending(&self) -> bool {
+        self.next_routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn swapped_routes(&self) -> Option<Vec<RouteEntry>> {
+        self.next_routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Refuses new frames; the thread forwards what the lanes hold, then ends (and lets go of
@@ -281,8 +306,13 @@ impl Admission {
         std::thread::Builder::new()
             .name(format!("admit-{name}"))
             .spawn(move || {
+                let mut routes = routes;
                 let mut split = SmoothWrr::new(routes.iter().map(|r| r.weight).collect());
                 loop {
+                    if let Some(next) = me.swapped_routes().filter(|r| !r.is_empty()) {
+                        routes = next;
+                        split = SmoothWrr::new(routes.iter().map(|r| r.weight).collect());
+                    }
                     // While streams share the flow, a route takes a frame once its first stage
                     // has room for a batch (nothing waits in its queue, a worker has room):
                     // frames wait here, in their streams' lanes, where they are taken fairly and
@@ -294,9 +324,13 @@ impl Admission {
                         || {
                             me.shared()
                                 && (!r.queue.is_empty() || saturated(&FirstStage(&r.in_flight)))
+                                && !me.swap_pending()
                         },
                         GATE_RECHECK,
                     );
+                    if me.swap_pending() {
+                        continue;
+                    }
                     let Some(mut f) = me.take() else { break };
                     f.route = r.route;
                     let stream = f.stream;

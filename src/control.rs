@@ -451,14 +451,78 @@ impl Supervisor for PlanSupervisor<'_> {
         if !self.adaptive {
             return None;
         }
-        let trigger = self
-            .controller
-            .observe(now, &arrived, &resolved, &on_time)?;
-        let names: Vec<String> = self.specs.iter().map(|s| s.name.clone()).collect();
-        let rates = self.controller.rates();
+        let problem = Problem {
+            profiles: self.profiles,
+            cluster: self.cluster,
+            specs: &self.specs,
+            opts: &self.opts,
+        };
+        let (mut entry, plan) = self.controller.look_and_replan(
+            now,
+            [&arrived, &resolved, &on_time],
+            &self.current,
+            &problem,
+            &mut self.skipped,
+        )?;
+        let solve = Duration::from_secs_f64(entry.solve_s);
+        let next = plan.map(|plan| {
+            let setup = SimSetup::from_plan(&plan, self.profiles)?;
+            Ok::<_, crate::profile::ProfileError>((plan, setup))
+        });
+        match next {
+            Some(Ok((plan, setup))) => {
+                self.current = plan;
+                self.log.push(entry);
+                let at = now + solve.as_nanos() as Nanos + self.startup;
+                Some((at, setup))
+            }
+            Some(Err(e)) => {
+                entry.error = Some(e.to_string());
+                entry.after = entry.before;
+                self.log.push(entry);
+                None
+            }
+            None => {
+                self.log.push(entry);
+                None
+            }
+        }
+    }
+}
+
+/// What a re-plan solves: the models (weights are replaced by the measured rates), the
+/// planner's options, and the devices.
+pub struct Problem<'a> {
+    /// Latency profiles.
+    pub profiles: &'a Profiles,
+    /// The devices.
+    pub cluster: &'a Cluster,
+    /// The models, in the plan's order.
+    pub specs: &'a [ModelSpec],
+    /// The planner's options (with the re-plan's time limit).
+    pub opts: &'a Options,
+}
+
+impl Controller {
+    /// Looks at the counts (`[arrived, resolved, on_time]`, as [`Controller::observe`]) and,
+    /// when it is time, re-plans from `current` for the measured rates. `None`: nothing to do
+    /// (a mix change the running plan has room for counts in `skipped`). Otherwise the log
+    /// entry and the new plan (`None` when the solve failed; the entry says why).
+    pub fn look_and_replan(
+        &mut self,
+        now: Nanos,
+        counts: [&[u64]; 3],
+        current: &Plan,
+        problem: &Problem<'_>,
+        skipped: &mut u64,
+    ) -> Option<(Replan, Option<Plan>)> {
+        let [arrived, resolved, on_time] = counts;
+        let trigger = self.observe(now, arrived, resolved, on_time)?;
+        let names: Vec<String> = problem.specs.iter().map(|s| s.name.clone()).collect();
+        let rates = self.rates();
         // A model with no arrivals keeps a token weight, so it stays planned.
         let top = rates.iter().copied().fold(0.0, f64::max).max(1.0);
-        let specs: Vec<ModelSpec> = self
+        let specs: Vec<ModelSpec> = problem
             .specs
             .iter()
             .zip(&rates)
@@ -468,41 +532,38 @@ impl Supervisor for PlanSupervisor<'_> {
             })
             .collect();
         let weights: Vec<f64> = specs.iter().map(|s| s.weight).collect();
-        let before = serves(&self.current, &weights);
-        if matches!(trigger, Trigger::Mix { .. })
-            && before >= 1.0 + self.controller.settings.headroom
-        {
-            self.skipped += 1;
+        let before = serves(current, &weights);
+        if matches!(trigger, Trigger::Mix { .. }) && before >= 1.0 + self.settings.headroom {
+            *skipped += 1;
             return None;
         }
         let t0 = Instant::now();
+        let opts = Options {
+            time_limit: self.settings.time_limit,
+            ..problem.opts.clone()
+        };
         let result = planner::replan(
-            self.profiles,
-            self.cluster,
+            problem.profiles,
+            problem.cluster,
             &specs,
-            &self.opts,
-            &self.current,
-            self.controller.settings.move_cost,
+            &opts,
+            current,
+            self.settings.move_cost,
         );
-        let solve = t0.elapsed();
-        self.controller.replanned(now, &weights);
+        self.replanned(now, &weights);
         let mut entry = Replan {
             at_s: now as f64 / 1e9,
             reason: trigger.describe(&names),
-            solve_s: solve.as_secs_f64(),
+            solve_s: t0.elapsed().as_secs_f64(),
             before,
             after: before,
             moves: Moves::default(),
             error: None,
         };
-        let next = result.and_then(|plan| {
-            let setup = SimSetup::from_plan(&plan, self.profiles)?;
-            Ok((plan, setup))
-        });
-        match next {
-            Ok((plan, setup)) => {
+        match result {
+            Ok(plan) => {
                 entry.after = serves(&plan, &weights);
-                entry.moves = Moves::between(&self.current, &plan);
+                entry.moves = Moves::between(current, &plan);
                 tracing::info!(
                     at_s = entry.at_s,
                     reason = %entry.reason,
@@ -511,15 +572,11 @@ impl Supervisor for PlanSupervisor<'_> {
                     stopped = entry.moves.stopped,
                     "re-planned"
                 );
-                self.current = plan;
-                self.log.push(entry);
-                let at = now + solve.as_nanos() as Nanos + self.startup;
-                Some((at, setup))
+                Some((entry, Some(plan)))
             }
             Err(e) => {
                 entry.error = Some(e.to_string());
-                self.log.push(entry);
-                None
+                Some((entry, None))
             }
         }
     }

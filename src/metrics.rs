@@ -336,6 +336,9 @@ impl Collector for PipelineCollector {
         )?;
 
         // Stages.
+        let stage_counters: Vec<std::sync::Arc<crate::stats::StageCounters>> = (0..p.stages.len())
+            .map(|i| stats.stage(i).unwrap_or_default())
+            .collect();
         let stage_rows = |f: &dyn Fn(usize) -> f64| {
             p.stages
                 .iter()
@@ -344,7 +347,7 @@ impl Collector for PipelineCollector {
                 .collect::<Vec<_>>()
         };
         let mut stage_out = Vec::new();
-        for (s, c) in p.stages.iter().zip(&stats.stages) {
+        for (s, c) in p.stages.iter().zip(&stage_counters) {
             for (o, v) in [
                 ("in", &c.frames_in),
                 ("out", &c.frames_out),
@@ -369,12 +372,12 @@ impl Collector for PipelineCollector {
             "poolpipe_stage_batches",
             "Batches run.",
             None,
-            &stage_rows(&|i| stats.stages[i].batches.load(Relaxed) as f64),
+            &stage_rows(&|i| stage_counters[i].batches.load(Relaxed) as f64),
         )?;
         let batch_rows: Vec<_> = p
             .stages
             .iter()
-            .zip(&stats.stages)
+            .zip(&stage_counters)
             .map(|(s, c)| {
                 let counts = c.batch_sizes.counts();
                 let mut buckets: Vec<(f64, u64)> =
@@ -407,7 +410,7 @@ impl Collector for PipelineCollector {
             Some(&Unit::Seconds),
             &p.stages
                 .iter()
-                .zip(&stats.stages)
+                .zip(&stage_counters)
                 .map(|(s, c)| {
                     (
                         vec![("stage", s.name.as_str())],
@@ -510,7 +513,7 @@ impl Collector for PipelineCollector {
                 .map(|(stage, device, n)| (vec![("stage", *stage), ("device_id", *device)], *n))
                 .collect::<Vec<_>>(),
         )?;
-        let busy = |i: usize| stats.stages[i].busy_nanos.load(Relaxed) as f64 / 1e9;
+        let busy = |i: usize| stage_counters[i].busy_nanos.load(Relaxed) as f64 / 1e9;
         counters(
             e,
             "poolpipe_stage_busy",

@@ -102,10 +102,9 @@ pub struct Stats {
     streams: RwLock<Vec<StreamEntry>>,
     /// Flow names, with the end-to-end latency of each flow's published frames.
     flows: Vec<(String, Histogram)>,
-    /// Stage names, in order.
-    pub stage_names: Vec<String>,
-    /// Per stage.
-    pub stages: Vec<StageCounters>,
+    /// Per stage, with its name, in order. Append-only: a re-plan adds the stages of the
+    /// pipelines it starts (a stage's index never changes).
+    stages: RwLock<Vec<(String, Arc<StageCounters>)>>,
     /// End-to-end latency of published frames.
     pub end_to_end: Histogram,
     /// Time the publisher spent tracking and running rules, per frame that has them.
@@ -173,11 +172,12 @@ impl Stats {
                 .into_iter()
                 .map(|n| (n, Histogram::default()))
                 .collect(),
-            stages: stage_names
-                .iter()
-                .map(|_| StageCounters::default())
-                .collect(),
-            stage_names,
+            stages: RwLock::new(
+                stage_names
+                    .into_iter()
+                    .map(|n| (n, Arc::default()))
+                    .collect(),
+            ),
             end_to_end: Histogram::default(),
             analytics: Histogram::default(),
             sinks: Mutex::new(Vec::new()),
@@ -185,23 +185,60 @@ impl Stats {
         }
     }
 
+    /// Counters for one more stage (started by a re-plan); returns its index.
+    pub fn add_stage(&self, name: String) -> usize {
+        let mut s = self.stages.write().unwrap_or_else(|e| e.into_inner());
+        s.push((name, Arc::default()));
+        s.len() - 1
+    }
+
+    /// Stage `stage`'s counters.
+    pub fn stage(&self, stage: usize) -> Option<Arc<StageCounters>> {
+        self.stages
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(stage)
+            .map(|(_, c)| c.clone())
+    }
+
+    /// Number of stages counted.
+    pub fn stage_count(&self) -> usize {
+        self.stages.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Runs `f` on stage `stage`'s counters, if it exists.
+    fn on_stage(&self, stage: usize, f: impl FnOnce(&StageCounters)) {
+        if let Some((_, c)) = self
+            .stages
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(stage)
+        {
+            f(c);
+        }
+    }
+
     /// `n` frames entered stage `stage`'s queue (or were sent to one of its workers directly).
     pub fn frames_entered(&self, stage: usize, n: u64) {
-        if let Some(c) = self.stages.get(stage) {
+        self.on_stage(stage, |c| {
             c.frames_in.fetch_add(n, Relaxed);
-        }
+        });
     }
 
     /// A frame of `stream` was dropped by stage `stage`'s batcher: its deadline can no longer
     /// be met.
     pub fn frame_late_in_stage(&self, stage: usize, stream: usize) {
-        self.stages[stage].dropped_late.fetch_add(1, Relaxed);
+        self.on_stage(stage, |c| {
+            c.dropped_late.fetch_add(1, Relaxed);
+        });
         self.stream(stream).dropped_late.fetch_add(1, Relaxed);
     }
 
     /// A frame of `stream` failed in stage `stage` (an engine error, or its worker is gone).
     pub fn frame_failed_in_stage(&self, stage: usize, stream: usize) {
-        self.stages[stage].failed.fetch_add(1, Relaxed);
+        self.on_stage(stage, |c| {
+            c.failed.fetch_add(1, Relaxed);
+        });
         self.stream(stream).failed.fetch_add(1, Relaxed);
     }
 
@@ -212,17 +249,19 @@ impl Stats {
 
     /// A worker of stage `stage` ran a batch of `size` frames for `busy` nanoseconds.
     pub fn batch_ran(&self, stage: usize, size: usize, busy: Nanos) {
-        let c = &self.stages[stage];
-        c.batches.fetch_add(1, Relaxed);
-        c.batch_sizes.record(size);
-        c.busy_nanos.fetch_add(busy, Relaxed);
+        self.on_stage(stage, |c| {
+            c.batches.fetch_add(1, Relaxed);
+            c.batch_sizes.record(size);
+            c.busy_nanos.fetch_add(busy, Relaxed);
+        });
     }
 
     /// A frame left stage `stage` with a result, `spent` after it entered.
     pub fn frame_left_stage(&self, stage: usize, spent: Nanos) {
-        let c = &self.stages[stage];
-        c.latency.record(spent);
-        c.frames_out.fetch_add(1, Relaxed);
+        self.on_stage(stage, |c| {
+            c.latency.record(spent);
+            c.frames_out.fetch_add(1, Relaxed);
+        });
     }
 
     /// A frame of `stream` finished after its deadline and was not published.
@@ -416,9 +455,10 @@ impl Stats {
             .collect();
         let stages = self
             .stages
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .zip(&self.stage_names)
-            .map(|(c, name)| {
+            .map(|(name, c)| {
                 let batches = c.batches.load(Relaxed);
                 // Frames per batch (a recurrent stage: rows per step).
                 let rows: u64 = c

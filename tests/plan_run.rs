@@ -386,3 +386,130 @@ fn equal_streams_get_equal_shares_under_overload_and_priority_buys_more() {
         &y[1..]
     );
 }
+
+/// Issue 18's runtime step: three planned models at 0.6 of the plan's rate; at 12 s a second
+/// camera doubles repvgg-b3's demand, which its planned pipeline (one L4) cannot carry. With
+/// `--control` the running pipeline re-plans within 10 s of the step (the plan moves devices
+/// from the models with room to spare), the re-planned pipelines serve >= 99% of repvgg's frames
+/// within their SLO from 20 s after the step on, and every frame has exactly one outcome through
+/// the switch.
+#[test]
+fn a_demand_step_is_re_planned_while_running_and_attainment_recovers() {
+    let _one_at_a_time = serial();
+    let Some(dir_profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = "L4:2,T4:6";
+    let plan = plan(
+        dir.path(),
+        &dir_profiles,
+        cluster,
+        "wide_resnet101_2,googlenet,repvgg",
+    );
+    let step = plan
+        .models
+        .iter()
+        .position(|m| m.name == "repvgg-b3")
+        .unwrap();
+    let fps = (0.6 * plan.models[step].throughput).floor() as u32;
+    let rate = |_: f64| fps;
+    let p = common::write(
+        dir.path(),
+        "p.toml",
+        &pipeline_file(dir.path(), &plan, cluster, &rate),
+    );
+    let summary = dir.path().join("summary.json");
+    let plan_path = dir.path().join("plan.json");
+    let (child, api) = common::start(
+        &p,
+        &summary,
+        &[
+            "--plan",
+            plan_path.to_str().unwrap(),
+            "--profiles",
+            dir_profiles.to_str().unwrap(),
+            "--api",
+            "127.0.0.1:0",
+            "--control",
+        ],
+        &[],
+    );
+    let t0 = std::time::Instant::now();
+    let secs = || t0.elapsed().as_secs_f64();
+    // (seconds since start, frames of the stepped flow resolved, published)
+    let mut samples: Vec<(f64, u64, u64)> = Vec::new();
+    let flow = format!("f{step}");
+    let mut stepped_at = None;
+    let mut last = Value::Null;
+    while secs() < 50.0 {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let s = common::status(&api);
+        let f = s["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == flow.as_str())
+            .unwrap()["counters"]
+            .clone();
+        let n = |k: &str| f[k].as_u64().unwrap_or(0);
+        samples.push((
+            secs(),
+            n("published") + n("dropped_late") + n("dropped_overload") + n("failed"),
+            n("published"),
+        ));
+        if stepped_at.is_none() && secs() >= 12.0 {
+            let def = format!(
+                r#"{{"name": "cam{step}b", "uri": "test://pinwheel", "max_fps": {fps}, "flow": "{flow}"}}"#
+            );
+            let (code, body) = common::add_stream(&api, &def);
+            assert_eq!(code, 201, "{body}");
+            // Seconds since the pipeline's start (its API answered before it started).
+            stepped_at = Some((secs(), s["uptime_s"].as_f64().unwrap()));
+        }
+        last = s;
+    }
+    assert!(common::stop(child).success());
+    let s = common::read_summary(&summary);
+    common::assert_balanced(&s);
+
+    let (stepped_s, stepped_uptime) = stepped_at.unwrap();
+    let replans = last["replans"].as_array().unwrap();
+    assert!(!replans.is_empty(), "no re-plan: {last}");
+    let first = &replans[0];
+    let after = first["at_s"].as_f64().unwrap() - stepped_uptime;
+    assert!(
+        (0.0..=10.0).contains(&after),
+        "the first re-plan came {after:.1} s after the step: {first}"
+    );
+    assert!(first["error"].is_null(), "{first}");
+    // The step overloaded the running plan, and the new plan has room for it.
+    assert!(first["serves_before"].as_f64().unwrap() < 1.0, "{first}");
+    assert!(first["serves_after"].as_f64().unwrap() >= 1.0, "{first}");
+    assert!(first["processes_started"].as_u64().unwrap() > 0, "{first}");
+    // The re-planned stages run, the retired ones are listed as such.
+    let stages = last["stages"].as_array().unwrap();
+    assert!(
+        stages
+            .iter()
+            .any(|st| st["active"] == true && st["name"].as_str().unwrap().contains(".e1.")),
+        "{stages:?}"
+    );
+    assert!(stages.iter().any(|st| st["active"] == false));
+
+    // Attainment of the stepped flow from 20 s after the step to the end.
+    let from = samples
+        .iter()
+        .find(|x| x.0 >= stepped_s + 20.0)
+        .copied()
+        .unwrap();
+    let to = *samples.last().unwrap();
+    let resolved = to.1 - from.1;
+    let published = to.2 - from.2;
+    assert!(resolved > 500, "{resolved} frames resolved after recovery");
+    let attainment = published as f64 / resolved as f64;
+    assert!(
+        attainment >= 0.99,
+        "flow {flow}: {attainment:.4} of {resolved} frames on time from 20 s after the step"
+    );
+}

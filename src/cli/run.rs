@@ -34,6 +34,9 @@ pub struct RunArgs {
     pub serve: bool,
     #[command(flatten)]
     pub load: super::validate::LoadArgs,
+    /// Re-planning while running (a pipeline served by a plan).
+    #[command(flatten)]
+    pub ctl: super::simulate::ControlArgs,
 }
 
 /// Runs the pipeline; the exit is an error when it could not start, a thread panicked, the
@@ -53,6 +56,11 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         max_frames: a.max_frames,
         progress: true,
         serve: a.serve,
+        control: if a.ctl.control {
+            Some(a.ctl.settings()?)
+        } else {
+            None
+        },
     };
     tracing::info!(pipeline = %p.name, file = %path.display(), "Starting pipeline.");
     let running = pipeline::start(&p, &opts).map_err(|e| CliError::Runtime(e.to_string()))?;

@@ -42,19 +42,8 @@ pub struct SimulateArgs {
     /// index in the plan) or `diurnal:PERIOD_S:AMPLITUDE`.
     #[arg(long, default_value = "steady")]
     pub shape: String,
-    /// Re-plan while it runs (the online control plane): when the demand mix leaves its band
-    /// or a model's attainment stays under 99%, re-solve from the running plan.
-    #[arg(long)]
-    pub control: bool,
-    /// `--control`: how far (relative) a model's share of the demand may move before a re-plan.
-    #[arg(long, default_value_t = 0.2)]
-    pub band: f64,
-    /// `--control`: objective cost of one process started (a fraction of the demand).
-    #[arg(long, default_value_t = 0.002)]
-    pub move_cost: f64,
-    /// `--control`: time limit of a re-plan's solve, seconds.
-    #[arg(long, default_value_t = 2.0)]
-    pub replan_time_limit: f64,
+    #[command(flatten)]
+    pub ctl: ControlArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -115,7 +104,7 @@ pub fn run(a: SimulateArgs) -> Result<(), CliError> {
         margin: crate::clock::nanos(Duration::from_secs_f64(a.margin_ms.max(0.0) / 1e3)),
         queue: None,
     };
-    if a.control || a.shape != "steady" {
+    if a.ctl.control || a.shape != "steady" {
         if a.find_99 || a.plot.is_some() {
             return Err(CliError::Usage(
                 "--control and --shape run once: leave out --find-99 and --plot".into(),
@@ -204,7 +193,7 @@ fn supervised(
     setup: &crate::sim::SimSetup,
     opts: &crate::sim::SimOptions,
 ) -> Result<(), CliError> {
-    use crate::control::{ControlSettings, PlanSupervisor};
+    use crate::control::PlanSupervisor;
     let shape = crate::sim::arrivals::Shape::parse(&a.shape).map_err(CliError::Usage)?;
     if let crate::sim::arrivals::Shape::Step { model, .. } = shape
         && model >= plan.models.len()
@@ -214,18 +203,10 @@ fn supervised(
             plan.models.len()
         )));
     }
-    let settings = ControlSettings {
-        band: a.band,
-        move_cost: a.move_cost,
-        time_limit: Duration::from_secs_f64(a.replan_time_limit.max(0.0)),
-        ..Default::default()
-    };
-    settings
-        .check()
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let settings = a.ctl.settings()?;
     let (cluster, specs, popts) = plan.problem();
     let mut sup = PlanSupervisor::new(settings, profiles, &cluster, &specs, &popts, plan.clone());
-    sup.adaptive = a.control;
+    sup.adaptive = a.ctl.control;
     let (run, result) = crate::bench::control::run_one(setup, &mut sup, &shape, opts);
     if a.json {
         let v = serde_json::json!({"result": result, "run": run});
@@ -245,4 +226,38 @@ fn supervised(
         println!("re-plan {p}");
     }
     Ok(())
+}
+
+/// The online control plane's settings (`simulate` and `run`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlArgs {
+    /// Re-plan while it runs (the online control plane): when the demand mix leaves its band
+    /// or a model's attainment stays under 99%, re-solve from the running plan.
+    #[arg(long)]
+    pub control: bool,
+    /// `--control`: how far (relative) a model's share of the demand may move before a re-plan.
+    #[arg(long, default_value_t = 0.2)]
+    pub band: f64,
+    /// `--control`: objective cost of one process started (a fraction of the demand).
+    #[arg(long, default_value_t = 0.002)]
+    pub move_cost: f64,
+    /// `--control`: time limit of a re-plan's solve, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub replan_time_limit: f64,
+}
+
+impl ControlArgs {
+    /// The settings, checked (a value out of range is a usage error naming it).
+    pub fn settings(&self) -> Result<crate::control::ControlSettings, CliError> {
+        let settings = crate::control::ControlSettings {
+            band: self.band,
+            move_cost: self.move_cost,
+            time_limit: Duration::from_secs_f64(self.replan_time_limit.max(0.0)),
+            ..Default::default()
+        };
+        settings
+            .check()
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        Ok(settings)
+    }
 }

@@ -49,6 +49,8 @@ pub struct PlanRef {
     pub path: PathBuf,
     /// The plan.
     pub plan: Plan,
+    /// The folder of latency profiles it was checked against (what a re-plan reads).
+    pub profiles: PathBuf,
 }
 
 impl Pipeline {
@@ -83,6 +85,12 @@ impl Pipeline {
 /// to the next stage of the same class and share, as the planner counts `processes / share`
 /// devices); devices are numbered per class. CPU workers run on `cpu`.
 pub fn assign_devices(stages: &mut [StageSpec]) {
+    assign_free_devices(stages, &HashSet::new());
+}
+
+/// As [`assign_devices`], leaving out the device ids in `taken` (held by stages that keep
+/// running, when a re-plan starts new ones): each new device is the lowest free id of its class.
+pub fn assign_free_devices(stages: &mut [StageSpec], taken: &HashSet<String>) {
     let mut next: BTreeMap<String, usize> = BTreeMap::new();
     // (class, share) -> (device, processes on it) of the part-filled device.
     let mut open: BTreeMap<(String, usize), (usize, usize)> = BTreeMap::new();
@@ -96,6 +104,9 @@ pub fn assign_devices(stages: &mut [StageSpec]) {
                         let slot = open.entry((class.clone(), share)).or_insert((0, share));
                         if slot.1 == share {
                             let n = next.entry(class.clone()).or_default();
+                            while taken.contains(&format!("{class}:{n}")) {
+                                *n += 1;
+                            }
                             *slot = (*n, 0);
                             *n += 1;
                         }
@@ -235,7 +246,7 @@ pub(super) fn string_key(value: &Spanned<DeValue<'_>>, key: &str) -> Option<Stri
 /// The stages of one planned flow: every pipeline the plan gives `model`, each stage a pool
 /// of `processes` emulated devices of its class at its share, running its block range, with
 /// the planned batch as the largest batch and the `deadline` policy.
-pub(super) fn planned_stages(
+pub fn planned_stages(
     flow: &str,
     model: &str,
     margin_ms: f64,

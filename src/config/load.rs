@@ -62,6 +62,7 @@ fn load_str(path: &Path, text: &str, opts: &LoadOptions) -> Result<Pipeline, Con
         opts,
         flow_names: None,
         onnxruntime: None,
+        profiles_dir: None,
     };
     let pipeline = v.pipeline();
     let mut errors = v.errors;
@@ -86,6 +87,7 @@ pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec
         opts: &opts,
         flow_names: None,
         onnxruntime: None,
+        profiles_dir: None,
     };
     let extra: Vec<(String, Range<usize>)> = parsed
         .table
@@ -161,6 +163,8 @@ pub(super) struct Validator<'p, 'a> {
     flow_names: Option<Vec<String>>,
     /// The ONNX Runtime library the file names (for reading recurrent cells' tensors).
     onnxruntime: Option<PathBuf>,
+    /// The folder the latency profiles were loaded from.
+    profiles_dir: Option<PathBuf>,
 }
 
 impl<'a> Validator<'_, 'a> {
@@ -553,6 +557,7 @@ impl<'a> Validator<'_, 'a> {
             plan: plan.map(|p| PlanRef {
                 path: p.path,
                 plan: p.plan,
+                profiles: self.profiles_dir.clone().unwrap_or_default(),
             }),
             options: self.opts.clone(),
         })
@@ -578,7 +583,10 @@ impl<'a> Validator<'_, 'a> {
             )
         };
         match crate::profile::Profiles::load_dir(&dir, None) {
-            Ok(p) => Some(p),
+            Ok(p) => {
+                self.profiles_dir = Some(dir);
+                Some(p)
+            }
             Err(e) => {
                 self.err(
                     "pipeline.profiles",

@@ -24,7 +24,9 @@ use serde::Deserialize;
 pub use crate::sinks::spec::{SinkConfig, SinkKind, SinkSpec};
 pub use analytics::AnalyticsSpec;
 pub use diag::{ConfigErrors, Diagnostic, SourceText, SpanIndex};
-pub use flows::{FlowSpec, PlanRef, RouteSpec, assign_devices};
+pub use flows::{
+    FlowSpec, PlanRef, RouteSpec, assign_devices, assign_free_devices, planned_stages,
+};
 pub use load::{
     LoadOptions, PROFILES_ENV, load_pipeline, load_pipeline_str, load_pipeline_with,
     load_source_str,

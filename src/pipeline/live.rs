@@ -96,7 +96,11 @@ pub(super) struct StageQueues {
 /// A running pipeline, as the API and the run loop see it.
 pub struct Live {
     pub(super) started: Instant,
-    pipeline: Mutex<Pipeline>,
+    /// The pipeline as it runs: streams added and removed, reloads and re-plans applied (the
+    /// publisher reads its routes).
+    pub(super) pipeline: Arc<Mutex<Pipeline>>,
+    /// The pipeline file as last loaded (what a reload is compared with).
+    loaded: Mutex<Pipeline>,
     pub(super) stats: Arc<Stats>,
     /// Each flow's SLO in nanoseconds (a reload may change it).
     slos: Vec<Arc<AtomicU64>>,
@@ -105,9 +109,12 @@ pub struct Live {
     fmts: Vec<ImageSpec>,
     budget: Option<Arc<AtomicU64>>,
     /// Each flow's admission; closed at shutdown so that the pipeline drains.
-    admissions: Vec<Arc<Admission>>,
+    pub(super) admissions: Vec<Arc<Admission>>,
     sources: Mutex<SourceSet>,
-    pub(super) queues: Vec<StageQueues>,
+    /// By stage index (a re-plan appends the stages it starts).
+    pub(super) queues: Mutex<Vec<StageQueues>>,
+    /// Every re-plan made while running.
+    pub(super) replans: Mutex<Vec<crate::control::Replan>>,
     reloads: AtomicU64,
     stopping: AtomicBool,
     /// Tracks and rule states per stream.
@@ -131,6 +138,7 @@ impl Live {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         p: &Pipeline,
+        shared: Arc<Mutex<Pipeline>>,
         stats: Arc<Stats>,
         clock: SharedClock,
         budget: Option<Arc<AtomicU64>>,
@@ -143,7 +151,8 @@ impl Live {
         Self {
             started: Instant::now(),
             fmts: (0..p.flows.len()).map(|f| p.ingest_format_of(f)).collect(),
-            pipeline: Mutex::new(p.clone()),
+            pipeline: shared,
+            loaded: Mutex::new(p.clone()),
             stats,
             slos: p
                 .flows
@@ -154,7 +163,8 @@ impl Live {
             budget,
             admissions,
             sources: Mutex::new(SourceSet::default()),
-            queues,
+            queues: Mutex::new(queues),
+            replans: Mutex::new(Vec::new()),
             reloads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             analytics,
@@ -253,7 +263,7 @@ impl Live {
         // Read as it was at start (`--plan`, `--profiles`).
         let new = config::load_pipeline_with(&file, &options).map_err(LiveError::Invalid)?;
         let mut set = lock(&self.sources);
-        let old = lock(&self.pipeline).clone();
+        let old = lock(&self.loaded).clone();
         let refused = unchangeable_differences(&old, &new);
         if !refused.is_empty() {
             return Err(LiveError::Refused(refused));
@@ -297,7 +307,20 @@ impl Live {
             }
         }
         self.analytics.reconfigure(&new.analytics);
-        *lock(&self.pipeline) = new;
+        {
+            // The stages and routes that run stay (a re-plan may have changed them since the
+            // file was loaded; an edit to them was refused above).
+            let mut running = lock(&self.pipeline);
+            let mut next = new.clone();
+            next.stages = std::mem::take(&mut running.stages);
+            next.routes = std::mem::take(&mut running.routes);
+            for (f, r) in next.flows.iter_mut().zip(&running.flows) {
+                f.routes = r.routes.clone();
+            }
+            next.plan = running.plan.take();
+            *running = next;
+        }
+        *lock(&self.loaded) = new;
         self.reloads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(?report, "Pipeline file reloaded.");
         Ok(report)
@@ -405,7 +428,10 @@ impl Live {
 
     /// Stage `i`'s queue: `(frames waiting, capacity, batches waiting in its workers' queues)`.
     pub fn queue_depth(&self, i: usize) -> (usize, usize, usize) {
-        let q = &self.queues[i];
+        let queues = lock(&self.queues);
+        let Some(q) = queues.get(i) else {
+            return (0, 0, 0);
+        };
         (
             q.input.len(),
             q.capacity,
@@ -425,9 +451,12 @@ impl Live {
     /// Re-computes the limits of every stage with `"auto"` batching from its flow's measured
     /// demand (the run loop calls it every second).
     pub(super) fn tune_batches(&self) {
-        for (i, q) in self.queues.iter().enumerate() {
-            let Some(t) = &q.tuner else { continue };
-            let flow = q.flow;
+        let tuners: Vec<(usize, usize, Arc<crate::batcher::analytic::Tuner>)> = lock(&self.queues)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, q)| Some((i, q.flow, q.tuner.clone()?)))
+            .collect();
+        for (i, flow, t) in tuners {
             let (rates, dispersion) = self.demand(flow);
             let slo = self.slos.get(flow).map_or(0, |s| s.load(Ordering::Relaxed));
             if let Some(tuned) = t.retune(rates[1], dispersion, slo) {
@@ -492,10 +521,10 @@ impl Live {
 
     /// A recurrent stage's `[streams held, state bytes, items]` (None for other stages).
     pub fn cell_gauges(&self, i: usize) -> Option<[usize; 3]> {
-        let cells = &self.queues.get(i)?.cells;
+        let cells = lock(&self.queues).get(i)?.cells.clone();
         (!cells.is_empty()).then(|| {
             let mut g = [0; 3];
-            for c in cells {
+            for c in &cells {
                 g[0] += c.streams.load(Ordering::Relaxed);
                 g[1] += c.state_bytes.load(Ordering::Relaxed);
                 g[2] += c.items.load(Ordering::Relaxed);
@@ -506,7 +535,10 @@ impl Live {
 
     /// What a recurrent stage holds (null for other stages).
     fn cell_status(&self, i: usize, spec: &crate::config::StageSpec) -> Value {
-        let cells = &self.queues[i].cells;
+        let cells = lock(&self.queues)
+            .get(i)
+            .map(|q| q.cells.clone())
+            .unwrap_or_default();
         let Some(r) = spec.model.recurrent.as_ref().filter(|_| !cells.is_empty()) else {
             return Value::Null;
         };
@@ -579,6 +611,14 @@ impl Live {
                 })
             })
             .collect();
+        // Stages of the flows' routes now (a re-plan retires others, which drain and stay listed
+        // with their counters).
+        let active: std::collections::BTreeSet<usize> = p
+            .flows
+            .iter()
+            .flat_map(|f| &f.routes)
+            .flat_map(|r| p.routes[*r].stages.iter().copied())
+            .collect();
         let stages: Vec<Value> = p
             .stages
             .iter()
@@ -601,12 +641,18 @@ impl Live {
                     "busy_share": busy_share(c.busy_s, elapsed, spec.workers),
                     "counters": c,
                     "recurrent": self.cell_status(i, spec),
-                    "auto_batching": self.queues[i].tuner.as_ref().map(|t| t.report()),
+                    "auto_batching": lock(&self.queues).get(i).and_then(|q| q.tuner.as_ref().map(|t| t.report())),
+                    "active": active.contains(&i),
                 })
             })
             .collect();
         let mut pools: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        for s in &p.stages {
+        for (_, s) in p
+            .stages
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+        {
             pools
                 .entry(s.device.to_string())
                 .or_default()
@@ -615,7 +661,9 @@ impl Live {
         let plan: Vec<Value> = p
             .stages
             .iter()
-            .map(|s| {
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .map(|(_, s)| {
                 json!({
                     "stage": s.name,
                     "device": s.device.to_string(),
@@ -664,6 +712,16 @@ impl Live {
             "uptime_s": elapsed,
             "slo_ms": self.slo().as_secs_f64() * 1e3,
             "reloads": self.reloads.load(Ordering::Relaxed),
+            "replans": lock(&self.replans).iter().map(|r| json!({
+                "at_s": r.at_s,
+                "reason": r.reason,
+                "solve_s": r.solve_s,
+                "serves_before": r.before,
+                "serves_after": r.after,
+                "processes_started": r.moves.started,
+                "processes_stopped": r.moves.stopped,
+                "error": r.error,
+            })).collect::<Vec<_>>(),
             "streams": streams,
             "stages": stages,
             "pools": pools,

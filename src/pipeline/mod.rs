@@ -15,27 +15,23 @@
 //! the rest drains in order as each channel's senders go away: nothing in flight is lost.
 
 mod analytics;
+mod build;
 mod graph;
 pub mod live;
 mod publisher;
 mod recurrent;
+mod replan;
 pub mod stage;
 mod worker;
 
-use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::admission::{Admission, RouteEntry};
-use crate::batcher::deadline::Timeline;
-use crate::batcher::driver::WORKER_QUEUE;
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{Device, Pipeline};
-use crate::device::emulated::{Link, new_link};
-use crate::engine::StageRunner;
+use crate::config::Pipeline;
 use crate::frame::Frame;
 use crate::ingest::{self, IngestError};
 use crate::panics::panic_message;
@@ -43,12 +39,9 @@ use crate::sinks::delivery::Queue;
 use crate::sinks::{self, SinkError, SinkHandle};
 use crate::stats::{Stats, Summary};
 use analytics::Analytics;
-use graph::{Batch, Downstream, Pool, Sequencer, policy_settings, spawn_batcher};
 pub use live::{Live, LiveError, ReloadReport};
 pub use publisher::result_json;
-use stage::build_runner;
 pub use worker::PANIC_STAGE_ENV;
-use worker::{WorkerContext, spawn_worker};
 
 /// Errors that keep a pipeline from starting.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +66,9 @@ pub enum PipelineError {
     /// A source could not be started.
     #[error(transparent)]
     Live(#[from] LiveError),
+    /// Re-planning while running cannot be set up.
+    #[error("re-planning: {0}")]
+    Control(String),
 }
 
 /// A stop request shared by signal handlers, the API and the run loop.
@@ -109,6 +105,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Keep running when every source has ended (streams can be added through the API).
     pub serve: bool,
+    /// Re-plan while running (a pipeline served by a plan), with these settings.
+    pub control: Option<crate::control::ControlSettings>,
 }
 
 /// A pipeline whose stages, workers and publisher run, waiting for its sources
@@ -118,8 +116,10 @@ pub struct Running {
     stats: Arc<Stats>,
     opts: RunOptions,
     budget: Option<Arc<AtomicU64>>,
-    /// Stage, worker and publisher threads, with what each is, in the order they drain.
-    threads: Vec<(String, JoinHandle<()>)>,
+    /// Stage, worker and publisher threads, with what each is.
+    threads: build::Threads,
+    /// The online re-planner, when `run` re-plans.
+    control: Option<replan::Replanner>,
     /// Sinks' buffers, released after their flush timeout at shutdown.
     sink_buffers: Vec<(Arc<Queue>, Duration)>,
 }
@@ -144,49 +144,9 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         p.stages.iter().map(|s| s.name.clone()).collect(),
     ));
 
-    // Build phase: engines and sinks, before any frame flows. The processes of one emulated
-    // device share its link.
-    let mut links: HashMap<&str, Link> = HashMap::new();
-    let mut runners: Vec<Option<Vec<Box<dyn StageRunner>>>> = Vec::new();
-    let mut cells: Vec<Vec<crate::recurrent::Recurrent>> = Vec::new();
+    // Build phase: engines and sinks, before any frame flows.
     let resets = Arc::new(crate::recurrent::StreamResets::default());
-    for s in &p.stages {
-        let mut pool = Vec::new();
-        let mut stage_cells = Vec::new();
-        if s.model.kind == crate::config::ModelKind::Recurrent {
-            for _ in 0..s.workers {
-                let cell =
-                    stage::build_recurrent(s, p.onnxruntime.as_deref()).map_err(|source| {
-                        PipelineError::Engine {
-                            stage: s.name.clone(),
-                            source,
-                        }
-                    })?;
-                stage_cells.push(cell.with_resets(resets.clone()));
-            }
-            runners.push(Some(pool));
-            cells.push(stage_cells);
-            continue;
-        }
-        cells.push(stage_cells);
-        for w in 0..s.workers {
-            let link = match (&s.device, s.devices.get(w)) {
-                (Device::Emulated { .. }, Some(id)) => {
-                    Some(links.entry(id.as_str()).or_insert_with(new_link).clone())
-                }
-                _ => None,
-            };
-            pool.push(
-                build_runner(s, p.onnxruntime.as_deref(), link).map_err(|source| {
-                    PipelineError::Engine {
-                        stage: s.name.clone(),
-                        source,
-                    }
-                })?,
-            );
-        }
-        runners.push(Some(pool));
-    }
+    let mut engines = build::build_engines(p, 0..p.stages.len(), &resets)?;
     log_layout(p);
     let sinks: Vec<SinkHandle> = p
         .sinks
@@ -201,11 +161,12 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     let analytics = Analytics::new(&p.analytics);
     let (publish_tx, publish_rx) = flume::bounded::<Frame>(64);
     let latest = publisher::LatestFrames::default();
-    let mut threads: Vec<(String, JoinHandle<()>)> = Vec::new();
-    threads.push((
+    let shared = Arc::new(Mutex::new(p.clone()));
+    let threads: build::Threads = Arc::default();
+    build::lock(&threads).push((
         "publisher".into(),
         publisher::spawn_publisher(
-            p,
+            shared.clone(),
             publish_rx,
             sinks,
             stats.clone(),
@@ -215,125 +176,30 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         )?,
     ));
 
-    // Every route: its stages, last first, each feeding the one after it: frames one by one
-    // through the next stage's queue, or, for a batch with a reserved route, as a batch straight
-    // to the reserved worker of the next stage. Each route has its own reservations.
+    // Every route, and each flow's admission: fair across its streams, spread over its routes.
+    let wiring = build::Wiring {
+        publish: publish_tx,
+        stats: stats.clone(),
+        clock: clock.clone(),
+        system_clock,
+        threads: threads.clone(),
+    };
     let mut queues: Vec<Option<live::StageQueues>> = p.stages.iter().map(|_| None).collect();
     let mut entries: Vec<Vec<RouteEntry>> = p.flows.iter().map(|_| Vec::new()).collect();
-    for (ri, route) in p.routes.iter().enumerate() {
-        let timeline = Arc::new(Mutex::new(Timeline::new(
-            &route
-                .stages
-                .iter()
-                .map(|i| p.stages[*i].workers)
-                .collect::<Vec<_>>(),
-        )));
-        let mut next = Downstream {
-            queue: publish_tx.clone(),
-            pool: Pool::new(Vec::new()),
-        };
-        for (k, &i) in route.stages.iter().enumerate().rev() {
-            let spec = &p.stages[i];
-            let engines = runners[i].take().unwrap_or_default();
-            let (in_tx, in_rx) = flume::bounded::<Frame>(spec.queue);
-            let chans: Vec<(flume::Sender<Batch>, flume::Receiver<Batch>)> = (0..spec.workers)
-                .map(|_| flume::bounded::<Batch>(WORKER_QUEUE))
-                .collect();
-            let tuner = auto_tuner(p, route, k);
-            queues[i] = Some(live::StageQueues {
-                input: in_rx.clone(),
-                capacity: spec.queue,
-                workers: chans.iter().map(|c| c.1.clone()).collect(),
-                cells: Vec::new(),
-                tuner: tuner.clone(),
-                flow: spec.flow,
-            });
-            let pool = Pool::new(chans.iter().map(|c| c.0.clone()).collect());
-            if spec.model.kind == crate::config::ModelKind::Recurrent {
-                let gauges = spawn_cells(
-                    &mut threads,
-                    i,
-                    route.stages.get(k + 1).copied(),
-                    spec,
-                    std::mem::take(&mut cells[i]),
-                    in_rx,
-                    &next,
-                    &pool,
-                    &stats,
-                    &clock,
-                )?;
-                if let Some(q) = queues[i].as_mut() {
-                    q.cells = gauges;
-                }
-                next = Downstream { queue: in_tx, pool };
-                continue;
-            }
-            let (fb_tx, fb_rx) = flume::bounded::<bool>(256);
-            let sequencer = Arc::new(Mutex::new(Sequencer::default()));
-            let started = Arc::new(AtomicU64::new(0));
-            threads.push((
-                format!("stage `{}` batcher", spec.name),
-                spawn_batcher(
-                    i,
-                    &spec.name,
-                    in_rx,
-                    pool.clone(),
-                    fb_rx,
-                    crate::batcher::PolicySettings {
-                        knob: tuner.map(|t| t.knob.clone()),
-                        ..policy_settings(p, &route.stages, k)
-                    },
-                    timeline.clone(),
-                    stats.clone(),
-                    system_clock,
-                )?,
-            ));
-            for (w, (runner, (_, rx))) in engines.into_iter().zip(chans).enumerate() {
-                threads.push((
-                    format!("stage `{}` worker {w}", spec.name),
-                    spawn_worker(
-                        WorkerContext {
-                            stage: i,
-                            hop: k,
-                            next_stage: route.stages.get(k + 1).copied(),
-                            name: spec.name.clone(),
-                            worker: w,
-                            in_flight: pool.in_flight.clone(),
-                            room: pool.room.clone(),
-                            next: next.clone(),
-                            sequencer: sequencer.clone(),
-                            feedback: fb_tx.clone(),
-                            timeline: timeline.clone(),
-                            stats: stats.clone(),
-                            clock: clock.clone(),
-                            started: started.clone(),
-                        },
-                        runner,
-                        rx,
-                    )?,
-                ));
-            }
-            next = Downstream { queue: in_tx, pool };
+    for ri in 0..p.routes.len() {
+        let built = wiring.route(p, ri, &mut engines)?;
+        for (i, q) in built.queues {
+            queues[i] = Some(q);
         }
-        entries[route.flow].push(RouteEntry {
-            route: ri,
-            first_stage: route.stages[0],
-            queue: next.queue.clone(),
-            weight: route.weight,
-            in_flight: next.pool.in_flight.clone(),
-            room: next.pool.room.clone(),
-        });
+        entries[p.routes[ri].flow].push(built.entry);
     }
-    drop(publish_tx);
     let queues: Vec<live::StageQueues> = queues.into_iter().flatten().collect();
-
-    // Each flow's admission: fair across its streams, spread over its routes.
     let mut admissions = Vec::new();
-    for (flow, routes) in p.flows.iter().zip(entries) {
+    for (flow, routes) in p.flows.iter().zip(&entries) {
         let a = Admission::new();
-        threads.push((
+        build::lock(&threads).push((
             format!("flow `{}` admission", flow.name),
-            a.spawn(&flow.name, routes, stats.clone())?,
+            a.spawn(&flow.name, routes.clone(), stats.clone())?,
         ));
         admissions.push(a);
     }
@@ -341,15 +207,29 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     let budget = opts.max_frames.map(|n| Arc::new(AtomicU64::new(n)));
     let live = Arc::new(Live::new(
         p,
+        shared,
         stats.clone(),
         clock,
         budget.clone(),
         admissions,
         queues,
         analytics,
-        resets,
+        resets.clone(),
         latest,
     ));
+    // With re-planning on, the controller keeps the wiring to build new routes with; otherwise
+    // it goes here (and with it this copy of the publisher's queue).
+    let control = match &opts.control {
+        Some(settings) => Some(replan::Replanner::new(
+            p,
+            settings.clone(),
+            wiring,
+            entries,
+            resets,
+            live.clone(),
+        )?),
+        None => None,
+    };
     Ok(Running {
         live,
         stats,
@@ -357,70 +237,8 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         budget,
         threads,
         sink_buffers,
+        control,
     })
-}
-
-/// Starts a recurrent stage's workers (and, with several, the router that keeps each stream on
-/// one of them); returns each worker's gauges.
-#[allow(clippy::too_many_arguments)]
-fn spawn_cells(
-    threads: &mut Vec<(String, JoinHandle<()>)>,
-    stage: usize,
-    next_stage: Option<usize>,
-    spec: &crate::config::StageSpec,
-    cells: Vec<crate::recurrent::Recurrent>,
-    input: flume::Receiver<Frame>,
-    next: &Downstream,
-    pool: &Pool,
-    stats: &Arc<Stats>,
-    clock: &SharedClock,
-) -> Result<Vec<Arc<crate::recurrent::CellGauges>>, PipelineError> {
-    let capacity = spec.queue.max(2 * spec.max_batch);
-    let inputs: Vec<flume::Receiver<Frame>> = if cells.len() > 1 {
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..cells.len())
-            .map(|_| flume::bounded::<Frame>(spec.max_batch))
-            .unzip();
-        threads.push((
-            format!("stage `{}` router", spec.name),
-            recurrent::spawn_cell_router(
-                &spec.name,
-                stage,
-                input,
-                txs,
-                pool.room.clone(),
-                stats.clone(),
-            )?,
-        ));
-        rxs
-    } else {
-        vec![input]
-    };
-    let mut gauges = Vec::new();
-    let started = Arc::new(AtomicU64::new(0));
-    for (w, (cell, rx)) in cells.into_iter().zip(inputs).enumerate() {
-        let g = Arc::new(crate::recurrent::CellGauges::default());
-        gauges.push(g.clone());
-        threads.push((
-            format!("stage `{}` worker {w}", spec.name),
-            recurrent::spawn_cell_worker(
-                recurrent::CellWorker {
-                    stage,
-                    next_stage,
-                    name: spec.name.clone(),
-                    worker: w,
-                    capacity,
-                    next: next.clone(),
-                    room: pool.room.clone(),
-                    stats: stats.clone(),
-                    clock: clock.clone(),
-                    started: started.clone(),
-                },
-                cell.with_gauges(g),
-                rx,
-            )?,
-        ));
-    }
-    Ok(gauges)
 }
 
 /// Logs which devices each stage's processes run on.
@@ -465,9 +283,11 @@ impl Running {
             budget,
             threads,
             sink_buffers,
+            control,
         } = self;
         let started = live.started;
         live.start_sources()?;
+        let control = control.map(replan::Replanner::spawn).transpose()?;
 
         let show_progress = opts.progress && std::io::stderr().is_terminal();
         let mut last_progress = Instant::now();
@@ -531,6 +351,11 @@ impl Running {
             eprintln!();
         }
         tracing::info!("Stopping sources and draining.");
+        // The re-planner first: it holds a way into the publisher's queue, and it must not start
+        // routes while the rest drains.
+        if let Some(c) = control {
+            c.stop();
+        }
         let sources = live.stop_sources();
         // A sink with `when_full = "block"` whose destination stays down would hold the
         // publisher, and so the drain, forever: after its flush timeout it drops (and counts)
@@ -552,6 +377,7 @@ impl Running {
             let _ = s.join();
         }
         live.close_admissions();
+        let threads = std::mem::take(&mut *build::lock(&threads));
         for (name, t) in threads {
             if let Err(p) = t.join() {
                 stats.thread_panicked(name, panic_message(&*p));
@@ -559,50 +385,4 @@ impl Running {
         }
         Ok(stats.summary(started.elapsed().as_secs_f64()))
     }
-}
-
-/// The tuner of the `k`-th stage of `route` when its batching limits are `"auto"`: its
-/// profiled latency, pool and queue; the rest of the route's profiled latency (at each later or
-/// earlier stage's largest batch) comes off the flow's SLO; it takes the route's share of its
-/// flow's frames.
-fn auto_tuner(
-    p: &Pipeline,
-    route: &crate::config::RouteSpec,
-    k: usize,
-) -> Option<Arc<crate::batcher::analytic::Tuner>> {
-    let spec = &p.stages[route.stages[k]];
-    let prof = spec.profile.as_ref().filter(|_| spec.auto.any())?;
-    let ns = |d: &Duration| d.as_nanos() as crate::clock::Nanos;
-    let rest: crate::clock::Nanos = route
-        .stages
-        .iter()
-        .enumerate()
-        .filter(|(j, _)| *j != k)
-        .filter_map(|(_, s)| {
-            let s = &p.stages[*s];
-            let pr = s.profile.as_ref()?;
-            let b = s.max_batch.clamp(1, pr.latency.len());
-            Some(ns(&pr.latency[b - 1]) + pr.transfer.get(b - 1).map_or(0, ns))
-        })
-        .sum();
-    let total: f64 = p
-        .routes
-        .iter()
-        .filter(|r| r.flow == route.flow)
-        .map(|r| r.weight)
-        .sum();
-    let share = if total > 0.0 {
-        route.weight / total
-    } else {
-        1.0
-    };
-    Some(Arc::new(crate::batcher::analytic::Tuner::new(
-        prof.latency.iter().map(ns).collect(),
-        spec.workers,
-        spec.queue,
-        rest,
-        share,
-        (spec.auto.batch, spec.auto.wait),
-        (spec.max_batch, ns(&spec.max_wait)),
-    )))
 }

@@ -126,7 +126,7 @@ fn round3(v: f64) -> f64 {
 pub type LatestFrames = Arc<std::sync::Mutex<std::collections::HashMap<Arc<str>, Frame>>>;
 
 pub(super) fn spawn_publisher(
-    p: &Pipeline,
+    shared: Arc<std::sync::Mutex<Pipeline>>,
     rx: flume::Receiver<Frame>,
     mut sinks: Vec<SinkHandle>,
     stats: Arc<Stats>,
@@ -134,7 +134,6 @@ pub(super) fn spawn_publisher(
     analytics: Arc<Analytics>,
     latest: LatestFrames,
 ) -> std::io::Result<JoinHandle<()>> {
-    let p = p.clone();
     std::thread::Builder::new()
         .name("publish".into())
         .spawn(move || {
@@ -142,7 +141,7 @@ pub(super) fn spawn_publisher(
             let mut current = None;
             let published = catch_unwind(AssertUnwindSafe(|| {
                 let ctx = Publishing {
-                    p: &p,
+                    shared: &shared,
                     stats: &stats,
                     clock: &clock,
                     analytics: &analytics,
@@ -170,7 +169,9 @@ pub(super) fn spawn_publisher(
 
 /// What the publisher reads and writes besides its queue and sinks.
 struct Publishing<'a> {
-    p: &'a Pipeline,
+    /// The running pipeline: its routes and stages name what a result holds (a re-plan adds
+    /// routes; a frame on a route this thread has not seen yet makes it read them again).
+    shared: &'a std::sync::Mutex<Pipeline>,
     stats: &'a Stats,
     clock: &'a SharedClock,
     analytics: &'a Analytics,
@@ -184,16 +185,22 @@ fn publish(
     current: &mut Option<usize>,
 ) {
     let Publishing {
-        p,
+        shared,
         stats,
         clock,
         analytics,
         latest,
     } = *ctx;
+    let read = || shared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut pipeline = read();
     // Stream names by index (streams added while running are looked up once).
     let mut names: Vec<Arc<str>> = Vec::new();
     for mut f in rx.iter() {
         *current = Some(f.stream);
+        if f.route >= pipeline.routes.len() {
+            pipeline = read();
+        }
+        let p = &pipeline;
         while names.len() <= f.stream {
             names.push(stats.stream_name(names.len()));
         }

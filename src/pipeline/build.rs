@@ -1,0 +1,326 @@
+//! Wiring the stage graph: engines for stages, and the threads and queues of a route. The start
+//! of a pipeline builds every route this way, and a re-plan ([`super::replan`]) builds the
+//! routes of the pipelines it starts the same way while the others run.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::PipelineError;
+use super::graph::{Batch, Downstream, Pool, Sequencer, policy_settings, spawn_batcher};
+use super::live::StageQueues;
+use super::recurrent;
+use super::stage::{self, build_runner};
+use super::worker::{WorkerContext, spawn_worker};
+use crate::admission::RouteEntry;
+use crate::batcher::deadline::Timeline;
+use crate::batcher::driver::WORKER_QUEUE;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Device, ModelKind, Pipeline, RouteSpec, StageSpec};
+use crate::device::emulated::{Link, new_link};
+use crate::engine::StageRunner;
+use crate::frame::Frame;
+use crate::recurrent::{Recurrent, StreamResets};
+use crate::stats::Stats;
+
+/// Threads of the stage graph, with what each is, in the order they were started (joined at
+/// shutdown, once everything drained).
+pub(super) type Threads = Arc<Mutex<Vec<(String, JoinHandle<()>)>>>;
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Loaded engines of some stages, by stage index, taken as their routes are built.
+#[derive(Default)]
+pub(super) struct Engines {
+    runners: HashMap<usize, Vec<Box<dyn StageRunner>>>,
+    cells: HashMap<usize, Vec<Recurrent>>,
+}
+
+/// Loads the engines of `stages` (indices into `p.stages`): one per worker. The processes of
+/// one emulated device share its link.
+pub(super) fn build_engines(
+    p: &Pipeline,
+    stages: impl IntoIterator<Item = usize>,
+    resets: &Arc<StreamResets>,
+) -> Result<Engines, PipelineError> {
+    let mut links: HashMap<&str, Link> = HashMap::new();
+    let mut out = Engines::default();
+    for i in stages {
+        let s = &p.stages[i];
+        let failed = |source| PipelineError::Engine {
+            stage: s.name.clone(),
+            source,
+        };
+        if s.model.kind == ModelKind::Recurrent {
+            let mut cells = Vec::new();
+            for _ in 0..s.workers {
+                let cell = stage::build_recurrent(s, p.onnxruntime.as_deref()).map_err(failed)?;
+                cells.push(cell.with_resets(resets.clone()));
+            }
+            out.cells.insert(i, cells);
+            continue;
+        }
+        let mut pool = Vec::new();
+        for w in 0..s.workers {
+            let link = match (&s.device, s.devices.get(w)) {
+                (Device::Emulated { .. }, Some(id)) => {
+                    Some(links.entry(id.as_str()).or_insert_with(new_link).clone())
+                }
+                _ => None,
+            };
+            pool.push(build_runner(s, p.onnxruntime.as_deref(), link).map_err(failed)?);
+        }
+        out.runners.insert(i, pool);
+    }
+    Ok(out)
+}
+
+/// What every route's threads share: the publisher's queue, the counters, the clocks, and the
+/// list their threads go into.
+pub(super) struct Wiring {
+    pub publish: flume::Sender<Frame>,
+    pub stats: Arc<Stats>,
+    pub clock: SharedClock,
+    pub system_clock: SystemClock,
+    pub threads: Threads,
+}
+
+/// A built route: the entry its flow's admission sends to, and its stages' queues (by stage
+/// index) for status and tuning.
+pub(super) struct BuiltRoute {
+    pub entry: RouteEntry,
+    pub queues: Vec<(usize, StageQueues)>,
+}
+
+impl Wiring {
+    /// Starts route `ri` of `p`: its stages, last first, each feeding the one after it: frames
+    /// one by one through the next stage's queue, or, for a batch with a reserved route, as a
+    /// batch straight to the reserved worker of the next stage. The route has its own
+    /// reservations (timeline). Takes the stages' engines from `engines`.
+    pub fn route(
+        &self,
+        p: &Pipeline,
+        ri: usize,
+        engines: &mut Engines,
+    ) -> Result<BuiltRoute, PipelineError> {
+        let route = &p.routes[ri];
+        let timeline = Arc::new(Mutex::new(Timeline::new(
+            &route
+                .stages
+                .iter()
+                .map(|i| p.stages[*i].workers)
+                .collect::<Vec<_>>(),
+        )));
+        let mut next = Downstream {
+            queue: self.publish.clone(),
+            pool: Pool::new(Vec::new()),
+        };
+        let mut queues = Vec::new();
+        let mut threads = lock(&self.threads);
+        for (k, &i) in route.stages.iter().enumerate().rev() {
+            let spec = &p.stages[i];
+            let (in_tx, in_rx) = flume::bounded::<Frame>(spec.queue);
+            let chans: Vec<(flume::Sender<Batch>, flume::Receiver<Batch>)> = (0..spec.workers)
+                .map(|_| flume::bounded::<Batch>(WORKER_QUEUE))
+                .collect();
+            let tuner = auto_tuner(p, route, k);
+            let mut q = StageQueues {
+                input: in_rx.clone(),
+                capacity: spec.queue,
+                workers: chans.iter().map(|c| c.1.clone()).collect(),
+                cells: Vec::new(),
+                tuner: tuner.clone(),
+                flow: spec.flow,
+            };
+            let pool = Pool::new(chans.iter().map(|c| c.0.clone()).collect());
+            if spec.model.kind == ModelKind::Recurrent {
+                q.cells = spawn_cells(
+                    &mut threads,
+                    i,
+                    route.stages.get(k + 1).copied(),
+                    spec,
+                    engines.cells.remove(&i).unwrap_or_default(),
+                    in_rx,
+                    &next,
+                    &pool,
+                    &self.stats,
+                    &self.clock,
+                )?;
+                queues.push((i, q));
+                next = Downstream { queue: in_tx, pool };
+                continue;
+            }
+            queues.push((i, q));
+            let (fb_tx, fb_rx) = flume::bounded::<bool>(256);
+            let sequencer = Arc::new(Mutex::new(Sequencer::default()));
+            let started = Arc::new(AtomicU64::new(0));
+            threads.push((
+                format!("stage `{}` batcher", spec.name),
+                spawn_batcher(
+                    i,
+                    &spec.name,
+                    in_rx,
+                    pool.clone(),
+                    fb_rx,
+                    crate::batcher::PolicySettings {
+                        knob: tuner.map(|t| t.knob.clone()),
+                        ..policy_settings(p, &route.stages, k)
+                    },
+                    timeline.clone(),
+                    self.stats.clone(),
+                    self.system_clock,
+                )?,
+            ));
+            let runners = engines.runners.remove(&i).unwrap_or_default();
+            for (w, (runner, (_, rx))) in runners.into_iter().zip(chans).enumerate() {
+                threads.push((
+                    format!("stage `{}` worker {w}", spec.name),
+                    spawn_worker(
+                        WorkerContext {
+                            stage: i,
+                            hop: k,
+                            next_stage: route.stages.get(k + 1).copied(),
+                            name: spec.name.clone(),
+                            worker: w,
+                            in_flight: pool.in_flight.clone(),
+                            room: pool.room.clone(),
+                            next: next.clone(),
+                            sequencer: sequencer.clone(),
+                            feedback: fb_tx.clone(),
+                            timeline: timeline.clone(),
+                            stats: self.stats.clone(),
+                            clock: self.clock.clone(),
+                            started: started.clone(),
+                        },
+                        runner,
+                        rx,
+                    )?,
+                ));
+            }
+            next = Downstream { queue: in_tx, pool };
+        }
+        Ok(BuiltRoute {
+            entry: RouteEntry {
+                route: ri,
+                first_stage: route.stages[0],
+                queue: next.queue,
+                weight: route.weight,
+                in_flight: next.pool.in_flight,
+                room: next.pool.room,
+            },
+            queues,
+        })
+    }
+}
+
+/// Starts a recurrent stage's workers (and, with several, the router that keeps each stream on
+/// one of them); returns each worker's gauges.
+#[allow(clippy::too_many_arguments)]
+fn spawn_cells(
+    threads: &mut Vec<(String, JoinHandle<()>)>,
+    stage: usize,
+    next_stage: Option<usize>,
+    spec: &StageSpec,
+    cells: Vec<Recurrent>,
+    input: flume::Receiver<Frame>,
+    next: &Downstream,
+    pool: &Pool,
+    stats: &Arc<Stats>,
+    clock: &SharedClock,
+) -> Result<Vec<Arc<crate::recurrent::CellGauges>>, PipelineError> {
+    let capacity = spec.queue.max(2 * spec.max_batch);
+    let inputs: Vec<flume::Receiver<Frame>> = if cells.len() > 1 {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..cells.len())
+            .map(|_| flume::bounded::<Frame>(spec.max_batch))
+            .unzip();
+        threads.push((
+            format!("stage `{}` router", spec.name),
+            recurrent::spawn_cell_router(
+                &spec.name,
+                stage,
+                input,
+                txs,
+                pool.room.clone(),
+                stats.clone(),
+            )?,
+        ));
+        rxs
+    } else {
+        vec![input]
+    };
+    let mut gauges = Vec::new();
+    let started = Arc::new(AtomicU64::new(0));
+    for (w, (cell, rx)) in cells.into_iter().zip(inputs).enumerate() {
+        let g = Arc::new(crate::recurrent::CellGauges::default());
+        gauges.push(g.clone());
+        threads.push((
+            format!("stage `{}` worker {w}", spec.name),
+            recurrent::spawn_cell_worker(
+                recurrent::CellWorker {
+                    stage,
+                    next_stage,
+                    name: spec.name.clone(),
+                    worker: w,
+                    capacity,
+                    next: next.clone(),
+                    room: pool.room.clone(),
+                    stats: stats.clone(),
+                    clock: clock.clone(),
+                    started: started.clone(),
+                },
+                cell.with_gauges(g),
+                rx,
+            )?,
+        ));
+    }
+    Ok(gauges)
+}
+
+/// The tuner of the `k`-th stage of `route` when its batching limits are `"auto"`: its
+/// profiled latency, pool and queue; the rest of the route's profiled latency (at each later or
+/// earlier stage's largest batch) comes off the flow's SLO; it takes the route's share of its
+/// flow's frames.
+fn auto_tuner(
+    p: &Pipeline,
+    route: &RouteSpec,
+    k: usize,
+) -> Option<Arc<crate::batcher::analytic::Tuner>> {
+    let spec = &p.stages[route.stages[k]];
+    let prof = spec.profile.as_ref().filter(|_| spec.auto.any())?;
+    let ns = |d: &Duration| d.as_nanos() as crate::clock::Nanos;
+    let rest: crate::clock::Nanos = route
+        .stages
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != k)
+        .filter_map(|(_, s)| {
+            let s = &p.stages[*s];
+            let pr = s.profile.as_ref()?;
+            let b = s.max_batch.clamp(1, pr.latency.len());
+            Some(ns(&pr.latency[b - 1]) + pr.transfer.get(b - 1).map_or(0, ns))
+        })
+        .sum();
+    // The flow's routes now (a re-plan retires some and adds others).
+    let total: f64 = p
+        .flows
+        .get(route.flow)
+        .map_or(0.0, |f| f.routes.iter().map(|r| p.routes[*r].weight).sum());
+    let share = if total > 0.0 {
+        route.weight / total
+    } else {
+        1.0
+    };
+    Some(Arc::new(crate::batcher::analytic::Tuner::new(
+        prof.latency.iter().map(ns).collect(),
+        spec.workers,
+        spec.queue,
+        rest,
+        share,
+        (spec.auto.batch, spec.auto.wait),
+        (spec.max_batch, ns(&spec.max_wait)),
+    )))
+}
