@@ -308,18 +308,25 @@ impl Admission {
             .spawn(move || {
                 let mut routes = routes;
                 let mut split = SmoothWrr::new(routes.iter().map(|r| r.weight).collect());
-                loop {
+                let swap = |routes: &mut Vec<RouteEntry>, split: &mut SmoothWrr| {
                     if let Some(next) = me.swapped_routes().filter(|r| !r.is_empty()) {
-                        routes = next;
-                        split = SmoothWrr::new(routes.iter().map(|r| r.weight).collect());
+                        *routes = next;
+                        *split = SmoothWrr::new(routes.iter().map(|r| r.weight).collect());
+                        true
+                    } else {
+                        false
                     }
+                };
+                loop {
+                    swap(&mut routes, &mut split);
                     // While streams share the flow, a route takes a frame once its first stage
                     // has room for a batch (nothing waits in its queue, a worker has room):
                     // frames wait here, in their streams' lanes, where they are taken fairly and
                     // the newest replaces the one waiting, rather than in reservations far ahead
                     // that go to whichever stream happened to come first. The price is up to one
                     // frame interval of waiting; a stream alone in its flow does not pay it.
-                    let r = &routes[split.pick()];
+                    let mut pick = split.pick();
+                    let r = &routes[pick];
                     r.room.wait_while(
                         || {
                             me.shared()
@@ -332,6 +339,11 @@ impl Admission {
                         continue;
                     }
                     let Some(mut f) = me.take() else { break };
+                    // New routes that came while this waited for the frame take it.
+                    if swap(&mut routes, &mut split) {
+                        pick = split.pick();
+                    }
+                    let r = &routes[pick];
                     f.route = r.route;
                     let stream = f.stream;
                     match r.queue.send(f) {
@@ -421,5 +433,49 @@ mod tests {
             2 * LANE_FRAMES,
             "what the lanes held is still forwarded"
         );
+    }
+
+    fn entry(route: usize) -> (RouteEntry, flume::Receiver<Frame>) {
+        let (tx, rx) = flume::bounded(64);
+        let e = RouteEntry {
+            route,
+            first_stage: route,
+            queue: tx,
+            weight: 1.0,
+            in_flight: Arc::new(vec![AtomicUsize::new(0)]),
+            room: Arc::new(Signal::default()),
+        };
+        (e, rx)
+    }
+
+    #[test]
+    fn new_routes_take_over_and_the_old_ones_are_let_go_of() {
+        let a = Admission::new();
+        let stats = Arc::new(Stats::new(vec!["s".into()], vec!["a".into(), "b".into()]));
+        let inlet = a.inlet(1);
+        let (old, old_rx) = entry(0);
+        let thread = a.spawn("f", vec![old], stats).unwrap();
+        let send = |seq| {
+            inlet
+                .send_timeout(frame(0, seq), Duration::from_secs(5))
+                .ok();
+        };
+        send(0);
+        let f = old_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!((f.seq, f.route), (0, 0));
+        let (new, new_rx) = entry(1);
+        a.set_routes(vec![new]);
+        // The swap happens before the next frame is routed: every later frame goes to the new
+        // route, and the old route's queue loses its last sender (its stages drain and end).
+        for seq in 1..5 {
+            send(seq);
+            let f = new_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!((f.seq, f.route), (seq, 1));
+        }
+        assert!(old_rx.is_empty());
+        assert!(old_rx.is_disconnected(), "the retired route is let go of");
+        a.close();
+        thread.join().unwrap();
+        assert!(new_rx.is_disconnected());
     }
 }

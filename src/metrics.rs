@@ -31,6 +31,7 @@
 //! | `poolpipe_recurrent_streams_held`, `poolpipe_recurrent_state_bytes`, `poolpipe_recurrent_items` | gauge | stage (recurrent stages: streams whose state is held, its bytes, items at the cell) |
 //! | `poolpipe_flow_arrival_rate` | gauge | flow, window (`1s`, `10s`, `60s`): frames/s its sources delivered |
 //! | `poolpipe_flow_arrival_dispersion` | gauge | flow (variance / mean of arrivals per 100 ms over 10 s: 1 Poisson, 0 steady, > 1 bursty) |
+//! | `poolpipe_replans_total` | counter | outcome (`applied`, `failed`): re-plans while running (`run --control`) |
 //! | `poolpipe_uptime_seconds` | gauge | |
 
 use std::sync::Arc;
@@ -294,6 +295,17 @@ impl Collector for PipelineCollector {
             "Latency budget of new frames, capture to publication.",
             Some(&Unit::Seconds),
             &[(vec![], live.slo().as_secs_f64())],
+        )?;
+        let (replans, failed) = live.replan_counts();
+        counters(
+            e,
+            "poolpipe_replans",
+            "Re-plans made while running (`run --control`): applied, or failed (the running plan stayed).",
+            None,
+            &[
+                (vec![("outcome", "applied")], replans as f64),
+                (vec![("outcome", "failed")], failed as f64),
+            ],
         )?;
         let flows = stats.flow_names();
         let demand: Vec<_> = (0..flows.len()).map(|i| live.demand(i)).collect();

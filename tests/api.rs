@@ -417,4 +417,16 @@ fn a_taken_api_port_is_a_runtime_error_and_a_bad_address_a_usage_error() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("expected HOST:PORT"));
+    // Re-planning needs a plan, and a band that is a fraction.
+    for (extra, says) in [
+        (&["--control"][..], "served by a plan"),
+        (&["--control", "--band", "1.5"][..], "`band`"),
+    ] {
+        let mut args = vec!["run", p.to_str().unwrap(), "--duration", "5"];
+        args.extend(extra);
+        let o = common::poolpipe(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
 }

@@ -469,6 +469,13 @@ fn a_demand_step_is_re_planned_while_running_and_attainment_recovers() {
         }
         last = s;
     }
+    let (code, metrics) = common::http("GET", &format!("{api}/metrics"), None, None);
+    assert_eq!(code, 200);
+    let applied = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("poolpipe_replans_total{outcome=\"applied\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(applied.is_some_and(|n| n >= 1.0), "{metrics}");
     assert!(common::stop(child).success());
     let s = common::read_summary(&summary);
     common::assert_balanced(&s);

@@ -32,6 +32,9 @@ use crate::profile::Profiles;
 use crate::sim::arrivals::Shape;
 use crate::sim::{self, Arrivals, SimOptions, SimResult, SimSetup};
 
+/// Bisection steps of `--goodput` (the load is found within 2 x load / 2^steps).
+const GOODPUT_STEPS: usize = 6;
+
 /// The clusters: high class, low class, link Gbit/s (25 + 75 GPUs).
 pub const CLUSTERS: [(&str, &str, f64); 2] = [("L4", "T4", 10.0), ("V100", "P4", 6.0)];
 
@@ -56,6 +59,9 @@ pub struct Run {
     pub replans: Vec<Replan>,
     /// Looks where the mix left its band and the running plan had room for it (no re-plan).
     pub skipped: u64,
+    /// Goodput at 99% (`--goodput`): the highest load (same shape, same policy) at which 99% of
+    /// the frames meet their SLO, found by bisection, and the on-time frames/s there.
+    pub at_99: Option<(f64, f64)>,
 }
 
 /// One scenario on one cluster: both policies.
@@ -170,6 +176,7 @@ pub fn run_one(
         windows: windows(&supervisor.samples, 10_000_000_000),
         replans: supervisor.log.clone(),
         skipped: supervisor.skipped,
+        at_99: None,
     };
     (run, r)
 }
@@ -225,6 +232,34 @@ impl Case<'_> {
         let (run, _) = run_one(self.setup, &mut sup, shape, &opts);
         (run, sup.plan().clone())
     }
+
+    /// The highest load in `(0, top]` at which the run meets 99% attainment (`steps` bisection
+    /// steps), with its goodput; `(0, 0)` when none tried does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn goodput_at_99(
+        &self,
+        settings: &ControlSettings,
+        adaptive: bool,
+        shape: &Shape,
+        arrivals: &Arrivals,
+        top: f64,
+        seconds: f64,
+        steps: usize,
+    ) -> (f64, f64) {
+        let (mut lo, mut hi) = (0.0, top);
+        let mut best = (0.0, 0.0);
+        for _ in 0..steps {
+            let mid = (lo + hi) / 2.0;
+            let (r, _) = self.run(settings, adaptive, shape, arrivals, mid, seconds, 1);
+            if r.attainment >= 0.99 {
+                lo = mid;
+                best = (mid, r.goodput);
+            } else {
+                hi = mid;
+            }
+        }
+        best
+    }
 }
 
 /// Runs every scenario on both clusters.
@@ -232,6 +267,7 @@ pub fn run(
     profiles_dir: &Path,
     load: f64,
     settings: &ControlSettings,
+    goodput: bool,
     quiet: bool,
 ) -> anyhow::Result<Vec<Scenario>> {
     settings.check()?;
@@ -264,8 +300,21 @@ pub fn run(
             let runs: Vec<Run> = [false, true]
                 .into_iter()
                 .map(|adaptive| {
-                    case.run(settings, adaptive, shape, arrivals, load, *seconds, 1)
-                        .0
+                    let mut r = case
+                        .run(settings, adaptive, shape, arrivals, load, *seconds, 1)
+                        .0;
+                    if goodput {
+                        r.at_99 = Some(case.goodput_at_99(
+                            settings,
+                            adaptive,
+                            shape,
+                            arrivals,
+                            2.0 * load,
+                            *seconds,
+                            GOODPUT_STEPS,
+                        ));
+                    }
+                    r
                 })
                 .collect();
             let fewer = runs[0].missed as f64 / (runs[1].missed.max(1)) as f64;
@@ -310,9 +359,10 @@ pub fn report(
     profiles_dir: &Path,
     load: f64,
     settings: &ControlSettings,
+    goodput: bool,
     quiet: bool,
 ) -> anyhow::Result<Report> {
-    let control = run(profiles_dir, load, settings, quiet)?;
+    let control = run(profiles_dir, load, settings, goodput, quiet)?;
     let profiles = Profiles::load_dir(profiles_dir, None)
         .with_context(|| format!("loading profiles from {}", profiles_dir.display()))?;
     let (high, low, gbps) = CLUSTERS[0];
@@ -349,7 +399,7 @@ pub fn table(rows: &[Scenario]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<28} {:<6} {:>5} {:<7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7}  attainment per 10 s",
+        "{:<28} {:<6} {:>5} {:<7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>13} {:>7} {:>8} {:>7}  attainment per 10 s",
         "cluster",
         "scen",
         "load",
@@ -359,6 +409,7 @@ pub fn table(rows: &[Scenario]) -> String {
         "attain",
         "min_att",
         "goodput",
+        "load@99 good",
         "replans",
         "solve_med",
         "started"
@@ -371,7 +422,7 @@ pub fn table(rows: &[Scenario]) -> String {
             let w: Vec<String> = r.windows.iter().map(|a| format!("{a:.3}")).collect();
             let _ = writeln!(
                 s,
-                "{:<28} {:<6} {:>5.2} {:<7} {:>9} {:>8} {:>8.4} {:>8.4} {:>9.1} {:>7} {:>8.2} {:>7}  {}",
+                "{:<28} {:<6} {:>5.2} {:<7} {:>9} {:>8} {:>8.4} {:>8.4} {:>9.1} {:>13} {:>7} {:>8.2} {:>7}  {}",
                 sc.cluster,
                 sc.scenario,
                 sc.load,
@@ -381,6 +432,8 @@ pub fn table(rows: &[Scenario]) -> String {
                 r.attainment,
                 r.min_attainment,
                 r.goodput,
+                r.at_99
+                    .map_or("-".to_string(), |(l, g)| format!("{l:.3} {g:.0}")),
                 r.replans.len(),
                 solve,
                 started,

@@ -227,6 +227,10 @@ pub enum BenchCommand {
         /// Time limit of a re-plan's solve, seconds.
         #[arg(long, default_value_t = 2.0)]
         time_limit: f64,
+        /// Also find each policy's goodput at 99% attainment (bisection over the load: six more
+        /// runs per policy and scenario).
+        #[arg(long)]
+        goodput: bool,
     },
     /// Batching policies side by side on two emulated pools, on a virtual clock.
     Batcher {
@@ -358,6 +362,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             band,
             move_cost,
             time_limit,
+            goodput,
         } => {
             let settings = crate::control::ControlSettings {
                 band,
@@ -365,7 +370,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 time_limit: std::time::Duration::from_secs_f64(time_limit.max(0.01)),
                 ..Default::default()
             };
-            let report = control::report(&profiles, load, &settings, json)?;
+            let report = control::report(&profiles, load, &settings, goodput, json)?;
             emit(json, &report, |r| r.table())
         }
         BenchCommand::Split { json, runs, root } => {

@@ -43,8 +43,19 @@ pub struct RunArgs {
 /// summary could not be written, or the accounting does not balance.
 pub fn run(a: RunArgs) -> Result<(), CliError> {
     let api = parse_api(&a.api, &a.api_token_env).map_err(CliError::Usage)?;
+    let control = if a.ctl.control {
+        Some(a.ctl.settings()?)
+    } else {
+        None
+    };
     let path = a.pipeline;
     let p = super::validate::load(&path, &a.load, "; nothing was started")?;
+    if control.is_some() && p.plan.is_none() {
+        return Err(CliError::Usage(format!(
+            "--control re-plans a pipeline served by a plan, and {} has none: give --plan PLAN.json or [pipeline] plan",
+            path.display()
+        )));
+    }
     let shutdown = Shutdown::new();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while draining exits at once.
@@ -56,11 +67,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         max_frames: a.max_frames,
         progress: true,
         serve: a.serve,
-        control: if a.ctl.control {
-            Some(a.ctl.settings()?)
-        } else {
-            None
-        },
+        control,
     };
     tracing::info!(pipeline = %p.name, file = %path.display(), "Starting pipeline.");
     let running = pipeline::start(&p, &opts).map_err(|e| CliError::Runtime(e.to_string()))?;

@@ -390,6 +390,16 @@ mod tests {
     }
 
     #[test]
+    fn new_stages_take_the_devices_the_running_ones_leave_free() {
+        let t4 = || Device::Emulated { class: "T4".into() };
+        let mut s = vec![stage("a", t4(), 3, 1), stage("b", t4(), 2, 2)];
+        let taken: HashSet<String> = ["T4:0", "T4:2"].iter().map(|d| d.to_string()).collect();
+        assign_free_devices(&mut s, &taken);
+        assert_eq!(s[0].devices, ["T4:1", "T4:3", "T4:4"]);
+        assert_eq!(s[1].devices, ["T4:5", "T4:5"]);
+    }
+
+    #[test]
     fn problems_in_a_plan_file_are_located() {
         assert_eq!(locate("{\n  \"models\": [\n    \"x\"", "\"x\""), (3, 5));
         assert_eq!(locate("abc", "zzz"), (1, 1));

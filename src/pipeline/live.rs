@@ -439,6 +439,13 @@ impl Live {
         )
     }
 
+    /// Re-plans applied, and re-plans that failed (the running plan stayed).
+    pub fn replan_counts(&self) -> (u64, u64) {
+        let r = lock(&self.replans);
+        let failed = r.iter().filter(|x| x.error.is_some()).count() as u64;
+        (r.len() as u64 - failed, failed)
+    }
+
     /// Samples every flow's arrivals (the run loop calls it every 100 ms).
     pub(super) fn sample_demand(&self) {
         let now = self.clock.now();
