@@ -31,6 +31,7 @@ APT_PACKAGES=(
   # start their own broker processes on 127.0.0.1; the packages' system services are not needed.
   mosquitto mosquitto-clients nats-server redis-server redis-tools kcat
   openssl   # certificates of a private CA for the TLS sink test
+  chromium  # headless browser of the dashboard test
 )
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }

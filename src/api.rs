@@ -2,6 +2,7 @@
 //!
 //! | route | what |
 //! |---|---|
+//! | `GET /` | the dashboard: a page (embedded in the binary) that polls `/status` and shows a tile per stream with its live preview, fps, SLO attainment and p99 charts, the stages and sinks, re-plans, and a form to add streams; it asks for the token when the API needs one |
 //! | `GET /health` | 200 `{"status":"ok"}` while running, 503 while stopping (never needs the token) |
 //! | `GET /status` | streams, stages, pools, the plan that runs, counters (JSON) |
 //! | `GET /metrics` | Prometheus / OpenMetrics text ([`crate::metrics`]) |
@@ -167,6 +168,8 @@ fn router(state: AppState) -> Router {
         .route("/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        .route("/", get(dashboard))
+        .route("/index.html", get(dashboard))
         .route("/health", get(health))
         .merge(guarded)
         .with_state(state)
@@ -211,6 +214,20 @@ fn live_error(e: &LiveError) -> Response {
         LiveError::Thread(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(code, e.to_string())
+}
+
+/// The dashboard page (static: it holds no data, so it needs no token; what it fetches does).
+const DASHBOARD: &str = include_str!("dashboard/index.html");
+
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
 }
 
 async fn health(State(s): State<AppState>) -> Response {

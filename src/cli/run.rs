@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// Keep running when every source has ended (streams come and go through the API).
     #[arg(long)]
     pub serve: bool,
+    /// Print the dashboard's URL prominently, and open it in a browser when stdout is a terminal
+    /// and one is available (`xdg-open`, `$BROWSER`).
+    #[arg(long)]
+    pub open: bool,
     #[command(flatten)]
     pub load: super::validate::LoadArgs,
     /// Re-planning while running (a pipeline served by a plan).
@@ -79,6 +83,12 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         ),
         None => None,
     };
+    if a.open {
+        match &server {
+            Some(s) => open_dashboard(s.addr),
+            None => eprintln!("--open: the API is off (--api off), so there is no dashboard"),
+        }
+    }
     let summary = running.wait(&shutdown);
     if let Some(server) = server {
         server.stop();
@@ -116,4 +126,36 @@ fn parse_api(listen: &str, token_env: &str) -> Result<Option<ApiOptions>, String
     };
     opts.check().map_err(|e| e.to_string())?;
     Ok(Some(opts))
+}
+
+/// Prints the dashboard's URL where it cannot be missed, and asks the desktop to open it when
+/// stdout is a terminal (a run under a service manager or a test opens nothing).
+fn open_dashboard(addr: std::net::SocketAddr) {
+    use std::io::IsTerminal;
+    // An unspecified bind address is reachable on loopback from this machine.
+    let host = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+    } else {
+        addr
+    };
+    let url = format!("http://{host}/");
+    let rule = "=".repeat(url.len() + 12);
+    eprintln!("\n{rule}\n  dashboard: {url}\n{rule}\n");
+    println!("dashboard: {url}");
+    if !std::io::stdout().is_terminal() {
+        return;
+    }
+    let browser = std::env::var("BROWSER")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "xdg-open".to_string());
+    let opened = std::process::Command::new(&browser)
+        .arg(&url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if let Err(e) = opened {
+        tracing::info!(browser = %browser, error = %e, "No browser opened; open the dashboard's URL by hand.");
+    }
 }
