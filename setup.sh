@@ -25,6 +25,7 @@ APT_PACKAGES=(
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
   gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-x gstreamer1.0-rtsp libgstrtspserver-1.0-dev
+  gstreamer1.0-plugins-base-apps   # gst-discoverer-1.0: the recording test checks MP4 durations
   fonts-dejavu-core
   cmake libclang-dev   # HiGHS (MILP solver of the planner) is built from source; bindgen needs libclang
   # Message brokers and their client tools, for the sink tests and `poolpipe bench sinks`. The tests

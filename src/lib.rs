@@ -76,6 +76,7 @@ pub mod histogram;
 pub mod ingest;
 pub mod metrics;
 pub mod osd;
+pub mod outputs;
 pub mod panics;
 pub mod partition;
 pub mod pipeline;

@@ -84,36 +84,65 @@ pub struct Mark {
     pub color: usize,
 }
 
+/// Which results are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Show {
+    /// Boxes of objects and of text.
+    pub boxes: bool,
+    /// Each object's label, score and track id.
+    pub labels: bool,
+    /// Recognised text.
+    pub text: bool,
+    /// The top class of classifiers and recurrent cells.
+    pub classes: bool,
+}
+
+impl Show {
+    /// Everything.
+    pub const ALL: Show = Show {
+        boxes: true,
+        labels: true,
+        text: true,
+        classes: true,
+    };
+}
+
 /// The marks of a frame's stage outputs: objects (`label 0.87 #12`), text boxes, recognised
 /// text, the top class of classifiers and recurrent cells.
 pub fn marks(outputs: &[StageOutput]) -> Vec<Mark> {
+    marks_with(outputs, Show::ALL)
+}
+
+/// The marks of what `show` names.
+pub fn marks_with(outputs: &[StageOutput], show: Show) -> Vec<Mark> {
     let mut out = Vec::new();
     for o in outputs {
         match o {
-            StageOutput::Objects(objs) => out.extend(objs.iter().map(|ob| Mark {
+            StageOutput::Objects(objs) if show.boxes => out.extend(objs.iter().map(|ob| Mark {
                 bbox: Some(ob.bbox),
-                label: match ob.track_id {
-                    Some(id) => format!("{} {:.2} #{id}", ob.label, ob.score),
-                    None => format!("{} {:.2}", ob.label, ob.score),
+                label: match (show.labels, ob.track_id) {
+                    (false, _) => String::new(),
+                    (true, Some(id)) => format!("{} {:.2} #{id}", ob.label, ob.score),
+                    (true, None) => format!("{} {:.2}", ob.label, ob.score),
                 },
                 color: ob.class_id,
             })),
-            StageOutput::TextBoxes(b) => out.extend(b.iter().map(|t| Mark {
+            StageOutput::TextBoxes(b) if show.boxes => out.extend(b.iter().map(|t| Mark {
                 bbox: Some(t.bbox),
                 label: String::new(),
                 color: 0,
             })),
-            StageOutput::Texts(lines) => out.extend(lines.iter().map(|t| Mark {
+            StageOutput::Texts(lines) if show.text => out.extend(lines.iter().map(|t| Mark {
                 bbox: Some(t.bbox),
                 label: t.text.clone(),
                 color: 1,
             })),
-            StageOutput::Classes(c) => out.extend(c.first().map(|c| Mark {
+            StageOutput::Classes(c) if show.classes => out.extend(c.first().map(|c| Mark {
                 bbox: None,
                 label: format!("{} {:.2}", c.label, c.score),
                 color: c.id,
             })),
-            StageOutput::State(s) => out.extend(s.top.as_ref().map(|c| Mark {
+            StageOutput::State(s) if show.classes => out.extend(s.top.as_ref().map(|c| Mark {
                 bbox: None,
                 label: format!("{} {:.2}", c.label, c.score),
                 color: c.id,

@@ -653,3 +653,38 @@ fn detect_classes_rule_names_and_shared_files_are_checked() {
     has(&errs, 21, "rule[0].name", "letters, digits");
     has(&errs, 31, "sink[1].path", "writes /tmp/x.jsonl already");
 }
+
+#[test]
+fn bad_outputs_are_located() {
+    let text = format!(
+        "{}[[source]]\nname = \"cam\"\nuri = \"test://ball\"\n\n{}\n\
+         [[output]]\ntype = \"jpeg\"\nfolder = \"snaps\"\nstreams = [\"nope\"]\nevery_s = 1\n\n\
+         [[output]]\ntype = \"jpeg\"\nfolder = \"snaps\"\n\n\
+         [[output]]\ntype = \"rtsp\"\nfolder = \"x\"\nport = 8554\n\n\
+         [[output]]\ntype = \"file\"\nquality = 300\n\n\
+         [[output]]\ntype = \"mp3\"\n",
+        header("outs", 1000),
+        good_tail()
+    );
+    let errs = errors(&text);
+    has(&errs, 20, "output[0].streams", "no stream named `nope`");
+    has(
+        &errs,
+        23,
+        "output[1]",
+        "needs `every_s`, `classes` or `text = true`",
+    );
+    has(
+        &errs,
+        29,
+        "output[2].folder",
+        "does not apply to a `rtsp` output",
+    );
+    has(&errs, 32, "output[3]", "needs `folder`");
+    has(&errs, 34, "output[3].quality", "does not apply");
+    has(&errs, 37, "output[4].type", "mp3");
+    assert!(
+        !errs.iter().any(|d| d.message.contains("duplicate")),
+        "default names are numbered per kind"
+    );
+}

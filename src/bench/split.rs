@@ -107,6 +107,7 @@ fn pipeline(
             })
             .collect(),
         sinks: vec![SinkSpec::jsonl_file("/dev/null")],
+        outputs: Vec::new(),
         bandwidth_gbps: 10.0,
         flows: Vec::new(),
         routes: Vec::new(),

@@ -120,8 +120,8 @@ pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec
     }
 }
 
-const SECTIONS: [&str; 7] = [
-    "pipeline", "flow", "source", "stage", "sink", "tracker", "rule",
+const SECTIONS: [&str; 8] = [
+    "pipeline", "flow", "source", "stage", "sink", "output", "tracker", "rule",
 ];
 
 /// videotestsrc patterns (GStreamer 1.22).
@@ -537,6 +537,7 @@ impl<'a> Validator<'_, 'a> {
             }
         }
         let sinks = self.sinks(&pipeline_name);
+        let outputs = self.outputs(sources.as_deref());
         let analytics = self.analytics(&stages, &routes, sources.as_deref());
         let h = header?;
         if !stages_ok {
@@ -548,6 +549,7 @@ impl<'a> Validator<'_, 'a> {
             slo: Duration::from_millis(h.slo_ms),
             onnxruntime: h.onnxruntime.map(|p| self.resolve(&p)),
             sources: sources?,
+            outputs: outputs?,
             stages,
             sinks: sinks?,
             bandwidth_gbps: h.bandwidth_gbps,

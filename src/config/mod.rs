@@ -14,6 +14,7 @@ mod diag;
 mod flows;
 mod load;
 mod manifest;
+mod outputs;
 mod parse;
 
 use std::path::PathBuf;
@@ -36,6 +37,7 @@ pub use manifest::{
     ModelKind, ModelManifest, RecurrentMode, RecurrentParams, Resize, StateSpec, TextDetectParams,
     TextRecognizeParams, class_filter, load_manifest,
 };
+pub use outputs::{DrawItem, OutputKind, OutputSpec, SnapshotWhen};
 
 /// `[pipeline]`: settings of the whole pipeline.
 #[derive(Debug, Clone, Deserialize)]
@@ -518,6 +520,8 @@ pub struct Pipeline {
     pub stages: Vec<StageSpec>,
     /// Sinks.
     pub sinks: Vec<SinkSpec>,
+    /// Annotated video out (`[[output]]`).
+    pub outputs: Vec<OutputSpec>,
     /// Link bandwidth between stages, Gbit/s.
     pub bandwidth_gbps: f64,
     /// Flows: model chains with their SLOs (one, named after the pipeline, in a file without

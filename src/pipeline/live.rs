@@ -125,6 +125,8 @@ pub struct Live {
     demand: Mutex<Vec<crate::demand::Demand>>,
     /// The last frame published on each stream.
     latest: super::publisher::LatestFrames,
+    /// The `[[output]]`s' counters.
+    outputs: Vec<crate::outputs::OutputView>,
     /// Per stream: preview frames sent to clients, and frames of the stream the clients did not
     /// get (seq gaps between two frames sent to one client).
     previews: Mutex<BTreeMap<String, (u64, u64)>>,
@@ -147,6 +149,7 @@ impl Live {
         analytics: Arc<Analytics>,
         resets: Arc<crate::recurrent::StreamResets>,
         latest: super::publisher::LatestFrames,
+        outputs: Vec<crate::outputs::OutputView>,
     ) -> Self {
         Self {
             started: Instant::now(),
@@ -171,6 +174,7 @@ impl Live {
             resets,
             demand: Mutex::new(vec![Default::default(); p.flows.len()]),
             latest,
+            outputs,
             previews: Mutex::new(BTreeMap::new()),
         }
     }
@@ -437,6 +441,11 @@ impl Live {
             q.capacity,
             q.workers.iter().map(flume::Receiver::len).sum(),
         )
+    }
+
+    /// The `[[output]]`s' counters now.
+    pub fn outputs(&self) -> Vec<crate::outputs::OutputSummary> {
+        self.outputs.iter().map(|o| o.summary()).collect()
     }
 
     /// Re-plans applied, and re-plans that failed (the running plan stayed).
@@ -738,6 +747,7 @@ impl Live {
                 .map(|(k, (sent, skipped))| (k.clone(), json!({"sent": sent, "skipped": skipped})))
                 .collect::<serde_json::Map<_, _>>(),
             "sinks": summary.sinks,
+            "outputs": self.outputs(),
             "published_fps": summary.published_fps(),
             "end_to_end_ms": {"p50": summary.end_to_end_p50_ms, "p99": summary.end_to_end_p99_ms},
         })
@@ -764,6 +774,9 @@ pub fn unchangeable_differences(old: &Pipeline, new: &Pipeline) -> Vec<String> {
     }
     if old.onnxruntime != new.onnxruntime {
         why.push("pipeline.onnxruntime changed (the runtime library is loaded once)".into());
+    }
+    if old.outputs != new.outputs {
+        why.push("[[output]] changed (outputs hold encoders, files and servers)".into());
     }
     if old.bandwidth_gbps != new.bandwidth_gbps {
         why.push("pipeline.bandwidth_gbps changed (batchers are planned with it)".into());

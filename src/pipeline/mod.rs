@@ -66,6 +66,9 @@ pub enum PipelineError {
     /// A source could not be started.
     #[error(transparent)]
     Live(#[from] LiveError),
+    /// An output could not start.
+    #[error(transparent)]
+    Output(#[from] crate::outputs::OutputError),
     /// Re-planning while running cannot be set up.
     #[error("re-planning: {0}")]
     Control(String),
@@ -157,6 +160,13 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         stats.register_sink(s.name(), s.counters().clone());
     }
     let sink_buffers: Vec<_> = sinks.iter().map(SinkHandle::blocked_release).collect();
+    let outputs: Vec<crate::outputs::Output> = p
+        .outputs
+        .iter()
+        .map(crate::outputs::open)
+        .collect::<Result<_, _>>()?;
+    let output_views: Vec<crate::outputs::OutputView> =
+        outputs.iter().map(crate::outputs::Output::view).collect();
 
     let analytics = Analytics::new(&p.analytics);
     let (publish_tx, publish_rx) = flume::bounded::<Frame>(64);
@@ -168,7 +178,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         publisher::spawn_publisher(
             shared.clone(),
             publish_rx,
-            sinks,
+            (sinks, outputs),
             stats.clone(),
             clock.clone(),
             analytics.clone(),
@@ -216,6 +226,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         analytics,
         resets.clone(),
         latest,
+        output_views,
     ));
     // With re-planning on, the controller keeps the wiring to build new routes with; otherwise
     // it goes here (and with it this copy of the publisher's queue).

@@ -128,7 +128,7 @@ pub type LatestFrames = Arc<std::sync::Mutex<std::collections::HashMap<Arc<str>,
 pub(super) fn spawn_publisher(
     shared: Arc<std::sync::Mutex<Pipeline>>,
     rx: flume::Receiver<Frame>,
-    mut sinks: Vec<SinkHandle>,
+    (mut sinks, mut outputs): (Vec<SinkHandle>, Vec<crate::outputs::Output>),
     stats: Arc<Stats>,
     clock: SharedClock,
     analytics: Arc<Analytics>,
@@ -147,7 +147,7 @@ pub(super) fn spawn_publisher(
                     analytics: &analytics,
                     latest: &latest,
                 };
-                publish(&ctx, &rx, &mut sinks, &mut current);
+                publish(&ctx, &rx, &mut sinks, &mut outputs, &mut current);
             }));
             if let Err(e) = published {
                 stats.thread_panicked("publisher".into(), panic_message(&*e));
@@ -163,6 +163,10 @@ pub(super) fn spawn_publisher(
                 let name = s.name().to_string();
                 let sum = s.close();
                 tracing::debug!(sink = %name, ?sum, "Sink closed.");
+            }
+            // Recordings are finalised before the pipeline reports that it stopped.
+            for o in outputs {
+                o.close();
             }
         })
 }
@@ -182,6 +186,7 @@ fn publish(
     ctx: &Publishing<'_>,
     rx: &flume::Receiver<Frame>,
     sinks: &mut [SinkHandle],
+    outputs: &mut [crate::outputs::Output],
     current: &mut Option<usize>,
 ) {
     let Publishing {
@@ -240,9 +245,22 @@ fn publish(
         // Published = made on time and handed to every sink; what each sink then delivered,
         // retried or dropped is in its own counters.
         let counts = found.as_ref().map(|a| &a.counts);
-        let payload: Arc<str> = result_json(p, &names[f.stream], &f, now, counts)
-            .to_string()
-            .into();
+        // Outputs take the frame (never waiting); a snapshot to be written is named in the
+        // result.
+        let at = Instant::now();
+        let mut snapshots = serde_json::Map::new();
+        for o in outputs.iter_mut() {
+            if let Some(path) = o.offer(&names[f.stream], &f, at) {
+                snapshots.insert(o.spec().name.clone(), json!(path.display().to_string()));
+            }
+        }
+        let mut result = result_json(p, &names[f.stream], &f, now, counts);
+        if !snapshots.is_empty()
+            && let Some(m) = result.as_object_mut()
+        {
+            m.insert("snapshots".into(), serde_json::Value::Object(snapshots));
+        }
+        let payload: Arc<str> = result.to_string().into();
         let offered = Instant::now();
         for s in sinks.iter_mut() {
             s.offer(Message::result(
