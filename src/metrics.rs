@@ -31,6 +31,7 @@
 //! | `poolpipe_recurrent_streams_held`, `poolpipe_recurrent_state_bytes`, `poolpipe_recurrent_items` | gauge | stage (recurrent stages: streams whose state is held, its bytes, items at the cell) |
 //! | `poolpipe_flow_arrival_rate` | gauge | flow, window (`1s`, `10s`, `60s`): frames/s its sources delivered |
 //! | `poolpipe_flow_arrival_dispersion` | gauge | flow (variance / mean of arrivals per 100 ms over 10 s: 1 Poisson, 0 steady, > 1 bursty) |
+//! | `poolpipe_output_frames_total` | counter | output, outcome (`taken`, `written`, `dropped`, `failed`, `unwatched`) |
 //! | `poolpipe_replans_total` | counter | outcome (`applied`, `failed`): re-plans while running (`run --control`) |
 //! | `poolpipe_uptime_seconds` | gauge | |
 
@@ -295,6 +296,29 @@ impl Collector for PipelineCollector {
             "Latency budget of new frames, capture to publication.",
             Some(&Unit::Seconds),
             &[(vec![], live.slo().as_secs_f64())],
+        )?;
+        let outputs = live.outputs();
+        let mut rows = Vec::new();
+        for o in &outputs {
+            for (outcome, v) in [
+                ("taken", o.taken),
+                ("written", o.written),
+                ("dropped", o.dropped),
+                ("failed", o.failed),
+                ("unwatched", o.unwatched),
+            ] {
+                rows.push((
+                    vec![("output", o.name.as_str()), ("outcome", outcome)],
+                    v as f64,
+                ));
+            }
+        }
+        counters(
+            e,
+            "poolpipe_output_frames",
+            "Frames offered to each [[output]]: taken into its queue, written, dropped (its queue was full), failed, unwatched (RTSP, no client).",
+            None,
+            &rows,
         )?;
         let (replans, failed) = live.replan_counts();
         counters(

@@ -195,6 +195,15 @@ fn recordings_play_to_the_end_after_sigint_and_snapshots_are_named_in_results() 
     );
     wait_published(&api, 1);
     std::thread::sleep(Duration::from_secs(5));
+    let (code, metrics) = common::http("GET", &format!("{api}/metrics"), None, None);
+    assert_eq!(code, 200);
+    let written = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("poolpipe_output_frames_total{output=\"file\",outcome=\"written\"} ")
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(written.is_some_and(|n| n > 30.0), "{metrics}");
     assert!(interrupt(child).success());
 
     // One recording, of `left` only, finalised: it has a duration and decodes to its end.
@@ -293,4 +302,34 @@ fn a_taken_rtsp_port_or_a_folder_that_cannot_be_written_stops_the_start() {
         assert!(err.contains(&says), "{says:?} not in: {err}");
     }
     drop(taken);
+}
+
+/// The load check, as `poolpipe bench outputs` measures it: the demo as shipped with an
+/// RTSP output watched by a client, a recording, snapshots and 3 MJPEG preview clients publishes
+/// at least 0.9x the frames/s of the same run without them, and drops nothing.
+#[test]
+fn outputs_and_preview_clients_do_not_slow_the_demo() {
+    let o = common::poolpipe(&[
+        "bench",
+        "outputs",
+        "--json",
+        "--pipeline",
+        common::root().join("pipelines/demo.toml").to_str().unwrap(),
+        "--seconds",
+        "10",
+        "--pairs",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ratio = r["ratio"].as_f64().unwrap();
+    assert!(ratio >= 0.9, "published fps with outputs / without: {ratio:.3}");
+    let with = &r["runs"][1];
+    assert_eq!(with["mode"], "outputs");
+    assert_eq!(with["dropped"], 0, "{with}");
+    for out in with["outputs"].as_array().unwrap() {
+        assert_eq!(out["dropped"], 0, "{out}");
+        assert!(out["written"].as_u64().unwrap() > 0, "{out}");
+    }
+    assert!(with["preview_frames"].as_u64().unwrap() > 20, "{with}");
 }

@@ -14,6 +14,7 @@ pub mod control;
 pub mod detect;
 pub mod family;
 pub mod osd;
+pub mod outputs;
 pub mod plan_run;
 pub mod planner;
 pub mod recurrent;
@@ -206,6 +207,28 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         iterations: usize,
     },
+    /// What annotated outputs (RTSP watched by a client, MP4 recording, JPEG snapshots, MJPEG
+    /// preview clients) cost the analytics: paired runs of a pipeline, published frames/s.
+    Outputs {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The pipeline.
+        #[arg(long, default_value = "pipelines/demo.toml")]
+        pipeline: PathBuf,
+        /// Pace of its file sources: `realtime` (as shipped) or `fast` (CPU-bound).
+        #[arg(long, default_value = "realtime")]
+        pace: String,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Pairs of runs (plain, with outputs).
+        #[arg(long, default_value_t = 2)]
+        pairs: usize,
+        /// MJPEG preview clients.
+        #[arg(long, default_value_t = 3)]
+        previews: usize,
+    },
     /// The online control plane (re-planning as demand moves) against the static plan, in the
     /// simulator: a demand step, a slow drift and bursts on two of the paper's clusters.
     Control {
@@ -353,6 +376,22 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Osd { json, iterations } => {
             let report = osd::run(iterations)?;
+            emit(json, &report, |r| r.table())
+        }
+        BenchCommand::Outputs {
+            json,
+            pipeline,
+            pace,
+            seconds,
+            pairs,
+            previews,
+        } => {
+            let pace = match pace.as_str() {
+                "realtime" => crate::config::Pace::Realtime,
+                "fast" => crate::config::Pace::Fast,
+                other => anyhow::bail!("--pace {other}: expected realtime or fast"),
+            };
+            let report = outputs::run(&pipeline, pace, seconds, pairs.max(1), previews)?;
             emit(json, &report, |r| r.table())
         }
         BenchCommand::Control {
