@@ -377,6 +377,15 @@ fn off_loopback_the_api_needs_the_token() {
     assert_eq!(code, 401);
     let (code, _) = http("GET", &format!("{local}/health"), None, None);
     assert_eq!(code, 200, "health checks need no token");
+    // The dashboard page holds no data: it loads without the token and asks for it (what it
+    // fetches, /status and the snapshots, needs it).
+    let (code, page) = http("GET", &format!("{local}/"), None, None);
+    assert_eq!(code, 200);
+    assert!(page.contains("needs its bearer token") && page.contains("Authorization"));
+    for path in ["/streams/a/snapshot.jpg", "/streams/a/preview.mjpeg"] {
+        let (code, _) = http("GET", &format!("{local}{path}"), None, None);
+        assert_eq!(code, 401, "{path} without a token");
+    }
     assert_eq!(
         state_of(&local, "a", Some("s3cret-token")),
         "running",

@@ -323,7 +323,10 @@ fn outputs_and_preview_clients_do_not_slow_the_demo() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     let ratio = r["ratio"].as_f64().unwrap();
-    assert!(ratio >= 0.9, "published fps with outputs / without: {ratio:.3}");
+    assert!(
+        ratio >= 0.9,
+        "published fps with outputs / without: {ratio:.3}"
+    );
     let with = &r["runs"][1];
     assert_eq!(with["mode"], "outputs");
     assert_eq!(with["dropped"], 0, "{with}");

@@ -273,7 +273,13 @@ impl Report {
         let _ = writeln!(
             s,
             "{:<8} {:>13} {:>8} {:>15} {:>15} {:>15} {:>9}",
-            "run", "published fps", "dropped", "rtsp sent/drop", "file rec/drop", "jpeg wr/drop", "previews"
+            "run",
+            "published fps",
+            "dropped",
+            "rtsp sent/drop",
+            "file rec/drop",
+            "jpeg wr/drop",
+            "previews"
         );
         for r in &self.runs {
             let o = |name: &str| {
