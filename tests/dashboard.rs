@@ -7,9 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-use common::write;
+use std::time::Duration;
 
 /// Headless Chromium on `url`, `args` added (a screenshot or the DOM): `(stdout, stderr)`.
 fn chromium(profile: &Path, url: &str, args: &[&str]) -> (String, String) {
@@ -80,40 +78,14 @@ fn artifacts() -> PathBuf {
 #[test]
 fn the_dashboard_shows_a_live_tile_per_stream_with_charts_and_no_console_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let p = write(
-        dir.path(),
-        "dash.toml",
-        &format!(
-            "{}[[source]]\nname = \"left-cam\"\nuri = \"test://ball\"\nmax_fps = 10\n\n\
-             [[source]]\nname = \"right-cam\"\nuri = \"test://smpte\"\nmax_fps = 10\n\n\
-             [[stage]]\nname = \"pass\"\nmodel = \"noop\"\n\n\
-             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
-            common::header("dash", 5_000),
-            dir.path().join("out.jsonl").display()
-        ),
-    );
+    let p = common::two_test_streams(dir.path(), "dash", 10, "");
     let (child, api) = common::start(
         &p,
         &dir.path().join("summary.json"),
         &["--api", "127.0.0.1:0", "--open"],
         &[],
     );
-    // Both streams have published frames.
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = common::status(&api);
-        let published: Vec<u64> = s["streams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x["counters"]["published"].as_u64().unwrap())
-            .collect();
-        if published.len() == 2 && published.iter().all(|n| *n > 5) {
-            break;
-        }
-        assert!(Instant::now() < until, "streams did not publish: {s}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::wait_published(&api, 6);
     // The page is served without a token on loopback, from the binary.
     let (code, page) = common::http("GET", &format!("{api}/"), None, None);
     assert_eq!(code, 200);
@@ -132,7 +104,7 @@ fn the_dashboard_shows_a_live_tile_per_stream_with_charts_and_no_console_errors(
             &[&format!("--screenshot={}", shot.display())],
         );
         assert!(console(&err, &api).is_empty(), "{:?}", console(&err, &api));
-        for name in ["left-cam", "right-cam"] {
+        for name in ["left", "right"] {
             // A tile with the stream's name, its preview loaded (where it sits on the page).
             let tile = &dom[dom
                 .find(&format!("data-stream=\"{name}\""))

@@ -13,24 +13,6 @@ use std::time::{Duration, Instant};
 use common::{KillOnDrop, require, write};
 use serde_json::Value;
 
-/// Waits until every stream of the running pipeline has published `n` frames.
-fn wait_published(api: &str, n: u64) -> Value {
-    let until = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s = common::status(api);
-        if s["streams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|x| x["counters"]["published"].as_u64().unwrap() >= n)
-        {
-            return s;
-        }
-        assert!(Instant::now() < until, "streams did not publish: {s}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// SIGINT, then the exit status.
 fn interrupt(child: KillOnDrop) -> std::process::ExitStatus {
     let pid = child.0.id().to_string();
@@ -83,7 +65,7 @@ fn an_rtsp_client_sees_the_drawn_boxes_where_the_results_put_them() {
         &["--api", "127.0.0.1:0"],
         &[],
     );
-    wait_published(&api, 3);
+    common::wait_published(&api, 3);
     // A client: decode the stream to raw RGB frames, one file each, for 10 s.
     let frames = dir.path().join("frames");
     std::fs::create_dir_all(&frames).unwrap();
@@ -173,19 +155,12 @@ fn an_rtsp_client_sees_the_drawn_boxes_where_the_results_put_them() {
 #[test]
 fn recordings_play_to_the_end_after_sigint_and_snapshots_are_named_in_results() {
     let dir = tempfile::tempdir().unwrap();
-    let p = write(
+    let p = common::two_test_streams(
         dir.path(),
-        "rec.toml",
-        &format!(
-            "{}[[source]]\nname = \"left\"\nuri = \"test://ball\"\nmax_fps = 15\n\n\
-             [[source]]\nname = \"right\"\nuri = \"test://smpte\"\nmax_fps = 15\n\n\
-             [[stage]]\nname = \"pass\"\nmodel = \"noop\"\n\n\
-             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n\n\
-             [[output]]\ntype = \"file\"\nfolder = \"rec\"\nstreams = [\"left\"]\n\n\
-             [[output]]\ntype = \"jpeg\"\nfolder = \"snaps\"\nevery_s = 1\n",
-            common::header("rec", 5_000),
-            dir.path().join("out.jsonl").display()
-        ),
+        "rec",
+        15,
+        "[[output]]\ntype = \"file\"\nfolder = \"rec\"\nstreams = [\"left\"]\n\n\
+         [[output]]\ntype = \"jpeg\"\nfolder = \"snaps\"\nevery_s = 1\n",
     );
     let (child, api) = common::start(
         &p,
@@ -193,7 +168,7 @@ fn recordings_play_to_the_end_after_sigint_and_snapshots_are_named_in_results() 
         &["--api", "127.0.0.1:0"],
         &[],
     );
-    wait_published(&api, 1);
+    common::wait_published(&api, 1);
     std::thread::sleep(Duration::from_secs(5));
     let (code, metrics) = common::http("GET", &format!("{api}/metrics"), None, None);
     assert_eq!(code, 200);

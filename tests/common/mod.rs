@@ -300,3 +300,39 @@ pub fn add_stream(api: &str, definition: &str) -> (u16, String) {
         Some(("application/json", definition)),
     )
 }
+
+/// A pipeline file `NAME.toml` in `dir`: streams `left` (test://ball) and `right`
+/// (test://smpte) at `fps`, a pass-through stage, results to `dir/out.jsonl`, then `extra`.
+pub fn two_test_streams(dir: &Path, name: &str, fps: u32, extra: &str) -> PathBuf {
+    write(
+        dir,
+        &format!("{name}.toml"),
+        &format!(
+            "{}[[source]]\nname = \"left\"\nuri = \"test://ball\"\nmax_fps = {fps}\n\n\
+             [[source]]\nname = \"right\"\nuri = \"test://smpte\"\nmax_fps = {fps}\n\n\
+             [[stage]]\nname = \"pass\"\nmodel = \"noop\"\n\n\
+             [[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n\n{extra}",
+            header(name, 5_000),
+            dir.join("out.jsonl").display()
+        ),
+    )
+}
+
+/// Waits (up to 60 s) until every stream of the running pipeline has published `n` frames;
+/// returns its status then.
+pub fn wait_published(api: &str, n: u64) -> Value {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(api);
+        let streams = s["streams"].as_array().cloned().unwrap_or_default();
+        if !streams.is_empty()
+            && streams
+                .iter()
+                .all(|x| x["counters"]["published"].as_u64().unwrap_or(0) >= n)
+        {
+            return s;
+        }
+        assert!(Instant::now() < until, "streams did not publish: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
