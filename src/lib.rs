@@ -12,15 +12,21 @@
 //!   `profile`, `plan`, `simulate`, `serve-rtsp`; `bench` lives in [`bench`]) and the one error
 //!   type that maps to the exit codes. `main.rs` only calls it.
 //! - [`bench`]: the `bench` subcommands that print measured figures.
-//! - [`api`]: the HTTP API of a running pipeline (health, status, metrics, streams, reload),
-//!   started by `cli` on the [`pipeline::Live`] handle of a started pipeline.
+//! - [`api`]: the HTTP API of a running pipeline (the dashboard page, health, status, metrics,
+//!   streams, snapshots and previews, reload), started by `cli` on the [`pipeline::Live`]
+//!   handle of a started pipeline.
 //! - [`metrics`]: Prometheus metrics read from the pipeline's counters at scrape time.
-//! - [`pipeline`]: builds and runs the stage graph. `graph` (queues, batcher threads, pools),
+//! - [`pipeline`]: builds and runs the stage graph. `build` (a route's queues and threads;
+//!   engines), `replan` (re-planning while running), `graph` (queues, batcher threads, pools),
 //!   `worker` (a pool's worker threads), `recurrent` (a recurrent stage's threads),
 //!   `publisher` (the result schema and the sinks),
 //!   `stage` (what each model kind does to a batch), `live` (changes while running).
 //! - [`sim`]: the discrete-event simulator: plans served on a virtual clock by the runtime's
 //!   batcher driver, with arrivals (Poisson, bursty, traces) and a search for the 99% load.
+//! - [`outputs`]: `[[output]]`s: annotated JPEG snapshots, MP4 recordings and RTSP streams,
+//!   each on its own bounded queue and thread.
+//! - [`control`]: the online control plane: when to re-plan, and re-planning (the simulator's
+//!   supervisor and `pipeline::replan` use it).
 //! - [`recurrent`]: recurrent stages: a cell run step by step with per-stream or per-item state,
 //!   under cellular (or padded) batching; the pipeline's worker threads, tests and
 //!   `bench recurrent` drive it.
@@ -52,6 +58,7 @@
 //!   each behind a bounded buffer with retries and delivery counters.
 //! - [`histogram`]: the log-scale latency histogram of stats, sinks and metrics.
 //! - [`panics`]: what is kept of a pipeline thread's panic.
+//! - [`osd`]: the on-screen display: a frame's results drawn on a copy of its image; JPEG.
 //! - [`frame`]: the frame that flows through a pipeline and what stages attach to it.
 //! - [`clock`]: monotonic time behind a trait, so time-dependent logic can be driven by tests.
 //! - [`progress`]: progress of long commands on stderr, only when it is a terminal.
