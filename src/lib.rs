@@ -9,7 +9,7 @@
 //! Files import downwards only (no cycles between files of `src/`):
 //!
 //! - [`cli`]: the command line, one file per subcommand (`run`, `validate`/`check`, `split`,
-//!   `profile`, `plan`, `simulate`, `serve-rtsp`; `bench` lives in [`bench`]) and the one error
+//!   `profile`, `plan`, `simulate`, `serve-rtsp`; `bench` lives in [`mod@bench`]) and the one error
 //!   type that maps to the exit codes. `main.rs` only calls it.
 //! - [`bench`]: the `bench` subcommands that print measured figures.
 //! - [`api`]: the HTTP API of a running pipeline (the dashboard page, health, status, metrics,

@@ -14,7 +14,7 @@ pub enum StageError {
     Output(String),
 }
 
-/// Runs one stage on a batch and attaches one [`StageOutput`] to every frame.
+/// Runs one stage on a batch and attaches one [`crate::frame::StageOutput`] to every frame.
 pub trait StageRunner: Send {
     /// Processes the batch in place.
     fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError>;

@@ -6,7 +6,7 @@
 //! dropped and counted in its own counters, and nothing else waits. Its thread draws the
 //! frame and writes it: a JPEG file, a frame of the stream's MP4 recording (GStreamer:
 //! `x264enc ! h264parse ! splitmuxsink` with `mp4mux`, rotated by duration or size, finalised
-//! at shutdown), or a frame of the stream's RTSP mount ([`rtsp`]).
+//! at shutdown), or a frame of the stream's RTSP mount (`rtsp.rs`).
 
 mod file;
 mod rtsp;
