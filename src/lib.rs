@@ -11,7 +11,7 @@
 //! - [`cli`]: the command line, one file per subcommand (`run`, `validate`/`check`, `split`,
 //!   `profile`, `plan`, `simulate`, `serve-rtsp`; `bench` lives in [`mod@bench`]) and the one error
 //!   type that maps to the exit codes. `main.rs` only calls it.
-//! - [`bench`]: the `bench` subcommands that print measured figures.
+//! - [`mod@bench`]: the `bench` subcommands that print measured figures.
 //! - [`api`]: the HTTP API of a running pipeline (the dashboard page, health, status, metrics,
 //!   streams, snapshots and previews, reload), started by `cli` on the [`pipeline::Live`]
 //!   handle of a started pipeline.
