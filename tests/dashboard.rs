@@ -16,6 +16,7 @@ fn chromium(profile: &Path, url: &str, args: &[&str]) -> (String, String) {
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-dev-shm-usage",
             "--hide-scrollbars",
             "--enable-logging=stderr",
             "--v=0",
