@@ -26,6 +26,28 @@ pub fn system_font() -> Option<&'static FontVec> {
     .as_ref()
 }
 
+/// What the display's header says of a published frame besides the frame itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Overlay {
+    /// Capture to publication, milliseconds.
+    pub e2e_ms: f64,
+    /// The stream's share of frames on time so far (0..=1), when known.
+    pub attainment: Option<f64>,
+}
+
+/// The header line of a frame of `stream`: its name, number, capture time (UTC), end-to-end
+/// latency and the stream's SLO attainment so far.
+pub fn header(stream: &str, f: &crate::frame::Frame, o: &Overlay) -> String {
+    let at = crate::sinks::rfc3339_millis(f.captured_wall);
+    // `2026-12-03T08:15:01.234Z` -> `08:15:01.234`
+    let time = at.get(11..23).unwrap_or(&at);
+    let mut h = format!("{stream}  #{}  {time} UTC  {:.0} ms", f.seq, o.e2e_ms);
+    if let Some(a) = o.attainment {
+        h.push_str(&format!("  SLO {:.1}%", 100.0 * a));
+    }
+    h
+}
+
 /// An RGB picture to draw on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Canvas {

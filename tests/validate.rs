@@ -662,7 +662,8 @@ fn bad_outputs_are_located() {
          [[output]]\ntype = \"jpeg\"\nfolder = \"snaps\"\n\n\
          [[output]]\ntype = \"rtsp\"\nfolder = \"x\"\nport = 8554\n\n\
          [[output]]\ntype = \"file\"\nquality = 300\n\n\
-         [[output]]\ntype = \"mp3\"\n",
+         [[output]]\ntype = \"mp3\"\n\n\
+         [[output]]\ntype = \"rtsp\"\nport = 9001\ncolors = [\"red\"]\n",
         header("outs", 1000),
         good_tail()
     );
@@ -683,6 +684,7 @@ fn bad_outputs_are_located() {
     has(&errs, 32, "output[3]", "needs `folder`");
     has(&errs, 34, "output[3].quality", "does not apply");
     has(&errs, 37, "output[4].type", "mp3");
+    has(&errs, 42, "output[5].colors", "`red` is not a colour");
     assert!(
         !errs.iter().any(|d| d.message.contains("duplicate")),
         "default names are numbered per kind"

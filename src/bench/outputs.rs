@@ -77,6 +77,7 @@ fn output(kind: OutputKind, name: &str, folder: &Path, port: u16) -> OutputSpec 
             DrawItem::Classes,
             DrawItem::Header,
         ],
+        colors: Vec::new(),
         font_px: 14.0,
         thickness: 2,
         queue: 8,

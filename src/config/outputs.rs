@@ -9,6 +9,7 @@
 //! classes = ["person"]      # ... and/or when a result has one of these classes
 //! # text = true             # ... or when text was recognised
 //! draw = ["boxes", "labels", "text", "classes", "header"]
+//! colors = ["#ff3838", "#48f90a"]   # by class id; text boxes take the first
 //! font_px = 14
 //! ```
 
@@ -93,6 +94,8 @@ pub(super) struct OutputConfig {
     #[serde(default)]
     draw: Option<Vec<DrawItem>>,
     #[serde(default)]
+    colors: Option<Vec<String>>,
+    #[serde(default)]
     font_px: Option<f32>,
     #[serde(default)]
     thickness: Option<u32>,
@@ -138,6 +141,9 @@ pub struct OutputSpec {
     pub port: u16,
     /// What is drawn.
     pub draw: Vec<DrawItem>,
+    /// Colours of boxes and labels by class (class id modulo their number; text boxes take the
+    /// first, recognised text the second); empty: the display's own.
+    pub colors: Vec<[u8; 3]>,
     /// Label text height, pixels.
     pub font_px: f32,
     /// Box outline thickness, pixels.
@@ -294,6 +300,16 @@ impl Validator<'_, '_> {
                     );
                 }
             }
+            let mut colors = Vec::new();
+            for c in c.colors.iter().flatten() {
+                match parse_color(c) {
+                    Some(rgb) => colors.push(rgb),
+                    None => self.err(
+                        &format!("{base}.colors"),
+                        format!("`{c}` is not a colour: expected \"#RRGGBB\""),
+                    ),
+                }
+            }
             let font_px = c.font_px.unwrap_or(14.0);
             if !(font_px.is_finite() && (6.0..=200.0).contains(&font_px)) {
                 self.err(
@@ -340,11 +356,33 @@ impl Validator<'_, '_> {
                         DrawItem::Header,
                     ]
                 }),
+                colors,
                 font_px,
                 thickness,
                 queue,
             });
         }
         ok.then_some(out)
+    }
+}
+
+/// `#RRGGBB` as RGB.
+fn parse_color(s: &str) -> Option<[u8; 3]> {
+    let hex = s.strip_prefix('#').filter(|h| h.len() == 6)?;
+    let byte = |i: usize| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok();
+    Some([byte(0)?, byte(2)?, byte(4)?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_color;
+
+    #[test]
+    fn colours_are_hex_triplets() {
+        assert_eq!(parse_color("#ff3800"), Some([255, 56, 0]));
+        assert_eq!(parse_color("#FF3800"), Some([255, 56, 0]));
+        assert_eq!(parse_color("ff3800"), None);
+        assert_eq!(parse_color("#ff380"), None);
+        assert_eq!(parse_color("#gg3800"), None);
     }
 }

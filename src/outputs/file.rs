@@ -126,7 +126,7 @@ impl Recording {
 pub(super) fn run(spec: &OutputSpec, rx: &flume::Receiver<Job>, counters: &OutputCounters) {
     let mut recordings: HashMap<Arc<str>, Recording> = HashMap::new();
     for job in rx.iter() {
-        let canvas = draw(spec, &job.stream, &job.frame);
+        let canvas = draw(spec, &job);
         let size = (canvas.width, canvas.height);
         if recordings.get(&job.stream).is_some_and(|r| r.size != size)
             && let Some(old) = recordings.remove(&job.stream)

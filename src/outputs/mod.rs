@@ -91,6 +91,8 @@ pub struct OutputSummary {
 struct Job {
     stream: Arc<str>,
     frame: Frame,
+    /// The display's header line.
+    header: String,
     /// Where a `jpeg` output writes it.
     file: Option<PathBuf>,
 }
@@ -115,7 +117,11 @@ fn style(spec: &OutputSpec) -> (Style, Show) {
             thickness: spec.thickness,
             font_px: spec.font_px,
             header: has(DrawItem::Header),
-            ..Style::default()
+            palette: if spec.colors.is_empty() {
+                Style::default().palette
+            } else {
+                spec.colors.clone()
+            },
         },
         Show {
             boxes: has(DrawItem::Boxes),
@@ -126,19 +132,13 @@ fn style(spec: &OutputSpec) -> (Style, Show) {
     )
 }
 
-/// The frame with what `spec` draws on it.
-fn draw(spec: &OutputSpec, stream: &str, f: &Frame) -> Canvas {
+/// The job's frame with what `spec` draws on it.
+fn draw(spec: &OutputSpec, job: &Job) -> Canvas {
     let (style, show) = style(spec);
-    let mut c = Canvas::from_image(&f.image);
-    let spent: u64 = f.stage_nanos.iter().sum();
-    let header = format!(
-        "{stream}  #{}  {:.1} ms in stages",
-        f.seq,
-        spent as f64 / 1e6
-    );
+    let mut c = Canvas::from_image(&job.frame.image);
     c.draw(
-        &crate::osd::marks_with(&f.outputs, show),
-        &header,
+        &crate::osd::marks_with(&job.frame.outputs, show),
+        &job.header,
         &style,
         crate::osd::system_font(),
     );
@@ -229,7 +229,13 @@ impl Output {
 
     /// Offers a frame of `stream` that was just published. Returns the file a `jpeg` output
     /// will write it to (what the result names), when it takes one. Never waits.
-    pub fn offer(&mut self, stream: &Arc<str>, f: &Frame, now: Instant) -> Option<PathBuf> {
+    pub fn offer(
+        &mut self,
+        stream: &Arc<str>,
+        f: &Frame,
+        overlay: &crate::osd::Overlay,
+        now: Instant,
+    ) -> Option<PathBuf> {
         if !self.spec.takes(stream) {
             return None;
         }
@@ -253,6 +259,7 @@ impl Output {
         let job = Job {
             stream: stream.clone(),
             frame: f.clone(),
+            header: crate::osd::header(stream, f, overlay),
             file: file.clone(),
         };
         match tx.try_send(job) {
@@ -337,7 +344,7 @@ fn sanitize(stream: &str) -> String {
 fn run_jpeg(spec: &OutputSpec, rx: &flume::Receiver<Job>, counters: &OutputCounters) {
     for job in rx.iter() {
         let Some(path) = &job.file else { continue };
-        let written = draw(spec, &job.stream, &job.frame)
+        let written = draw(spec, &job)
             .jpeg(spec.quality)
             .map_err(|e| e.to_string())
             .and_then(|bytes| {

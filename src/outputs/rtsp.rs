@@ -154,7 +154,7 @@ impl Server {
                 counters.unwatched.fetch_add(1, Relaxed);
                 continue;
             };
-            let canvas = draw(spec, &job.stream, &job.frame);
+            let canvas = draw(spec, &job);
             match src.push_buffer(gst::Buffer::from_mut_slice(canvas.data)) {
                 Ok(_) => {
                     counters.written.fetch_add(1, Relaxed);

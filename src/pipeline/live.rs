@@ -492,18 +492,17 @@ impl Live {
     /// ([`crate::osd`]), as a JPEG, with the frame's `seq`; None when the stream has published
     /// nothing (yet).
     pub fn snapshot(&self, name: &str) -> Option<Result<(Vec<u8>, u64), String>> {
-        let (image, outputs, seq, spent) = {
+        let (image, outputs, header, seq) = {
             let latest = lock(&self.latest);
-            let f = latest.get(name)?;
+            let (f, overlay) = latest.get(name)?;
             (
                 f.image.clone(),
                 f.outputs.clone(),
+                crate::osd::header(name, f, overlay),
                 f.seq,
-                f.stage_nanos.iter().sum::<u64>(),
             )
         };
         let mut canvas = crate::osd::Canvas::from_image(&image);
-        let header = format!("{name}  #{seq}  {:.1} ms in stages", spent as f64 / 1e6);
         canvas.draw(
             &crate::osd::marks(&outputs),
             &header,

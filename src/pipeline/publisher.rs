@@ -123,7 +123,8 @@ fn round3(v: f64) -> f64 {
 /// Starts the publisher thread. It ends when every stage has finished, after closing the sinks
 /// (each delivers what it holds within its flush timeout).
 /// The last frame published on each stream, by stream name (what snapshots draw).
-pub type LatestFrames = Arc<std::sync::Mutex<std::collections::HashMap<Arc<str>, Frame>>>;
+pub type LatestFrames =
+    Arc<std::sync::Mutex<std::collections::HashMap<Arc<str>, (Frame, crate::osd::Overlay)>>>;
 
 pub(super) fn spawn_publisher(
     shared: Arc<std::sync::Mutex<Pipeline>>,
@@ -248,9 +249,10 @@ fn publish(
         // Outputs take the frame (never waiting); a snapshot to be written is named in the
         // result.
         let at = Instant::now();
+        let overlay = overlay(stats, f.stream, now - f.captured);
         let mut snapshots = serde_json::Map::new();
         for o in outputs.iter_mut() {
-            if let Some(path) = o.offer(&names[f.stream], &f, at) {
+            if let Some(path) = o.offer(&names[f.stream], &f, &overlay, at) {
                 snapshots.insert(o.spec().name.clone(), json!(path.display().to_string()));
             }
         }
@@ -277,6 +279,20 @@ fn publish(
         latest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name, f);
+            .insert(name, (f, overlay));
+    }
+}
+
+/// What the display's header says of a frame of `stream` published `e2e` after capture: the
+/// latency, and the stream's attainment so far (this frame included).
+fn overlay(stats: &Stats, stream: usize, e2e: crate::clock::Nanos) -> crate::osd::Overlay {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = stats.stream(stream);
+    let published = c.published.load(Relaxed) + 1;
+    let missed =
+        c.dropped_late.load(Relaxed) + c.dropped_overload.load(Relaxed) + c.failed.load(Relaxed);
+    crate::osd::Overlay {
+        e2e_ms: e2e as f64 / 1e6,
+        attainment: Some(published as f64 / (published + missed) as f64),
     }
 }
