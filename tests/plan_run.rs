@@ -469,6 +469,18 @@ fn a_demand_step_is_re_planned_while_running_and_attainment_recovers() {
         }
         last = s;
     }
+    // A reload of the unchanged file is accepted and keeps the re-planned layout.
+    let (code, body) = common::http("POST", &format!("{api}/reload"), None, None);
+    assert_eq!(code, 200, "{body}");
+    let after_reload = common::status(&api);
+    assert!(
+        after_reload["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|st| st["active"] == true && st["name"].as_str().unwrap().contains(".e")),
+        "the reload put back the file's layout: {after_reload}"
+    );
     let (code, metrics) = common::http("GET", &format!("{api}/metrics"), None, None);
     assert_eq!(code, 200);
     let applied = metrics

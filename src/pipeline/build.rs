@@ -29,6 +29,24 @@ use crate::stats::Stats;
 /// shutdown, once everything drained).
 pub(super) type Threads = Arc<Mutex<Vec<(String, JoinHandle<()>)>>>;
 
+/// Joins the threads that have ended (the stages of routes a re-plan retired, once drained),
+/// counting any that panicked, so that the list does not grow over a long run.
+pub(super) fn reap(threads: &Threads, stats: &Stats) {
+    let ended: Vec<(String, JoinHandle<()>)> = {
+        let mut list = lock(threads);
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *list)
+            .into_iter()
+            .partition(|(_, t)| t.is_finished());
+        *list = running;
+        done
+    };
+    for (name, t) in ended {
+        if let Err(p) = t.join() {
+            stats.thread_panicked(name, crate::panics::panic_message(&*p));
+        }
+    }
+}
+
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

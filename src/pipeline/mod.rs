@@ -323,6 +323,7 @@ impl Running {
             if last_trim.elapsed() >= Duration::from_secs(60) {
                 last_trim = Instant::now();
                 crate::alloc::trim();
+                build::reap(&threads, &stats);
             }
             let all_ended = !opts.serve && live.all_sources_ended();
             // Spent once every budgeted frame has been counted at the source (ingested, or
