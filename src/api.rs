@@ -328,7 +328,7 @@ async fn snapshot(State(s): State<AppState>, Path(name): Path<String>) -> Respon
                     seq.to_string(),
                 ),
             ],
-            jpeg,
+            Bytes::from_owner(jpeg),
         )
             .into_response(),
         Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, e),

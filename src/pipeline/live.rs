@@ -80,6 +80,9 @@ struct SourceSet {
     retired: Vec<JoinHandle<()>>,
 }
 
+/// An encoded JPEG, shared by every client that asks for it.
+pub type Jpeg = Arc<[u8]>;
+
 /// Queues of a stage, for depths in status and metrics (receivers never read from).
 pub(super) struct StageQueues {
     pub input: flume::Receiver<Frame>,
@@ -130,6 +133,9 @@ pub struct Live {
     /// Per stream: preview frames sent to clients, and frames of the stream the clients did not
     /// get (seq gaps between two frames sent to one client).
     previews: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// The last snapshot encoded for each stream, with its frame's `seq`: every client asking
+    /// for the same frame (dashboards, previews) gets the one JPEG.
+    encoded: Mutex<BTreeMap<String, (u64, Jpeg)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -176,6 +182,7 @@ impl Live {
             latest,
             outputs,
             previews: Mutex::new(BTreeMap::new()),
+            encoded: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -491,10 +498,15 @@ impl Live {
     /// The last frame published on stream `name`, its results drawn on it
     /// ([`crate::osd`]), as a JPEG, with the frame's `seq`; None when the stream has published
     /// nothing (yet).
-    pub fn snapshot(&self, name: &str) -> Option<Result<(Vec<u8>, u64), String>> {
+    pub fn snapshot(&self, name: &str) -> Option<Result<(Jpeg, u64), String>> {
         let (image, outputs, header, seq) = {
             let latest = lock(&self.latest);
             let (f, overlay) = latest.get(name)?;
+            if let Some((s, jpeg)) = lock(&self.encoded).get(name)
+                && *s == f.seq
+            {
+                return Some(Ok((jpeg.clone(), f.seq)));
+            }
             (
                 f.image.clone(),
                 f.outputs.clone(),
@@ -509,7 +521,16 @@ impl Live {
             &crate::osd::Style::default(),
             crate::osd::system_font(),
         );
-        Some(canvas.jpeg(85).map(|j| (j, seq)).map_err(|e| e.to_string()))
+        Some(
+            canvas
+                .jpeg(85)
+                .map(|j| {
+                    let j: Jpeg = Arc::from(j);
+                    lock(&self.encoded).insert(name.to_string(), (seq, j.clone()));
+                    (j, seq)
+                })
+                .map_err(|e| e.to_string()),
+        )
     }
 
     /// Counts a preview frame of `name` sent to a client that `skipped` frames since its last.
