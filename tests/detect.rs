@@ -363,7 +363,25 @@ fn a_snapshot_shows_the_detections_of_its_frame_where_they_are() {
         .map(edges)
         .collect();
     assert!(!people.is_empty(), "{row}");
-    // Along each person's bottom edge (labels sit above boxes), most pixels are red.
+    // Every object's label band sits above its box (about 20 px high, up to 200 px wide): a
+    // person's bottom edge under another object's label is not looked at.
+    let all: Vec<[f64; 4]> = row["results"]["detect"]["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(edges)
+        .collect();
+    let under_a_label = |b: &[f64; 4]| {
+        all.iter().any(|o| {
+            o != b
+                && b[3] >= o[1] - 22.0
+                && b[3] <= o[1] + 2.0
+                && b[0] < o[0] + 200.0
+                && b[2] > o[0]
+        })
+    };
+    let people: Vec<[f64; 4]> = people.into_iter().filter(|b| !under_a_label(b)).collect();
+    // Along each other person's bottom edge (labels sit above boxes), most pixels are red.
     let (w, h) = img.dimensions();
     for [x0, _, x1, y1] in people {
         let y = (y1.round() as u32).saturating_sub(1).min(h - 1);
@@ -379,7 +397,7 @@ fn a_snapshot_shows_the_detections_of_its_frame_where_they_are() {
             .count();
         assert!(
             xs.is_empty() || red * 10 >= xs.len() * 6,
-            "box bottom at y {y}: {red} of {} pixels red",
+            "box bottom at y {y}: {red} of {} pixels red (frame {seq}; boxes {all:?})",
             xs.len()
         );
     }
