@@ -502,6 +502,11 @@ impl Live {
         let (image, outputs, header, seq) = {
             let latest = lock(&self.latest);
             let (f, overlay) = latest.get(name)?;
+            let overlay = crate::osd::Overlay {
+                attainment: overlay.attainment.or_else(|| self.attainment(f.stream)),
+                ..*overlay
+            };
+            let overlay = &overlay;
             if let Some((s, jpeg)) = lock(&self.encoded).get(name)
                 && *s == f.seq
             {
@@ -531,6 +536,18 @@ impl Live {
                 })
                 .map_err(|e| e.to_string()),
         )
+    }
+
+    /// Stream `stream`'s share of frames on time so far.
+    fn attainment(&self, stream: usize) -> Option<f64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = self.stats.stream(stream);
+        let published = c.published.load(Relaxed);
+        let done = published
+            + c.dropped_late.load(Relaxed)
+            + c.dropped_overload.load(Relaxed)
+            + c.failed.load(Relaxed);
+        (done > 0).then(|| published as f64 / done as f64)
     }
 
     /// Counts a preview frame of `name` sent to a client that `skipped` frames since its last.

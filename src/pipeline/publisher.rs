@@ -249,7 +249,16 @@ fn publish(
         // Outputs take the frame (never waiting); a snapshot to be written is named in the
         // result.
         let at = Instant::now();
-        let overlay = overlay(stats, f.stream, now - f.captured);
+        // The header's attainment is read only for frames an output takes; a snapshot reads
+        // it when asked.
+        let overlay = if outputs.is_empty() {
+            crate::osd::Overlay {
+                e2e_ms: (now - f.captured) as f64 / 1e6,
+                attainment: None,
+            }
+        } else {
+            overlay(stats, f.stream, now - f.captured)
+        };
         let mut snapshots = serde_json::Map::new();
         for o in outputs.iter_mut() {
             if let Some(path) = o.offer(&names[f.stream], &f, &overlay, at) {
