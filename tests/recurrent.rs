@@ -36,6 +36,7 @@ fn engine(m: &ModelManifest) -> OrtEngine {
         threads: 1,
         library: None,
         optimize: true,
+        gpu: None,
         spin: false,
     })
     .unwrap()

@@ -842,6 +842,7 @@ fn rust_images_per_s(
         threads,
         library: None,
         optimize: true,
+        gpu: None,
         spin: true, // as Python's onnxruntime does by default
     })?;
     let input = ndarray::Array4::<f32>::from_shape_fn((batch, 3, hw.0, hw.1), |(n, c, y, x)| {

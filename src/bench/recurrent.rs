@@ -94,6 +94,7 @@ fn cell(
         threads,
         library: None,
         optimize: true,
+        gpu: None,
         spin: false,
     })?;
     Ok(Recurrent::new(

@@ -68,6 +68,7 @@ fn pipeline(
         name: "bench-split".into(),
         slo: Duration::from_secs(600),
         onnxruntime: None,
+        engine_cache: PathBuf::from("engines/trt-cache"),
         sources: vec![SourceSpec {
             name: "pattern".into(),
             kind: SourceKind::Test {

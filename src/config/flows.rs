@@ -97,6 +97,10 @@ pub fn assign_free_devices(stages: &mut [StageSpec], taken: &HashSet<String>) {
     for s in stages {
         s.devices = match &s.device {
             Device::Cpu => vec!["cpu".to_string(); s.workers],
+            Device::Gpu { .. } => (0..s.workers)
+                .filter_map(|w| s.device.gpu_of_worker(w))
+                .map(|(b, i)| format!("{}:{i}", b.prefix()))
+                .collect(),
             Device::Emulated { class } => {
                 let share = s.profile.as_ref().map_or(1, |p| p.share.max(1)) as usize;
                 (0..s.workers)

@@ -548,6 +548,10 @@ impl<'a> Validator<'_, 'a> {
             name: h.name,
             slo: Duration::from_millis(h.slo_ms),
             onnxruntime: h.onnxruntime.map(|p| self.resolve(&p)),
+            engine_cache: match &h.engine_cache {
+                Some(p) => self.resolve(p),
+                None => self.resolve(&h.engines_dir).join("trt-cache"),
+            },
             sources: sources?,
             outputs: outputs?,
             stages,
@@ -816,7 +820,7 @@ impl<'a> Validator<'_, 'a> {
             };
             let n = self.errors.len();
             self.check_name(&format!("{base}.name"), &c.name, &mut seen, "stage");
-            let device = self.device(&base, &c.device);
+            let device = self.stage_device(&base, &c);
             let ranges: [(&str, u64, u64, u64); 5] = [
                 ("workers", c.workers.into(), 1, 64),
                 ("threads", c.threads.into(), 1, 256),
@@ -866,13 +870,16 @@ impl<'a> Validator<'_, 'a> {
                 }
             }
             let has_split =
-                model.as_ref().is_some_and(|m| m.split.is_some()) && device == Some(Device::Cpu);
+                model.as_ref().is_some_and(|m| m.split.is_some())
+                    && device.as_ref().is_some_and(Device::runs_models);
             let profile = match &device {
                 Some(d) => self.stage_profile(&base, &c, d, profiles, out.last(), has_split),
                 None => None,
             };
             let split = match (&model, &device) {
-                (Some(m), Some(Device::Cpu)) => self.stage_split(&base, &c, m, out.last()),
+                (Some(m), Some(d)) if d.runs_models() => {
+                    self.stage_split(&base, &c, m, out.last())
+                }
                 _ => None,
             };
             let mut boxes_from = None;
@@ -1378,10 +1385,52 @@ impl<'a> Validator<'_, 'a> {
         })
     }
 
-    fn device(&mut self, base: &str, device: &str) -> Option<Device> {
-        Device::parse(device)
-            .map_err(|e| self.err(&format!("{base}.device"), e))
-            .ok()
+    /// The device of a stage: `device`, or `devices` (GPUs), with its `precision`. A GPU device
+    /// is checked as far as can be without starting anything: the build has GPU support, the
+    /// driver loads and the GPUs exist.
+    fn stage_device(&mut self, base: &str, c: &StageConfig) -> Option<Device> {
+        let (key, parsed) = match &c.devices {
+            Some(list) => {
+                let key = format!("{base}.devices");
+                if self.has(&format!("{base}.device")) {
+                    self.err(&key, "give `device` or `devices`, not both");
+                    return None;
+                }
+                (key, Device::parse_list(list))
+            }
+            None => (format!("{base}.device"), Device::parse(&c.device)),
+        };
+        let mut device = parsed.map_err(|e| self.err(&key, e)).ok()?;
+        let precision_key = format!("{base}.precision");
+        match (&mut device, &c.precision) {
+            (Device::Gpu { backend, gpus, precision }, p) => {
+                if let Some(p) = p {
+                    match crate::device::gpu::Precision::parse(p)
+                        .and_then(|p| crate::device::gpu::check_precision(*backend, p).map(|_| p))
+                    {
+                        Ok(p) => *precision = p,
+                        Err(e) => {
+                            self.err(&precision_key, e);
+                            return None;
+                        }
+                    }
+                }
+                let wanted: Vec<(String, u32)> = gpus
+                    .iter()
+                    .map(|g| (format!("{}:{g}", backend.prefix()), *g))
+                    .collect();
+                if let Err(e) = crate::device::gpu::check_devices(&wanted) {
+                    self.err(&key, e.to_string());
+                    return None;
+                }
+            }
+            (_, Some(_)) => {
+                self.err(&precision_key, "`precision` applies to GPU devices (`cuda:N`, `tensorrt:N`)");
+                return None;
+            }
+            (_, None) => {}
+        }
+        Some(device)
     }
 
     fn sinks(&mut self, pipeline: &str) -> Option<Vec<SinkSpec>> {

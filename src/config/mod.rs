@@ -53,6 +53,10 @@ pub struct PipelineSection {
     /// Path of the ONNX Runtime shared library (else `ORT_DYLIB_PATH`, else `engines/lib`).
     #[serde(default)]
     pub onnxruntime: Option<PathBuf>,
+    /// Folder of built TensorRT engines (`tensorrt:N` stages; default `trt-cache` in the engines
+    /// folder).
+    #[serde(default)]
+    pub engine_cache: Option<PathBuf>,
     /// Folder of latency profiles (see [`crate::profile`]) for emulated and profiled stages
     /// (else `--profiles`, `POOLPIPE_PROFILES`, or `profiles` in the engines folder).
     #[serde(default)]
@@ -193,9 +197,16 @@ pub struct StageConfig {
     /// (optional on emulated devices, which compute nothing).
     #[serde(default)]
     pub model: Option<String>,
-    /// Device kind of the stage's pool: `cpu` or `emulated:<class>` (e.g. `emulated:T4`).
+    /// Device kind of the stage's pool: `cpu`, `emulated:<class>` (e.g. `emulated:T4`),
+    /// `cuda:N` or `tensorrt:N` (builds with the `gpu` feature).
     #[serde(default = "default_device")]
     pub device: String,
+    /// GPUs the workers are spread over in turn (`["cuda:0", "cuda:1"]`), instead of `device`.
+    #[serde(default)]
+    pub devices: Option<Vec<String>>,
+    /// GPU stages: `fp32` (default), `tf32` or `fp16` (TensorRT).
+    #[serde(default)]
+    pub precision: Option<String>,
     /// Processes sharing one device (profiles are per share; 1 = the whole device).
     #[serde(default = "one")]
     pub share: u32,
@@ -514,6 +525,8 @@ pub struct Pipeline {
     pub slo: Duration,
     /// ONNX Runtime library named in the file.
     pub onnxruntime: Option<PathBuf>,
+    /// Folder of built TensorRT engines.
+    pub engine_cache: PathBuf,
     /// Sources in file order; a frame's `stream` indexes this.
     pub sources: Vec<SourceSpec>,
     /// Stages in order.

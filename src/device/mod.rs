@@ -5,10 +5,14 @@
 //!   batch for the profiled latency of its block range at that batch size (plus the transfer of
 //!   the cut to the next stage), so heterogeneous pools run, are tested and are measured on a
 //!   machine without a GPU. See [`emulated`].
-//! - `cuda:N` / `tensorrt:N`: not part of this build; asking for one is a config error that says
-//!   so, never a crash.
+//! - `cuda:N` / `tensorrt:N`: ONNX Runtime's CUDA or TensorRT provider on NVIDIA GPU N (see
+//!   [`gpu`]); a stage may spread its workers over several (`devices = ["cuda:0", "cuda:1"]`).
+//!   A build without the `gpu` feature refuses them with a config error that says how to get one.
 
 pub mod emulated;
+pub mod gpu;
+
+pub use gpu::GpuBackend;
 
 /// Device kind of a pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +24,15 @@ pub enum Device {
         /// Device class, e.g. `T4`.
         class: String,
     },
+    /// An NVIDIA GPU (or several: workers are spread over them in turn).
+    Gpu {
+        /// Provider.
+        backend: GpuBackend,
+        /// GPU indices, at least one.
+        gpus: Vec<u32>,
+        /// Numeric precision (`precision` of the stage).
+        precision: gpu::Precision,
+    },
 }
 
 impl Device {
@@ -27,9 +40,24 @@ impl Device {
     pub fn parse(s: &str) -> Result<Self, String> {
         match s {
             "cpu" => Ok(Device::Cpu),
-            d if d.starts_with("cuda:") || d.starts_with("tensorrt:") => Err(format!(
-                "device `{d}` needs a GPU backend, which this build does not include; use `cpu` or `emulated:<class>`"
-            )),
+            d if d.starts_with("cuda:") || d.starts_with("tensorrt:") => {
+                let (prefix, n) = d.split_once(':').unwrap_or_default();
+                let backend = if prefix == "cuda" {
+                    GpuBackend::Cuda
+                } else {
+                    GpuBackend::TensorRt
+                };
+                match n.parse::<u32>() {
+                    Ok(i) if n.chars().all(|c| c.is_ascii_digit()) => Ok(Device::Gpu {
+                        backend,
+                        gpus: vec![i],
+                        precision: gpu::Precision::default(),
+                    }),
+                    _ => Err(format!(
+                        "device `{d}`: expected {prefix}:<GPU index>, e.g. {prefix}:0"
+                    )),
+                }
+            }
             d if d.starts_with("emulated:") => {
                 let class = &d["emulated:".len()..];
                 if class.is_empty()
@@ -46,16 +74,70 @@ impl Device {
                 })
             }
             d => Err(format!(
-                "unknown device `{d}`, expected `cpu` or `emulated:<class>`"
+                "unknown device `{d}`, expected `cpu`, `emulated:<class>`, `cuda:<N>` or `tensorrt:<N>`"
             )),
         }
     }
 
-    /// The profile class of the device (`cpu`, `T4`, ...).
+    /// Parses a list of GPU devices of one backend (`devices = ["cuda:0", "cuda:1"]`).
+    pub fn parse_list(list: &[String]) -> Result<Self, String> {
+        let mut backend = None;
+        let mut gpus = Vec::new();
+        for d in list {
+            match Device::parse(d)? {
+                Device::Gpu {
+                    backend: b,
+                    gpus: g,
+                    ..
+                } => {
+                    if backend.is_some_and(|x| x != b) {
+                        return Err("`devices` mixes cuda: and tensorrt: devices; a pool has one backend".into());
+                    }
+                    if gpus.contains(&g[0]) {
+                        return Err(format!("`{d}` is listed twice"));
+                    }
+                    backend = Some(b);
+                    gpus.extend(g);
+                }
+                _ => {
+                    return Err(format!(
+                        "`devices` lists GPUs (`cuda:N` or `tensorrt:N`); `{d}` goes in `device`"
+                    ));
+                }
+            }
+        }
+        match backend {
+            Some(backend) => Ok(Device::Gpu {
+                backend,
+                gpus,
+                precision: gpu::Precision::default(),
+            }),
+            None => Err("`devices` is empty".into()),
+        }
+    }
+
+    /// The profile class of the device (`cpu`, `T4`, ...; `cuda`/`tensorrt` for GPUs, whose
+    /// class is known once the driver names them).
     pub fn class(&self) -> &str {
         match self {
             Device::Cpu => "cpu",
             Device::Emulated { class } => class,
+            Device::Gpu { backend, .. } => backend.prefix(),
+        }
+    }
+
+    /// Whether the device runs models for real (CPU or GPU), rather than emulating latencies.
+    pub fn runs_models(&self) -> bool {
+        !matches!(self, Device::Emulated { .. })
+    }
+
+    /// The device of worker `w` as written (`cuda:1`), for GPU pools; `None` otherwise.
+    pub fn gpu_of_worker(&self, w: usize) -> Option<(GpuBackend, u32)> {
+        match self {
+            Device::Gpu { backend, gpus, .. } if !gpus.is_empty() => {
+                Some((*backend, gpus[w % gpus.len()]))
+            }
+            _ => None,
         }
     }
 }
@@ -66,6 +148,15 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Emulated { class } => write!(f, "emulated:{class}"),
+            Device::Gpu { backend, gpus, .. } => {
+                for (i, g) in gpus.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{}:{g}", backend.prefix())?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -87,7 +178,22 @@ mod tests {
                 .unwrap_err()
                 .contains("expected emulated:<class>")
         );
-        assert!(Device::parse("cuda:0").unwrap_err().contains("GPU backend"));
+        assert_eq!(
+            Device::parse("tensorrt:2"),
+            Ok(Device::Gpu {
+                backend: GpuBackend::TensorRt,
+                gpus: vec![2],
+                precision: gpu::Precision::Fp32,
+            })
+        );
+        assert!(Device::parse("cuda:x").unwrap_err().contains("cuda:<GPU index>"));
+        assert!(Device::parse("cuda:+1").is_err());
+        let two = Device::parse_list(&["cuda:0".into(), "cuda:1".into()]).unwrap();
+        assert_eq!(two.to_string(), "cuda:0,cuda:1");
+        assert_eq!(two.gpu_of_worker(3), Some((GpuBackend::Cuda, 1)));
+        assert!(Device::parse_list(&["cuda:0".into(), "tensorrt:1".into()]).is_err());
+        assert!(Device::parse_list(&["cuda:0".into(), "cuda:0".into()]).is_err());
+        assert!(Device::parse_list(&["cpu".into()]).unwrap_err().contains("goes in `device`"));
         assert!(
             Device::parse("gpu")
                 .unwrap_err()

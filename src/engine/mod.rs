@@ -7,7 +7,8 @@
 //!   `./setup.sh` puts in `engines/lib` (or wherever `ORT_DYLIB_PATH` points);
 //! - [`NoopEngine`]: does nothing, to measure the pipeline's own overhead.
 //!
-//! GPU backends (TensorRT, CUDA) are not part of this build; asking for one is a config error.
+//! GPU stages (`cuda:N`, `tensorrt:N`) are [`ort::OrtEngine`]s with ONNX Runtime's CUDA or
+//! TensorRT provider (feature `gpu`; see [`crate::device::gpu`]), behind the same trait.
 
 pub mod ort;
 mod runner;
@@ -54,6 +55,9 @@ pub enum EngineError {
     /// The input does not fit the model.
     #[error("bad input: {0}")]
     Input(String),
+    /// The GPU the session asks for cannot be used.
+    #[error(transparent)]
+    Gpu(#[from] crate::device::gpu::GpuError),
 }
 
 /// A loaded model that runs batches synchronously.

@@ -9,6 +9,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{TensorRef, ValueType};
 
 use super::{Engine, EngineError, EngineInfo, TensorInfo};
+use crate::device::gpu::GpuSession;
 
 /// The file name `setup.sh` installs.
 pub const LIB_NAME: &str = "libonnxruntime.so";
@@ -32,7 +33,57 @@ pub fn candidate_paths(configured: Option<&Path>) -> Vec<PathBuf> {
         }
     }
     c.push(PathBuf::from("engines/lib").join(LIB_NAME));
+    if cfg!(feature = "gpu") {
+        // A GPU build prefers ONNX Runtime's GPU build (`./setup.sh gpu`), which runs CPU
+        // sessions as well.
+        let gpu: Vec<PathBuf> = c
+            .iter()
+            .filter_map(|p| Some(p.parent()?.with_file_name("lib-gpu").join(LIB_NAME)))
+            .collect();
+        c.splice(0..0, gpu);
+    }
     c
+}
+
+/// The execution providers of a GPU session, and (TensorRT) its engine cache folder.
+#[cfg(feature = "gpu")]
+fn gpu_providers(
+    g: &GpuSession,
+    cfg: &OrtConfig,
+    library: &Path,
+) -> Result<(Vec<ort::ep::ExecutionProviderDispatch>, Option<PathBuf>), EngineError> {
+    let input = if g.backend == crate::device::GpuBackend::TensorRt {
+        // The optimisation profile needs the input's name and shape.
+        let d = describe(&cfg.model, cfg.library.as_deref())?;
+        let info = d.info().inputs.clone();
+        match &cfg.input {
+            Some(n) => info.into_iter().find(|i| &i.name == n),
+            None => info.into_iter().next(),
+        }
+    } else {
+        None
+    };
+    let dir = library.parent().unwrap_or(Path::new("."));
+    Ok(crate::device::gpu::prepare_session(
+        g,
+        dir,
+        &cfg.model,
+        input.as_ref(),
+    )?)
+}
+
+#[cfg(not(feature = "gpu"))]
+fn gpu_providers(
+    _g: &GpuSession,
+    _cfg: &OrtConfig,
+    _library: &Path,
+) -> Result<(Vec<ort::ep::ExecutionProviderDispatch>, Option<PathBuf>), EngineError> {
+    Err(crate::device::gpu::GpuError::NotBuilt.into())
+}
+
+/// Whether a folder has no files (or does not exist).
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
 }
 
 static ENV: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
@@ -91,6 +142,9 @@ pub struct OrtConfig {
     /// Let idle intra-op threads spin. Fastest for one model alone on a machine; several stages
     /// sharing cores run better without (a spinning thread burns a core another stage needs).
     pub spin: bool,
+    /// Run on a GPU (`cuda:N`, `tensorrt:N`) instead of the CPU. The session fails rather than
+    /// fall back to the CPU when the GPU's provider cannot be registered.
+    pub gpu: Option<GpuSession>,
 }
 
 fn shape_of(t: &ValueType) -> Vec<i64> {
@@ -103,12 +157,25 @@ fn shape_of(t: &ValueType) -> Vec<i64> {
 impl OrtEngine {
     /// Loads a model.
     pub fn load(cfg: &OrtConfig) -> Result<Self, EngineError> {
-        let (_, env) = init(cfg.library.as_deref())?;
+        let (library, env) = init(cfg.library.as_deref())?;
         let load_err = |e: String| EngineError::Load {
             model: cfg.model.display().to_string(),
             message: e,
         };
+        let (providers, cache) = match &cfg.gpu {
+            Some(g) => gpu_providers(g, cfg, &library)?,
+            None => (Vec::new(), None),
+        };
+        let fresh_cache = cache.as_deref().is_some_and(is_empty_dir);
+        let started = std::time::Instant::now();
         let session = Session::builder(&env)
+            .and_then(|b| {
+                if providers.is_empty() {
+                    Ok(b)
+                } else {
+                    Ok(b.with_execution_providers(&providers)?)
+                }
+            })
             .and_then(|b| {
                 let level = if cfg.optimize {
                     GraphOptimizationLevel::Level3
@@ -121,7 +188,24 @@ impl OrtEngine {
             .and_then(|b| Ok(b.with_inter_threads(1)?))
             .and_then(|b| Ok(b.with_intra_op_spinning(cfg.spin)?))
             .and_then(|mut b| b.commit_from_file(&cfg.model))
-            .map_err(|e| load_err(e.to_string()))?;
+            .map_err(|e| match &cfg.gpu {
+                Some(g) => load_err(format!("on {}: {e}", g.device())),
+                None => load_err(e.to_string()),
+            })?;
+        if let Some(g) = &cfg.gpu {
+            let secs = started.elapsed().as_secs_f64();
+            match &cache {
+                Some(dir) if fresh_cache => tracing::info!(
+                    model = %cfg.model.display(), device = %g.device(), seconds = secs, cache = %dir.display(),
+                    "Built the TensorRT engine (first build; later starts load it from the cache)."
+                ),
+                Some(dir) => tracing::info!(
+                    model = %cfg.model.display(), device = %g.device(), seconds = secs, cache = %dir.display(),
+                    "Loaded the TensorRT engine from the cache."
+                ),
+                None => tracing::info!(model = %cfg.model.display(), device = %g.device(), seconds = secs, "Session on the GPU."),
+            }
+        }
         let describe = |outlets: &[ort::value::Outlet]| -> Vec<TensorInfo> {
             outlets
                 .iter()
@@ -178,6 +262,7 @@ pub fn describe(model: &Path, library: Option<&Path>) -> Result<OrtEngine, Engin
         threads: 1,
         library: library.map(Path::to_path_buf),
         optimize: false,
+        gpu: None,
         spin: false,
     })
 }

@@ -94,6 +94,7 @@ pub(crate) fn engine(path: &Path, cfg: &RunConfig, name: &str) -> Result<OrtEngi
         library: None,
         spin: false,
         optimize: cfg.optimize,
+        gpu: None,
     })
     .map_err(|source| SplitError::Engine {
         block: name.to_string(),

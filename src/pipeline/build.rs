@@ -90,7 +90,8 @@ pub(super) fn build_engines(
                 }
                 _ => None,
             };
-            pool.push(build_runner(s, p.onnxruntime.as_deref(), link).map_err(failed)?);
+            let gpu = stage::gpu_session(s, w, &p.engine_cache);
+            pool.push(build_runner(s, p.onnxruntime.as_deref(), link, gpu).map_err(failed)?);
         }
         out.runners.insert(i, pool);
     }

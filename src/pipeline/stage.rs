@@ -8,6 +8,7 @@ use crate::config::{
     Backend, DetectParams, Device, ImageSpec, ModelKind, Resize, StageSpec, TextDetectParams,
     TextRecognizeParams,
 };
+use crate::device::gpu::GpuSession;
 use crate::engine::ort::{OrtConfig, OrtEngine};
 use crate::engine::{Engine, EngineError, NoopEngine};
 use crate::frame::{Frame, Object, StageOutput, TextLine};
@@ -15,11 +16,40 @@ use crate::postprocess::{classify, ctc, detect, image, text_detect};
 
 use crate::engine::{StageError, StageRunner};
 
-/// Loads the engine of a stage and wraps it in the runner for its model kind.
+/// The GPU session of worker `worker` of a GPU stage (`None` for other devices): its GPU, the
+/// stage's precision and largest batch, the engine cache, and the image size for the
+/// optimisation profile of an input the model leaves dynamic.
+pub fn gpu_session(spec: &StageSpec, worker: usize, cache: &Path) -> Option<GpuSession> {
+    let (backend, index) = spec.device.gpu_of_worker(worker)?;
+    let Device::Gpu { precision, .. } = &spec.device else {
+        return None;
+    };
+    let first = spec.split.as_ref().is_none_or(|s| s.first);
+    let input_hint = spec.model.image.as_ref().filter(|_| first).map(|im| {
+        let (w, h) = (i64::from(im.width), i64::from(im.height));
+        match im.layout {
+            crate::config::Layout::NCHW => vec![3, h, w],
+            crate::config::Layout::NHWC => vec![h, w, 3],
+        }
+    });
+    Some(GpuSession {
+        backend,
+        index,
+        precision: *precision,
+        cache: cache.to_path_buf(),
+        max_batch: spec.max_batch,
+        blocks: spec.split.as_ref().map(|s| s.blocks),
+        input_hint,
+    })
+}
+
+/// Loads the engine of a stage and wraps it in the runner for its model kind; `gpu` is the
+/// worker's GPU session (from [`gpu_session`]) on GPU stages.
 pub fn build_runner(
     spec: &StageSpec,
     library: Option<&Path>,
     link: Option<crate::device::emulated::Link>,
+    gpu: Option<GpuSession>,
 ) -> Result<Box<dyn StageRunner>, EngineError> {
     if let (Device::Emulated { class }, Some(profile)) = (&spec.device, &spec.profile) {
         let mut d = crate::device::emulated::EmulatedDevice::new(
@@ -37,7 +67,7 @@ pub fn build_runner(
         return Ok(Box::new(d));
     }
     let m = &spec.model;
-    let ort = |model: &Path, input: Option<String>| {
+    let ort = |model: &Path, input: Option<String>, gpu: Option<GpuSession>| {
         OrtEngine::load(&OrtConfig {
             model: model.to_path_buf(),
             input,
@@ -45,19 +75,27 @@ pub fn build_runner(
             library: library.map(Path::to_path_buf),
             spin: false,
             optimize: true,
+            gpu,
         })
     };
     let engine: Box<dyn Engine> = match (&spec.split, m.backend) {
         (Some(split), _) => {
             let mut engines = Vec::new();
-            for f in &split.files {
-                engines.push(ort(f, None)?);
+            for (k, f) in split.files.iter().enumerate() {
+                // Each block of the range is its own session (and TensorRT engine).
+                let b = split.blocks[0] + k;
+                let g = gpu.clone().map(|g| GpuSession {
+                    blocks: Some([b, b + 1]),
+                    input_hint: g.input_hint.filter(|_| k == 0),
+                    ..g
+                });
+                engines.push(ort(f, None, g)?);
             }
             Box::new(Chain { engines })
         }
         (None, Backend::Noop) => Box::new(NoopEngine::default()),
         (None, Backend::Onnxruntime) => {
-            Box::new(ort(&m.onnx.clone().unwrap_or_default(), m.input.clone())?)
+            Box::new(ort(&m.onnx.clone().unwrap_or_default(), m.input.clone(), gpu)?)
         }
     };
     let image = m.image.clone().unwrap_or_else(ImageSpec::passthrough);
@@ -149,6 +187,7 @@ pub fn build_recurrent(
         library: library.map(Path::to_path_buf),
         spin: false,
         optimize: true,
+        gpu: None,
     })?;
     crate::recurrent::Recurrent::new(
         Box::new(engine),
