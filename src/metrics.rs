@@ -34,6 +34,7 @@
 //! | `poolpipe_output_frames_total` | counter | output, outcome (`taken`, `written`, `dropped`, `failed`, `unwatched`) |
 //! | `poolpipe_replans_total` | counter | outcome (`applied`, `failed`): re-plans while running (`run --control`) |
 //! | `poolpipe_uptime_seconds` | gauge | |
+//! | `poolpipe_gpu_utilization_ratio`, `poolpipe_gpu_memory_used_bytes`, `poolpipe_gpu_memory_total_bytes`, `poolpipe_gpu_temperature_celsius` | gauge | gpu, name: read from NVML at scrape time (builds with `gpu` and a driver only) |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -622,8 +623,53 @@ impl Collector for PipelineCollector {
             Some(&Unit::Seconds),
             &[(vec![], elapsed)],
         )?;
-        Ok(())
+        gpu_gauges(e, &crate::device::gpu::telemetry())
     }
+}
+
+/// GPU telemetry, read at scrape time (nothing without the `gpu` feature or a driver).
+fn gpu_gauges(
+    e: &mut DescriptorEncoder,
+    gpus: &[crate::device::gpu::GpuInfo],
+) -> Result<(), std::fmt::Error> {
+    if gpus.is_empty() {
+        return Ok(());
+    }
+    let index: Vec<String> = gpus.iter().map(|g| g.index.to_string()).collect();
+    let rows = |f: &dyn Fn(&crate::device::gpu::GpuInfo) -> Option<f64>| {
+        gpus.iter()
+            .zip(&index)
+            .filter_map(|(g, i)| Some((vec![("gpu", i.as_str()), ("name", g.name.as_str())], f(g)?)))
+            .collect::<Vec<_>>()
+    };
+    gauges(
+        e,
+        "poolpipe_gpu_utilization_ratio",
+        "Share of the last sample period the GPU was busy (NVML).",
+        None,
+        &rows(&|g| g.utilization),
+    )?;
+    gauges(
+        e,
+        "poolpipe_gpu_memory_used",
+        "GPU memory in use.",
+        Some(&Unit::Bytes),
+        &rows(&|g| Some(g.memory_used as f64)),
+    )?;
+    gauges(
+        e,
+        "poolpipe_gpu_memory_total",
+        "GPU memory.",
+        Some(&Unit::Bytes),
+        &rows(&|g| Some(g.memory_total as f64)),
+    )?;
+    gauges(
+        e,
+        "poolpipe_gpu_temperature_celsius",
+        "GPU core temperature.",
+        None,
+        &rows(&|g| g.temperature_c.map(f64::from)),
+    )
 }
 
 // Label sets are plain vectors of pairs; make sure that stays encodable.
@@ -631,3 +677,46 @@ const _: fn() = || {
     fn encodable<T: EncodeLabelSet>() {}
     encodable::<Labels<'static>>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Gpus(Vec<crate::device::gpu::GpuInfo>);
+
+    impl Collector for Gpus {
+        fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            gpu_gauges(&mut enc, &self.0)
+        }
+    }
+
+    #[test]
+    fn gpu_telemetry_is_exported_per_gpu() {
+        let gpu = crate::device::gpu::GpuInfo {
+            index: 1,
+            name: "NVIDIA H200".into(),
+            class: "H200".into(),
+            memory_total: 150_000_000_000,
+            memory_used: 2_000_000_000,
+            compute_capability: (9, 0),
+            driver: "580.1".into(),
+            utilization: Some(0.37),
+            temperature_c: None,
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Gpus(vec![gpu])));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("poolpipe_gpu_utilization_ratio{gpu=\"1\",name=\"NVIDIA H200\"} 0.37"), "{text}");
+        assert!(text.contains("poolpipe_gpu_memory_used_bytes{gpu=\"1\",name=\"NVIDIA H200\"} 2000000000"), "{text}");
+        // An unread sensor is left out, not reported as zero.
+        assert!(!text.contains("poolpipe_gpu_temperature_celsius{"), "{text}");
+        // Without GPUs nothing is written.
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Gpus(vec![])));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(!text.contains("poolpipe_gpu"), "{text}");
+    }
+}

@@ -1,9 +1,10 @@
 //! The command line: `run`, `validate`, `split`, `profile`, `plan`, `simulate`, `bench`,
-//! `serve-rtsp`.
+//! `serve-rtsp`, `devices`, `build-engines`.
 //!
 //! Exit codes: 0 success, 1 runtime failure (an engine, sink or the API address could not be
 //! opened, a run that failed), 2 invalid configuration or usage (nothing was started).
 
+mod gpu;
 mod plan;
 mod profile;
 mod run;
@@ -125,6 +126,12 @@ pub enum Command {
     },
     /// Serve a test pattern or an H.264 MP4 over RTSP (for tests and experiments).
     ServeRtsp(serve_rtsp::ServeRtspArgs),
+    /// List the devices stages can run on here: the CPU and each NVIDIA GPU (name, memory,
+    /// compute capability, driver, utilisation, temperature), or why there are no GPUs.
+    Devices(gpu::DevicesArgs),
+    /// Build the TensorRT engine of every `tensorrt:N` stage of a pipeline into the engine cache,
+    /// so that the first run starts without building.
+    BuildEngines(gpu::BuildEnginesArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -160,6 +167,8 @@ pub fn main() -> ExitCode {
             crate::bench::run(which).map_err(|e| CliError::Runtime(format!("{e:#}")))
         }
         Command::ServeRtsp(a) => serve_rtsp::run(a),
+        Command::Devices(a) => gpu::devices(&a),
+        Command::BuildEngines(a) => gpu::build_engines(&a),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,
