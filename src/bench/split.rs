@@ -71,6 +71,7 @@ fn pipeline(
         engine_cache: PathBuf::from("engines/trt-cache"),
         sources: vec![SourceSpec {
             name: "pattern".into(),
+            decode: Default::default(),
             kind: SourceKind::Test {
                 pattern: "ball".into(),
             },

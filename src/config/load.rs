@@ -700,12 +700,14 @@ impl<'a> Validator<'_, 'a> {
                     format!("{}: expected 1..=100 (a stream's share under overload, relative to the others)", c.priority),
                 );
             }
+            let decode = self.source_decode(&base, &c, kind.as_ref());
             let (Some(kind), true) = (kind, self.errors.len() == n) else {
                 ok = false;
                 continue;
             };
             out.push(SourceSpec {
                 name: c.name,
+                decode,
                 kind,
                 max_fps: c.max_fps,
                 looping: c.looping,
@@ -719,6 +721,46 @@ impl<'a> Validator<'_, 'a> {
             });
         }
         ok.then_some(out)
+    }
+
+    /// `decode` (with `gpu` and `codec`) of a source. For `nvdec` the decoder element must be
+    /// registered, which GStreamer does only where the NVIDIA driver loads.
+    fn source_decode(&mut self, base: &str, c: &SourceConfig, kind: Option<&SourceKind>) -> Decode {
+        let nvdec = match c.decode.as_deref() {
+            None | Some("auto") => false,
+            Some("nvdec") => true,
+            Some(other) => {
+                self.err(&format!("{base}.decode"), format!("unknown decoder `{other}`, expected `auto` or `nvdec`"));
+                return Decode::Auto;
+            }
+        };
+        if !nvdec {
+            for key in ["gpu", "codec"] {
+                if self.has(&format!("{base}.{key}")) {
+                    self.err(&format!("{base}.{key}"), format!("`{key}` applies to `decode = \"nvdec\"` only"));
+                }
+            }
+            return Decode::Auto;
+        }
+        if matches!(kind, Some(SourceKind::Test { .. })) {
+            self.err(&format!("{base}.decode"), "test:// sources are generated, not decoded: `nvdec` applies to rtsp and file sources");
+            return Decode::Auto;
+        }
+        let h265 = match c.codec.as_deref() {
+            None | Some("h264") => false,
+            Some("h265") => true,
+            Some(other) => {
+                self.err(&format!("{base}.codec"), format!("unknown codec `{other}`, expected `h264` or `h265`"));
+                return Decode::Auto;
+            }
+        };
+        let decode = Decode::Nvdec { gpu: c.gpu.unwrap_or(0), h265 };
+        if let Some((parser, dec)) = decode.nvdec_elements()
+            && let Err(e) = crate::ingest::init().and_then(|_| crate::ingest::check_elements(&[parser, dec.as_str()]))
+        {
+            self.err(&format!("{base}.decode"), e.to_string());
+        }
+        decode
     }
 
     /// Checks the flow a source names against the file's `[[flow]]`s.

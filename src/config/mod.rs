@@ -129,6 +129,16 @@ pub struct SourceConfig {
     /// RTSP: `tcp` (default) or `udp`.
     #[serde(default)]
     pub transport: Transport,
+    /// Decoder of RTSP and file sources: `auto` (default: GStreamer picks, on the CPU) or
+    /// `nvdec` (NVIDIA's decoder, on GPU `gpu`).
+    #[serde(default)]
+    pub decode: Option<String>,
+    /// `decode = "nvdec"`: the GPU that decodes (default 0).
+    #[serde(default)]
+    pub gpu: Option<u32>,
+    /// `decode = "nvdec"`: the stream's codec, `h264` (default) or `h265`.
+    #[serde(default)]
+    pub codec: Option<String>,
     /// RTSP: jitter buffer latency in milliseconds.
     #[serde(default = "default_latency_ms")]
     pub latency_ms: u32,
@@ -355,11 +365,47 @@ pub enum SourceKind {
     },
 }
 
+/// How a source decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Decode {
+    /// `decodebin` picks a decoder (on the CPU).
+    #[default]
+    Auto,
+    /// NVIDIA's hardware decoder (GStreamer `nvcodec`) on a GPU.
+    Nvdec {
+        /// GPU index.
+        gpu: u32,
+        /// `true` for H.265, `false` for H.264.
+        h265: bool,
+    },
+}
+
+impl Decode {
+    /// The parser and decoder elements of `nvdec` (`h264parse`, `nvh264dec`; GPU n > 0 has
+    /// `nvh264device{n}dec`), none for `auto`.
+    pub fn nvdec_elements(self) -> Option<(&'static str, String)> {
+        match self {
+            Decode::Auto => None,
+            Decode::Nvdec { gpu, h265 } => {
+                let codec = if h265 { "h265" } else { "h264" };
+                let dec = if gpu == 0 {
+                    format!("nv{codec}dec")
+                } else {
+                    format!("nv{codec}device{gpu}dec")
+                };
+                Some((if h265 { "h265parse" } else { "h264parse" }, dec))
+            }
+        }
+    }
+}
+
 /// A validated source.
 #[derive(Debug, Clone)]
 pub struct SourceSpec {
     /// Stream name.
     pub name: String,
+    /// How it decodes.
+    pub decode: Decode,
     /// Where frames come from.
     pub kind: SourceKind,
     /// Frame rate cap, frames per second.

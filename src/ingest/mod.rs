@@ -63,17 +63,22 @@ fn package_of(element: &str) -> &'static str {
         "rtspsrc" | "videoflip" | "rtph264depay" | "qtdemux" => "gstreamer1.0-plugins-good",
         "x264enc" => "gstreamer1.0-plugins-ugly",
         "avdec_h264" => "gstreamer1.0-libav",
+        "h264parse" | "h265parse" => "gstreamer1.0-plugins-bad",
+        e if e.starts_with("nvh26") => {
+            "gstreamer1.0-plugins-bad; GStreamer registers NVIDIA's decoders only where the driver's libcuda.so.1 and libnvcuvid.so.1 load, for each GPU they find (no NVIDIA driver or GPU here?)"
+        }
         "textoverlay" | "clockoverlay" => "gstreamer1.0-x (pango) and gstreamer1.0-plugins-base",
         _ => "gstreamer1.0-plugins-base",
     }
 }
 
 /// Checks that every element a launch string names is installed.
-pub fn check_elements(elements: &[&str]) -> Result<(), IngestError> {
+pub fn check_elements(elements: &[impl AsRef<str>]) -> Result<(), IngestError> {
     for e in elements {
+        let e = e.as_ref();
         if gst::ElementFactory::find(e).is_none() {
             return Err(IngestError::MissingElement {
-                element: (*e).to_string(),
+                element: e.to_string(),
                 package: package_of(e),
             });
         }
@@ -88,33 +93,46 @@ fn quote(s: &str) -> String {
 
 /// The launch string of a source and the elements it needs. The string may contain credentials:
 /// never log it.
-pub fn launch_string(spec: &SourceSpec, fmt: &ImageSpec) -> (String, Vec<&'static str>) {
-    let mut elements = vec!["identity", "videoconvert", "videoscale", "appsink"];
+pub fn launch_string(spec: &SourceSpec, fmt: &ImageSpec) -> (String, Vec<String>) {
+    let mut elements: Vec<String> = ["identity", "videoconvert", "videoscale", "appsink"]
+        .map(String::from)
+        .to_vec();
+    // The decoder: decodebin's choice, or NVIDIA's behind a parser (parsebin depayloads and
+    // demuxes; the codec's parser gives the decoder the stream format it takes).
+    let (decoder, decoder_elements) = match spec.decode.nvdec_elements() {
+        Some((parser, dec)) => (
+            format!("parsebin ! {parser} ! {dec}"),
+            vec!["parsebin".to_string(), parser.to_string(), dec],
+        ),
+        None => ("decodebin".to_string(), vec!["decodebin".to_string()]),
+    };
     let head = match &spec.kind {
         SourceKind::Rtsp {
             url,
             transport,
             latency_ms,
         } => {
-            elements.extend(["rtspsrc", "decodebin"]);
+            elements.push("rtspsrc".into());
+            elements.extend(decoder_elements);
             let proto = match transport {
                 Transport::Tcp => "tcp",
                 Transport::Udp => "udp",
             };
             format!(
-                "rtspsrc location={} protocols={proto} latency={latency_ms} ! decodebin",
+                "rtspsrc location={} protocols={proto} latency={latency_ms} ! {decoder}",
                 quote(url)
             )
         }
         SourceKind::File { path } => {
-            elements.extend(["filesrc", "decodebin"]);
+            elements.push("filesrc".into());
+            elements.extend(decoder_elements);
             format!(
-                "filesrc location={} ! decodebin",
+                "filesrc location={} ! {decoder}",
                 quote(&path.to_string_lossy())
             )
         }
         SourceKind::Test { pattern } => {
-            elements.push("videotestsrc");
+            elements.push("videotestsrc".into());
             let live = spec.pace == Pace::Realtime;
             let n = spec
                 .num_buffers
@@ -127,7 +145,7 @@ pub fn launch_string(spec: &SourceSpec, fmt: &ImageSpec) -> (String, Vec<&'stati
     };
     let rate = match spec.max_fps {
         Some(f) if !matches!(spec.kind, SourceKind::Test { .. }) => {
-            elements.push("videorate");
+            elements.push("videorate".into());
             format!(" ! videorate drop-only=true max-rate={f}")
         }
         _ => String::new(),
@@ -632,6 +650,7 @@ mod tests {
     fn spec(kind: SourceKind) -> SourceSpec {
         SourceSpec {
             name: "cam".into(),
+            decode: Default::default(),
             kind,
             max_fps: Some(5),
             looping: false,
@@ -664,7 +683,19 @@ mod tests {
             l.contains("decodebin ! identity name=pace sync=true"),
             "real-time files are paced before anything drops a frame: {l}"
         );
-        assert!(el.contains(&"filesrc"));
+        assert!(el.iter().any(|e| e == "filesrc"));
+        // NVIDIA's decoder on GPU 1, behind parsebin and the codec's parser.
+        let mut nv = spec(SourceKind::Rtsp {
+            url: "rtsp://h/x".into(),
+            transport: Transport::Tcp,
+            latency_ms: 50,
+        });
+        nv.decode = crate::config::Decode::Nvdec { gpu: 1, h265: true };
+        let (l, el) = launch_string(&nv, &fmt);
+        assert!(l.contains("! parsebin ! h265parse ! nvh265device1dec !"), "{l}");
+        assert!(el.iter().any(|e| e == "nvh265device1dec") && !el.iter().any(|e| e == "decodebin"), "{el:?}");
+        nv.decode = crate::config::Decode::Nvdec { gpu: 0, h265: false };
+        assert!(launch_string(&nv, &fmt).0.contains("! h264parse ! nvh264dec !"));
         let (l, _) = launch_string(
             &spec(SourceKind::Rtsp {
                 url: "rtsp://u:p@h/x".into(),
