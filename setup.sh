@@ -6,6 +6,11 @@
 #   ./setup.sh test     ... then build the Kafka-compatible test broker and run the whole test suite
 #                       (what .ci/run runs)
 #   ./setup.sh kafka    ... then build only the Kafka-compatible test broker (tansu)
+#   ./setup.sh gpu      ... with GPU support: fetches ONNX Runtime's GPU build and the CUDA 13 /
+#                       cuDNN 9 libraries from PyPI into engines/lib-gpu (about 1.5 GB of wheels,
+#                       2.5 GB unpacked) and builds with --features gpu. Needs an NVIDIA driver
+#                       only to run, not to build. TensorRT is not on PyPI: install it from NVIDIA
+#                       for tensorrt:N devices (cuda:N works without it).
 #
 # Every step checks whether its result is already there, so running it twice is cheap.
 set -euo pipefail
@@ -19,6 +24,20 @@ NUMPY_VERSION=2.3.4
 YOLO_WHEEL=hafdh-nadhar==0.1.22   # carries the original Darknet YOLOv3-tiny COCO weights and cfg
 YOLO_SHA256=dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c
 TANSU_VERSION=0.6.0         # Kafka-compatible broker for the Kafka sink test (crates.io; Debian has none)
+# ./setup.sh gpu: ONNX Runtime's GPU build (CUDA 13) and the CUDA libraries its CUDA provider loads.
+GPU_WHEELS=(
+  "onnxruntime-gpu==$ORT_VERSION"
+  nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.1.0.3 nvidia-curand==10.4.0.35
+  nvidia-cufft==12.0.0.61 nvidia-cuda-nvrtc==13.0.88 nvidia-cudnn-cu13==9.28.1.4
+)
+# Only these shared libraries are unpacked (the wheels hold more).
+GPU_LIBS=(
+  'onnxruntime/capi/libonnxruntime.so.*' 'onnxruntime/capi/libonnxruntime_providers_*.so'
+  'nvidia/cu13/lib/libcudart.so.13' 'nvidia/cu13/lib/libcublas.so.13' 'nvidia/cu13/lib/libcublasLt.so.13'
+  'nvidia/cu13/lib/libcurand.so.10' 'nvidia/cu13/lib/libcufft.so.12'
+  'nvidia/cu13/lib/libnvrtc.so.13' 'nvidia/cu13/lib/libnvrtc-builtins.so.13.0'
+  'nvidia/cudnn/lib/libcudnn*.so.9'
+)
 
 APT_PACKAGES=(
   pkg-config unzip python3-venv
@@ -55,8 +74,9 @@ DL="$ROOT/.cache/downloads"
 mkdir -p "$DL"
 pip_download() { # $1 = requirement; downloads a wheel for CPython 3.11 / manylinux x86_64 into $DL
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform any \
-    -d "$DL" "$1"
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 \
+    --platform any -d "$DL" "$1"
 }
 
 # --- 2. ONNX Runtime shared library -----------------------------------------------------------------
@@ -137,12 +157,31 @@ if [ ! -f "$SAMPLE" ]; then
   rm -rf "$tmp"
 fi
 
+# --- 6a. GPU libraries (gpu mode only) -------------------------------------------------------------------
+FEATURES=()
+if [ "${1:-}" = gpu ]; then
+  GPU_DIR="$ROOT/engines/lib-gpu"
+  if [ ! -f "$GPU_DIR/.complete-$ORT_VERSION" ]; then
+    log "Fetching ONNX Runtime $ORT_VERSION (GPU) and the CUDA 13 / cuDNN 9 libraries from PyPI (about 1.5 GB)."
+    for w in "${GPU_WHEELS[@]}"; do pip_download "$w"; done
+    mkdir -p "$GPU_DIR"
+    for w in "${GPU_WHEELS[@]}"; do
+      file=$(ls "$DL"/"$(echo "${w%%==*}" | tr - _)"-"${w##*==}"-*.whl)
+      unzip -o -j -q "$file" "${GPU_LIBS[@]}" -d "$GPU_DIR" 2>/dev/null || [ $? -eq 11 ]   # 11: some patterns are in other wheels
+    done
+    touch "$GPU_DIR/.complete-$ORT_VERSION"
+    log "engines/lib-gpu: $(du -sh "$GPU_DIR" | cut -f1) unpacked from $(du -ch "$DL"/onnxruntime_gpu-*.whl "$DL"/nvidia_*.whl | tail -1 | cut -f1) of wheels."
+  fi
+  ln -sf "libonnxruntime.so.$ORT_VERSION" "$GPU_DIR/libonnxruntime.so"
+  FEATURES=(--features gpu)
+fi
+
 # --- 7. Build ------------------------------------------------------------------------------------------
 if ! command -v cargo >/dev/null; then
   log "cargo is not installed: install Rust (https://rustup.rs) and run this again."; exit 1
 fi
-log "Building the release binary."
-cargo build --release --locked
+log "Building the release binary${FEATURES[*]:+ (${FEATURES[*]})}."
+cargo build --release --locked "${FEATURES[@]}"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/poolpipe"
 export ORT_DYLIB_PATH="$ORT_DIR/libonnxruntime.so"
 
@@ -172,6 +211,11 @@ install_tansu() {
 
 case "${1:-}" in
   "") log "Done. Run the demo: $BIN run pipelines/demo.toml" ;;
+  gpu)
+    export ORT_DYLIB_PATH="$ROOT/engines/lib-gpu/libonnxruntime.so"
+    log "Built with GPU support. What this machine has:"
+    "$BIN" devices
+    log "Run GPU stages with ORT_DYLIB_PATH=$ORT_DYLIB_PATH (the binary finds engines/lib-gpu by itself)." ;;
   demo) exec "$BIN" run pipelines/demo.toml "${@:2}" ;;
   kafka) install_tansu ;;
   test)
@@ -183,5 +227,5 @@ case "${1:-}" in
     log "Soak and overload, 2-minute version (tests/soak.sh 90 30)."
     bash tests/soak.sh 90 30
     ;;
-  *) log "Unknown mode '$1' (expected: demo, test, kafka)."; exit 2 ;;
+  *) log "Unknown mode '$1' (expected: demo, test, kafka, gpu)."; exit 2 ;;
 esac

@@ -87,6 +87,16 @@ fn random_input(batch: usize, sample: &[usize], seed: u64) -> ArrayD<f32> {
 
 /// Loads an ONNX file into an engine.
 pub(crate) fn engine(path: &Path, cfg: &RunConfig, name: &str) -> Result<OrtEngine, SplitError> {
+    engine_on(path, cfg, name, None)
+}
+
+/// Loads an ONNX file into an engine, on a GPU where `gpu` says.
+fn engine_on(
+    path: &Path,
+    cfg: &RunConfig,
+    name: &str,
+    gpu: Option<crate::device::gpu::GpuSession>,
+) -> Result<OrtEngine, SplitError> {
     OrtEngine::load(&OrtConfig {
         model: path.to_path_buf(),
         input: None,
@@ -94,7 +104,7 @@ pub(crate) fn engine(path: &Path, cfg: &RunConfig, name: &str) -> Result<OrtEngi
         library: None,
         spin: false,
         optimize: cfg.optimize,
-        gpu: None,
+        gpu,
     })
     .map_err(|source| SplitError::Engine {
         block: name.to_string(),
@@ -110,6 +120,17 @@ pub(crate) fn timed(
     runs: usize,
     name: &str,
 ) -> Result<(ArrayD<f32>, f64), SplitError> {
+    let (out, times) = timed_all(e, input, runs, name)?;
+    Ok((out, times[times.len() / 2]))
+}
+
+/// One warm-up, then `runs` timed runs (milliseconds, sorted) and the first output.
+fn timed_all(
+    e: &mut OrtEngine,
+    input: &ArrayD<f32>,
+    runs: usize,
+    name: &str,
+) -> Result<(ArrayD<f32>, Vec<f64>), SplitError> {
     let err = |source| SplitError::Engine {
         block: name.to_string(),
         source,
@@ -126,7 +147,7 @@ pub(crate) fn timed(
         .into_iter()
         .next()
         .ok_or_else(|| SplitError::Io(format!("{name}: no output")))?;
-    Ok((first, times[times.len() / 2]))
+    Ok((first, times))
 }
 
 /// Cuts `model_path` into `k` blocks of even measured latency and writes them and
@@ -293,20 +314,89 @@ pub fn profile(
     out: &Path,
     cfg: &RunConfig,
 ) -> Result<Vec<Vec<u64>>, SplitError> {
+    profile_on(dir, max_batch, runs, out, cfg, &ProfileTarget::cpu())
+}
+
+/// Where [`profile_on`] measures.
+#[derive(Debug, Clone)]
+pub struct ProfileTarget {
+    /// Profile class written in the file name (`cpu`, or the GPU's class, e.g. `H200`).
+    pub class: String,
+    /// Processes sharing the device: this many copies of each block run at once and the median
+    /// of all their runs is kept (the published profiles' `share`).
+    pub share: usize,
+    /// The GPU session of block 0 (each block gets its own block range), or `None` for the CPU.
+    pub gpu: Option<crate::device::gpu::GpuSession>,
+}
+
+impl ProfileTarget {
+    /// One process on the CPU.
+    pub fn cpu() -> Self {
+        Self {
+            class: "cpu".into(),
+            share: 1,
+            gpu: None,
+        }
+    }
+}
+
+/// As [`profile`], on `target`: writes `block-timing/{model}-{class}-{share}.csv`.
+pub fn profile_on(
+    dir: &Path,
+    max_batch: usize,
+    runs: usize,
+    out: &Path,
+    cfg: &RunConfig,
+    target: &ProfileTarget,
+) -> Result<Vec<Vec<u64>>, SplitError> {
     let m = read_manifest(dir)?;
-    let mut engines = Vec::new();
-    for b in &m.blocks {
-        engines.push(engine(&dir.join(&b.file), cfg, &b.file)?);
+    let share = target.share.max(1);
+    // One set of block engines per process sharing the device.
+    let mut copies: Vec<Vec<OrtEngine>> = Vec::with_capacity(share);
+    for _ in 0..share {
+        let mut engines = Vec::new();
+        for (i, b) in m.blocks.iter().enumerate() {
+            let gpu = target.gpu.clone().map(|g| crate::device::gpu::GpuSession {
+                blocks: Some([i, i + 1]),
+                max_batch,
+                ..g
+            });
+            engines.push(engine_on(&dir.join(&b.file), cfg, &b.file, gpu)?);
+        }
+        copies.push(engines);
     }
     let mut table = vec![vec![0u64; max_batch]; m.blocks.len()];
     let total = max_batch * m.blocks.len();
     let mut bar = Progress::new("profiling blocks", total);
     for batch in 1..=max_batch {
         let mut x = random_input(batch, &m.sample_shape, batch as u64);
-        for (i, e) in engines.iter_mut().enumerate() {
-            let (y, ms) = timed(e, &x, runs.max(1), &m.blocks[i].file)?;
-            table[i][batch - 1] = (ms * 1e3).round() as u64;
-            x = y;
+        for i in 0..m.blocks.len() {
+            let name = &m.blocks[i].file;
+            // Every copy runs block i at once; the median of all their runs is the latency.
+            let results: Vec<Result<(ArrayD<f32>, Vec<f64>), SplitError>> =
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = copies
+                        .iter_mut()
+                        .map(|engines| {
+                            let x = &x;
+                            s.spawn(move || timed_all(&mut engines[i], x, runs.max(1), name))
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| Err(SplitError::Io(format!("{name}: a measuring thread panicked")))))
+                        .collect()
+                });
+            let mut times = Vec::new();
+            let mut next = None;
+            for r in results {
+                let (y, t) = r?;
+                times.extend(t);
+                next.get_or_insert(y);
+            }
+            times.sort_by(f64::total_cmp);
+            table[i][batch - 1] = (times[times.len() / 2] * 1e3).round() as u64;
+            x = next.unwrap_or(x);
             bar.inc(&format!("block {i} at batch {batch}"));
         }
     }
@@ -320,7 +410,7 @@ pub fn profile(
         .collect();
     std::fs::write(
         out.join("block-timing")
-            .join(format!("{}-cpu-1.csv", m.model)),
+            .join(format!("{}-{}-{share}.csv", m.model, target.class)),
         rows.join("\n") + "\n",
     )
     .map_err(io)?;
