@@ -226,6 +226,11 @@ case "${1:-}" in
     cargo test --release --locked -- --test-threads=2 "${@:2}"
     log "Soak and overload, 2-minute version (tests/soak.sh 90 30)."
     bash tests/soak.sh 90 30
+    # GPU support is built and checked here too (no GPU, no driver, no CUDA on this machine): it
+    # compiles cleanly, its unit tests pass, and every GPU request fails with its reason.
+    log "The gpu feature: clippy, unit tests and GPU refusals without a GPU."
+    cargo clippy --release --locked --all-targets --features gpu -- -D warnings
+    cargo test --release --locked --features gpu --lib --test gpu -- --test-threads=2
     ;;
   *) log "Unknown mode '$1' (expected: demo, test, kafka, gpu)."; exit 2 ;;
 esac

@@ -639,7 +639,9 @@ fn gpu_gauges(
     let rows = |f: &dyn Fn(&crate::device::gpu::GpuInfo) -> Option<f64>| {
         gpus.iter()
             .zip(&index)
-            .filter_map(|(g, i)| Some((vec![("gpu", i.as_str()), ("name", g.name.as_str())], f(g)?)))
+            .filter_map(|(g, i)| {
+                Some((vec![("gpu", i.as_str()), ("name", g.name.as_str())], f(g)?))
+            })
             .collect::<Vec<_>>()
     };
     gauges(
@@ -708,10 +710,21 @@ mod tests {
         registry.register_collector(Box::new(Gpus(vec![gpu])));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        assert!(text.contains("poolpipe_gpu_utilization_ratio{gpu=\"1\",name=\"NVIDIA H200\"} 0.37"), "{text}");
-        assert!(text.contains("poolpipe_gpu_memory_used_bytes{gpu=\"1\",name=\"NVIDIA H200\"} 2000000000"), "{text}");
+        assert!(
+            text.contains("poolpipe_gpu_utilization_ratio{gpu=\"1\",name=\"NVIDIA H200\"} 0.37"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "poolpipe_gpu_memory_used_bytes{gpu=\"1\",name=\"NVIDIA H200\"} 2000000000"
+            ),
+            "{text}"
+        );
         // An unread sensor is left out, not reported as zero.
-        assert!(!text.contains("poolpipe_gpu_temperature_celsius{"), "{text}");
+        assert!(
+            !text.contains("poolpipe_gpu_temperature_celsius{"),
+            "{text}"
+        );
         // Without GPUs nothing is written.
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Gpus(vec![])));

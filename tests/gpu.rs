@@ -33,9 +33,13 @@ fn pipeline(stage: &str) -> String {
 
 /// Whether the NVIDIA driver's library loads here.
 fn driver_present() -> bool {
-    ["/usr/lib/x86_64-linux-gnu/libcuda.so.1", "/usr/lib64/libcuda.so.1", "/usr/lib/libcuda.so.1"]
-        .iter()
-        .any(|p| std::path::Path::new(p).exists())
+    [
+        "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
+        "/usr/lib64/libcuda.so.1",
+        "/usr/lib/libcuda.so.1",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists())
 }
 
 #[test]
@@ -50,43 +54,57 @@ fn a_gpu_device_is_refused_at_its_line_with_the_reason() {
     if !cfg!(feature = "gpu") {
         assert_eq!(e.message, NOT_BUILT);
     } else if !driver_present() {
-        assert!(e.message.starts_with("no NVIDIA driver: libcuda.so.1 cannot be loaded"), "{e}");
+        assert!(
+            e.message
+                .starts_with("no NVIDIA driver: libcuda.so.1 cannot be loaded"),
+            "{e}"
+        );
     } else {
         assert!(e.message.starts_with("cuda:7: this machine has"), "{e}");
     }
     let errs = errors(&pipeline("devices = [\"tensorrt:0\", \"tensorrt:9\"]\n"));
-    assert!(errs.iter().any(|d| d.key == "stage[0].devices"), "{}", show(&errs));
+    assert!(
+        errs.iter().any(|d| d.key == "stage[0].devices"),
+        "{}",
+        show(&errs)
+    );
 }
 
 #[test]
 fn gpu_keys_are_checked_before_anything_starts() {
     let errs = errors(&pipeline("device = \"cpu\"\nprecision = \"fp16\"\n"));
     assert!(
-        errs.iter().any(|d| d.key == "stage[0].precision" && d.message.contains("applies to GPU devices")),
+        errs.iter()
+            .any(|d| d.key == "stage[0].precision" && d.message.contains("applies to GPU devices")),
         "{}",
         show(&errs)
     );
     let errs = errors(&pipeline("device = \"cuda:0\"\ndevices = [\"cuda:1\"]\n"));
     assert!(
-        errs.iter().any(|d| d.key == "stage[0].devices" && d.message.contains("not both")),
+        errs.iter()
+            .any(|d| d.key == "stage[0].devices" && d.message.contains("not both")),
         "{}",
         show(&errs)
     );
     let errs = errors(&pipeline("devices = [\"cuda:0\", \"tensorrt:1\"]\n"));
     assert!(
-        errs.iter().any(|d| d.message.contains("mixes cuda: and tensorrt:")),
+        errs.iter()
+            .any(|d| d.message.contains("mixes cuda: and tensorrt:")),
         "{}",
         show(&errs)
     );
     let errs = errors(&pipeline("device = \"cuda:0\"\nprecision = \"fp16\"\n"));
     assert!(
-        errs.iter().any(|d| d.key == "stage[0].precision" && d.message.contains("needs a `tensorrt:N` device")),
+        errs.iter()
+            .any(|d| d.key == "stage[0].precision"
+                && d.message.contains("needs a `tensorrt:N` device")),
         "{}",
         show(&errs)
     );
     let errs = errors(&pipeline("device = \"cuda:one\"\n"));
     assert!(
-        errs.iter().any(|d| d.message.contains("expected cuda:<GPU index>")),
+        errs.iter()
+            .any(|d| d.message.contains("expected cuda:<GPU index>")),
         "{}",
         show(&errs)
     );
@@ -121,9 +139,14 @@ fn nvdec_without_the_nvidia_decoder_names_the_element_and_the_driver() {
         header("nvdec", 1000),
         "[[stage]]\nname = \"s\"\nmodel = \"noop\"\n\n[[sink]]\ntype = \"jsonl\"\n"
     ));
-    assert!(errs.iter().any(|d| d.key == "source[0].codec"), "{}", show(&errs));
     assert!(
-        errs.iter().any(|d| d.key == "source[1].decode" && d.message.contains("not decoded")),
+        errs.iter().any(|d| d.key == "source[0].codec"),
+        "{}",
+        show(&errs)
+    );
+    assert!(
+        errs.iter()
+            .any(|d| d.key == "source[1].decode" && d.message.contains("not decoded")),
         "{}",
         show(&errs)
     );
@@ -147,7 +170,10 @@ fn devices_says_why_there_is_no_gpu_and_run_refuses_one() {
     assert!(text.contains(reason), "{text}");
     let json: serde_json::Value =
         serde_json::from_slice(&poolpipe(&["devices", "--json"]).stdout).unwrap();
-    assert!(json["gpus"].is_null() && json["gpu_error"].is_string(), "{json}");
+    assert!(
+        json["gpus"].is_null() && json["gpu_error"].is_string(),
+        "{json}"
+    );
     assert!(json["cpu"]["cores"].as_u64().unwrap() >= 1);
 
     let dir = tempfile::tempdir().unwrap();
@@ -156,7 +182,10 @@ fn devices_says_why_there_is_no_gpu_and_run_refuses_one() {
         let out = poolpipe(&[cmd, p.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{cmd}: {stderr}");
-        assert!(stderr.contains(":13:10: `stage[0].device`"), "{cmd}: {stderr}");
+        assert!(
+            stderr.contains(":13:10: `stage[0].device`"),
+            "{cmd}: {stderr}"
+        );
     }
     let p = write(dir.path(), "q.toml", &pipeline("device = \"cpu\"\n"));
     let out = poolpipe(&["build-engines", p.to_str().unwrap()]);

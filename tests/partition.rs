@@ -152,20 +152,44 @@ fn a_profile_of_the_blocks_is_readable_as_a_profile() {
     // Two processes sharing the CPU: the `share` 2 file, read back at share 2.
     let out = out.to_str().unwrap();
     let o = poolpipe(&[
-        "profile", blocks.to_str().unwrap(), "--batch", "1..2", "--runs", "2", "--share", "2",
-        "--threads", "1", "--out", out,
+        "profile",
+        blocks.to_str().unwrap(),
+        "--batch",
+        "1..2",
+        "--runs",
+        "2",
+        "--share",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        out,
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let p = poolpipe::profile::Profiles::load_dir(std::path::Path::new(out), None).unwrap();
     assert!(p.latency("mobilenetv2", "cpu", 2, 0..2, 2).unwrap() > std::time::Duration::ZERO);
     // A GPU in a build without GPU support says how to get one; an emulated device is refused.
     if !cfg!(feature = "gpu") {
-        let o = poolpipe(&["profile", blocks.to_str().unwrap(), "--device", "cuda:0", "--out", out]);
+        let o = poolpipe(&[
+            "profile",
+            blocks.to_str().unwrap(),
+            "--device",
+            "cuda:0",
+            "--out",
+            out,
+        ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(err.contains(poolpipe::device::gpu::NOT_BUILT), "{err}");
     }
-    let o = poolpipe(&["profile", blocks.to_str().unwrap(), "--device", "emulated:T4", "--out", out]);
+    let o = poolpipe(&[
+        "profile",
+        blocks.to_str().unwrap(),
+        "--device",
+        "emulated:T4",
+        "--out",
+        out,
+    ]);
     assert_eq!(o.status.code(), Some(2));
 }
 

@@ -13,6 +13,7 @@ pub mod batcher;
 pub mod control;
 pub mod detect;
 pub mod family;
+pub mod gpu;
 pub mod osd;
 pub mod outputs;
 pub mod plan_run;
@@ -98,6 +99,38 @@ pub enum BenchCommand {
         /// Offered results per second in the latency runs (3 s each).
         #[arg(long, default_value_t = 500.0)]
         rate: f64,
+    },
+    /// Models on a device (`cuda:N`, `tensorrt:N`; `cpu` to try it): outputs against the CPU's,
+    /// and images/s against Python onnxruntime on the same device, model and batch.
+    Gpu {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Device.
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// ONNX models with one image input.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "engines/bench/resnet50.onnx,engines/ppocr/ch_PP-OCRv4_det_infer.onnx"
+        )]
+        models: Vec<PathBuf>,
+        /// Batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        batches: Vec<usize>,
+        /// Timed runs per measurement.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Height and width of inputs the model leaves dynamic.
+        #[arg(long, default_value = "576x768")]
+        hw: String,
+        /// Python with onnxruntime (onnxruntime-gpu for a GPU device).
+        #[arg(long, default_value = ".venv/bin/python")]
+        python: PathBuf,
+        /// TensorRT engine cache.
+        #[arg(long, default_value = "engines/trt-cache")]
+        engine_cache: PathBuf,
     },
     /// Cost of cutting ResNet-50 and the PP-OCR detector into 2 and 4 blocks.
     Split {
@@ -411,6 +444,31 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             };
             let report = control::report(&profiles, load, &settings, goodput, json)?;
             emit(json, &report, |r| r.table())
+        }
+        BenchCommand::Gpu {
+            json,
+            device,
+            models,
+            batches,
+            iters,
+            hw,
+            python,
+            engine_cache,
+        } => {
+            let hw = hw
+                .split_once('x')
+                .and_then(|(h, w)| Some((h.parse().ok()?, w.parse().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("--hw takes HEIGHTxWIDTH, got `{hw}`"))?;
+            let report = gpu::run(&gpu::GpuBench {
+                device,
+                models,
+                batches,
+                iters: iters.max(1),
+                hw,
+                python,
+                engine_cache,
+            })?;
+            emit(json, &report, gpu::table)
         }
         BenchCommand::Split { json, runs, root } => {
             let reports = split::run(&root, runs.max(1))?;

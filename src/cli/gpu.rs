@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use super::CliError;
 use super::validate::{LoadArgs, load};
-use crate::device::gpu::{self, GpuBackend};
 use crate::device::Device;
+use crate::device::gpu::{self, GpuBackend};
 
 /// Arguments of `poolpipe devices`.
 #[derive(Debug, clap::Args)]
@@ -45,7 +45,8 @@ pub fn devices(a: &DevicesArgs) -> Result<(), CliError> {
                     g.compute_capability.0,
                     g.compute_capability.1,
                     g.driver,
-                    g.utilization.map_or("?".into(), |u| format!("{:.0}%", u * 100.0)),
+                    g.utilization
+                        .map_or("?".into(), |u| format!("{:.0}%", u * 100.0)),
                     g.temperature_c.map_or("?".into(), |t| format!("{t} C")),
                 );
             }
@@ -94,9 +95,8 @@ pub fn build_engines(a: &BuildEnginesArgs) -> Result<(), CliError> {
         let g = crate::pipeline::stage::gpu_session(s, w, &p.engine_cache);
         let device = g.as_ref().map(gpu::GpuSession::device).unwrap_or_default();
         let started = Instant::now();
-        crate::pipeline::stage::build_runner(s, p.onnxruntime.as_deref(), None, g).map_err(
-            |e| CliError::Runtime(format!("stage `{}` on {device}: {e}", s.name)),
-        )?;
+        crate::pipeline::stage::build_runner(s, p.onnxruntime.as_deref(), None, g)
+            .map_err(|e| CliError::Runtime(format!("stage `{}` on {device}: {e}", s.name)))?;
         bar.line(&format!(
             "stage {} on {device}: {:.1} s",
             s.name,

@@ -43,7 +43,10 @@ pub struct ProfileArgs {
 pub fn run(a: ProfileArgs) -> Result<(), CliError> {
     use crate::device::{Device, gpu};
     if !(1..=16).contains(&a.share) {
-        return Err(CliError::Usage(format!("--share {}: expected 1..=16", a.share)));
+        return Err(CliError::Usage(format!(
+            "--share {}: expected 1..=16",
+            a.share
+        )));
     }
     let target = match Device::parse(&a.device).map_err(CliError::Usage)? {
         Device::Cpu => crate::partition::split::ProfileTarget {
@@ -63,7 +66,13 @@ pub fn run(a: ProfileArgs) -> Result<(), CliError> {
             let device = format!("{}:{index}", backend.prefix());
             let list = gpu::list().map_err(|e| CliError::Runtime(e.to_string()))?;
             let info = list.iter().find(|g| g.index == index).ok_or_else(|| {
-                CliError::Runtime(gpu::GpuError::Absent { device, count: list.len() }.to_string())
+                CliError::Runtime(
+                    gpu::GpuError::Absent {
+                        device,
+                        count: list.len(),
+                    }
+                    .to_string(),
+                )
             })?;
             crate::partition::split::ProfileTarget {
                 class: info.class.clone(),

@@ -730,14 +730,20 @@ impl<'a> Validator<'_, 'a> {
             None | Some("auto") => false,
             Some("nvdec") => true,
             Some(other) => {
-                self.err(&format!("{base}.decode"), format!("unknown decoder `{other}`, expected `auto` or `nvdec`"));
+                self.err(
+                    &format!("{base}.decode"),
+                    format!("unknown decoder `{other}`, expected `auto` or `nvdec`"),
+                );
                 return Decode::Auto;
             }
         };
         if !nvdec {
             for key in ["gpu", "codec"] {
                 if self.has(&format!("{base}.{key}")) {
-                    self.err(&format!("{base}.{key}"), format!("`{key}` applies to `decode = \"nvdec\"` only"));
+                    self.err(
+                        &format!("{base}.{key}"),
+                        format!("`{key}` applies to `decode = \"nvdec\"` only"),
+                    );
                 }
             }
             return Decode::Auto;
@@ -750,13 +756,20 @@ impl<'a> Validator<'_, 'a> {
             None | Some("h264") => false,
             Some("h265") => true,
             Some(other) => {
-                self.err(&format!("{base}.codec"), format!("unknown codec `{other}`, expected `h264` or `h265`"));
+                self.err(
+                    &format!("{base}.codec"),
+                    format!("unknown codec `{other}`, expected `h264` or `h265`"),
+                );
                 return Decode::Auto;
             }
         };
-        let decode = Decode::Nvdec { gpu: c.gpu.unwrap_or(0), h265 };
+        let decode = Decode::Nvdec {
+            gpu: c.gpu.unwrap_or(0),
+            h265,
+        };
         if let Some((parser, dec)) = decode.nvdec_elements()
-            && let Err(e) = crate::ingest::init().and_then(|_| crate::ingest::check_elements(&[parser, dec.as_str()]))
+            && let Err(e) = crate::ingest::init()
+                .and_then(|_| crate::ingest::check_elements(&[parser, dec.as_str()]))
         {
             self.err(&format!("{base}.decode"), e.to_string());
         }
@@ -911,17 +924,14 @@ impl<'a> Validator<'_, 'a> {
                     }
                 }
             }
-            let has_split =
-                model.as_ref().is_some_and(|m| m.split.is_some())
-                    && device.as_ref().is_some_and(Device::runs_models);
+            let has_split = model.as_ref().is_some_and(|m| m.split.is_some())
+                && device.as_ref().is_some_and(Device::runs_models);
             let profile = match &device {
                 Some(d) => self.stage_profile(&base, &c, d, profiles, out.last(), has_split),
                 None => None,
             };
             let split = match (&model, &device) {
-                (Some(m), Some(d)) if d.runs_models() => {
-                    self.stage_split(&base, &c, m, out.last())
-                }
+                (Some(m), Some(d)) if d.runs_models() => self.stage_split(&base, &c, m, out.last()),
                 _ => None,
             };
             let mut boxes_from = None;
@@ -1445,7 +1455,14 @@ impl<'a> Validator<'_, 'a> {
         let mut device = parsed.map_err(|e| self.err(&key, e)).ok()?;
         let precision_key = format!("{base}.precision");
         match (&mut device, &c.precision) {
-            (Device::Gpu { backend, gpus, precision }, p) => {
+            (
+                Device::Gpu {
+                    backend,
+                    gpus,
+                    precision,
+                },
+                p,
+            ) => {
                 if let Some(p) = p {
                     match crate::device::gpu::Precision::parse(p)
                         .and_then(|p| crate::device::gpu::check_precision(*backend, p).map(|_| p))
@@ -1467,7 +1484,10 @@ impl<'a> Validator<'_, 'a> {
                 }
             }
             (_, Some(_)) => {
-                self.err(&precision_key, "`precision` applies to GPU devices (`cuda:N`, `tensorrt:N`)");
+                self.err(
+                    &precision_key,
+                    "`precision` applies to GPU devices (`cuda:N`, `tensorrt:N`)",
+                );
                 return None;
             }
             (_, None) => {}

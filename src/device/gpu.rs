@@ -107,7 +107,9 @@ pub enum GpuError {
         count: usize,
     },
     /// ONNX Runtime's GPU provider (or a CUDA library it needs) is missing.
-    #[error("{device}: {lib} is missing (looked in {dir}); run ./setup.sh gpu, which installs it into engines/lib-gpu")]
+    #[error(
+        "{device}: {lib} is missing (looked in {dir}); run ./setup.sh gpu, which installs it into engines/lib-gpu"
+    )]
     ProviderMissing {
         /// The device.
         device: String,
@@ -222,10 +224,7 @@ pub fn class_of(name: &str) -> String {
         .collect();
     let joined = words.join("");
     let base = joined.split('-').next().unwrap_or_default();
-    let class: String = base
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
+    let class: String = base.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
     if class.is_empty() {
         "GPU".into()
     } else {
@@ -308,7 +307,13 @@ pub fn cache_key(
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let blocks = blocks.map_or("all".to_string(), |[a, b]| format!("b{a}-{b}"));
     format!(
@@ -350,7 +355,12 @@ pub fn cuda_options(s: &GpuSession) -> Vec<(&'static str, String)> {
         ("device_id", s.index.to_string()),
         (
             "use_tf32",
-            if s.precision == Precision::Tf32 { "1" } else { "0" }.to_string(),
+            if s.precision == Precision::Tf32 {
+                "1"
+            } else {
+                "0"
+            }
+            .to_string(),
         ),
     ]
 }
@@ -452,7 +462,10 @@ mod tests {
         let msg = check_provider_libs("tensorrt:0", GpuBackend::TensorRt, dir.path())
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("libonnxruntime_providers_tensorrt.so"), "{msg}");
+        assert!(
+            msg.contains("libonnxruntime_providers_tensorrt.so"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -504,7 +517,11 @@ mod tests {
         assert_eq!(get("trt_engine_cache_enable"), Some("1"));
         assert_eq!(get("trt_engine_cache_path"), Some("/c/k"));
         assert_eq!(get("trt_profile_max_shapes"), Some("x:8x3x32x32"));
-        let o = tensorrt_options(&session(GpuBackend::TensorRt, Precision::Fp32), Path::new("/c/k"), None);
+        let o = tensorrt_options(
+            &session(GpuBackend::TensorRt, Precision::Fp32),
+            Path::new("/c/k"),
+            None,
+        );
         assert!(o.iter().any(|(k, v)| *k == "trt_fp16_enable" && v == "0"));
         assert!(!o.iter().any(|(k, _)| k.starts_with("trt_profile")));
         let c = cuda_options(&session(GpuBackend::Cuda, Precision::Fp32));
@@ -529,7 +546,9 @@ mod tests {
         assert_eq!(count(), Err(GpuError::NotBuilt));
         assert_eq!(list(), Err(GpuError::NotBuilt));
         assert!(telemetry().is_empty());
-        let msg = check_devices(&[("cuda:0".into(), 0)]).unwrap_err().to_string();
+        let msg = check_devices(&[("cuda:0".into(), 0)])
+            .unwrap_err()
+            .to_string();
         assert_eq!(msg, NOT_BUILT);
         assert!(check_devices(&[]).is_ok());
     }

@@ -91,7 +91,10 @@ impl Device {
                     ..
                 } => {
                     if backend.is_some_and(|x| x != b) {
-                        return Err("`devices` mixes cuda: and tensorrt: devices; a pool has one backend".into());
+                        return Err(
+                            "`devices` mixes cuda: and tensorrt: devices; a pool has one backend"
+                                .into(),
+                        );
                     }
                     if gpus.contains(&g[0]) {
                         return Err(format!("`{d}` is listed twice"));
@@ -186,14 +189,22 @@ mod tests {
                 precision: gpu::Precision::Fp32,
             })
         );
-        assert!(Device::parse("cuda:x").unwrap_err().contains("cuda:<GPU index>"));
+        assert!(
+            Device::parse("cuda:x")
+                .unwrap_err()
+                .contains("cuda:<GPU index>")
+        );
         assert!(Device::parse("cuda:+1").is_err());
         let two = Device::parse_list(&["cuda:0".into(), "cuda:1".into()]).unwrap();
         assert_eq!(two.to_string(), "cuda:0,cuda:1");
         assert_eq!(two.gpu_of_worker(3), Some((GpuBackend::Cuda, 1)));
         assert!(Device::parse_list(&["cuda:0".into(), "tensorrt:1".into()]).is_err());
         assert!(Device::parse_list(&["cuda:0".into(), "cuda:0".into()]).is_err());
-        assert!(Device::parse_list(&["cpu".into()]).unwrap_err().contains("goes in `device`"));
+        assert!(
+            Device::parse_list(&["cpu".into()])
+                .unwrap_err()
+                .contains("goes in `device`")
+        );
         assert!(
             Device::parse("gpu")
                 .unwrap_err()

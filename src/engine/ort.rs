@@ -203,7 +203,9 @@ impl OrtEngine {
                     model = %cfg.model.display(), device = %g.device(), seconds = secs, cache = %dir.display(),
                     "Loaded the TensorRT engine from the cache."
                 ),
-                None => tracing::info!(model = %cfg.model.display(), device = %g.device(), seconds = secs, "Session on the GPU."),
+                None => {
+                    tracing::info!(model = %cfg.model.display(), device = %g.device(), seconds = secs, "Session on the GPU.")
+                }
             }
         }
         let describe = |outlets: &[ort::value::Outlet]| -> Vec<TensorInfo> {

@@ -692,10 +692,23 @@ mod tests {
         });
         nv.decode = crate::config::Decode::Nvdec { gpu: 1, h265: true };
         let (l, el) = launch_string(&nv, &fmt);
-        assert!(l.contains("! parsebin ! h265parse ! nvh265device1dec !"), "{l}");
-        assert!(el.iter().any(|e| e == "nvh265device1dec") && !el.iter().any(|e| e == "decodebin"), "{el:?}");
-        nv.decode = crate::config::Decode::Nvdec { gpu: 0, h265: false };
-        assert!(launch_string(&nv, &fmt).0.contains("! h264parse ! nvh264dec !"));
+        assert!(
+            l.contains("! parsebin ! h265parse ! nvh265device1dec !"),
+            "{l}"
+        );
+        assert!(
+            el.iter().any(|e| e == "nvh265device1dec") && !el.iter().any(|e| e == "decodebin"),
+            "{el:?}"
+        );
+        nv.decode = crate::config::Decode::Nvdec {
+            gpu: 0,
+            h265: false,
+        };
+        assert!(
+            launch_string(&nv, &fmt)
+                .0
+                .contains("! h264parse ! nvh264dec !")
+        );
         let (l, _) = launch_string(
             &spec(SourceKind::Rtsp {
                 url: "rtsp://u:p@h/x".into(),

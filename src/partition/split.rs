@@ -124,13 +124,11 @@ pub(crate) fn timed(
     Ok((out, times[times.len() / 2]))
 }
 
+/// The first output of a block and its run times in milliseconds, sorted.
+type Timed = Result<(ArrayD<f32>, Vec<f64>), SplitError>;
+
 /// One warm-up, then `runs` timed runs (milliseconds, sorted) and the first output.
-fn timed_all(
-    e: &mut OrtEngine,
-    input: &ArrayD<f32>,
-    runs: usize,
-    name: &str,
-) -> Result<(ArrayD<f32>, Vec<f64>), SplitError> {
+fn timed_all(e: &mut OrtEngine, input: &ArrayD<f32>, runs: usize, name: &str) -> Timed {
     let err = |source| SplitError::Engine {
         block: name.to_string(),
         source,
@@ -373,20 +371,25 @@ pub fn profile_on(
         for i in 0..m.blocks.len() {
             let name = &m.blocks[i].file;
             // Every copy runs block i at once; the median of all their runs is the latency.
-            let results: Vec<Result<(ArrayD<f32>, Vec<f64>), SplitError>> =
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = copies
-                        .iter_mut()
-                        .map(|engines| {
-                            let x = &x;
-                            s.spawn(move || timed_all(&mut engines[i], x, runs.max(1), name))
+            let results: Vec<Timed> = std::thread::scope(|s| {
+                let handles: Vec<_> = copies
+                    .iter_mut()
+                    .map(|engines| {
+                        let x = &x;
+                        s.spawn(move || timed_all(&mut engines[i], x, runs.max(1), name))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(SplitError::Io(format!(
+                                "{name}: a measuring thread panicked"
+                            )))
                         })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|_| Err(SplitError::Io(format!("{name}: a measuring thread panicked")))))
-                        .collect()
-                });
+                    })
+                    .collect()
+            });
             let mut times = Vec::new();
             let mut next = None;
             for r in results {

@@ -94,9 +94,11 @@ pub fn build_runner(
             Box::new(Chain { engines })
         }
         (None, Backend::Noop) => Box::new(NoopEngine::default()),
-        (None, Backend::Onnxruntime) => {
-            Box::new(ort(&m.onnx.clone().unwrap_or_default(), m.input.clone(), gpu)?)
-        }
+        (None, Backend::Onnxruntime) => Box::new(ort(
+            &m.onnx.clone().unwrap_or_default(),
+            m.input.clone(),
+            gpu,
+        )?),
     };
     let image = m.image.clone().unwrap_or_else(ImageSpec::passthrough);
     let input = match &spec.split {

@@ -8,9 +8,8 @@ use std::sync::OnceLock;
 use ort::ep::{ArbitrarilyConfigurableExecutionProvider, ExecutionProviderDispatch};
 
 use super::{
-    CUDA_LIBS, CUDNN_LIBS, GpuBackend, GpuError, GpuInfo, GpuSession, TENSORRT_LIBS,
-    cache_key, check_index, check_provider_libs, class_of, cuda_options, profile_shapes,
-    tensorrt_options,
+    CUDA_LIBS, CUDNN_LIBS, GpuBackend, GpuError, GpuInfo, GpuSession, TENSORRT_LIBS, cache_key,
+    check_index, check_provider_libs, class_of, cuda_options, profile_shapes, tensorrt_options,
 };
 use crate::engine::TensorInfo;
 
@@ -165,7 +164,10 @@ pub fn prepare_session(
             count: 0,
         })?;
     let bytes = std::fs::read(model).map_err(|e| {
-        GpuError::Driver(format!("cannot read {} for its cache key: {e}", model.display()))
+        GpuError::Driver(format!(
+            "cannot read {} for its cache key: {e}",
+            model.display()
+        ))
     })?;
     let key = cache_key(
         model,
@@ -178,7 +180,10 @@ pub fn prepare_session(
     );
     let dir = s.cache.join(key);
     std::fs::create_dir_all(&dir).map_err(|e| {
-        GpuError::Driver(format!("cannot create the engine cache {}: {e}", dir.display()))
+        GpuError::Driver(format!(
+            "cannot create the engine cache {}: {e}",
+            dir.display()
+        ))
     })?;
     let profile = input.and_then(|i| {
         profile_shapes(
@@ -209,7 +214,10 @@ mod tests {
     fn a_missing_driver_library_is_named() {
         let e = probe_driver("libcuda-absent-for-this-test.so.1").unwrap_err();
         let msg = e.to_string();
-        assert!(msg.starts_with("no NVIDIA driver: libcuda-absent-for-this-test.so.1 cannot be loaded"), "{msg}");
+        assert!(
+            msg.starts_with("no NVIDIA driver: libcuda-absent-for-this-test.so.1 cannot be loaded"),
+            "{msg}"
+        );
         assert!(msg.contains("install the NVIDIA driver"), "{msg}");
     }
 
@@ -218,16 +226,28 @@ mod tests {
     fn queries_follow_the_driver() {
         match load_library(LIBCUDA) {
             Err(_) => {
-                assert!(matches!(count(), Err(GpuError::NoDriver { .. })), "{:?}", count());
-                assert!(super::super::check_devices(&[("cuda:0".into(), 0)])
-                    .unwrap_err()
-                    .to_string()
-                    .contains("no NVIDIA driver"));
+                assert!(
+                    matches!(count(), Err(GpuError::NoDriver { .. })),
+                    "{:?}",
+                    count()
+                );
+                assert!(
+                    super::super::check_devices(&[("cuda:0".into(), 0)])
+                        .unwrap_err()
+                        .to_string()
+                        .contains("no NVIDIA driver")
+                );
             }
             Ok(()) => {
                 let n = count().unwrap();
                 let e = super::super::check_devices(&[("cuda:99".into(), 99)]).unwrap_err();
-                assert_eq!(e.to_string(), format!("cuda:99: this machine has {n} GPU{}", if n == 1 { "" } else { "s" }));
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "cuda:99: this machine has {n} GPU{}",
+                        if n == 1 { "" } else { "s" }
+                    )
+                );
             }
         }
         if load_library(LIBNVML).is_err() {

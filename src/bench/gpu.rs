@@ -1,0 +1,252 @@
+//! `poolpipe bench gpu`: a model on a device (`cuda:N`, `tensorrt:N`, or `cpu` to try the bench
+//! itself) against the same model on the CPU (largest relative difference of the outputs, same
+//! input) and against Python `onnxruntime` on the same device, model and batch (images/s).
+//! `tests/gpu/check.sh` runs it on a machine with a GPU.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use ndarray::ArrayD;
+use serde::Serialize;
+
+use crate::device::Device;
+use crate::device::gpu::{GpuSession, Precision};
+use crate::engine::Engine;
+use crate::engine::ort::{OrtConfig, OrtEngine};
+
+/// What `bench gpu` measures.
+#[derive(Debug, Clone)]
+pub struct GpuBench {
+    /// The device (`cuda:0`, `tensorrt:0`, `cpu`).
+    pub device: String,
+    /// Models (ONNX files with one image input).
+    pub models: Vec<PathBuf>,
+    /// Batch sizes of the throughput runs.
+    pub batches: Vec<usize>,
+    /// Timed runs per measurement.
+    pub iters: usize,
+    /// Height and width for inputs whose size the model leaves dynamic.
+    pub hw: (usize, usize),
+    /// Python with `onnxruntime` (the GPU build for a GPU device).
+    pub python: PathBuf,
+    /// Engine cache of TensorRT.
+    pub engine_cache: PathBuf,
+}
+
+/// One model's figures.
+#[derive(Debug, Serialize)]
+pub struct ModelRow {
+    /// Model file name.
+    pub model: String,
+    /// Largest |device - cpu| over the largest |cpu| of each output (batch 1).
+    pub max_relative_difference: f64,
+    /// Per batch size: (batch, poolpipe images/s, Python images/s, ratio).
+    pub throughput: Vec<(usize, f64, Option<f64>, Option<f64>)>,
+}
+
+/// The report.
+#[derive(Debug, Serialize)]
+pub struct GpuReport {
+    /// Device measured.
+    pub device: String,
+    /// One row per model.
+    pub models: Vec<ModelRow>,
+}
+
+fn load(model: &Path, gpu: Option<GpuSession>) -> anyhow::Result<OrtEngine> {
+    Ok(OrtEngine::load(&OrtConfig {
+        model: model.to_path_buf(),
+        input: None,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        library: None,
+        optimize: true,
+        spin: true, // as Python's onnxruntime does
+        gpu,
+    })?)
+}
+
+/// A deterministic input of `batch` samples for the engine's first input.
+fn input(engine: &OrtEngine, batch: usize, hw: (usize, usize)) -> anyhow::Result<ArrayD<f32>> {
+    let shape = &engine
+        .info()
+        .inputs
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("the model has no input"))?
+        .shape;
+    let rank = shape.len();
+    let dims: Vec<usize> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| match (i, d) {
+            (0, _) => batch,
+            (_, d) if d > 0 => d as usize,
+            (i, _) if i == rank - 2 => hw.0,
+            (i, _) if i == rank - 1 => hw.1,
+            _ => 3,
+        })
+        .collect();
+    let mut k = 0u64;
+    Ok(ArrayD::from_shape_simple_fn(dims, || {
+        k = k
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (k >> 40) as f32 / (1u64 << 24) as f32
+    }))
+}
+
+/// Largest difference over the largest reference magnitude, over every output.
+pub fn relative_difference(reference: &[ArrayD<f32>], other: &[ArrayD<f32>]) -> f64 {
+    let mut worst = 0.0f64;
+    for (r, o) in reference.iter().zip(other) {
+        let scale = r.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+        let diff = r
+            .iter()
+            .zip(o.iter())
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst = worst.max(f64::from(diff / scale));
+    }
+    if reference.len() != other.len() {
+        return f64::INFINITY;
+    }
+    worst
+}
+
+const PY: &str = r#"
+import sys, time, numpy as np, onnxruntime as ort
+model, device, batch, iters, h, w = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+if device == "cpu":
+    providers = ["CPUExecutionProvider"]
+else:
+    kind, idx = device.split(":")
+    cuda = ("CUDAExecutionProvider", {"device_id": idx, "use_tf32": "0"})
+    providers = [cuda] if kind == "cuda" else [("TensorrtExecutionProvider", {"device_id": idx}), cuda]
+s = ort.InferenceSession(model, providers=providers)
+if device != "cpu" and s.get_providers()[0] == "CPUExecutionProvider":
+    sys.exit("onnxruntime fell back to the CPU")
+i = s.get_inputs()[0]
+dims = [batch] + [d if isinstance(d, int) and d > 0 else None for d in i.shape[1:]]
+rank = len(dims)
+dims = [d if d is not None else (h if k == rank - 2 else w if k == rank - 1 else 3) for k, d in enumerate(dims)]
+x = np.random.rand(*dims).astype(np.float32)
+for _ in range(3): s.run(None, {i.name: x})
+t = time.perf_counter()
+for _ in range(iters): s.run(None, {i.name: x})
+print(batch * iters / (time.perf_counter() - t))
+"#;
+
+fn python(b: &GpuBench, model: &Path, batch: usize) -> Option<f64> {
+    let out = Command::new(&b.python)
+        .args(["-c", PY])
+        .arg(model)
+        .arg(&b.device)
+        .args([batch, b.iters, b.hw.0, b.hw.1].map(|v| v.to_string()))
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        tracing::warn!(stderr = %String::from_utf8_lossy(&out.stderr), "Python onnxruntime failed.");
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// Runs the bench.
+pub fn run(b: &GpuBench) -> anyhow::Result<GpuReport> {
+    let session = |max_batch: usize| -> anyhow::Result<Option<GpuSession>> {
+        Ok(
+            match Device::parse(&b.device).map_err(anyhow::Error::msg)? {
+                Device::Cpu => None,
+                Device::Gpu { backend, gpus, .. } => Some(GpuSession {
+                    backend,
+                    index: gpus[0],
+                    // TF32 off, so that the outputs compare with the CPU's.
+                    precision: Precision::Fp32,
+                    cache: b.engine_cache.clone(),
+                    max_batch,
+                    blocks: None,
+                    input_hint: None,
+                }),
+                Device::Emulated { .. } => anyhow::bail!("an emulated device runs no model"),
+            },
+        )
+    };
+    let max_batch = b.batches.iter().copied().max().unwrap_or(1);
+    let mut rows = Vec::new();
+    for model in &b.models {
+        let mut cpu = load(model, None)?;
+        let mut dev = load(model, session(max_batch)?)?;
+        let x = input(&cpu, 1, b.hw)?;
+        let reference = cpu.infer(x.view())?;
+        let got = dev.infer(x.view())?;
+        let diff = relative_difference(&reference, &got);
+        drop(cpu);
+        let mut throughput = Vec::new();
+        for &batch in &b.batches {
+            let x = input(&dev, batch, b.hw)?;
+            for _ in 0..3 {
+                dev.infer(x.view())?;
+            }
+            let t = Instant::now();
+            for _ in 0..b.iters {
+                dev.infer(x.view())?;
+            }
+            let ours = (batch * b.iters) as f64 / t.elapsed().as_secs_f64();
+            let py = python(b, model, batch);
+            throughput.push((batch, ours, py, py.map(|p| ours / p)));
+        }
+        rows.push(ModelRow {
+            model: model
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            max_relative_difference: diff,
+            throughput,
+        });
+    }
+    Ok(GpuReport {
+        device: b.device.clone(),
+        models: rows,
+    })
+}
+
+/// The report as a table.
+pub fn table(r: &GpuReport) -> String {
+    let mut s = format!(
+        "device {}\n{:<34} {:>10} {:>6} {:>14} {:>14} {:>7}\n",
+        r.device, "model", "rel. diff", "batch", "poolpipe img/s", "python img/s", "ratio"
+    );
+    for m in &r.models {
+        for (i, (batch, ours, py, ratio)) in m.throughput.iter().enumerate() {
+            let diff = if i == 0 {
+                format!("{:.2e}", m.max_relative_difference)
+            } else {
+                String::new()
+            };
+            s += &format!(
+                "{:<34} {:>10} {:>6} {:>14.1} {:>14} {:>7}\n",
+                if i == 0 { m.model.as_str() } else { "" },
+                diff,
+                batch,
+                ours,
+                py.map_or("-".into(), |p| format!("{p:.1}")),
+                ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_difference_is_scaled_by_the_reference() {
+        let a = vec![ArrayD::from_shape_vec(vec![3], vec![10.0f32, -20.0, 5.0]).unwrap()];
+        let b = vec![ArrayD::from_shape_vec(vec![3], vec![10.0f32, -20.01, 5.0]).unwrap()];
+        let d = relative_difference(&a, &b);
+        assert!((d - 0.0005).abs() < 1e-6, "{d}");
+        assert_eq!(relative_difference(&a, &a), 0.0);
+        assert!(relative_difference(&a, &[]).is_infinite());
+    }
+}
