@@ -354,15 +354,61 @@ impl Stats {
 
     /// Frames ingested by the streams of each flow (as they feed flows now), by flow index.
     pub fn ingested_by_flow(&self) -> Vec<u64> {
-        let mut out = vec![0; self.flows.len()];
-        for (_, flow, c) in self
-            .streams
+        self.flow_totals().iter().map(|f| f.ingested).collect()
+    }
+
+    /// The frame counters of each flow's streams (as they feed flows now), by flow index; no
+    /// latency quantiles (cheaper than [`Stats::summary`], for callers that poll).
+    pub fn flow_totals(&self) -> Vec<FlowSummary> {
+        self.flows_of(&self.stream_summaries())
+    }
+
+    /// Every stream's counters, read once, with its flow index.
+    fn stream_summaries(&self) -> Vec<(usize, StreamSummary)> {
+        let flow_name = |f: usize| self.flows.get(f).map_or("", |x| x.0.as_str()).to_string();
+        self.streams
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-        {
-            if let Some(n) = out.get_mut(*flow) {
-                *n += c.ingested.load(Relaxed);
+            .map(|(name, flow, c)| {
+                let s = StreamSummary {
+                    name: name.to_string(),
+                    flow: flow_name(*flow),
+                    ingested: c.ingested.load(Relaxed),
+                    published: c.published.load(Relaxed),
+                    dropped_late: c.dropped_late.load(Relaxed),
+                    dropped_overload: c.dropped_overload.load(Relaxed),
+                    dropped_early: c.dropped_early.load(Relaxed),
+                    dropped_before_decode: c.dropped_before_decode.load(Relaxed),
+                    failed: c.failed.load(Relaxed),
+                    reconnects: c.reconnects.load(Relaxed),
+                    source_errors: c.source_errors.load(Relaxed),
+                    events: c.events.load(Relaxed),
+                };
+                (*flow, s)
+            })
+            .collect()
+    }
+
+    /// Per-flow sums of `streams` (without latency quantiles).
+    fn flows_of(&self, streams: &[(usize, StreamSummary)]) -> Vec<FlowSummary> {
+        let mut out: Vec<FlowSummary> = self
+            .flows
+            .iter()
+            .map(|(name, _)| FlowSummary {
+                name: name.clone(),
+                ..FlowSummary::default()
+            })
+            .collect();
+        for (flow, s) in streams {
+            if let Some(f) = out.get_mut(*flow) {
+                f.ingested += s.ingested;
+                f.published += s.published;
+                f.dropped_late += s.dropped_late;
+                f.dropped_overload += s.dropped_overload;
+                f.dropped_early += s.dropped_early;
+                f.dropped_before_decode += s.dropped_before_decode;
+                f.failed += s.failed;
             }
         }
         out
@@ -409,48 +455,15 @@ impl Stats {
 
     /// A snapshot for reports.
     pub fn summary(&self, elapsed_s: f64) -> Summary {
-        let flow_name = |f: usize| self.flows.get(f).map_or("", |x| x.0.as_str()).to_string();
-        let streams: Vec<StreamSummary> = self
-            .streams
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(name, flow, c)| StreamSummary {
-                name: name.to_string(),
-                flow: flow_name(*flow),
-                ingested: c.ingested.load(Relaxed),
-                published: c.published.load(Relaxed),
-                dropped_late: c.dropped_late.load(Relaxed),
-                dropped_overload: c.dropped_overload.load(Relaxed),
-                dropped_early: c.dropped_early.load(Relaxed),
-                dropped_before_decode: c.dropped_before_decode.load(Relaxed),
-                failed: c.failed.load(Relaxed),
-                reconnects: c.reconnects.load(Relaxed),
-                source_errors: c.source_errors.load(Relaxed),
-                events: c.events.load(Relaxed),
-            })
-            .collect();
+        let indexed = self.stream_summaries();
         let flows = self
-            .flows
-            .iter()
-            .map(|(name, latency)| {
-                let mine = streams.iter().filter(|s| &s.flow == name);
-                let mut f = FlowSummary {
-                    name: name.clone(),
-                    p50_ms: latency.quantile_ms(0.5),
-                    p99_ms: latency.quantile_ms(0.99),
-                    ..FlowSummary::default()
-                };
-                for s in mine {
-                    f.ingested += s.ingested;
-                    f.published += s.published;
-                    f.dropped_late += s.dropped_late;
-                    f.dropped_overload += s.dropped_overload;
-                    f.dropped_early += s.dropped_early;
-                    f.dropped_before_decode += s.dropped_before_decode;
-                    f.failed += s.failed;
-                }
-                f
+            .flows_of(&indexed)
+            .into_iter()
+            .zip(&self.flows)
+            .map(|(f, (_, latency))| FlowSummary {
+                p50_ms: latency.quantile_ms(0.5),
+                p99_ms: latency.quantile_ms(0.99),
+                ..f
             })
             .collect();
         let stages = self
@@ -494,7 +507,7 @@ impl Stats {
             .collect();
         Summary {
             elapsed_s,
-            streams,
+            streams: indexed.into_iter().map(|(_, s)| s).collect(),
             flows,
             stages,
             sinks,

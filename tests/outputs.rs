@@ -8,25 +8,10 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{KillOnDrop, require, write};
+use common::{require, stop_with, write};
 use serde_json::Value;
-
-/// SIGINT, then the exit status.
-fn interrupt(child: KillOnDrop) -> std::process::ExitStatus {
-    let pid = child.0.id().to_string();
-    Command::new("kill").args(["-INT", &pid]).status().unwrap();
-    let mut child = child;
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            return s;
-        }
-        assert!(Instant::now() < until, "poolpipe did not stop on SIGINT");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The demo (OCR of the text burned into the sample) with an RTSP output, results to a file.
 fn demo_with_rtsp(dir: &Path, port: u16) -> std::path::PathBuf {
@@ -179,7 +164,7 @@ fn recordings_play_to_the_end_after_sigint_and_snapshots_are_named_in_results() 
         })
         .and_then(|v| v.trim().parse::<f64>().ok());
     assert!(written.is_some_and(|n| n > 30.0), "{metrics}");
-    assert!(interrupt(child).success());
+    assert!(stop_with(child, "INT").success());
 
     // One recording, of `left` only, finalised: it has a duration and decodes to its end.
     let recs: Vec<_> = std::fs::read_dir(dir.path().join("rec"))

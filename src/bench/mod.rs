@@ -442,6 +442,7 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
                 time_limit: std::time::Duration::from_secs_f64(time_limit.max(0.01)),
                 ..Default::default()
             };
+            settings.check()?;
             let report = control::report(&profiles, load, &settings, goodput, json)?;
             emit(json, &report, |r| r.table())
         }

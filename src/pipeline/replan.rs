@@ -178,11 +178,8 @@ impl Replanner {
     /// One look: the counters to the controller, and a re-plan applied when it asks for one.
     fn look(&mut self) {
         let now = self.wiring.clock.now();
-        let summary = self
-            .live
-            .stats
-            .summary(self.live.started.elapsed().as_secs_f64());
-        let of = |f: usize| summary.flows.get(f).cloned().unwrap_or_default();
+        let totals = self.live.stats.flow_totals();
+        let of = |f: usize| totals.get(f).cloned().unwrap_or_default();
         let arrived: Vec<u64> = self.flows.iter().map(|&f| of(f).ingested).collect();
         let resolved: Vec<u64> = self
             .flows

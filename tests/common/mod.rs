@@ -271,15 +271,23 @@ pub fn start(
 }
 
 /// SIGTERM, then the exit status.
-pub fn stop(mut child: KillOnDrop) -> std::process::ExitStatus {
+pub fn stop(child: KillOnDrop) -> std::process::ExitStatus {
+    stop_with(child, "TERM")
+}
+
+/// Sends signal `sig` (`TERM`, `INT`) and waits (30 s at most) for the process to exit.
+pub fn stop_with(mut child: KillOnDrop, sig: &str) -> std::process::ExitStatus {
     let pid = child.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    Command::new("kill")
+        .args([format!("-{sig}").as_str(), &pid])
+        .status()
+        .unwrap();
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(s) = child.0.try_wait().unwrap() {
             return s;
         }
-        assert!(Instant::now() < until, "poolpipe did not stop on SIGTERM");
+        assert!(Instant::now() < until, "poolpipe did not stop on SIG{sig}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -18,17 +18,22 @@ const LIBCUDA: &str = "libcuda.so.1";
 /// The NVML library.
 const LIBNVML: &str = "libnvidia-ml.so.1";
 
-/// Loads a shared library by name or path (kept loaded for the process), or says why not.
+/// Loads a shared library by name or path (kept loaded for the process, once per name), or
+/// says why not.
 pub fn load_library(name: &str) -> Result<(), String> {
-    static LOADED: OnceLock<std::sync::Mutex<Vec<libloading::Library>>> = OnceLock::new();
+    type Loaded = std::collections::HashMap<String, libloading::Library>;
+    static LOADED: OnceLock<std::sync::Mutex<Loaded>> = OnceLock::new();
+    let mut loaded = LOADED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if loaded.contains_key(name) {
+        return Ok(());
+    }
     // SAFETY: loading a library runs its initialisers; these are NVIDIA's and ONNX Runtime's own
     // libraries, loaded exactly as their users load them.
     let lib = unsafe { libloading::Library::new(name) }.map_err(|e| e.to_string())?;
-    LOADED
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(lib);
+    loaded.insert(name.to_string(), lib);
     Ok(())
 }
 
