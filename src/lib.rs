@@ -31,9 +31,13 @@
 //!   under cellular (or padded) batching; the pipeline's worker threads, tests and
 //!   `bench recurrent` drive it.
 //! - [`ingest`]: GStreamer sources (RTSP, files, test patterns) -> frames, with reconnects.
-//! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`) and the emulated device.
-//! - [`engine`]: the `Engine` trait and its backends (ONNX Runtime on the CPU, no-op), and the
-//!   `StageRunner` trait that devices and engines implement for the pipeline.
+//! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`, `cuda:N`, `tensorrt:N`) and
+//!   the emulated device.
+//! - [`engine`]: the `Engine` trait and its backends (ONNX Runtime on the CPU or a GPU, no-op),
+//!   and the `StageRunner` trait that devices and engines implement for the pipeline.
+//! - [`gpu`]: NVIDIA GPUs (feature `gpu`): what the machine has, telemetry, and the CUDA/TensorRT
+//!   provider options of a session; every failure a clear error.
+//! - [`elements`]: GStreamer elements a pipeline needs, and the package of each.
 //! - [`postprocess`]: turning model outputs into results (classes, text boxes, text, detector
 //!   boxes).
 //! - [`analytics`]: what follows detections: a multi-object tracker and line/zone rules (pure
@@ -77,8 +81,10 @@ pub mod config;
 pub mod control;
 pub mod demand;
 pub mod device;
+pub mod elements;
 pub mod engine;
 pub mod frame;
+pub mod gpu;
 pub mod histogram;
 pub mod ingest;
 pub mod metrics;

@@ -623,20 +623,20 @@ impl Collector for PipelineCollector {
             Some(&Unit::Seconds),
             &[(vec![], elapsed)],
         )?;
-        gpu_gauges(e, &crate::device::gpu::telemetry())
+        gpu_gauges(e, &crate::gpu::telemetry())
     }
 }
 
 /// GPU telemetry, read at scrape time (nothing without the `gpu` feature or a driver).
 fn gpu_gauges(
     e: &mut DescriptorEncoder,
-    gpus: &[crate::device::gpu::GpuInfo],
+    gpus: &[crate::gpu::GpuInfo],
 ) -> Result<(), std::fmt::Error> {
     if gpus.is_empty() {
         return Ok(());
     }
     let index: Vec<String> = gpus.iter().map(|g| g.index.to_string()).collect();
-    let rows = |f: &dyn Fn(&crate::device::gpu::GpuInfo) -> Option<f64>| {
+    let rows = |f: &dyn Fn(&crate::gpu::GpuInfo) -> Option<f64>| {
         gpus.iter()
             .zip(&index)
             .filter_map(|(g, i)| {
@@ -685,7 +685,7 @@ mod tests {
     use super::*;
 
     #[derive(Debug)]
-    struct Gpus(Vec<crate::device::gpu::GpuInfo>);
+    struct Gpus(Vec<crate::gpu::GpuInfo>);
 
     impl Collector for Gpus {
         fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -695,7 +695,7 @@ mod tests {
 
     #[test]
     fn gpu_telemetry_is_exported_per_gpu() {
-        let gpu = crate::device::gpu::GpuInfo {
+        let gpu = crate::gpu::GpuInfo {
             index: 1,
             name: "NVIDIA H200".into(),
             class: "H200".into(),

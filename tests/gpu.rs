@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use poolpipe::config::{Diagnostic, load_pipeline_str};
-use poolpipe::device::gpu::NOT_BUILT;
+use poolpipe::gpu::NOT_BUILT;
 
 fn errors(text: &str) -> Vec<Diagnostic> {
     let dir = tempfile::tempdir().unwrap();
@@ -198,8 +198,8 @@ fn devices_says_why_there_is_no_gpu_and_run_refuses_one() {
 #[cfg(feature = "gpu")]
 #[test]
 fn a_gpu_session_never_falls_back_to_the_cpu() {
-    use poolpipe::device::gpu::{GpuBackend, GpuSession, Precision};
     use poolpipe::engine::ort::{OrtConfig, OrtEngine};
+    use poolpipe::gpu::{GpuBackend, GpuSession, Precision};
     if driver_present() {
         eprintln!("SKIPPED: this machine has a GPU (tests/gpu/check.sh measures it)");
         return;

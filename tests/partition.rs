@@ -180,7 +180,7 @@ fn a_profile_of_the_blocks_is_readable_as_a_profile() {
         ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(err.contains(poolpipe::device::gpu::NOT_BUILT), "{err}");
+        assert!(err.contains(poolpipe::gpu::NOT_BUILT), "{err}");
     }
     let o = poolpipe(&[
         "profile",

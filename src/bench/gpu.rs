@@ -11,9 +11,9 @@ use ndarray::ArrayD;
 use serde::Serialize;
 
 use crate::device::Device;
-use crate::device::gpu::{GpuSession, Precision};
 use crate::engine::Engine;
 use crate::engine::ort::{OrtConfig, OrtEngine};
+use crate::gpu::{GpuSession, Precision};
 
 /// What `bench gpu` measures.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use std::time::Instant;
 use super::CliError;
 use super::validate::{LoadArgs, load};
 use crate::device::Device;
-use crate::device::gpu::{self, GpuBackend};
+use crate::gpu::{self, GpuBackend};
 
 /// Arguments of `poolpipe devices`.
 #[derive(Debug, clap::Args)]

@@ -41,7 +41,8 @@ pub struct ProfileArgs {
 
 /// Measures the blocks and writes the profile.
 pub fn run(a: ProfileArgs) -> Result<(), CliError> {
-    use crate::device::{Device, gpu};
+    use crate::device::Device;
+    use crate::gpu;
     if !(1..=16).contains(&a.share) {
         return Err(CliError::Usage(format!(
             "--share {}: expected 1..=16",

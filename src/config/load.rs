@@ -767,11 +767,15 @@ impl<'a> Validator<'_, 'a> {
             gpu: c.gpu.unwrap_or(0),
             h265,
         };
-        if let Some((parser, dec)) = decode.nvdec_elements()
-            && let Err(e) = crate::ingest::init()
-                .and_then(|_| crate::ingest::check_elements(&[parser, dec.as_str()]))
-        {
-            self.err(&format!("{base}.decode"), e.to_string());
+        if let Some((parser, dec)) = decode.nvdec_elements() {
+            let found = gstreamer::init()
+                .map_err(|e| format!("GStreamer could not be initialised: {e}"))
+                .and_then(|_| {
+                    crate::elements::check(&[parser, dec.as_str()]).map_err(|e| e.to_string())
+                });
+            if let Err(e) = found {
+                self.err(&format!("{base}.decode"), e);
+            }
         }
         decode
     }
@@ -1464,8 +1468,8 @@ impl<'a> Validator<'_, 'a> {
                 p,
             ) => {
                 if let Some(p) = p {
-                    match crate::device::gpu::Precision::parse(p)
-                        .and_then(|p| crate::device::gpu::check_precision(*backend, p).map(|_| p))
+                    match crate::gpu::Precision::parse(p)
+                        .and_then(|p| crate::gpu::check_precision(*backend, p).map(|_| p))
                     {
                         Ok(p) => *precision = p,
                         Err(e) => {
@@ -1478,7 +1482,7 @@ impl<'a> Validator<'_, 'a> {
                     .iter()
                     .map(|g| (format!("{}:{g}", backend.prefix()), *g))
                     .collect();
-                if let Err(e) = crate::device::gpu::check_devices(&wanted) {
+                if let Err(e) = crate::gpu::check_devices(&wanted) {
                     self.err(&key, e.to_string());
                     return None;
                 }

@@ -6,13 +6,13 @@
 //!   the cut to the next stage), so heterogeneous pools run, are tested and are measured on a
 //!   machine without a GPU. See [`emulated`].
 //! - `cuda:N` / `tensorrt:N`: ONNX Runtime's CUDA or TensorRT provider on NVIDIA GPU N (see
-//!   [`gpu`]); a stage may spread its workers over several (`devices = ["cuda:0", "cuda:1"]`).
+//!   [`crate::gpu`]); a stage may spread its workers over several (`devices = ["cuda:0", "cuda:1"]`).
 //!   A build without the `gpu` feature refuses them with a config error that says how to get one.
 
 pub mod emulated;
-pub mod gpu;
 
-pub use gpu::GpuBackend;
+use crate::gpu;
+pub use crate::gpu::GpuBackend;
 
 /// Device kind of a pool.
 #[derive(Debug, Clone, PartialEq, Eq)]

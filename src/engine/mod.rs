@@ -8,7 +8,7 @@
 //! - [`NoopEngine`]: does nothing, to measure the pipeline's own overhead.
 //!
 //! GPU stages (`cuda:N`, `tensorrt:N`) are [`ort::OrtEngine`]s with ONNX Runtime's CUDA or
-//! TensorRT provider (feature `gpu`; see [`crate::device::gpu`]), behind the same trait.
+//! TensorRT provider (feature `gpu`; see [`crate::gpu`]), behind the same trait.
 
 pub mod ort;
 mod runner;
@@ -57,7 +57,7 @@ pub enum EngineError {
     Input(String),
     /// The GPU the session asks for cannot be used.
     #[error(transparent)]
-    Gpu(#[from] crate::device::gpu::GpuError),
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
 /// A loaded model that runs batches synchronously.

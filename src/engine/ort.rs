@@ -9,7 +9,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{TensorRef, ValueType};
 
 use super::{Engine, EngineError, EngineInfo, TensorInfo};
-use crate::device::gpu::GpuSession;
+use crate::gpu::GpuSession;
 
 /// The file name `setup.sh` installs.
 pub const LIB_NAME: &str = "libonnxruntime.so";
@@ -52,7 +52,7 @@ fn gpu_providers(
     cfg: &OrtConfig,
     library: &Path,
 ) -> Result<(Vec<ort::ep::ExecutionProviderDispatch>, Option<PathBuf>), EngineError> {
-    let input = if g.backend == crate::device::GpuBackend::TensorRt {
+    let input = if g.backend == crate::gpu::GpuBackend::TensorRt {
         // The optimisation profile needs the input's name and shape.
         let d = describe(&cfg.model, cfg.library.as_deref())?;
         let info = d.info().inputs.clone();
@@ -64,11 +64,13 @@ fn gpu_providers(
         None
     };
     let dir = library.parent().unwrap_or(Path::new("."));
-    Ok(crate::device::gpu::prepare_session(
+    Ok(crate::gpu::prepare_session(
         g,
         dir,
         &cfg.model,
-        input.as_ref(),
+        input
+            .as_ref()
+            .map(|i| (i.name.as_str(), i.shape.as_slice())),
     )?)
 }
 
@@ -78,7 +80,7 @@ fn gpu_providers(
     _cfg: &OrtConfig,
     _library: &Path,
 ) -> Result<(Vec<ort::ep::ExecutionProviderDispatch>, Option<PathBuf>), EngineError> {
-    Err(crate::device::gpu::GpuError::NotBuilt.into())
+    Err(crate::gpu::GpuError::NotBuilt.into())
 }
 
 /// Whether a folder has no files (or does not exist).

@@ -57,33 +57,12 @@ pub fn init() -> Result<(), IngestError> {
     gst::init().map_err(|e| IngestError::Init(e.to_string()))
 }
 
-/// The Debian package that ships a GStreamer element (for error messages).
-fn package_of(element: &str) -> &'static str {
-    match element {
-        "rtspsrc" | "videoflip" | "rtph264depay" | "qtdemux" => "gstreamer1.0-plugins-good",
-        "x264enc" => "gstreamer1.0-plugins-ugly",
-        "avdec_h264" => "gstreamer1.0-libav",
-        "h264parse" | "h265parse" => "gstreamer1.0-plugins-bad",
-        e if e.starts_with("nvh26") => {
-            "gstreamer1.0-plugins-bad; GStreamer registers NVIDIA's decoders only where the driver's libcuda.so.1 and libnvcuvid.so.1 load, for each GPU they find (no NVIDIA driver or GPU here?)"
-        }
-        "textoverlay" | "clockoverlay" => "gstreamer1.0-x (pango) and gstreamer1.0-plugins-base",
-        _ => "gstreamer1.0-plugins-base",
-    }
-}
-
 /// Checks that every element a launch string names is installed.
 pub fn check_elements(elements: &[impl AsRef<str>]) -> Result<(), IngestError> {
-    for e in elements {
-        let e = e.as_ref();
-        if gst::ElementFactory::find(e).is_none() {
-            return Err(IngestError::MissingElement {
-                element: e.to_string(),
-                package: package_of(e),
-            });
-        }
-    }
-    Ok(())
+    crate::elements::check(elements).map_err(|m| IngestError::MissingElement {
+        element: m.element,
+        package: m.package,
+    })
 }
 
 /// Quotes a launch-string property value.

@@ -95,7 +95,7 @@ fn engine_on(
     path: &Path,
     cfg: &RunConfig,
     name: &str,
-    gpu: Option<crate::device::gpu::GpuSession>,
+    gpu: Option<crate::gpu::GpuSession>,
 ) -> Result<OrtEngine, SplitError> {
     OrtEngine::load(&OrtConfig {
         model: path.to_path_buf(),
@@ -324,7 +324,7 @@ pub struct ProfileTarget {
     /// of all their runs is kept (the published profiles' `share`).
     pub share: usize,
     /// The GPU session of block 0 (each block gets its own block range), or `None` for the CPU.
-    pub gpu: Option<crate::device::gpu::GpuSession>,
+    pub gpu: Option<crate::gpu::GpuSession>,
 }
 
 impl ProfileTarget {
@@ -354,7 +354,7 @@ pub fn profile_on(
     for _ in 0..share {
         let mut engines = Vec::new();
         for (i, b) in m.blocks.iter().enumerate() {
-            let gpu = target.gpu.clone().map(|g| crate::device::gpu::GpuSession {
+            let gpu = target.gpu.clone().map(|g| crate::gpu::GpuSession {
                 blocks: Some([i, i + 1]),
                 max_batch,
                 ..g

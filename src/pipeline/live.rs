@@ -785,7 +785,7 @@ impl Live {
                 .collect::<serde_json::Map<_, _>>(),
             "sinks": summary.sinks,
             "outputs": self.outputs(),
-            "gpus": crate::device::gpu::telemetry(),
+            "gpus": crate::gpu::telemetry(),
             "published_fps": summary.published_fps(),
             "end_to_end_ms": {"p50": summary.end_to_end_p50_ms, "p99": summary.end_to_end_p99_ms},
         })

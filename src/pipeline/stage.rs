@@ -8,10 +8,10 @@ use crate::config::{
     Backend, DetectParams, Device, ImageSpec, ModelKind, Resize, StageSpec, TextDetectParams,
     TextRecognizeParams,
 };
-use crate::device::gpu::GpuSession;
 use crate::engine::ort::{OrtConfig, OrtEngine};
 use crate::engine::{Engine, EngineError, NoopEngine};
 use crate::frame::{Frame, Object, StageOutput, TextLine};
+use crate::gpu::GpuSession;
 use crate::postprocess::{classify, ctc, detect, image, text_detect};
 
 use crate::engine::{StageError, StageRunner};

@@ -11,7 +11,6 @@ use super::{
     CUDA_LIBS, CUDNN_LIBS, GpuBackend, GpuError, GpuInfo, GpuSession, TENSORRT_LIBS, cache_key,
     check_index, check_provider_libs, class_of, cuda_options, profile_shapes, tensorrt_options,
 };
-use crate::engine::TensorInfo;
 
 /// The driver library cudarc loads.
 const LIBCUDA: &str = "libcuda.so.1";
@@ -125,7 +124,7 @@ pub fn prepare_session(
     s: &GpuSession,
     ort_dir: &Path,
     model: &Path,
-    input: Option<&TensorInfo>,
+    input: Option<(&str, &[i64])>,
 ) -> Result<(Vec<ExecutionProviderDispatch>, Option<std::path::PathBuf>), GpuError> {
     let device = s.device();
     check_index(&device, s.index, count()?)?;
@@ -190,10 +189,10 @@ pub fn prepare_session(
             dir.display()
         ))
     })?;
-    let profile = input.and_then(|i| {
+    let profile = input.and_then(|(name, shape)| {
         profile_shapes(
-            &i.name,
-            i.shape.get(1..).unwrap_or_default(),
+            name,
+            shape.get(1..).unwrap_or_default(),
             s.input_hint.as_deref(),
             s.max_batch,
         )
