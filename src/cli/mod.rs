@@ -1,10 +1,11 @@
 //! The command line: `run`, `validate`, `split`, `profile`, `plan`, `simulate`, `bench`,
-//! `serve-rtsp`, `devices`, `build-engines`.
+//! `serve-rtsp`, `devices`, `build-engines`, `place`.
 //!
 //! Exit codes: 0 success, 1 runtime failure (an engine, sink or the API address could not be
 //! opened, a run that failed), 2 invalid configuration or usage (nothing was started).
 
 mod gpu;
+mod place;
 mod plan;
 mod profile;
 mod run;
@@ -132,6 +133,9 @@ pub enum Command {
     /// Build the TensorRT engine of every `tensorrt:N` stage of a pipeline into the engine cache,
     /// so that the first run starts without building.
     BuildEngines(gpu::BuildEnginesArgs),
+    /// Place a plan on servers: which server and GPU runs each process (consecutive stages on
+    /// one server where they fit), and the cut traffic each server's link carries.
+    Place(place::PlaceArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -169,6 +173,7 @@ pub fn main() -> ExitCode {
         Command::ServeRtsp(a) => serve_rtsp::run(a),
         Command::Devices(a) => gpu::devices(&a),
         Command::BuildEngines(a) => gpu::build_engines(&a),
+        Command::Place(a) => place::run(&a),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

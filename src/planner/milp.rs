@@ -506,6 +506,7 @@ impl Solved {
                 })
                 .collect(),
             models: model_plans,
+            placement: None,
         }
     }
 }

@@ -69,6 +69,7 @@ pub mod check;
 pub mod cluster;
 pub mod family;
 pub mod milp;
+pub mod placement;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -313,6 +314,9 @@ pub struct Plan {
     pub classes: Vec<ClassPlan>,
     /// Per model.
     pub models: Vec<ModelPlan>,
+    /// Which server runs each process (`poolpipe place`), when placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<placement::Placement>,
 }
 
 impl Plan {
