@@ -10,6 +10,7 @@
 
 pub mod analytic;
 pub mod batcher;
+pub mod cluster;
 pub mod control;
 pub mod detect;
 pub mod family;
@@ -99,6 +100,26 @@ pub enum BenchCommand {
         /// Offered results per second in the latency runs (3 s each).
         #[arg(long, default_value_t = 500.0)]
         rate: f64,
+    },
+    /// The planner, placement and simulator at cluster scale: 100-GPU PPipe clusters and a
+    /// 1,000-GPU one placed on servers: plan time, cut traffic across servers, goodput at 99%,
+    /// simulator speed.
+    Cluster {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Folder of latency profiles.
+        #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
+        profiles: PathBuf,
+        /// Solver time limit per plan, seconds.
+        #[arg(long, default_value_t = 60.0)]
+        time_limit: f64,
+        /// GPUs per server.
+        #[arg(long, default_value_t = 4)]
+        server_gpus: u32,
+        /// Network link of each server, Gbit/s.
+        #[arg(long, default_value_t = 25.0)]
+        server_link_gbps: f64,
     },
     /// Models on a device (`cuda:N`, `tensorrt:N`; `cpu` to try it): outputs against the CPU's,
     /// and images/s against Python onnxruntime on the same device, model and batch.
@@ -445,6 +466,19 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             settings.check()?;
             let report = control::report(&profiles, load, &settings, goodput, json)?;
             emit(json, &report, |r| r.table())
+        }
+        BenchCommand::Cluster {
+            json,
+            profiles,
+            time_limit,
+            server_gpus,
+            server_link_gbps,
+        } => {
+            anyhow::ensure!(server_gpus >= 1, "--server-gpus must be at least 1");
+            let rows = cluster::run(&profiles, time_limit, server_gpus, server_link_gbps)?;
+            emit(json, &rows, |r| {
+                cluster::table(r, server_gpus, server_link_gbps)
+            })
         }
         BenchCommand::Gpu {
             json,
