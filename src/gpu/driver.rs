@@ -136,10 +136,11 @@ pub fn prepare_session(
         } else {
             (*lib).to_string()
         };
-        load_library(&name).map_err(|_| GpuError::ProviderMissing {
+        load_library(&name).map_err(|e| GpuError::ProviderMissing {
             device: device.clone(),
             lib: (*lib).to_string(),
             dir: format!("{} and the system's library path", ort_dir.display()),
+            detail: format!(": {e}"),
         })?;
     }
     let cuda = cuda_options(s)

@@ -108,7 +108,7 @@ pub enum GpuError {
     },
     /// ONNX Runtime's GPU provider (or a CUDA library it needs) is missing.
     #[error(
-        "{device}: {lib} is missing (looked in {dir}); run ./setup.sh gpu, which installs it into engines/lib-gpu"
+        "{device}: {lib} is missing (looked in {dir}){detail}; run ./setup.sh gpu, which installs it into engines/lib-gpu"
     )]
     ProviderMissing {
         /// The device.
@@ -117,6 +117,8 @@ pub enum GpuError {
         lib: String,
         /// Where it was looked for.
         dir: String,
+        /// What the loader said (with a leading `: `), if anything.
+        detail: String,
     },
     /// TensorRT is not installed.
     #[error(
@@ -163,6 +165,7 @@ pub fn check_provider_libs(device: &str, backend: GpuBackend, dir: &Path) -> Res
                 device: device.to_string(),
                 lib: (*lib).to_string(),
                 dir: dir.display().to_string(),
+                detail: String::new(),
             });
         }
     }
