@@ -1236,7 +1236,15 @@ impl<'a> Validator<'_, 'a> {
             }
             return None;
         };
-        let class = device.class().to_string();
+        // A GPU's profiles are filed under its class (`poolpipe profile --device cuda:N` writes
+        // `H200`, `L4`, ...); its driver was checked with the device.
+        let class = match device {
+            Device::Gpu { gpus, .. } => crate::gpu::list()
+                .ok()
+                .and_then(|l| l.into_iter().find(|g| Some(&g.index) == gpus.first()))
+                .map_or_else(|| device.class().to_string(), |g| g.class),
+            _ => device.class().to_string(),
+        };
         let share = c.share;
         let timing = match profiles.timing(model, &class, share) {
             Ok(t) => t,
