@@ -4,8 +4,6 @@
 //! `tests/gpu/check.sh` runs it on a machine with a GPU.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Instant;
 
 use ndarray::ArrayD;
 use serde::Serialize;
@@ -66,7 +64,8 @@ fn load(model: &Path, gpu: Option<GpuSession>) -> anyhow::Result<OrtEngine> {
     })?)
 }
 
-/// A deterministic input of `batch` samples for the engine's first input.
+/// A deterministic input of `batch` samples for the engine's first input: its dimensions where
+/// the model fixes them, else `hw` for the last two and 3 for any other.
 fn input(engine: &OrtEngine, batch: usize, hw: (usize, usize)) -> anyhow::Result<ArrayD<f32>> {
     let shape = &engine
         .info()
@@ -75,24 +74,18 @@ fn input(engine: &OrtEngine, batch: usize, hw: (usize, usize)) -> anyhow::Result
         .ok_or_else(|| anyhow::anyhow!("the model has no input"))?
         .shape;
     let rank = shape.len();
-    let dims: Vec<usize> = shape
+    let sample: Vec<usize> = shape
         .iter()
         .enumerate()
-        .map(|(i, &d)| match (i, d) {
-            (0, _) => batch,
-            (_, d) if d > 0 => d as usize,
-            (i, _) if i == rank - 2 => hw.0,
-            (i, _) if i == rank - 1 => hw.1,
+        .skip(1)
+        .map(|(i, &d)| match d {
+            d if d > 0 => d as usize,
+            _ if i == rank - 2 => hw.0,
+            _ if i == rank - 1 => hw.1,
             _ => 3,
         })
         .collect();
-    let mut k = 0u64;
-    Ok(ArrayD::from_shape_simple_fn(dims, || {
-        k = k
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (k >> 40) as f32 / (1u64 << 24) as f32
-    }))
+    Ok(crate::partition::split::random_input(batch, &sample, 1))
 }
 
 /// Largest difference over the largest reference magnitude, over every output.
@@ -110,44 +103,6 @@ pub fn relative_difference(reference: &[ArrayD<f32>], other: &[ArrayD<f32>]) -> 
         return f64::INFINITY;
     }
     worst
-}
-
-const PY: &str = r#"
-import sys, time, numpy as np, onnxruntime as ort
-model, device, batch, iters, h, w = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
-if device == "cpu":
-    providers = ["CPUExecutionProvider"]
-else:
-    kind, idx = device.split(":")
-    cuda = ("CUDAExecutionProvider", {"device_id": idx, "use_tf32": "0"})
-    providers = [cuda] if kind == "cuda" else [("TensorrtExecutionProvider", {"device_id": idx}), cuda]
-s = ort.InferenceSession(model, providers=providers)
-if device != "cpu" and s.get_providers()[0] == "CPUExecutionProvider":
-    sys.exit("onnxruntime fell back to the CPU")
-i = s.get_inputs()[0]
-dims = [batch] + [d if isinstance(d, int) and d > 0 else None for d in i.shape[1:]]
-rank = len(dims)
-dims = [d if d is not None else (h if k == rank - 2 else w if k == rank - 1 else 3) for k, d in enumerate(dims)]
-x = np.random.rand(*dims).astype(np.float32)
-for _ in range(3): s.run(None, {i.name: x})
-t = time.perf_counter()
-for _ in range(iters): s.run(None, {i.name: x})
-print(batch * iters / (time.perf_counter() - t))
-"#;
-
-fn python(b: &GpuBench, model: &Path, batch: usize) -> Option<f64> {
-    let out = Command::new(&b.python)
-        .args(["-c", PY])
-        .arg(model)
-        .arg(&b.device)
-        .args([batch, b.iters, b.hw.0, b.hw.1].map(|v| v.to_string()))
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        tracing::warn!(stderr = %String::from_utf8_lossy(&out.stderr), "Python onnxruntime failed.");
-        return None;
-    }
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
 /// Runs the bench.
@@ -181,17 +136,13 @@ pub fn run(b: &GpuBench) -> anyhow::Result<GpuReport> {
         let diff = relative_difference(&reference, &got);
         drop(cpu);
         let mut throughput = Vec::new();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         for &batch in &b.batches {
             let x = input(&dev, batch, b.hw)?;
-            for _ in 0..3 {
-                dev.infer(x.view())?;
-            }
-            let t = Instant::now();
-            for _ in 0..b.iters {
-                dev.infer(x.view())?;
-            }
-            let ours = (batch * b.iters) as f64 / t.elapsed().as_secs_f64();
-            let py = python(b, model, batch);
+            let ours = super::images_per_s(&mut dev, &x, b.iters)?;
+            let py = super::python_images_per_s(
+                &b.python, model, &b.device, batch, b.hw, threads, b.iters,
+            );
             throughput.push((batch, ours, py, py.map(|p| ours / p)));
         }
         rows.push(ModelRow {

@@ -906,6 +906,7 @@ impl EngineRun<'_> {
             if let Some(v) = python_images_per_s(
                 self.python,
                 self.model,
+                "cpu",
                 self.batch,
                 self.hw,
                 self.threads,
@@ -941,37 +942,63 @@ fn rust_images_per_s(
     let input = ndarray::Array4::<f32>::from_shape_fn((batch, 3, hw.0, hw.1), |(n, c, y, x)| {
         ((n * 7 + c * 13 + y * 3 + x) % 255) as f32 / 255.0
     });
+    images_per_s(&mut engine, &input.into_dyn(), iters)
+}
+
+/// Images per second of `engine` on `input` (its first dimension is the batch): three warm-up
+/// runs, then `iters` timed ones.
+pub(crate) fn images_per_s(
+    engine: &mut OrtEngine,
+    input: &ndarray::ArrayD<f32>,
+    iters: usize,
+) -> anyhow::Result<f64> {
     for _ in 0..3 {
-        engine.infer(input.view().into_dyn())?;
+        engine.infer(input.view())?;
     }
     let t = Instant::now();
     for _ in 0..iters {
-        engine.infer(input.view().into_dyn())?;
+        engine.infer(input.view())?;
     }
-    Ok((batch * iters) as f64 / t.elapsed().as_secs_f64())
+    Ok((input.shape()[0] * iters) as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Python onnxruntime on `device` (`cpu`, `cuda:N`, `tensorrt:N`; CUDA with TF32 off). Input
+/// sizes the model leaves dynamic are `h` x `w` (3 for anything else). Exits non-zero if a GPU
+/// session fell back to the CPU.
 const PY_BENCH: &str = r#"
 import sys, time, numpy as np, onnxruntime as ort
-model, batch, threads, iters, h, w = sys.argv[1], *map(int, sys.argv[2:7])
+model, device = sys.argv[1], sys.argv[2]
+batch, threads, iters, h, w = map(int, sys.argv[3:8])
 o = ort.SessionOptions()
 o.intra_op_num_threads = threads
 o.inter_op_num_threads = 1
 o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-s = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
-x = np.random.rand(batch, 3, h, w).astype(np.float32)
-name = s.get_inputs()[0].name
-for _ in range(3): s.run(None, {name: x})
+if device == "cpu":
+    providers = ["CPUExecutionProvider"]
+else:
+    kind, idx = device.split(":")
+    cuda = ("CUDAExecutionProvider", {"device_id": idx, "use_tf32": "0"})
+    providers = [cuda] if kind == "cuda" else [("TensorrtExecutionProvider", {"device_id": idx}), cuda]
+s = ort.InferenceSession(model, o, providers=providers)
+if device != "cpu" and s.get_providers()[0] == "CPUExecutionProvider":
+    sys.exit("onnxruntime fell back to the CPU")
+i = s.get_inputs()[0]
+rank = len(i.shape)
+dims = [batch] + [d if isinstance(d, int) and d > 0 else (h if k == rank - 2 else w if k == rank - 1 else 3)
+                  for k, d in enumerate(i.shape) if k > 0]
+x = np.random.rand(*dims).astype(np.float32)
+for _ in range(3): s.run(None, {i.name: x})
 t = time.perf_counter()
-for _ in range(iters): s.run(None, {name: x})
+for _ in range(iters): s.run(None, {i.name: x})
 print(batch * iters / (time.perf_counter() - t))
 "#;
 
 /// Python onnxruntime on the same, images/s (None when it cannot run).
-fn python_images_per_s(
+pub(crate) fn python_images_per_s(
     python: &Path,
     model: &Path,
+    device: &str,
     batch: usize,
     hw: (usize, usize),
     threads: usize,
@@ -980,6 +1007,7 @@ fn python_images_per_s(
     let out = Command::new(python)
         .args(["-c", PY_BENCH])
         .arg(model)
+        .arg(device)
         .args([batch, threads, iters, hw.0, hw.1].map(|v| v.to_string()))
         .output()
         .ok()?;

@@ -73,7 +73,7 @@ pub struct SplitManifest {
     pub blocks: Vec<BlockEntry>,
 }
 
-fn random_input(batch: usize, sample: &[usize], seed: u64) -> ArrayD<f32> {
+pub(crate) fn random_input(batch: usize, sample: &[usize], seed: u64) -> ArrayD<f32> {
     let mut shape = vec![batch];
     shape.extend_from_slice(sample);
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
