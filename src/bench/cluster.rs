@@ -105,13 +105,7 @@ pub fn run(
         )
         .with_context(|| cluster.describe())?;
         let srv = servers(&cluster, server_gpus, server_link_gbps);
-        let cut = |model: &str, after: usize| {
-            profiles
-                .model(model)
-                .ok()
-                .and_then(|m| m.cut_bytes.get(after).copied())
-        };
-        let placed = placement::place(&plan, &srv, &cut)?;
+        let placed = placement::place(&plan, &srv, &|m, after| profiles.cut_bytes(m, after))?;
         let busiest = placed
             .links
             .iter()

@@ -35,13 +35,7 @@ pub fn run(a: &PlaceArgs) -> Result<(), CliError> {
     let names: Vec<&str> = plan.models.iter().map(|m| m.name.as_str()).collect();
     let profiles = crate::profile::Profiles::load_dir(&a.profiles, Some(&names))
         .map_err(|e| CliError::Usage(format!("profiles: {e}")))?;
-    let cut = |model: &str, after: usize| {
-        profiles
-            .model(model)
-            .ok()
-            .and_then(|m| m.cut_bytes.get(after).copied())
-    };
-    let placed = placement::place(&plan, &servers, &cut)
+    let placed = placement::place(&plan, &servers, &|m, after| profiles.cut_bytes(m, after))
         .map_err(|e| CliError::Usage(format!("{}: {e}", a.plan.display())))?;
     if a.json {
         println!(

@@ -65,18 +65,9 @@ pub fn run(a: ProfileArgs) -> Result<(), CliError> {
                 .map_err(CliError::Usage)?;
             let index = gpus[0];
             let device = format!("{}:{index}", backend.prefix());
-            let list = gpu::list().map_err(|e| CliError::Runtime(e.to_string()))?;
-            let info = list.iter().find(|g| g.index == index).ok_or_else(|| {
-                CliError::Runtime(
-                    gpu::GpuError::Absent {
-                        device,
-                        count: list.len(),
-                    }
-                    .to_string(),
-                )
-            })?;
+            let info = gpu::info(&device, index).map_err(|e| CliError::Runtime(e.to_string()))?;
             crate::partition::split::ProfileTarget {
-                class: info.class.clone(),
+                class: info.class,
                 share: a.share,
                 gpu: Some(gpu::GpuSession {
                     backend,

@@ -1239,10 +1239,8 @@ impl<'a> Validator<'_, 'a> {
         // A GPU's profiles are filed under its class (`poolpipe profile --device cuda:N` writes
         // `H200`, `L4`, ...); its driver was checked with the device.
         let class = match device {
-            Device::Gpu { gpus, .. } => crate::gpu::list()
-                .ok()
-                .and_then(|l| l.into_iter().find(|g| Some(&g.index) == gpus.first()))
-                .map_or_else(|| device.class().to_string(), |g| g.class),
+            Device::Gpu { gpus, .. } => crate::gpu::info(&device.to_string(), gpus[0])
+                .map_or_else(|_| device.class().to_string(), |g| g.class),
             _ => device.class().to_string(),
         };
         let share = c.share;

@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 use ort::ep::{ArbitrarilyConfigurableExecutionProvider, ExecutionProviderDispatch};
 
 use super::{
-    CUDA_LIBS, CUDNN_LIBS, GpuBackend, GpuError, GpuInfo, GpuSession, TENSORRT_LIBS, cache_key,
-    check_index, check_provider_libs, class_of, cuda_options, profile_shapes, tensorrt_options,
+    GpuBackend, GpuError, GpuInfo, GpuSession, TENSORRT_LIBS, cache_key, check_index,
+    check_provider_libs, class_of, cuda_options, profile_shapes, tensorrt_options,
 };
 
 /// The driver library cudarc loads.
@@ -129,7 +129,11 @@ pub fn prepare_session(
     let device = s.device();
     check_index(&device, s.index, count()?)?;
     check_provider_libs(&device, s.backend, ort_dir)?;
-    for lib in CUDA_LIBS.iter().chain(CUDNN_LIBS) {
+    // The libraries the CUDA provider loads, in load order (ort's lists for this ONNX Runtime).
+    for lib in ort::ep::cuda::CUDA_DYLIBS
+        .iter()
+        .chain(ort::ep::cuda::CUDNN_DYLIBS)
+    {
         let local = ort_dir.join(lib);
         let name = if local.is_file() {
             local.display().to_string()
@@ -161,13 +165,7 @@ pub fn prepare_session(
             detail: format!(" ({e})"),
         })?;
     }
-    let gpu = list()?
-        .into_iter()
-        .find(|g| g.index == s.index)
-        .ok_or_else(|| GpuError::Absent {
-            device: device.clone(),
-            count: 0,
-        })?;
+    let gpu = super::info(&device, s.index)?;
     let bytes = std::fs::read(model).map_err(|e| {
         GpuError::Driver(format!(
             "cannot read {} for its cache key: {e}",

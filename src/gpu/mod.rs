@@ -172,26 +172,6 @@ pub fn check_provider_libs(device: &str, backend: GpuBackend, dir: &Path) -> Res
     Ok(())
 }
 
-/// CUDA 13 libraries the CUDA provider loads (ONNX Runtime 1.31), in load order, and cuDNN 9's.
-pub const CUDA_LIBS: &[&str] = &[
-    "libcudart.so.13",
-    "libcublasLt.so.13",
-    "libcublas.so.13",
-    "libnvrtc.so.13",
-    "libcurand.so.10",
-    "libcufft.so.12",
-];
-/// cuDNN 9 libraries, in load order.
-pub const CUDNN_LIBS: &[&str] = &[
-    "libcudnn.so.9",
-    "libcudnn_graph.so.9",
-    "libcudnn_ops.so.9",
-    "libcudnn_heuristic.so.9",
-    "libcudnn_adv.so.9",
-    "libcudnn_cnn.so.9",
-    "libcudnn_engines_precompiled.so.9",
-    "libcudnn_engines_runtime_compiled.so.9",
-];
 /// TensorRT 10 libraries the TensorRT provider loads.
 pub const TENSORRT_LIBS: &[&str] = &["libnvinfer.so.10", "libnvonnxparser.so.10"];
 
@@ -398,6 +378,18 @@ pub fn list() -> Result<Vec<GpuInfo>, GpuError> {
 #[cfg(not(feature = "gpu"))]
 pub fn telemetry() -> Vec<GpuInfo> {
     Vec::new()
+}
+
+/// GPU `index` as the driver describes it, or why it cannot be (`device` names it in the error).
+pub fn info(device: &str, index: u32) -> Result<GpuInfo, GpuError> {
+    let all = list()?;
+    let count = all.len();
+    all.into_iter()
+        .find(|g| g.index == index)
+        .ok_or_else(|| GpuError::Absent {
+            device: device.to_string(),
+            count,
+        })
 }
 
 /// The devices a pipeline asks for exist: the driver loads and each index is below the count.

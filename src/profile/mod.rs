@@ -277,6 +277,11 @@ impl Profiles {
         ))
     }
 
+    /// Bytes per sample of the cut after block `after_block` of `model`, where known.
+    pub fn cut_bytes(&self, model: &str, after_block: usize) -> Option<u64> {
+        self.models.get(model)?.cut_bytes.get(after_block).copied()
+    }
+
     /// Time to send a batch across the cut after block `after_block` over a link of `gbps`
     /// gigabits per second (zero when the bytes of the cut are unknown or the link is infinite).
     pub fn transfer(
@@ -286,15 +291,15 @@ impl Profiles {
         batch: usize,
         gbps: f64,
     ) -> Result<Duration, ProfileError> {
-        let m = self.model(model)?;
-        let Some(bytes) = m.cut_bytes.get(after_block) else {
+        self.model(model)?;
+        let Some(bytes) = self.cut_bytes(model, after_block) else {
             return Ok(Duration::ZERO);
         };
         if gbps <= 0.0 || !gbps.is_finite() {
             return Ok(Duration::ZERO);
         }
         Ok(Duration::from_secs_f64(
-            *bytes as f64 * batch as f64 * 8.0 / (gbps * 1e9),
+            bytes as f64 * batch as f64 * 8.0 / (gbps * 1e9),
         ))
     }
 }
