@@ -53,9 +53,11 @@ fn gpu_providers(
     library: &Path,
 ) -> Result<(Vec<ort::ep::ExecutionProviderDispatch>, Option<PathBuf>), EngineError> {
     let input = if g.backend == crate::gpu::GpuBackend::TensorRt {
-        // The optimisation profile needs the input's name and shape.
-        let d = describe(&cfg.model, cfg.library.as_deref())?;
-        let info = d.info().inputs.clone();
+        // The optimisation profile needs the input's name and shape (read once per model file).
+        static INPUTS: OnceLock<crate::gpu::FileMemo<Vec<TensorInfo>>> = OnceLock::new();
+        let info = crate::gpu::by_file(INPUTS.get_or_init(Default::default), &cfg.model, |m| {
+            describe(m, cfg.library.as_deref()).map(|d| d.info().inputs.clone())
+        })?;
         match &cfg.input {
             Some(n) => info.into_iter().find(|i| &i.name == n),
             None => info.into_iter().next(),

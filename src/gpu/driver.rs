@@ -166,15 +166,18 @@ pub fn prepare_session(
         })?;
     }
     let gpu = super::info(&device, s.index)?;
-    let bytes = std::fs::read(model).map_err(|e| {
-        GpuError::Driver(format!(
-            "cannot read {} for its cache key: {e}",
-            model.display()
-        ))
+    static CHECKSUMS: OnceLock<super::FileMemo<u32>> = OnceLock::new();
+    let checksum = super::by_file(CHECKSUMS.get_or_init(Default::default), model, |m| {
+        std::fs::read(m).map(|b| crc32fast::hash(&b)).map_err(|e| {
+            GpuError::Driver(format!(
+                "cannot read {} for its cache key: {e}",
+                m.display()
+            ))
+        })
     })?;
     let key = cache_key(
         model,
-        crc32fast::hash(&bytes),
+        checksum,
         s.blocks,
         s.max_batch,
         s.precision,

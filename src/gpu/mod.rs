@@ -356,6 +356,33 @@ pub fn check_precision(backend: GpuBackend, precision: Precision) -> Result<(), 
     Ok(())
 }
 
+/// What a model file gives once per process (its checksum, its inputs), reused by every session
+/// opened on it while the file stays the same (same size and modification time): the workers of
+/// a pool and the blocks of a cut model would otherwise each read it again.
+#[cfg(feature = "gpu")]
+pub(crate) type FileMemo<T> =
+    std::sync::Mutex<std::collections::HashMap<(PathBuf, u64, Option<std::time::SystemTime>), T>>;
+
+/// `f(path)`, or what it gave before for this file (see [`FileMemo`]).
+#[cfg(feature = "gpu")]
+pub(crate) fn by_file<T: Clone, E>(
+    memo: &FileMemo<T>,
+    path: &Path,
+    f: impl FnOnce(&Path) -> Result<T, E>,
+) -> Result<T, E> {
+    let key = std::fs::metadata(path).map_or((path.to_path_buf(), 0, None), |m| {
+        (path.to_path_buf(), m.len(), m.modified().ok())
+    });
+    if let Some(v) = memo.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(v.clone());
+    }
+    let v = f(path)?;
+    memo.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, v.clone());
+    Ok(v)
+}
+
 #[cfg(feature = "gpu")]
 mod driver;
 #[cfg(feature = "gpu")]
@@ -533,6 +560,25 @@ mod tests {
         assert_eq!(class_of("NVIDIA GeForce RTX 4090"), "RTX4090");
         assert_eq!(class_of("NVIDIA L4"), "L4");
         assert_eq!(class_of(""), "GPU");
+    }
+
+    #[cfg(feature = "gpu")]
+    #[test]
+    fn a_model_file_is_read_once_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.onnx");
+        std::fs::write(&f, b"abc").unwrap();
+        let memo = FileMemo::<usize>::default();
+        let mut reads = 0;
+        let mut read = |p: &Path| -> Result<usize, std::io::Error> {
+            reads += 1;
+            Ok(std::fs::read(p)?.len())
+        };
+        assert_eq!(by_file(&memo, &f, &mut read).unwrap(), 3);
+        assert_eq!(by_file(&memo, &f, &mut read).unwrap(), 3);
+        std::fs::write(&f, b"abcdef").unwrap();
+        assert_eq!(by_file(&memo, &f, &mut read).unwrap(), 6);
+        assert_eq!(reads, 2);
     }
 
     #[cfg(not(feature = "gpu"))]
