@@ -134,7 +134,7 @@ impl Frame {
 }
 
 /// An axis-aligned box in image pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct BBox {
     /// Left edge.
     #[serde(serialize_with = "round1")]
@@ -177,7 +177,7 @@ fn round4<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
 }
 
 /// One class with its score.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Class {
     /// Class index in the model's output.
     pub id: usize,
@@ -189,7 +189,7 @@ pub struct Class {
 }
 
 /// A region that a text detector believes holds text.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct TextBox {
     /// Where, in image pixels.
     #[serde(rename = "box")]
@@ -200,7 +200,7 @@ pub struct TextBox {
 }
 
 /// A line of recognised text.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct TextLine {
     /// The text.
     pub text: String,
@@ -213,7 +213,7 @@ pub struct TextLine {
 }
 
 /// An object a detector found (and a tracker followed).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Object {
     /// Label (from the manifest's labels, or `class_<id>`).
     pub label: Arc<str>,
@@ -232,7 +232,7 @@ pub struct Object {
 }
 
 /// What one stage attached to a frame.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StageOutput {
     /// Top classes of a classifier.
@@ -256,7 +256,7 @@ pub enum StageOutput {
 }
 
 /// One step of a per-stream recurrent cell.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct StreamStep {
     /// Steps the stream's state has taken, this one included (1 at the stream's first frame).
     pub step: u64,
@@ -269,7 +269,7 @@ pub struct StreamStep {
 }
 
 /// Why a decoded item ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DecodeEnd {
     /// The cell emitted the end token.
@@ -279,7 +279,7 @@ pub enum DecodeEnd {
 }
 
 /// The tokens a recurrent decoder emitted for one item.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct DecodedItem {
     /// The box it read (absent where the item is the whole frame).
     #[serde(rename = "box", skip_serializing_if = "Option::is_none")]
@@ -305,7 +305,7 @@ fn round4_vec<S: serde::Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> 
 }
 
 /// Blocks of a cut model that a stage ran.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct PartialRun {
     /// Block range `[first, end)`.
     pub blocks: [usize; 2],
@@ -314,7 +314,7 @@ pub struct PartialRun {
 }
 
 /// A batch held by an emulated device.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct EmulatedRun {
     /// Device class emulated.
     pub class: String,

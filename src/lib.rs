@@ -30,6 +30,8 @@
 //! - [`recurrent`]: recurrent stages: a cell run step by step with per-stream or per-item state,
 //!   under cellular (or padded) batching; the pipeline's worker threads, tests and
 //!   `bench recurrent` drive it.
+//! - [`cluster`]: a pipeline across machines: the wire format and gRPC links between the front
+//!   node and the nodes that run some of its workers (a remote worker is a `StageRunner`).
 //! - [`ingest`]: GStreamer sources (RTSP, files, test patterns) -> frames, with reconnects.
 //! - [`device`]: device kinds of pools (`cpu`, `emulated:<class>`, `cuda:N`, `tensorrt:N`) and
 //!   the emulated device.
@@ -77,6 +79,7 @@ pub mod batcher;
 pub mod bench;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod demand;

@@ -210,6 +210,7 @@ impl Collector for PipelineCollector {
                 ("dropped_late", &c.dropped_late),
                 ("dropped_overload", &c.dropped_overload),
                 ("failed", &c.failed),
+                ("lost", &c.lost),
             ] {
                 outcomes.push((
                     vec![("stream", n.as_str()), ("outcome", o)],
@@ -220,7 +221,7 @@ impl Collector for PipelineCollector {
         counters(
             e,
             "poolpipe_stream_frames",
-            "Frames by outcome: published (within the SLO), dropped_late, dropped_overload, failed.",
+            "Frames by outcome: published (within the SLO), dropped_late, dropped_overload, failed, lost (in flight on a node that went away).",
             None,
             &outcomes,
         )?;
@@ -245,10 +246,7 @@ impl Collector for PipelineCollector {
             None,
             &per_stream(&|c| {
                 let p = c.published.load(Relaxed);
-                let done = p
-                    + c.dropped_late.load(Relaxed)
-                    + c.dropped_overload.load(Relaxed)
-                    + c.failed.load(Relaxed);
+                let done = p + c.missed();
                 if done == 0 {
                     1.0
                 } else {
@@ -390,6 +388,7 @@ impl Collector for PipelineCollector {
                 ("out", &c.frames_out),
                 ("dropped_late", &c.dropped_late),
                 ("failed", &c.failed),
+                ("lost", &c.lost),
             ] {
                 stage_out.push((
                     vec![("stage", s.name.as_str()), ("outcome", o)],

@@ -1,8 +1,10 @@
 //! Counters per stream and per stage, and latency histograms.
 //!
 //! Every frame that a source hands to the pipeline ends as exactly one of published,
-//! dropped_late, dropped_overload or failed, so for every stream
-//! `ingested = published + dropped_late + dropped_overload + failed` once the pipeline has drained.
+//! dropped_late, dropped_overload, failed or lost, so for every stream
+//! `ingested = published + dropped_late + dropped_overload + failed + lost` once the pipeline
+//! has drained. `lost` counts frames that were on another node (see [`crate::cluster`]) when it or
+//! its link went away.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
@@ -31,12 +33,24 @@ pub struct StreamCounters {
     pub dropped_before_decode: AtomicU64,
     /// Frames lost to an engine or processing error.
     pub failed: AtomicU64,
+    /// Frames that were in flight on another node when it or the link to it went away.
+    pub lost: AtomicU64,
     /// Times a live source was restarted after an error, EOS or stall.
     pub reconnects: AtomicU64,
     /// Source errors (each followed by a reconnect for live sources).
     pub source_errors: AtomicU64,
     /// Events its frames raised (rule events offered to the sinks beside the results).
     pub events: AtomicU64,
+}
+
+impl StreamCounters {
+    /// Frames that ended without being published: dropped (late or overload), failed or lost.
+    pub fn missed(&self) -> u64 {
+        self.dropped_late.load(Relaxed)
+            + self.dropped_overload.load(Relaxed)
+            + self.failed.load(Relaxed)
+            + self.lost.load(Relaxed)
+    }
 }
 
 /// Counters of one stage.
@@ -50,6 +64,8 @@ pub struct StageCounters {
     pub dropped_late: AtomicU64,
     /// Frames that failed in this stage.
     pub failed: AtomicU64,
+    /// Frames lost with a worker of this stage on another node.
+    pub lost: AtomicU64,
     /// Batches run.
     pub batches: AtomicU64,
     /// Nanoseconds workers spent running batches (all workers together).
@@ -242,6 +258,15 @@ impl Stats {
         self.stream(stream).failed.fetch_add(1, Relaxed);
     }
 
+    /// A frame of `stream` was on a worker of stage `stage` that runs on another node when the
+    /// node or the link to it went away.
+    pub fn frame_lost_in_stage(&self, stage: usize, stream: usize) {
+        self.on_stage(stage, |c| {
+            c.lost.fetch_add(1, Relaxed);
+        });
+        self.stream(stream).lost.fetch_add(1, Relaxed);
+    }
+
     /// A frame of `stream` was lost between stages (the next stage is gone).
     pub fn frame_failed_between_stages(&self, stream: usize) {
         self.stream(stream).failed.fetch_add(1, Relaxed);
@@ -381,6 +406,7 @@ impl Stats {
                     dropped_early: c.dropped_early.load(Relaxed),
                     dropped_before_decode: c.dropped_before_decode.load(Relaxed),
                     failed: c.failed.load(Relaxed),
+                    lost: c.lost.load(Relaxed),
                     reconnects: c.reconnects.load(Relaxed),
                     source_errors: c.source_errors.load(Relaxed),
                     events: c.events.load(Relaxed),
@@ -409,6 +435,7 @@ impl Stats {
                 f.dropped_early += s.dropped_early;
                 f.dropped_before_decode += s.dropped_before_decode;
                 f.failed += s.failed;
+                f.lost += s.lost;
             }
         }
         out
@@ -486,6 +513,7 @@ impl Stats {
                     frames_out: c.frames_out.load(Relaxed),
                     dropped_late: c.dropped_late.load(Relaxed),
                     failed: c.failed.load(Relaxed),
+                    lost: c.lost.load(Relaxed),
                     batches,
                     mean_batch: if batches > 0 {
                         rows as f64 / batches as f64
@@ -542,6 +570,9 @@ pub struct StreamSummary {
     /// See [`StreamCounters`].
     pub failed: u64,
     /// See [`StreamCounters`].
+    #[serde(default)]
+    pub lost: u64,
+    /// See [`StreamCounters`].
     pub reconnects: u64,
     /// See [`StreamCounters`].
     pub events: u64,
@@ -550,9 +581,14 @@ pub struct StreamSummary {
 }
 
 impl StreamSummary {
+    /// Frames with an outcome: published, dropped, failed or lost.
+    pub fn resolved(&self) -> u64 {
+        self.published + self.dropped_late + self.dropped_overload + self.failed + self.lost
+    }
+
     /// Whether every ingested frame is accounted for.
     pub fn balanced(&self) -> bool {
-        self.ingested == self.published + self.dropped_late + self.dropped_overload + self.failed
+        self.ingested == self.resolved()
     }
 }
 
@@ -575,10 +611,19 @@ pub struct FlowSummary {
     pub dropped_before_decode: u64,
     /// Lost to errors.
     pub failed: u64,
+    /// In flight on a node that went away.
+    pub lost: u64,
     /// Median end-to-end latency of published frames, ms.
     pub p50_ms: Option<f64>,
     /// 99th percentile end-to-end latency of published frames, ms.
     pub p99_ms: Option<f64>,
+}
+
+impl FlowSummary {
+    /// Frames with an outcome: published, dropped, failed or lost.
+    pub fn resolved(&self) -> u64 {
+        self.published + self.dropped_late + self.dropped_overload + self.failed + self.lost
+    }
 }
 
 /// Counters of one stage at one moment.
@@ -594,6 +639,8 @@ pub struct StageSummary {
     pub dropped_late: u64,
     /// Failed in this stage.
     pub failed: u64,
+    /// Lost with a worker on a node that went away.
+    pub lost: u64,
     /// Batches run.
     pub batches: u64,
     /// Mean frames per batch.
@@ -657,19 +704,20 @@ impl Summary {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
         let _ = writeln!(
             s,
-            "{:<20} {:>9} {:>9} {:>6} {:>9} {:>6} {:>10}",
-            "stream", "ingested", "published", "late", "overload", "failed", "reconnects"
+            "{:<20} {:>9} {:>9} {:>6} {:>9} {:>6} {:>6} {:>10}",
+            "stream", "ingested", "published", "late", "overload", "failed", "lost", "reconnects"
         );
         for st in &self.streams {
             let _ = writeln!(
                 s,
-                "{:<20} {:>9} {:>9} {:>6} {:>9} {:>6} {:>10}{}",
+                "{:<20} {:>9} {:>9} {:>6} {:>9} {:>6} {:>6} {:>10}{}",
                 st.name,
                 st.ingested,
                 st.published,
                 st.dropped_late,
                 st.dropped_overload,
                 st.failed,
+                st.lost,
                 st.reconnects,
                 if st.balanced() { "" } else { "  UNBALANCED" }
             );
@@ -688,7 +736,7 @@ impl Summary {
                 "p99 ms"
             );
             for fl in &self.flows {
-                let done = fl.published + fl.dropped_late + fl.dropped_overload + fl.failed;
+                let done = fl.resolved();
                 let _ = writeln!(
                     s,
                     "{:<20} {:>9} {:>9} {:>6} {:>9} {:>6} {:>10} {:>8}",

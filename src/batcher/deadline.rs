@@ -48,7 +48,13 @@ pub struct Timeline {
     sending_until: Vec<Vec<Nanos>>,
     /// `booked[stage][worker]`: the (start, end, sent) of the bookings not yet finished, in order.
     booked: Vec<Vec<VecDeque<(Nanos, Nanos, Nanos)>>>,
+    /// `down[stage][worker]`: the worker is unavailable (its node is down) and takes no bookings.
+    down: Vec<Vec<bool>>,
 }
+
+/// When a stage whose every worker is down is free: never, as far as any deadline can tell
+/// (far enough from `Nanos::MAX` that adding latencies cannot overflow).
+pub const UNAVAILABLE: Nanos = Nanos::MAX / 4;
 
 impl Timeline {
     /// All workers free from time 0.
@@ -66,6 +72,18 @@ impl Timeline {
                 .iter()
                 .map(|w| vec![VecDeque::new(); (*w).max(1)])
                 .collect(),
+            down: workers_per_stage
+                .iter()
+                .map(|w| vec![false; (*w).max(1)])
+                .collect(),
+        }
+    }
+
+    /// Makes a worker unavailable (its node went down: it takes no more bookings) or available
+    /// again.
+    pub fn set_available(&mut self, stage: usize, worker: usize, up: bool) {
+        if let Some(d) = self.down.get_mut(stage).and_then(|s| s.get_mut(worker)) {
+            *d = !up;
         }
     }
 
@@ -79,15 +97,16 @@ impl Timeline {
         self.sending_until[stage][worker]
     }
 
-    /// The worker of a stage that is free first (lowest index on ties), and when.
+    /// The available worker of a stage that is free first (lowest index on ties), and when;
+    /// [`UNAVAILABLE`] when every worker is down.
     pub fn earliest(&self, stage: usize) -> (usize, Nanos) {
         let ws = &self.busy_until[stage];
-        let (w, t) = ws
-            .iter()
+        let down = &self.down[stage];
+        ws.iter()
             .enumerate()
+            .filter(|(i, _)| !down[*i])
             .min_by_key(|(i, t)| (**t, *i))
-            .expect("a stage has workers");
-        (w, *t)
+            .map_or((0, UNAVAILABLE), |(w, t)| (w, *t))
     }
 
     /// Books a hop. It must start at or after the worker's last reservation.
@@ -313,6 +332,28 @@ mod tests {
     use proptest::prelude::*;
 
     const MS: Nanos = 1_000_000;
+
+    #[test]
+    fn a_worker_that_is_down_takes_no_bookings_until_it_is_back() {
+        let mut tl = Timeline::new(&[1, 2]);
+        tl.book(&Hop {
+            stage: 1,
+            worker: 0,
+            start: 0,
+            end: 10 * MS,
+            sent: 10 * MS,
+        });
+        // Worker 1 is free first.
+        assert_eq!(tl.earliest(1), (1, 0));
+        tl.set_available(1, 1, false);
+        assert_eq!(tl.earliest(1), (0, 10 * MS));
+        tl.set_available(1, 0, false);
+        assert_eq!(tl.earliest(1), (0, UNAVAILABLE));
+        // Stage 0 is untouched.
+        assert_eq!(tl.earliest(0), (0, 0));
+        tl.set_available(1, 1, true);
+        assert_eq!(tl.earliest(1), (1, 0));
+    }
 
     #[derive(Debug, Clone, PartialEq)]
     struct Item {

@@ -106,6 +106,7 @@ fn pipeline(
                 batching: Default::default(),
                 flow: 0,
                 devices: Vec::new(),
+                nodes: Vec::new(),
             })
             .collect(),
         sinks: vec![SinkSpec::jsonl_file("/dev/null")],
@@ -115,6 +116,7 @@ fn pipeline(
         routes: Vec::new(),
         plan: None,
         options: Default::default(),
+        cluster: None,
     }
     .into_one_flow()
 }

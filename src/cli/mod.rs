@@ -5,6 +5,7 @@
 //! opened, a run that failed), 2 invalid configuration or usage (nothing was started).
 
 mod gpu;
+mod node;
 mod place;
 mod plan;
 mod profile;
@@ -136,6 +137,9 @@ pub enum Command {
     /// Place a plan on servers: which server and GPU runs each process (consecutive stages on
     /// one server where they fit), and the cut traffic each server's link carries.
     Place(place::PlaceArgs),
+    /// Serve the workers that a `[cluster]` pipeline places on this node (the front reaches
+    /// them over gRPC), until SIGINT/SIGTERM.
+    Node(node::NodeArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -174,6 +178,7 @@ pub fn main() -> ExitCode {
         Command::Devices(a) => gpu::devices(&a),
         Command::BuildEngines(a) => gpu::build_engines(&a),
         Command::Place(a) => place::run(&a),
+        Command::Node(a) => node::run(a),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

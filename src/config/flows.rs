@@ -298,6 +298,7 @@ pub fn planned_stages(
                         batching: Default::default(),
                         flow: 0,
                         devices: Vec::new(),
+                        nodes: Vec::new(),
                     }
                 })
                 .collect();
@@ -367,6 +368,7 @@ mod tests {
             batching: Default::default(),
             flow: 0,
             devices: vec![],
+            nodes: vec![],
         }
     }
 

@@ -120,8 +120,8 @@ pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec
     }
 }
 
-const SECTIONS: [&str; 8] = [
-    "pipeline", "flow", "source", "stage", "sink", "output", "tracker", "rule",
+const SECTIONS: [&str; 9] = [
+    "pipeline", "flow", "source", "stage", "sink", "output", "tracker", "rule", "cluster",
 ];
 
 /// videotestsrc patterns (GStreamer 1.22).
@@ -536,6 +536,7 @@ impl<'a> Validator<'_, 'a> {
                 self.err("pipeline.cluster", problem);
             }
         }
+        let cluster = self.cluster(&stages);
         let sinks = self.sinks(&pipeline_name);
         let outputs = self.outputs(sources.as_deref());
         let analytics = self.analytics(&stages, &routes, sources.as_deref());
@@ -566,7 +567,81 @@ impl<'a> Validator<'_, 'a> {
                 profiles: self.profiles_dir.clone().unwrap_or_default(),
             }),
             options: self.opts.clone(),
+            cluster,
         })
+    }
+
+    /// `[cluster]`, and the `nodes` of every stage against it.
+    fn cluster(&mut self, stages: &[StageSpec]) -> Option<ClusterSpec> {
+        let spec = match self.section("cluster") {
+            Some(v) => {
+                let c: ClusterConfig = self.part("cluster", v)?;
+                for (name, addr) in &c.nodes {
+                    let key = format!("cluster.nodes.{name}");
+                    if name == &c.front {
+                        self.err(
+                            &key,
+                            format!("`{name}` is the front; list only the other nodes"),
+                        );
+                    }
+                    let port = addr.rsplit_once(':').and_then(|(h, p)| {
+                        (!h.is_empty()).then_some(())?;
+                        p.parse::<u16>().ok().filter(|p| *p > 0)
+                    });
+                    if port.is_none() {
+                        self.err(&key, format!("`{addr}`: expected HOST:PORT"));
+                    }
+                }
+                if c.nodes.is_empty() {
+                    self.err(
+                        "cluster.nodes",
+                        "a cluster needs at least one node besides the front",
+                    );
+                }
+                Some(ClusterSpec {
+                    front: c.front,
+                    nodes: c.nodes,
+                })
+            }
+            None => None,
+        };
+        for (i, s) in stages.iter().enumerate() {
+            if s.nodes.is_empty() {
+                continue;
+            }
+            let key = format!("stage[{i}].nodes");
+            let Some(c) = &spec else {
+                self.err(&key, "`nodes` needs a [cluster] section naming the nodes");
+                continue;
+            };
+            if s.nodes.len() != s.workers {
+                self.err(
+                    &key,
+                    format!(
+                        "{} nodes for {} workers: name the node of every worker",
+                        s.nodes.len(),
+                        s.workers
+                    ),
+                );
+            }
+            for n in &s.nodes {
+                if n != &c.front && !c.nodes.contains_key(n) {
+                    let mut known: Vec<&str> = c.nodes.keys().map(String::as_str).collect();
+                    known.insert(0, &c.front);
+                    self.err(
+                        &key,
+                        format!("no node `{n}` in [cluster] (nodes: {})", known.join(", ")),
+                    );
+                }
+            }
+            if s.model.kind == ModelKind::Recurrent && s.nodes.iter().any(|n| n != &c.front) {
+                self.err(
+                    &key,
+                    "a recurrent stage keeps per-stream state on the front; it cannot run on another node",
+                );
+            }
+        }
+        spec
     }
 
     /// Loads the latency profiles: from `--profiles`, else `[pipeline] profiles`, else
@@ -1079,6 +1154,7 @@ impl<'a> Validator<'_, 'a> {
                 batching: c.batching.unwrap_or_default(),
                 flow: 0,
                 devices: Vec::new(),
+                nodes: c.nodes.clone().unwrap_or_default(),
             });
         }
         ok.then_some(out)

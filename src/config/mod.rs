@@ -87,6 +87,25 @@ fn default_engines_dir() -> PathBuf {
     PathBuf::from("../engines")
 }
 
+/// `[cluster]`: the nodes a pipeline spans (see [`crate::cluster`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The node that runs the sources, batchers, publisher and sinks (`poolpipe run`).
+    pub front: String,
+    /// Every other node: name -> `HOST:PORT` its `poolpipe node` serves on.
+    pub nodes: std::collections::BTreeMap<String, String>,
+}
+
+/// A validated `[cluster]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSpec {
+    /// The front node.
+    pub front: String,
+    /// Every other node's address.
+    pub nodes: std::collections::BTreeMap<String, String>,
+}
+
 /// How a non-live source is paced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -214,6 +233,9 @@ pub struct StageConfig {
     /// GPUs the workers are spread over in turn (`["cuda:0", "cuda:1"]`), instead of `device`.
     #[serde(default)]
     pub devices: Option<Vec<String>>,
+    /// The node each worker runs on (names from `[cluster]`), one per worker.
+    #[serde(default)]
+    pub nodes: Option<Vec<String>>,
     /// GPU stages: `fp32` (default), `tf32` or `fp16` (TensorRT).
     #[serde(default)]
     pub precision: Option<String>,
@@ -542,6 +564,17 @@ pub struct StageSpec {
     pub flow: usize,
     /// The device each worker runs on (`L4:0`, `T4:3`, `cpu`), one per worker.
     pub devices: Vec<String>,
+    /// The node each worker runs on, one per worker (`[cluster]`); empty: all on the front.
+    pub nodes: Vec<String>,
+}
+
+impl StageSpec {
+    /// The node worker `w` runs on, where it is not the front.
+    pub fn remote_node<'a>(&'a self, w: usize, cluster: Option<&ClusterSpec>) -> Option<&'a str> {
+        let node = self.nodes.get(w)?;
+        let c = cluster?;
+        (node != &c.front).then_some(node.as_str())
+    }
 }
 
 /// Which batching limits of a `fixed` stage are chosen while running.
@@ -594,6 +627,8 @@ pub struct Pipeline {
     pub plan: Option<PlanRef>,
     /// How it was loaded (`--plan`, `--profiles`), so that a reload reads it the same way.
     pub options: LoadOptions,
+    /// The nodes it spans, if more than one.
+    pub cluster: Option<ClusterSpec>,
 }
 
 impl Pipeline {

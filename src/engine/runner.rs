@@ -12,6 +12,10 @@ pub enum StageError {
     /// The model gave an output of an unexpected shape.
     #[error("unexpected output: {0}")]
     Output(String),
+    /// The worker runs on another node, and the node or the link to it went away with the
+    /// batch: its frames are lost, not failed.
+    #[error("lost with its node: {0}")]
+    Lost(String),
 }
 
 /// Runs one stage on a batch and attaches one [`crate::frame::StageOutput`] to every frame.
@@ -25,5 +29,12 @@ pub trait StageRunner: Send {
     /// this instant. `None`: it has arrived.
     fn sent_at(&mut self) -> Option<std::time::Instant> {
         None
+    }
+
+    /// Tells `on_change` whenever the worker becomes unavailable (`false`: its node or the link
+    /// to it is down) or available again (`true`). Local runners are always available and never
+    /// call it.
+    fn watch(&mut self, on_change: Box<dyn Fn(bool) + Send + Sync>) {
+        let _ = on_change;
     }
 }

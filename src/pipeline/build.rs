@@ -18,6 +18,8 @@ use crate::admission::RouteEntry;
 use crate::batcher::deadline::Timeline;
 use crate::batcher::driver::WORKER_QUEUE;
 use crate::clock::{SharedClock, SystemClock};
+use crate::cluster::link::{Peers, Workers};
+use crate::cluster::wire::Sends;
 use crate::config::{Device, ModelKind, Pipeline, RouteSpec, StageSpec};
 use crate::device::emulated::{Link, new_link};
 use crate::engine::StageRunner;
@@ -59,11 +61,13 @@ pub(super) struct Engines {
 }
 
 /// Loads the engines of `stages` (indices into `p.stages`): one per worker. The processes of
-/// one emulated device share its link.
+/// one emulated device share its link. A worker placed on another node (`[cluster]`) gets a
+/// runner that reaches it through `peers`.
 pub(super) fn build_engines(
     p: &Pipeline,
     stages: impl IntoIterator<Item = usize>,
     resets: &Arc<StreamResets>,
+    peers: Option<&Peers>,
 ) -> Result<Engines, PipelineError> {
     let mut links: HashMap<&str, Link> = HashMap::new();
     let mut out = Engines::default();
@@ -84,16 +88,79 @@ pub(super) fn build_engines(
         }
         let mut pool = Vec::new();
         for w in 0..s.workers {
-            let link = match (&s.device, s.devices.get(w)) {
-                (Device::Emulated { .. }, Some(id)) => {
-                    Some(links.entry(id.as_str()).or_insert_with(new_link).clone())
+            match s.remote_node(w, p.cluster.as_ref()) {
+                Some(node) => {
+                    let remote = peers.and_then(|ps| ps.runner(node, &s.name, w, sends(p, i)));
+                    pool.push(remote.ok_or_else(|| {
+                        PipelineError::Cluster(format!(
+                            "stage `{}` worker {w} runs on node `{node}`, which this process has no link to",
+                            s.name
+                        ))
+                    })?);
                 }
-                _ => None,
-            };
-            let gpu = stage::gpu_session(s, w, &p.engine_cache);
-            pool.push(build_runner(s, p.onnxruntime.as_deref(), link, gpu).map_err(failed)?);
+                None => pool.push(local_runner(p, s, w, &mut links).map_err(failed)?),
+            }
         }
         out.runners.insert(i, pool);
+    }
+    Ok(out)
+}
+
+/// The engine of worker `w` of stage `s`, run here.
+fn local_runner<'p>(
+    p: &'p Pipeline,
+    s: &'p StageSpec,
+    w: usize,
+    links: &mut HashMap<&'p str, Link>,
+) -> Result<Box<dyn StageRunner>, crate::engine::EngineError> {
+    let link = match (&s.device, s.devices.get(w)) {
+        (Device::Emulated { .. }, Some(id)) => {
+            Some(links.entry(id.as_str()).or_insert_with(new_link).clone())
+        }
+        _ => None,
+    };
+    let gpu = stage::gpu_session(s, w, &p.engine_cache);
+    build_runner(s, p.onnxruntime.as_deref(), link, gpu)
+}
+
+/// What a batch for stage `i` carries to another node: the activation of a cut model, filler as
+/// large as the cut before an emulated stage, or the image for a stage that takes images.
+fn sends(p: &Pipeline, i: usize) -> Sends {
+    let s = &p.stages[i];
+    if let (Device::Emulated { .. }, Some(_)) = (&s.device, &s.profile) {
+        let before = p
+            .routes
+            .iter()
+            .find_map(|r| {
+                let k = r.stages.iter().position(|&x| x == i)?;
+                k.checked_sub(1).map(|k| r.stages[k])
+            })
+            .and_then(|prev| p.stages[prev].profile.as_ref()?.cut_bytes);
+        return Sends::Filler(before.unwrap_or(0));
+    }
+    match &s.split {
+        Some(split) if !split.first => Sends::Activation,
+        _ => Sends::Image,
+    }
+}
+
+/// The engines of the workers that `node` runs (its part of a `[cluster]` pipeline), by stage
+/// name and worker.
+pub fn node_workers(p: &Pipeline, node: &str) -> Result<Workers, PipelineError> {
+    let mut links: HashMap<&str, Link> = HashMap::new();
+    let mut out = Workers::new();
+    for s in &p.stages {
+        for w in 0..s.workers {
+            if s.nodes.get(w).map(String::as_str) != Some(node) {
+                continue;
+            }
+            let runner =
+                local_runner(p, s, w, &mut links).map_err(|source| PipelineError::Engine {
+                    stage: s.name.clone(),
+                    source,
+                })?;
+            out.insert((s.name.clone(), w), runner);
+        }
     }
     Ok(out)
 }

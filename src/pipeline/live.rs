@@ -543,10 +543,7 @@ impl Live {
         use std::sync::atomic::Ordering::Relaxed;
         let c = self.stats.stream(stream);
         let published = c.published.load(Relaxed);
-        let done = published
-            + c.dropped_late.load(Relaxed)
-            + c.dropped_overload.load(Relaxed)
-            + c.failed.load(Relaxed);
+        let done = published + c.missed();
         (done > 0).then(|| published as f64 / done as f64)
     }
 
@@ -653,7 +650,7 @@ impl Live {
                         .get(&s.name)
                         .cloned()
                         .unwrap_or(("removed", String::new(), false));
-                let done = s.published + s.dropped_late + s.dropped_overload + s.failed;
+                let done = s.resolved();
                 json!({
                     "name": s.name,
                     "state": state,

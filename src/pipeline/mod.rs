@@ -39,6 +39,7 @@ use crate::sinks::delivery::Queue;
 use crate::sinks::{self, SinkError, SinkHandle};
 use crate::stats::{Stats, Summary};
 use analytics::Analytics;
+pub use build::node_workers;
 pub use live::{Live, LiveError, ReloadReport};
 pub use publisher::result_json;
 pub use worker::PANIC_STAGE_ENV;
@@ -72,6 +73,9 @@ pub enum PipelineError {
     /// Re-planning while running cannot be set up.
     #[error("re-planning: {0}")]
     Control(String),
+    /// The other nodes of a `[cluster]` cannot be reached.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// A stop request shared by signal handlers, the API and the run loop.
@@ -127,6 +131,9 @@ pub struct Running {
     sink_buffers: Vec<(Arc<Queue>, Duration)>,
 }
 
+/// How long the front waits for the other nodes of a `[cluster]` at start.
+pub const NODE_WAIT: Duration = Duration::from_secs(30);
+
 /// Runs a validated pipeline until it ends or is stopped, and returns its counters.
 pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summary, PipelineError> {
     start(p, opts)?.wait(shutdown)
@@ -147,9 +154,35 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         p.stages.iter().map(|s| s.name.clone()).collect(),
     ));
 
+    // Across nodes: links to the other nodes, waited for; cut transfers are then the links'.
+    let (clustered, peers);
+    let p = match &p.cluster {
+        Some(c) => {
+            let limit = crate::cluster::message_limit(p);
+            let links = crate::cluster::link::Peers::new(&c.nodes, limit)
+                .map_err(|e| PipelineError::Cluster(e.to_string()))?;
+            tracing::info!(
+                nodes = c.nodes.len(),
+                "Waiting for the other nodes of the cluster."
+            );
+            links
+                .wait_all(NODE_WAIT)
+                .map_err(|e| PipelineError::Cluster(e.to_string()))?;
+            peers = Some(Arc::new(links));
+            let mut q = p.clone();
+            crate::cluster::charge_transfers_to_remote_stages(&mut q);
+            clustered = q;
+            &clustered
+        }
+        None => {
+            peers = None;
+            p
+        }
+    };
+
     // Build phase: engines and sinks, before any frame flows.
     let resets = Arc::new(crate::recurrent::StreamResets::default());
-    let mut engines = build::build_engines(p, 0..p.stages.len(), &resets)?;
+    let mut engines = build::build_engines(p, 0..p.stages.len(), &resets, peers.as_deref())?;
     log_layout(p);
     let sinks: Vec<SinkHandle> = p
         .sinks

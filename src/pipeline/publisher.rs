@@ -298,8 +298,7 @@ fn overlay(stats: &Stats, stream: usize, e2e: crate::clock::Nanos) -> crate::osd
     use std::sync::atomic::Ordering::Relaxed;
     let c = stats.stream(stream);
     let published = c.published.load(Relaxed) + 1;
-    let missed =
-        c.dropped_late.load(Relaxed) + c.dropped_overload.load(Relaxed) + c.failed.load(Relaxed);
+    let missed = c.missed();
     crate::osd::Overlay {
         e2e_ms: e2e as f64 / 1e6,
         attainment: Some(published as f64 / (published + missed) as f64),

@@ -181,14 +181,7 @@ impl Replanner {
         let totals = self.live.stats.flow_totals();
         let of = |f: usize| totals.get(f).cloned().unwrap_or_default();
         let arrived: Vec<u64> = self.flows.iter().map(|&f| of(f).ingested).collect();
-        let resolved: Vec<u64> = self
-            .flows
-            .iter()
-            .map(|&f| {
-                let c = of(f);
-                c.published + c.dropped_late + c.dropped_overload + c.failed
-            })
-            .collect();
+        let resolved: Vec<u64> = self.flows.iter().map(|&f| of(f).resolved()).collect();
         let on_time: Vec<u64> = self.flows.iter().map(|&f| of(f).published).collect();
         let problem = Problem {
             profiles: &self.profiles,
@@ -287,7 +280,7 @@ impl Replanner {
         assign_free_devices(&mut next.stages[first_new..], &taken);
 
         // Engines and threads of the new routes; nothing is sent to them yet.
-        let mut engines = build_engines(&next, first_new..next.stages.len(), &self.resets)?;
+        let mut engines = build_engines(&next, first_new..next.stages.len(), &self.resets, None)?;
         let stats = &self.live.stats;
         if stats.stage_count() != first_new {
             return Err(refuse(format!(

@@ -15,7 +15,7 @@ use super::graph::{Batch, Downstream, Sequencer};
 use crate::batcher::Hop;
 use crate::batcher::deadline::Timeline;
 use crate::clock::SharedClock;
-use crate::engine::StageRunner;
+use crate::engine::{StageError, StageRunner};
 use crate::frame::Frame;
 use crate::panics::panic_message;
 use crate::stats::Stats;
@@ -72,6 +72,14 @@ pub(super) fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("{}-{}", cx.name, cx.worker))
         .spawn(move || {
+            // A worker on another node leaves its pool's reservations while the node is down.
+            let (timeline, hop, worker) = (cx.timeline.clone(), cx.hop, cx.worker);
+            runner.watch(Box::new(move |up| {
+                timeline
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_available(hop, worker, up);
+            }));
             let cx = Arc::new(cx);
             let stats = &cx.stats;
             let panic_at = injected_panic(&cx.name);
@@ -122,6 +130,12 @@ pub(super) fn spawn_worker(
                     }
                 }
                 let output = match result {
+                    Some(Err(StageError::Lost(_))) => {
+                        for f in frames {
+                            stats.frame_lost_in_stage(cx.stage, f.stream);
+                        }
+                        None
+                    }
                     Some(Ok(())) => {
                         for f in frames.iter_mut() {
                             let spent = sent.saturating_sub(f.entered_stage);

@@ -1,0 +1,596 @@
+//! gRPC links between nodes.
+//!
+//! The front node (the one that runs the sources, the batchers with their reservations, the
+//! publisher and the sinks) reaches a worker that runs on another node through a
+//! [`RemoteRunner`]: a [`StageRunner`] like any other, so the worker thread, its reservations,
+//! its counters and the order it passes batches on in are the same as for a local worker. Its
+//! `run` sends the batch on the worker's own long-lived bidirectional stream
+//! (`/poolpipe.Link/Run`) and waits for the answer on the same stream. The node reads the next
+//! batch of a stream only when the worker has finished the last one, so a slow node holds the
+//! stream's HTTP/2 window and the front's worker; the front's reservations see the worker busy
+//! and its batchers drop (and count) what can no longer make its deadline.
+//!
+//! Each peer is watched by pings (`/poolpipe.Link/Ping`, every [`PING_EVERY`]); a peer that
+//! misses [`MISSES`] in a row, or whose stream fails, is down: its workers leave their pools'
+//! reservations at once ([`StageRunner::watch`]), a batch it held is lost (counted as `lost`),
+//! and when it answers pings again its workers rejoin.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use tonic::codec::Streaming;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::wire::{self, Packet, PacketCodec, Sends};
+use crate::engine::{StageError, StageRunner};
+use crate::frame::Frame;
+
+/// How often a peer is pinged.
+pub const PING_EVERY: Duration = Duration::from_millis(250);
+/// How long a ping may take.
+pub const PING_TIMEOUT: Duration = Duration::from_millis(400);
+/// Missed pings after which a peer is down.
+pub const MISSES: u32 = 2;
+/// HTTP/2 flow-control window of one stream: room for a batch of large activations in flight.
+const STREAM_WINDOW: u32 = 32 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
+
+const RUN: &str = "/poolpipe.Link/Run";
+const PING: &str = "/poolpipe.Link/Ping";
+
+type Watchers = Vec<Box<dyn Fn(bool) + Send + Sync>>;
+
+/// Another node, as the front sees it.
+pub struct Peer {
+    name: String,
+    addr: String,
+    channel: Channel,
+    /// Up (answers pings) or down.
+    state: tokio::sync::watch::Sender<bool>,
+    watchers: Mutex<Watchers>,
+    limit: usize,
+    /// Times it went down.
+    downs: AtomicU64,
+}
+
+impl Peer {
+    /// Whether it answers.
+    pub fn is_up(&self) -> bool {
+        *self.state.borrow()
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Times it went down.
+    pub fn downs(&self) -> u64 {
+        self.downs.load(Ordering::Relaxed)
+    }
+
+    fn set_up(&self, up: bool, why: &str) {
+        let changed = self
+            .state
+            .send_if_modified(|s| std::mem::replace(s, up) != up);
+        if !changed {
+            return;
+        }
+        if up {
+            tracing::info!(node = %self.name, addr = %self.addr, "Node is up: its workers take batches.");
+        } else {
+            self.downs.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(node = %self.name, addr = %self.addr, why, "Node is down: its workers leave their pools until it answers again.");
+        }
+        for w in self
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            w(up);
+        }
+    }
+
+    async fn ping(&self) -> Result<(), Status> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        grpc.unary(
+            Request::new(Packet::default()),
+            http::uri::PathAndQuery::from_static(PING),
+            PacketCodec,
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// The other nodes of a cluster, their links and their watchers, on one small runtime.
+pub struct Peers {
+    rt: Arc<tokio::runtime::Runtime>,
+    peers: BTreeMap<String, Arc<Peer>>,
+}
+
+/// Why a peer cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The address is not one.
+    #[error("node `{node}`: `{addr}` is not an address (expected HOST:PORT): {detail}")]
+    Address {
+        /// The node.
+        node: String,
+        /// Its address.
+        addr: String,
+        /// Why.
+        detail: String,
+    },
+    /// The runtime could not start.
+    #[error("cannot start the cluster links: {0}")]
+    Runtime(#[from] std::io::Error),
+    /// A node does not answer.
+    #[error(
+        "node `{node}` ({addr}) does not answer after {waited:?} (is `poolpipe node` running there?)"
+    )]
+    Unreachable {
+        /// The node.
+        node: String,
+        /// Its address.
+        addr: String,
+        /// How long it was waited for.
+        waited: Duration,
+    },
+    /// Serving failed.
+    #[error("node `{node}`: cannot serve on {addr}: {detail}")]
+    Serve {
+        /// The node.
+        node: String,
+        /// The address.
+        addr: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("poolpipe-link")
+        .enable_all()
+        .build()
+}
+
+impl Peers {
+    /// Links to `nodes` (name -> `HOST:PORT`); messages up to `limit` bytes. Connections are
+    /// made lazily and remade after a failure; each peer is pinged from now on.
+    pub fn new(nodes: &BTreeMap<String, String>, limit: usize) -> Result<Self, LinkError> {
+        let rt = Arc::new(runtime()?);
+        let mut peers = BTreeMap::new();
+        for (name, addr) in nodes {
+            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| LinkError::Address {
+                    node: name.clone(),
+                    addr: addr.clone(),
+                    detail: e.to_string(),
+                })?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_millis(500))
+                .keep_alive_timeout(Duration::from_secs(1))
+                .keep_alive_while_idle(true)
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW);
+            let channel = {
+                let _guard = rt.enter();
+                endpoint.connect_lazy()
+            };
+            let peer = Arc::new(Peer {
+                name: name.clone(),
+                addr: addr.clone(),
+                channel,
+                state: tokio::sync::watch::Sender::new(false),
+                watchers: Mutex::new(Vec::new()),
+                limit,
+                downs: AtomicU64::new(0),
+            });
+            rt.spawn(watch_peer(Arc::downgrade(&peer)));
+            peers.insert(name.clone(), peer);
+        }
+        Ok(Self { rt, peers })
+    }
+
+    /// The peer named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Peer>> {
+        self.peers.get(name)
+    }
+
+    /// Every peer.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Peer>> {
+        self.peers.values()
+    }
+
+    /// Waits until every peer answers, up to `limit`.
+    pub fn wait_all(&self, limit: Duration) -> Result<(), LinkError> {
+        let until = std::time::Instant::now() + limit;
+        for p in self.peers.values() {
+            let mut rx = p.state.subscribe();
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let ok = self
+                .rt
+                .block_on(async { tokio::time::timeout(left, rx.wait_for(|up| *up)).await })
+                .is_ok();
+            if !ok {
+                return Err(LinkError::Unreachable {
+                    node: p.name.clone(),
+                    addr: p.addr.clone(),
+                    waited: limit,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The runner of worker `worker` of stage `stage`, which runs on node `node`; each frame
+    /// sends what `sends` says.
+    pub fn runner(
+        &self,
+        node: &str,
+        stage: &str,
+        worker: usize,
+        sends: Sends,
+    ) -> Option<Box<dyn StageRunner>> {
+        let peer = self.peers.get(node)?.clone();
+        Some(Box::new(RemoteRunner {
+            rt: self.rt.clone(),
+            peer,
+            stage: stage.to_string(),
+            worker,
+            sends,
+            stream: None,
+        }))
+    }
+}
+
+/// Pings a peer for as long as it exists.
+async fn watch_peer(peer: std::sync::Weak<Peer>) {
+    let mut misses = 0u32;
+    loop {
+        let Some(p) = peer.upgrade() else { return };
+        match tokio::time::timeout(PING_TIMEOUT, p.ping()).await {
+            Ok(Ok(())) => {
+                misses = 0;
+                p.set_up(true, "");
+            }
+            Ok(Err(e)) => {
+                misses += 1;
+                if misses >= MISSES {
+                    p.set_up(false, e.message());
+                }
+            }
+            Err(_) => {
+                misses += 1;
+                if misses >= MISSES {
+                    p.set_up(false, "pings time out");
+                }
+            }
+        }
+        drop(p);
+        tokio::time::sleep(PING_EVERY).await;
+    }
+}
+
+/// One worker's stream: batches out, answers in.
+struct Open {
+    tx: tokio::sync::mpsc::Sender<Packet>,
+    rx: Streaming<Packet>,
+}
+
+async fn open(peer: &Peer) -> Result<Open, Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Packet>(1);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
+    let mut grpc = tonic::client::Grpc::new(peer.channel.clone())
+        .max_decoding_message_size(peer.limit)
+        .max_encoding_message_size(peer.limit);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let rx = grpc
+        .streaming(
+            Request::new(outbound),
+            http::uri::PathAndQuery::from_static(RUN),
+            PacketCodec,
+        )
+        .await?
+        .into_inner();
+    Ok(Open { tx, rx })
+}
+
+/// A worker that runs on another node.
+pub struct RemoteRunner {
+    rt: Arc<tokio::runtime::Runtime>,
+    peer: Arc<Peer>,
+    stage: String,
+    worker: usize,
+    sends: Sends,
+    stream: Option<Open>,
+}
+
+impl StageRunner for RemoteRunner {
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
+        let packet = wire::encode_batch(&self.stage, self.worker, frames, self.sends);
+        let peer = self.peer.clone();
+        let stream = &mut self.stream;
+        let answer = self.rt.block_on(async {
+            let mut state = peer.state.subscribe();
+            if !*state.borrow_and_update() {
+                return Err("the node is down".to_string());
+            }
+            if stream.is_none() {
+                *stream = Some(open(&peer).await.map_err(|e| e.message().to_string())?);
+            }
+            let s = stream.as_mut().expect("opened above");
+            s.tx.send(packet)
+                .await
+                .map_err(|_| "the stream closed".to_string())?;
+            tokio::select! {
+                m = s.rx.message() => match m {
+                    Ok(Some(p)) => Ok(p),
+                    Ok(None) => Err("the stream ended".to_string()),
+                    Err(e) => Err(e.message().to_string()),
+                },
+                _ = state.wait_for(|up| !*up) => Err("the node stopped answering".to_string()),
+            }
+        });
+        let lost = |why: String| {
+            StageError::Lost(format!(
+                "node `{}` ({}): {why}",
+                self.peer.name, self.peer.addr
+            ))
+        };
+        match answer {
+            Ok(p) => match wire::apply_done(p, frames) {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(StageError::Output(format!(
+                    "on node `{}`: {e}",
+                    self.peer.name
+                ))),
+                Err(e) => Err(StageError::Output(e.to_string())),
+            },
+            Err(why) => {
+                self.stream = None;
+                self.peer.set_up(false, &why);
+                Err(lost(why))
+            }
+        }
+    }
+
+    fn watch(&mut self, on_change: Box<dyn Fn(bool) + Send + Sync>) {
+        on_change(self.peer.is_up());
+        self.peer
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(on_change);
+    }
+}
+
+/// The workers a node serves, by (stage name, worker).
+pub type Workers = BTreeMap<(String, usize), Box<dyn StageRunner>>;
+
+/// What a node has done, for its summary.
+#[derive(Debug, Default)]
+pub struct Served {
+    /// Batches run.
+    pub batches: AtomicU64,
+    /// Frames in them.
+    pub frames: AtomicU64,
+    /// Batches whose engine failed.
+    pub failed: AtomicU64,
+    /// Bytes received.
+    pub bytes_in: AtomicU64,
+}
+
+type Slot = Arc<Mutex<Box<dyn StageRunner>>>;
+
+/// The gRPC service of a node.
+#[derive(Clone)]
+struct LinkService {
+    workers: Arc<BTreeMap<(String, usize), Slot>>,
+    served: Arc<Served>,
+    limit: usize,
+}
+
+impl tonic::server::NamedService for LinkService {
+    const NAME: &'static str = "poolpipe.Link";
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type Answers = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for LinkService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            let limit = me.limit;
+            Ok(match req.uri().path() {
+                RUN => {
+                    tonic::server::Grpc::new(PacketCodec)
+                        .max_decoding_message_size(limit)
+                        .max_encoding_message_size(limit)
+                        .streaming(RunHandler(me), req)
+                        .await
+                }
+                PING => {
+                    tonic::server::Grpc::new(PacketCodec)
+                        .unary(PingHandler, req)
+                        .await
+                }
+                other => Status::unimplemented(format!("no method {other}")).into_http(),
+            })
+        })
+    }
+}
+
+struct PingHandler;
+
+impl tower_service::Service<Request<Packet>> for PingHandler {
+    type Response = Response<Packet>;
+    type Error = Status;
+    type Future = std::future::Ready<Result<Response<Packet>, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<Packet>) -> Self::Future {
+        std::future::ready(Ok(Response::new(Packet::default())))
+    }
+}
+
+struct RunHandler(LinkService);
+
+impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
+    type Response = Response<Answers>;
+    type Error = Status;
+    type Future = BoxFuture<Result<Response<Answers>, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Streaming<Packet>>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move {
+            let mut inbound = req.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Packet, Status>>(1);
+            tokio::spawn(async move {
+                // The next batch is read only when the last one is answered.
+                loop {
+                    let packet = match inbound.message().await {
+                        Ok(Some(p)) => p,
+                        Ok(None) => return,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "A stream from the front ended.");
+                            return;
+                        }
+                    };
+                    let answer = run_batch(&svc, packet).await;
+                    if tx.send(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let answers: Answers =
+                Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|a| (a, rx))
+                }));
+            Ok(Response::new(answers))
+        })
+    }
+}
+
+/// Runs one batch on its worker, off the runtime's threads.
+async fn run_batch(svc: &LinkService, packet: Packet) -> Result<Packet, Status> {
+    svc.served.bytes_in.fetch_add(
+        (packet.header.len() + packet.body.len()) as u64,
+        Ordering::Relaxed,
+    );
+    let (h, mut frames) =
+        wire::decode_batch(packet).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let slot = svc
+        .workers
+        .get(&(h.stage.clone(), h.worker))
+        .cloned()
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "this node runs no worker {} of stage `{}`",
+                h.worker, h.stage
+            ))
+        })?;
+    let served = svc.served.clone();
+    tokio::task::spawn_blocking(move || {
+        let before: Vec<usize> = frames.iter().map(|f| f.outputs.len()).collect();
+        let mut runner = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let result = runner.run(&mut frames);
+        // An emulated device that sends while computing returns before its batch is sent:
+        // the answer leaves when the batch would have.
+        if let Some(at) = runner.sent_at() {
+            crate::clock::sleep_until(at);
+        }
+        drop(runner);
+        served.batches.fetch_add(1, Ordering::Relaxed);
+        served
+            .frames
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        let error = result.err().map(|e| {
+            served.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(stage = %h.stage, worker = h.worker, error = %e, "Batch failed.");
+            e.to_string()
+        });
+        wire::encode_done(&mut frames, &before, error)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("worker panicked: {e}")))
+}
+
+/// Serves `workers` on `addr` until `stop` resolves. Messages up to `limit` bytes.
+pub fn serve(
+    node: &str,
+    addr: std::net::SocketAddr,
+    workers: Workers,
+    limit: usize,
+    served: Arc<Served>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), LinkError> {
+    let rt = runtime()?;
+    let svc = LinkService {
+        workers: Arc::new(
+            workers
+                .into_iter()
+                .map(|(k, r)| (k, Arc::new(Mutex::new(r))))
+                .collect(),
+        ),
+        served,
+        limit,
+    };
+    let err = |detail: String| LinkError::Serve {
+        node: node.to_string(),
+        addr: addr.to_string(),
+        detail,
+    };
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        tracing::info!(node, %addr, "Serving stage workers.");
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .http2_keepalive_interval(Some(Duration::from_millis(500)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(1)))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await
+            .map_err(|e| err(e.to_string()))
+    })
+}

@@ -1,0 +1,89 @@
+//! A pipeline across machines: the front node and the nodes that run some of its workers.
+//!
+//! A pipeline file with a `[cluster]` section names its nodes, and a stage's `nodes` key says
+//! where each of its workers runs:
+//!
+//! ```toml
+//! [cluster]
+//! front = "n1"                                    # runs `poolpipe run`: sources, batchers, sinks
+//! nodes = { n2 = "10.0.0.2:7070", n3 = "10.0.0.3:7070" }
+//!
+//! [[stage]]
+//! name = "tail"
+//! workers = 2
+//! nodes = ["n2", "n3"]                            # worker 0 on n2, worker 1 on n3
+//! ```
+//!
+//! Every node loads the same file. `poolpipe node FILE --name n2` builds the engines of the
+//! workers placed on n2 and serves them over gRPC ([`link::serve`]); `poolpipe run FILE` on the
+//! front builds everything else and reaches each remote worker through a
+//! [`link::RemoteRunner`]. Reservations, counters and results stay on the front: a remote worker
+//! is one more worker of its pool that happens to be behind a link. Its batch's bytes (the
+//! activation of a cut, the image, or filler as large as an emulated cut) cross the link, and
+//! the time they take is charged to the remote stage's reservations, not emulated a second time
+//! by the stage before it ([`charge_transfers_to_remote_stages`]).
+//!
+//! Not built yet (issue "Past one machine"): a controller that places plans on nodes and
+//! publishes plan epochs over NATS, cameras moving between nodes, and Kubernetes manifests. A
+//! route whose remote stage is followed by another stage comes back through the front.
+
+pub mod link;
+pub mod wire;
+
+use crate::config::Pipeline;
+
+/// Bytes a message on the links of `p` may hold: the largest batch of the largest cut (or image)
+/// any stage sends, with room for headers, and at least 64 MiB.
+pub fn message_limit(p: &Pipeline) -> usize {
+    let image = p.ingest_format();
+    let image_bytes = image.width as usize * image.height as usize * 3;
+    let largest = p
+        .stages
+        .iter()
+        .map(|s| {
+            let per_frame = s
+                .profile
+                .as_ref()
+                .and_then(|pr| pr.cut_bytes)
+                .map_or(image_bytes, |b| (b as usize).max(image_bytes));
+            per_frame * s.max_batch.max(1)
+        })
+        .max()
+        .unwrap_or(0);
+    (largest + (1 << 20)).max(64 << 20)
+}
+
+/// On the front: a stage whose next stage has workers on other nodes no longer emulates the
+/// transfer of its cut (the link carries the bytes for real); the next stage's reservations
+/// take it instead, added to its latency at each batch size.
+pub fn charge_transfers_to_remote_stages(p: &mut Pipeline) {
+    let Some(cluster) = p.cluster.clone() else {
+        return;
+    };
+    for r in 0..p.routes.len() {
+        let stages = p.routes[r].stages.clone();
+        for pair in stages.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            let remote = (0..p.stages[b].workers)
+                .any(|w| p.stages[b].remote_node(w, Some(&cluster)).is_some());
+            if !remote {
+                continue;
+            }
+            let Some(transfer) = p.stages[a]
+                .profile
+                .as_mut()
+                .map(|pr| std::mem::take(&mut pr.transfer))
+            else {
+                continue;
+            };
+            if let Some(pr) = p.stages[a].profile.as_mut() {
+                pr.transfer = vec![std::time::Duration::ZERO; transfer.len()];
+            }
+            if let Some(pr) = p.stages[b].profile.as_mut() {
+                for (l, t) in pr.latency.iter_mut().zip(&transfer) {
+                    *l += *t;
+                }
+            }
+        }
+    }
+}
