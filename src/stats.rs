@@ -127,6 +127,8 @@ pub struct Stats {
     pub analytics: Histogram,
     /// Sinks by name, as they were opened.
     sinks: Mutex<Vec<(String, Arc<SinkCounters>)>>,
+    /// Other nodes of a cluster that run workers, by name.
+    nodes: Mutex<Vec<(String, Arc<NodeCounters>)>>,
     /// Threads that panicked (a pipeline with any exits with an error).
     panics: Mutex<Vec<ThreadPanic>>,
 }
@@ -197,6 +199,7 @@ impl Stats {
             end_to_end: Histogram::default(),
             analytics: Histogram::default(),
             sinks: Mutex::new(Vec::new()),
+            nodes: Mutex::new(Vec::new()),
             panics: Mutex::new(Vec::new()),
         }
     }
@@ -357,6 +360,14 @@ impl Stats {
     /// Adds a sink's counters to the reports.
     pub fn register_sink(&self, name: &str, counters: Arc<SinkCounters>) {
         self.sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.to_string(), counters));
+    }
+
+    /// Registers another node of the cluster, so that the summary reports its link.
+    pub fn register_node(&self, name: &str, counters: Arc<NodeCounters>) {
+        self.nodes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((name.to_string(), counters));
@@ -533,7 +544,15 @@ impl Stats {
             .iter()
             .map(|(n, c)| c.summary(n))
             .collect();
+        let nodes = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, c)| c.summary(n))
+            .collect();
         Summary {
+            nodes,
             elapsed_s,
             streams: indexed.into_iter().map(|(_, s)| s).collect(),
             flows,
@@ -666,6 +685,9 @@ pub struct Summary {
     pub stages: Vec<StageSummary>,
     /// Per sink.
     pub sinks: Vec<SinkSummary>,
+    /// Per other node of a cluster (absent from JSON without one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeSummary>,
     /// Median end-to-end latency of published frames, ms.
     pub end_to_end_p50_ms: Option<f64>,
     /// 99th percentile end-to-end latency of published frames, ms.
@@ -809,6 +831,38 @@ impl Summary {
                 );
             }
         }
+        if !self.nodes.is_empty() {
+            let _ = writeln!(
+                s,
+                "{:<20} {:>4} {:>6} {:>8} {:>8} {:>6} {:>10} {:>11} {:>11} {:>9}",
+                "node",
+                "up",
+                "downs",
+                "batches",
+                "frames",
+                "lost",
+                "MB sent",
+                "link p50 ms",
+                "link p99 ms",
+                "link Gb/s"
+            );
+            for n in &self.nodes {
+                let _ = writeln!(
+                    s,
+                    "{:<20} {:>4} {:>6} {:>8} {:>8} {:>6} {:>10.1} {:>11} {:>11} {:>9}",
+                    n.name,
+                    if n.up { "yes" } else { "no" },
+                    n.downs,
+                    n.batches,
+                    n.frames,
+                    n.lost,
+                    n.bytes_sent as f64 / 1e6,
+                    f(n.link_p50_ms),
+                    f(n.link_p99_ms),
+                    n.link_gbps.map_or("-".into(), |g| format!("{g:.3}"))
+                );
+            }
+        }
         let _ = write!(
             s,
             "{:.1} s, {:.1} published frames/s, end-to-end p50 {} ms, p99 {} ms",
@@ -819,6 +873,82 @@ impl Summary {
         );
         s
     }
+}
+
+/// Counters of the link to another node of a cluster (see [`crate::cluster`]).
+#[derive(Debug, Default)]
+pub struct NodeCounters {
+    /// The node answers.
+    pub up: std::sync::atomic::AtomicBool,
+    /// Times it went down.
+    pub downs: AtomicU64,
+    /// Batches it answered.
+    pub batches: AtomicU64,
+    /// Frames in them.
+    pub frames: AtomicU64,
+    /// Frames lost with it.
+    pub lost: AtomicU64,
+    /// Bytes sent to it (batches answered).
+    pub bytes_sent: AtomicU64,
+    /// Link time of the batches answered, summed: the round trip less the node's own time.
+    pub link_nanos: AtomicU64,
+    /// Link time per batch.
+    pub link: Histogram,
+}
+
+impl NodeCounters {
+    /// A batch of `frames` frames and `bytes` bytes was answered, `link` of its round trip on
+    /// the link.
+    pub fn answered(&self, frames: usize, bytes: usize, link: Nanos) {
+        self.batches.fetch_add(1, Relaxed);
+        self.frames.fetch_add(frames as u64, Relaxed);
+        self.bytes_sent.fetch_add(bytes as u64, Relaxed);
+        self.link_nanos.fetch_add(link, Relaxed);
+        self.link.record(link);
+    }
+
+    /// The counters now.
+    pub fn summary(&self, name: &str) -> NodeSummary {
+        let bytes = self.bytes_sent.load(Relaxed);
+        let nanos = self.link_nanos.load(Relaxed);
+        NodeSummary {
+            name: name.to_string(),
+            up: self.up.load(Relaxed),
+            downs: self.downs.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            frames: self.frames.load(Relaxed),
+            lost: self.lost.load(Relaxed),
+            bytes_sent: bytes,
+            link_p50_ms: self.link.quantile_ms(0.5),
+            link_p99_ms: self.link.quantile_ms(0.99),
+            link_gbps: (nanos > 0).then(|| bytes as f64 * 8.0 / nanos as f64),
+        }
+    }
+}
+
+/// The link to another node at one moment.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeSummary {
+    /// Node name.
+    pub name: String,
+    /// Whether it answers.
+    pub up: bool,
+    /// Times it went down.
+    pub downs: u64,
+    /// Batches it answered.
+    pub batches: u64,
+    /// Frames in them.
+    pub frames: u64,
+    /// Frames lost with it.
+    pub lost: u64,
+    /// Bytes sent to it in the batches it answered.
+    pub bytes_sent: u64,
+    /// Median link time per batch (round trip less the node's own time), ms.
+    pub link_p50_ms: Option<f64>,
+    /// 99th percentile of the same, ms.
+    pub link_p99_ms: Option<f64>,
+    /// Bytes sent over the link time, Gbit/s.
+    pub link_gbps: Option<f64>,
 }
 
 /// Jain's fairness index of shares `x`: `(Σx)² / (n·Σx²)`, 1 when all are equal, `1/n` when one

@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status};
 use super::wire::{self, Packet, PacketCodec, Sends};
 use crate::engine::{StageError, StageRunner};
 use crate::frame::Frame;
+use crate::stats::NodeCounters;
 
 /// How often a peer is pinged.
 pub const PING_EVERY: Duration = Duration::from_millis(250);
@@ -57,8 +58,8 @@ pub struct Peer {
     state: tokio::sync::watch::Sender<bool>,
     watchers: Mutex<Watchers>,
     limit: usize,
-    /// Times it went down.
-    downs: AtomicU64,
+    /// What crossed the link, for the front's summary.
+    counters: Arc<NodeCounters>,
 }
 
 impl Peer {
@@ -72,9 +73,9 @@ impl Peer {
         &self.name
     }
 
-    /// Times it went down.
-    pub fn downs(&self) -> u64 {
-        self.downs.load(Ordering::Relaxed)
+    /// Its link's counters.
+    pub fn counters(&self) -> &Arc<NodeCounters> {
+        &self.counters
     }
 
     fn set_up(&self, up: bool, why: &str) {
@@ -84,10 +85,11 @@ impl Peer {
         if !changed {
             return;
         }
+        self.counters.up.store(up, Ordering::Relaxed);
         if up {
             tracing::info!(node = %self.name, addr = %self.addr, "Node is up: its workers take batches.");
         } else {
-            self.downs.fetch_add(1, Ordering::Relaxed);
+            self.counters.downs.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(node = %self.name, addr = %self.addr, why, "Node is down: its workers leave their pools until it answers again.");
         }
         for w in self
@@ -200,7 +202,7 @@ impl Peers {
                 state: tokio::sync::watch::Sender::new(false),
                 watchers: Mutex::new(Vec::new()),
                 limit,
-                downs: AtomicU64::new(0),
+                counters: Arc::default(),
             });
             rt.spawn(watch_peer(Arc::downgrade(&peer)));
             peers.insert(name.clone(), peer);
@@ -328,6 +330,8 @@ pub struct RemoteRunner {
 impl StageRunner for RemoteRunner {
     fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
         let packet = wire::encode_batch(&self.stage, self.worker, frames, self.sends);
+        let bytes = packet.header.len() + packet.body.len();
+        let sent = std::time::Instant::now();
         let peer = self.peer.clone();
         let stream = &mut self.stream;
         let answer = self.rt.block_on(async {
@@ -357,9 +361,14 @@ impl StageRunner for RemoteRunner {
                 self.peer.name, self.peer.addr
             ))
         };
+        let counters = &self.peer.counters;
         match answer {
             Ok(p) => match wire::apply_done(p, frames) {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(ran)) => {
+                    let trip = crate::clock::nanos(sent.elapsed());
+                    counters.answered(frames.len(), bytes, trip.saturating_sub(ran));
+                    Ok(())
+                }
                 Ok(Err(e)) => Err(StageError::Output(format!(
                     "on node `{}`: {e}",
                     self.peer.name
@@ -367,6 +376,9 @@ impl StageRunner for RemoteRunner {
                 Err(e) => Err(StageError::Output(e.to_string())),
             },
             Err(why) => {
+                counters
+                    .lost
+                    .fetch_add(frames.len() as u64, Ordering::Relaxed);
                 self.stream = None;
                 self.peer.set_up(false, &why);
                 Err(lost(why))
@@ -527,6 +539,7 @@ async fn run_batch(svc: &LinkService, packet: Packet) -> Result<Packet, Status> 
         })?;
     let served = svc.served.clone();
     tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let before: Vec<usize> = frames.iter().map(|f| f.outputs.len()).collect();
         let mut runner = slot.lock().unwrap_or_else(|e| e.into_inner());
         let result = runner.run(&mut frames);
@@ -545,7 +558,8 @@ async fn run_batch(svc: &LinkService, packet: Packet) -> Result<Packet, Status> 
             tracing::error!(stage = %h.stage, worker = h.worker, error = %e, "Batch failed.");
             e.to_string()
         });
-        wire::encode_done(&mut frames, &before, error)
+        let ran = crate::clock::nanos(started.elapsed());
+        wire::encode_done(&mut frames, &before, error, ran)
     })
     .await
     .map_err(|e| Status::internal(format!("worker panicked: {e}")))

@@ -189,6 +189,10 @@ pub struct DoneFrame {
 pub struct DoneHeader {
     /// Why the batch did not run (the engine's error), if it did not.
     pub error: Option<String>,
+    /// Time the node spent on the batch (running it, and holding it as its device would),
+    /// ns: the rest of the round trip is the link's.
+    #[serde(default)]
+    pub ran_ns: Nanos,
     /// The frames, in batch order (empty on error).
     pub frames: Vec<DoneFrame>,
 }
@@ -323,15 +327,22 @@ pub fn decode_batch(p: Packet) -> Result<(BatchHeader, Vec<Frame>), WireError> {
 
 /// Encodes a worker's answer: the results each frame gained after its first `before[i]`, and
 /// its activation.
-pub fn encode_done(frames: &mut [Frame], before: &[usize], error: Option<String>) -> Packet {
+pub fn encode_done(
+    frames: &mut [Frame],
+    before: &[usize],
+    error: Option<String>,
+    ran_ns: Nanos,
+) -> Packet {
     let mut body = BytesMut::new();
     let done = match error {
         Some(e) => DoneHeader {
             error: Some(e),
+            ran_ns,
             frames: Vec::new(),
         },
         None => DoneHeader {
             error: None,
+            ran_ns,
             frames: frames
                 .iter_mut()
                 .zip(before)
@@ -351,9 +362,9 @@ pub fn encode_done(frames: &mut [Frame], before: &[usize], error: Option<String>
     }
 }
 
-/// Applies a worker's answer to the frames it ran: their new results and activations. The
-/// engine's error, if the batch did not run.
-pub fn apply_done(p: Packet, frames: &mut [Frame]) -> Result<Result<(), String>, WireError> {
+/// Applies a worker's answer to the frames it ran: their new results and activations. Returns
+/// the node's time on the batch, or the engine's error if the batch did not run.
+pub fn apply_done(p: Packet, frames: &mut [Frame]) -> Result<Result<Nanos, String>, WireError> {
     let h: DoneHeader = serde_json::from_slice(&p.header).map_err(|e| WireError(e.to_string()))?;
     if let Some(e) = h.error {
         return Ok(Err(e));
@@ -373,7 +384,7 @@ pub fn apply_done(p: Packet, frames: &mut [Frame]) -> Result<Result<(), String>,
             _ => None,
         };
     }
-    Ok(Ok(()))
+    Ok(Ok(h.ran_ns))
 }
 
 #[cfg(test)]
@@ -480,11 +491,11 @@ mod tests {
             f.outputs.push(class.clone());
         }
         frames[1].activation = Some(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[4]), 1.5));
-        let p = encode_done(&mut frames, &before, None);
+        let p = encode_done(&mut frames, &before, None, 1234);
         let mut front = vec![frame(0, 1), frame(0, 2)];
         front[0].outputs.push(StageOutput::Nothing);
         front[0].activation = Some(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[1]), 0.0));
-        apply_done(p, &mut front).unwrap().unwrap();
+        assert_eq!(apply_done(p, &mut front).unwrap().unwrap(), 1234);
         assert_eq!(front[0].outputs, vec![StageOutput::Nothing, class.clone()]);
         assert_eq!(front[1].outputs, vec![class]);
         assert_eq!(front[0].activation, None);
@@ -501,7 +512,7 @@ mod tests {
             serde_json::from_slice::<StageOutput>(&json).unwrap(),
             emulated
         );
-        let err = encode_done(&mut [], &[], Some("boom".into()));
+        let err = encode_done(&mut [], &[], Some("boom".into()), 0);
         assert_eq!(apply_done(err, &mut []).unwrap(), Err("boom".into()));
     }
 }

@@ -168,6 +168,9 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
             links
                 .wait_all(NODE_WAIT)
                 .map_err(|e| PipelineError::Cluster(e.to_string()))?;
+            for peer in links.all() {
+                stats.register_node(peer.name(), peer.counters().clone());
+            }
             peers = Some(Arc::new(links));
             let mut q = p.clone();
             crate::cluster::charge_transfers_to_remote_stages(&mut q);

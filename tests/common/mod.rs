@@ -85,15 +85,15 @@ pub fn read_summary(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("summary written")).unwrap()
 }
 
-/// Asserts `ingested = published + dropped_late + dropped_overload + failed` for every stream,
-/// and returns the streams' counters by name.
+/// Asserts `ingested = published + dropped_late + dropped_overload + failed + lost` for every
+/// stream, and returns the streams' counters by name.
 pub fn assert_balanced(summary: &Value) -> std::collections::HashMap<String, Value> {
     let mut out = std::collections::HashMap::new();
     for s in summary["streams"].as_array().unwrap() {
         let n = |k: &str| s[k].as_u64().unwrap();
         assert_eq!(
             n("ingested"),
-            n("published") + n("dropped_late") + n("dropped_overload") + n("failed"),
+            n("published") + n("dropped_late") + n("dropped_overload") + n("failed") + n("lost"),
             "accounting identity broken for {s}"
         );
         out.insert(s["name"].as_str().unwrap().to_string(), s.clone());
