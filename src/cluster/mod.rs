@@ -28,6 +28,7 @@
 //! route whose remote stage is followed by another stage comes back through the front.
 
 pub mod link;
+pub mod netns;
 pub mod wire;
 
 use crate::config::Pipeline;

@@ -1,0 +1,150 @@
+//! Nodes on one machine, each in its own network namespace on a shared bridge, with links shaped
+//! by `tc ... tbf`: what the cluster tests and `bench cluster` run on. Needs root and iproute2;
+//! [`Lab::check`] says why not where they are missing. Everything it makes lives in namespaces
+//! of its own (the bridge too), removed when the lab is dropped.
+
+use std::process::Command;
+
+/// Why a lab cannot be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("network namespaces: {0}")]
+pub struct LabError(pub String);
+
+/// Namespaces `{prefix}-n1..` (the nodes) and `{prefix}-sw` (the bridge).
+pub struct Lab {
+    prefix: String,
+    nodes: usize,
+    subnet: u8,
+}
+
+fn run(args: &[&str]) -> Result<(), LabError> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| LabError(format!("{}: {e}", args[0])))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(LabError(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+impl Lab {
+    /// Whether labs can be made here (root, `ip`, `tc`, namespaces).
+    pub fn check() -> Result<(), LabError> {
+        let uid = Command::new("id").arg("-u").output().ok();
+        if uid.is_none_or(|o| String::from_utf8_lossy(&o.stdout).trim() != "0") {
+            return Err(LabError("needs root (ip netns)".into()));
+        }
+        for tool in ["ip", "tc"] {
+            if Command::new(tool).arg("-V").output().is_err() {
+                return Err(LabError(format!("`{tool}` is not installed (iproute2)")));
+            }
+        }
+        let probe = format!("pp-probe-{}", std::process::id());
+        run(&["ip", "netns", "add", &probe])?;
+        let _ = run(&["ip", "netns", "del", &probe]);
+        Ok(())
+    }
+
+    /// `nodes` namespaces on a bridge, node i at [`Lab::addr`]`(i)`; links unshaped.
+    pub fn new(nodes: usize) -> Result<Self, LabError> {
+        Self::check()?;
+        let pid = std::process::id();
+        let lab = Lab {
+            prefix: format!("pp{}", pid % 100_000),
+            nodes,
+            subnet: (pid % 200 + 20) as u8,
+        };
+        let sw = lab.switch();
+        run(&["ip", "netns", "add", &sw])?;
+        run(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        run(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        for i in 0..nodes {
+            let ns = lab.ns(i);
+            let (inner, outer) = (format!("{}a{i}", lab.prefix), format!("{}b{i}", lab.prefix));
+            run(&["ip", "netns", "add", &ns])?;
+            run(&[
+                "ip", "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+            ])?;
+            run(&["ip", "link", "set", &inner, "netns", &ns])?;
+            run(&["ip", "link", "set", &outer, "netns", &sw])?;
+            run(&["ip", "-n", &sw, "link", "set", &outer, "master", "br0"])?;
+            run(&["ip", "-n", &sw, "link", "set", &outer, "up"])?;
+            let cidr = format!("{}/24", lab.addr(i));
+            run(&["ip", "-n", &ns, "addr", "add", &cidr, "dev", &inner])?;
+            run(&["ip", "-n", &ns, "link", "set", &inner, "up"])?;
+            run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            // A batch after a pause starts at full speed, as on a tuned cluster network.
+            let _ = run(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.tcp_slow_start_after_idle=0",
+            ]);
+        }
+        Ok(lab)
+    }
+
+    fn switch(&self) -> String {
+        format!("{}-sw", self.prefix)
+    }
+
+    /// The namespace of node `i`.
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}-n{}", self.prefix, i + 1)
+    }
+
+    /// The address of node `i`.
+    pub fn addr(&self, i: usize) -> String {
+        format!("10.{}.0.{}", self.subnet, i + 1)
+    }
+
+    /// Shapes the link into node `i` (what every other node sends it) to `mbit` Mbit/s with a
+    /// token bucket; `None` removes the shaping.
+    pub fn shape(&self, i: usize, mbit: Option<u64>) -> Result<(), LabError> {
+        let sw = self.switch();
+        let dev = format!("{}b{i}", self.prefix);
+        let _ = run(&[
+            "ip", "netns", "exec", &sw, "tc", "qdisc", "del", "dev", &dev, "root",
+        ]);
+        if let Some(m) = mbit {
+            let rate = format!("{m}mbit");
+            // A bucket of ~1 ms at the rate (at least 32 KiB): small next to a cut of megabytes.
+            let burst = format!("{}kb", (m / 8).max(32));
+            run(&[
+                "ip", "netns", "exec", &sw, "tc", "qdisc", "add", "dev", &dev, "root", "tbf",
+                "rate", &rate, "burst", &burst, "latency", "200ms",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// A command that runs `program` in node `i`'s namespace.
+    pub fn command(&self, i: usize, program: &std::path::Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(i)]).arg(program);
+        c
+    }
+
+    /// Nodes.
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 0..self.nodes {
+            let _ = run(&["ip", "netns", "del", &self.ns(i)]);
+        }
+        let _ = run(&["ip", "netns", "del", &self.switch()]);
+    }
+}
