@@ -52,6 +52,7 @@ APT_PACKAGES=(
   mosquitto mosquitto-clients nats-server redis-server redis-tools kcat
   openssl   # certificates of a private CA for the TLS sink test
   chromium  # headless browser of the dashboard test
+  iproute2  # ip netns and tc: the cluster tests' nodes in network namespaces on shaped links
 )
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }

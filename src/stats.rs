@@ -882,6 +882,10 @@ pub struct NodeCounters {
     pub up: std::sync::atomic::AtomicBool,
     /// Times it went down.
     pub downs: AtomicU64,
+    /// When it last went down (Unix ms; 0: never).
+    pub down_at_unix_ms: AtomicU64,
+    /// When it last came up (Unix ms; 0: never).
+    pub up_at_unix_ms: AtomicU64,
     /// Batches it answered.
     pub batches: AtomicU64,
     /// Frames in them.
@@ -915,6 +919,8 @@ impl NodeCounters {
             name: name.to_string(),
             up: self.up.load(Relaxed),
             downs: self.downs.load(Relaxed),
+            down_at_unix_ms: Some(self.down_at_unix_ms.load(Relaxed)).filter(|t| *t > 0),
+            up_at_unix_ms: Some(self.up_at_unix_ms.load(Relaxed)).filter(|t| *t > 0),
             batches: self.batches.load(Relaxed),
             frames: self.frames.load(Relaxed),
             lost: self.lost.load(Relaxed),
@@ -935,6 +941,10 @@ pub struct NodeSummary {
     pub up: bool,
     /// Times it went down.
     pub downs: u64,
+    /// When it last went down, Unix ms.
+    pub down_at_unix_ms: Option<u64>,
+    /// When it last came up, Unix ms.
+    pub up_at_unix_ms: Option<u64>,
     /// Batches it answered.
     pub batches: u64,
     /// Frames in them.

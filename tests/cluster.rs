@@ -11,8 +11,7 @@ use std::time::Duration;
 use common::{KillOnDrop, bin, free_port, read_summary, wait_listening, write};
 use serde_json::Value;
 
-/// A two-stage cut of WideResNet-101-2: blocks 0-5 on an emulated L4 on the front, blocks 5-10
-/// on two emulated T4s, one on each of `nodes` (name, address).
+/// The lab's cut pipeline, its two worker nodes on loopback.
 fn cluster_file(
     dir: &Path,
     profiles: &Path,
@@ -20,61 +19,19 @@ fn cluster_file(
     fps: u32,
     gbps: f64,
 ) -> std::path::PathBuf {
-    let table: Vec<String> = nodes
+    let nodes: Vec<(String, String)> = nodes
         .iter()
-        .map(|(n, a)| format!("{n} = \"{a}\""))
+        .map(|(n, a)| (n.to_string(), a.clone()))
         .collect();
-    let names: Vec<String> = nodes.iter().map(|(n, _)| format!("\"{n}\"")).collect();
     write(
         dir,
         "cluster.toml",
-        &format!(
-            r#"[pipeline]
-name = "cluster"
-slo_ms = 250
-bandwidth_gbps = {gbps}
-profiles = "{profiles}"
-
-[cluster]
-front = "n1"
-nodes = {{ {table} }}
-
-[[source]]
-name = "cam-a"
-uri = "test://ball"
-max_fps = {fps}
-
-[[source]]
-name = "cam-b"
-uri = "test://smpte"
-max_fps = {fps}
-
-[[stage]]
-name = "head"
-device = "emulated:L4"
-profile = "wide_resnet101_2"
-blocks = [0, 5]
-max_batch = 4
-policy = "deadline"
-
-[[stage]]
-name = "tail"
-device = "emulated:T4"
-profile = "wide_resnet101_2"
-blocks = [5, 10]
-workers = {workers}
-max_batch = 4
-nodes = [{names}]
-
-[[sink]]
-type = "jsonl"
-path = "{out}"
-"#,
-            profiles = profiles.display(),
-            table = table.join(", "),
-            workers = nodes.len(),
-            names = names.join(", "),
-            out = dir.join("out.jsonl").display(),
+        &poolpipe::cluster::netns::cut_pipeline(
+            profiles,
+            &nodes,
+            gbps,
+            fps,
+            &dir.join("out.jsonl"),
         ),
     )
 }

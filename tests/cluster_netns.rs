@@ -11,62 +11,17 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{KillOnDrop, bin, read_summary, write};
-use poolpipe::cluster::netns::Lab;
+use poolpipe::cluster::netns::{Lab, cut_pipeline};
 use serde_json::Value;
 
 const PORT: u16 = 7070;
 
 fn file(dir: &Path, profiles: &Path, lab: &Lab, gbps: f64, fps: u32) -> std::path::PathBuf {
+    let nodes = [1, 2].map(|i| (format!("n{}", i + 1), format!("{}:{PORT}", lab.addr(i))));
     write(
         dir,
         "cluster.toml",
-        &format!(
-            r#"[pipeline]
-name = "netns"
-slo_ms = 250
-bandwidth_gbps = {gbps}
-profiles = "{profiles}"
-
-[cluster]
-front = "n1"
-nodes = {{ n2 = "{a2}:{PORT}", n3 = "{a3}:{PORT}" }}
-
-[[source]]
-name = "cam-a"
-uri = "test://ball"
-max_fps = {fps}
-
-[[source]]
-name = "cam-b"
-uri = "test://smpte"
-max_fps = {fps}
-
-[[stage]]
-name = "head"
-device = "emulated:L4"
-profile = "wide_resnet101_2"
-blocks = [0, 5]
-max_batch = 4
-policy = "deadline"
-
-[[stage]]
-name = "tail"
-device = "emulated:T4"
-profile = "wide_resnet101_2"
-blocks = [5, 10]
-workers = 2
-max_batch = 4
-nodes = ["n2", "n3"]
-
-[[sink]]
-type = "jsonl"
-path = "{out}"
-"#,
-            profiles = profiles.display(),
-            a2 = lab.addr(1),
-            a3 = lab.addr(2),
-            out = dir.join("out.jsonl").display(),
-        ),
+        &cut_pipeline(profiles, &nodes, gbps, fps, &dir.join("out.jsonl")),
     )
 }
 

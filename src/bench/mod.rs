@@ -15,6 +15,7 @@ pub mod control;
 pub mod detect;
 pub mod family;
 pub mod gpu;
+pub mod nodes;
 pub mod osd;
 pub mod outputs;
 pub mod plan_run;
@@ -120,6 +121,26 @@ pub enum BenchCommand {
         /// Network link of each server, Gbit/s.
         #[arg(long, default_value_t = 25.0)]
         server_link_gbps: f64,
+    },
+    /// A cut pipeline across three nodes in network namespaces on shaped links, against the
+    /// same pipeline in one process: goodput at 99%, link time per frame, and detection,
+    /// settling and rejoining around a killed node (needs root and iproute2).
+    Nodes {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Folder of latency profiles.
+        #[arg(long, env = "POOLPIPE_PROFILES", default_value = "engines/profiles")]
+        profiles: PathBuf,
+        /// Link rates into the worker nodes, Gbit/s.
+        #[arg(long, value_delimiter = ',', default_value = "1,10")]
+        gbps: Vec<f64>,
+        /// Seconds per trial of the 99% search.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Highest frame rate per source searched.
+        #[arg(long, default_value_t = 24)]
+        max_fps: u32,
     },
     /// Models on a device (`cuda:N`, `tensorrt:N`; `cpu` to try it): outputs against the CPU's,
     /// and images/s against Python onnxruntime on the same device, model and batch.
@@ -479,6 +500,17 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             emit(json, &rows, |r| {
                 cluster::table(r, server_gpus, server_link_gbps)
             })
+        }
+        BenchCommand::Nodes {
+            json,
+            profiles,
+            gbps,
+            seconds,
+            max_fps,
+        } => {
+            anyhow::ensure!(seconds >= 3, "--seconds must be at least 3");
+            let rows = nodes::run(&profiles, &gbps, seconds, max_fps)?;
+            emit(json, &rows, |r| nodes::table(r))
         }
         BenchCommand::Gpu {
             json,

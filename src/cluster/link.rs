@@ -86,6 +86,15 @@ impl Peer {
             return;
         }
         self.counters.up.store(up, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if up {
+            &self.counters.up_at_unix_ms
+        } else {
+            &self.counters.down_at_unix_ms
+        }
+        .store(now, Ordering::Relaxed);
         if up {
             tracing::info!(node = %self.name, addr = %self.addr, "Node is up: its workers take batches.");
         } else {
@@ -102,13 +111,17 @@ impl Peer {
         }
     }
 
-    async fn ping(&self) -> Result<(), Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+    async fn ping(&self, body: bytes::Bytes) -> Result<(), Status> {
+        let mut grpc =
+            tonic::client::Grpc::new(self.channel.clone()).max_encoding_message_size(self.limit);
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         grpc.unary(
-            Request::new(Packet::default()),
+            Request::new(Packet {
+                header: bytes::Bytes::new(),
+                body,
+            }),
             http::uri::PathAndQuery::from_static(PING),
             PacketCodec,
         )
@@ -220,6 +233,33 @@ impl Peers {
         self.peers.values()
     }
 
+    /// Measures the rate of the link to each peer: the median of three pings carrying `bytes`
+    /// each, in Gbit/s, by node name. A peer that fails a ping is left out.
+    pub fn measure(&self, bytes: usize) -> BTreeMap<String, f64> {
+        let body = bytes::Bytes::from(vec![0u8; bytes]);
+        let mut out = BTreeMap::new();
+        for p in self.peers.values() {
+            let mut times: Vec<f64> = Vec::new();
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                let ok = self
+                    .rt
+                    .block_on(async {
+                        tokio::time::timeout(Duration::from_secs(10), p.ping(body.clone())).await
+                    })
+                    .is_ok_and(|r| r.is_ok());
+                if ok {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            if let Some(t) = times.get(times.len() / 2) {
+                out.insert(p.name.clone(), bytes as f64 * 8.0 / t / 1e9);
+            }
+        }
+        out
+    }
+
     /// Waits until every peer answers, up to `limit`.
     pub fn wait_all(&self, limit: Duration) -> Result<(), LinkError> {
         let until = std::time::Instant::now() + limit;
@@ -267,7 +307,7 @@ async fn watch_peer(peer: std::sync::Weak<Peer>) {
     let mut misses = 0u32;
     loop {
         let Some(p) = peer.upgrade() else { return };
-        match tokio::time::timeout(PING_TIMEOUT, p.ping()).await {
+        match tokio::time::timeout(PING_TIMEOUT, p.ping(bytes::Bytes::new())).await {
             Ok(Ok(())) => {
                 misses = 0;
                 p.set_up(true, "");
@@ -452,6 +492,7 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for LinkService {
                 }
                 PING => {
                     tonic::server::Grpc::new(PacketCodec)
+                        .max_decoding_message_size(limit)
                         .unary(PingHandler, req)
                         .await
                 }

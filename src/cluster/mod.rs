@@ -56,8 +56,13 @@ pub fn message_limit(p: &Pipeline) -> usize {
 
 /// On the front: a stage whose next stage has workers on other nodes no longer emulates the
 /// transfer of its cut (the link carries the bytes for real); the next stage's reservations
-/// take it instead, added to its latency at each batch size.
-pub fn charge_transfers_to_remote_stages(p: &mut Pipeline) {
+/// take it instead, added to its latency at each batch size. Where a link was measured slower
+/// than the pipeline's `bandwidth_gbps` (`measured`: Gbit/s by node), the slowest link into the
+/// stage sets its transfer times.
+pub fn charge_transfers_to_remote_stages(
+    p: &mut Pipeline,
+    measured: &std::collections::BTreeMap<String, f64>,
+) {
     let Some(cluster) = p.cluster.clone() else {
         return;
     };
@@ -65,11 +70,21 @@ pub fn charge_transfers_to_remote_stages(p: &mut Pipeline) {
         let stages = p.routes[r].stages.clone();
         for pair in stages.windows(2) {
             let (a, b) = (pair[0], pair[1]);
-            let remote = (0..p.stages[b].workers)
-                .any(|w| p.stages[b].remote_node(w, Some(&cluster)).is_some());
-            if !remote {
+            let remote: Vec<&str> = (0..p.stages[b].workers)
+                .filter_map(|w| p.stages[b].remote_node(w, Some(&cluster)))
+                .collect();
+            if remote.is_empty() {
                 continue;
             }
+            let slowest = remote
+                .iter()
+                .filter_map(|n| measured.get(*n).copied())
+                .fold(p.bandwidth_gbps, f64::min);
+            let scale = if slowest > 0.0 {
+                p.bandwidth_gbps / slowest
+            } else {
+                1.0
+            };
             let Some(transfer) = p.stages[a]
                 .profile
                 .as_mut()
@@ -82,7 +97,7 @@ pub fn charge_transfers_to_remote_stages(p: &mut Pipeline) {
             }
             if let Some(pr) = p.stages[b].profile.as_mut() {
                 for (l, t) in pr.latency.iter_mut().zip(&transfer) {
-                    *l += *t;
+                    *l += t.mul_f64(scale);
                 }
             }
         }

@@ -85,9 +85,9 @@ impl Lab {
                 "netns",
                 "exec",
                 &ns,
-                "sysctl",
-                "-qw",
-                "net.ipv4.tcp_slow_start_after_idle=0",
+                "sh",
+                "-c",
+                "echo 0 > /proc/sys/net/ipv4/tcp_slow_start_after_idle",
             ]);
         }
         Ok(lab)
@@ -147,4 +147,73 @@ impl Drop for Lab {
         }
         let _ = run(&["ip", "netns", "del", &self.switch()]);
     }
+}
+
+/// The pipeline the lab's tests and `bench nodes` run: WideResNet-101-2 cut after block 5, the
+/// first half on an emulated L4 on the front (n1), the second on emulated T4s, one per worker
+/// node (`nodes`: name and address; none: both T4 workers on the front, in one process), two
+/// test sources at `fps` each, results to a JSON-lines file.
+pub fn cut_pipeline(
+    profiles: &std::path::Path,
+    nodes: &[(String, String)],
+    gbps: f64,
+    fps: u32,
+    out: &std::path::Path,
+) -> String {
+    let cluster = if nodes.is_empty() {
+        String::new()
+    } else {
+        let table: Vec<String> = nodes
+            .iter()
+            .map(|(n, a)| format!("{n} = \"{a}\""))
+            .collect();
+        format!(
+            "[cluster]\nfront = \"n1\"\nnodes = {{ {} }}\n",
+            table.join(", ")
+        )
+    };
+    let placed = if nodes.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = nodes.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+        format!("nodes = [{}]\n", names.join(", "))
+    };
+    let sources: String = ["ball", "smpte"]
+        .iter()
+        .map(|p| {
+            format!("[[source]]\nname = \"cam-{p}\"\nuri = \"test://{p}\"\nmax_fps = {fps}\n\n")
+        })
+        .collect();
+    format!(
+        r#"[pipeline]
+name = "cut"
+slo_ms = 250
+bandwidth_gbps = {gbps}
+profiles = "{profiles}"
+
+{cluster}
+{sources}[[stage]]
+name = "head"
+device = "emulated:L4"
+profile = "wide_resnet101_2"
+blocks = [0, 5]
+max_batch = 4
+policy = "deadline"
+
+[[stage]]
+name = "tail"
+device = "emulated:T4"
+profile = "wide_resnet101_2"
+blocks = [5, 10]
+workers = {workers}
+max_batch = 4
+{placed}
+[[sink]]
+type = "jsonl"
+path = "{out}"
+"#,
+        profiles = profiles.display(),
+        workers = nodes.len().max(2),
+        out = out.display(),
+    )
 }

@@ -247,6 +247,38 @@ pub(super) fn string_key(value: &Spanned<DeValue<'_>>, key: &str) -> Option<Stri
     }
 }
 
+/// Where the plan's placement (`poolpipe place`) puts the processes of stage `stage` of
+/// pipeline `pipeline` of `model`: the server of each, in process order (the nodes of a
+/// `[cluster]` are named after the servers). Empty without a placement.
+pub fn placed_nodes(plan: &Plan, model: &str, pipeline: usize, stage: usize) -> Vec<String> {
+    let (Some(mi), Some(placed)) = (
+        plan.models.iter().position(|m| m.name == model),
+        plan.placement.as_ref(),
+    ) else {
+        return Vec::new();
+    };
+    let mut procs: Vec<_> = placed
+        .processes
+        .iter()
+        .filter(|p| p.model == mi && p.pipeline == pipeline && p.stage == stage)
+        .collect();
+    procs.sort_by_key(|p| p.process);
+    procs
+        .iter()
+        .map(|p| placed.servers[p.server].name.clone())
+        .collect()
+}
+
+/// Gives the stages of each planned chain of `model` the nodes the plan's placement puts their
+/// processes on.
+pub(super) fn place_chains(chains: &mut [(Vec<StageSpec>, f64)], plan: &Plan, model: &str) {
+    for (k, (chain, _)) in chains.iter_mut().enumerate() {
+        for (j, st) in chain.iter_mut().enumerate() {
+            st.nodes = placed_nodes(plan, model, k, j);
+        }
+    }
+}
+
 /// The stages of one planned flow: every pipeline the plan gives `model`, each stage a pool
 /// of `processes` emulated devices of its class at its share, running its block range, with
 /// the planned batch as the largest batch and the `deadline` policy.

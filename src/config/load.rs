@@ -429,10 +429,12 @@ impl<'a> Validator<'_, 'a> {
                     }
                     match (&plan, &profiles, planned_model) {
                         (Some(p), Some(pr), Some(_)) => {
-                            planned_stages(&c.name, model, c.margin_ms, &p.plan, pr)
-                                .into_iter()
-                                .map(|(st, w)| (st, w, None))
-                                .collect()
+                            let mut chains =
+                                planned_stages(&c.name, model, c.margin_ms, &p.plan, pr);
+                            if self.has("cluster") {
+                                super::flows::place_chains(&mut chains, &p.plan, model);
+                            }
+                            chains.into_iter().map(|(st, w)| (st, w, None)).collect()
                         }
                         (Some(p), _, None) => {
                             let have: Vec<&str> =
@@ -1452,8 +1454,12 @@ impl<'a> Validator<'_, 'a> {
                 .iter()
                 .find(|x| &x.name == m)
                 .and_then(|x| x.accuracy);
-            for (st, w) in planned_stages(&format!("{}.v{k}", c.name), m, c.margin_ms, &p.plan, pr)
-            {
+            let mut chains =
+                planned_stages(&format!("{}.v{k}", c.name), m, c.margin_ms, &p.plan, pr);
+            if self.has("cluster") {
+                super::flows::place_chains(&mut chains, &p.plan, m);
+            }
+            for (st, w) in chains {
                 out.push((st, w, Some((m.clone(), accuracy))));
             }
         }

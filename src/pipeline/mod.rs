@@ -131,6 +131,9 @@ pub struct Running {
     sink_buffers: Vec<(Arc<Queue>, Duration)>,
 }
 
+/// Bytes of each ping that measures a link at start.
+const PROBE_BYTES: usize = 8 << 20;
+
 /// How long the front waits for the other nodes of a `[cluster]` at start.
 pub const NODE_WAIT: Duration = Duration::from_secs(30);
 
@@ -171,9 +174,20 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
             for peer in links.all() {
                 stats.register_node(peer.name(), peer.counters().clone());
             }
-            peers = Some(Arc::new(links));
+            // The links as they are: a cut is charged at the slower of the file's bandwidth and
+            // the link's measured rate.
+            let measured = links.measure(PROBE_BYTES.min(limit / 2));
+            for (node, gbps) in &measured {
+                tracing::info!(
+                    node,
+                    gbps = format!("{gbps:.2}"),
+                    configured = p.bandwidth_gbps,
+                    "Link measured."
+                );
+            }
             let mut q = p.clone();
-            crate::cluster::charge_transfers_to_remote_stages(&mut q);
+            crate::cluster::charge_transfers_to_remote_stages(&mut q, &measured);
+            peers = Some(Arc::new(links));
             clustered = q;
             &clustered
         }
