@@ -20,6 +20,7 @@ ROOT=$(pwd)
 ORT_VERSION=1.31.1          # ONNX Runtime shared library (PyPI wheel `onnxruntime`)
 RAPIDOCR_VERSION=1.4.4      # PP-OCRv4 detection + recognition ONNX models (PyPI wheel `rapidocr-onnxruntime`)
 ONNX_PY_VERSION=1.19.1      # `onnx` Python package, used by the benchmark-model generator
+KUBERNETES_VALIDATE_VERSION=1.37.0
 NUMPY_VERSION=2.3.4
 YOLO_WHEEL=hafdh-nadhar==0.1.22   # carries the original Darknet YOLOv3-tiny COCO weights and cfg
 YOLO_SHA256=dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c
@@ -102,10 +103,12 @@ fi
 
 # --- 4. Python tools: benchmark-model generator and the Python baseline of `poolpipe bench` -----------
 VENV="$ROOT/.venv"
-if ! "$VENV/bin/python" -c "import onnx, numpy, onnxruntime" 2>/dev/null; then
-  log "Creating $VENV (onnx, numpy, onnxruntime)."
+# kubernetes-validate checks the manifests of `poolpipe deploy` offline (its schemas ship inside).
+if ! "$VENV/bin/python" -c "import onnx, numpy, onnxruntime, kubernetes_validate" 2>/dev/null; then
+  log "Creating $VENV (onnx, numpy, onnxruntime, kubernetes-validate)."
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "onnx==$ONNX_PY_VERSION" "numpy==$NUMPY_VERSION" "onnxruntime==$ORT_VERSION"
+  "$VENV/bin/pip" install -q "onnx==$ONNX_PY_VERSION" "numpy==$NUMPY_VERSION" "onnxruntime==$ORT_VERSION" \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
 
 # --- 5. Benchmark CNNs with random weights -------------------------------------------------------------

@@ -227,3 +227,210 @@ fn cluster_mistakes_are_refused_with_their_place() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`n1` is the front: run `poolpipe run"));
 }
+
+/// A plan of WideResNet-101-2 on L4:1,T4:2, and servers holding exactly those GPUs.
+fn planned(
+    dir: &Path,
+    profiles: &Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let plan = dir.join("plan.json");
+    let o = common::poolpipe(&[
+        "plan",
+        "--cluster",
+        "L4:1,T4:2",
+        "--models",
+        "wide_resnet101_2",
+        "--time-limit",
+        "5",
+        "--profiles",
+        profiles.to_str().unwrap(),
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let servers = write(
+        dir,
+        "servers.toml",
+        "[[servers]]\nname = \"l4\"\nclass = \"L4\"\ngpus = 1\nlink_gbps = 10\n\n[[servers]]\nname = \"t4\"\nclass = \"T4\"\ncount = 2\ngpus = 1\nlink_gbps = 10\n",
+    );
+    let pipeline = write(
+        dir,
+        "planned.toml",
+        &format!(
+            "[pipeline]\nname = \"planned\"\nslo_ms = 1000\nprofiles = \"{}\"\n\n[[flow]]\nname = \"f0\"\nmodel = \"wide_resnet101_2\"\n\n[[source]]\nname = \"cam0\"\nuri = \"test://ball\"\nmax_fps = 10\nflow = \"f0\"\n\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+            profiles.display(),
+            dir.join("out.jsonl").display()
+        ),
+    );
+    (plan, servers, pipeline)
+}
+
+#[test]
+fn a_placed_plan_runs_on_the_nodes_deploy_names() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, servers, pipeline) = planned(dir.path(), &profiles);
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let out = dir.path().join("bare");
+    let mut args: Vec<String> = [
+        "deploy",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--pipeline",
+        pipeline.to_str().unwrap(),
+        "--servers",
+        servers.to_str().unwrap(),
+        "--emit",
+        "nodes",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    for (n, p) in names.iter().zip(&ports) {
+        args.push("--address".into());
+        args.push(format!("{n}=127.0.0.1:{p}"));
+    }
+    let o = common::poolpipe(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = out.join("pipeline.toml");
+    let nodes: Vec<KillOnDrop> = names
+        .iter()
+        .map(|n| node(&file, n, &dir.path().join(format!("{n}.json"))))
+        .collect();
+    for p in &ports {
+        assert!(wait_listening(*p, Duration::from_secs(20)));
+    }
+    let summary = dir.path().join("front.json");
+    let front = Command::new(bin())
+        .args([
+            "run",
+            file.to_str().unwrap(),
+            "--duration",
+            "6",
+            "--api",
+            "off",
+        ])
+        .arg("--summary-json")
+        .arg(&summary)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(front.success());
+    let s = read_summary(&summary);
+    common::assert_balanced(&s);
+    let (ingested, published) = (sum(&s, "ingested"), sum(&s, "published"));
+    assert!(published as f64 >= 0.95 * ingested as f64, "{s}");
+    // Every server of the placement ran the batches of its processes.
+    for (n, child) in names.iter().zip(nodes) {
+        common::stop_with(child, "INT");
+        let ns = read_summary(&dir.path().join(format!("{n}.json")));
+        assert!(ns["frames"].as_u64().unwrap() > 0, "{n} ran nothing: {ns}");
+        assert_eq!(node_of(&s, n)["frames"], ns["frames"], "{n}");
+    }
+}
+
+#[test]
+fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let validate = common::require(".venv/bin/kubernetes-validate");
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, servers, pipeline) = planned(dir.path(), &profiles);
+    let out = dir.path().join("k8s");
+    let o = common::poolpipe(&[
+        "deploy",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--pipeline",
+        pipeline.to_str().unwrap(),
+        "--servers",
+        servers.to_str().unwrap(),
+        "--namespace",
+        "video",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "configmap.yaml",
+            "front.yaml",
+            "node-l4.yaml",
+            "node-t4.yaml",
+            "service-front.yaml",
+            "service-nodes.yaml"
+        ]
+    );
+    let check = |files: &[std::path::PathBuf]| {
+        Command::new(&validate)
+            .args(["--strict", "--quiet"])
+            .args(files)
+            .output()
+            .unwrap()
+    };
+    let v = check(&files);
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let t4 = std::fs::read_to_string(out.join("node-t4.yaml")).unwrap();
+    for want in [
+        "replicas: 2",
+        "nvidia.com/gpu: 1",
+        "nvidia.com/gpu.product: \"Tesla-T4\"",
+        "tolerationSeconds: 10",
+        "namespace: \"video\"",
+    ] {
+        assert!(t4.contains(want), "{want} in {t4}");
+    }
+    let config = std::fs::read_to_string(out.join("configmap.yaml")).unwrap();
+    assert!(
+        config.contains("t4-1 = \"poolpipe-t4-1.poolpipe-nodes:7070\""),
+        "{config}"
+    );
+    // The validator refuses what Kubernetes would: a misspelt field.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, t4.replace("replicas:", "replica:")).unwrap();
+    assert!(
+        !check(&[bad]).status.success(),
+        "the validator accepts anything"
+    );
+
+    // Servers without the plan's T4s: the class is named.
+    let l4_only = write(
+        dir.path(),
+        "l4.toml",
+        "[[servers]]\nname = \"l4\"\nclass = \"L4\"\ncount = 4\ngpus = 4\nlink_gbps = 10\n",
+    );
+    let o = common::poolpipe(&[
+        "deploy",
+        "--plan",
+        plan.to_str().unwrap(),
+        "--pipeline",
+        pipeline.to_str().unwrap(),
+        "--servers",
+        l4_only.to_str().unwrap(),
+        dir.path().join("k8s2").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("runs processes on T4, which no server has"),
+        "{err}"
+    );
+}

@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 runtime failure (an engine, sink or the API address could not be
 //! opened, a run that failed), 2 invalid configuration or usage (nothing was started).
 
+mod deploy;
 mod gpu;
 mod node;
 mod place;
@@ -140,6 +141,9 @@ pub enum Command {
     /// Serve the workers that a `[cluster]` pipeline places on this node (the front reaches
     /// them over gRPC), until SIGINT/SIGTERM.
     Node(node::NodeArgs),
+    /// Write what a placed plan needs to run on many machines: Kubernetes manifests (`--emit
+    /// k8s`), or the pipeline file and plan for bare-metal nodes (`--emit nodes`).
+    Deploy(deploy::DeployArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -179,6 +183,7 @@ pub fn main() -> ExitCode {
         Command::BuildEngines(a) => gpu::build_engines(&a),
         Command::Place(a) => place::run(&a),
         Command::Node(a) => node::run(a),
+        Command::Deploy(a) => deploy::run(&a),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,
