@@ -6,13 +6,13 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `poolpipe_stream_frames_ingested_total` | counter | stream |
-//! | `poolpipe_stream_frames_total` | counter | stream, outcome (`published`, `dropped_late`, `dropped_overload`, `failed`) |
+//! | `poolpipe_stream_frames_total` | counter | stream, outcome (`published`, `dropped_late`, `dropped_overload`, `failed`, `lost`) |
 //! | `poolpipe_stream_up` | gauge | stream (1 while its source runs) |
 //! | `poolpipe_slo_attainment_ratio` | gauge | stream (published / frames with an outcome) |
 //! | `poolpipe_source_reconnects_total`, `poolpipe_source_errors_total` | counter | stream |
 //! | `poolpipe_slo_seconds` | gauge | |
 //! | `poolpipe_end_to_end_latency_seconds` | histogram | (published frames) |
-//! | `poolpipe_stage_frames_total` | counter | stage, outcome (`in`, `out`, `dropped_late`, `failed`) |
+//! | `poolpipe_stage_frames_total` | counter | stage, outcome (`in`, `out`, `dropped_late`, `failed`, `lost`) |
 //! | `poolpipe_stage_batches_total` | counter | stage |
 //! | `poolpipe_stage_batch_size` | histogram | stage (frames per batch) |
 //! | `poolpipe_stage_latency_seconds` | histogram | stage (queue entry to stage exit) |
@@ -34,6 +34,9 @@
 //! | `poolpipe_output_frames_total` | counter | output, outcome (`taken`, `written`, `dropped`, `failed`, `unwatched`) |
 //! | `poolpipe_replans_total` | counter | outcome (`applied`, `failed`): re-plans while running (`run --control`) |
 //! | `poolpipe_uptime_seconds` | gauge | |
+//! | `poolpipe_node_up` | gauge | node: another node of a `[cluster]` answers (1) or is down (0) |
+//! | `poolpipe_node_frames_total` | counter | node, outcome (`answered`, `lost`) |
+//! | `poolpipe_node_sent_bytes_total` | counter | node: bytes of the batches it answered |
 //! | `poolpipe_gpu_utilization_ratio`, `poolpipe_gpu_memory_used_bytes`, `poolpipe_gpu_memory_total_bytes`, `poolpipe_gpu_temperature_celsius` | gauge | gpu, name: read from NVML at scrape time (builds with `gpu` and a driver only) |
 
 use std::sync::Arc;
@@ -622,6 +625,47 @@ impl Collector for PipelineCollector {
             Some(&Unit::Seconds),
             &[(vec![], elapsed)],
         )?;
+        let nodes = stats.nodes();
+        if !nodes.is_empty() {
+            let per_node = |f: &dyn Fn(&crate::stats::NodeSummary) -> f64| {
+                nodes
+                    .iter()
+                    .map(|n| (vec![("node", n.name.as_str())], f(n)))
+                    .collect::<Vec<_>>()
+            };
+            gauges(
+                e,
+                "poolpipe_node_up",
+                "1 while another node of the cluster answers, 0 while it is down.",
+                None,
+                &per_node(&|n| if n.up { 1.0 } else { 0.0 }),
+            )?;
+            let mut frames = Vec::new();
+            for n in &nodes {
+                frames.push((
+                    vec![("node", n.name.as_str()), ("outcome", "answered")],
+                    n.frames as f64,
+                ));
+                frames.push((
+                    vec![("node", n.name.as_str()), ("outcome", "lost")],
+                    n.lost as f64,
+                ));
+            }
+            counters(
+                e,
+                "poolpipe_node_frames",
+                "Frames sent to another node's workers: answered, or lost with the node.",
+                None,
+                &frames,
+            )?;
+            counters(
+                e,
+                "poolpipe_node_sent",
+                "Bytes of the batches another node answered.",
+                Some(&Unit::Bytes),
+                &per_node(&|n| n.bytes_sent as f64),
+            )?;
+        }
         gpu_gauges(e, &crate::gpu::telemetry())
     }
 }

@@ -373,6 +373,16 @@ impl Stats {
             .push((name.to_string(), counters));
     }
 
+    /// The other nodes of the cluster, now.
+    pub fn nodes(&self) -> Vec<NodeSummary> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, c)| c.summary(n))
+            .collect()
+    }
+
     /// The counters of stream `i` (an index from [`Stats::add_stream`] or the initial list).
     ///
     /// # Panics
@@ -544,13 +554,7 @@ impl Stats {
             .iter()
             .map(|(n, c)| c.summary(n))
             .collect();
-        let nodes = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(n, c)| c.summary(n))
-            .collect();
+        let nodes = self.nodes();
         Summary {
             nodes,
             elapsed_s,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ fn cluster_file(
     nodes: &[(&str, String)],
     fps: u32,
     gbps: f64,
-) -> std::path::PathBuf {
+) -> PathBuf {
     let nodes: Vec<(String, String)> = nodes
         .iter()
         .map(|(n, a)| (n.to_string(), a.clone()))
@@ -229,10 +229,7 @@ fn cluster_mistakes_are_refused_with_their_place() {
 }
 
 /// A plan of WideResNet-101-2 on L4:1,T4:2, and servers holding exactly those GPUs.
-fn planned(
-    dir: &Path,
-    profiles: &Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+fn planned(dir: &Path, profiles: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let plan = dir.join("plan.json");
     let o = common::poolpipe(&[
         "plan",
@@ -265,17 +262,10 @@ fn planned(
     (plan, servers, pipeline)
 }
 
-#[test]
-fn a_placed_plan_runs_on_the_nodes_deploy_names() {
-    let Some(profiles) = common::shared_profiles() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let (plan, servers, pipeline) = planned(dir.path(), &profiles);
-    let names = ["l4-0", "t4-0", "t4-1"];
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    let out = dir.path().join("bare");
-    let mut args: Vec<String> = [
+/// `poolpipe deploy` of the plan, pipeline and servers, into `out`, with `extra` arguments.
+fn deploy(files: &(PathBuf, PathBuf, PathBuf), out: &Path, extra: &[&str]) -> std::process::Output {
+    let (plan, servers, pipeline) = files;
+    let mut args = vec![
         "deploy",
         "--plan",
         plan.to_str().unwrap(),
@@ -283,17 +273,32 @@ fn a_placed_plan_runs_on_the_nodes_deploy_names() {
         pipeline.to_str().unwrap(),
         "--servers",
         servers.to_str().unwrap(),
-        "--emit",
-        "nodes",
         out.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
+    ];
+    args.extend_from_slice(extra);
+    common::poolpipe(&args)
+}
+
+#[test]
+fn a_placed_plan_runs_on_the_nodes_deploy_names() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = planned(dir.path(), &profiles);
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let out = dir.path().join("bare");
+    let mut args: Vec<String> = vec!["--emit".into(), "nodes".into()];
     for (n, p) in names.iter().zip(&ports) {
         args.push("--address".into());
         args.push(format!("{n}=127.0.0.1:{p}"));
     }
-    let o = common::poolpipe(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = deploy(
+        &files,
+        &out,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let file = out.join("pipeline.toml");
     let nodes: Vec<KillOnDrop> = names
@@ -339,22 +344,11 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
     };
     let validate = common::require(".venv/bin/kubernetes-validate");
     let dir = tempfile::tempdir().unwrap();
-    let (plan, servers, pipeline) = planned(dir.path(), &profiles);
+    let files = planned(dir.path(), &profiles);
     let out = dir.path().join("k8s");
-    let o = common::poolpipe(&[
-        "deploy",
-        "--plan",
-        plan.to_str().unwrap(),
-        "--pipeline",
-        pipeline.to_str().unwrap(),
-        "--servers",
-        servers.to_str().unwrap(),
-        "--namespace",
-        "video",
-        out.to_str().unwrap(),
-    ]);
+    let o = deploy(&files, &out, &["--namespace", "video"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&out)
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
@@ -374,7 +368,7 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
             "service-nodes.yaml"
         ]
     );
-    let check = |files: &[std::path::PathBuf]| {
+    let check = |files: &[PathBuf]| {
         Command::new(&validate)
             .args(["--strict", "--quiet"])
             .args(files)
@@ -417,16 +411,11 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
         "l4.toml",
         "[[servers]]\nname = \"l4\"\nclass = \"L4\"\ncount = 4\ngpus = 4\nlink_gbps = 10\n",
     );
-    let o = common::poolpipe(&[
-        "deploy",
-        "--plan",
-        plan.to_str().unwrap(),
-        "--pipeline",
-        pipeline.to_str().unwrap(),
-        "--servers",
-        l4_only.to_str().unwrap(),
-        dir.path().join("k8s2").to_str().unwrap(),
-    ]);
+    let o = deploy(
+        &(files.0.clone(), l4_only, files.2.clone()),
+        &dir.path().join("k8s2"),
+        &[],
+    );
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

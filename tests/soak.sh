@@ -54,7 +54,7 @@ growth = (warm[-1][1] - warm[0][1]) / warm[0][1] * 100 if len(warm) >= 2 else fl
 ing = sum(x["ingested"] for x in s["streams"]); pub = sum(x["published"] for x in s["streams"])
 late = sum(x["dropped_late"] for x in s["streams"]); over = sum(x["dropped_overload"] for x in s["streams"])
 fail = sum(x["failed"] for x in s["streams"])
-balanced = all(x["ingested"] == x["published"] + x["dropped_late"] + x["dropped_overload"] + x["failed"] for x in s["streams"])
+balanced = all(x["ingested"] == x["published"] + x["dropped_late"] + x["dropped_overload"] + x["failed"] + x.get("lost", 0) for x in s["streams"])
 print(f"{sys.argv[3]}: {s['elapsed_s']:.0f} s, RSS {rows[0][1]/1024:.0f} MiB at {rows[0][0]} s, "
       f"{warm[0][1]/1024 if warm else 0:.0f} -> {warm[-1][1]/1024 if warm else 0:.0f} MiB after warm-up ({growth:+.2f}%), max {max(r[1] for r in rows)/1024:.0f} MiB")
 print(f"  frames: ingested {ing}, published {pub}, dropped_late {late}, dropped_overload {over}, failed {fail}, balanced {balanced}")

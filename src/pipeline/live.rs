@@ -781,6 +781,7 @@ impl Live {
                 .map(|(k, (sent, skipped))| (k.clone(), json!({"sent": sent, "skipped": skipped})))
                 .collect::<serde_json::Map<_, _>>(),
             "sinks": summary.sinks,
+            "nodes": summary.nodes,
             "outputs": self.outputs(),
             "gpus": crate::gpu::telemetry(),
             "published_fps": summary.published_fps(),
