@@ -344,9 +344,9 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
     };
     let validate = common::require(".venv/bin/kubernetes-validate");
     let dir = tempfile::tempdir().unwrap();
-    let files = planned(dir.path(), &profiles);
+    let inputs = planned(dir.path(), &profiles);
     let out = dir.path().join("k8s");
-    let o = deploy(&files, &out, &["--namespace", "video"]);
+    let o = deploy(&inputs, &out, &["--namespace", "video"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
         .unwrap()
@@ -412,7 +412,7 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
         "[[servers]]\nname = \"l4\"\nclass = \"L4\"\ncount = 4\ngpus = 4\nlink_gbps = 10\n",
     );
     let o = deploy(
-        &(files.0.clone(), l4_only, files.2.clone()),
+        &(inputs.0.clone(), l4_only, inputs.2.clone()),
         &dir.path().join("k8s2"),
         &[],
     );
