@@ -38,8 +38,15 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Runs the front in n1 against nodes n2 and n3 for `seconds`; returns its summary and its
-/// resident memory (KiB) sampled every second after the first two.
-fn run(lab: &Lab, dir: &Path, pipeline: &Path, seconds: u32) -> (Value, Vec<u64>) {
+/// resident memory (KiB) sampled every second after the first two. `at_second(t)` runs after
+/// second `t`.
+fn run(
+    lab: &Lab,
+    dir: &Path,
+    pipeline: &Path,
+    seconds: u32,
+    at_second: &mut dyn FnMut(u32),
+) -> (Value, Vec<u64>) {
     let nodes: Vec<KillOnDrop> = (1..3)
         .map(|i| {
             KillOnDrop(
@@ -78,6 +85,7 @@ fn run(lab: &Lab, dir: &Path, pipeline: &Path, seconds: u32) -> (Value, Vec<u64>
         if t >= 2 {
             rss.push(rss_kib(pid));
         }
+        at_second(t + 1);
     }
     let status = front.0.wait().unwrap();
     assert!(status.success(), "front exited with {status}");
@@ -113,7 +121,7 @@ fn cut_transfers_take_their_size_over_the_link_rate_and_a_slow_link_drops_at_the
         lab.shape(i, Some(1000)).unwrap();
     }
     let pipeline = file(dir.path(), &profiles, &lab, 1.0, 5);
-    let (s, _) = run(&lab, dir.path(), &pipeline, 10);
+    let (s, _) = run(&lab, dir.path(), &pipeline, 10, &mut |_| {});
     common::assert_balanced(&s);
     for n in ["n2", "n3"] {
         let n = node(&s, n);
@@ -142,7 +150,7 @@ fn cut_transfers_take_their_size_over_the_link_rate_and_a_slow_link_drops_at_the
         lab.shape(i, Some(100)).unwrap();
     }
     let pipeline = file(dir.path(), &profiles, &lab, 0.1, 5);
-    let (s, rss) = run(&lab, dir.path(), &pipeline, 12);
+    let (s, rss) = run(&lab, dir.path(), &pipeline, 12, &mut |_| {});
     common::assert_balanced(&s);
     let f = &s["flows"][0];
     let dropped = f["dropped_late"].as_u64().unwrap() + f["dropped_overload"].as_u64().unwrap();
@@ -157,5 +165,70 @@ fn cut_transfers_take_their_size_over_the_link_rate_and_a_slow_link_drops_at_the
     assert!(
         last <= first + 20 * 1024,
         "front memory grew from {first} KiB to {last} KiB: {rss:?}"
+    );
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn a_node_whose_link_goes_down_is_taken_out_within_two_seconds_and_back_when_it_returns() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let lab = match Lab::new(3) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for i in 1..3 {
+        lab.shape(i, Some(1000)).unwrap();
+    }
+    let pipeline = file(dir.path(), &profiles, &lab, 1.0, 5);
+    // n3's cable is pulled at 4 s (no reset, no goodbye: only missed pings tell) and put back
+    // at 8 s.
+    let (mut cut, mut back) = (0u64, 0u64);
+    let (s, _) = run(&lab, dir.path(), &pipeline, 14, &mut |t| match t {
+        4 => {
+            lab.set_link(2, false).unwrap();
+            cut = unix_ms();
+        }
+        8 => {
+            lab.set_link(2, true).unwrap();
+            back = unix_ms();
+        }
+        _ => {}
+    });
+    common::assert_balanced(&s);
+    let n3 = node(&s, "n3");
+    assert_eq!(n3["downs"], 1, "{n3}");
+    let down_at = n3["down_at_unix_ms"].as_u64().unwrap();
+    assert!(
+        down_at >= cut && down_at - cut <= 2000,
+        "n3 seen down {} ms after its link went down: {n3}",
+        down_at as i64 - cut as i64
+    );
+    assert_eq!(n3["up"], true, "n3 back after its link returned: {n3}");
+    assert!(n3["up_at_unix_ms"].as_u64().unwrap() >= back, "{n3}");
+    // Only what n3 held when its link went is lost (one batch, and one reserved on it before
+    // the front saw it go), and it took batches again afterwards.
+    let lost = s["flows"][0]["lost"].as_u64().unwrap();
+    assert_eq!(lost, n3["lost"].as_u64().unwrap(), "{s}");
+    assert!(lost <= 8, "{lost} lost: {s}");
+    assert!(
+        n3["batches"].as_u64().unwrap() > node(&s, "n2")["batches"].as_u64().unwrap() / 3,
+        "{s}"
+    );
+    let f = &s["flows"][0];
+    assert!(
+        f["published"].as_u64().unwrap() as f64 >= 0.8 * f["ingested"].as_u64().unwrap() as f64,
+        "{f}"
     );
 }

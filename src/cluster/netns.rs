@@ -54,11 +54,14 @@ impl Lab {
     /// `nodes` namespaces on a bridge, node i at [`Lab::addr`]`(i)`; links unshaped.
     pub fn new(nodes: usize) -> Result<Self, LabError> {
         Self::check()?;
+        // Unique per lab: several may be made by one process (tests run side by side).
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
         let lab = Lab {
-            prefix: format!("pp{}", pid % 100_000),
+            prefix: format!("pp{}x{}", pid % 10_000, k % 100),
             nodes,
-            subnet: (pid % 200 + 20) as u8,
+            subnet: ((pid % 46) * 5 + k % 5 + 20) as u8,
         };
         let sw = lab.switch();
         run(&["ip", "netns", "add", &sw])?;
@@ -125,6 +128,14 @@ impl Lab {
             ])?;
         }
         Ok(())
+    }
+
+    /// Takes the link of node `i` down (`false`: its cable pulled, without a word to its peers)
+    /// or up again.
+    pub fn set_link(&self, i: usize, up: bool) -> Result<(), LabError> {
+        let dev = format!("{}b{i}", self.prefix);
+        let state = if up { "up" } else { "down" };
+        run(&["ip", "-n", &self.switch(), "link", "set", &dev, state])
     }
 
     /// A command that runs `program` in node `i`'s namespace.

@@ -274,6 +274,7 @@ impl Wiring {
                             worker: w,
                             in_flight: pool.in_flight.clone(),
                             room: pool.room.clone(),
+                            down: pool.down.clone(),
                             next: next.clone(),
                             sequencer: sequencer.clone(),
                             feedback: fb_tx.clone(),

@@ -2,7 +2,7 @@
 //! how batches find a worker.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +69,8 @@ pub(super) struct Pool {
     /// Notified when the stage's batcher takes a frame or a worker lets go of a batch (what an
     /// admission waiting for room watches).
     pub room: Arc<Signal>,
+    /// Workers that are unavailable (on a node that is down): least-loaded picking passes them.
+    pub down: Arc<Vec<AtomicBool>>,
 }
 
 impl Pool {
@@ -80,6 +82,7 @@ impl Pool {
             in_flight: Arc::new((0..n).map(|_| AtomicUsize::new(0)).collect()),
             dispatched: Arc::new(AtomicU64::new(0)),
             room: Arc::new(Signal::default()),
+            down: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
         }
     }
 
@@ -196,6 +199,10 @@ impl Load for PoolOutbox {
         self.pool.in_flight.len()
     }
     fn of(&self, worker: usize) -> usize {
+        if self.pool.down[worker].load(Ordering::Relaxed) {
+            // Picked only when every worker is down.
+            return usize::MAX / 2;
+        }
         self.pool.in_flight[worker].load(Ordering::SeqCst)
     }
 }

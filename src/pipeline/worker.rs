@@ -43,6 +43,8 @@ pub(super) struct WorkerContext {
     pub in_flight: Arc<Vec<std::sync::atomic::AtomicUsize>>,
     /// Notified when this worker lets go of a batch.
     pub room: Arc<crate::admission::Signal>,
+    /// This stage's unavailable workers (set while a worker's node is down).
+    pub down: Arc<Vec<std::sync::atomic::AtomicBool>>,
     pub next: Downstream,
     pub sequencer: Arc<Mutex<Sequencer<Finished>>>,
     pub feedback: flume::Sender<bool>,
@@ -74,7 +76,9 @@ pub(super) fn spawn_worker(
         .spawn(move || {
             // A worker on another node leaves its pool's reservations while the node is down.
             let (timeline, hop, worker) = (cx.timeline.clone(), cx.hop, cx.worker);
+            let down = cx.down.clone();
             runner.watch(Box::new(move |up| {
+                down[worker].store(!up, Ordering::Relaxed);
                 timeline
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
