@@ -45,7 +45,9 @@ impl Lab {
                 return Err(LabError(format!("`{tool}` is not installed (iproute2)")));
             }
         }
-        let probe = format!("pp-probe-{}", std::process::id());
+        static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let probe = format!("pp-probe-{}-{k}", std::process::id());
         run(&["ip", "netns", "add", &probe])?;
         let _ = run(&["ip", "netns", "del", &probe]);
         Ok(())
