@@ -102,25 +102,31 @@ fn node<'a>(s: &'a Value, name: &str) -> &'a Value {
         .unwrap()
 }
 
-#[test]
-fn cut_transfers_take_their_size_over_the_link_rate_and_a_slow_link_drops_at_the_front() {
-    let Some(profiles) = common::shared_profiles() else {
-        return;
-    };
-    let lab = match Lab::new(3) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            return;
-        }
-    };
+/// A lab whose links into n2 and n3 run at 1 Gbit/s, and the cut pipeline at 5 fps per source
+/// told so; `None` (with a message) where profiles or namespaces are missing.
+fn lab_at_1_gbit() -> Option<(
+    Lab,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+)> {
+    let profiles = common::shared_profiles()?;
+    let lab = Lab::new(3)
+        .inspect_err(|e| eprintln!("SKIPPED: {e}"))
+        .ok()?;
     let dir = tempfile::tempdir().unwrap();
-
-    // 1 Gbit/s into each worker node, and the reservations told so.
     for i in 1..3 {
         lab.shape(i, Some(1000)).unwrap();
     }
     let pipeline = file(dir.path(), &profiles, &lab, 1.0, 5);
+    Some((lab, dir, profiles, pipeline))
+}
+
+#[test]
+fn cut_transfers_take_their_size_over_the_link_rate_and_a_slow_link_drops_at_the_front() {
+    let Some((lab, dir, profiles, pipeline)) = lab_at_1_gbit() else {
+        return;
+    };
     let (s, _) = run(&lab, dir.path(), &pipeline, 10, &mut |_| {});
     common::assert_balanced(&s);
     for n in ["n2", "n3"] {
@@ -177,21 +183,9 @@ fn unix_ms() -> u64 {
 
 #[test]
 fn a_node_whose_link_goes_down_is_taken_out_within_two_seconds_and_back_when_it_returns() {
-    let Some(profiles) = common::shared_profiles() else {
+    let Some((lab, dir, _, pipeline)) = lab_at_1_gbit() else {
         return;
     };
-    let lab = match Lab::new(3) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            return;
-        }
-    };
-    let dir = tempfile::tempdir().unwrap();
-    for i in 1..3 {
-        lab.shape(i, Some(1000)).unwrap();
-    }
-    let pipeline = file(dir.path(), &profiles, &lab, 1.0, 5);
     // n3's cable is pulled at 4 s (no reset, no goodbye: only missed pings tell) and put back
     // at 8 s.
     let (mut cut, mut back) = (0u64, 0u64);
