@@ -49,8 +49,8 @@ pub struct PlanRef {
     pub path: PathBuf,
     /// The plan.
     pub plan: Plan,
-    /// The folder of latency profiles it was checked against (what a re-plan reads).
-    pub profiles: PathBuf,
+    /// The latency profiles it was checked against, as loaded (what a re-plan plans with).
+    pub profiles: Option<std::sync::Arc<Profiles>>,
 }
 
 impl Pipeline {

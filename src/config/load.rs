@@ -62,7 +62,6 @@ fn load_str(path: &Path, text: &str, opts: &LoadOptions) -> Result<Pipeline, Con
         opts,
         flow_names: None,
         onnxruntime: None,
-        profiles_dir: None,
     };
     let pipeline = v.pipeline();
     let mut errors = v.errors;
@@ -87,7 +86,6 @@ pub fn load_source_str(path: &Path, dir: &Path, text: &str) -> Result<SourceSpec
         opts: &opts,
         flow_names: None,
         onnxruntime: None,
-        profiles_dir: None,
     };
     let extra: Vec<(String, Range<usize>)> = parsed
         .table
@@ -163,8 +161,6 @@ pub(super) struct Validator<'p, 'a> {
     flow_names: Option<Vec<String>>,
     /// The ONNX Runtime library the file names (for reading recurrent cells' tensors).
     onnxruntime: Option<PathBuf>,
-    /// The folder the latency profiles were loaded from.
-    profiles_dir: Option<PathBuf>,
 }
 
 impl<'a> Validator<'_, 'a> {
@@ -566,7 +562,7 @@ impl<'a> Validator<'_, 'a> {
             plan: plan.map(|p| PlanRef {
                 path: p.path,
                 plan: p.plan,
-                profiles: self.profiles_dir.clone().unwrap_or_default(),
+                profiles: profiles.map(std::sync::Arc::new),
             }),
             options: self.opts.clone(),
             cluster,
@@ -666,10 +662,7 @@ impl<'a> Validator<'_, 'a> {
             )
         };
         match crate::profile::Profiles::load_dir(&dir, None) {
-            Ok(p) => {
-                self.profiles_dir = Some(dir);
-                Some(p)
-            }
+            Ok(p) => Some(p),
             Err(e) => {
                 self.err(
                     "pipeline.profiles",

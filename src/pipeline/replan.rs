@@ -41,7 +41,7 @@ pub(super) struct Replanner {
     entries: HashMap<usize, RouteEntry>,
     resets: Arc<StreamResets>,
     controller: Controller,
-    profiles: Profiles,
+    profiles: std::sync::Arc<Profiles>,
     cluster: Cluster,
     specs: Vec<ModelSpec>,
     opts: Options,
@@ -119,11 +119,8 @@ impl Replanner {
                 f.name
             )));
         }
-        let profiles = Profiles::load_dir(&plan.profiles, None).map_err(|e| {
-            refuse(format!(
-                "cannot load the latency profiles from {}: {e}",
-                plan.profiles.display()
-            ))
+        let profiles = plan.profiles.clone().ok_or_else(|| {
+            refuse("the pipeline was loaded without latency profiles".to_string())
         })?;
         let weights: Vec<f64> = specs.iter().map(|s| s.weight).collect();
         let entries = entries
