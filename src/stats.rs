@@ -890,17 +890,14 @@ pub struct NodeCounters {
     pub down_at_unix_ms: AtomicU64,
     /// When it last came up (Unix ms; 0: never).
     pub up_at_unix_ms: AtomicU64,
-    /// Batches it answered.
-    pub batches: AtomicU64,
     /// Frames in them.
     pub frames: AtomicU64,
     /// Frames lost with it.
     pub lost: AtomicU64,
     /// Bytes sent to it (batches answered).
     pub bytes_sent: AtomicU64,
-    /// Link time of the batches answered, summed: the round trip less the node's own time.
-    pub link_nanos: AtomicU64,
-    /// Link time per batch.
+    /// Link time of each batch answered: the round trip less the node's own time (its count
+    /// is the batches answered, its sum their link time).
     pub link: Histogram,
 }
 
@@ -908,30 +905,29 @@ impl NodeCounters {
     /// A batch of `frames` frames and `bytes` bytes was answered, `link` of its round trip on
     /// the link.
     pub fn answered(&self, frames: usize, bytes: usize, link: Nanos) {
-        self.batches.fetch_add(1, Relaxed);
         self.frames.fetch_add(frames as u64, Relaxed);
         self.bytes_sent.fetch_add(bytes as u64, Relaxed);
-        self.link_nanos.fetch_add(link, Relaxed);
         self.link.record(link);
     }
 
     /// The counters now.
     pub fn summary(&self, name: &str) -> NodeSummary {
         let bytes = self.bytes_sent.load(Relaxed);
-        let nanos = self.link_nanos.load(Relaxed);
+        let link_s = self.link.sum_s();
         NodeSummary {
             name: name.to_string(),
             up: self.up.load(Relaxed),
             downs: self.downs.load(Relaxed),
             down_at_unix_ms: Some(self.down_at_unix_ms.load(Relaxed)).filter(|t| *t > 0),
             up_at_unix_ms: Some(self.up_at_unix_ms.load(Relaxed)).filter(|t| *t > 0),
-            batches: self.batches.load(Relaxed),
+            batches: self.link.count(),
             frames: self.frames.load(Relaxed),
             lost: self.lost.load(Relaxed),
             bytes_sent: bytes,
             link_p50_ms: self.link.quantile_ms(0.5),
             link_p99_ms: self.link.quantile_ms(0.99),
-            link_gbps: (nanos > 0).then(|| bytes as f64 * 8.0 / nanos as f64),
+            link_s,
+            link_gbps: (link_s > 0.0).then(|| bytes as f64 * 8.0 / link_s / 1e9),
         }
     }
 }
@@ -961,6 +957,8 @@ pub struct NodeSummary {
     pub link_p50_ms: Option<f64>,
     /// 99th percentile of the same, ms.
     pub link_p99_ms: Option<f64>,
+    /// Link time of the batches answered, summed, seconds.
+    pub link_s: f64,
     /// Bytes sent over the link time, Gbit/s.
     pub link_gbps: Option<f64>,
 }

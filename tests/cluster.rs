@@ -55,13 +55,6 @@ fn node(file: &Path, name: &str, summary: &Path) -> KillOnDrop {
     )
 }
 
-fn node_of<'a>(summary: &'a Value, name: &str) -> &'a Value {
-    summary["nodes"]
-        .as_array()
-        .and_then(|n| n.iter().find(|n| n["name"] == name))
-        .unwrap_or_else(|| panic!("no node {name} in {summary}"))
-}
-
 fn sum(summary: &Value, key: &str) -> u64 {
     summary["streams"]
         .as_array()
@@ -124,7 +117,7 @@ fn a_cut_model_runs_across_three_nodes_and_survives_losing_one() {
     let (ingested, published, lost) = (sum(&s, "ingested"), sum(&s, "published"), sum(&s, "lost"));
     // Frames in flight on n3 when it died are lost, and only those: n3's worker holds one batch
     // at a time, and one more may have been reserved on it before the front saw it go.
-    let n3s = node_of(&s, "n3");
+    let n3s = common::node_of(&s, "n3");
     assert_eq!(n3s["lost"].as_u64().unwrap(), lost, "{s}");
     assert!(
         lost <= 2 * 4,
@@ -151,13 +144,13 @@ fn a_cut_model_runs_across_three_nodes_and_survives_losing_one() {
         "{n2s} {n3bs}"
     );
     assert_eq!(
-        node_of(&s, "n2")["frames"].as_u64().unwrap(),
+        common::node_of(&s, "n2")["frames"].as_u64().unwrap(),
         n2s["frames"].as_u64().unwrap(),
         "the front's count of n2's frames is n2's own"
     );
     // Bytes crossed: every frame sent its cut (about 2.2 MB for this model at block 5).
-    let sent = node_of(&s, "n2")["bytes_sent"].as_u64().unwrap();
-    let frames = node_of(&s, "n2")["frames"].as_u64().unwrap();
+    let sent = common::node_of(&s, "n2")["bytes_sent"].as_u64().unwrap();
+    let frames = common::node_of(&s, "n2")["frames"].as_u64().unwrap();
     assert!(
         sent / frames.max(1) > 1_000_000,
         "{sent} bytes for {frames} frames"
@@ -333,7 +326,7 @@ fn a_placed_plan_runs_on_the_nodes_deploy_names() {
         common::stop_with(child, "INT");
         let ns = read_summary(&dir.path().join(format!("{n}.json")));
         assert!(ns["frames"].as_u64().unwrap() > 0, "{n} ran nothing: {ns}");
-        assert_eq!(node_of(&s, n)["frames"], ns["frames"], "{n}");
+        assert_eq!(common::node_of(&s, n)["frames"], ns["frames"], "{n}");
     }
 }
 

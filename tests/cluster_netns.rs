@@ -93,15 +93,6 @@ fn run(
     (read_summary(&summary), rss)
 }
 
-fn node<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .unwrap()
-}
-
 /// A lab whose links into n2 and n3 run at 1 Gbit/s, and the cut pipeline at 5 fps per source
 /// told so; `None` (with a message) where profiles or namespaces are missing.
 fn lab_at_1_gbit() -> Option<(
@@ -130,7 +121,7 @@ fn cut_transfers_take_their_size_over_the_link_rate_and_a_slow_link_drops_at_the
     let (s, _) = run(&lab, dir.path(), &pipeline, 10, &mut |_| {});
     common::assert_balanced(&s);
     for n in ["n2", "n3"] {
-        let n = node(&s, n);
+        let n = common::node_of(&s, n);
         let gbps = n["link_gbps"].as_f64().unwrap();
         // Payload over time on the link: the bucket's rate less TCP/IP and HTTP/2 framing
         // (about 4%), within 10%.
@@ -165,7 +156,7 @@ fn cut_transfers_take_their_size_over_the_link_rate_and_a_slow_link_drops_at_the
         "a 100 Mbit/s link drops most frames: {f}"
     );
     assert_eq!(f["failed"], 0, "{f}");
-    let gbps = node(&s, "n2")["link_gbps"].as_f64().unwrap();
+    let gbps = common::node_of(&s, "n2")["link_gbps"].as_f64().unwrap();
     assert!((0.09..=0.11).contains(&gbps), "{gbps} Gbit/s on 100 Mbit/s");
     let (first, last) = (rss[0], *rss.last().unwrap());
     assert!(
@@ -201,7 +192,7 @@ fn a_node_whose_link_goes_down_is_taken_out_within_two_seconds_and_back_when_it_
         _ => {}
     });
     common::assert_balanced(&s);
-    let n3 = node(&s, "n3");
+    let n3 = common::node_of(&s, "n3");
     assert_eq!(n3["downs"], 1, "{n3}");
     let down_at = n3["down_at_unix_ms"].as_u64().unwrap();
     assert!(
@@ -217,7 +208,8 @@ fn a_node_whose_link_goes_down_is_taken_out_within_two_seconds_and_back_when_it_
     assert_eq!(lost, n3["lost"].as_u64().unwrap(), "{s}");
     assert!(lost <= 8, "{lost} lost: {s}");
     assert!(
-        n3["batches"].as_u64().unwrap() > node(&s, "n2")["batches"].as_u64().unwrap() / 3,
+        n3["batches"].as_u64().unwrap()
+            > common::node_of(&s, "n2")["batches"].as_u64().unwrap() / 3,
         "{s}"
     );
     let f = &s["flows"][0];

@@ -281,13 +281,7 @@ pub fn run(
                 .sum::<f64>()
         };
         let (bytes, frames) = (total("bytes_sent"), total("frames"));
-        let link_s: f64 = nodes
-            .iter()
-            .map(|n| {
-                let b = n["bytes_sent"].as_f64().unwrap_or(0.0);
-                n["link_gbps"].as_f64().map_or(0.0, |g| b * 8.0 / (g * 1e9))
-            })
-            .sum();
+        let link_s = total("link_s");
         let per_frame = if frames > 0.0 { bytes / frames } else { 0.0 };
         let mut row = Row {
             gbps,

@@ -223,11 +223,6 @@ impl Peers {
         Ok(Self { rt, peers })
     }
 
-    /// The peer named `name`.
-    pub fn get(&self, name: &str) -> Option<&Arc<Peer>> {
-        self.peers.get(name)
-    }
-
     /// Every peer.
     pub fn all(&self) -> impl Iterator<Item = &Arc<Peer>> {
         self.peers.values()

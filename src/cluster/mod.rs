@@ -86,16 +86,11 @@ pub fn charge_transfers_to_remote_stages(
             } else {
                 1.0
             };
-            let Some(transfer) = p.stages[a]
-                .profile
-                .as_mut()
-                .map(|pr| std::mem::take(&mut pr.transfer))
-            else {
+            let Some(pr) = p.stages[a].profile.as_mut() else {
                 continue;
             };
-            if let Some(pr) = p.stages[a].profile.as_mut() {
-                pr.transfer = vec![std::time::Duration::ZERO; transfer.len()];
-            }
+            let transfer = pr.transfer.clone();
+            pr.transfer.fill(std::time::Duration::ZERO);
             if let Some(pr) = p.stages[b].profile.as_mut() {
                 for (l, t) in pr.latency.iter_mut().zip(&transfer) {
                     *l += t.mul_f64(scale);

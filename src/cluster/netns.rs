@@ -146,11 +146,6 @@ impl Lab {
         c.args(["netns", "exec", &self.ns(i)]).arg(program);
         c
     }
-
-    /// Nodes.
-    pub fn nodes(&self) -> usize {
-        self.nodes
-    }
 }
 
 impl Drop for Lab {

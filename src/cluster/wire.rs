@@ -130,18 +130,13 @@ pub enum Payload {
 
 impl Payload {
     /// Bytes of the payload in the body.
-    pub fn len(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         match self {
             Payload::None => 0,
             Payload::Tensor { shape, .. } => shape.iter().product::<usize>() * 4,
             Payload::Image { width, height, .. } => *width as usize * *height as usize * 3,
             Payload::Filler { bytes } => *bytes as usize,
         }
-    }
-
-    /// Whether the payload has no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -203,9 +198,7 @@ pub struct DoneHeader {
 pub struct WireError(pub String);
 
 fn header_bytes<T: Serialize>(h: &T) -> Bytes {
-    let mut v = Vec::with_capacity(256);
-    v.extend_from_slice(&serde_json::to_vec(h).expect("headers serialise"));
-    Bytes::from(v)
+    Bytes::from(serde_json::to_vec(h).expect("headers serialise"))
 }
 
 fn put_tensor(body: &mut BytesMut, a: &ndarray::ArrayD<f32>) -> Payload {
@@ -298,7 +291,7 @@ pub fn decode_batch(p: Packet) -> Result<(BatchHeader, Vec<Frame>), WireError> {
         let mut f = Frame::new(fh.stream, fh.seq, empty.clone(), fh.captured, fh.deadline);
         f.route = fh.route;
         f.outputs = std::mem::take(&mut fh.outputs);
-        let need = fh.payload.len();
+        let need = fh.payload.bytes();
         if body.remaining() < need {
             return Err(WireError(format!(
                 "frame {}/{} needs {need} bytes, {} left",

@@ -87,10 +87,11 @@ pub(super) fn build_engines(
             continue;
         }
         let mut pool = Vec::new();
+        let carries = sends(p, i);
         for w in 0..s.workers {
             match s.remote_node(w, p.cluster.as_ref()) {
                 Some(node) => {
-                    let remote = peers.and_then(|ps| ps.runner(node, &s.name, w, sends(p, i)));
+                    let remote = peers.and_then(|ps| ps.runner(node, &s.name, w, carries));
                     pool.push(remote.ok_or_else(|| {
                         PipelineError::Cluster(format!(
                             "stage `{}` worker {w} runs on node `{node}`, which this process has no link to",

@@ -344,3 +344,11 @@ pub fn wait_published(api: &str, n: u64) -> Value {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Node `name` of a cluster front's summary (`nodes`).
+pub fn node_of<'a>(summary: &'a Value, name: &str) -> &'a Value {
+    summary["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["name"] == name))
+        .unwrap_or_else(|| panic!("no node {name} in {summary}"))
+}
