@@ -567,6 +567,7 @@ impl Stats {
             analytics_p50_us: self.analytics.quantile_ms(0.5).map(|v| v * 1e3),
             analytics_p99_us: self.analytics.quantile_ms(0.99).map(|v| v * 1e3),
             panics: self.panics(),
+            epochs: Vec::new(),
         }
     }
 }
@@ -705,6 +706,9 @@ pub struct Summary {
     /// Pipeline threads that panicked (absent from JSON when none did).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub panics: Vec<ThreadPanic>,
+    /// Controller epochs the front applied (`[cluster] nats`; absent from JSON without).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub epochs: Vec<serde_json::Value>,
 }
 
 impl Summary {

@@ -416,3 +416,162 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
         "{err}"
     );
 }
+
+/// A controller owns the plan (`[cluster] nats`): when a node dies it re-plans on the servers
+/// that remain and publishes the next epoch, which the nodes and the front apply while running;
+/// when the node comes back it rejoins in the epoch after. A real nats-server (JetStream) on
+/// loopback carries heartbeats, the lease and the epochs.
+#[test]
+fn a_controller_replans_around_a_lost_node_and_takes_it_back() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = planned(dir.path(), &profiles);
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let nats_port = free_port();
+    let out = dir.path().join("bare");
+    let mut args: Vec<String> = vec![
+        "--emit".into(),
+        "nodes".into(),
+        "--nats".into(),
+        format!("nats://127.0.0.1:{nats_port}"),
+    ];
+    for (n, p) in names.iter().zip(&ports) {
+        args.push("--address".into());
+        args.push(format!("{n}=127.0.0.1:{p}"));
+    }
+    let o = deploy(
+        &files,
+        &out,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = out.join("pipeline.toml");
+    let _nats = KillOnDrop(
+        Command::new("nats-server")
+            .args(poolpipe::bench::sinks::nats_args(
+                nats_port,
+                &dir.path().join("js"),
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (./setup.sh installs it)"),
+    );
+    assert!(wait_listening(nats_port, Duration::from_secs(10)));
+    let controller = KillOnDrop(
+        Command::new(bin())
+            .args(["controller", file.to_str().unwrap(), "--summary-json"])
+            .arg(dir.path().join("controller.json"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut nodes: Vec<Option<KillOnDrop>> = names
+        .iter()
+        .map(|n| Some(node(&file, n, &dir.path().join(format!("{n}.json")))))
+        .collect();
+    for p in &ports {
+        assert!(wait_listening(*p, Duration::from_secs(20)));
+    }
+    let summary = dir.path().join("front.json");
+    let mut front = KillOnDrop(
+        Command::new(bin())
+            .args([
+                "run",
+                file.to_str().unwrap(),
+                "--duration",
+                "22",
+                "--api",
+                "off",
+            ])
+            .arg("--summary-json")
+            .arg(&summary)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    // t4-1 dies at 8 s (SIGKILL) and comes back at 14 s.
+    std::thread::sleep(Duration::from_secs(8));
+    let killed_ms = poolpipe::cluster::epoch::unix_ms();
+    drop(nodes[2].take());
+    std::thread::sleep(Duration::from_secs(6));
+    let back = node(&file, "t4-1", &dir.path().join("t4-1b.json"));
+    let status = front.0.wait().unwrap();
+    assert!(status.success(), "front exited with {status}");
+    let s = read_summary(&summary);
+    common::assert_balanced(&s);
+    let (ingested, published) = (sum(&s, "ingested"), sum(&s, "published"));
+    assert_eq!(sum(&s, "failed"), 0, "{s}");
+
+    // The front applied epoch 0 (the file's), 1 (without t4-1) and 2 (with it again), each
+    // after the nodes it uses had applied it.
+    let epochs = s["epochs"].as_array().expect("epochs in the summary");
+    let numbers: Vec<u64> = epochs
+        .iter()
+        .map(|e| e["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [0, 1, 2], "{s}");
+    for e in epochs {
+        assert!(e.get("error").is_none(), "{e}");
+        assert_eq!(e["nodes_not_ready"], serde_json::json!([]), "{e}");
+    }
+    assert_eq!(epochs[1]["reason"], "lost t4-1");
+    assert!(
+        !epochs[1]["members"].to_string().contains("t4-1"),
+        "{}",
+        epochs[1]
+    );
+    assert_eq!(epochs[2]["reason"], "joined t4-1");
+    // Seen and re-planned within 2 s of the kill, and running on the front soon after.
+    let published_ms = epochs[1]["published_unix_ms"].as_u64().unwrap();
+    let applied_ms = epochs[1]["applied_unix_ms"].as_u64().unwrap();
+    assert!(
+        published_ms - killed_ms <= 2000,
+        "epoch 1 published {} ms after the kill",
+        published_ms - killed_ms
+    );
+    assert!(applied_ms - killed_ms <= 3000, "{}", epochs[1]);
+    // Each epoch's routes ran frames: the stages it started carry its number.
+    let stage_frames = |prefix: &str| -> u64 {
+        s["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["name"].as_str().unwrap().starts_with(prefix))
+            .map(|x| x["frames_out"].as_u64().unwrap())
+            .sum()
+    };
+    for prefix in ["f0.p0.", "f0.e1.", "f0.e2."] {
+        assert!(stage_frames(prefix) > 0, "no frames on {prefix}*: {s}");
+    }
+    // The returning node applied epoch 2 and ran batches of it.
+    common::stop_with(back, "INT");
+    let b = read_summary(&dir.path().join("t4-1b.json"));
+    assert!(b["frames"].as_u64().unwrap() > 0, "{b}");
+    assert_eq!(b["epochs_applied"], serde_json::json!([2]), "{b}");
+    for n in nodes.iter_mut().filter_map(Option::take) {
+        common::stop_with(n, "INT");
+    }
+    common::stop_with(controller, "INT");
+    let c = read_summary(&dir.path().join("controller.json"));
+    let published_epochs: Vec<u64> = c["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(published_epochs, [0, 1, 2], "{c}");
+    // Well within the plan's capacity, on two GPUs as on three: losing one costs the frames in
+    // flight on it and little else.
+    assert!(
+        published as f64 >= 0.9 * ingested as f64,
+        "published {published} of {ingested}: {s}"
+    );
+}

@@ -48,6 +48,17 @@ pub struct DeployArgs {
     /// `NODE:7070`).
     #[arg(long, value_parser = parse_pair)]
     pub address: Vec<(String, String)>,
+    /// A controller owns the plan: `[cluster] nats` is this URL (`--emit k8s`: default
+    /// `nats://poolpipe-nats:4222`, and the manifests gain the NATS server and the controller).
+    #[arg(long)]
+    pub nats: Option<String>,
+    /// `--emit k8s`: add a NATS server and `poolpipe controller` (re-plans when a node is lost
+    /// or returns).
+    #[arg(long)]
+    pub controller: bool,
+    /// `--controller`: the NATS server's image.
+    #[arg(long, default_value = "nats:2.10-alpine")]
+    pub nats_image: String,
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -82,7 +93,17 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
             })
         }
     };
-    let pipeline = deploy::pipeline_file(&text, &plan, &used, &*address)
+    let nats = match (a.emit, &a.nats, a.controller) {
+        (_, Some(url), _) => Some(url.clone()),
+        (Emit::K8s, None, true) => Some(deploy::NATS_URL.to_string()),
+        (Emit::Nodes, None, true) => {
+            return Err(usage(
+                "--controller with --emit nodes: give the NATS server the nodes reach (--nats nats://HOST:4222)".into(),
+            ));
+        }
+        _ => None,
+    };
+    let pipeline = deploy::pipeline_file(&text, &plan, &used, &*address, nats.as_deref())
         .map_err(|e| usage(format!("{}: {e}", a.pipeline.display())))?;
     std::fs::create_dir_all(&a.out)
         .map_err(|e| CliError::Runtime(format!("{}: {e}", a.out.display())))?;
@@ -100,6 +121,8 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
                 image: a.image.clone(),
                 namespace: a.namespace.clone(),
                 products: a.product.iter().cloned().collect::<BTreeMap<_, _>>(),
+                controller: a.controller,
+                nats_image: a.nats_image.clone(),
             };
             let objects = deploy::k8s(&plan, &used, &pipeline, &target);
             for (name, obj) in &objects {

@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 runtime failure (an engine, sink or the API address could not be
 //! opened, a run that failed), 2 invalid configuration or usage (nothing was started).
 
+mod controller;
 mod deploy;
 mod gpu;
 mod node;
@@ -144,6 +145,9 @@ pub enum Command {
     /// Write what a placed plan needs to run on many machines: Kubernetes manifests (`--emit
     /// k8s`), or the pipeline file and plan for bare-metal nodes (`--emit nodes`).
     Deploy(deploy::DeployArgs),
+    /// Own the plan of a `[cluster]` pipeline with `nats`: watch the nodes' heartbeats, re-plan
+    /// on the servers that are up when one is lost or comes back, and publish plan epochs.
+    Controller(controller::ControllerArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -184,6 +188,7 @@ pub fn main() -> ExitCode {
         Command::Place(a) => place::run(&a),
         Command::Node(a) => node::run(a),
         Command::Deploy(a) => deploy::run(&a),
+        Command::Controller(a) => controller::run(a),
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

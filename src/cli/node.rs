@@ -4,11 +4,112 @@
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::CliError;
-use crate::cluster::link::{self, Served};
+use crate::cluster::bus::Bus;
+use crate::cluster::epoch::epoch_pipeline;
+use crate::cluster::link::{self, NodeWorkers, Served};
+use crate::config::Pipeline;
+use crate::profile::Profiles;
+
+/// How long a node keeps serving the workers an epoch dropped: the front switches routes only
+/// once the nodes applied the epoch, and batches sent before still arrive.
+const RETIRE_AFTER: Duration = Duration::from_secs(10);
+
+/// What a node needs to follow epochs.
+struct Following {
+    node: String,
+    /// The file's pipeline: what every epoch's layout is derived from.
+    base: Pipeline,
+    profiles: Arc<Profiles>,
+    workers: Arc<NodeWorkers>,
+    /// The last epoch applied (`u64::MAX`: none), said in every heartbeat.
+    applied: Arc<AtomicU64>,
+    log: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+/// Heartbeats, and a thread that applies each epoch: builds the workers it places on this node
+/// that the node does not serve yet, and retires (after [`RETIRE_AFTER`]) those it no longer
+/// places here.
+fn follow(
+    bus: &Bus,
+    f: Following,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, CliError> {
+    let runtime = |e: &dyn std::fmt::Display| CliError::Runtime(e.to_string());
+    let epochs = bus.epochs().map_err(|e| runtime(&e))?;
+    bus.beat(&f.node, f.applied.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name("epochs".into())
+        .spawn(move || {
+            let mut keep = None;
+            while !stop.load(Ordering::Relaxed) {
+                let e = match epochs.recv_timeout(Duration::from_millis(200)) {
+                    Ok(e) => e,
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        // Workers whose grace ended go.
+                        if let Some(k) = &keep {
+                            f.workers.retire_others(k, RETIRE_AFTER);
+                        }
+                        continue;
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => return,
+                };
+                let done = f.applied.load(Ordering::SeqCst);
+                if done != u64::MAX && e.epoch <= done {
+                    continue;
+                }
+                let layout = match epoch_pipeline(&f.base, &e, &f.profiles) {
+                    Ok(l) => l,
+                    Err(err) => {
+                        tracing::error!(epoch = e.epoch, error = %err, "Epoch not applied.");
+                        continue;
+                    }
+                };
+                let new = match crate::pipeline::node_workers_but(&layout, &f.node, &|s, w| {
+                    f.workers.has(s, w)
+                }) {
+                    Ok(n) => n,
+                    Err(err) => {
+                        tracing::error!(epoch = e.epoch, error = %err, "Epoch not applied: an engine failed.");
+                        continue;
+                    }
+                };
+                let started = new.len();
+                for (k, r) in new {
+                    f.workers.insert(k, r);
+                }
+                let mine: std::collections::HashSet<(String, usize)> = layout
+                    .stages
+                    .iter()
+                    .flat_map(|s| {
+                        s.nodes
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, n)| **n == f.node)
+                            .map(|(w, _)| (s.name.clone(), w))
+                    })
+                    .collect();
+                let serving = f.workers.retire_others(&mine, RETIRE_AFTER);
+                keep = Some(mine);
+                f.applied.store(e.epoch, Ordering::SeqCst);
+                f.log
+                    .lock()
+                    .unwrap_or_else(|x| x.into_inner())
+                    .push(e.epoch);
+                tracing::info!(
+                    node = %f.node,
+                    epoch = e.epoch,
+                    workers_started = started,
+                    serving = %serving.join(", "),
+                    "Plan epoch applied."
+                );
+            }
+        })
+        .map_err(|e| runtime(&e))
+}
 
 /// Arguments of `poolpipe node`.
 #[derive(Debug, clap::Args)]
@@ -62,9 +163,25 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
         .ok()
         .and_then(|mut it| it.next())
         .ok_or_else(|| CliError::Usage(format!("--listen {listen}: not an address")))?;
-    let workers =
-        crate::pipeline::node_workers(&p, &a.name).map_err(|e| CliError::Runtime(e.to_string()))?;
-    if workers.is_empty() {
+    let runtime = |e: &dyn std::fmt::Display| CliError::Runtime(e.to_string());
+    // With a controller, the current epoch's layout, if one was published; else the file's.
+    let bus = match &cluster.nats {
+        Some(url) => Some(Arc::new(
+            Bus::connect(url, &p.name, crate::pipeline::NODE_WAIT).map_err(|e| runtime(&e))?,
+        )),
+        None => None,
+    };
+    let profiles = p.plan.as_ref().and_then(|r| r.profiles.clone());
+    let current = match &bus {
+        Some(b) => b.current().map_err(|e| runtime(&e))?,
+        None => None,
+    };
+    let (layout, applied) = match (&current, &profiles) {
+        (Some(e), Some(pr)) => (epoch_pipeline(&p, e, pr).map_err(|e| runtime(&e))?, e.epoch),
+        _ => (p.clone(), u64::MAX),
+    };
+    let workers = crate::pipeline::node_workers(&layout, &a.name).map_err(|e| runtime(&e))?;
+    if workers.is_empty() && bus.is_none() {
         return Err(CliError::Usage(format!(
             "no stage of {} places a worker on node `{}` (stage key `nodes`)",
             a.pipeline.display(),
@@ -78,6 +195,30 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
         let _ = signal_hook::flag::register(sig, stop.clone());
     }
     let served = Arc::new(Served::default());
+    let workers = NodeWorkers::new(workers);
+    let applied = Arc::new(AtomicU64::new(applied));
+    let epochs_applied = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let follower = match (&bus, profiles) {
+        (Some(bus), Some(profiles)) => Some(follow(
+            bus,
+            Following {
+                node: a.name.clone(),
+                base: p.clone(),
+                profiles,
+                workers: workers.clone(),
+                applied: applied.clone(),
+                log: epochs_applied.clone(),
+            },
+            stop.clone(),
+        )?),
+        (Some(_), None) => {
+            return Err(CliError::Usage(format!(
+                "{}: [cluster] nats needs a pipeline served by a plan (its epochs are plans)",
+                a.pipeline.display()
+            )));
+        }
+        _ => None,
+    };
     let flag = stop.clone();
     let stopped = async move {
         while !flag.load(Ordering::Relaxed) {
@@ -85,11 +226,16 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
         }
     };
     let limit = crate::cluster::message_limit(&p);
-    link::serve(&a.name, addr, workers, limit, served.clone(), stopped)
-        .map_err(|e| CliError::Runtime(e.to_string()))?;
+    let served_result = link::serve(&a.name, addr, workers, limit, served.clone(), stopped);
+    stop.store(true, Ordering::SeqCst);
+    if let Some(t) = follower {
+        let _ = t.join();
+    }
+    served_result.map_err(|e| runtime(&e))?;
     let summary = serde_json::json!({
         "node": a.name,
         "workers": names,
+        "epochs_applied": *epochs_applied.lock().unwrap_or_else(|e| e.into_inner()),
         "batches": served.batches.load(Ordering::Relaxed),
         "frames": served.frames.load(Ordering::Relaxed),
         "failed_batches": served.failed.load(Ordering::Relaxed),

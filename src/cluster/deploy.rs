@@ -43,7 +43,15 @@ pub struct Target {
     pub namespace: Option<String>,
     /// Node label value of `nvidia.com/gpu.product` per device class, beyond [`gpu_product`]'s.
     pub products: BTreeMap<String, String>,
+    /// Add a NATS server and `poolpipe controller` (the pipeline's `[cluster] nats` points at
+    /// [`NATS_URL`]).
+    pub controller: bool,
+    /// The NATS server's image.
+    pub nats_image: String,
 }
+
+/// Where the manifests' NATS server is reached.
+pub const NATS_URL: &str = "nats://poolpipe-nats:4222";
 
 /// The `nvidia.com/gpu.product` label (NVIDIA GPU feature discovery) of a device class.
 pub fn gpu_product(class: &str) -> String {
@@ -96,6 +104,7 @@ pub fn pipeline_file(
     plan: &Plan,
     used: &[usize],
     address: &dyn Fn(&str) -> String,
+    nats: Option<&str>,
 ) -> Result<String, DeployError> {
     let mut doc: toml::Table =
         toml::from_str(text).map_err(|e| DeployError::Pipeline(e.to_string()))?;
@@ -114,6 +123,9 @@ pub fn pipeline_file(
     let mut cluster = toml::Table::new();
     cluster.insert("front".into(), toml::Value::String(FRONT.into()));
     cluster.insert("nodes".into(), toml::Value::Table(nodes));
+    if let Some(url) = nats {
+        cluster.insert("nats".into(), toml::Value::String(url.into()));
+    }
     doc.insert("cluster".into(), toml::Value::Table(cluster));
     let body = toml::to_string(&doc).map_err(|e| DeployError::Pipeline(e.to_string()))?;
     Ok(format!(
@@ -297,6 +309,9 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
             }
         }),
     ));
+    if t.controller {
+        out.extend(control_plane(t));
+    }
     out.push((
         "service-front.yaml".into(),
         json!({
@@ -310,6 +325,85 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
         }),
     ));
     out
+}
+
+/// The NATS server (JetStream on, its store in the pod: epochs are re-published by the
+/// controller after a restart) and the controller, with their Service.
+fn control_plane(t: &Target) -> Vec<(String, Value)> {
+    let (volumes, mounts) = config_volume();
+    let nats_labels =
+        json!({"app.kubernetes.io/name": "poolpipe", "app.kubernetes.io/component": "nats"});
+    let ctl_labels =
+        json!({"app.kubernetes.io/name": "poolpipe", "app.kubernetes.io/component": "controller"});
+    vec![
+        (
+            "nats.yaml".into(),
+            json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": meta("poolpipe-nats", "nats", t),
+                "spec": {
+                    "replicas": 1,
+                    "strategy": {"type": "Recreate"},
+                    "selector": {"matchLabels": nats_labels.clone()},
+                    "template": {
+                        "metadata": {"labels": nats_labels.clone()},
+                        "spec": {
+                            "tolerations": tolerations(false),
+                            "containers": [{
+                                "name": "nats",
+                                "image": t.nats_image,
+                                "args": ["-js", "-sd", "/data", "-p", "4222", "-m", "8222"],
+                                "ports": [{"name": "client", "containerPort": 4222}, {"name": "monitor", "containerPort": 8222}],
+                                "readinessProbe": {"httpGet": {"path": "/healthz?js-enabled-only=true", "port": "monitor"}, "periodSeconds": 2},
+                                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                            }],
+                            "volumes": [{"name": "data", "emptyDir": {}}],
+                        }
+                    }
+                }
+            }),
+        ),
+        (
+            "service-nats.yaml".into(),
+            json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": meta("poolpipe-nats", "nats", t),
+                "spec": {
+                    "selector": nats_labels,
+                    "ports": [{"name": "client", "port": 4222, "targetPort": "client"}],
+                }
+            }),
+        ),
+        (
+            "controller.yaml".into(),
+            json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": meta("poolpipe-controller", "controller", t),
+                "spec": {
+                    // Two: one holds the lease, the other takes over when it expires.
+                    "replicas": 2,
+                    "selector": {"matchLabels": ctl_labels.clone()},
+                    "template": {
+                        "metadata": {"labels": ctl_labels},
+                        "spec": {
+                            "tolerations": tolerations(false),
+                            "containers": [{
+                                "name": "controller",
+                                "image": t.image,
+                                "command": ["sh", "-c", "exec poolpipe controller /etc/poolpipe/pipeline.toml --id \"$POD_NAME\""],
+                                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                                "volumeMounts": mounts,
+                            }],
+                            "volumes": volumes,
+                        }
+                    }
+                }
+            }),
+        ),
+    ]
 }
 
 /// A JSON value as YAML (block style; strings double-quoted, multi-line ones as literal blocks).

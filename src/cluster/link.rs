@@ -449,10 +449,87 @@ pub struct Served {
 
 type Slot = Arc<Mutex<Box<dyn StageRunner>>>;
 
+/// The workers a node serves, by stage name and worker; a controller's epoch adds and retires
+/// some while the node serves.
+#[derive(Default)]
+pub struct NodeWorkers {
+    map: std::sync::RwLock<BTreeMap<(String, usize), Slot>>,
+    /// Workers the current epoch no longer runs, with when they go: the front may still send
+    /// them batches until it has switched.
+    retiring: Mutex<BTreeMap<(String, usize), std::time::Instant>>,
+}
+
+impl NodeWorkers {
+    /// Serving `workers`.
+    pub fn new(workers: Workers) -> Arc<Self> {
+        let w = NodeWorkers::default();
+        for (k, r) in workers {
+            w.insert(k, r);
+        }
+        Arc::new(w)
+    }
+
+    /// Whether worker `w` of `stage` is served.
+    pub fn has(&self, stage: &str, w: usize) -> bool {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&(stage.to_string(), w))
+    }
+
+    /// Serves `runner` as `key` from now on.
+    pub fn insert(&self, key: (String, usize), runner: Box<dyn StageRunner>) {
+        self.retiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, Arc::new(Mutex::new(runner)));
+    }
+
+    /// Workers not in `keep` go `grace` from now (those already going keep their time); the
+    /// ones whose time came go now. Returns the workers served after this.
+    pub fn retire_others(
+        &self,
+        keep: &std::collections::HashSet<(String, usize)>,
+        grace: Duration,
+    ) -> Vec<String> {
+        let now = std::time::Instant::now();
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut going = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
+        for k in map.keys() {
+            if !keep.contains(k) {
+                going.entry(k.clone()).or_insert(now + grace);
+            }
+        }
+        going.retain(|k, at| {
+            if keep.contains(k) {
+                return false;
+            }
+            if *at <= now {
+                map.remove(k);
+                return false;
+            }
+            true
+        });
+        map.keys().map(|(s, w)| format!("{s}[{w}]")).collect()
+    }
+
+    fn get(&self, stage: &str, w: usize) -> Option<Slot> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(stage.to_string(), w))
+            .cloned()
+    }
+}
+
 /// The gRPC service of a node.
 #[derive(Clone)]
 struct LinkService {
-    workers: Arc<BTreeMap<(String, usize), Slot>>,
+    workers: Arc<NodeWorkers>,
     served: Arc<Served>,
     limit: usize,
 }
@@ -563,16 +640,12 @@ async fn run_batch(svc: &LinkService, packet: Packet) -> Result<Packet, Status> 
     );
     let (h, mut frames) =
         wire::decode_batch(packet).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let slot = svc
-        .workers
-        .get(&(h.stage.clone(), h.worker))
-        .cloned()
-        .ok_or_else(|| {
-            Status::not_found(format!(
-                "this node runs no worker {} of stage `{}`",
-                h.worker, h.stage
-            ))
-        })?;
+    let slot = svc.workers.get(&h.stage, h.worker).ok_or_else(|| {
+        Status::not_found(format!(
+            "this node runs no worker {} of stage `{}`",
+            h.worker, h.stage
+        ))
+    })?;
     let served = svc.served.clone();
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
@@ -605,19 +678,14 @@ async fn run_batch(svc: &LinkService, packet: Packet) -> Result<Packet, Status> 
 pub fn serve(
     node: &str,
     addr: std::net::SocketAddr,
-    workers: Workers,
+    workers: Arc<NodeWorkers>,
     limit: usize,
     served: Arc<Served>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LinkError> {
     let rt = runtime()?;
     let svc = LinkService {
-        workers: Arc::new(
-            workers
-                .into_iter()
-                .map(|(k, r)| (k, Arc::new(Mutex::new(r))))
-                .collect(),
-        ),
+        workers,
         served,
         limit,
     };

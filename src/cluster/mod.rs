@@ -27,7 +27,9 @@
 //! publishes plan epochs over NATS, cameras moving between nodes, and Kubernetes manifests. A
 //! route whose remote stage is followed by another stage comes back through the front.
 
+pub mod bus;
 pub mod deploy;
+pub mod epoch;
 pub mod link;
 pub mod netns;
 pub mod wire;

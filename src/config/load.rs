@@ -596,9 +596,18 @@ impl<'a> Validator<'_, 'a> {
                         "a cluster needs at least one node besides the front",
                     );
                 }
+                if let Some(url) = &c.nats
+                    && !(url.starts_with("nats://") || url.starts_with("tls://"))
+                {
+                    self.err(
+                        "cluster.nats",
+                        format!("`{url}`: expected nats://HOST:PORT"),
+                    );
+                }
                 Some(ClusterSpec {
                     front: c.front,
                     nodes: c.nodes,
+                    nats: c.nats,
                 })
             }
             None => None,

@@ -26,7 +26,7 @@ pub use crate::sinks::spec::{SinkConfig, SinkKind, SinkSpec};
 pub use analytics::AnalyticsSpec;
 pub use diag::{ConfigErrors, Diagnostic, SourceText, SpanIndex};
 pub use flows::{
-    FlowSpec, PlanRef, RouteSpec, assign_devices, assign_free_devices, planned_stages,
+    FlowSpec, PlanRef, RouteSpec, assign_devices, assign_free_devices, placed_nodes, planned_stages,
 };
 pub use load::{
     LoadOptions, PROFILES_ENV, load_pipeline, load_pipeline_str, load_pipeline_with,
@@ -95,6 +95,10 @@ pub struct ClusterConfig {
     pub front: String,
     /// Every other node: name -> `HOST:PORT` its `poolpipe node` serves on.
     pub nodes: std::collections::BTreeMap<String, String>,
+    /// NATS server of the control plane (`nats://HOST:PORT`): heartbeats, membership and plan
+    /// epochs from `poolpipe controller`. Without it the plan is the file's, fixed.
+    #[serde(default)]
+    pub nats: Option<String>,
 }
 
 /// A validated `[cluster]`.
@@ -104,6 +108,8 @@ pub struct ClusterSpec {
     pub front: String,
     /// Every other node's address.
     pub nodes: std::collections::BTreeMap<String, String>,
+    /// NATS server of the control plane, when a controller owns the plan.
+    pub nats: Option<String>,
 }
 
 /// How a non-live source is paced.

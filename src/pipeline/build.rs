@@ -148,11 +148,20 @@ fn sends(p: &Pipeline, i: usize) -> Sends {
 /// The engines of the workers that `node` runs (its part of a `[cluster]` pipeline), by stage
 /// name and worker.
 pub fn node_workers(p: &Pipeline, node: &str) -> Result<Workers, PipelineError> {
+    node_workers_but(p, node, &|_, _| false)
+}
+
+/// The same, but for the workers `have(stage, worker)` says the node already serves.
+pub fn node_workers_but(
+    p: &Pipeline,
+    node: &str,
+    have: &dyn Fn(&str, usize) -> bool,
+) -> Result<Workers, PipelineError> {
     let mut links: HashMap<&str, Link> = HashMap::new();
     let mut out = Workers::new();
     for s in &p.stages {
         for w in 0..s.workers {
-            if s.nodes.get(w).map(String::as_str) != Some(node) {
+            if s.nodes.get(w).map(String::as_str) != Some(node) || have(&s.name, w) {
                 continue;
             }
             let runner =

@@ -118,6 +118,8 @@ pub struct Live {
     pub(super) queues: Mutex<Vec<StageQueues>>,
     /// Every re-plan made while running.
     pub(super) replans: Mutex<Vec<crate::control::Replan>>,
+    /// Every controller epoch applied (`[cluster] nats`).
+    pub(super) epochs: Mutex<Vec<serde_json::Value>>,
     reloads: AtomicU64,
     stopping: AtomicBool,
     /// Tracks and rule states per stream.
@@ -174,6 +176,7 @@ impl Live {
             sources: Mutex::new(SourceSet::default()),
             queues: Mutex::new(queues),
             replans: Mutex::new(Vec::new()),
+            epochs: Mutex::new(Vec::new()),
             reloads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             analytics,
@@ -772,6 +775,7 @@ impl Live {
                 "processes_stopped": r.moves.stopped,
                 "error": r.error,
             })).collect::<Vec<_>>(),
+            "epochs": lock(&self.epochs).clone(),
             "streams": streams,
             "stages": stages,
             "pools": pools,

@@ -16,6 +16,7 @@
 
 mod analytics;
 mod build;
+mod epochs;
 mod graph;
 pub mod live;
 mod publisher;
@@ -39,7 +40,7 @@ use crate::sinks::delivery::Queue;
 use crate::sinks::{self, SinkError, SinkHandle};
 use crate::stats::{Stats, Summary};
 use analytics::Analytics;
-pub use build::node_workers;
+pub use build::{node_workers, node_workers_but};
 pub use live::{Live, LiveError, ReloadReport};
 pub use publisher::result_json;
 pub use worker::PANIC_STAGE_ENV;
@@ -127,6 +128,8 @@ pub struct Running {
     threads: build::Threads,
     /// The online re-planner, when `run` re-plans.
     control: Option<replan::Replanner>,
+    /// The follower of a controller's plan epochs (`[cluster] nats`).
+    follower: Option<epochs::Follower>,
     /// Sinks' buffers, released after their flush timeout at shutdown.
     sink_buffers: Vec<(Arc<Queue>, Duration)>,
 }
@@ -158,7 +161,13 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     ));
 
     // Across nodes: links to the other nodes, waited for; cut transfers are then the links'.
-    let (clustered, peers);
+    let file = p;
+    if opts.control.is_some() && p.cluster.as_ref().is_some_and(|c| c.nats.is_some()) {
+        return Err(PipelineError::Control(
+            "[cluster] nats: the controller owns the plan; re-planning on the front (--control) cannot run beside it".into(),
+        ));
+    }
+    let (clustered, peers, mut measured_links);
     let p = match &p.cluster {
         Some(c) => {
             let limit = crate::cluster::message_limit(p);
@@ -187,12 +196,14 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
             }
             let mut q = p.clone();
             crate::cluster::charge_transfers_to_remote_stages(&mut q, &measured);
+            measured_links = measured;
             peers = Some(Arc::new(links));
             clustered = q;
             &clustered
         }
         None => {
             peers = None;
+            measured_links = Default::default();
             p
         }
     };
@@ -280,16 +291,49 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     ));
     // With re-planning on, the controller keeps the wiring to build new routes with; otherwise
     // it goes here (and with it this copy of the publisher's queue).
-    let control = match &opts.control {
-        Some(settings) => Some(replan::Replanner::new(
-            p,
-            settings.clone(),
-            wiring,
-            entries,
-            resets,
-            live.clone(),
-        )?),
-        None => None,
+    let nats = p
+        .cluster
+        .as_ref()
+        .and_then(|c| Some((c.nats.clone()?, c.front.clone())));
+    let (control, follower) = match (&opts.control, nats) {
+        (Some(settings), _) => (
+            Some(replan::Replanner::new(
+                p,
+                settings.clone(),
+                wiring,
+                entries,
+                resets,
+                live.clone(),
+            )?),
+            None,
+        ),
+        (None, Some((url, front))) => {
+            let profiles = p
+                .plan
+                .as_ref()
+                .and_then(|r| r.profiles.clone())
+                .ok_or_else(|| {
+                    PipelineError::Cluster(
+                        "[cluster] nats: a controller's epochs need a pipeline served by a plan"
+                            .into(),
+                    )
+                })?;
+            let bus = crate::cluster::bus::Bus::connect(&url, &p.name, NODE_WAIT)
+                .map_err(|e| PipelineError::Cluster(e.to_string()))?;
+            let peers = peers.map(|x| (x, std::mem::take(&mut measured_links)));
+            (
+                None,
+                Some(epochs::Follower {
+                    installer: replan::Installer::new(live.clone(), wiring, entries, resets, peers),
+                    bus: Arc::new(bus),
+                    base: file.clone(),
+                    profiles,
+                    front,
+                    applied: Arc::new(AtomicU64::new(u64::MAX)),
+                }),
+            )
+        }
+        (None, None) => (None, None),
     };
     Ok(Running {
         live,
@@ -299,6 +343,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         threads,
         sink_buffers,
         control,
+        follower,
     })
 }
 
@@ -345,10 +390,12 @@ impl Running {
             threads,
             sink_buffers,
             control,
+            follower,
         } = self;
         let started = live.started;
         live.start_sources()?;
         let control = control.map(replan::Replanner::spawn).transpose()?;
+        let follower = follower.map(epochs::Follower::spawn).transpose()?;
 
         let show_progress = opts.progress && std::io::stderr().is_terminal();
         let mut last_progress = Instant::now();
@@ -418,6 +465,9 @@ impl Running {
         if let Some(c) = control {
             c.stop();
         }
+        if let Some(f) = follower {
+            f.stop();
+        }
         let sources = live.stop_sources();
         // A sink with `when_full = "block"` whose destination stays down would hold the
         // publisher, and so the drain, forever: after its flush timeout it drops (and counts)
@@ -445,6 +495,8 @@ impl Running {
                 stats.thread_panicked(name, panic_message(&*p));
             }
         }
-        Ok(stats.summary(started.elapsed().as_secs_f64()))
+        let mut summary = stats.summary(started.elapsed().as_secs_f64());
+        summary.epochs = build::lock(&live.epochs).clone();
+        Ok(summary)
     }
 }

@@ -35,11 +35,7 @@ use crate::recurrent::StreamResets;
 
 /// The re-planner of a running pipeline, before its thread starts.
 pub(super) struct Replanner {
-    live: Arc<Live>,
-    wiring: Wiring,
-    /// The admission entry of every route that runs now, by route index.
-    entries: HashMap<usize, RouteEntry>,
-    resets: Arc<StreamResets>,
+    installer: Installer,
     controller: Controller,
     profiles: std::sync::Arc<Profiles>,
     cluster: Cluster,
@@ -123,16 +119,8 @@ impl Replanner {
             refuse("the pipeline was loaded without latency profiles".to_string())
         })?;
         let weights: Vec<f64> = specs.iter().map(|s| s.weight).collect();
-        let entries = entries
-            .into_iter()
-            .flatten()
-            .map(|e| (e.route, e))
-            .collect();
         Ok(Replanner {
-            live,
-            wiring,
-            entries,
-            resets,
+            installer: Installer::new(live, wiring, entries, resets, None),
             controller: Controller::new(settings, &weights),
             profiles,
             cluster,
@@ -174,8 +162,8 @@ impl Replanner {
 
     /// One look: the counters to the controller, and a re-plan applied when it asks for one.
     fn look(&mut self) {
-        let now = self.wiring.clock.now();
-        let totals = self.live.stats.flow_totals();
+        let now = self.installer.wiring.clock.now();
+        let totals = self.installer.live.stats.flow_totals();
         let of = |f: usize| totals.get(f).cloned().unwrap_or_default();
         let arrived: Vec<u64> = self.flows.iter().map(|&f| of(f).ingested).collect();
         let resolved: Vec<u64> = self.flows.iter().map(|&f| of(f).resolved()).collect();
@@ -214,14 +202,14 @@ impl Replanner {
         if entry.error.is_some() {
             tracing::warn!("Re-plan failed (the running plan stays): {entry}");
         }
-        lock(&self.live.replans).push(entry);
+        lock(&self.installer.live.replans).push(entry);
     }
 
     /// Runs `plan` from now on: keeps the routes it shares with the running plan, starts the
     /// others, and retires the rest. Returns the routes started and retired.
     fn apply(&mut self, plan: &Plan) -> Result<(usize, usize), PipelineError> {
         let epoch = self.epoch + 1;
-        let mut next = lock(&self.live.pipeline).clone();
+        let mut next = lock(&self.installer.live.pipeline).clone();
         let first_new = next.stages.len();
         let mut started = Vec::new();
         let mut retired = Vec::new();
@@ -264,6 +252,87 @@ impl Replanner {
         if let Some(r) = next.plan.as_mut() {
             r.plan = plan.clone();
         }
+        self.installer
+            .install(next, first_new, &started, &retired, &self.flows)?;
+        self.epoch = epoch;
+        Ok((started.len(), retired.len()))
+    }
+}
+
+/// Whether route `r` of `p` runs the same stages as `chain`: device class, blocks, share,
+/// processes and batch.
+fn same_chain(p: &Pipeline, r: usize, chain: &[StageSpec]) -> bool {
+    let route = &p.routes[r].stages;
+    let key = |s: &StageSpec| {
+        (
+            s.device.to_string(),
+            s.profile.as_ref().map(|x| (x.blocks, x.share)),
+            s.workers,
+            s.max_batch,
+        )
+    };
+    route.len() == chain.len()
+        && route
+            .iter()
+            .zip(chain)
+            .all(|(i, c)| key(&p.stages[*i]) == key(c))
+}
+
+/// Starts new routes in a running pipeline and switches its flows to them: what a re-plan and
+/// a controller's epoch ([`super::epochs`]) both do once they know the next layout.
+pub(super) struct Installer {
+    pub live: Arc<Live>,
+    pub wiring: Wiring,
+    /// The admission entry of every route that runs now, by route index.
+    pub entries: HashMap<usize, RouteEntry>,
+    pub resets: Arc<StreamResets>,
+    /// Links to the other nodes of a `[cluster]`, with their measured Gbit/s.
+    pub peers: Option<(
+        Arc<crate::cluster::link::Peers>,
+        std::collections::BTreeMap<String, f64>,
+    )>,
+}
+
+impl Installer {
+    pub fn new(
+        live: Arc<Live>,
+        wiring: Wiring,
+        entries: Vec<Vec<RouteEntry>>,
+        resets: Arc<StreamResets>,
+        peers: Option<(
+            Arc<crate::cluster::link::Peers>,
+            std::collections::BTreeMap<String, f64>,
+        )>,
+    ) -> Self {
+        Installer {
+            live,
+            wiring,
+            entries: entries
+                .into_iter()
+                .flatten()
+                .map(|e| (e.route, e))
+                .collect(),
+            resets,
+            peers,
+        }
+    }
+
+    /// Makes `next` the running layout: `next` is the running one with stages from `first_new`
+    /// on and routes `started` appended, and `retired` left out of its flows' routes. Builds
+    /// the new stages (nothing is sent to them yet), then switches the admissions of `flows`.
+    pub fn install(
+        &mut self,
+        mut next: Pipeline,
+        first_new: usize,
+        started: &[usize],
+        retired: &[usize],
+        flows: &[usize],
+    ) -> Result<(), PipelineError> {
+        if let Some((_, measured)) = &self.peers {
+            // Kept stages were charged when they started: charging moves a cut's transfer
+            // from one stage to the next once, so a second pass changes nothing of theirs.
+            crate::cluster::charge_transfers_to_remote_stages(&mut next, measured);
+        }
         // The new stages' processes go to the devices the kept stages leave free (those of the
         // retired stages, which drain meanwhile, among them).
         let taken: std::collections::HashSet<String> = next
@@ -277,7 +346,12 @@ impl Replanner {
         assign_free_devices(&mut next.stages[first_new..], &taken);
 
         // Engines and threads of the new routes; nothing is sent to them yet.
-        let mut engines = build_engines(&next, first_new..next.stages.len(), &self.resets, None)?;
+        let mut engines = build_engines(
+            &next,
+            first_new..next.stages.len(),
+            &self.resets,
+            self.peers.as_ref().map(|(p, _)| &**p),
+        )?;
         let stats = &self.live.stats;
         if stats.stage_count() != first_new {
             return Err(refuse(format!(
@@ -289,7 +363,7 @@ impl Replanner {
             stats.add_stage(s.name.clone());
         }
         let mut built: Vec<BuiltRoute> = Vec::new();
-        for &ri in &started {
+        for &ri in started {
             built.push(self.wiring.route(&next, ri, &mut engines)?);
         }
         {
@@ -316,10 +390,10 @@ impl Replanner {
             }
             running.plan = next.plan.clone();
         }
-        for r in &retired {
+        for r in retired {
             self.entries.remove(r);
         }
-        for &fi in &self.flows {
+        for &fi in flows {
             let routes: Vec<RouteEntry> = next.flows[fi]
                 .routes
                 .iter()
@@ -333,26 +407,6 @@ impl Replanner {
                 a.set_routes(routes);
             }
         }
-        self.epoch = epoch;
-        Ok((started.len(), retired.len()))
+        Ok(())
     }
-}
-
-/// Whether route `r` of `p` runs the same stages as `chain`: device class, blocks, share,
-/// processes and batch.
-fn same_chain(p: &Pipeline, r: usize, chain: &[StageSpec]) -> bool {
-    let route = &p.routes[r].stages;
-    let key = |s: &StageSpec| {
-        (
-            s.device.to_string(),
-            s.profile.as_ref().map(|x| (x.blocks, x.share)),
-            s.workers,
-            s.max_batch,
-        )
-    };
-    route.len() == chain.len()
-        && route
-            .iter()
-            .zip(chain)
-            .all(|(i, c)| key(&p.stages[*i]) == key(c))
 }

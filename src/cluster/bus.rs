@@ -1,0 +1,298 @@
+//! The control plane over NATS: heartbeats, the controller's lease, membership and plan epochs.
+//! Never tensors (those go over the gRPC links).
+//!
+//! For a pipeline named `NAME`:
+//! - every process (front, nodes) publishes a heartbeat on `poolpipe.NAME.heartbeat` every
+//!   [`HEARTBEAT`]: its node name and the last epoch it applied;
+//! - the JetStream key-value bucket `poolpipe_NAME` holds `epoch` (the current [`Epoch`], JSON)
+//!   and `members` (the controller's view: per node up or not, and its applied epoch);
+//! - the bucket `poolpipe_NAME_lease` (entries live [`LEASE_TTL`]) holds `controller`: the
+//!   controller that created it owns the plan and renews it every second; another controller
+//!   waits until it expires.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::epoch::Epoch;
+
+/// How often a process says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+/// How long after its last heartbeat a node is taken to be gone.
+pub const NODE_SILENT: Duration = Duration::from_millis(1000);
+/// How long a controller's lease lives without renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// Control-plane failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("NATS {url}: {detail}")]
+    Connect { url: String, detail: String },
+    #[error("NATS key-value `{bucket}`: {detail}")]
+    Store { bucket: String, detail: String },
+    #[error("starting the control plane's runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// One heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: String,
+    /// The last epoch the process applied (`None`: it runs the file's layout and has seen no
+    /// epoch).
+    pub applied: Option<u64>,
+}
+
+/// A connection to the control plane of one pipeline.
+pub struct Bus {
+    rt: Arc<tokio::runtime::Runtime>,
+    client: async_nats::Client,
+    store: kv::Store,
+    lease: kv::Store,
+    bucket: String,
+    subject: String,
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    max_age: Duration,
+) -> Result<kv::Store, BusError> {
+    let err = |detail: String| BusError::Store {
+        bucket: name.to_string(),
+        detail,
+    };
+    if let Ok(s) = js.get_key_value(name).await {
+        return Ok(s);
+    }
+    // The stream a key-value bucket is, made directly: `create_key_value` first asks for the
+    // account's info, which nats-server 2.9 (Debian 12's) answers in a form this client does
+    // not parse.
+    let made = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: jetstream::stream::DiscardPolicy::New,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await;
+    if let Err(e) = made {
+        return Err(err(e.to_string()));
+    }
+    js.get_key_value(name).await.map_err(|e| err(e.to_string()))
+}
+
+impl Bus {
+    /// Connects to `url` for pipeline `name`, trying for up to `wait`.
+    pub fn connect(url: &str, name: &str, wait: Duration) -> Result<Bus, BusError> {
+        let rt = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("poolpipe-bus")
+                .enable_all()
+                .build()?,
+        );
+        let id = sanitize(name);
+        let bucket_name = format!("poolpipe_{id}");
+        let (client, store, lease) = rt.block_on(async {
+            let until = Instant::now() + wait;
+            let client = loop {
+                match async_nats::ConnectOptions::new()
+                    .connection_timeout(Duration::from_secs(2))
+                    .connect(url)
+                    .await
+                {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() >= until => {
+                        return Err(BusError::Connect {
+                            url: url.to_string(),
+                            detail: e.to_string(),
+                        });
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
+            let js = jetstream::new(client.clone());
+            let store = bucket(&js, &bucket_name, Duration::ZERO).await?;
+            let lease = bucket(&js, &format!("{bucket_name}_lease"), LEASE_TTL).await?;
+            Ok((client, store, lease))
+        })?;
+        Ok(Bus {
+            rt,
+            client,
+            store,
+            lease,
+            bucket: bucket_name,
+            subject: format!("poolpipe.{id}.heartbeat"),
+        })
+    }
+
+    fn store_err(&self, detail: impl ToString) -> BusError {
+        BusError::Store {
+            bucket: self.bucket.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Publishes a heartbeat of `node` every [`HEARTBEAT`] until `stop`, its applied epoch read
+    /// from `applied` (`u64::MAX`: none yet).
+    pub fn beat(
+        &self,
+        node: &str,
+        applied: Arc<std::sync::atomic::AtomicU64>,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let client = self.client.clone();
+        let subject = self.subject.clone();
+        let node = node.to_string();
+        self.rt.spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let a = applied.load(std::sync::atomic::Ordering::Relaxed);
+                let hb = Heartbeat {
+                    node: node.clone(),
+                    applied: (a != u64::MAX).then_some(a),
+                };
+                if let Ok(body) = serde_json::to_vec(&hb) {
+                    let _ = client.publish(subject.clone(), body.into()).await;
+                }
+            }
+        });
+    }
+
+    /// Every heartbeat from now on (a bounded queue: when it is full, heartbeats are dropped,
+    /// and the next ones say the same).
+    pub fn heartbeats(&self) -> Result<flume::Receiver<Heartbeat>, BusError> {
+        let (tx, rx) = flume::bounded(1024);
+        let mut sub = self
+            .rt
+            .block_on(self.client.subscribe(self.subject.clone()))
+            .map_err(|e| BusError::Connect {
+                url: "heartbeats".into(),
+                detail: e.to_string(),
+            })?;
+        self.rt.spawn(async move {
+            while let Some(m) = sub.next().await {
+                if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&m.payload)
+                    && tx.try_send(hb).is_err()
+                    && tx.is_disconnected()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// The current epoch, if one was published.
+    pub fn current(&self) -> Result<Option<Epoch>, BusError> {
+        let v = self
+            .rt
+            .block_on(self.store.get("epoch"))
+            .map_err(|e| self.store_err(e))?;
+        v.map(|b: bytes::Bytes| serde_json::from_slice(&b).map_err(|e| self.store_err(e)))
+            .transpose()
+    }
+
+    /// The current epoch and every later one, as published.
+    pub fn epochs(&self) -> Result<flume::Receiver<Epoch>, BusError> {
+        let (tx, rx) = flume::bounded(4);
+        let mut watch = self
+            .rt
+            .block_on(self.store.watch_with_history("epoch"))
+            .map_err(|e| self.store_err(e))?;
+        self.rt.spawn(async move {
+            while let Some(entry) = watch.next().await {
+                let Ok(entry) = entry else { continue };
+                if entry.operation != kv::Operation::Put {
+                    continue;
+                }
+                match serde_json::from_slice::<Epoch>(&entry.value) {
+                    Ok(mut e) => loop {
+                        match tx.try_send(e) {
+                            Ok(()) => break,
+                            Err(flume::TrySendError::Full(back)) => {
+                                e = back;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            Err(flume::TrySendError::Disconnected(_)) => return,
+                        }
+                    },
+                    Err(e) => tracing::error!(error = %e, "An epoch that does not parse."),
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Publishes `e` as the current epoch.
+    pub fn publish(&self, e: &Epoch) -> Result<(), BusError> {
+        let body = serde_json::to_vec(e).map_err(|e| self.store_err(e))?;
+        self.rt
+            .block_on(self.store.put("epoch", body.into()))
+            .map_err(|e| self.store_err(e))?;
+        Ok(())
+    }
+
+    /// Publishes the controller's view of the members.
+    pub fn publish_members(&self, members: &serde_json::Value) -> Result<(), BusError> {
+        let body = serde_json::to_vec(members).map_err(|e| self.store_err(e))?;
+        self.rt
+            .block_on(self.store.put("members", body.into()))
+            .map_err(|e| self.store_err(e))?;
+        Ok(())
+    }
+
+    /// Takes the controller lease for `me` if no one holds it: its revision, to renew it with.
+    pub fn take_lease(&self, me: &str) -> Option<u64> {
+        self.rt
+            .block_on(self.lease.create("controller", me.to_string().into()))
+            .ok()
+    }
+
+    /// Renews the lease held at `revision`: the next revision, or `None` where it was lost.
+    pub fn renew_lease(&self, me: &str, revision: u64) -> Option<u64> {
+        self.rt
+            .block_on(
+                self.lease
+                    .update("controller", me.to_string().into(), revision),
+            )
+            .ok()
+    }
+
+    /// Lets go of the lease (a controller that stops), so another takes over at once.
+    pub fn release_lease(&self) {
+        let _ = self.rt.block_on(self.lease.purge("controller"));
+    }
+
+    /// Who holds the lease, if anyone.
+    pub fn lease_holder(&self) -> Option<String> {
+        self.rt
+            .block_on(self.lease.get("controller"))
+            .ok()
+            .flatten()
+            .map(|b: bytes::Bytes| String::from_utf8_lossy(&b).into_owned())
+    }
+}

@@ -1,0 +1,193 @@
+//! The front following a controller's plan epochs (`[cluster] nats`).
+//!
+//! A thread reads each epoch the controller publishes, waits until every node the epoch places
+//! processes on says (in its heartbeat) that it applied it (at most [`NODE_APPLY_WAIT`]; a node
+//! whose link is down is not waited for), then applies it the way a re-plan is applied: routes
+//! whose stages the epoch names as running ones keep running, the others start (engines on this
+//! node, remote runners for the nodes'), each flow's admission switches at its next frame, and
+//! the routes left out drain and end. Frames in flight finish where they are.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::PipelineError;
+use super::build::lock;
+use super::replan::Installer;
+use crate::cluster::bus::{Bus, Heartbeat};
+use crate::cluster::epoch::{Epoch, epoch_pipeline};
+use crate::config::Pipeline;
+use crate::profile::Profiles;
+
+/// Longest wait for the nodes to apply an epoch before the front applies it anyway.
+pub const NODE_APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// The front's follower, before its thread starts.
+pub(super) struct Follower {
+    pub installer: Installer,
+    pub bus: Arc<Bus>,
+    /// The file's pipeline: what every epoch's layout is derived from.
+    pub base: Pipeline,
+    pub profiles: Arc<Profiles>,
+    pub front: String,
+    /// The last epoch applied (`u64::MAX`: none; the file's layout runs).
+    pub applied: Arc<AtomicU64>,
+}
+
+/// The follower's thread.
+pub(super) struct FollowerHandle {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl FollowerHandle {
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}
+
+impl Follower {
+    /// Starts heartbeats and the thread that applies epochs.
+    pub fn spawn(mut self) -> Result<FollowerHandle, PipelineError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let cluster = |e: crate::cluster::bus::BusError| PipelineError::Cluster(e.to_string());
+        let epochs = self.bus.epochs().map_err(cluster)?;
+        let beats = self.bus.heartbeats().map_err(cluster)?;
+        self.bus
+            .beat(&self.front, self.applied.clone(), stop.clone());
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("epochs".into())
+            .spawn(move || {
+                let mut nodes: HashMap<String, Option<u64>> = HashMap::new();
+                let mut pending: Option<(Epoch, Instant)> = None;
+                while !stopped.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    for Heartbeat { node, applied } in beats.try_iter() {
+                        nodes.insert(node, applied);
+                    }
+                    let done = self.applied.load(Ordering::SeqCst);
+                    for e in epochs.try_iter() {
+                        if done == u64::MAX || e.epoch > done {
+                            tracing::info!(epoch = e.epoch, reason = %e.reason, "Plan epoch received.");
+                            pending = Some((e, Instant::now()));
+                        }
+                    }
+                    let Some((e, since)) = &pending else { continue };
+                    let waiting: Vec<String> = e
+                        .used_nodes(&self.front)
+                        .into_iter()
+                        .filter(|n| {
+                            let up = self.installer.peers.as_ref().is_some_and(|(p, _)| {
+                                p.all().any(|x| x.name() == n && x.is_up())
+                            });
+                            up && nodes.get(n).copied().flatten() < Some(e.epoch)
+                        })
+                        .collect();
+                    let waited = since.elapsed();
+                    if !waiting.is_empty() && waited < NODE_APPLY_WAIT {
+                        continue;
+                    }
+                    let (e, _) = pending.take().expect("pending");
+                    if !waiting.is_empty() {
+                        tracing::warn!(
+                            epoch = e.epoch,
+                            nodes = %waiting.join(", "),
+                            "Applying an epoch that some nodes have not applied after {NODE_APPLY_WAIT:?}."
+                        );
+                    }
+                    let t0 = Instant::now();
+                    let record = match self.apply(&e) {
+                        Ok((started, retired)) => {
+                            self.applied.store(e.epoch, Ordering::SeqCst);
+                            tracing::info!(
+                                epoch = e.epoch,
+                                routes_started = started,
+                                routes_retired = retired,
+                                "Plan epoch applied."
+                            );
+                            json!({
+                                "epoch": e.epoch,
+                                "reason": e.reason,
+                                "members": e.members,
+                                "plan_s": e.plan_s,
+                                "waited_for_nodes_s": waited.as_secs_f64(),
+                                "apply_s": t0.elapsed().as_secs_f64(),
+                                "published_unix_ms": e.at_unix_ms,
+                                "applied_unix_ms": crate::cluster::epoch::unix_ms(),
+                                "routes_started": started,
+                                "routes_retired": retired,
+                                "nodes_not_ready": waiting,
+                            })
+                        }
+                        Err(err) => {
+                            tracing::error!(epoch = e.epoch, error = %err, "Plan epoch not applied; the running layout stays.");
+                            json!({"epoch": e.epoch, "reason": e.reason, "error": err.to_string()})
+                        }
+                    };
+                    lock(&self.installer.live.epochs).push(record);
+                }
+            })?;
+        Ok(FollowerHandle { stop, thread })
+    }
+
+    /// Runs epoch `e` from now on. Returns the routes started and retired.
+    fn apply(&mut self, e: &Epoch) -> Result<(usize, usize), PipelineError> {
+        let target = epoch_pipeline(&self.base, e, &self.profiles)
+            .map_err(|x| PipelineError::Cluster(x.to_string()))?;
+        let mut next = lock(&self.installer.live.pipeline).clone();
+        let first_new = next.stages.len();
+        let (mut started, mut retired) = (Vec::new(), Vec::new());
+        for fi in 0..next.flows.len() {
+            let Some(wanted) = target.flows.get(fi).map(|f| f.routes.clone()) else {
+                continue;
+            };
+            let mut old = next.flows[fi].routes.clone();
+            let mut routes = Vec::new();
+            for tr in wanted {
+                let names: Vec<&str> = target.routes[tr]
+                    .stages
+                    .iter()
+                    .map(|i| target.stages[*i].name.as_str())
+                    .collect();
+                let same = |r: &usize| {
+                    next.routes[*r]
+                        .stages
+                        .iter()
+                        .map(|i| next.stages[*i].name.as_str())
+                        .eq(names.iter().copied())
+                };
+                if let Some(pos) = old.iter().position(same) {
+                    let r = old.remove(pos);
+                    next.routes[r].weight = target.routes[tr].weight;
+                    routes.push(r);
+                    continue;
+                }
+                let first = next.stages.len();
+                next.stages.extend(
+                    target.routes[tr]
+                        .stages
+                        .iter()
+                        .map(|i| target.stages[*i].clone()),
+                );
+                let mut route = target.routes[tr].clone();
+                route.stages = (first..next.stages.len()).collect();
+                next.routes.push(route);
+                routes.push(next.routes.len() - 1);
+                started.push(next.routes.len() - 1);
+            }
+            retired.extend(old);
+            next.flows[fi].routes = routes;
+        }
+        next.plan = target.plan.clone();
+        let flows: Vec<usize> = (0..next.flows.len()).collect();
+        self.installer
+            .install(next, first_new, &started, &retired, &flows)?;
+        Ok((started.len(), retired.len()))
+    }
+}
