@@ -398,6 +398,45 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
         "the validator accepts anything"
     );
 
+    // With a controller: a NATS server (JetStream) and two controllers (one holds the lease),
+    // and the pipeline's [cluster] points at the NATS Service.
+    let ctl = dir.path().join("k8s-ctl");
+    let o = deploy(&inputs, &ctl, &["--controller"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&ctl)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for want in ["controller.yaml", "nats.yaml", "service-nats.yaml"] {
+        assert!(files.contains(&ctl.join(want)), "{want} in {files:?}");
+    }
+    let v = check(&files);
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let config = std::fs::read_to_string(ctl.join("configmap.yaml")).unwrap();
+    assert!(
+        config.contains("nats = \"nats://poolpipe-nats:4222\""),
+        "{config}"
+    );
+    let controller = std::fs::read_to_string(ctl.join("controller.yaml")).unwrap();
+    assert!(controller.contains("poolpipe controller"), "{controller}");
+    assert!(controller.contains("replicas: 2"), "{controller}");
+    let nats = std::fs::read_to_string(ctl.join("nats.yaml")).unwrap();
+    assert!(nats.contains("\"-js\""), "{nats}");
+    // Bare-metal nodes need to be told where NATS is.
+    let o = deploy(
+        &inputs,
+        &dir.path().join("bare"),
+        &["--emit", "nodes", "--controller"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--nats"));
+
     // Servers without the plan's T4s: the class is named.
     let l4_only = write(
         dir.path(),
@@ -574,4 +613,134 @@ fn a_controller_replans_around_a_lost_node_and_takes_it_back() {
         published as f64 >= 0.9 * ingested as f64,
         "published {published} of {ingested}: {s}"
     );
+}
+
+/// Epoch naming and re-planning, as the controller does them (library calls): a route that the
+/// next plan runs unchanged keeps its stages' names, so nodes and the front keep running it;
+/// a changed one is named for its epoch; a re-plan without a class the model needs is an error
+/// that names what is up.
+#[test]
+fn epochs_keep_unchanged_routes_and_replan_on_the_servers_that_remain() {
+    use poolpipe::cluster::epoch::{Epoch, live_servers, name_routes, replan_on};
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, servers, _) = planned(dir.path(), &profiles);
+    let profiles = poolpipe::profile::Profiles::load_dir(&profiles, None).unwrap();
+    let mut plan = poolpipe::planner::Plan::load(&plan).unwrap();
+    let servers = poolpipe::planner::placement::load_servers(&servers).unwrap();
+    plan.placement = Some(
+        poolpipe::planner::placement::place(&plan, &servers, &|m, a| profiles.cut_bytes(m, a))
+            .unwrap(),
+    );
+    let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
+    let flows = vec![("f0".to_string(), "wide_resnet101_2".to_string())];
+    let epoch = |n: u64, plan: &poolpipe::planner::Plan, prev: Option<&Epoch>| Epoch {
+        epoch: n,
+        members: names.clone(),
+        reason: String::new(),
+        routes: name_routes(plan, &flows, n, prev),
+        plan: plan.clone(),
+        plan_s: 0.0,
+        at_unix_ms: 0,
+    };
+    let e0 = epoch(0, &plan, None);
+    assert_eq!(e0.routes.len(), plan.models[0].pipelines.len());
+    assert!(e0.routes[0].stages[0].starts_with("f0.p0.s"), "{e0:?}");
+    // The same plan again: every route keeps its names.
+    let e1 = epoch(1, &plan, Some(&e0));
+    assert_eq!(e1.routes, e0.routes);
+    // Without the last T4 server: a smaller plan, placed only on the servers that remain, its
+    // changed routes named for epoch 2.
+    let up: Vec<String> = names[..names.len() - 1].to_vec();
+    let remaining = live_servers(&servers, &up);
+    assert_eq!(remaining.len(), servers.len() - 1);
+    let smaller = replan_on(&plan, &remaining, &profiles, Duration::from_secs(5)).unwrap();
+    let placed = smaller.placement.as_ref().unwrap();
+    assert!(
+        placed
+            .processes
+            .iter()
+            .all(|p| up.contains(&placed.servers[p.server].name)),
+        "{placed:?}"
+    );
+    let processes = |p: &poolpipe::planner::Plan| -> u32 {
+        p.models[0]
+            .pipelines
+            .iter()
+            .flat_map(|x| &x.stages)
+            .map(|s| s.processes)
+            .sum()
+    };
+    assert!(processes(&smaller) < processes(&plan));
+    let e2 = epoch(2, &smaller, Some(&e1));
+    assert!(
+        e2.routes.iter().any(|r| r.stages[0].starts_with("f0.e2.")),
+        "{e2:?}"
+    );
+    assert!(!e2.used_nodes("front").contains(&names[names.len() - 1]));
+    // With no server up nothing can be planned, and the error says so.
+    let none = replan_on(&plan, &[], &profiles, Duration::from_secs(5)).unwrap_err();
+    assert!(none.to_string().contains("no server is up"), "{none}");
+}
+
+/// Two controllers: one holds the lease and publishes epoch 0; when it dies (SIGKILL, so it
+/// cannot let go) the other takes the lease once it expires and carries on from the epoch it
+/// finds instead of starting over.
+#[test]
+fn a_standby_controller_takes_over_when_the_lease_expires() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = planned(dir.path(), &profiles);
+    let nats_port = free_port();
+    let out = dir.path().join("bare");
+    let url = format!("nats://127.0.0.1:{nats_port}");
+    let o = deploy(&files, &out, &["--emit", "nodes", "--nats", &url]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = out.join("pipeline.toml");
+    let _nats = KillOnDrop(
+        Command::new("nats-server")
+            .args(poolpipe::bench::sinks::nats_args(
+                nats_port,
+                &dir.path().join("js"),
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (./setup.sh installs it)"),
+    );
+    assert!(wait_listening(nats_port, Duration::from_secs(10)));
+    let controller = |id: &str| {
+        KillOnDrop(
+            Command::new(bin())
+                .args(["controller", file.to_str().unwrap(), "--id", id])
+                .arg("--summary-json")
+                .arg(dir.path().join(format!("{id}.json")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let a = controller("a");
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = controller("b");
+    std::thread::sleep(Duration::from_millis(1000));
+    let killed = poolpipe::cluster::epoch::unix_ms();
+    drop(a);
+    // The lease lives 3 s after a's last renewal; b tries every second. Stopped before its
+    // start-up grace for silent nodes ends, b has nothing to re-plan.
+    std::thread::sleep(Duration::from_millis(6000));
+    common::stop_with(b, "INT");
+    let s = read_summary(&dir.path().join("b.json"));
+    let leases = s["leases"].as_array().unwrap();
+    assert_eq!(leases.len(), 1, "{s}");
+    let taken = leases[0]["taken_unix_ms"].as_u64().unwrap();
+    assert!(taken > killed, "b took the lease while a held it: {s}");
+    assert!(taken - killed <= 5000, "{} ms after a died", taken - killed);
+    assert_eq!(leases[0]["found_epoch"], 0, "{s}");
+    assert_eq!(s["epochs"], serde_json::json!([]), "b published again: {s}");
 }

@@ -99,6 +99,7 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
     let mut current: Option<Epoch> = None;
     let mut failed_on: Option<BTreeSet<String>> = None;
     let mut published: Vec<serde_json::Value> = Vec::new();
+    let mut leases: Vec<serde_json::Value> = Vec::new();
     let grace = Duration::from_secs_f64(a.startup_grace.max(0.0));
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
@@ -120,6 +121,10 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
                         lease = Some(rev);
                         leader_since = now;
                         current = bus.current().map_err(|e| runtime(&e))?;
+                        leases.push(json!({
+                            "taken_unix_ms": unix_ms(),
+                            "found_epoch": current.as_ref().map(|e| e.epoch),
+                        }));
                         tracing::info!(id = %me, epoch = ?current.as_ref().map(|e| e.epoch), "Controller lease taken.");
                         if current.is_none() {
                             let e = Epoch {
@@ -224,7 +229,7 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
     if lease.is_some() {
         bus.release_lease();
     }
-    let summary = json!({"controller": me, "epochs": published});
+    let summary = json!({"controller": me, "leases": leases, "epochs": published});
     println!("{summary}");
     if let Some(path) = &a.summary_json {
         std::fs::write(path, format!("{summary:#}\n"))
