@@ -34,6 +34,8 @@
 //! | `poolpipe_output_frames_total` | counter | output, outcome (`taken`, `written`, `dropped`, `failed`, `unwatched`) |
 //! | `poolpipe_replans_total` | counter | outcome (`applied`, `failed`): re-plans while running (`run --control`) |
 //! | `poolpipe_uptime_seconds` | gauge | |
+//! | `poolpipe_plan_epoch` | gauge | the controller's plan epoch the front runs (`[cluster] nats`) |
+//! | `poolpipe_epochs_total` | counter | outcome (`applied`, `failed`): controller epochs the front applied |
 //! | `poolpipe_node_up` | gauge | node: another node of a `[cluster]` answers (1) or is down (0) |
 //! | `poolpipe_node_frames_total` | counter | node, outcome (`answered`, `lost`) |
 //! | `poolpipe_node_sent_bytes_total` | counter | node: bytes of the batches it answered |
@@ -333,6 +335,25 @@ impl Collector for PipelineCollector {
                 (vec![("outcome", "failed")], failed as f64),
             ],
         )?;
+        if let Some((epoch, applied, failed)) = live.epoch_counts() {
+            gauges(
+                e,
+                "poolpipe_plan_epoch",
+                "The controller's plan epoch the front runs (`[cluster] nats`).",
+                None,
+                &[(vec![], epoch as f64)],
+            )?;
+            counters(
+                e,
+                "poolpipe_epochs",
+                "Controller epochs the front applied, or could not (the running layout stayed).",
+                None,
+                &[
+                    (vec![("outcome", "applied")], applied as f64),
+                    (vec![("outcome", "failed")], failed as f64),
+                ],
+            )?;
+        }
         let flows = stats.flow_names();
         let demand: Vec<_> = (0..flows.len()).map(|i| live.demand(i)).collect();
         let windows: Vec<String> = crate::demand::WINDOWS_S

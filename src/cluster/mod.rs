@@ -23,9 +23,14 @@
 //! the time they take is charged to the remote stage's reservations, not emulated a second time
 //! by the stage before it ([`charge_transfers_to_remote_stages`]).
 //!
-//! Not built yet (issue "Past one machine"): a controller that places plans on nodes and
-//! publishes plan epochs over NATS, cameras moving between nodes, and Kubernetes manifests. A
-//! route whose remote stage is followed by another stage comes back through the front.
+//! With `[cluster] nats`, `poolpipe controller` owns the plan: heartbeats, the controller lease
+//! and plan epochs go over NATS ([`bus`]); an epoch is a placed plan with its stages' names
+//! ([`epoch`]), re-planned on the servers that are up when one is lost or comes back, and
+//! applied by the nodes and the front while they run. `poolpipe deploy` writes Kubernetes
+//! manifests or bare-metal files ([`deploy`]).
+//!
+//! Not built yet (issue "Past one machine"): cameras moving between nodes (sources run on the
+//! front). A route whose remote stage is followed by another stage comes back through the front.
 
 pub mod bus;
 pub mod deploy;

@@ -465,6 +465,20 @@ impl Live {
         (r.len() as u64 - failed, failed)
     }
 
+    /// With a controller, after its first epoch: the epoch running, epochs applied, and epochs
+    /// that could not be applied.
+    pub fn epoch_counts(&self) -> Option<(u64, u64, u64)> {
+        let e = lock(&self.epochs);
+        let failed = e.iter().filter(|x| x.get("error").is_some()).count() as u64;
+        let running = e
+            .iter()
+            .rev()
+            .find(|x| x.get("error").is_none())?
+            .get("epoch")?
+            .as_u64()?;
+        Some((running, e.len() as u64 - failed, failed))
+    }
+
     /// Samples every flow's arrivals (the run loop calls it every 100 ms).
     pub(super) fn sample_demand(&self) {
         let now = self.clock.now();
