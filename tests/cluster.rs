@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{KillOnDrop, bin, free_port, read_summary, wait_listening, write};
+use common::{KillOnDrop, bin, deploy, free_port, planned, read_summary, wait_listening, write};
 use serde_json::Value;
 
 /// The lab's cut pipeline, its two worker nodes on loopback.
@@ -219,57 +219,6 @@ fn cluster_mistakes_are_refused_with_their_place() {
     let out = common::poolpipe(&["node", f.to_str().unwrap(), "--name", "n1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`n1` is the front: run `poolpipe run"));
-}
-
-/// A plan of WideResNet-101-2 on L4:1,T4:2, and servers holding exactly those GPUs.
-fn planned(dir: &Path, profiles: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let plan = dir.join("plan.json");
-    let o = common::poolpipe(&[
-        "plan",
-        "--cluster",
-        "L4:1,T4:2",
-        "--models",
-        "wide_resnet101_2",
-        "--time-limit",
-        "5",
-        "--profiles",
-        profiles.to_str().unwrap(),
-        "--out",
-        plan.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let servers = write(
-        dir,
-        "servers.toml",
-        "[[servers]]\nname = \"l4\"\nclass = \"L4\"\ngpus = 1\nlink_gbps = 10\n\n[[servers]]\nname = \"t4\"\nclass = \"T4\"\ncount = 2\ngpus = 1\nlink_gbps = 10\n",
-    );
-    let pipeline = write(
-        dir,
-        "planned.toml",
-        &format!(
-            "[pipeline]\nname = \"planned\"\nslo_ms = 1000\nprofiles = \"{}\"\n\n[[flow]]\nname = \"f0\"\nmodel = \"wide_resnet101_2\"\n\n[[source]]\nname = \"cam0\"\nuri = \"test://ball\"\nmax_fps = 10\nflow = \"f0\"\n\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
-            profiles.display(),
-            dir.join("out.jsonl").display()
-        ),
-    );
-    (plan, servers, pipeline)
-}
-
-/// `poolpipe deploy` of the plan, pipeline and servers, into `out`, with `extra` arguments.
-fn deploy(files: &(PathBuf, PathBuf, PathBuf), out: &Path, extra: &[&str]) -> std::process::Output {
-    let (plan, servers, pipeline) = files;
-    let mut args = vec![
-        "deploy",
-        "--plan",
-        plan.to_str().unwrap(),
-        "--pipeline",
-        pipeline.to_str().unwrap(),
-        "--servers",
-        servers.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    common::poolpipe(&args)
 }
 
 #[test]

@@ -218,3 +218,148 @@ fn a_node_whose_link_goes_down_is_taken_out_within_two_seconds_and_back_when_it_
         "{f}"
     );
 }
+
+/// A controller across namespaces: the front, nats-server and server `l4-0` in n1, `t4-0` in
+/// n2, `t4-1` in n3 (links into n2 and n3 at 1 Gbit/s). t4-1's cable is pulled at 6 s (no
+/// reset: its heartbeats just stop) and put back at 12 s: the controller re-plans on the
+/// servers that remain, and when t4-1's heartbeats return (its NATS client reconnects) it takes
+/// it back, t4-1 applying the new epoch it missed.
+#[test]
+fn a_controller_replans_when_a_cable_is_pulled_and_takes_the_node_back() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let lab = match Lab::new(3) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+    };
+    for i in 1..3 {
+        lab.shape(i, Some(1000)).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = common::planned(dir.path(), &profiles);
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let url = format!("nats://{}:4222", lab.addr(0));
+    let mut args: Vec<String> = vec!["--emit".into(), "nodes".into(), "--nats".into(), url];
+    for (i, n) in names.iter().enumerate() {
+        args.push("--address".into());
+        args.push(format!("{n}={}:{PORT}", lab.addr(i)));
+    }
+    let out = dir.path().join("bare");
+    let o = common::deploy(
+        &files,
+        &out,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = out.join("pipeline.toml");
+    let _nats = KillOnDrop(
+        lab.command(0, Path::new("nats-server"))
+            .args(["-a", "0.0.0.0", "-p", "4222", "-js", "-sd"])
+            .arg(dir.path().join("js"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (./setup.sh installs it)"),
+    );
+    let ctl = KillOnDrop(
+        lab.command(0, &bin())
+            .args(["controller", file.to_str().unwrap(), "--summary-json"])
+            .arg(dir.path().join("controller.json"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let nodes: Vec<KillOnDrop> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            KillOnDrop(
+                lab.command(i, &bin())
+                    .args([
+                        "node",
+                        file.to_str().unwrap(),
+                        "--name",
+                        n,
+                        "--summary-json",
+                    ])
+                    .arg(dir.path().join(format!("{n}.json")))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let summary = dir.path().join("front.json");
+    let mut front = KillOnDrop(
+        lab.command(0, &bin())
+            .args([
+                "run",
+                file.to_str().unwrap(),
+                "--api",
+                "off",
+                "--duration",
+                "22",
+            ])
+            .arg("--summary-json")
+            .arg(&summary)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    lab.set_link(2, false).unwrap();
+    let cut = unix_ms();
+    std::thread::sleep(Duration::from_secs(6));
+    lab.set_link(2, true).unwrap();
+    let status = front.0.wait().unwrap();
+    assert!(status.success(), "front exited with {status}");
+    let s = read_summary(&summary);
+    common::assert_balanced(&s);
+    let f = &s["flows"][0];
+    assert_eq!(f["failed"], 0, "{f}");
+    let epochs = s["epochs"].as_array().expect("epochs in the summary");
+    let numbers: Vec<u64> = epochs
+        .iter()
+        .map(|e| e["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [0, 1, 2], "{s}");
+    assert_eq!(epochs[1]["reason"], "lost t4-1", "{s}");
+    assert_eq!(epochs[2]["reason"], "joined t4-1", "{s}");
+    for e in epochs {
+        assert_eq!(e["nodes_not_ready"], serde_json::json!([]), "{e}");
+    }
+    let published = epochs[1]["published_unix_ms"].as_u64().unwrap();
+    assert!(
+        published >= cut && published - cut <= 2000,
+        "epoch 1 published {} ms after the cable was pulled",
+        published as i64 - cut as i64
+    );
+    drop(nodes);
+    drop(ctl);
+    // Each epoch's routes ran frames, t4-1's too once it was back.
+    let ran = |prefix: &str| -> u64 {
+        s["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["name"].as_str().unwrap().starts_with(prefix))
+            .map(|x| x["frames_out"].as_u64().unwrap())
+            .sum()
+    };
+    for prefix in ["f0.p0.", "f0.e1.", "f0.e2."] {
+        assert!(ran(prefix) > 0, "no frames on {prefix}*: {s}");
+    }
+    let t41 = common::node_of(&s, "t4-1");
+    assert!(t41["frames"].as_u64().unwrap() > 0, "{t41}");
+    assert!(
+        f["published"].as_u64().unwrap() as f64 >= 0.8 * f["ingested"].as_u64().unwrap() as f64,
+        "{f}"
+    );
+}

@@ -34,81 +34,106 @@ struct Following {
 /// that the node does not serve yet, and retires (after [`RETIRE_AFTER`]) those it no longer
 /// places here.
 fn follow(
-    bus: &Bus,
+    bus: &Arc<Bus>,
     f: Following,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, CliError> {
     let runtime = |e: &dyn std::fmt::Display| CliError::Runtime(e.to_string());
     let epochs = bus.epochs().map_err(|e| runtime(&e))?;
     bus.beat(&f.node, f.applied.clone(), stop.clone());
+    let bus = bus.clone();
     std::thread::Builder::new()
         .name("epochs".into())
         .spawn(move || {
             let mut keep = None;
+            let mut polled = std::time::Instant::now();
             while !stop.load(Ordering::Relaxed) {
                 let e = match epochs.recv_timeout(Duration::from_millis(200)) {
-                    Ok(e) => e,
-                    Err(flume::RecvTimeoutError::Timeout) => {
+                    Ok(e) => Some(e),
+                    Err(flume::RecvTimeoutError::Timeout) => None,
+                    Err(flume::RecvTimeoutError::Disconnected) => return,
+                };
+                // The watch can lag behind after the connection to NATS came back: the current
+                // epoch is also read once a second.
+                let e = match e {
+                    Some(e) => e,
+                    None if polled.elapsed() >= Duration::from_secs(1) => {
+                        polled = std::time::Instant::now();
+                        match bus.current() {
+                            Ok(Some(e)) => e,
+                            _ => continue,
+                        }
+                    }
+                    None => {
                         // Workers whose grace ended go.
                         if let Some(k) = &keep {
                             f.workers.retire_others(k, RETIRE_AFTER);
                         }
                         continue;
                     }
-                    Err(flume::RecvTimeoutError::Disconnected) => return,
                 };
                 let done = f.applied.load(Ordering::SeqCst);
                 if done != u64::MAX && e.epoch <= done {
                     continue;
                 }
-                let layout = match epoch_pipeline(&f.base, &e, &f.profiles) {
-                    Ok(l) => l,
-                    Err(err) => {
-                        tracing::error!(epoch = e.epoch, error = %err, "Epoch not applied.");
-                        continue;
-                    }
-                };
-                let new = match crate::pipeline::node_workers_but(&layout, &f.node, &|s, w| {
-                    f.workers.has(s, w)
-                }) {
-                    Ok(n) => n,
-                    Err(err) => {
-                        tracing::error!(epoch = e.epoch, error = %err, "Epoch not applied: an engine failed.");
-                        continue;
-                    }
-                };
-                let started = new.len();
-                for (k, r) in new {
-                    f.workers.insert(k, r);
+                if let Some(mine) = apply(&f, &e) {
+                    keep = Some(mine);
                 }
-                let mine: std::collections::HashSet<(String, usize)> = layout
-                    .stages
-                    .iter()
-                    .flat_map(|s| {
-                        s.nodes
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, n)| **n == f.node)
-                            .map(|(w, _)| (s.name.clone(), w))
-                    })
-                    .collect();
-                let serving = f.workers.retire_others(&mine, RETIRE_AFTER);
-                keep = Some(mine);
-                f.applied.store(e.epoch, Ordering::SeqCst);
-                f.log
-                    .lock()
-                    .unwrap_or_else(|x| x.into_inner())
-                    .push(e.epoch);
-                tracing::info!(
-                    node = %f.node,
-                    epoch = e.epoch,
-                    workers_started = started,
-                    serving = %serving.join(", "),
-                    "Plan epoch applied."
-                );
             }
         })
         .map_err(|e| runtime(&e))
+}
+
+/// Applies epoch `e` on the node: the workers it serves from now on, or `None` where the epoch
+/// could not be applied (logged; the node serves what it served).
+fn apply(
+    f: &Following,
+    e: &crate::cluster::epoch::Epoch,
+) -> Option<std::collections::HashSet<(String, usize)>> {
+    let layout = match epoch_pipeline(&f.base, e, &f.profiles) {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(epoch = e.epoch, error = %err, "Epoch not applied.");
+            return None;
+        }
+    };
+    let new = match crate::pipeline::node_workers_but(&layout, &f.node, &|s, w| f.workers.has(s, w))
+    {
+        Ok(n) => n,
+        Err(err) => {
+            tracing::error!(epoch = e.epoch, error = %err, "Epoch not applied: an engine failed.");
+            return None;
+        }
+    };
+    let started = new.len();
+    for (k, r) in new {
+        f.workers.insert(k, r);
+    }
+    let mine: std::collections::HashSet<(String, usize)> = layout
+        .stages
+        .iter()
+        .flat_map(|s| {
+            s.nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n == f.node)
+                .map(|(w, _)| (s.name.clone(), w))
+        })
+        .collect();
+    let serving = f.workers.retire_others(&mine, RETIRE_AFTER);
+    f.applied.store(e.epoch, Ordering::SeqCst);
+    f.log
+        .lock()
+        .unwrap_or_else(|x| x.into_inner())
+        .push(e.epoch);
+    tracing::info!(
+        node = %f.node,
+        epoch = e.epoch,
+        workers_started = started,
+        serving = %serving.join(", "),
+        "Plan epoch applied."
+    );
+    Some(mine)
 }
 
 /// Arguments of `poolpipe node`.

@@ -66,28 +66,36 @@ impl Follower {
             .spawn(move || {
                 let mut nodes: HashMap<String, Option<u64>> = HashMap::new();
                 let mut pending: Option<(Epoch, Instant)> = None;
+                let mut polled = Instant::now();
                 while !stopped.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(20));
                     for Heartbeat { node, applied } in beats.try_iter() {
                         nodes.insert(node, applied);
                     }
                     let done = self.applied.load(Ordering::SeqCst);
-                    for e in epochs.try_iter() {
+                    // The watch can lag behind after the connection to NATS came back: the
+                    // current epoch is also read once a second.
+                    let mut arrived: Vec<Epoch> = epochs.try_iter().collect();
+                    if arrived.is_empty() && polled.elapsed() >= Duration::from_secs(1) {
+                        polled = Instant::now();
+                        arrived.extend(self.bus.current().ok().flatten());
+                    }
+                    for e in arrived {
+                        if pending.as_ref().is_some_and(|(p, _)| e.epoch <= p.epoch) {
+                            continue;
+                        }
                         if done == u64::MAX || e.epoch > done {
                             tracing::info!(epoch = e.epoch, reason = %e.reason, "Plan epoch received.");
                             pending = Some((e, Instant::now()));
                         }
                     }
                     let Some((e, since)) = &pending else { continue };
+                    // Every node the epoch uses, up or not: one that is down now may answer
+                    // again before it heard of the epoch.
                     let waiting: Vec<String> = e
                         .used_nodes(&self.front)
                         .into_iter()
-                        .filter(|n| {
-                            let up = self.installer.peers.as_ref().is_some_and(|(p, _)| {
-                                p.all().any(|x| x.name() == n && x.is_up())
-                            });
-                            up && nodes.get(n).copied().flatten() < Some(e.epoch)
-                        })
+                        .filter(|n| nodes.get(n).copied().flatten() < Some(e.epoch))
                         .collect();
                     let waited = since.elapsed();
                     if !waiting.is_empty() && waited < NODE_APPLY_WAIT {
