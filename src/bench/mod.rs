@@ -141,6 +141,10 @@ pub enum BenchCommand {
         /// Highest frame rate per source searched.
         #[arg(long, default_value_t = 24)]
         max_fps: u32,
+        /// Only the controller scenario: a planned pipeline with `poolpipe controller` over
+        /// NATS, a server killed and restarted (re-plan and rejoin times).
+        #[arg(long)]
+        controller: bool,
     },
     /// Models on a device (`cuda:N`, `tensorrt:N`; `cpu` to try it): outputs against the CPU's,
     /// and images/s against Python onnxruntime on the same device, model and batch.
@@ -507,7 +511,12 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             gbps,
             seconds,
             max_fps,
+            controller,
         } => {
+            if controller {
+                let rows = nodes::run_controlled(&profiles, &gbps)?;
+                return emit(json, &rows, |r| nodes::control_table(r));
+            }
             anyhow::ensure!(seconds >= 3, "--seconds must be at least 3");
             let rows = nodes::run(&profiles, &gbps, seconds, max_fps)?;
             emit(json, &rows, |r| nodes::table(r))

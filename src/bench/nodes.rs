@@ -49,6 +49,32 @@ pub struct Row {
     pub rates: [f64; 3],
 }
 
+/// With a controller: a planned pipeline (WideResNet-101-2 on L4:1,T4:2, one server each),
+/// the last server the plan uses killed and restarted.
+#[derive(Debug, Serialize)]
+pub struct ControlRow {
+    /// Link rate into n2 and n3, Gbit/s.
+    pub gbps: f64,
+    /// The servers the plan uses, and the one killed.
+    pub used: Vec<String>,
+    pub killed: String,
+    /// Seconds from the SIGKILL to the controller publishing the epoch without the node.
+    pub replan_published_s: Option<f64>,
+    /// Seconds the re-plan's solve and placement took.
+    pub plan_s: Option<f64>,
+    /// Seconds from the SIGKILL to the front running that epoch.
+    pub replan_running_s: Option<f64>,
+    /// Seconds from the restart to the front running the epoch that takes the node back.
+    pub rejoin_running_s: Option<f64>,
+    /// Frames lost with the node.
+    pub lost: u64,
+    /// Frames ingested and published over the run.
+    pub ingested: u64,
+    pub published: u64,
+    /// Why the controller could not re-plan, where it could not.
+    pub replan_error: Option<String>,
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -246,15 +272,257 @@ impl Bench {
     }
 }
 
-/// Runs the benchmark at each rate.
-pub fn run(
-    profiles: &Path,
-    rates_gbps: &[f64],
-    seconds: u32,
-    max_fps: u32,
-) -> anyhow::Result<Vec<Row>> {
+impl Bench {
+    /// The controller scenario at `gbps`: nats-server, the controller, the front and server
+    /// l4-0 in n1, t4-0 in n2, t4-1 in n3; t4-1 is killed at 6 s and restarted at 12 s of 20.
+    fn controlled(&self, gbps: f64) -> anyhow::Result<ControlRow> {
+        let dir = self.dir.join("controlled");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let exe = |args: &[&str]| -> anyhow::Result<()> {
+            let o = Command::new(&self.exe).args(args).output()?;
+            anyhow::ensure!(
+                o.status.success(),
+                "poolpipe {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Ok(())
+        };
+        let p = |x: &Path| x.to_string_lossy().into_owned();
+        let (plan, servers, pipeline, bare) = (
+            dir.join("plan.json"),
+            dir.join("servers.toml"),
+            dir.join("planned.toml"),
+            dir.join("bare"),
+        );
+        let profiles = p(&self.profiles);
+        exe(&[
+            "plan",
+            "--cluster",
+            "L4:1,T4:2",
+            "--models",
+            "wide_resnet101_2",
+            "--time-limit",
+            "10",
+            "--bandwidth-gbps",
+            &gbps.to_string(),
+            "--profiles",
+            &profiles,
+            "--out",
+            &p(&plan),
+        ])?;
+        std::fs::write(
+            &servers,
+            format!(
+                "[[servers]]\nname = \"l4\"\nclass = \"L4\"\ngpus = 1\nlink_gbps = {gbps}\n\n[[servers]]\nname = \"t4\"\nclass = \"T4\"\ncount = 2\ngpus = 1\nlink_gbps = {gbps}\n"
+            ),
+        )?;
+        let out = dir.join("out.jsonl");
+        std::fs::write(
+            &pipeline,
+            format!(
+                "[pipeline]\nname = \"planned\"\nslo_ms = 1000\nprofiles = \"{profiles}\"\n\n[[flow]]\nname = \"f0\"\nmodel = \"wide_resnet101_2\"\n\n[[source]]\nname = \"cam0\"\nuri = \"test://ball\"\nmax_fps = 10\nflow = \"f0\"\n\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+                out.display()
+            ),
+        )?;
+        let names = ["l4-0", "t4-0", "t4-1"];
+        let mut args: Vec<String> = [
+            "deploy",
+            "--plan",
+            &p(&plan),
+            "--pipeline",
+            &p(&pipeline),
+            "--servers",
+            &p(&servers),
+            "--emit",
+            "nodes",
+            "--nats",
+        ]
+        .map(String::from)
+        .into();
+        args.push(format!("nats://{}:4222", self.lab.addr(0)));
+        for (i, n) in names.iter().enumerate() {
+            args.push("--address".into());
+            args.push(format!("{n}={}:{PORT}", self.lab.addr(i)));
+        }
+        args.push(p(&bare));
+        exe(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let file = p(&bare.join("pipeline.toml"));
+        // Every server runs a node (with a controller, idle ones are spares); the last server
+        // the placement gives processes to is killed.
+        let placed: Value =
+            serde_json::from_str(&std::fs::read_to_string(bare.join("plan.json"))?)?;
+        let pl = &placed["placement"];
+        let used: Vec<usize> = (0..names.len())
+            .filter(|&i| {
+                pl["processes"].as_array().into_iter().flatten().any(|x| {
+                    x["server"]
+                        .as_u64()
+                        .and_then(|s| pl["servers"][s as usize]["name"].as_str())
+                        == Some(names[i])
+                })
+            })
+            .collect();
+        let victim = *used.last().context("the plan uses no server")?;
+        let quiet = |c: &mut Command| {
+            c.env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+        };
+        let mut children = Vec::new();
+        children.push(quiet(
+            self.lab
+                .command(0, Path::new("nats-server"))
+                .args(["-a", "0.0.0.0", "-p", "4222", "-js", "-sd"])
+                .arg(dir.join("js")),
+        )?);
+        let ctl_summary = dir.join("controller.json");
+        children.push(quiet(
+            self.lab
+                .command(0, &self.exe)
+                .args(["controller", &file, "--summary-json"])
+                .arg(&ctl_summary),
+        )?);
+        let node = |i: usize| {
+            quiet(
+                self.lab
+                    .command(i, &self.exe)
+                    .args(["node", &file, "--name", names[i]]),
+            )
+        };
+        for i in 0..names.len() {
+            children.push(node(i)?);
+        }
+        let k = 2 + victim;
+        let summary = dir.join("front.json");
+        let mut front = quiet(
+            self.lab
+                .command(0, &self.exe)
+                .args(["run", &file, "--api", "off", "--duration", "20"])
+                .arg("--summary-json")
+                .arg(&summary),
+        )?;
+        std::thread::sleep(Duration::from_secs(6));
+        children[k].kill()?;
+        let killed = unix_ms();
+        children[k].wait()?;
+        std::thread::sleep(Duration::from_secs(6));
+        let restarted = unix_ms();
+        children[k] = node(victim)?;
+        let status = front.wait()?;
+        // The controller stops on SIGINT and writes what it published.
+        let _ = Command::new("kill")
+            .args(["-INT", &children[1].id().to_string()])
+            .status();
+        let _ = children[1].wait();
+        for c in children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        anyhow::ensure!(status.success(), "the front exited with {status}");
+        let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)?;
+        let ctl: Value = std::fs::read_to_string(&ctl_summary)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        let replan_error = ctl["epochs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|e| e["error"].as_str().map(String::from));
+        let epochs = s["epochs"].as_array().cloned().unwrap_or_default();
+        let find = |reason: &str| epochs.iter().find(|e| e["reason"] == reason).cloned();
+        let since = |e: &Option<Value>, k: &str, t0: u64| {
+            e.as_ref()
+                .and_then(|e| e[k].as_u64())
+                .map(|t| t.saturating_sub(t0) as f64 / 1e3)
+        };
+        let (lost_epoch, joined) = (
+            find(&format!("lost {}", names[victim])),
+            find(&format!("joined {}", names[victim])),
+        );
+        let f = &s["flows"][0];
+        Ok(ControlRow {
+            gbps,
+            used: used.iter().map(|&i| names[i].to_string()).collect(),
+            killed: names[victim].to_string(),
+            replan_published_s: since(&lost_epoch, "published_unix_ms", killed),
+            plan_s: lost_epoch.as_ref().and_then(|e| e["plan_s"].as_f64()),
+            replan_running_s: since(&lost_epoch, "applied_unix_ms", killed),
+            rejoin_running_s: since(&joined, "applied_unix_ms", restarted),
+            lost: f["lost"].as_u64().unwrap_or(0),
+            ingested: f["ingested"].as_u64().unwrap_or(0),
+            published: f["published"].as_u64().unwrap_or(0),
+            replan_error,
+        })
+    }
+}
+
+/// The controller scenario at each rate.
+pub fn run_controlled(profiles: &Path, rates_gbps: &[f64]) -> anyhow::Result<Vec<ControlRow>> {
+    let bench = bench(profiles, 10)?;
+    let mut rows = Vec::new();
+    for &gbps in rates_gbps {
+        for i in 1..3 {
+            bench.lab.shape(i, Some((gbps * 1000.0).round() as u64))?;
+        }
+        rows.push(bench.controlled(gbps)?);
+    }
+    Ok(rows)
+}
+
+/// The controller rows as a table.
+pub fn control_table(rows: &[ControlRow]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "With a controller (NATS): WideResNet-101-2 planned on L4:1,T4:2 (servers l4-0 in n1 with the front, t4-0 in n2, t4-1 in n3), 10 fps; the last server the plan uses killed at 6 s, restarted at 12 s"
+    );
+    let _ = writeln!(
+        s,
+        "{:>6} {:>16} {:>7} {:>12} {:>8} {:>12} {:>12} {:>6} {:>18}",
+        "Gbit/s",
+        "used",
+        "killed",
+        "epoch out s",
+        "plan s",
+        "running s",
+        "rejoined s",
+        "lost",
+        "published/ingested"
+    );
+    let o = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:>6} {:>16} {:>7} {:>12} {:>8} {:>12} {:>12} {:>6} {:>18}",
+            r.gbps,
+            r.used.join(","),
+            r.killed,
+            o(r.replan_published_s),
+            o(r.plan_s),
+            o(r.replan_running_s),
+            o(r.rejoin_running_s),
+            r.lost,
+            format!("{}/{}", r.published, r.ingested),
+        );
+        if let Some(e) = &r.replan_error {
+            let _ = writeln!(s, "       re-plan failed: {e}");
+        }
+    }
+    let _ = write!(
+        s,
+        "epoch out / running: from the SIGKILL to the controller publishing the epoch without the killed server / to the front running it.\nrejoined: from the restart to the front running the epoch with it again."
+    );
+    s
+}
+
+fn bench(profiles: &Path, seconds: u32) -> anyhow::Result<Bench> {
     let lab = Lab::new(3).context("bench nodes needs network namespaces")?;
-    let bench = Bench {
+    Ok(Bench {
         lab,
         exe: std::env::current_exe()?,
         dir: {
@@ -265,7 +533,17 @@ pub fn run(
         },
         profiles: profiles.canonicalize().context("the profiles folder")?,
         seconds,
-    };
+    })
+}
+
+/// Runs the benchmark at each rate.
+pub fn run(
+    profiles: &Path,
+    rates_gbps: &[f64],
+    seconds: u32,
+    max_fps: u32,
+) -> anyhow::Result<Vec<Row>> {
+    let bench = bench(profiles, seconds)?;
     let mut rows = Vec::new();
     for &gbps in rates_gbps {
         for i in 1..3 {

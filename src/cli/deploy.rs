@@ -78,7 +78,7 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
             .map_err(|e| usage(format!("{}: {e}", a.plan.display())))?;
         plan.placement = Some(placed);
     }
-    let (plan, used) = deploy::nodes_of(&plan).map_err(|e| usage(e.to_string()))?;
+    let (plan, mut used) = deploy::nodes_of(&plan).map_err(|e| usage(e.to_string()))?;
     let text = std::fs::read_to_string(&a.pipeline)
         .map_err(|e| usage(format!("{}: {e}", a.pipeline.display())))?;
     let address: Box<dyn Fn(&str) -> String> = match a.emit {
@@ -103,6 +103,13 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
         }
         _ => None,
     };
+    // With a controller every server is a node, those the plan leaves idle too: when a server
+    // is lost, the controller re-plans on the ones that remain, spares among them.
+    if nats.is_some()
+        && let Some(p) = &plan.placement
+    {
+        used = (0..p.servers.len()).collect();
+    }
     let pipeline = deploy::pipeline_file(&text, &plan, &used, &*address, nats.as_deref())
         .map_err(|e| usage(format!("{}: {e}", a.pipeline.display())))?;
     std::fs::create_dir_all(&a.out)
