@@ -55,6 +55,22 @@ fn node(file: &Path, name: &str, summary: &Path) -> KillOnDrop {
     )
 }
 
+/// `poolpipe run FILE` for `seconds` on the front, its summary to `summary`.
+fn front(file: &Path, seconds: u32, summary: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(bin())
+            .args(["run", file.to_str().unwrap(), "--api", "off", "--duration"])
+            .arg(seconds.to_string())
+            .arg("--summary-json")
+            .arg(summary)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 fn sum(summary: &Value, key: &str) -> u64 {
     summary["streams"]
         .as_array()
@@ -86,24 +102,7 @@ fn a_cut_model_runs_across_three_nodes_and_survives_losing_one() {
     assert!(wait_listening(p2, Duration::from_secs(20)));
     assert!(wait_listening(p3, Duration::from_secs(20)));
     let summary = dir.path().join("front.json");
-    let mut front = KillOnDrop(
-        Command::new(bin())
-            .args([
-                "run",
-                file.to_str().unwrap(),
-                "--duration",
-                "15",
-                "--api",
-                "off",
-            ])
-            .arg("--summary-json")
-            .arg(&summary)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut front = front(&file, 15, &summary);
     // n3 dies at 5 s (SIGKILL: no goodbye) and comes back at 9 s.
     std::thread::sleep(Duration::from_secs(5));
     drop(n3);
@@ -467,24 +466,7 @@ fn a_controller_replans_around_a_lost_node_and_takes_it_back() {
         assert!(wait_listening(*p, Duration::from_secs(20)));
     }
     let summary = dir.path().join("front.json");
-    let mut front = KillOnDrop(
-        Command::new(bin())
-            .args([
-                "run",
-                file.to_str().unwrap(),
-                "--duration",
-                "22",
-                "--api",
-                "off",
-            ])
-            .arg("--summary-json")
-            .arg(&summary)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut front = front(&file, 22, &summary);
     // t4-1 dies at 8 s (SIGKILL) and comes back at 14 s.
     std::thread::sleep(Duration::from_secs(8));
     let killed_ms = poolpipe::cluster::epoch::unix_ms();
@@ -527,17 +509,11 @@ fn a_controller_replans_around_a_lost_node_and_takes_it_back() {
     );
     assert!(applied_ms - killed_ms <= 3000, "{}", epochs[1]);
     // Each epoch's routes ran frames: the stages it started carry its number.
-    let stage_frames = |prefix: &str| -> u64 {
-        s["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|x| x["name"].as_str().unwrap().starts_with(prefix))
-            .map(|x| x["frames_out"].as_u64().unwrap())
-            .sum()
-    };
     for prefix in ["f0.p0.", "f0.e1.", "f0.e2."] {
-        assert!(stage_frames(prefix) > 0, "no frames on {prefix}*: {s}");
+        assert!(
+            common::frames_out_of(&s, prefix) > 0,
+            "no frames on {prefix}*: {s}"
+        );
     }
     // The returning node applied epoch 2 and ran batches of it.
     common::stop_with(back, "INT");

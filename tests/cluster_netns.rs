@@ -344,17 +344,11 @@ fn a_controller_replans_when_a_cable_is_pulled_and_takes_the_node_back() {
     drop(nodes);
     drop(ctl);
     // Each epoch's routes ran frames, t4-1's too once it was back.
-    let ran = |prefix: &str| -> u64 {
-        s["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|x| x["name"].as_str().unwrap().starts_with(prefix))
-            .map(|x| x["frames_out"].as_u64().unwrap())
-            .sum()
-    };
     for prefix in ["f0.p0.", "f0.e1.", "f0.e2."] {
-        assert!(ran(prefix) > 0, "no frames on {prefix}*: {s}");
+        assert!(
+            common::frames_out_of(&s, prefix) > 0,
+            "no frames on {prefix}*: {s}"
+        );
     }
     let t41 = common::node_of(&s, "t4-1");
     assert!(t41["frames"].as_u64().unwrap() > 0, "{t41}");

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Pipeline, RouteSpec, assign_free_devices, placed_nodes, planned_stages};
+use crate::config::{Pipeline, assign_free_devices, placed_nodes, planned_stages};
 use crate::planner::placement::{Server, place};
 use crate::planner::{Cluster, Plan, cluster::ClassSpec};
 use crate::profile::Profiles;
@@ -210,18 +210,9 @@ pub fn epoch_pipeline(
         let (mut chain, weight) = chains.swap_remove(r.pipeline);
         for (j, (st, name)) in chain.iter_mut().zip(&r.stages).enumerate() {
             st.name = name.clone();
-            st.flow = fi;
             st.nodes = placed_nodes(&e.plan, &r.model, r.pipeline, j);
         }
-        let first = next.stages.len();
-        next.stages.extend(chain);
-        next.routes.push(RouteSpec {
-            flow: fi,
-            stages: (first..next.stages.len()).collect(),
-            weight,
-            variant: None,
-        });
-        let ri = next.routes.len() - 1;
+        let ri = next.append_route(fi, chain, weight);
         next.flows[fi].routes.push(ri);
     }
     assign_free_devices(&mut next.stages, &HashSet::new());

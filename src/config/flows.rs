@@ -54,6 +54,23 @@ pub struct PlanRef {
 }
 
 impl Pipeline {
+    /// Appends `chain` as a new route of flow `flow` with `weight` (not yet in the flow's
+    /// routes); returns the route's index.
+    pub fn append_route(&mut self, flow: usize, chain: Vec<StageSpec>, weight: f64) -> usize {
+        let first = self.stages.len();
+        self.stages.extend(chain.into_iter().map(|mut s| {
+            s.flow = flow;
+            s
+        }));
+        self.routes.push(RouteSpec {
+            flow,
+            stages: (first..self.stages.len()).collect(),
+            weight,
+            variant: None,
+        });
+        self.routes.len() - 1
+    }
+
     /// Makes all the stages one flow (named after the pipeline, with its SLO) on one route, as a
     /// file without `[[flow]]` does, and gives the workers their devices.
     pub fn into_one_flow(mut self) -> Self {

@@ -176,17 +176,12 @@ impl Follower {
                     routes.push(r);
                     continue;
                 }
-                let first = next.stages.len();
-                next.stages.extend(
-                    target.routes[tr]
-                        .stages
-                        .iter()
-                        .map(|i| target.stages[*i].clone()),
-                );
-                let mut route = target.routes[tr].clone();
-                route.stages = (first..next.stages.len()).collect();
-                next.routes.push(route);
-                routes.push(next.routes.len() - 1);
+                let chain = target.routes[tr]
+                    .stages
+                    .iter()
+                    .map(|i| target.stages[*i].clone())
+                    .collect();
+                routes.push(next.append_route(fi, chain, target.routes[tr].weight));
                 started.push(next.routes.len() - 1);
             }
             retired.extend(old);

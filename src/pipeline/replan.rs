@@ -27,7 +27,7 @@ use super::PipelineError;
 use super::build::{BuiltRoute, Wiring, build_engines, lock};
 use super::live::Live;
 use crate::admission::RouteEntry;
-use crate::config::{Pipeline, RouteSpec, StageSpec, assign_free_devices, planned_stages};
+use crate::config::{Pipeline, StageSpec, assign_free_devices, planned_stages};
 use crate::control::{ControlSettings, Controller, Problem};
 use crate::planner::{Cluster, ModelSpec, Options, Plan};
 use crate::profile::Profiles;
@@ -232,18 +232,9 @@ impl Replanner {
                     continue;
                 }
                 for (j, st) in chain.iter_mut().enumerate() {
-                    st.flow = fi;
                     st.name = format!("{flow}.e{epoch}.p{k}.s{j}");
                 }
-                let first = next.stages.len();
-                next.stages.extend(chain);
-                next.routes.push(RouteSpec {
-                    flow: fi,
-                    stages: (first..next.stages.len()).collect(),
-                    weight,
-                    variant: None,
-                });
-                routes.push(next.routes.len() - 1);
+                routes.push(next.append_route(fi, chain, weight));
                 started.push(next.routes.len() - 1);
             }
             retired.extend(old);

@@ -407,3 +407,14 @@ pub fn deploy(
     args.extend_from_slice(extra);
     poolpipe(&args)
 }
+
+/// Frames out of the stages whose names start with `prefix`, in a front's summary.
+pub fn frames_out_of(summary: &Value, prefix: &str) -> u64 {
+    summary["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["name"].as_str().unwrap().starts_with(prefix))
+        .map(|x| x["frames_out"].as_u64().unwrap())
+        .sum()
+}
