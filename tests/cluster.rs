@@ -436,18 +436,7 @@ fn a_controller_replans_around_a_lost_node_and_takes_it_back() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let file = out.join("pipeline.toml");
-    let _nats = KillOnDrop(
-        Command::new("nats-server")
-            .args(poolpipe::bench::sinks::nats_args(
-                nats_port,
-                &dir.path().join("js"),
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server (./setup.sh installs it)"),
-    );
-    assert!(wait_listening(nats_port, Duration::from_secs(10)));
+    let _nats = common::start_nats(&dir.path().join("js"), nats_port);
     let controller = KillOnDrop(
         Command::new(bin())
             .args(["controller", file.to_str().unwrap(), "--summary-json"])
@@ -626,18 +615,7 @@ fn a_standby_controller_takes_over_when_the_lease_expires() {
     let o = deploy(&files, &out, &["--emit", "nodes", "--nats", &url]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let file = out.join("pipeline.toml");
-    let _nats = KillOnDrop(
-        Command::new("nats-server")
-            .args(poolpipe::bench::sinks::nats_args(
-                nats_port,
-                &dir.path().join("js"),
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server (./setup.sh installs it)"),
-    );
-    assert!(wait_listening(nats_port, Duration::from_secs(10)));
+    let _nats = common::start_nats(&dir.path().join("js"), nats_port);
     let controller = |id: &str| {
         KillOnDrop(
             Command::new(bin())

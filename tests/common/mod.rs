@@ -418,3 +418,17 @@ pub fn frames_out_of(summary: &Value, prefix: &str) -> u64 {
         .map(|x| x["frames_out"].as_u64().unwrap())
         .sum()
 }
+
+/// nats-server with JetStream (its store in `store`) on 127.0.0.1:`port`, listening.
+pub fn start_nats(store: &Path, port: u16) -> KillOnDrop {
+    let child = KillOnDrop(
+        Command::new("nats-server")
+            .args(poolpipe::bench::sinks::nats_args(port, store))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (./setup.sh installs it)"),
+    );
+    assert!(wait_listening(port, Duration::from_secs(10)));
+    child
+}
