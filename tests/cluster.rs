@@ -647,3 +647,45 @@ fn a_standby_controller_takes_over_when_the_lease_expires() {
     assert_eq!(leases[0]["found_epoch"], 0, "{s}");
     assert_eq!(s["epochs"], serde_json::json!([]), "b published again: {s}");
 }
+
+/// A node that is up but does not run the worker a batch is for (the front and the node disagree
+/// on the layout, as when an epoch reached one and not yet the other): the batch fails, counted
+/// `failed` with the node's reason, and the node stays up; nothing is `lost`.
+#[test]
+fn a_batch_for_a_worker_the_node_does_not_run_fails_and_the_node_stays_up() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (p2, p3) = (free_port(), free_port());
+    let nodes = [
+        ("n2", format!("127.0.0.1:{p2}")),
+        ("n3", format!("127.0.0.1:{p3}")),
+    ];
+    let node_file = cluster_file(dir.path(), &profiles, &nodes, 4, 10.0);
+    // The front calls the tail stage by another name.
+    let text = std::fs::read_to_string(&node_file).unwrap();
+    let front_file = write(
+        dir.path(),
+        "front.toml",
+        &text.replace("name = \"tail\"", "name = \"tail2\""),
+    );
+    let n2 = node(&node_file, "n2", &dir.path().join("n2.json"));
+    let n3 = node(&node_file, "n3", &dir.path().join("n3.json"));
+    assert!(wait_listening(p2, Duration::from_secs(20)));
+    assert!(wait_listening(p3, Duration::from_secs(20)));
+    let summary = dir.path().join("front.json");
+    let status = front(&front_file, 4, &summary).0.wait().unwrap();
+    assert!(status.success(), "front exited with {status}");
+    let s = read_summary(&summary);
+    common::assert_balanced(&s);
+    assert!(sum(&s, "failed") > 0, "{s}");
+    assert_eq!(sum(&s, "lost"), 0, "{s}");
+    assert_eq!(sum(&s, "published"), 0, "{s}");
+    for n in ["n2", "n3"] {
+        let ns = common::node_of(&s, n);
+        assert_eq!(ns["downs"], 0, "{ns}");
+        assert_eq!(ns["up"], true, "{ns}");
+    }
+    drop((n2, n3));
+}

@@ -325,6 +325,9 @@ async fn watch_peer(peer: std::sync::Weak<Peer>) {
     }
 }
 
+/// Marks an answer of a node that is up but runs no such worker.
+const NOT_SERVED: &str = "not served: ";
+
 /// One worker's stream: batches out, answers in.
 struct Open {
     tx: tokio::sync::mpsc::Sender<Packet>,
@@ -385,6 +388,11 @@ impl StageRunner for RemoteRunner {
                 m = s.rx.message() => match m {
                     Ok(Some(p)) => Ok(p),
                     Ok(None) => Err("the stream ended".to_string()),
+                    // The node is there but does not run this worker (an epoch it has not
+                    // applied): the batch fails, the node stays up.
+                    Err(e) if e.code() == tonic::Code::NotFound => {
+                        Err(format!("{NOT_SERVED}{}", e.message()))
+                    }
                     Err(e) => Err(e.message().to_string()),
                 },
                 _ = state.wait_for(|up| !*up) => Err("the node stopped answering".to_string()),
@@ -410,6 +418,14 @@ impl StageRunner for RemoteRunner {
                 ))),
                 Err(e) => Err(StageError::Output(e.to_string())),
             },
+            Err(why) if why.starts_with(NOT_SERVED) => {
+                self.stream = None;
+                Err(StageError::Output(format!(
+                    "node `{}`: {}",
+                    self.peer.name,
+                    &why[NOT_SERVED.len()..]
+                )))
+            }
             Err(why) => {
                 counters
                     .lost
