@@ -197,6 +197,13 @@ fn cluster_mistakes_are_refused_with_their_place() {
             ),
             "`nowhere`: expected HOST:PORT",
         ),
+        (
+            base(
+                "[cluster]\nfront = \"n1\"\nnats = \"http://127.0.0.1:4222\"\nnodes = { n2 = \"127.0.0.1:7000\" }\n",
+                "",
+            ),
+            "`http://127.0.0.1:4222`: expected nats://HOST:PORT",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let f = write(dir.path(), &format!("c{i}.toml"), text);
@@ -218,6 +225,14 @@ fn cluster_mistakes_are_refused_with_their_place() {
     let out = common::poolpipe(&["node", f.to_str().unwrap(), "--name", "n1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`n1` is the front: run `poolpipe run"));
+    // A controller needs `nats` in [cluster] (and a placed plan).
+    let out = common::poolpipe(&["controller", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[cluster] has no `nats`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
