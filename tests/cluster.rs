@@ -704,3 +704,68 @@ fn a_batch_for_a_worker_the_node_does_not_run_fails_and_the_node_stays_up() {
     }
     drop((n2, n3));
 }
+
+/// A front that starts (or restarts) after the controller re-planned starts in the current
+/// epoch: it waits only for the nodes that epoch uses (t4-1 never came up here) and runs the
+/// epoch's routes from its first frame.
+#[test]
+fn a_front_that_starts_late_starts_in_the_current_epoch() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = planned(dir.path(), &profiles);
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let nats_port = free_port();
+    let out = dir.path().join("bare");
+    let mut args: Vec<String> = vec![
+        "--emit".into(),
+        "nodes".into(),
+        "--nats".into(),
+        format!("nats://127.0.0.1:{nats_port}"),
+    ];
+    for (n, p) in names.iter().zip(&ports) {
+        args.push("--address".into());
+        args.push(format!("{n}=127.0.0.1:{p}"));
+    }
+    let o = deploy(
+        &files,
+        &out,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = out.join("pipeline.toml");
+    let _nats = common::start_nats(&dir.path().join("js"), nats_port);
+    let _controller = KillOnDrop(
+        Command::new(bin())
+            .args(["controller", file.to_str().unwrap(), "--startup-grace", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let _nodes: Vec<KillOnDrop> = names[..2]
+        .iter()
+        .map(|n| node(&file, n, &dir.path().join(format!("{n}.json"))))
+        .collect();
+    // t4-1 is silent: after the grace the controller plans without it.
+    std::thread::sleep(Duration::from_secs(5));
+    let summary = dir.path().join("front.json");
+    let status = front(&file, 6, &summary).0.wait().unwrap();
+    assert!(status.success(), "front exited with {status}");
+    let s = read_summary(&summary);
+    common::assert_balanced(&s);
+    let first = &s["epochs"][0];
+    assert_eq!(first["epoch"], 1, "{s}");
+    assert_eq!(first["started_in"], true, "{s}");
+    assert_eq!(first["reason"], "lost t4-1", "{s}");
+    assert!(common::frames_out_of(&s, "f0.e1.") > 0, "{s}");
+    assert_eq!(common::frames_out_of(&s, "f0.p0."), 0, "{s}");
+    assert_eq!(sum(&s, "failed"), 0, "{s}");
+    let (ingested, published) = (sum(&s, "ingested"), sum(&s, "published"));
+    assert!(
+        published as f64 >= 0.9 * ingested as f64,
+        "published {published} of {ingested}: {s}"
+    );
+}

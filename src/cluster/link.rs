@@ -255,10 +255,10 @@ impl Peers {
         out
     }
 
-    /// Waits until every peer answers, up to `limit`.
-    pub fn wait_all(&self, limit: Duration) -> Result<(), LinkError> {
+    /// Waits until every peer among `nodes` answers, up to `limit`.
+    pub fn wait_for(&self, nodes: &[String], limit: Duration) -> Result<(), LinkError> {
         let until = std::time::Instant::now() + limit;
-        for p in self.peers.values() {
+        for p in self.peers.values().filter(|p| nodes.contains(&p.name)) {
             let mut rx = p.state.subscribe();
             let left = until.saturating_duration_since(std::time::Instant::now());
             let ok = self

@@ -149,6 +149,11 @@ pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summa
 /// sinks opened before any frame flows.
 pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> {
     ingest::init()?;
+    // With a controller ([cluster] nats): its bus, and the layout of its current epoch where
+    // one was published (a front that restarts runs what the nodes run now).
+    let file = p;
+    let (bus, from_epoch) = control_plane(p, opts)?;
+    let p = from_epoch.as_ref().map_or(p, |(layout, _)| layout);
     let system_clock = SystemClock::new();
     let clock: SharedClock = Arc::new(system_clock);
     let stats = Arc::new(Stats::with_flows(
@@ -161,12 +166,6 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     ));
 
     // Across nodes: links to the other nodes, waited for; cut transfers are then the links'.
-    let file = p;
-    if opts.control.is_some() && p.cluster.as_ref().is_some_and(|c| c.nats.is_some()) {
-        return Err(PipelineError::Control(
-            "[cluster] nats: the controller owns the plan; re-planning on the front (--control) cannot run beside it".into(),
-        ));
-    }
     let (clustered, peers, mut measured_links);
     let p = match &p.cluster {
         Some(c) => {
@@ -177,8 +176,19 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                 nodes = c.nodes.len(),
                 "Waiting for the other nodes of the cluster."
             );
+            // The nodes this layout runs workers on (with a controller, the others may be down
+            // and come back later).
+            let used: Vec<String> = if bus.is_some() {
+                p.stages
+                    .iter()
+                    .flat_map(|s| (0..s.workers).filter_map(|w| s.remote_node(w, Some(c))))
+                    .map(String::from)
+                    .collect()
+            } else {
+                c.nodes.keys().cloned().collect()
+            };
             links
-                .wait_all(NODE_WAIT)
+                .wait_for(&used, NODE_WAIT)
                 .map_err(|e| PipelineError::Cluster(e.to_string()))?;
             for peer in links.all() {
                 stats.register_node(peer.name(), peer.counters().clone());
@@ -291,10 +301,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     ));
     // With re-planning on, the controller keeps the wiring to build new routes with; otherwise
     // it goes here (and with it this copy of the publisher's queue).
-    let nats = p
-        .cluster
-        .as_ref()
-        .and_then(|c| Some((c.nats.clone()?, c.front.clone())));
+    let nats = bus.and_then(|b| Some((b, p.cluster.as_ref()?.front.clone())));
     let (control, follower) = match (&opts.control, nats) {
         (Some(settings), _) => (
             Some(replan::Replanner::new(
@@ -307,7 +314,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
             )?),
             None,
         ),
-        (None, Some((url, front))) => {
+        (None, Some((bus, front))) => {
             let profiles = p
                 .plan
                 .as_ref()
@@ -318,8 +325,18 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                             .into(),
                     )
                 })?;
-            let bus = crate::cluster::bus::Bus::connect(&url, &p.name, NODE_WAIT)
-                .map_err(|e| PipelineError::Cluster(e.to_string()))?;
+            if let Some((_, e)) = &from_epoch {
+                build::lock(&live.epochs).push(serde_json::json!({
+                    "epoch": e.epoch,
+                    "reason": e.reason,
+                    "members": e.members,
+                    "plan_s": e.plan_s,
+                    "started_in": true,
+                    "published_unix_ms": e.at_unix_ms,
+                    "applied_unix_ms": crate::cluster::epoch::unix_ms(),
+                    "nodes_not_ready": Vec::<String>::new(),
+                }));
+            }
             let peers = peers.map(|x| (x, std::mem::take(&mut measured_links)));
             (
                 None,
@@ -329,7 +346,9 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                     base: file.clone(),
                     profiles,
                     front,
-                    applied: Arc::new(AtomicU64::new(u64::MAX)),
+                    applied: Arc::new(AtomicU64::new(
+                        from_epoch.as_ref().map_or(u64::MAX, |(_, e)| e.epoch),
+                    )),
                 }),
             )
         }
@@ -345,6 +364,44 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         control,
         follower,
     })
+}
+
+/// With `[cluster] nats`: the control plane's bus, and the current epoch (with the layout it
+/// gives `p`) if the controller published one.
+#[allow(clippy::type_complexity)]
+fn control_plane(
+    p: &Pipeline,
+    opts: &RunOptions,
+) -> Result<
+    (
+        Option<crate::cluster::bus::Bus>,
+        Option<(Pipeline, crate::cluster::epoch::Epoch)>,
+    ),
+    PipelineError,
+> {
+    let Some(url) = p.cluster.as_ref().and_then(|c| c.nats.clone()) else {
+        return Ok((None, None));
+    };
+    if opts.control.is_some() {
+        return Err(PipelineError::Control(
+            "[cluster] nats: the controller owns the plan; re-planning on the front (--control) cannot run beside it".into(),
+        ));
+    }
+    let cluster = |e: &dyn std::fmt::Display| PipelineError::Cluster(e.to_string());
+    let bus =
+        crate::cluster::bus::Bus::connect(&url, &p.name, NODE_WAIT).map_err(|e| cluster(&e))?;
+    let profiles = p.plan.as_ref().and_then(|r| r.profiles.clone());
+    let current = bus.current().map_err(|e| cluster(&e))?;
+    let from = match (current, profiles) {
+        (Some(e), Some(pr)) => {
+            let layout =
+                crate::cluster::epoch::epoch_pipeline(p, &e, &pr).map_err(|x| cluster(&x))?;
+            tracing::info!(epoch = e.epoch, reason = %e.reason, "Starting in the controller's current epoch.");
+            Some((layout, e))
+        }
+        _ => None,
+    };
+    Ok((Some(bus), from))
 }
 
 /// Logs which devices each stage's processes run on.
