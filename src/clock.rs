@@ -116,6 +116,14 @@ impl Clock for ManualClock {
     }
 }
 
+/// Milliseconds since the Unix epoch, now (wall clock: for records read by people and other
+/// processes, never for deadlines).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

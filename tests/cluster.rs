@@ -419,27 +419,20 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
     );
 }
 
-/// A controller owns the plan (`[cluster] nats`): when a node dies it re-plans on the servers
-/// that remain and publishes the next epoch, which the nodes and the front apply while running;
-/// when the node comes back it rejoins in the epoch after. A real nats-server (JetStream) on
-/// loopback carries heartbeats, the lease and the epochs.
-#[test]
-fn a_controller_replans_around_a_lost_node_and_takes_it_back() {
-    let Some(profiles) = common::shared_profiles() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let files = planned(dir.path(), &profiles);
-    let names = ["l4-0", "t4-0", "t4-1"];
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+/// The planned pipeline deployed for bare-metal nodes on loopback (each of `names` on a port of
+/// its own) with `[cluster] nats` pointing at a nats-server started here: the pipeline file, the
+/// nodes' ports and the server.
+fn controlled(dir: &Path, profiles: &Path, names: &[&str]) -> (PathBuf, Vec<u16>, KillOnDrop) {
+    let files = planned(dir, profiles);
     let nats_port = free_port();
-    let out = dir.path().join("bare");
+    let out = dir.join("bare");
     let mut args: Vec<String> = vec![
         "--emit".into(),
         "nodes".into(),
         "--nats".into(),
         format!("nats://127.0.0.1:{nats_port}"),
     ];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
     for (n, p) in names.iter().zip(&ports) {
         args.push("--address".into());
         args.push(format!("{n}=127.0.0.1:{p}"));
@@ -450,8 +443,22 @@ fn a_controller_replans_around_a_lost_node_and_takes_it_back() {
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let file = out.join("pipeline.toml");
-    let _nats = common::start_nats(&dir.path().join("js"), nats_port);
+    let nats = common::start_nats(&dir.join("js"), nats_port);
+    (out.join("pipeline.toml"), ports, nats)
+}
+
+/// A controller owns the plan (`[cluster] nats`): when a node dies it re-plans on the servers
+/// that remain and publishes the next epoch, which the nodes and the front apply while running;
+/// when the node comes back it rejoins in the epoch after. A real nats-server (JetStream) on
+/// loopback carries heartbeats, the lease and the epochs.
+#[test]
+fn a_controller_replans_around_a_lost_node_and_takes_it_back() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let (file, ports, _nats) = controlled(dir.path(), &profiles, &names);
     let controller = KillOnDrop(
         Command::new(bin())
             .args(["controller", file.to_str().unwrap(), "--summary-json"])
@@ -473,7 +480,7 @@ fn a_controller_replans_around_a_lost_node_and_takes_it_back() {
     let mut front = front(&file, 22, &summary);
     // t4-1 dies at 8 s (SIGKILL) and comes back at 14 s.
     std::thread::sleep(Duration::from_secs(8));
-    let killed_ms = poolpipe::cluster::epoch::unix_ms();
+    let killed_ms = poolpipe::clock::unix_ms();
     drop(nodes[2].take());
     std::thread::sleep(Duration::from_secs(6));
     let back = node(&file, "t4-1", &dir.path().join("t4-1b.json"));
@@ -623,14 +630,7 @@ fn a_standby_controller_takes_over_when_the_lease_expires() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let files = planned(dir.path(), &profiles);
-    let nats_port = free_port();
-    let out = dir.path().join("bare");
-    let url = format!("nats://127.0.0.1:{nats_port}");
-    let o = deploy(&files, &out, &["--emit", "nodes", "--nats", &url]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let file = out.join("pipeline.toml");
-    let _nats = common::start_nats(&dir.path().join("js"), nats_port);
+    let (file, _, _nats) = controlled(dir.path(), &profiles, &[]);
     let controller = |id: &str| {
         KillOnDrop(
             Command::new(bin())
@@ -647,7 +647,7 @@ fn a_standby_controller_takes_over_when_the_lease_expires() {
     std::thread::sleep(Duration::from_millis(1500));
     let b = controller("b");
     std::thread::sleep(Duration::from_millis(1000));
-    let killed = poolpipe::cluster::epoch::unix_ms();
+    let killed = poolpipe::clock::unix_ms();
     drop(a);
     // The lease lives 3 s after a's last renewal; b tries every second. Stopped before its
     // start-up grace for silent nodes ends, b has nothing to re-plan.
@@ -714,29 +714,8 @@ fn a_front_that_starts_late_starts_in_the_current_epoch() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let files = planned(dir.path(), &profiles);
     let names = ["l4-0", "t4-0", "t4-1"];
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    let nats_port = free_port();
-    let out = dir.path().join("bare");
-    let mut args: Vec<String> = vec![
-        "--emit".into(),
-        "nodes".into(),
-        "--nats".into(),
-        format!("nats://127.0.0.1:{nats_port}"),
-    ];
-    for (n, p) in names.iter().zip(&ports) {
-        args.push("--address".into());
-        args.push(format!("{n}=127.0.0.1:{p}"));
-    }
-    let o = deploy(
-        &files,
-        &out,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let file = out.join("pipeline.toml");
-    let _nats = common::start_nats(&dir.path().join("js"), nats_port);
+    let (file, _, _nats) = controlled(dir.path(), &profiles, &names);
     let _controller = KillOnDrop(
         Command::new(bin())
             .args(["controller", file.to_str().unwrap(), "--startup-grace", "1"])

@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{KillOnDrop, bin, read_summary, write};
+use poolpipe::clock::unix_ms;
 use poolpipe::cluster::netns::{Lab, cut_pipeline};
 use serde_json::Value;
 
@@ -163,13 +164,6 @@ fn cut_transfers_take_their_size_over_the_link_rate_and_a_slow_link_drops_at_the
         last <= first + 20 * 1024,
         "front memory grew from {first} KiB to {last} KiB: {rss:?}"
     );
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 #[test]

@@ -7,12 +7,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::clock::unix_ms;
 use crate::cluster::netns::{Lab, cut_pipeline};
 
 const PORT: u16 = 7070;
@@ -73,12 +74,6 @@ pub struct ControlRow {
     pub published: u64,
     /// Why the controller could not re-plan, where it could not.
     pub replan_error: Option<String>,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 struct Bench {

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::CliError;
+use crate::clock::unix_ms;
 use crate::cluster::bus::{Bus, NODE_SILENT};
-use crate::cluster::epoch::{Epoch, live_servers, name_routes, planned_flows, replan_on, unix_ms};
+use crate::cluster::epoch::{Epoch, live_servers, name_routes, planned_flows, replan_on};
 
 /// Arguments of `poolpipe controller`.
 #[derive(Debug, clap::Args)]

@@ -286,13 +286,4 @@ impl Bus {
     pub fn release_lease(&self) {
         let _ = self.rt.block_on(self.lease.purge("controller"));
     }
-
-    /// Who holds the lease, if anyone.
-    pub fn lease_holder(&self) -> Option<String> {
-        self.rt
-            .block_on(self.lease.get("controller"))
-            .ok()
-            .flatten()
-            .map(|b: bytes::Bytes| String::from_utf8_lossy(&b).into_owned())
-    }
 }

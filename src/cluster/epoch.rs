@@ -275,10 +275,3 @@ pub fn replan_on(
     plan.placement = Some(placed);
     Ok(plan)
 }
-
-/// Milliseconds since the Unix epoch, now.
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}

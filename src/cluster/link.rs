@@ -86,9 +86,7 @@ impl Peer {
             return;
         }
         self.counters.up.store(up, Ordering::Relaxed);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = crate::clock::unix_ms();
         if up {
             &self.counters.up_at_unix_ms
         } else {

@@ -127,7 +127,7 @@ impl Follower {
                                 "waited_for_nodes_s": waited.as_secs_f64(),
                                 "apply_s": t0.elapsed().as_secs_f64(),
                                 "published_unix_ms": e.at_unix_ms,
-                                "applied_unix_ms": crate::cluster::epoch::unix_ms(),
+                                "applied_unix_ms": crate::clock::unix_ms(),
                                 "routes_started": started,
                                 "routes_retired": retired,
                                 "nodes_not_ready": waiting,

@@ -333,7 +333,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                     "plan_s": e.plan_s,
                     "started_in": true,
                     "published_unix_ms": e.at_unix_ms,
-                    "applied_unix_ms": crate::cluster::epoch::unix_ms(),
+                    "applied_unix_ms": crate::clock::unix_ms(),
                     "nodes_not_ready": Vec::<String>::new(),
                 }));
             }
