@@ -568,6 +568,7 @@ impl Stats {
             analytics_p99_us: self.analytics.quantile_ms(0.99).map(|v| v * 1e3),
             panics: self.panics(),
             epochs: Vec::new(),
+            front_lease: None,
         }
     }
 }
@@ -709,6 +710,10 @@ pub struct Summary {
     /// Controller epochs the front applied (`[cluster] nats`; absent from JSON without).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub epochs: Vec<serde_json::Value>,
+    /// The front lease this front ran the cameras under (`[cluster] nats`): its id, how long it
+    /// stood by, when it took the lease, and whether another front took it away.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub front_lease: Option<serde_json::Value>,
 }
 
 impl Summary {

@@ -391,6 +391,13 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
     assert!(controller.contains("replicas: 2"), "{controller}");
     let nats = std::fs::read_to_string(ctl.join("nats.yaml")).unwrap();
     assert!(nats.contains("\"-js\""), "{nats}");
+    // Two fronts, on different machines where there are: the lease holder runs the cameras and
+    // is the Service's ready endpoint; the standby never answers a liveness probe.
+    let front = std::fs::read_to_string(ctl.join("front.yaml")).unwrap();
+    assert!(front.contains("replicas: 2"), "{front}");
+    assert!(front.contains("podAntiAffinity"), "{front}");
+    assert!(front.contains("readinessProbe"), "{front}");
+    assert!(!front.contains("livenessProbe"), "{front}");
     // Bare-metal nodes need to be told where NATS is.
     let o = deploy(
         &inputs,
@@ -743,6 +750,134 @@ fn a_front_that_starts_late_starts_in_the_current_epoch() {
     assert_eq!(common::frames_out_of(&s, "f0.p0."), 0, "{s}");
     assert_eq!(sum(&s, "failed"), 0, "{s}");
     let (ingested, published) = (sum(&s, "ingested"), sum(&s, "published"));
+    assert!(
+        published as f64 >= 0.9 * ingested as f64,
+        "published {published} of {ingested}: {s}"
+    );
+}
+
+/// The cameras move when the front that runs them dies: a second `poolpipe run` of the same
+/// file stands by (no API, no sources) while the first holds the front lease, and when the
+/// first is SIGKILLed it takes the lease once it expires, reconnects to the RTSP camera and
+/// runs it in the controller's current epoch. A standby stopped before it took over exits
+/// cleanly having run nothing.
+#[test]
+fn a_standby_front_takes_the_camera_over_when_the_front_dies() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let sample = common::require("samples/campus.mp4");
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let (file, ports, _nats) = controlled(dir.path(), &profiles, &names);
+    // The camera is an RTSP server on loopback.
+    let rtsp = free_port();
+    let _camera = common::start_rtsp_server(sample.to_str().unwrap(), rtsp);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("uri = \"test://ball\""), "{text}");
+    std::fs::write(
+        &file,
+        text.replace(
+            "uri = \"test://ball\"",
+            &format!("uri = \"rtsp://127.0.0.1:{rtsp}/cam\"\nlatency_ms = 100"),
+        ),
+    )
+    .unwrap();
+    let _controller = KillOnDrop(
+        Command::new(bin())
+            .args(["controller", file.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let _nodes: Vec<KillOnDrop> = names
+        .iter()
+        .map(|n| node(&file, n, &dir.path().join(format!("{n}.json"))))
+        .collect();
+    for p in &ports {
+        assert!(wait_listening(*p, Duration::from_secs(20)));
+    }
+    let run = |api: u16, extra: &[&str]| {
+        KillOnDrop(
+            Command::new(bin())
+                .args(["run", file.to_str().unwrap(), "--api"])
+                .arg(format!("127.0.0.1:{api}"))
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let (a_api, b_api, c_api) = (free_port(), free_port(), free_port());
+    let a = run(a_api, &["--serve"]);
+    assert!(
+        wait_listening(a_api, Duration::from_secs(40)),
+        "front A did not start"
+    );
+    common::wait_published(&format!("http://127.0.0.1:{a_api}"), 10);
+    let b_summary = dir.path().join("b.json");
+    let mut b = run(
+        b_api,
+        &[
+            "--duration",
+            "8",
+            "--summary-json",
+            b_summary.to_str().unwrap(),
+        ],
+    );
+    // B stands by: it serves no API while A holds the camera.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        b.0.try_wait().unwrap().is_none(),
+        "the standby front exited"
+    );
+    assert!(
+        !wait_listening(b_api, Duration::from_millis(300)),
+        "B serves while A runs"
+    );
+
+    let killed_ms = poolpipe::clock::unix_ms();
+    drop(a);
+    assert!(
+        wait_listening(b_api, Duration::from_secs(20)),
+        "B did not take over"
+    );
+    // A third front stands by behind B; stopped before it takes over, it ran nothing.
+    let c_summary = dir.path().join("c.json");
+    let c = run(c_api, &["--summary-json", c_summary.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(2));
+    let status = common::stop_with(c, "INT");
+    assert!(status.success(), "a stopped standby exited with {status}");
+    assert!(
+        !c_summary.exists(),
+        "a standby that ran nothing wrote a summary"
+    );
+
+    let status = b.0.wait().unwrap();
+    assert!(status.success(), "front B exited with {status}");
+    let s = read_summary(&b_summary);
+    common::assert_balanced(&s);
+    let lease = &s["front_lease"];
+    assert_eq!(lease["lost"], false, "{s}");
+    assert!(lease["waited_s"].as_f64().unwrap() >= 4.0, "{s}");
+    // The lease lives 3 s and was renewed every second: taken at most about 4 s after the kill.
+    let taken = lease["taken_unix_ms"].as_u64().unwrap();
+    assert!(
+        taken >= killed_ms && taken - killed_ms <= 5000,
+        "lease taken {} ms after the kill",
+        taken as i64 - killed_ms as i64
+    );
+    // B reconnected to the camera and ran it on the nodes, in the current epoch.
+    assert_eq!(s["epochs"][0]["started_in"], true, "{s}");
+    assert_eq!(sum(&s, "failed"), 0, "{s}");
+    let (ingested, published) = (sum(&s, "ingested"), sum(&s, "published"));
+    assert!(
+        ingested >= 40,
+        "B ingested {ingested} frames of a 10 fps camera in 8 s: {s}"
+    );
     assert!(
         published as f64 >= 0.9 * ingested as f64,
         "published {published} of {ingested}: {s}"

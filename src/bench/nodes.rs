@@ -74,6 +74,14 @@ pub struct ControlRow {
     pub published: u64,
     /// Why the controller could not re-plan, where it could not.
     pub replan_error: Option<String>,
+    /// Then the front (in n1) is killed with a standby front in n2: seconds from the SIGKILL
+    /// to the standby taking the front lease, and to the first frame it captured (and
+    /// published) from the camera.
+    pub front_takeover_s: Option<f64>,
+    pub camera_back_s: Option<f64>,
+    /// Frames the standby ingested and published in its 6 s.
+    pub standby_ingested: u64,
+    pub standby_published: u64,
 }
 
 struct Bench {
@@ -407,6 +415,29 @@ impl Bench {
         let restarted = unix_ms();
         children[k] = node(victim)?;
         let status = front.wait()?;
+        // The front dies while a standby front waits in n2: the standby takes the camera over.
+        let mut old = quiet(self.lab.command(0, &self.exe).args([
+            "run",
+            &file,
+            "--api",
+            "off",
+            "--duration",
+            "60",
+        ]))?;
+        std::thread::sleep(Duration::from_secs(4));
+        let standby_summary = dir.join("standby.json");
+        let mut standby = quiet(
+            self.lab
+                .command(1, &self.exe)
+                .args(["run", &file, "--api", "off", "--duration", "6"])
+                .arg("--summary-json")
+                .arg(&standby_summary),
+        )?;
+        std::thread::sleep(Duration::from_secs(3));
+        old.kill()?;
+        let front_killed = unix_ms();
+        old.wait()?;
+        let standby_status = standby.wait()?;
         // The controller stops on SIGINT and writes what it published.
         let _ = Command::new("kill")
             .args(["-INT", &children[1].id().to_string()])
@@ -417,6 +448,20 @@ impl Bench {
             let _ = c.wait();
         }
         anyhow::ensure!(status.success(), "the front exited with {status}");
+        anyhow::ensure!(
+            standby_status.success(),
+            "the standby front exited with {standby_status}"
+        );
+        let b: Value = serde_json::from_str(&std::fs::read_to_string(&standby_summary)?)?;
+        // The standby opened the results file when it took over: its first record.
+        let first_captured = std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|r| r["captured_at_unix_ms"].as_u64())
+            .filter(|&t| t >= front_killed)
+            .min();
+        let after_kill = |t: Option<u64>| t.map(|t| t.saturating_sub(front_killed) as f64 / 1e3);
         let s: Value = serde_json::from_str(&std::fs::read_to_string(&summary)?)?;
         let ctl: Value = std::fs::read_to_string(&ctl_summary)
             .ok()
@@ -451,6 +496,10 @@ impl Bench {
             ingested: f["ingested"].as_u64().unwrap_or(0),
             published: f["published"].as_u64().unwrap_or(0),
             replan_error,
+            front_takeover_s: after_kill(b["front_lease"]["taken_unix_ms"].as_u64()),
+            camera_back_s: after_kill(first_captured),
+            standby_ingested: b["flows"][0]["ingested"].as_u64().unwrap_or(0),
+            standby_published: b["flows"][0]["published"].as_u64().unwrap_or(0),
         })
     }
 }
@@ -507,10 +556,18 @@ pub fn control_table(rows: &[ControlRow]) -> String {
         if let Some(e) = &r.replan_error {
             let _ = writeln!(s, "       re-plan failed: {e}");
         }
+        let _ = writeln!(
+            s,
+            "       front killed: standby took the lease after {} s, camera back after {} s, standby published {}/{}",
+            o(r.front_takeover_s),
+            o(r.camera_back_s),
+            r.standby_published,
+            r.standby_ingested
+        );
     }
     let _ = write!(
         s,
-        "epoch out / running: from the SIGKILL to the controller publishing the epoch without the killed server / to the front running it.\nrejoined: from the restart to the front running the epoch with it again."
+        "epoch out / running: from the SIGKILL to the controller publishing the epoch without the killed server / to the front running it.\nrejoined: from the restart to the front running the epoch with it again.\nfront killed: then a front in n1 is SIGKILLed while a standby front waits in n2; camera back: the first frame the standby captured after the kill (and published)."
     );
     s
 }

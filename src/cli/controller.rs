@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::CliError;
 use crate::clock::unix_ms;
-use crate::cluster::bus::{Bus, NODE_SILENT};
+use crate::cluster::bus::{Bus, Lease, NODE_SILENT};
 use crate::cluster::epoch::{Epoch, live_servers, name_routes, planned_flows, replan_on};
 
 /// Arguments of `poolpipe controller`.
@@ -112,13 +112,13 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
             last_lease = now;
             match lease {
                 Some(rev) => {
-                    lease = bus.renew_lease(&me, rev);
+                    lease = bus.renew_lease(Lease::Controller, &me, rev);
                     if lease.is_none() {
                         tracing::warn!(id = %me, "Controller lease lost; waiting to take it again.");
                     }
                 }
                 None => {
-                    if let Some(rev) = bus.take_lease(&me) {
+                    if let Some(rev) = bus.take_lease(Lease::Controller, &me) {
                         lease = Some(rev);
                         leader_since = now;
                         current = bus.current().map_err(|e| runtime(&e))?;
@@ -228,7 +228,7 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
         }
     }
     if lease.is_some() {
-        bus.release_lease();
+        bus.release_lease(Lease::Controller);
     }
     let summary = json!({"controller": me, "leases": leases, "epochs": published});
     println!("{summary}");

@@ -72,9 +72,18 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         progress: true,
         serve: a.serve,
         control,
+        stop: Some(shutdown.clone()),
     };
     tracing::info!(pipeline = %p.name, file = %path.display(), "Starting pipeline.");
-    let running = pipeline::start(&p, &opts).map_err(|e| CliError::Runtime(e.to_string()))?;
+    let running = match pipeline::start(&p, &opts) {
+        Ok(r) => r,
+        // A standby front stopped before it took the cameras over: nothing ran, nothing to say.
+        Err(pipeline::PipelineError::StoppedAsStandby) => {
+            tracing::info!("Stopped as a standby front; no frames ran here.");
+            return Ok(());
+        }
+        Err(e) => return Err(CliError::Runtime(e.to_string())),
+    };
     // The API listens before any source starts, so a taken port fails the start.
     let server: Option<ApiServer> = match &api {
         Some(o) => Some(
@@ -103,6 +112,15 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
     if !summary.panics.is_empty() {
         let what: Vec<String> = summary.panics.iter().map(ToString::to_string).collect();
         return Err(CliError::Runtime(what.join("; ")));
+    }
+    if summary
+        .front_lease
+        .as_ref()
+        .is_some_and(|l| l["lost"] == true)
+    {
+        return Err(CliError::Runtime(
+            "another front took the cameras over (this one lost the front lease, cut off from NATS): stopped".into(),
+        ));
     }
     if !summary.balanced() {
         return Err(CliError::Runtime(

@@ -6,9 +6,10 @@
 //!   [`HEARTBEAT`]: its node name and the last epoch it applied;
 //! - the JetStream key-value bucket `poolpipe_NAME` holds `epoch` (the current [`Epoch`], JSON)
 //!   and `members` (the controller's view: per node up or not, and its applied epoch);
-//! - the bucket `poolpipe_NAME_lease` (entries live [`LEASE_TTL`]) holds `controller`: the
-//!   controller that created it owns the plan and renews it every second; another controller
-//!   waits until it expires.
+//! - the bucket `poolpipe_NAME_lease` (entries live [`LEASE_TTL`]) holds the [`Lease`]s:
+//!   `controller`, whose holder owns the plan, and `front`, whose holder runs the cameras. The
+//!   process that created one renews it every second; another waits until it expires (or is
+//!   let go) and then takes it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -265,25 +266,135 @@ impl Bus {
         Ok(())
     }
 
-    /// Takes the controller lease for `me` if no one holds it: its revision, to renew it with.
-    pub fn take_lease(&self, me: &str) -> Option<u64> {
+    /// Takes `lease` for `me` if no one holds it: its revision, to renew it with.
+    pub fn take_lease(&self, lease: Lease, me: &str) -> Option<u64> {
         self.rt
-            .block_on(self.lease.create("controller", me.to_string().into()))
+            .block_on(self.lease.create(lease.key(), me.to_string().into()))
             .ok()
     }
 
-    /// Renews the lease held at `revision`: the next revision, or `None` where it was lost.
-    pub fn renew_lease(&self, me: &str, revision: u64) -> Option<u64> {
+    /// Renews `lease` held at `revision`: the next revision, or `None` where it was lost (or
+    /// NATS did not answer).
+    pub fn renew_lease(&self, lease: Lease, me: &str, revision: u64) -> Option<u64> {
         self.rt
             .block_on(
                 self.lease
-                    .update("controller", me.to_string().into(), revision),
+                    .update(lease.key(), me.to_string().into(), revision),
             )
             .ok()
     }
 
-    /// Lets go of the lease (a controller that stops), so another takes over at once.
-    pub fn release_lease(&self) {
-        let _ = self.rt.block_on(self.lease.purge("controller"));
+    /// Who holds `lease`: `Ok(None)` where no one does (it expired or was let go), an error
+    /// where NATS did not answer.
+    pub fn lease_holder(&self, lease: Lease) -> Result<Option<String>, BusError> {
+        let v = self
+            .rt
+            .block_on(self.lease.get(lease.key()))
+            .map_err(|e| self.store_err(e))?;
+        Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// Lets go of `lease` (a process that stops), so another takes over at once.
+    pub fn release_lease(&self, lease: Lease) {
+        let _ = self.rt.block_on(self.lease.purge(lease.key()));
+    }
+}
+
+/// The leases of a pipeline's control plane: one process holds each at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// The controller that owns the plan.
+    Controller,
+    /// The front that runs the cameras (sources, batchers, sinks).
+    Front,
+}
+
+impl Lease {
+    fn key(self) -> &'static str {
+        match self {
+            Lease::Controller => "controller",
+            Lease::Front => "front",
+        }
+    }
+}
+
+/// A lease held and renewed every second on a thread of its own, until [`LeaseKeeper::release`].
+/// Where another process took it (this one was cut off from NATS for longer than [`LEASE_TTL`]),
+/// `lost` is set and `on_lost` is raised: the holder must stop doing what the lease is for.
+/// Where NATS does not answer, it keeps trying: no one else can take the lease then either.
+pub struct LeaseKeeper {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    /// Keeps `lease`, taken by `me` at `revision`.
+    pub fn keep(
+        bus: Arc<Bus>,
+        lease: Lease,
+        me: String,
+        revision: u64,
+        on_lost: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<LeaseKeeper, BusError> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicBool::new(false));
+        let (s, l) = (stop.clone(), lost.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-lease", lease.key()))
+            .spawn(move || {
+                let mut rev = revision;
+                let mut last = Instant::now();
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if last.elapsed() < Duration::from_secs(1) {
+                        continue;
+                    }
+                    last = Instant::now();
+                    if let Some(next) = bus.renew_lease(lease, &me, rev) {
+                        rev = next;
+                        continue;
+                    }
+                    match bus.lease_holder(lease) {
+                        Ok(Some(h)) if h != me => {
+                            tracing::error!(lease = lease.key(), holder = %h, "Lease taken by another process: stopping.");
+                            l.store(true, Ordering::SeqCst);
+                            on_lost.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        // It expired (NATS was away for longer than its life): take it again.
+                        Ok(None) => {
+                            if let Some(r) = bus.take_lease(lease, &me) {
+                                rev = r;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                bus.release_lease(lease);
+            })?;
+        Ok(LeaseKeeper {
+            stop,
+            lost,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether another process took the lease.
+    pub fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets go of the lease (unless it was lost) and stops renewing it.
+    pub fn release(self) {}
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

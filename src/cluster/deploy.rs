@@ -278,6 +278,34 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
     ));
     let front_labels =
         json!({"app.kubernetes.io/name": "poolpipe", "app.kubernetes.io/component": "front"});
+    let mut front = json!({
+        "name": "front",
+        "image": t.image,
+        "args": ["poolpipe", "run", "/etc/poolpipe/pipeline.toml", "--serve", "--api", format!("0.0.0.0:{API_PORT}")],
+        "env": [{"name": "POOLPIPE_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "poolpipe-api", "key": "token"}}}],
+        "ports": [{"name": "api", "containerPort": API_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "api"}, "periodSeconds": 2},
+        "volumeMounts": mounts,
+    });
+    let mut front_pod = json!({
+        "tolerations": tolerations(false),
+        "terminationGracePeriodSeconds": 30,
+        "containers": [],
+        "volumes": volumes,
+    });
+    if t.controller {
+        // Two fronts: the one holding the front lease runs the cameras (and is the Service's
+        // ready endpoint); the other stands by without an API, on another machine where there
+        // is one, and takes the cameras over when the lease ends. So no liveness probe: a
+        // standby never answers one.
+        front_pod["affinity"] = json!({"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100,
+            "podAffinityTerm": {"labelSelector": {"matchLabels": front_labels.clone()}, "topologyKey": "kubernetes.io/hostname"},
+        }]}});
+    } else {
+        front["livenessProbe"] = json!({"httpGet": {"path": "/health", "port": "api"}, "periodSeconds": 5, "failureThreshold": 6});
+    }
+    front_pod["containers"] = json!([front]);
     out.push((
         "front.yaml".into(),
         json!({
@@ -285,26 +313,12 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
             "kind": "Deployment",
             "metadata": meta("poolpipe-front", "front", t),
             "spec": {
-                "replicas": 1,
+                "replicas": if t.controller { 2 } else { 1 },
                 "strategy": {"type": "Recreate"},
                 "selector": {"matchLabels": front_labels.clone()},
                 "template": {
                     "metadata": {"labels": front_labels.clone()},
-                    "spec": {
-                        "tolerations": tolerations(false),
-                        "terminationGracePeriodSeconds": 30,
-                        "containers": [{
-                            "name": "front",
-                            "image": t.image,
-                            "args": ["poolpipe", "run", "/etc/poolpipe/pipeline.toml", "--serve", "--api", format!("0.0.0.0:{API_PORT}")],
-                            "env": [{"name": "POOLPIPE_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "poolpipe-api", "key": "token"}}}],
-                            "ports": [{"name": "api", "containerPort": API_PORT}],
-                            "readinessProbe": {"httpGet": {"path": "/health", "port": "api"}, "periodSeconds": 2},
-                            "livenessProbe": {"httpGet": {"path": "/health", "port": "api"}, "periodSeconds": 5, "failureThreshold": 6},
-                            "volumeMounts": mounts,
-                        }],
-                        "volumes": volumes,
-                    }
+                    "spec": front_pod,
                 }
             }
         }),

@@ -29,8 +29,16 @@
 //! applied by the nodes and the front while they run. `poolpipe deploy` writes Kubernetes
 //! manifests or bare-metal files ([`deploy`]).
 //!
-//! Not built yet (issue "Past one machine"): cameras moving between nodes (sources run on the
-//! front). A route whose remote stage is followed by another stage comes back through the front.
+//! The cameras run on the front, and move with it: several `poolpipe run` of the same file may
+//! run (on different machines); the one holding the front lease ([`bus::Lease::Front`]) opens
+//! the sources, the others stand by, and when its lease ends (the process died, or stopped and
+//! let it go) one of them takes it, reconnects to the cameras and runs them in the current
+//! epoch. A front that runs workers itself can only be replaced on its own machine; the file
+//! `poolpipe deploy` writes has a front that runs none.
+//!
+//! Not built yet (issue "Past one machine"): cameras spread over several fronts at once (one
+//! front runs them all). A route whose remote stage is followed by another stage comes back
+//! through the front.
 
 pub mod bus;
 pub mod deploy;

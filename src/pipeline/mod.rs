@@ -77,6 +77,9 @@ pub enum PipelineError {
     /// The other nodes of a `[cluster]` cannot be reached.
     #[error("cluster: {0}")]
     Cluster(String),
+    /// Stopped while another front held the cameras (`[cluster] nats`): nothing ran.
+    #[error("stopped as a standby front: another front held the cameras, and this one ran none")]
+    StoppedAsStandby,
 }
 
 /// A stop request shared by signal handlers, the API and the run loop.
@@ -115,6 +118,9 @@ pub struct RunOptions {
     pub serve: bool,
     /// Re-plan while running (a pipeline served by a plan), with these settings.
     pub control: Option<crate::control::ControlSettings>,
+    /// Ends a front's wait for the cameras while another front holds them (`[cluster] nats`);
+    /// [`run`] sets it to its shutdown.
+    pub stop: Option<Shutdown>,
 }
 
 /// A pipeline whose stages, workers and publisher run, waiting for its sources
@@ -130,6 +136,8 @@ pub struct Running {
     control: Option<replan::Replanner>,
     /// The follower of a controller's plan epochs (`[cluster] nats`).
     follower: Option<epochs::Follower>,
+    /// The front lease this front runs the cameras under (`[cluster] nats`).
+    front_lease: Option<FrontLease>,
     /// Sinks' buffers, released after their flush timeout at shutdown.
     sink_buffers: Vec<(Arc<Queue>, Duration)>,
 }
@@ -142,7 +150,11 @@ pub const NODE_WAIT: Duration = Duration::from_secs(30);
 
 /// Runs a validated pipeline until it ends or is stopped, and returns its counters.
 pub fn run(p: &Pipeline, opts: &RunOptions, shutdown: &Shutdown) -> Result<Summary, PipelineError> {
-    start(p, opts)?.wait(shutdown)
+    let opts = RunOptions {
+        stop: Some(shutdown.clone()),
+        ..opts.clone()
+    };
+    start(p, &opts)?.wait(shutdown)
 }
 
 /// Builds a validated pipeline and starts everything but its sources: engines are loaded and
@@ -152,7 +164,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     // With a controller ([cluster] nats): its bus, and the layout of its current epoch where
     // one was published (a front that restarts runs what the nodes run now).
     let file = p;
-    let (bus, from_epoch) = control_plane(p, opts)?;
+    let (bus, front_lease, from_epoch) = control_plane(p, opts)?;
     let p = from_epoch.as_ref().map_or(p, |(layout, _)| layout);
     let system_clock = SystemClock::new();
     let clock: SharedClock = Arc::new(system_clock);
@@ -342,7 +354,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                 None,
                 Some(epochs::Follower {
                     installer: replan::Installer::new(live.clone(), wiring, entries, resets, peers),
-                    bus: Arc::new(bus),
+                    bus,
                     base: file.clone(),
                     profiles,
                     front,
@@ -363,24 +375,56 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         sink_buffers,
         control,
         follower,
+        front_lease,
     })
 }
 
-/// With `[cluster] nats`: the control plane's bus, and the current epoch (with the layout it
-/// gives `p`) if the controller published one.
-#[allow(clippy::type_complexity)]
-fn control_plane(
-    p: &Pipeline,
-    opts: &RunOptions,
-) -> Result<
-    (
-        Option<crate::cluster::bus::Bus>,
-        Option<(Pipeline, crate::cluster::epoch::Epoch)>,
-    ),
-    PipelineError,
-> {
+/// The front lease held while this front runs the cameras, and what its summary says of it.
+struct FrontLease {
+    keeper: crate::cluster::bus::LeaseKeeper,
+    id: String,
+    waited_s: f64,
+    taken_unix_ms: u64,
+}
+
+impl FrontLease {
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "waited_s": self.waited_s,
+            "taken_unix_ms": self.taken_unix_ms,
+            "lost": self.keeper.lost(),
+        })
+    }
+}
+
+/// This front's name in the front lease: `front@HOST:PID` (a pod's name is its host name).
+fn front_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("front@{host}:{}", std::process::id())
+}
+
+/// The control plane's handles of a front: the bus, the front lease, and the current epoch
+/// with the layout it gives the pipeline.
+type ControlPlane = (
+    Option<Arc<crate::cluster::bus::Bus>>,
+    Option<FrontLease>,
+    Option<(Pipeline, crate::cluster::epoch::Epoch)>,
+);
+
+/// With `[cluster] nats`: the control plane's bus, the front lease (waited for while another
+/// front holds it: one front runs the cameras, the others stand by and take them over when its
+/// lease ends), and the current epoch (with the layout it gives `p`) if the controller
+/// published one.
+fn control_plane(p: &Pipeline, opts: &RunOptions) -> Result<ControlPlane, PipelineError> {
+    use crate::cluster::bus::{Bus, Lease, LeaseKeeper};
     let Some(url) = p.cluster.as_ref().and_then(|c| c.nats.clone()) else {
-        return Ok((None, None));
+        return Ok((None, None, None));
     };
     if opts.control.is_some() {
         return Err(PipelineError::Control(
@@ -388,8 +432,40 @@ fn control_plane(
         ));
     }
     let cluster = |e: &dyn std::fmt::Display| PipelineError::Cluster(e.to_string());
-    let bus =
-        crate::cluster::bus::Bus::connect(&url, &p.name, NODE_WAIT).map_err(|e| cluster(&e))?;
+    let bus = Arc::new(Bus::connect(&url, &p.name, NODE_WAIT).map_err(|e| cluster(&e))?);
+    let id = front_id();
+    let asked = Instant::now();
+    let mut said = None;
+    let revision = loop {
+        if let Some(r) = bus.take_lease(Lease::Front, &id) {
+            break r;
+        }
+        if opts.stop.as_ref().is_some_and(Shutdown::is_triggered) {
+            return Err(PipelineError::StoppedAsStandby);
+        }
+        let holder = bus.lease_holder(Lease::Front).ok().flatten();
+        if holder.is_some() && holder != said {
+            tracing::info!(holder = ?holder, "Standing by: another front runs the cameras; taking them over when its lease ends.");
+            said = holder;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let waited_s = asked.elapsed().as_secs_f64();
+    if said.is_some() {
+        tracing::info!(id = %id, waited_s = format!("{waited_s:.1}"), "Front lease taken: this front runs the cameras now.");
+    }
+    let lost = opts
+        .stop
+        .as_ref()
+        .map_or_else(|| Arc::new(AtomicBool::new(false)), Shutdown::flag);
+    let keeper = LeaseKeeper::keep(bus.clone(), Lease::Front, id.clone(), revision, lost)
+        .map_err(|e| cluster(&e))?;
+    let lease = FrontLease {
+        keeper,
+        id,
+        waited_s,
+        taken_unix_ms: crate::clock::unix_ms(),
+    };
     let profiles = p.plan.as_ref().and_then(|r| r.profiles.clone());
     let current = bus.current().map_err(|e| cluster(&e))?;
     let from = match (current, profiles) {
@@ -401,7 +477,30 @@ fn control_plane(
         }
         _ => None,
     };
-    Ok((Some(bus), from))
+    // Taken over from a front on another machine: the workers the layout puts on the front
+    // (its devices) run here now.
+    let host = |id: &str| {
+        id.split_once('@')
+            .map(|(_, h)| h.rsplit_once(':').map_or(h, |x| x.0).to_string())
+    };
+    let layout = from.as_ref().map_or(p, |(l, _)| l);
+    let local = layout
+        .stages
+        .iter()
+        .filter(|s| (0..s.workers).any(|w| s.remote_node(w, layout.cluster.as_ref()).is_none()))
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>();
+    if let Some(before) = &said
+        && host(before) != host(&lease.id)
+        && !local.is_empty()
+    {
+        tracing::warn!(
+            before = %before,
+            stages = %local.join(", "),
+            "Took the cameras over from a front on another machine, and this layout runs workers on the front: they run on this machine's devices now."
+        );
+    }
+    Ok((Some(bus), Some(lease), from))
 }
 
 /// Logs which devices each stage's processes run on.
@@ -448,6 +547,7 @@ impl Running {
             sink_buffers,
             control,
             follower,
+            front_lease,
         } = self;
         let started = live.started;
         live.start_sources()?;
@@ -495,7 +595,15 @@ impl Running {
                     || budget_spent_at.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)));
             let timed_out = opts.duration.is_some_and(|d| started.elapsed() >= d);
             let panicked = stats.any_panicked();
-            if shutdown.is_triggered() || out_of_budget || timed_out || all_ended || panicked {
+            // Another front took the cameras over (this one was cut off from NATS): stop.
+            let deposed = front_lease.as_ref().is_some_and(|l| l.keeper.lost());
+            if shutdown.is_triggered()
+                || out_of_budget
+                || timed_out
+                || all_ended
+                || panicked
+                || deposed
+            {
                 break;
             }
             if show_progress && last_progress.elapsed() >= Duration::from_millis(500) {
@@ -545,6 +653,12 @@ impl Running {
         for s in sources {
             let _ = s.join();
         }
+        // The cameras are closed: a standby front may take them now, while this one drains.
+        let front = front_lease.map(|l| {
+            let d = l.describe();
+            l.keeper.release();
+            d
+        });
         live.close_admissions();
         let threads = std::mem::take(&mut *build::lock(&threads));
         for (name, t) in threads {
@@ -554,6 +668,7 @@ impl Running {
         }
         let mut summary = stats.summary(started.elapsed().as_secs_f64());
         summary.epochs = build::lock(&live.epochs).clone();
+        summary.front_lease = front;
         Ok(summary)
     }
 }
