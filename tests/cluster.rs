@@ -756,11 +756,13 @@ fn a_front_that_starts_late_starts_in_the_current_epoch() {
     );
 }
 
-/// The cameras move when the front that runs them dies: a second `poolpipe run` of the same
+/// The cameras move when the front that runs them is gone: a second `poolpipe run` of the same
 /// file stands by (no API, no sources) while the first holds the front lease, and when the
-/// first is SIGKILLed it takes the lease once it expires, reconnects to the RTSP camera and
-/// runs it in the controller's current epoch. A standby stopped before it took over exits
-/// cleanly having run nothing.
+/// first stops answering (SIGSTOP: a front cut off, or dead) it takes the lease once it
+/// expires, reconnects to the RTSP camera and runs it in the controller's current epoch. The
+/// first, resumed, finds its lease taken and stops with an error (two fronts do not keep
+/// running one camera). A standby stopped before it took over exits cleanly having run nothing.
+/// (`bench nodes --controller` SIGKILLs the front instead, in network namespaces.)
 #[test]
 fn a_standby_front_takes_the_camera_over_when_the_front_dies() {
     let Some(profiles) = common::shared_profiles() else {
@@ -812,7 +814,11 @@ fn a_standby_front_takes_the_camera_over_when_the_front_dies() {
         )
     };
     let (a_api, b_api, c_api) = (free_port(), free_port(), free_port());
-    let a = run(a_api, &["--serve"]);
+    let a_summary = dir.path().join("a.json");
+    let a = run(
+        a_api,
+        &["--serve", "--summary-json", a_summary.to_str().unwrap()],
+    );
     assert!(
         wait_listening(a_api, Duration::from_secs(40)),
         "front A did not start"
@@ -839,12 +845,43 @@ fn a_standby_front_takes_the_camera_over_when_the_front_dies() {
         "B serves while A runs"
     );
 
+    let signal = |child: &KillOnDrop, sig: &str| {
+        let pid = child.0.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal(&a, "-STOP");
     let killed_ms = poolpipe::clock::unix_ms();
-    drop(a);
     assert!(
         wait_listening(b_api, Duration::from_secs(20)),
         "B did not take over"
     );
+    // A comes back: its lease is B's now, so it stops, says why, and keeps its accounting.
+    signal(&a, "-CONT");
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let mut a = a;
+    let a_status = loop {
+        if let Some(s) = a.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the deposed front kept running"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        !a_status.success(),
+        "a deposed front exited with {a_status}"
+    );
+    let sa = read_summary(&a_summary);
+    assert_eq!(sa["front_lease"]["lost"], true, "{sa}");
+    common::assert_balanced(&sa);
     // A third front stands by behind B; stopped before it takes over, it ran nothing.
     let c_summary = dir.path().join("c.json");
     let c = run(c_api, &["--summary-json", c_summary.to_str().unwrap()]);

@@ -119,7 +119,7 @@ pub fn run(a: RunArgs) -> Result<(), CliError> {
         .is_some_and(|l| l["lost"] == true)
     {
         return Err(CliError::Runtime(
-            "another front took the cameras over (this one lost the front lease, cut off from NATS): stopped".into(),
+            "another front took the cameras over (this one was stalled or cut off from NATS for longer than the front lease lives): stopped".into(),
         ));
     }
     if !summary.balanced() {
