@@ -218,6 +218,64 @@ fn a_node_whose_link_goes_down_is_taken_out_within_two_seconds_and_back_when_it_
 /// reset: its heartbeats just stop) and put back at 12 s: the controller re-plans on the
 /// servers that remain, and when t4-1's heartbeats return (its NATS client reconnects) it takes
 /// it back, t4-1 applying the new epoch it missed.
+/// The planned pipeline deployed on the lab's three namespaces (server `l4-0` in n1, `t4-0` in
+/// n2, `t4-1` in n3) with nats-server in n1, a controller in n1 and the three nodes started:
+/// the pipeline file, and the processes (dropped: killed).
+fn controlled(dir: &Path, profiles: &Path, lab: &Lab) -> (std::path::PathBuf, Vec<KillOnDrop>) {
+    let files = common::planned(dir, profiles);
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let url = format!("nats://{}:4222", lab.addr(0));
+    let mut args: Vec<String> = vec!["--emit".into(), "nodes".into(), "--nats".into(), url];
+    for (i, n) in names.iter().enumerate() {
+        args.push("--address".into());
+        args.push(format!("{n}={}:{PORT}", lab.addr(i)));
+    }
+    let out = dir.join("bare");
+    let o = common::deploy(
+        &files,
+        &out,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = out.join("pipeline.toml");
+    let mut procs = vec![KillOnDrop(
+        lab.command(0, Path::new("nats-server"))
+            .args(["-a", "0.0.0.0", "-p", "4222", "-js", "-sd"])
+            .arg(dir.join("js"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (./setup.sh installs it)"),
+    )];
+    procs.push(KillOnDrop(
+        lab.command(0, &bin())
+            .args(["controller", file.to_str().unwrap(), "--summary-json"])
+            .arg(dir.join("controller.json"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    ));
+    for (i, n) in names.iter().enumerate() {
+        procs.push(KillOnDrop(
+            lab.command(i, &bin())
+                .args([
+                    "node",
+                    file.to_str().unwrap(),
+                    "--name",
+                    n,
+                    "--summary-json",
+                ])
+                .arg(dir.join(format!("{n}.json")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        ));
+    }
+    (file, procs)
+}
+
 #[test]
 fn a_controller_replans_when_a_cable_is_pulled_and_takes_the_node_back() {
     let Some(profiles) = common::shared_profiles() else {
@@ -234,61 +292,7 @@ fn a_controller_replans_when_a_cable_is_pulled_and_takes_the_node_back() {
         lab.shape(i, Some(1000)).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    let files = common::planned(dir.path(), &profiles);
-    let names = ["l4-0", "t4-0", "t4-1"];
-    let url = format!("nats://{}:4222", lab.addr(0));
-    let mut args: Vec<String> = vec!["--emit".into(), "nodes".into(), "--nats".into(), url];
-    for (i, n) in names.iter().enumerate() {
-        args.push("--address".into());
-        args.push(format!("{n}={}:{PORT}", lab.addr(i)));
-    }
-    let out = dir.path().join("bare");
-    let o = common::deploy(
-        &files,
-        &out,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let file = out.join("pipeline.toml");
-    let _nats = KillOnDrop(
-        lab.command(0, Path::new("nats-server"))
-            .args(["-a", "0.0.0.0", "-p", "4222", "-js", "-sd"])
-            .arg(dir.path().join("js"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server (./setup.sh installs it)"),
-    );
-    let ctl = KillOnDrop(
-        lab.command(0, &bin())
-            .args(["controller", file.to_str().unwrap(), "--summary-json"])
-            .arg(dir.path().join("controller.json"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
-    let nodes: Vec<KillOnDrop> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            KillOnDrop(
-                lab.command(i, &bin())
-                    .args([
-                        "node",
-                        file.to_str().unwrap(),
-                        "--name",
-                        n,
-                        "--summary-json",
-                    ])
-                    .arg(dir.path().join(format!("{n}.json")))
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let (file, procs) = controlled(dir.path(), &profiles, &lab);
     let summary = dir.path().join("front.json");
     let mut front = KillOnDrop(
         lab.command(0, &bin())
@@ -335,8 +339,7 @@ fn a_controller_replans_when_a_cable_is_pulled_and_takes_the_node_back() {
         "epoch 1 published {} ms after the cable was pulled",
         published as i64 - cut as i64
     );
-    drop(nodes);
-    drop(ctl);
+    drop(procs);
     // Each epoch's routes ran frames, t4-1's too once it was back.
     for prefix in ["f0.p0.", "f0.e1.", "f0.e2."] {
         assert!(
@@ -350,4 +353,96 @@ fn a_controller_replans_when_a_cable_is_pulled_and_takes_the_node_back() {
         f["published"].as_u64().unwrap() as f64 >= 0.8 * f["ingested"].as_u64().unwrap() as f64,
         "{f}"
     );
+}
+
+/// The cameras move when the front's cable is pulled: front A runs in n3 (beside node t4-1), a
+/// standby front B waits in n1. With n3 cut off, the controller re-plans without t4-1, A's
+/// front lease expires and B takes it, reconnects to the camera and runs it; when the cable is
+/// back, A finds its lease taken and stops with an error, and t4-1 rejoins B's layout.
+#[test]
+fn a_standby_front_takes_the_cameras_over_when_the_fronts_cable_is_pulled() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let lab = match Lab::new(3) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (file, procs) = controlled(dir.path(), &profiles, &lab);
+    let front = |ns: usize, summary: &Path, extra: &[&str]| {
+        KillOnDrop(
+            lab.command(ns, &bin())
+                .args(["run", file.to_str().unwrap(), "--api", "off"])
+                .args(extra)
+                .arg("--summary-json")
+                .arg(summary)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let (a_summary, b_summary) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let mut a = front(2, &a_summary, &["--duration", "60"]);
+    std::thread::sleep(Duration::from_secs(5));
+    let mut b = front(0, &b_summary, &["--duration", "12"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(a.0.try_wait().unwrap().is_none(), "front A exited");
+    assert!(b.0.try_wait().unwrap().is_none(), "the standby exited");
+    lab.set_link(2, false).unwrap();
+    let cut = unix_ms();
+    std::thread::sleep(Duration::from_secs(7));
+    lab.set_link(2, true).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(40);
+    let a_status = loop {
+        if let Some(s) = a.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "front A kept running after its cable came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        !a_status.success(),
+        "a deposed front exited with {a_status}"
+    );
+    let sa = read_summary(&a_summary);
+    assert_eq!(sa["front_lease"]["lost"], true, "{sa}");
+    common::assert_balanced(&sa);
+
+    let status = b.0.wait().unwrap();
+    assert!(status.success(), "front B exited with {status}");
+    drop(procs);
+    let s = read_summary(&b_summary);
+    common::assert_balanced(&s);
+    let lease = &s["front_lease"];
+    assert_eq!(lease["lost"], false, "{s}");
+    let taken = lease["taken_unix_ms"].as_u64().unwrap();
+    assert!(
+        taken >= cut && taken - cut <= 5000,
+        "B took the lease {} ms after the cable was pulled",
+        taken as i64 - cut as i64
+    );
+    let f = &s["flows"][0];
+    assert_eq!(f["failed"], 0, "{f}");
+    assert!(f["ingested"].as_u64().unwrap() >= 60, "{f}");
+    assert!(
+        f["published"].as_u64().unwrap() as f64 >= 0.8 * f["ingested"].as_u64().unwrap() as f64,
+        "{f}"
+    );
+    // B started in the epoch without t4-1 and took it back when its cable returned.
+    let reasons: Vec<&str> = s["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["lost t4-1", "joined t4-1"], "{s}");
+    assert_eq!(s["epochs"][0]["started_in"], true, "{s}");
 }
