@@ -861,6 +861,12 @@ fn a_standby_front_takes_the_camera_over_when_the_front_dies() {
         wait_listening(b_api, Duration::from_secs(20)),
         "B did not take over"
     );
+    // B says in /status which front it is and how long it stood by.
+    let b_status = common::status(&format!("http://127.0.0.1:{b_api}"));
+    assert!(
+        b_status["front_lease"]["waited_s"].as_f64().unwrap() >= 4.0,
+        "{b_status}"
+    );
     // A comes back: its lease is B's now, so it stops, says why, and keeps its accounting.
     signal(&a, "-CONT");
     let until = std::time::Instant::now() + Duration::from_secs(30);

@@ -148,8 +148,13 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
             let plan_text = serde_json::to_string_pretty(&plan)
                 .map_err(|e| CliError::Runtime(e.to_string()))?;
             write("plan.json", &(plan_text + "\n"))?;
+            let control = if nats.is_some() {
+                "; with a controller, run `poolpipe controller pipeline.toml` (two, for a standby), and `poolpipe run` on a second machine too: it stands by and takes the cameras over if the front is lost"
+            } else {
+                ""
+            };
             println!(
-                "wrote pipeline.toml and plan.json to {}: copy both to every machine; on each server run `poolpipe node pipeline.toml --name NAME` ({}), then `poolpipe run pipeline.toml` on the front",
+                "wrote pipeline.toml and plan.json to {}: copy both to every machine; on each server run `poolpipe node pipeline.toml --name NAME` ({}), then `poolpipe run pipeline.toml` on the front{control}",
                 a.out.display(),
                 nodes.join(", ")
             );

@@ -120,6 +120,8 @@ pub struct Live {
     pub(super) replans: Mutex<Vec<crate::control::Replan>>,
     /// Every controller epoch applied (`[cluster] nats`).
     pub(super) epochs: Mutex<Vec<serde_json::Value>>,
+    /// The front lease this front runs the cameras under (`[cluster] nats`).
+    pub(super) front_lease: Mutex<Option<serde_json::Value>>,
     reloads: AtomicU64,
     stopping: AtomicBool,
     /// Tracks and rule states per stream.
@@ -177,6 +179,7 @@ impl Live {
             queues: Mutex::new(queues),
             replans: Mutex::new(Vec::new()),
             epochs: Mutex::new(Vec::new()),
+            front_lease: Mutex::new(None),
             reloads: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             analytics,
@@ -790,6 +793,7 @@ impl Live {
                 "error": r.error,
             })).collect::<Vec<_>>(),
             "epochs": lock(&self.epochs).clone(),
+            "front_lease": lock(&self.front_lease).clone(),
             "streams": streams,
             "stages": stages,
             "pools": pools,

@@ -311,6 +311,9 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         latest,
         output_views,
     ));
+    if let Some(l) = &front_lease {
+        *build::lock(&live.front_lease) = Some(l.describe());
+    }
     // With re-planning on, the controller keeps the wiring to build new routes with; otherwise
     // it goes here (and with it this copy of the publisher's queue).
     let nats = bus.and_then(|b| Some((b, p.cluster.as_ref()?.front.clone())));
