@@ -815,7 +815,7 @@ fn a_standby_front_takes_the_camera_over_when_the_front_dies() {
     };
     let (a_api, b_api, c_api) = (free_port(), free_port(), free_port());
     let a_summary = dir.path().join("a.json");
-    let a = run(
+    let mut a = run(
         a_api,
         &["--serve", "--summary-json", a_summary.to_str().unwrap()],
     );
@@ -869,25 +869,7 @@ fn a_standby_front_takes_the_camera_over_when_the_front_dies() {
     );
     // A comes back: its lease is B's now, so it stops, says why, and keeps its accounting.
     signal(&a, "-CONT");
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    let mut a = a;
-    let a_status = loop {
-        if let Some(s) = a.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "the deposed front kept running"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(
-        !a_status.success(),
-        "a deposed front exited with {a_status}"
-    );
-    let sa = read_summary(&a_summary);
-    assert_eq!(sa["front_lease"]["lost"], true, "{sa}");
-    common::assert_balanced(&sa);
+    common::assert_deposed(&mut a, &a_summary);
     // A third front stands by behind B; stopped before it takes over, it ran nothing.
     let c_summary = dir.path().join("c.json");
     let c = run(c_api, &["--summary-json", c_summary.to_str().unwrap()]);

@@ -432,3 +432,20 @@ pub fn start_nats(store: &Path, port: u16) -> KillOnDrop {
     assert!(wait_listening(port, Duration::from_secs(10)));
     child
 }
+
+/// Waits (40 s at most) for a front whose front lease another front took to stop: it exits
+/// with an error, its summary says the lease was lost, and its accounting balances.
+pub fn assert_deposed(front: &mut KillOnDrop, summary: &Path) {
+    let until = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(s) = front.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < until, "the deposed front kept running");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "a deposed front exited with {status}");
+    let s = read_summary(summary);
+    assert_eq!(s["front_lease"]["lost"], true, "{s}");
+    assert_balanced(&s);
+}
