@@ -785,9 +785,11 @@ fn a_standby_front_takes_the_camera_over_when_the_front_dies() {
         ),
     )
     .unwrap();
-    let _controller = KillOnDrop(
+    let ctl_summary = dir.path().join("controller.json");
+    let controller = KillOnDrop(
         Command::new(bin())
-            .args(["controller", file.to_str().unwrap()])
+            .args(["controller", file.to_str().unwrap(), "--summary-json"])
+            .arg(&ctl_summary)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -906,5 +908,33 @@ fn a_standby_front_takes_the_camera_over_when_the_front_dies() {
     assert!(
         published as f64 >= 0.9 * ingested as f64,
         "published {published} of {ingested}: {s}"
+    );
+    // The controller heard every front that ran the camera: A went silent (stopped) holding
+    // frames, and later stopped, deposed; B stopped at its end. Each said what it held.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(common::stop_with(controller, "INT").success());
+    let c = read_summary(&ctl_summary);
+    let sa = read_summary(&a_summary);
+    let gone = c["fronts_gone"].as_array().unwrap();
+    let outcomes = |id: &Value| -> Vec<&str> {
+        gone.iter()
+            .filter(|g| &g["id"] == id)
+            .map(|g| g["outcome"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        outcomes(&sa["front_lease"]["id"]),
+        ["silent", "stopped"],
+        "{c}"
+    );
+    assert_eq!(outcomes(&s["front_lease"]["id"]), ["stopped"], "{c}");
+    let a_silent = gone
+        .iter()
+        .find(|g| g["id"] == sa["front_lease"]["id"])
+        .unwrap();
+    assert!(a_silent["ingested"].as_u64().unwrap() > 0, "{c}");
+    assert!(
+        a_silent["in_flight"].as_u64().unwrap() <= sa["flows"][0]["ingested"].as_u64().unwrap(),
+        "{c}"
     );
 }

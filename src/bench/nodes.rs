@@ -79,6 +79,9 @@ pub struct ControlRow {
     /// published) from the camera.
     pub front_takeover_s: Option<f64>,
     pub camera_back_s: Option<f64>,
+    /// Frames the killed front held (ingested, not settled) by its last heartbeat, as the
+    /// controller reports them.
+    pub front_in_flight: Option<u64>,
     /// Frames the standby ingested and published in its 6 s.
     pub standby_ingested: u64,
     pub standby_published: u64,
@@ -498,6 +501,12 @@ impl Bench {
             replan_error,
             front_takeover_s: after_kill(b["front_lease"]["taken_unix_ms"].as_u64()),
             camera_back_s: after_kill(first_captured),
+            front_in_flight: ctl["fronts_gone"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|g| g["outcome"] == "silent")
+                .and_then(|g| g["in_flight"].as_u64()),
             standby_ingested: b["flows"][0]["ingested"].as_u64().unwrap_or(0),
             standby_published: b["flows"][0]["published"].as_u64().unwrap_or(0),
         })
@@ -558,7 +567,8 @@ pub fn control_table(rows: &[ControlRow]) -> String {
         }
         let _ = writeln!(
             s,
-            "       front killed: standby took the lease after {} s, camera back after {} s, standby published {}/{}",
+            "       front killed holding {} frames: standby took the lease after {} s, camera back after {} s, standby published {}/{}",
+            r.front_in_flight.map_or("-".into(), |n| n.to_string()),
             o(r.front_takeover_s),
             o(r.camera_back_s),
             r.standby_published,

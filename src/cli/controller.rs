@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::CliError;
 use crate::clock::unix_ms;
-use crate::cluster::bus::{Bus, Lease, NODE_SILENT};
+use crate::cluster::bus::{Bus, FrontCounters, Lease, NODE_SILENT};
 use crate::cluster::epoch::{Epoch, live_servers, name_routes, planned_flows, replan_on};
 
 /// Arguments of `poolpipe controller`.
@@ -93,6 +93,9 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
     tracing::info!(id = %me, nodes = %nodes.join(", "), "Controller waiting for the lease.");
 
     let mut seen: BTreeMap<String, (Instant, Option<u64>)> = BTreeMap::new();
+    // Fronts by id: when last heard, and what they last said of their frames.
+    let mut fronts: BTreeMap<String, (Instant, FrontCounters)> = BTreeMap::new();
+    let mut fronts_gone: Vec<serde_json::Value> = Vec::new();
     let mut lease: Option<u64> = None;
     let mut leader_since = Instant::now();
     let mut last_lease = Instant::now() - Duration::from_secs(10);
@@ -106,7 +109,36 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
         std::thread::sleep(Duration::from_millis(50));
         let now = Instant::now();
         for hb in beats.try_iter() {
+            if let Some(f) = hb.front {
+                // A heartbeat sent before the last one may arrive after it: "stopping" stays.
+                let stopping = f.stopping || fronts.get(&f.id).is_some_and(|x| x.1.stopping);
+                fronts.insert(f.id.clone(), (now, FrontCounters { stopping, ..f }));
+            }
             seen.insert(hb.node, (now, hb.applied));
+        }
+        // A front that went silent without saying it stops took the frames it held with it.
+        let silent: Vec<String> = fronts
+            .iter()
+            .filter(|(_, (at, _))| now - *at > NODE_SILENT)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in silent {
+            let Some((_, c)) = fronts.remove(&id) else {
+                continue;
+            };
+            if c.stopping {
+                tracing::info!(front = %id, "Front stopped.");
+            } else {
+                tracing::warn!(front = %id, in_flight = c.in_flight(), "Front silent: the frames it held are lost unless it comes back.");
+            }
+            fronts_gone.push(json!({
+                "id": id,
+                "outcome": if c.stopping { "stopped" } else { "silent" },
+                "ingested": c.ingested,
+                "settled": c.settled,
+                "in_flight": c.in_flight(),
+                "at_unix_ms": unix_ms(),
+            }));
         }
         if now - last_lease >= Duration::from_secs(1) {
             last_lease = now;
@@ -170,8 +202,25 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
                     )
                 })
                 .collect();
-            let _ =
-                bus.publish_members(&json!({"controller": me, "epoch": cur.epoch, "nodes": view}));
+            let front_view: serde_json::Map<String, serde_json::Value> = fronts
+                .iter()
+                .map(|(id, (at, c))| {
+                    (
+                        id.clone(),
+                        json!({
+                            "ingested": c.ingested,
+                            "in_flight": c.in_flight(),
+                            "last_heard_ms": (now - *at).as_millis() as u64,
+                        }),
+                    )
+                })
+                .collect();
+            let _ = bus.publish_members(&json!({
+                "controller": me,
+                "epoch": cur.epoch,
+                "nodes": view,
+                "fronts": front_view,
+            }));
         }
         let live: BTreeSet<String> = members
             .iter()
@@ -230,7 +279,12 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
     if lease.is_some() {
         bus.release_lease(Lease::Controller);
     }
-    let summary = json!({"controller": me, "leases": leases, "epochs": published});
+    let summary = json!({
+        "controller": me,
+        "leases": leases,
+        "epochs": published,
+        "fronts_gone": fronts_gone,
+    });
     println!("{summary}");
     if let Some(path) = &a.summary_json {
         std::fs::write(path, format!("{summary:#}\n"))

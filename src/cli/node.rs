@@ -40,7 +40,7 @@ fn follow(
 ) -> Result<std::thread::JoinHandle<()>, CliError> {
     let runtime = |e: &dyn std::fmt::Display| CliError::Runtime(e.to_string());
     let epochs = bus.epochs().map_err(|e| runtime(&e))?;
-    bus.beat(&f.node, f.applied.clone(), stop.clone());
+    bus.beat(&f.node, f.applied.clone(), stop.clone(), None);
     let bus = bus.clone();
     std::thread::Builder::new()
         .name("epochs".into())

@@ -45,7 +45,36 @@ pub struct Heartbeat {
     /// The last epoch the process applied (`None`: it runs the file's layout and has seen no
     /// epoch).
     pub applied: Option<u64>,
+    /// A front's own counters (fronts only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub front: Option<FrontCounters>,
 }
+
+/// What a front says of its frames in each heartbeat: if it dies, the frames it had ingested
+/// and not yet settled (published, dropped, failed or lost) die with it, and the controller
+/// says how many.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FrontCounters {
+    /// The front's id in the front lease.
+    pub id: String,
+    /// Frames its sources ingested.
+    pub ingested: u64,
+    /// Of those, frames with an outcome.
+    pub settled: u64,
+    /// Its last heartbeat: it stops (on a signal, or deposed) and drains what it holds.
+    #[serde(default)]
+    pub stopping: bool,
+}
+
+impl FrontCounters {
+    /// Frames ingested and not settled.
+    pub fn in_flight(&self) -> u64 {
+        self.ingested.saturating_sub(self.settled)
+    }
+}
+
+/// Reads a front's counters for its heartbeats.
+pub type CountFront = Arc<dyn Fn() -> FrontCounters + Send + Sync>;
 
 /// A connection to the control plane of one pipeline.
 pub struct Bus {
@@ -157,12 +186,13 @@ impl Bus {
     }
 
     /// Publishes a heartbeat of `node` every [`HEARTBEAT`] until `stop`, its applied epoch read
-    /// from `applied` (`u64::MAX`: none yet).
+    /// from `applied` (`u64::MAX`: none yet); a front's also carry its counters.
     pub fn beat(
         &self,
         node: &str,
         applied: Arc<std::sync::atomic::AtomicU64>,
         stop: Arc<std::sync::atomic::AtomicBool>,
+        front: Option<CountFront>,
     ) {
         let client = self.client.clone();
         let subject = self.subject.clone();
@@ -175,10 +205,28 @@ impl Bus {
                 let hb = Heartbeat {
                     node: node.clone(),
                     applied: (a != u64::MAX).then_some(a),
+                    front: front.as_ref().map(|f| f()),
                 };
                 if let Ok(body) = serde_json::to_vec(&hb) {
                     let _ = client.publish(subject.clone(), body.into()).await;
                 }
+            }
+        });
+    }
+
+    /// Publishes one heartbeat now and waits until it left (a front's last, saying it stops).
+    pub fn beat_now(&self, hb: &Heartbeat) {
+        let Ok(body) = serde_json::to_vec(hb) else {
+            return;
+        };
+        self.rt.block_on(async {
+            if self
+                .client
+                .publish(self.subject.clone(), body.into())
+                .await
+                .is_ok()
+            {
+                let _ = self.client.flush().await;
             }
         });
     }

@@ -36,6 +36,8 @@ pub(super) struct Follower {
     pub front: String,
     /// The last epoch applied (`u64::MAX`: none; the file's layout runs).
     pub applied: Arc<AtomicU64>,
+    /// The front's counters, for its heartbeats.
+    pub counters: Option<crate::cluster::bus::CountFront>,
 }
 
 /// The follower's thread.
@@ -58,8 +60,12 @@ impl Follower {
         let cluster = |e: crate::cluster::bus::BusError| PipelineError::Cluster(e.to_string());
         let epochs = self.bus.epochs().map_err(cluster)?;
         let beats = self.bus.heartbeats().map_err(cluster)?;
-        self.bus
-            .beat(&self.front, self.applied.clone(), stop.clone());
+        self.bus.beat(
+            &self.front,
+            self.applied.clone(),
+            stop.clone(),
+            self.counters.clone(),
+        );
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("epochs".into())
@@ -69,7 +75,7 @@ impl Follower {
                 let mut polled = Instant::now();
                 while !stopped.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(20));
-                    for Heartbeat { node, applied } in beats.try_iter() {
+                    for Heartbeat { node, applied, .. } in beats.try_iter() {
                         nodes.insert(node, applied);
                     }
                     let done = self.applied.load(Ordering::SeqCst);
@@ -139,6 +145,19 @@ impl Follower {
                         }
                     };
                     lock(&self.installer.live.epochs).push(record);
+                }
+                // A front's last heartbeat says it stops: the frames it holds are drained and
+                // counted here, not lost.
+                if let Some(count) = &self.counters {
+                    let a = self.applied.load(Ordering::SeqCst);
+                    self.bus.beat_now(&Heartbeat {
+                        node: self.front.clone(),
+                        applied: (a != u64::MAX).then_some(a),
+                        front: Some(crate::cluster::bus::FrontCounters {
+                            stopping: true,
+                            ..count()
+                        }),
+                    });
                 }
             })?;
         Ok(FollowerHandle { stop, thread })

@@ -364,6 +364,19 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                     applied: Arc::new(AtomicU64::new(
                         from_epoch.as_ref().map_or(u64::MAX, |(_, e)| e.epoch),
                     )),
+                    counters: front_lease.as_ref().map(|l| {
+                        let (id, stats) = (l.id.clone(), stats.clone());
+                        let count: crate::cluster::bus::CountFront = Arc::new(move || {
+                            let flows = stats.flow_totals();
+                            crate::cluster::bus::FrontCounters {
+                                id: id.clone(),
+                                ingested: flows.iter().map(|f| f.ingested).sum(),
+                                settled: flows.iter().map(|f| f.resolved()).sum(),
+                                stopping: false,
+                            }
+                        });
+                        count
+                    }),
                 }),
             )
         }
