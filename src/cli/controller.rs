@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::CliError;
 use crate::clock::unix_ms;
-use crate::cluster::bus::{Bus, FrontCounters, Lease, NODE_SILENT};
+use crate::cluster::bus::{Bus, FrontCounters, Lease, LeaseKeeper, NODE_SILENT};
 use crate::cluster::epoch::{Epoch, live_servers, name_routes, planned_flows, replan_on};
 
 /// Arguments of `poolpipe controller`.
@@ -75,7 +75,8 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
     let me =
         a.id.clone()
             .unwrap_or_else(|| format!("controller-{}", std::process::id()));
-    let bus = Bus::connect(url, &p.name, crate::pipeline::NODE_WAIT).map_err(|e| runtime(&e))?;
+    let bus =
+        Arc::new(Bus::connect(url, &p.name, crate::pipeline::NODE_WAIT).map_err(|e| runtime(&e))?);
     let beats = bus.heartbeats().map_err(|e| runtime(&e))?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -96,7 +97,8 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
     // Fronts by id: when last heard, and what they last said of their frames.
     let mut fronts: BTreeMap<String, (Instant, FrontCounters)> = BTreeMap::new();
     let mut fronts_gone: Vec<serde_json::Value> = Vec::new();
-    let mut lease: Option<u64> = None;
+    // Renewed on a thread of its own while held.
+    let mut lease: Option<LeaseKeeper> = None;
     let mut leader_since = Instant::now();
     let mut last_lease = Instant::now() - Duration::from_secs(10);
     let mut last_members = Instant::now() - Duration::from_secs(10);
@@ -142,38 +144,37 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
         }
         if now - last_lease >= Duration::from_secs(1) {
             last_lease = now;
-            match lease {
-                Some(rev) => {
-                    lease = bus.renew_lease(Lease::Controller, &me, rev);
-                    if lease.is_none() {
-                        tracing::warn!(id = %me, "Controller lease lost; waiting to take it again.");
-                    }
-                }
-                None => {
-                    if let Some(rev) = bus.take_lease(Lease::Controller, &me) {
-                        lease = Some(rev);
-                        leader_since = now;
-                        current = bus.current().map_err(|e| runtime(&e))?;
-                        leases.push(json!({
-                            "taken_unix_ms": unix_ms(),
-                            "found_epoch": current.as_ref().map(|e| e.epoch),
-                        }));
-                        tracing::info!(id = %me, epoch = ?current.as_ref().map(|e| e.epoch), "Controller lease taken.");
-                        if current.is_none() {
-                            let e = Epoch {
-                                epoch: 0,
-                                members: nodes.clone(),
-                                reason: "the file's plan".into(),
-                                routes: name_routes(&plan.plan, &flows, 0, None),
-                                plan: plan.plan.clone(),
-                                plan_s: 0.0,
-                                at_unix_ms: unix_ms(),
-                            };
-                            bus.publish(&e).map_err(|e| runtime(&e))?;
-                            published.push(describe(&e, &[], &[]));
-                            current = Some(e);
-                        }
-                    }
+            if lease.as_ref().is_some_and(LeaseKeeper::lost) {
+                lease = None;
+                tracing::warn!(id = %me, "Controller lease lost; waiting to take it again.");
+            }
+            if lease.is_none()
+                && let Some(rev) = bus.take_lease(Lease::Controller, &me)
+            {
+                lease = Some(
+                    LeaseKeeper::keep(bus.clone(), Lease::Controller, me.clone(), rev, None)
+                        .map_err(|e| runtime(&e))?,
+                );
+                leader_since = now;
+                current = bus.current().map_err(|e| runtime(&e))?;
+                leases.push(json!({
+                    "taken_unix_ms": unix_ms(),
+                    "found_epoch": current.as_ref().map(|e| e.epoch),
+                }));
+                tracing::info!(id = %me, epoch = ?current.as_ref().map(|e| e.epoch), "Controller lease taken.");
+                if current.is_none() {
+                    let e = Epoch {
+                        epoch: 0,
+                        members: nodes.clone(),
+                        reason: "the file's plan".into(),
+                        routes: name_routes(&plan.plan, &flows, 0, None),
+                        plan: plan.plan.clone(),
+                        plan_s: 0.0,
+                        at_unix_ms: unix_ms(),
+                    };
+                    bus.publish(&e).map_err(|e| runtime(&e))?;
+                    published.push(describe(&e, &[], &[]));
+                    current = Some(e);
                 }
             }
         }
@@ -276,9 +277,8 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
             }
         }
     }
-    if lease.is_some() {
-        bus.release_lease(Lease::Controller);
-    }
+    // Let go of, unless another controller took it.
+    drop(lease);
     let summary = json!({
         "controller": me,
         "leases": leases,

@@ -50,6 +50,23 @@ pub struct Heartbeat {
     pub front: Option<FrontCounters>,
 }
 
+impl Heartbeat {
+    /// The heartbeat of `node` now: its applied epoch read from `applied` (`u64::MAX`: none
+    /// yet), and a front's counters.
+    fn of(
+        node: &str,
+        applied: &std::sync::atomic::AtomicU64,
+        front: Option<FrontCounters>,
+    ) -> Heartbeat {
+        let a = applied.load(std::sync::atomic::Ordering::Relaxed);
+        Heartbeat {
+            node: node.to_string(),
+            applied: (a != u64::MAX).then_some(a),
+            front,
+        }
+    }
+}
+
 /// What a front says of its frames in each heartbeat: if it dies, the frames it had ingested
 /// and not yet settled (published, dropped, failed or lost) die with it, and the controller
 /// says how many.
@@ -201,12 +218,7 @@ impl Bus {
             let mut tick = tokio::time::interval(HEARTBEAT);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 tick.tick().await;
-                let a = applied.load(std::sync::atomic::Ordering::Relaxed);
-                let hb = Heartbeat {
-                    node: node.clone(),
-                    applied: (a != u64::MAX).then_some(a),
-                    front: front.as_ref().map(|f| f()),
-                };
+                let hb = Heartbeat::of(&node, &applied, front.as_ref().map(|f| f()));
                 if let Ok(body) = serde_json::to_vec(&hb) {
                     let _ = client.publish(subject.clone(), body.into()).await;
                 }
@@ -214,9 +226,23 @@ impl Bus {
         });
     }
 
-    /// Publishes one heartbeat now and waits until it left (a front's last, saying it stops).
-    pub fn beat_now(&self, hb: &Heartbeat) {
-        let Ok(body) = serde_json::to_vec(hb) else {
+    /// A front's last heartbeat, saying it stops (it drains and counts what it holds), sent
+    /// now and waited for: the heartbeat task dies with the process's runtime.
+    pub fn last_beat(
+        &self,
+        node: &str,
+        applied: &std::sync::atomic::AtomicU64,
+        count: &CountFront,
+    ) {
+        let hb = Heartbeat::of(
+            node,
+            applied,
+            Some(FrontCounters {
+                stopping: true,
+                ..count()
+            }),
+        );
+        let Ok(body) = serde_json::to_vec(&hb) else {
             return;
         };
         self.rt.block_on(async {
@@ -366,9 +392,10 @@ impl Lease {
     }
 }
 
-/// A lease held and renewed every second on a thread of its own, until [`LeaseKeeper::release`].
-/// Where another process took it (this one was cut off from NATS for longer than [`LEASE_TTL`]),
-/// `lost` is set and `on_lost` is raised: the holder must stop doing what the lease is for.
+/// A lease held and renewed every second on a thread of its own, and let go when dropped.
+/// Where another process took it (this one was stalled or cut off from NATS for longer than
+/// [`LEASE_TTL`]), `lost` is set and `on_lost` (if any) is raised: the holder must stop doing
+/// what the lease is for.
 /// Where NATS does not answer, it keeps trying: no one else can take the lease then either.
 pub struct LeaseKeeper {
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -383,7 +410,7 @@ impl LeaseKeeper {
         lease: Lease,
         me: String,
         revision: u64,
-        on_lost: Arc<std::sync::atomic::AtomicBool>,
+        on_lost: Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Result<LeaseKeeper, BusError> {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
@@ -408,7 +435,9 @@ impl LeaseKeeper {
                         Ok(Some(h)) if h != me => {
                             tracing::error!(lease = lease.key(), holder = %h, "Lease taken by another process: stopping.");
                             l.store(true, Ordering::SeqCst);
-                            on_lost.store(true, Ordering::SeqCst);
+                            if let Some(f) = &on_lost {
+                                f.store(true, Ordering::SeqCst);
+                            }
                             return;
                         }
                         // It expired (NATS was away for longer than its life): take it again.
@@ -433,9 +462,6 @@ impl LeaseKeeper {
     pub fn lost(&self) -> bool {
         self.lost.load(std::sync::atomic::Ordering::SeqCst)
     }
-
-    /// Lets go of the lease (unless it was lost) and stops renewing it.
-    pub fn release(self) {}
 }
 
 impl Drop for LeaseKeeper {

@@ -146,18 +146,8 @@ impl Follower {
                     };
                     lock(&self.installer.live.epochs).push(record);
                 }
-                // A front's last heartbeat says it stops: the frames it holds are drained and
-                // counted here, not lost.
                 if let Some(count) = &self.counters {
-                    let a = self.applied.load(Ordering::SeqCst);
-                    self.bus.beat_now(&Heartbeat {
-                        node: self.front.clone(),
-                        applied: (a != u64::MAX).then_some(a),
-                        front: Some(crate::cluster::bus::FrontCounters {
-                            stopping: true,
-                            ..count()
-                        }),
-                    });
+                    self.bus.last_beat(&self.front, &self.applied, count);
                 }
             })?;
         Ok(FollowerHandle { stop, thread })

@@ -470,11 +470,8 @@ fn control_plane(p: &Pipeline, opts: &RunOptions) -> Result<ControlPlane, Pipeli
     if said.is_some() {
         tracing::info!(id = %id, waited_s = format!("{waited_s:.1}"), "Front lease taken: this front runs the cameras now.");
     }
-    let lost = opts
-        .stop
-        .as_ref()
-        .map_or_else(|| Arc::new(AtomicBool::new(false)), Shutdown::flag);
-    let keeper = LeaseKeeper::keep(bus.clone(), Lease::Front, id.clone(), revision, lost)
+    let on_lost = opts.stop.as_ref().map(Shutdown::flag);
+    let keeper = LeaseKeeper::keep(bus.clone(), Lease::Front, id.clone(), revision, on_lost)
         .map_err(|e| cluster(&e))?;
     let lease = FrontLease {
         keeper,
@@ -495,26 +492,27 @@ fn control_plane(p: &Pipeline, opts: &RunOptions) -> Result<ControlPlane, Pipeli
     };
     // Taken over from a front on another machine: the workers the layout puts on the front
     // (its devices) run here now.
-    let host = |id: &str| {
+    fn host(id: &str) -> Option<&str> {
         id.split_once('@')
-            .map(|(_, h)| h.rsplit_once(':').map_or(h, |x| x.0).to_string())
-    };
-    let layout = from.as_ref().map_or(p, |(l, _)| l);
-    let local = layout
-        .stages
-        .iter()
-        .filter(|s| (0..s.workers).any(|w| s.remote_node(w, layout.cluster.as_ref()).is_none()))
-        .map(|s| s.name.as_str())
-        .collect::<Vec<_>>();
+            .map(|(_, h)| h.rsplit_once(':').map_or(h, |x| x.0))
+    }
     if let Some(before) = &said
         && host(before) != host(&lease.id)
-        && !local.is_empty()
     {
-        tracing::warn!(
-            before = %before,
-            stages = %local.join(", "),
-            "Took the cameras over from a front on another machine, and this layout runs workers on the front: they run on this machine's devices now."
-        );
+        let layout = from.as_ref().map_or(p, |(l, _)| l);
+        let local: Vec<&str> = layout
+            .stages
+            .iter()
+            .filter(|s| (0..s.workers).any(|w| s.remote_node(w, layout.cluster.as_ref()).is_none()))
+            .map(|s| s.name.as_str())
+            .collect();
+        if !local.is_empty() {
+            tracing::warn!(
+                before = %before,
+                stages = %local.join(", "),
+                "Took the cameras over from a front on another machine, and this layout runs workers on the front: they run on this machine's devices now."
+            );
+        }
     }
     Ok((Some(bus), Some(lease), from))
 }
@@ -670,11 +668,7 @@ impl Running {
             let _ = s.join();
         }
         // The cameras are closed: a standby front may take them now, while this one drains.
-        let front = front_lease.map(|l| {
-            let d = l.describe();
-            l.keeper.release();
-            d
-        });
+        let front = front_lease.map(|l| l.describe());
         live.close_admissions();
         let threads = std::mem::take(&mut *build::lock(&threads));
         for (name, t) in threads {
