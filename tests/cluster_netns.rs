@@ -145,12 +145,13 @@ fn cut_transfers_take_their_size_over_the_link_rate_and_a_slow_link_drops_at_the
         "published {published} of {ingested} at 1 Gbit/s: {s}"
     );
 
-    // 100 Mbit/s: a 2.2 MB cut takes ~180 ms, so most frames cannot make 250 ms and are dropped
-    // (counted) at the front; memory stays where it was.
+    // 100 Mbit/s: a 2.2 MB cut takes ~180 ms, so each link carries at most ~5.6 frames/s, one
+    // at a time (two would miss 250 ms). Two sources at 10 fps are more than the two links
+    // carry: the rest is dropped (counted) at the front, and memory stays where it was.
     for i in 1..3 {
         lab.shape(i, Some(100)).unwrap();
     }
-    let pipeline = file(dir.path(), &profiles, &lab, 0.1, 5);
+    let pipeline = file(dir.path(), &profiles, &lab, 0.1, 10);
     let (s, rss) = run(&lab, dir.path(), &pipeline, 12, &mut |_| {});
     common::assert_balanced(&s);
     let f = &s["flows"][0];

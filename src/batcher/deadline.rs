@@ -19,6 +19,11 @@
 //!   only until it hands the batch to its link: when computing ends, or later if the worker's
 //!   previous batch is still being sent (one batch in flight on the link per worker). The next
 //!   hop starts when the transfer ends.
+//! - A stage whose workers receive their batches over their own link (workers on other nodes:
+//!   [`StageCost::receive`]) receives batch k+1 while it computes batch k: the batch first holds
+//!   the worker's link for its transfer, then the worker for its latency, from when both the
+//!   batch has arrived and the worker is free. The worker taken is the one that would start it
+//!   first (on ties, the one idle the longest, so that idle nodes take turns).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -36,6 +41,10 @@ pub struct StageCost {
     /// The worker sends batch k while it computes batch k+1, instead of holding the batch
     /// until it is sent.
     pub send_while_computing: bool,
+    /// Time for a batch of `b` to reach a worker of this stage over the worker's own link, at
+    /// index `b - 1`, while the worker computes its previous batch; empty where the batch is
+    /// handed over in place (the transfer, if any, is the previous stage's).
+    pub receive: Vec<Nanos>,
 }
 
 /// Until when each worker of each stage is reserved.
@@ -46,6 +55,9 @@ pub struct Timeline {
     /// `sending_until[stage][worker]`: when the worker's last booked transfer ends (workers that
     /// send while computing have one batch in flight on their link at a time).
     sending_until: Vec<Vec<Nanos>>,
+    /// `receiving_until[stage][worker]`: when the last booked transfer into the worker over its
+    /// own link ends (stages that receive while computing).
+    receiving_until: Vec<Vec<Nanos>>,
     /// `booked[stage][worker]`: the (start, end, sent) of the bookings not yet finished, in order.
     booked: Vec<Vec<VecDeque<(Nanos, Nanos, Nanos)>>>,
     /// `down[stage][worker]`: the worker is unavailable (its node is down) and takes no bookings.
@@ -65,6 +77,10 @@ impl Timeline {
                 .map(|w| vec![0; (*w).max(1)])
                 .collect(),
             sending_until: workers_per_stage
+                .iter()
+                .map(|w| vec![0; (*w).max(1)])
+                .collect(),
+            receiving_until: workers_per_stage
                 .iter()
                 .map(|w| vec![0; (*w).max(1)])
                 .collect(),
@@ -97,6 +113,11 @@ impl Timeline {
         self.sending_until[stage][worker]
     }
 
+    /// When a worker's last booked transfer into it ends.
+    pub fn receiving_until(&self, stage: usize, worker: usize) -> Nanos {
+        self.receiving_until[stage][worker]
+    }
+
     /// The available worker of a stage that is free first (lowest index on ties), and when;
     /// [`UNAVAILABLE`] when every worker is down.
     pub fn earliest(&self, stage: usize) -> (usize, Nanos) {
@@ -109,6 +130,28 @@ impl Timeline {
             .map_or((0, UNAVAILABLE), |(w, t)| (w, *t))
     }
 
+    /// For a batch ready at `ready` that takes `receive` to reach a worker over the worker's
+    /// own link: the available worker that can start computing it first, when the batch has
+    /// reached it, and when it starts; [`UNAVAILABLE`] for both when every worker is down. On
+    /// ties, the worker idle the longest (then the lowest index): idle workers behind links (on
+    /// other nodes) take turns, so that each stays known to work.
+    pub fn earliest_receiving(
+        &self,
+        stage: usize,
+        ready: Nanos,
+        receive: Nanos,
+    ) -> (usize, Nanos, Nanos) {
+        let down = &self.down[stage];
+        (0..self.busy_until[stage].len())
+            .filter(|w| !down[*w])
+            .map(|w| {
+                let arrived = ready.max(self.receiving_until[stage][w]) + receive;
+                (w, arrived, arrived.max(self.busy_until[stage][w]))
+            })
+            .min_by_key(|(w, _, start)| (*start, self.busy_until[stage][*w], *w))
+            .unwrap_or((0, UNAVAILABLE, UNAVAILABLE))
+    }
+
     /// Books a hop. It must start at or after the worker's last reservation.
     pub fn book(&mut self, hop: &Hop) {
         let t = &mut self.busy_until[hop.stage][hop.worker];
@@ -119,6 +162,8 @@ impl Timeline {
         *t = hop.end;
         let sending = &mut self.sending_until[hop.stage][hop.worker];
         *sending = (*sending).max(hop.sent);
+        let receiving = &mut self.receiving_until[hop.stage][hop.worker];
+        *receiving = (*receiving).max(hop.arrived);
         self.booked[hop.stage][hop.worker].push_back((hop.start, hop.end, hop.sent));
     }
 
@@ -183,7 +228,14 @@ impl<T: Deadline> DeadlinePolicy<T> {
         let covered = cfg
             .costs
             .iter()
-            .map(|c| c.latency.len().min(c.transfer.len()))
+            .map(|c| {
+                let n = c.latency.len().min(c.transfer.len());
+                if c.receive.is_empty() {
+                    n
+                } else {
+                    n.min(c.receive.len())
+                }
+            })
             .min()
             .unwrap_or(1);
         cfg.planned = cfg.planned.clamp(1, covered.max(1));
@@ -199,15 +251,21 @@ impl<T: Deadline> DeadlinePolicy<T> {
     /// The route a batch of `b` would take if it left at `now`. A hop holds its worker for the
     /// stage's latency plus the transfer of the cut to the next stage (sending is part of the
     /// stage's work), or, where the stage sends while computing, until it can hand the batch to
-    /// its link (its previous transfer done). The next hop starts when the transfer ends.
+    /// its link (its previous transfer done). The next hop starts when the transfer ends; where
+    /// the next stage's workers receive over their own links, when the batch has reached one.
     pub fn plan(&self, tl: &Timeline, now: Nanos, b: usize) -> Vec<Hop> {
         let mut t = now;
         let last = self.cfg.costs.len() - 1;
         let mut hops = Vec::with_capacity(self.cfg.costs.len());
         for (k, cost) in self.cfg.costs.iter().enumerate() {
             let stage = self.cfg.stage + k;
-            let (worker, free) = tl.earliest(stage);
-            let start = t.max(free);
+            let receive = cost.receive.get(b - 1).copied().unwrap_or(0);
+            let (worker, arrived, start) = if receive > 0 {
+                tl.earliest_receiving(stage, t, receive)
+            } else {
+                let (worker, free) = tl.earliest(stage);
+                (worker, t, t.max(free))
+            };
             let computed = start + cost.latency[b - 1];
             let transfer = if k < last { cost.transfer[b - 1] } else { 0 };
             let (end, sent) = if cost.send_while_computing && transfer > 0 {
@@ -219,6 +277,7 @@ impl<T: Deadline> DeadlinePolicy<T> {
             hops.push(Hop {
                 stage,
                 worker,
+                arrived,
                 start,
                 end,
                 sent,
@@ -339,6 +398,7 @@ mod tests {
         tl.book(&Hop {
             stage: 1,
             worker: 0,
+            arrived: 0,
             start: 0,
             end: 10 * MS,
             sent: 10 * MS,
@@ -372,6 +432,7 @@ mod tests {
             latency: (1..=8).map(|b| (base + per * b) * MS).collect(),
             transfer: (1..=8).map(|b| tr * b * MS).collect(),
             send_while_computing: false,
+            receive: Vec::new(),
         }
     }
 
@@ -425,6 +486,7 @@ mod tests {
                 Hop {
                     stage: 0,
                     worker: 0,
+                    arrived: 17 * MS,
                     start: 17 * MS,
                     end: 23 * MS,
                     sent: 23 * MS,
@@ -432,6 +494,7 @@ mod tests {
                 Hop {
                     stage: 1,
                     worker: 0,
+                    arrived: 23 * MS,
                     start: 23 * MS,
                     end: 30 * MS,
                     sent: 30 * MS,
@@ -473,6 +536,7 @@ mod tests {
             Hop {
                 stage: 0,
                 worker: 0,
+                arrived: 0,
                 start: 30 * MS,
                 end: 50 * MS,
                 sent: 50 * MS,
@@ -492,6 +556,7 @@ mod tests {
         tl.lock().unwrap().book(&Hop {
             stage: 1,
             worker: 0,
+            arrived: 0,
             start: 0,
             end: 40 * MS,
             sent: 40 * MS,
@@ -509,6 +574,7 @@ mod tests {
             Hop {
                 stage: 1,
                 worker: 1,
+                arrived: 5 * MS,
                 start: 5 * MS,
                 end: 10 * MS,
                 sent: 10 * MS,
@@ -572,11 +638,118 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_behind_its_own_link_receives_the_next_batch_while_it_computes() {
+        // Stage 0: 10 ms; stage 1: 15 ms to reach its worker, 20 ms to compute.
+        let receiving = StageCost {
+            receive: (1..=8).map(|b| 15 * b as Nanos * MS).collect(),
+            ..cost(19, 1, 0)
+        };
+        let hops = |h: &[Hop]| -> Vec<(Nanos, Nanos, Nanos)> {
+            h.iter()
+                .map(|h| (h.arrived / MS, h.start / MS, h.end / MS))
+                .collect()
+        };
+        let (p, tl) = policy(vec![cost(9, 1, 0), receiving], &[1, 1], 1, 0);
+        let mut tl = tl.lock().unwrap();
+        let mut book = |tl: &mut Timeline| {
+            let r = p.plan(tl, 0, 1);
+            r.iter().for_each(|h| tl.book(h));
+            hops(&r)
+        };
+        // The first batch arrives at 25 and runs until 45.
+        assert_eq!(book(&mut tl), vec![(0, 0, 10), (25, 25, 45)]);
+        // The second is on the link from 25 (after the first) to 40, while the worker computes
+        // the first: it starts at 45, not 45 + 15.
+        assert_eq!(book(&mut tl), vec![(0, 10, 20), (40, 45, 65)]);
+        assert_eq!(tl.receiving_until(1, 0), 40 * MS);
+        // A third: its transfer (40..55) also hides behind the second's compute.
+        assert_eq!(book(&mut tl), vec![(0, 20, 30), (55, 65, 85)]);
+        // A late finish moves the computations still ahead, not the link's bookings.
+        tl.finished(1, 0, 50 * MS, 50 * MS);
+        assert_eq!(tl.busy_until(1, 0), 90 * MS);
+        assert_eq!(tl.receiving_until(1, 0), 55 * MS);
+
+        // Of two workers, the one that can start first: worker 0's link is free but it computes
+        // until 100; worker 1 computes nothing but its link is busy until 60.
+        let (p, tl) = policy(
+            vec![
+                cost(9, 1, 0),
+                StageCost {
+                    receive: (1..=8).map(|b| 15 * b as Nanos * MS).collect(),
+                    ..cost(19, 1, 0)
+                },
+            ],
+            &[1, 2],
+            1,
+            0,
+        );
+        let mut tl = tl.lock().unwrap();
+        tl.book(&Hop {
+            stage: 1,
+            worker: 0,
+            arrived: 0,
+            start: 0,
+            end: 100 * MS,
+            sent: 100 * MS,
+        });
+        tl.book(&Hop {
+            stage: 1,
+            worker: 1,
+            arrived: 60 * MS,
+            start: 60 * MS,
+            end: 60 * MS,
+            sent: 60 * MS,
+        });
+        let r = p.plan(&tl, 0, 1);
+        // Worker 1: on its link 60..75, computes 75..95; worker 0 could only start at 100.
+        assert_eq!(
+            (r[1].worker, r[1].arrived / MS, r[1].start / MS),
+            (1, 75, 75)
+        );
+        tl.set_available(1, 1, false);
+        let r = p.plan(&tl, 0, 1);
+        assert_eq!(
+            (r[1].worker, r[1].arrived / MS, r[1].start / MS),
+            (0, 25, 100)
+        );
+        tl.set_available(1, 0, false);
+        assert_eq!(p.plan(&tl, 0, 1)[1].start, UNAVAILABLE);
+
+        // Both idle: the one idle the longest takes it, then the other.
+        let (p, tl) = policy(
+            vec![
+                cost(9, 1, 0),
+                StageCost {
+                    receive: (1..=8).map(|b| 15 * b as Nanos * MS).collect(),
+                    ..cost(19, 1, 0)
+                },
+            ],
+            &[1, 2],
+            1,
+            0,
+        );
+        let mut tl = tl.lock().unwrap();
+        tl.book(&Hop {
+            stage: 1,
+            worker: 0,
+            arrived: 0,
+            start: 0,
+            end: 5 * MS,
+            sent: 5 * MS,
+        });
+        let r = p.plan(&tl, 100 * MS, 1);
+        assert_eq!(r[1].worker, 1);
+        r.iter().for_each(|h| tl.book(h));
+        assert_eq!(p.plan(&tl, 200 * MS, 1)[1].worker, 0);
+    }
+
+    #[test]
     fn a_late_finish_moves_the_bookings_still_ahead() {
         let mut tl = Timeline::new(&[1]);
         let hop = |start, end| Hop {
             stage: 0,
             worker: 0,
+            arrived: start,
             start,
             end,
             sent: end,
@@ -669,10 +842,15 @@ mod tests {
             per in 1u64..10,
             workers in proptest::collection::vec(1usize..4, 3),
             planned in 1usize..8,
+            receive in 0u64..4,
         ) {
             let mut t = 0;
             let arrivals: Vec<(Nanos, Nanos)> = gaps.iter().map(|g| { t += g * MS; (t, slo * MS) }).collect();
-            let costs: Vec<StageCost> = base.iter().map(|b| cost(*b, per, 1)).collect();
+            // Later stages' workers may sit behind their own links.
+            let costs: Vec<StageCost> = base.iter().enumerate().map(|(k, b)| StageCost {
+                receive: if k > 0 { (1..=8).map(|b| receive * b * MS).collect() } else { Vec::new() },
+                ..cost(*b, per, 1)
+            }).collect();
             let w = &workers[..costs.len()];
             let (dispatched, late) = simulate(&arrivals, costs.clone(), w, planned);
             // Every frame exactly once: dispatched or late.
@@ -707,8 +885,8 @@ mod tests {
         ) {
             // 1 ms + 0.5 ms per frame on each of two stages, a frame every 5..20 ms, SLO 100 ms.
             let costs = vec![
-                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8], send_while_computing: false },
-                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8], send_while_computing: false },
+                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8], send_while_computing: false, receive: Vec::new() },
+                StageCost { latency: (1..=8).map(|b| MS + b as u64 * MS / 2).collect(), transfer: vec![0; 8], send_while_computing: false, receive: Vec::new() },
             ];
             let arrivals: Vec<(Nanos, Nanos)> = (0..n).map(|i| (i as u64 * gap * MS, 100 * MS)).collect();
             let (dispatched, late) = simulate(&arrivals, costs, &[1, 1], planned);

@@ -263,6 +263,7 @@ mod tests {
         let hop = Hop {
             stage: 0,
             worker: 1,
+            arrived: 0,
             start: 0,
             end: 1,
             sent: 1,

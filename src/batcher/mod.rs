@@ -63,6 +63,10 @@ pub struct Hop {
     pub stage: usize,
     /// Worker index in the stage's pool.
     pub worker: usize,
+    /// When the batch has reached the worker: the end of its transfer over the worker's own
+    /// link where the stage receives while computing, else when it is handed over (at or before
+    /// `start`).
+    pub arrived: Nanos,
     /// Reserved start.
     pub start: Nanos,
     /// Reserved end: when the worker is free again (start + profiled latency, plus the

@@ -97,6 +97,7 @@ pub fn compare(
             transfer: vec![0; latency.len()],
             latency: latency.clone(),
             send_while_computing: false,
+            receive: Vec::new(),
         };
         let top = latency.len();
         // The largest throughput of a batch that alone fits the SLO.

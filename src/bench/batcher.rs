@@ -220,6 +220,7 @@ fn decision_cost_ns(streams: usize, kind: PolicyKind) -> f64 {
         latency: (1..=8).map(|b| (2 + b as u64) * MS).collect(),
         transfer: vec![0; 8],
         send_while_computing: false,
+        receive: Vec::new(),
     };
     let timeline = Arc::new(Mutex::new(Timeline::new(&[4])));
     let mut p: Driver<SimFrame> = Driver::new(make_policy(

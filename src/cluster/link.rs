@@ -30,7 +30,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::wire::{self, Packet, PacketCodec, Sends};
-use crate::engine::{StageError, StageRunner};
+use crate::engine::{Pending, StageError, StageRunner};
 use crate::frame::Frame;
 use crate::stats::NodeCounters;
 
@@ -325,14 +325,20 @@ async fn watch_peer(peer: std::sync::Weak<Peer>) {
     }
 }
 
-/// Marks an answer of a node that is up but runs no such worker.
-const NOT_SERVED: &str = "not served: ";
+/// The answer to one batch, or why there is none.
+type Answer = Result<Packet, String>;
 
-/// One worker's stream: batches out, answers in.
+/// One worker's stream: batches out; answers in, each handed to its batch's waiter (answers
+/// come in the order the batches were sent).
 struct Open {
     tx: tokio::sync::mpsc::Sender<Packet>,
-    rx: Streaming<Packet>,
+    waiters: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Answer>>,
+    /// Set when the stream failed: the next batch opens a new one.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Batches sent on one stream whose answers are awaited, at most.
+const AWAITED: usize = 4;
 
 async fn open(peer: &Peer) -> Result<Open, Status> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Packet>(1);
@@ -344,7 +350,7 @@ async fn open(peer: &Peer) -> Result<Open, Status> {
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    let rx = grpc
+    let answers = grpc
         .streaming(
             Request::new(outbound),
             http::uri::PathAndQuery::from_static(RUN),
@@ -352,10 +358,54 @@ async fn open(peer: &Peer) -> Result<Open, Status> {
         )
         .await?
         .into_inner();
-    Ok(Open { tx, rx })
+    let (waiters, awaited) = tokio::sync::mpsc::channel(AWAITED);
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn(read_answers(
+        answers,
+        awaited,
+        peer.state.subscribe(),
+        closed.clone(),
+    ));
+    Ok(Open {
+        tx,
+        waiters,
+        closed,
+    })
 }
 
-/// A worker that runs on another node.
+/// Hands each answer of a stream to its batch's waiter. When the stream fails (or the node
+/// stops answering), every batch still awaited on it goes with it, for the same reason.
+async fn read_answers(
+    mut answers: Streaming<Packet>,
+    mut awaited: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Answer>>,
+    mut state: tokio::sync::watch::Receiver<bool>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+) {
+    while let Some(waiter) = awaited.recv().await {
+        let answer = tokio::select! {
+            m = answers.message() => match m {
+                Ok(Some(p)) => Ok(p),
+                Ok(None) => Err("the stream ended".to_string()),
+                Err(e) => Err(e.message().to_string()),
+            },
+            _ = state.wait_for(|up| !*up) => Err("the node stopped answering".to_string()),
+        };
+        let Err(why) = answer else {
+            let _ = waiter.send(answer);
+            continue;
+        };
+        closed.store(true, Ordering::SeqCst);
+        awaited.close();
+        let _ = waiter.send(Err(why.clone()));
+        while let Some(w) = awaited.recv().await {
+            let _ = w.send(Err(why.clone()));
+        }
+        return;
+    }
+}
+
+/// A worker that runs on another node. It sends batch k+1 while the node computes batch k
+/// ([`StageRunner::submit`]): the node receives it meanwhile, and starts it when batch k is done.
 pub struct RemoteRunner {
     rt: Arc<tokio::runtime::Runtime>,
     peer: Arc<Peer>,
@@ -365,76 +415,99 @@ pub struct RemoteRunner {
     stream: Option<Open>,
 }
 
-impl StageRunner for RemoteRunner {
-    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
-        let packet = wire::encode_batch(&self.stage, self.worker, frames, self.sends);
-        let bytes = packet.header.len() + packet.body.len();
-        let sent = std::time::Instant::now();
+impl RemoteRunner {
+    /// Sends a batch on the worker's stream (opened, or opened again after a failure, first);
+    /// returns where its answer will come.
+    fn send(&mut self, packet: Packet) -> Result<tokio::sync::oneshot::Receiver<Answer>, String> {
         let peer = self.peer.clone();
+        if self
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.closed.load(Ordering::SeqCst))
+        {
+            self.stream = None;
+        }
         let stream = &mut self.stream;
-        let answer = self.rt.block_on(async {
-            let mut state = peer.state.subscribe();
-            if !*state.borrow_and_update() {
+        self.rt.block_on(async {
+            if !peer.is_up() {
                 return Err("the node is down".to_string());
             }
             if stream.is_none() {
                 *stream = Some(open(&peer).await.map_err(|e| e.message().to_string())?);
             }
             let s = stream.as_mut().expect("opened above");
+            let (waiter, answer) = tokio::sync::oneshot::channel();
+            s.waiters
+                .send(waiter)
+                .await
+                .map_err(|_| "the stream closed".to_string())?;
             s.tx.send(packet)
                 .await
                 .map_err(|_| "the stream closed".to_string())?;
-            tokio::select! {
-                m = s.rx.message() => match m {
-                    Ok(Some(p)) => Ok(p),
-                    Ok(None) => Err("the stream ended".to_string()),
-                    // The node is there but does not run this worker (an epoch it has not
-                    // applied): the batch fails, the node stays up.
-                    Err(e) if e.code() == tonic::Code::NotFound => {
-                        Err(format!("{NOT_SERVED}{}", e.message()))
-                    }
-                    Err(e) => Err(e.message().to_string()),
-                },
-                _ = state.wait_for(|up| !*up) => Err("the node stopped answering".to_string()),
-            }
-        });
-        let lost = |why: String| {
-            StageError::Lost(format!(
-                "node `{}` ({}): {why}",
-                self.peer.name, self.peer.addr
-            ))
-        };
-        let counters = &self.peer.counters;
+            Ok(answer)
+        })
+    }
+}
+
+/// What the front makes of a node's answer to a batch (or of its absence).
+struct Answered {
+    peer: Arc<Peer>,
+    sent: std::time::Instant,
+    bytes: usize,
+}
+
+impl Answered {
+    fn apply(&self, answer: Answer, frames: &mut [Frame]) -> Result<(), StageError> {
+        let (peer, counters) = (&self.peer, &self.peer.counters);
         match answer {
             Ok(p) => match wire::apply_done(p, frames) {
                 Ok(Ok(ran)) => {
-                    let trip = crate::clock::nanos(sent.elapsed());
-                    counters.answered(frames.len(), bytes, trip.saturating_sub(ran));
+                    let trip = crate::clock::nanos(self.sent.elapsed());
+                    counters.answered(frames.len(), self.bytes, trip.saturating_sub(ran));
                     Ok(())
                 }
-                Ok(Err(e)) => Err(StageError::Output(format!(
-                    "on node `{}`: {e}",
-                    self.peer.name
-                ))),
+                // The node is up: it ran the batch and its engine failed, or it runs no such
+                // worker (an epoch it has not applied).
+                Ok(Err(e)) => Err(StageError::Output(format!("on node `{}`: {e}", peer.name))),
                 Err(e) => Err(StageError::Output(e.to_string())),
             },
-            Err(why) if why.starts_with(NOT_SERVED) => {
-                self.stream = None;
-                Err(StageError::Output(format!(
-                    "node `{}`: {}",
-                    self.peer.name,
-                    &why[NOT_SERVED.len()..]
-                )))
-            }
             Err(why) => {
                 counters
                     .lost
                     .fetch_add(frames.len() as u64, Ordering::Relaxed);
-                self.stream = None;
-                self.peer.set_up(false, &why);
-                Err(lost(why))
+                peer.set_up(false, &why);
+                Err(StageError::Lost(format!(
+                    "node `{}` ({}): {why}",
+                    peer.name, peer.addr
+                )))
             }
         }
+    }
+}
+
+impl StageRunner for RemoteRunner {
+    fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
+        let pending = self.submit(frames).expect("a remote runner always submits");
+        pending(frames)
+    }
+
+    fn submit(&mut self, frames: &[Frame]) -> Option<Pending> {
+        let packet = wire::encode_batch(&self.stage, self.worker, frames, self.sends);
+        let answered = Answered {
+            peer: self.peer.clone(),
+            sent: std::time::Instant::now(),
+            bytes: packet.header.len() + packet.body.len(),
+        };
+        let sent = self.send(packet);
+        Some(Box::new(move |frames: &mut [Frame]| {
+            let answer = match sent {
+                Ok(rx) => rx
+                    .blocking_recv()
+                    .unwrap_or_else(|_| Err("the stream closed".to_string())),
+                Err(why) => Err(why),
+            };
+            answered.apply(answer, frames)
+        }))
     }
 
     fn watch(&mut self, on_change: Box<dyn Fn(bool) + Send + Sync>) {
@@ -622,9 +695,16 @@ impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
         Box::pin(async move {
             let mut inbound = req.into_inner();
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Packet, Status>>(1);
-            tokio::spawn(async move {
-                // The next batch is read only when the last one is answered.
+            // The next batch is received while this one runs, and no further: the reader takes
+            // a permit before it reads a batch, and the worker gives it back when it starts
+            // that batch. A slow worker thus leaves the rest in the stream's HTTP/2 window.
+            let (ready, mut batches) = tokio::sync::mpsc::channel(1);
+            let permits = Arc::new(tokio::sync::Semaphore::new(1));
+            let reader = tokio::spawn(async move {
                 loop {
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        return;
+                    };
                     let packet = match inbound.message().await {
                         Ok(Some(p)) => p,
                         Ok(None) => return,
@@ -633,11 +713,21 @@ impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
                             return;
                         }
                     };
-                    let answer = run_batch(&svc, packet).await;
-                    if tx.send(answer).await.is_err() {
+                    let received = std::time::Instant::now();
+                    if ready.send((packet, permit, received)).await.is_err() {
                         return;
                     }
                 }
+            });
+            tokio::spawn(async move {
+                while let Some((packet, permit, received)) = batches.recv().await {
+                    drop(permit);
+                    let answer = run_batch(&svc, packet, received).await;
+                    if tx.send(answer).await.is_err() {
+                        break;
+                    }
+                }
+                reader.abort();
             });
             let answers: Answers =
                 Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
@@ -648,24 +738,32 @@ impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
     }
 }
 
-/// Runs one batch on its worker, off the runtime's threads.
-async fn run_batch(svc: &LinkService, packet: Packet) -> Result<Packet, Status> {
+/// Runs one batch on its worker, off the runtime's threads. The answer says how long the node
+/// held the batch since it was `received` (waiting for the batch before it, and running it):
+/// the front counts the rest of the round trip as link time.
+async fn run_batch(
+    svc: &LinkService,
+    packet: Packet,
+    received: std::time::Instant,
+) -> Result<Packet, Status> {
     svc.served.bytes_in.fetch_add(
         (packet.header.len() + packet.body.len()) as u64,
         Ordering::Relaxed,
     );
     let (h, mut frames) =
         wire::decode_batch(packet).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let slot = svc.workers.get(&h.stage, h.worker).ok_or_else(|| {
-        Status::not_found(format!(
+    let before: Vec<usize> = frames.iter().map(|f| f.outputs.len()).collect();
+    let Some(slot) = svc.workers.get(&h.stage, h.worker) else {
+        // The front applied an epoch this node has not: the batch fails, the stream (and the
+        // batches behind it on the stream) goes on.
+        let why = format!(
             "this node runs no worker {} of stage `{}`",
             h.worker, h.stage
-        ))
-    })?;
+        );
+        return Ok(wire::encode_done(&mut frames, &before, Some(why), 0));
+    };
     let served = svc.served.clone();
     tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        let before: Vec<usize> = frames.iter().map(|f| f.outputs.len()).collect();
         let mut runner = slot.lock().unwrap_or_else(|e| e.into_inner());
         let result = runner.run(&mut frames);
         // An emulated device that sends while computing returns before its batch is sent:
@@ -683,7 +781,7 @@ async fn run_batch(svc: &LinkService, packet: Packet) -> Result<Packet, Status> 
             tracing::error!(stage = %h.stage, worker = h.worker, error = %e, "Batch failed.");
             e.to_string()
         });
-        let ran = crate::clock::nanos(started.elapsed());
+        let ran = crate::clock::nanos(received.elapsed());
         wire::encode_done(&mut frames, &before, error, ran)
     })
     .await

@@ -72,9 +72,11 @@ pub fn message_limit(p: &Pipeline) -> usize {
 
 /// On the front: a stage whose next stage has workers on other nodes no longer emulates the
 /// transfer of its cut (the link carries the bytes for real); the next stage's reservations
-/// take it instead, added to its latency at each batch size. Where a link was measured slower
-/// than the pipeline's `bandwidth_gbps` (`measured`: Gbit/s by node), the slowest link into the
-/// stage sets its transfer times.
+/// take it instead, as the time a batch takes to reach one of its workers over the worker's own
+/// link ([`crate::config::StageProfile::receive`]), which the worker spends receiving batch
+/// k+1 while it computes batch k. Where a link was measured slower than the pipeline's
+/// `bandwidth_gbps` (`measured`: Gbit/s by node), the slowest link into the stage sets its
+/// transfer times. Charging twice changes nothing: the second time finds no transfer to move.
 pub fn charge_transfers_to_remote_stages(
     p: &mut Pipeline,
     measured: &std::collections::BTreeMap<String, f64>,
@@ -104,12 +106,13 @@ pub fn charge_transfers_to_remote_stages(
             let Some(pr) = p.stages[a].profile.as_mut() else {
                 continue;
             };
-            let transfer = pr.transfer.clone();
-            pr.transfer.fill(std::time::Duration::ZERO);
+            if pr.transfer.iter().all(|t| t.is_zero()) {
+                continue;
+            }
+            let transfer = std::mem::take(&mut pr.transfer);
+            pr.transfer = vec![std::time::Duration::ZERO; transfer.len()];
             if let Some(pr) = p.stages[b].profile.as_mut() {
-                for (l, t) in pr.latency.iter_mut().zip(&transfer) {
-                    *l += t.mul_f64(scale);
-                }
+                pr.receive = transfer.iter().map(|t| t.mul_f64(scale)).collect();
             }
         }
     }

@@ -184,8 +184,9 @@ pub struct DoneFrame {
 pub struct DoneHeader {
     /// Why the batch did not run (the engine's error), if it did not.
     pub error: Option<String>,
-    /// Time the node spent on the batch (running it, and holding it as its device would),
-    /// ns: the rest of the round trip is the link's.
+    /// Time the node held the batch since it received it (waiting for the batch before it,
+    /// running it, and holding it as its device would), ns: the rest of the round trip is the
+    /// link's.
     #[serde(default)]
     pub ran_ns: Nanos,
     /// The frames, in batch order (empty on error).

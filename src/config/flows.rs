@@ -192,6 +192,7 @@ pub(super) fn profiled_costs(
             })
             .collect(),
         send_while_computing,
+        receive: Vec::new(),
     }
 }
 
@@ -402,6 +403,7 @@ mod tests {
                 cut_bytes: None,
                 transfer: vec![],
                 send_while_computing: false,
+                receive: vec![],
             }),
             device,
             split: None,

@@ -528,6 +528,10 @@ pub struct StageProfile {
     /// The process sends batch k while it computes batch k+1, instead of holding the batch
     /// until it is sent.
     pub send_while_computing: bool,
+    /// Time for a batch of `b` frames to reach a worker of this stage over the worker's own
+    /// link, at index `b - 1`: set on the front for a stage whose workers run on other nodes
+    /// ([`crate::cluster::charge_transfers_to_remote_stages`]); empty otherwise.
+    pub receive: Vec<Duration>,
 }
 
 /// A validated stage.

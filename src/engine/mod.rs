@@ -13,7 +13,7 @@
 pub mod ort;
 mod runner;
 
-pub use runner::{StageError, StageRunner};
+pub use runner::{Pending, StageError, StageRunner};
 
 use ndarray::{ArrayD, ArrayViewD};
 

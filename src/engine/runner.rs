@@ -18,10 +18,23 @@ pub enum StageError {
     Lost(String),
 }
 
+/// The rest of a batch handed to a runner that takes its next batch before this one is done
+/// ([`StageRunner::submit`]): waits for the batch's outputs and attaches them to its frames.
+pub type Pending = Box<dyn FnOnce(&mut [Frame]) -> Result<(), StageError> + Send>;
+
 /// Runs one stage on a batch and attaches one [`crate::frame::StageOutput`] to every frame.
 pub trait StageRunner: Send {
     /// Processes the batch in place.
     fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError>;
+
+    /// For a runner that takes batch k+1 while batch k is still running (a worker on another
+    /// node receives its next batch over its link while it computes): hands the batch over and
+    /// returns what waits for its outputs, so that the worker can take its next batch at once.
+    /// `None`: the runner runs one batch at a time, with [`run`](Self::run).
+    fn submit(&mut self, frames: &[Frame]) -> Option<Pending> {
+        let _ = frames;
+        None
+    }
 
     /// When the output of the batch [`run`](Self::run) just returned reaches the next stage, if
     /// that is still ahead: a runner that sends batch k while it computes batch k+1 returns from

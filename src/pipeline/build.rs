@@ -398,7 +398,11 @@ fn auto_tuner(
             let s = &p.stages[*s];
             let pr = s.profile.as_ref()?;
             let b = s.max_batch.clamp(1, pr.latency.len());
-            Some(ns(&pr.latency[b - 1]) + pr.transfer.get(b - 1).map_or(0, ns))
+            Some(
+                ns(&pr.latency[b - 1])
+                    + pr.transfer.get(b - 1).map_or(0, ns)
+                    + pr.receive.get(b - 1).map_or(0, ns),
+            )
         })
         .sum();
     // The flow's routes now (a re-plan retires some and adds others).
@@ -411,8 +415,15 @@ fn auto_tuner(
     } else {
         1.0
     };
+    // A batch that reaches a worker over its own link is counted as held by the worker for
+    // that transfer too (receiving while computing is a gain the tuner does not count on).
+    let receive = |b: usize| prof.receive.get(b).map_or(0, ns);
     Some(Arc::new(crate::batcher::analytic::Tuner::new(
-        prof.latency.iter().map(ns).collect(),
+        prof.latency
+            .iter()
+            .enumerate()
+            .map(|(b, l)| ns(l) + receive(b))
+            .collect(),
         spec.workers,
         spec.queue,
         rest,

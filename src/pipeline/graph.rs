@@ -126,6 +126,7 @@ pub(crate) fn policy_settings(p: &Pipeline, route: &[usize], k: usize) -> Policy
                 latency: prof.latency.iter().map(ns).collect(),
                 transfer: prof.transfer.iter().map(ns).collect(),
                 send_while_computing: prof.send_while_computing,
+                receive: prof.receive.iter().map(ns).collect(),
             })
             .collect()
     } else {

@@ -15,7 +15,7 @@ use super::graph::{Batch, Downstream, Sequencer};
 use crate::batcher::Hop;
 use crate::batcher::deadline::Timeline;
 use crate::clock::SharedClock;
-use crate::engine::{StageError, StageRunner};
+use crate::engine::{Pending, StageError, StageRunner};
 use crate::frame::Frame;
 use crate::panics::panic_message;
 use crate::stats::Stats;
@@ -85,11 +85,13 @@ pub(super) fn spawn_worker(
                     .set_available(hop, worker, up);
             }));
             let cx = Arc::new(cx);
-            let stats = &cx.stats;
             let panic_at = injected_panic(&cx.name);
             let mut broken = false;
             // Batches still on the link, passed on when they arrive (started at the first one).
             let mut courier: Option<Option<Courier>> = None;
+            // Batches handed to a runner that takes the next one before they are done, settled
+            // when their outputs come (started at the first one).
+            let mut answers: Option<Option<Answers>> = None;
             for Batch { mut frames, route, seq } in rx.iter() {
                 let t0 = cx.clock.now();
                 let result = if broken {
@@ -102,86 +104,181 @@ pub(super) fn spawn_worker(
                         if let Some(n) = inject {
                             panic!("injected by {PANIC_STAGE_ENV} at batch {n}");
                         }
-                        runner.run(&mut frames)
+                        match runner.submit(&frames) {
+                            Some(pending) => Err(pending),
+                            None => Ok(runner.run(&mut frames)),
+                        }
                     })) {
-                        Ok(r) => Some(r),
+                        Ok(Ok(r)) => Some(r),
+                        Ok(Err(pending)) => {
+                            let a = answers.get_or_insert_with(|| {
+                                Answers::start(&cx)
+                                    .inspect_err(|e| tracing::error!(stage = %cx.name, error = %e, "Could not start an answers thread: the worker waits for each batch."))
+                                    .ok()
+                            });
+                            let waiting = Waiting { frames, route, seq, t0, pending };
+                            // Blocks while the batch before the last is still running: at most
+                            // two batches ahead of the one whose outputs are awaited.
+                            if let Some(Waiting { frames, route, seq, t0, pending }) = match a {
+                                Some(a) => a.tx.send(waiting).err().map(|e| e.0),
+                                None => Some(waiting),
+                            } {
+                                let mut frames = frames;
+                                let r = pending(&mut frames);
+                                settle(&cx, Ran { frames, route, seq, t0, result: Some(r) }, None, &mut courier);
+                            }
+                            continue;
+                        }
                         Err(p) => {
                             broken = true;
-                            stats.thread_panicked(thread.clone(), panic_message(&*p));
+                            cx.stats.thread_panicked(thread.clone(), panic_message(&*p));
                             None
                         }
                     }
                 };
-                // The worker is free now; the batch reaches the next stage now, or at `sent`
-                // when the runner sends it while computing the next one.
-                let t1 = cx.clock.now();
                 let on_link = runner.sent_at().filter(|_| !broken);
-                let sent = on_link.map_or(t1, |at| {
-                    t1 + crate::clock::nanos(at.saturating_duration_since(Instant::now()))
-                });
-                cx.in_flight[cx.worker].fetch_sub(1, Ordering::SeqCst);
-                cx.room.notify();
-                cx.timeline
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .finished(cx.hop, cx.worker, t1, sent);
-                if let Some(r) = &result {
-                    stats.batch_ran(cx.stage, frames.len(), t1 - t0);
-                    let earliest = frames.iter().map(|f| f.deadline).min().unwrap_or(u64::MAX);
-                    let _ = cx.feedback.try_send(sent <= earliest);
-                    if let Err(e) = r {
-                        tracing::error!(stage = %cx.name, frames = frames.len(), error = %e, "Batch failed.");
-                    }
-                }
-                let output = match result {
-                    Some(Err(StageError::Lost(_))) => {
-                        for f in frames {
-                            stats.frame_lost_in_stage(cx.stage, f.stream);
-                        }
-                        None
-                    }
-                    Some(Ok(())) => {
-                        for f in frames.iter_mut() {
-                            let spent = sent.saturating_sub(f.entered_stage);
-                            stats.frame_left_stage(cx.stage, spent);
-                            f.stage_nanos.push(spent);
-                            f.entered_stage = sent;
-                        }
-                        Some((frames, route))
-                    }
-                    // An engine error, a panic, or a worker that panicked before.
-                    _ => {
-                        for f in frames {
-                            stats.frame_failed_in_stage(cx.stage, f.stream);
-                        }
-                        None
-                    }
-                };
-                match on_link {
-                    Some(at) => {
-                        let c = courier.get_or_insert_with(|| {
-                            Courier::start(&cx)
-                                .inspect_err(|e| tracing::error!(stage = %cx.name, error = %e, "Could not start a courier thread: the worker waits for its transfers."))
-                                .ok()
-                        });
-                        // Never blocks for long: the runner waited for the previous transfer.
-                        let unsent = match c {
-                            Some(c) => c.tx.send((seq, output, at)).err().map(|e| e.0),
-                            None => Some((seq, output, at)),
-                        };
-                        if let Some((seq, output, at)) = unsent {
-                            crate::clock::sleep_until(at);
-                            release(&cx, seq, output);
-                        }
-                    }
-                    None => release(&cx, seq, output),
-                }
+                settle(&cx, Ran { frames, route, seq, t0, result }, on_link, &mut courier);
+            }
+            if let Some(Some(a)) = answers {
+                drop(a.tx);
+                let _ = a.thread.join();
             }
             if let Some(Some(c)) = courier {
                 drop(c.tx);
                 let _ = c.thread.join();
             }
         })
+}
+
+/// A batch a worker let go of: its frames, the rest of its route, when it started, and what
+/// became of it (`None`: the worker panicked on it, or before).
+struct Ran {
+    frames: Vec<Frame>,
+    route: Option<Vec<Hop>>,
+    seq: u64,
+    t0: crate::clock::Nanos,
+    result: Option<Result<(), StageError>>,
+}
+
+/// Accounts for a batch the worker let go of and passes it on: now, or at `on_link` when the
+/// runner sends it while computing the next one.
+fn settle(
+    cx: &Arc<WorkerContext>,
+    ran: Ran,
+    on_link: Option<Instant>,
+    courier: &mut Option<Option<Courier>>,
+) {
+    let Ran {
+        mut frames,
+        route,
+        seq,
+        t0,
+        result,
+    } = ran;
+    let stats = &cx.stats;
+    // The worker is free now; the batch reaches the next stage now, or at `sent`.
+    let t1 = cx.clock.now();
+    let sent = on_link.map_or(t1, |at| {
+        t1 + crate::clock::nanos(at.saturating_duration_since(Instant::now()))
+    });
+    cx.in_flight[cx.worker].fetch_sub(1, Ordering::SeqCst);
+    cx.room.notify();
+    cx.timeline
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .finished(cx.hop, cx.worker, t1, sent);
+    if let Some(r) = &result {
+        stats.batch_ran(cx.stage, frames.len(), t1 - t0);
+        let earliest = frames.iter().map(|f| f.deadline).min().unwrap_or(u64::MAX);
+        let _ = cx.feedback.try_send(sent <= earliest);
+        if let Err(e) = r {
+            tracing::error!(stage = %cx.name, frames = frames.len(), error = %e, "Batch failed.");
+        }
+    }
+    let output = match result {
+        Some(Err(StageError::Lost(_))) => {
+            for f in frames {
+                stats.frame_lost_in_stage(cx.stage, f.stream);
+            }
+            None
+        }
+        Some(Ok(())) => {
+            for f in frames.iter_mut() {
+                let spent = sent.saturating_sub(f.entered_stage);
+                stats.frame_left_stage(cx.stage, spent);
+                f.stage_nanos.push(spent);
+                f.entered_stage = sent;
+            }
+            Some((frames, route))
+        }
+        // An engine error, a panic, or a worker that panicked before.
+        _ => {
+            for f in frames {
+                stats.frame_failed_in_stage(cx.stage, f.stream);
+            }
+            None
+        }
+    };
+    match on_link {
+        Some(at) => {
+            let c = courier.get_or_insert_with(|| {
+                Courier::start(cx)
+                    .inspect_err(|e| tracing::error!(stage = %cx.name, error = %e, "Could not start a courier thread: the worker waits for its transfers."))
+                    .ok()
+            });
+            // Never blocks for long: the runner waited for the previous transfer.
+            let unsent = match c {
+                Some(c) => c.tx.send((seq, output, at)).err().map(|e| e.0),
+                None => Some((seq, output, at)),
+            };
+            if let Some((seq, output, at)) = unsent {
+                crate::clock::sleep_until(at);
+                release(cx, seq, output);
+            }
+        }
+        None => release(cx, seq, output),
+    }
+}
+
+/// A batch handed to a runner that takes the next one before this one is done.
+struct Waiting {
+    frames: Vec<Frame>,
+    route: Option<Vec<Hop>>,
+    seq: u64,
+    t0: crate::clock::Nanos,
+    pending: Pending,
+}
+
+/// A worker's batches whose outputs are awaited: a thread that waits for each in turn (they
+/// come in the order the batches were handed over) and settles it.
+struct Answers {
+    tx: flume::Sender<Waiting>,
+    thread: JoinHandle<()>,
+}
+
+impl Answers {
+    fn start(cx: &Arc<WorkerContext>) -> std::io::Result<Self> {
+        let (tx, rx) = flume::bounded::<Waiting>(1);
+        let cx = cx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-{}-answers", cx.name, cx.worker))
+            .spawn(move || {
+                let mut courier = None;
+                for w in rx.iter() {
+                    let mut frames = w.frames;
+                    let result = (w.pending)(&mut frames);
+                    let ran = Ran {
+                        frames,
+                        route: w.route,
+                        seq: w.seq,
+                        t0: w.t0,
+                        result: Some(result),
+                    };
+                    settle(&cx, ran, None, &mut courier);
+                }
+            })?;
+        Ok(Self { tx, thread })
+    }
 }
 
 /// Releases a finished batch in dispatch order (this one, and any it was holding up),

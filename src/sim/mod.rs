@@ -255,6 +255,7 @@ pub fn stage_cost(
         latency: Vec::with_capacity(max_b),
         transfer: Vec::with_capacity(max_b),
         send_while_computing: false,
+        receive: Vec::new(),
     };
     for b in 1..=max_b {
         let l = profiles.latency(model, class, share, blocks.clone(), b)?;
@@ -1112,6 +1113,7 @@ mod tests {
                         latency: (1..=8).map(|b| 3_000_017 + b * 1_370_003).collect(),
                         transfer: vec![0; 8],
                         send_while_computing: false,
+                        receive: Vec::new(),
                     },
                     workers,
                     share: 1,
