@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{KillOnDrop, bin, read_summary, write};
 use poolpipe::clock::unix_ms;
@@ -223,12 +223,14 @@ fn a_node_whose_link_goes_down_is_taken_out_within_two_seconds_and_back_when_it_
 /// servers that remain, and when t4-1's heartbeats return (its NATS client reconnects) it takes
 /// it back, t4-1 applying the new epoch it missed.
 /// The planned pipeline deployed on the lab's three namespaces (server `l4-0` in n1, `t4-0` in
-/// n2, `t4-1` in n3) with nats-server in n1, a controller in n1 and the three nodes started:
+/// n2, `t4-1` in n3) with nats-server in n1 (at its second address), a controller in n1 and the three nodes started:
 /// the pipeline file, and the processes (dropped: killed).
 fn controlled(dir: &Path, profiles: &Path, lab: &Lab) -> (std::path::PathBuf, Vec<KillOnDrop>) {
     let files = common::planned(dir, profiles);
     let names = ["l4-0", "t4-0", "t4-1"];
-    let url = format!("nats://{}:4222", lab.addr(0));
+    // NATS is reached at n1's second address, so that a test can cut a front off from it alone.
+    lab.add_alias(0).unwrap();
+    let url = format!("nats://{}:4222", lab.alias(0));
     let mut args: Vec<String> = vec!["--emit".into(), "nodes".into(), "--nats".into(), url];
     for (i, n) in names.iter().enumerate() {
         args.push("--address".into());
@@ -424,4 +426,80 @@ fn a_standby_front_takes_the_cameras_over_when_the_fronts_cable_is_pulled() {
         .collect();
     assert_eq!(reasons, ["lost t4-1", "joined t4-1"], "{s}");
     assert_eq!(s["epochs"][0]["started_in"], true, "{s}");
+}
+
+#[test]
+fn a_front_cut_off_from_nats_alone_is_fenced_off_by_the_nodes() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let Some(lab) = lab() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (file, procs) = controlled(dir.path(), &profiles, &lab);
+    let front = |ns: usize, summary: &Path, seconds: &str| {
+        KillOnDrop(
+            lab.command(ns, &bin())
+                .args([
+                    "run",
+                    file.to_str().unwrap(),
+                    "--api",
+                    "off",
+                    "--duration",
+                    seconds,
+                ])
+                .arg("--summary-json")
+                .arg(summary)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let (a_summary, b_summary) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    let mut a = front(2, &a_summary, "60");
+    std::thread::sleep(Duration::from_secs(5));
+    let mut b = front(0, &b_summary, "10");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(a.0.try_wait().unwrap().is_none(), "front A exited");
+    // A loses NATS and nothing else: it still reaches its cameras and every node. Its lease
+    // runs out, B takes the cameras over, and the nodes, which see NATS, refuse A's batches:
+    // A stops while it is still cut off (its own lease keeper cannot tell it).
+    lab.reach(2, &lab.alias(0), false).unwrap();
+    let cut = Instant::now();
+    let status = loop {
+        if let Some(s) = a.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(15),
+            "front A ran on, cut off from NATS, while B ran the cameras"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stopped_after = cut.elapsed();
+    lab.reach(2, &lab.alias(0), true).unwrap();
+    assert!(!status.success(), "a fenced front exited with {status}");
+    let s = read_summary(&a_summary);
+    assert_eq!(s["front_lease"]["lost"], true, "{s}");
+    common::assert_balanced(&s);
+    assert!(
+        s["flows"][0]["failed"].as_u64().unwrap() > 0,
+        "the refused batch fails: {s}"
+    );
+    eprintln!("front A stopped {stopped_after:?} after it lost NATS");
+
+    let status = b.0.wait().unwrap();
+    assert!(status.success(), "front B exited with {status}");
+    drop(procs);
+    let s = read_summary(&b_summary);
+    common::assert_balanced(&s);
+    assert_eq!(s["front_lease"]["lost"], false, "{s}");
+    let f = &s["flows"][0];
+    assert_eq!(f["failed"], 0, "{f}");
+    assert!(
+        f["published"].as_u64().unwrap() as f64 >= 0.8 * f["ingested"].as_u64().unwrap() as f64,
+        "{f}"
+    );
 }

@@ -36,6 +36,7 @@ struct Following {
 fn follow(
     bus: &Arc<Bus>,
     f: Following,
+    fence: Arc<link::Fence>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, CliError> {
     let runtime = |e: &dyn std::fmt::Display| CliError::Runtime(e.to_string());
@@ -59,6 +60,7 @@ fn follow(
                     Some(e) => e,
                     None if polled.elapsed() >= Duration::from_secs(1) => {
                         polled = std::time::Instant::now();
+                        fence.refresh(Duration::from_secs(1));
                         match bus.current() {
                             Ok(Some(e)) => e,
                             _ => continue,
@@ -223,8 +225,10 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
     let workers = NodeWorkers::new(workers);
     let applied = Arc::new(AtomicU64::new(applied));
     let epochs_applied = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
-    let follower = match (&bus, profiles) {
-        (Some(bus), Some(profiles)) => Some(follow(
+    // Batches only from the front that holds the front lease.
+    let fence = bus.as_ref().map(|b| link::Fence::new(b.clone()));
+    let follower = match (&bus, profiles, &fence) {
+        (Some(bus), Some(profiles), Some(fence)) => Some(follow(
             bus,
             Following {
                 node: a.name.clone(),
@@ -234,9 +238,10 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
                 applied: applied.clone(),
                 log: epochs_applied.clone(),
             },
+            fence.clone(),
             stop.clone(),
         )?),
-        (Some(_), None) => {
+        (Some(_), _, _) => {
             return Err(CliError::Usage(format!(
                 "{}: [cluster] nats needs a pipeline served by a plan (its epochs are plans)",
                 a.pipeline.display()
@@ -251,7 +256,15 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
         }
     };
     let limit = crate::cluster::message_limit(&p);
-    let served_result = link::serve(&a.name, addr, workers, limit, served.clone(), stopped);
+    let served_result = link::serve(
+        &a.name,
+        addr,
+        workers,
+        limit,
+        served.clone(),
+        fence,
+        stopped,
+    );
     stop.store(true, Ordering::SeqCst);
     if let Some(t) = follower {
         let _ = t.join();
@@ -265,6 +278,7 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
         "frames": served.frames.load(Ordering::Relaxed),
         "failed_batches": served.failed.load(Ordering::Relaxed),
         "bytes_in": served.bytes_in.load(Ordering::Relaxed),
+        "refused_batches": served.refused.load(Ordering::Relaxed),
     });
     println!("{summary}");
     if let Some(path) = &a.summary_json {

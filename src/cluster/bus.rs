@@ -245,15 +245,19 @@ impl Bus {
         let Ok(body) = serde_json::to_vec(&hb) else {
             return;
         };
+        // Not past a second: a front cut off from NATS stops without it.
         self.rt.block_on(async {
-            if self
-                .client
-                .publish(self.subject.clone(), body.into())
-                .await
-                .is_ok()
-            {
-                let _ = self.client.flush().await;
-            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                if self
+                    .client
+                    .publish(self.subject.clone(), body.into())
+                    .await
+                    .is_ok()
+                {
+                    let _ = self.client.flush().await;
+                }
+            })
+            .await;
         });
     }
 
@@ -281,11 +285,13 @@ impl Bus {
         Ok(rx)
     }
 
-    /// The current epoch, if one was published.
+    /// The current epoch, if one was published. Waits for NATS at most [`READ_WAIT`] (a
+    /// timeout is an error), so that a process cut off from NATS is not held up by it.
     pub fn current(&self) -> Result<Option<Epoch>, BusError> {
         let v = self
             .rt
-            .block_on(self.store.get("epoch"))
+            .block_on(async { tokio::time::timeout(READ_WAIT, self.store.get("epoch")).await })
+            .map_err(|_| self.store_err(format!("no answer within {READ_WAIT:?}")))?
             .map_err(|e| self.store_err(e))?;
         v.map(|b: bytes::Bytes| serde_json::from_slice(&b).map_err(|e| self.store_err(e)))
             .transpose()
@@ -348,13 +354,18 @@ impl Bus {
     }
 
     /// Renews `lease` held at `revision`: the next revision, or `None` where it was lost (or
-    /// NATS did not answer).
+    /// NATS did not answer within [`READ_WAIT`]).
     pub fn renew_lease(&self, lease: Lease, me: &str, revision: u64) -> Option<u64> {
         self.rt
-            .block_on(
-                self.lease
-                    .update(lease.key(), me.to_string().into(), revision),
-            )
+            .block_on(async {
+                tokio::time::timeout(
+                    READ_WAIT,
+                    self.lease
+                        .update(lease.key(), me.to_string().into(), revision),
+                )
+                .await
+            })
+            .ok()?
             .ok()
     }
 
@@ -364,6 +375,20 @@ impl Bus {
         let v = self
             .rt
             .block_on(self.lease.get(lease.key()))
+            .map_err(|e| self.store_err(e))?;
+        Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// [`Bus::lease_holder`], waiting at most `limit` for NATS (a timeout is an error).
+    pub fn lease_holder_within(
+        &self,
+        lease: Lease,
+        limit: Duration,
+    ) -> Result<Option<String>, BusError> {
+        let v = self
+            .rt
+            .block_on(async { tokio::time::timeout(limit, self.lease.get(lease.key())).await })
+            .map_err(|_| self.store_err(format!("no answer within {limit:?}")))?
             .map_err(|e| self.store_err(e))?;
         Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
@@ -392,14 +417,20 @@ impl Lease {
     }
 }
 
+/// How long a read of the current epoch waits for NATS.
+pub const READ_WAIT: Duration = Duration::from_secs(2);
+
 /// A lease held and renewed every second on a thread of its own, and let go when dropped.
 /// Where another process took it (this one was stalled or cut off from NATS for longer than
 /// [`LEASE_TTL`]), `lost` is set and `on_lost` (if any) is raised: the holder must stop doing
 /// what the lease is for.
-/// Where NATS does not answer, it keeps trying: no one else can take the lease then either.
+/// Where NATS does not answer, it keeps trying: no one else can take the lease then either,
+/// unless this process is cut off from NATS alone; then whoever still sees NATS (a node that
+/// refuses its batches) tells it, through [`LeaseKeeper::deposer`].
 pub struct LeaseKeeper {
     stop: Arc<std::sync::atomic::AtomicBool>,
     lost: Arc<std::sync::atomic::AtomicBool>,
+    on_lost: Option<Arc<std::sync::atomic::AtomicBool>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -415,13 +446,17 @@ impl LeaseKeeper {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));
-        let (s, l) = (stop.clone(), lost.clone());
+        let (s, l, raise) = (stop.clone(), lost.clone(), on_lost.clone());
         let thread = std::thread::Builder::new()
             .name(format!("{}-lease", lease.key()))
             .spawn(move || {
                 let mut rev = revision;
                 let mut last = Instant::now();
                 while !s.load(Ordering::Relaxed) {
+                    // Told by someone else that the lease is another's: it is not ours to let go.
+                    if l.load(Ordering::SeqCst) {
+                        return;
+                    }
                     std::thread::sleep(Duration::from_millis(50));
                     if last.elapsed() < Duration::from_secs(1) {
                         continue;
@@ -431,11 +466,11 @@ impl LeaseKeeper {
                         rev = next;
                         continue;
                     }
-                    match bus.lease_holder(lease) {
+                    match bus.lease_holder_within(lease, READ_WAIT) {
                         Ok(Some(h)) if h != me => {
                             tracing::error!(lease = lease.key(), holder = %h, "Lease taken by another process: stopping.");
                             l.store(true, Ordering::SeqCst);
-                            if let Some(f) = &on_lost {
+                            if let Some(f) = &raise {
                                 f.store(true, Ordering::SeqCst);
                             }
                             return;
@@ -454,6 +489,7 @@ impl LeaseKeeper {
         Ok(LeaseKeeper {
             stop,
             lost,
+            on_lost,
             thread: Some(thread),
         })
     }
@@ -462,12 +498,29 @@ impl LeaseKeeper {
     pub fn lost(&self) -> bool {
         self.lost.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    /// What marks the lease lost when another process learns that it is (a node that refuses
+    /// this front's batches because NATS says another front holds the lease): as if the keeper
+    /// had found it taken, it stops renewing and raises `on_lost`.
+    pub fn deposer(&self) -> impl Fn() + Send + Sync + 'static {
+        let (lost, on_lost) = (self.lost.clone(), self.on_lost.clone());
+        move || {
+            lost.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(f) = &on_lost {
+                f.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
 }
 
 impl Drop for LeaseKeeper {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
+        // A lost lease is not let go: its thread ends on its own, without being waited for
+        // (it may be waiting for a NATS this process cannot reach).
+        if let Some(t) = self.thread.take()
+            && !self.lost()
+        {
             let _ = t.join();
         }
     }

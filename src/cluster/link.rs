@@ -3,12 +3,16 @@
 //! The front node (the one that runs the sources, the batchers with their reservations, the
 //! publisher and the sinks) reaches a worker that runs on another node through a
 //! [`RemoteRunner`]: a [`StageRunner`] like any other, so the worker thread, its reservations,
-//! its counters and the order it passes batches on in are the same as for a local worker. Its
-//! `run` sends the batch on the worker's own long-lived bidirectional stream
-//! (`/poolpipe.Link/Run`) and waits for the answer on the same stream. The node reads the next
-//! batch of a stream only when the worker has finished the last one, so a slow node holds the
-//! stream's HTTP/2 window and the front's worker; the front's reservations see the worker busy
-//! and its batchers drop (and count) what can no longer make its deadline.
+//! its counters and the order it passes batches on in are the same as for a local worker. It
+//! sends each batch on the worker's own long-lived bidirectional stream (`/poolpipe.Link/Run`)
+//! without waiting for the answer to the one before ([`StageRunner::submit`]); the answers come
+//! back on the same stream, in order, and the front's worker settles each on a thread of its
+//! own. The node receives batch k+1 while its worker computes batch k, and no further: it reads
+//! the next batch only when the worker starts the last one it read, so a slow node holds the
+//! rest in the stream's HTTP/2 window and the front's worker waits to hand over more; the
+//! front's reservations (which book a remote worker's link and its device one after the other,
+//! see [`crate::batcher::deadline`]) see the worker busy, and its batchers drop (and count) what
+//! can no longer make its deadline.
 //!
 //! Each peer is watched by pings (`/poolpipe.Link/Ping`, every [`PING_EVERY`]); a peer that
 //! misses [`MISSES`] in a row, or whose stream fails, is down: its workers leave their pools'
@@ -132,6 +136,17 @@ impl Peer {
 pub struct Peers {
     rt: Arc<tokio::runtime::Runtime>,
     peers: BTreeMap<String, Arc<Peer>>,
+    front: Option<Arc<FrontId>>,
+}
+
+/// The front that sends the batches, where fronts hold a lease: its id in the lease (every
+/// batch carries it), and what it does when a node refuses a batch because another front holds
+/// the lease (the reason given).
+pub struct FrontId {
+    /// The id.
+    pub id: String,
+    /// Called on a refusal.
+    pub deposed: Box<dyn Fn(&str) + Send + Sync>,
 }
 
 /// Why a peer cannot be set up.
@@ -183,9 +198,14 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 impl Peers {
-    /// Links to `nodes` (name -> `HOST:PORT`); messages up to `limit` bytes. Connections are
-    /// made lazily and remade after a failure; each peer is pinged from now on.
-    pub fn new(nodes: &BTreeMap<String, String>, limit: usize) -> Result<Self, LinkError> {
+    /// Links to `nodes` (name -> `HOST:PORT`); messages up to `limit` bytes; batches sent as
+    /// `front`, if given. Connections are made lazily and remade after a failure; each peer is
+    /// pinged from now on.
+    pub fn new(
+        nodes: &BTreeMap<String, String>,
+        limit: usize,
+        front: Option<FrontId>,
+    ) -> Result<Self, LinkError> {
         let rt = Arc::new(runtime()?);
         let mut peers = BTreeMap::new();
         for (name, addr) in nodes {
@@ -218,7 +238,11 @@ impl Peers {
             rt.spawn(watch_peer(Arc::downgrade(&peer)));
             peers.insert(name.clone(), peer);
         }
-        Ok(Self { rt, peers })
+        Ok(Self {
+            rt,
+            peers,
+            front: front.map(Arc::new),
+        })
     }
 
     /// Every peer.
@@ -289,6 +313,7 @@ impl Peers {
         Some(Box::new(RemoteRunner {
             rt: self.rt.clone(),
             peer,
+            front: self.front.clone(),
             stage: stage.to_string(),
             worker,
             sends,
@@ -409,6 +434,7 @@ async fn read_answers(
 pub struct RemoteRunner {
     rt: Arc<tokio::runtime::Runtime>,
     peer: Arc<Peer>,
+    front: Option<Arc<FrontId>>,
     stage: String,
     worker: usize,
     sends: Sends,
@@ -452,6 +478,7 @@ impl RemoteRunner {
 /// What the front makes of a node's answer to a batch (or of its absence).
 struct Answered {
     peer: Arc<Peer>,
+    front: Option<Arc<FrontId>>,
     sent: std::time::Instant,
     bytes: usize,
 }
@@ -467,8 +494,14 @@ impl Answered {
                     Ok(())
                 }
                 // The node is up: it ran the batch and its engine failed, or it runs no such
-                // worker (an epoch it has not applied).
-                Ok(Err(e)) => Err(StageError::Output(format!("on node `{}`: {e}", peer.name))),
+                // worker (an epoch it has not applied), or it refused the batch because another
+                // front holds the front lease (this one must stop).
+                Ok(Err(e)) => {
+                    if let (Some(why), Some(front)) = (e.strip_prefix(FENCED), &self.front) {
+                        (front.deposed)(&format!("node `{}`: {why}", peer.name));
+                    }
+                    Err(StageError::Output(format!("on node `{}`: {e}", peer.name)))
+                }
                 Err(e) => Err(StageError::Output(e.to_string())),
             },
             Err(why) => {
@@ -492,9 +525,15 @@ impl StageRunner for RemoteRunner {
     }
 
     fn submit(&mut self, frames: &[Frame]) -> Option<Pending> {
-        let packet = wire::encode_batch(&self.stage, self.worker, frames, self.sends);
+        let packet = wire::encode_batch(
+            (&self.stage, self.worker),
+            self.front.as_ref().map(|f| f.id.as_str()),
+            frames,
+            self.sends,
+        );
         let answered = Answered {
             peer: self.peer.clone(),
+            front: self.front.clone(),
             sent: std::time::Instant::now(),
             bytes: packet.header.len() + packet.body.len(),
         };
@@ -534,6 +573,80 @@ pub struct Served {
     pub failed: AtomicU64,
     /// Bytes received.
     pub bytes_in: AtomicU64,
+    /// Batches refused: their front no longer held the front lease.
+    pub refused: AtomicU64,
+}
+
+/// Marks a node's refusal of a batch whose front does not hold the front lease.
+const FENCED: &str = "fenced: ";
+
+/// How often a node reads the front lease's holder again, at most, for batches from a front
+/// that is not the holder it last read (its control thread reads it every second).
+const HOLDER_RECHECK: Duration = Duration::from_millis(200);
+/// How long a node waits for NATS when it reads the holder on the data path.
+const HOLDER_READ_WAIT: Duration = Duration::from_millis(100);
+/// A holder read longer ago than this refuses nothing: the node cannot tell.
+const HOLDER_STALE: Duration = Duration::from_secs(3);
+
+/// On a node: batches are taken only from the front that holds the front lease, as NATS says.
+/// This fences off a front cut off from NATS but not from the nodes: a standby took its
+/// cameras over when its lease ran out, and its batches are refused, which tells it to stop.
+/// The data path never waits on NATS for the holder (the node's control thread reads it every
+/// second), except for at most [`HOLDER_READ_WAIT`] when a batch comes from a front other than
+/// the holder last read (one that has just taken over must not be refused); a node that has
+/// not read the holder for [`HOLDER_STALE`] (NATS does not answer it) refuses nothing.
+pub struct Fence {
+    bus: Arc<super::bus::Bus>,
+    /// The holder last read (`None`: no one), and when.
+    holder: Mutex<(Option<String>, std::time::Instant)>,
+}
+
+impl Fence {
+    /// Reads the holder from `bus`.
+    pub fn new(bus: Arc<super::bus::Bus>) -> Arc<Self> {
+        let f = Arc::new(Fence {
+            bus,
+            holder: Mutex::new((None, std::time::Instant::now())),
+        });
+        f.refresh(Duration::from_secs(2));
+        f
+    }
+
+    /// Reads the holder again, waiting at most `limit` for NATS (blocks: not on an async
+    /// thread). The node's control thread calls it every second.
+    pub fn refresh(&self, limit: Duration) {
+        match self
+            .bus
+            .lease_holder_within(super::bus::Lease::Front, limit)
+        {
+            Ok(h) => {
+                *self.holder.lock().unwrap_or_else(|e| e.into_inner()) =
+                    (h, std::time::Instant::now());
+            }
+            Err(e) => tracing::debug!(error = %e, "The front lease's holder could not be read."),
+        }
+    }
+
+    /// Whether front `id` may send batches: `Err(holder)` where another front holds the lease.
+    pub fn admits(&self, id: &str) -> Result<(), String> {
+        let other = |g: &(Option<String>, std::time::Instant)| match &g.0 {
+            Some(h) if h != id && g.1.elapsed() < HOLDER_STALE => Some(h.clone()),
+            _ => None,
+        };
+        {
+            let g = self.holder.lock().unwrap_or_else(|e| e.into_inner());
+            match other(&g) {
+                None => return Ok(()),
+                Some(h) if g.1.elapsed() < HOLDER_RECHECK => return Err(h),
+                Some(_) => {}
+            }
+        }
+        self.refresh(HOLDER_READ_WAIT);
+        match other(&self.holder.lock().unwrap_or_else(|e| e.into_inner())) {
+            Some(h) => Err(h),
+            None => Ok(()),
+        }
+    }
 }
 
 type Slot = Arc<Mutex<Box<dyn StageRunner>>>;
@@ -620,6 +733,7 @@ impl NodeWorkers {
 struct LinkService {
     workers: Arc<NodeWorkers>,
     served: Arc<Served>,
+    fence: Option<Arc<Fence>>,
     limit: usize,
 }
 
@@ -762,8 +876,20 @@ async fn run_batch(
         );
         return Ok(wire::encode_done(&mut frames, &before, Some(why), 0));
     };
-    let served = svc.served.clone();
+    let (served, fence) = (svc.served.clone(), svc.fence.clone());
     tokio::task::spawn_blocking(move || {
+        // A front that no longer holds the front lease runs nothing here: it is told, and
+        // stops (a standby took its cameras over while it was cut off from NATS).
+        if let (Some(fence), Some(front)) = (&fence, &h.front)
+            && let Err(holder) = fence.admits(front)
+        {
+            served.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(front = %front, holder = %holder, "Batch refused: its front no longer holds the front lease.");
+            let why = format!(
+                "{FENCED}front `{holder}` holds the front lease: this front (`{front}`) no longer runs the cameras"
+            );
+            return wire::encode_done(&mut frames, &before, Some(why), 0);
+        }
         let mut runner = slot.lock().unwrap_or_else(|e| e.into_inner());
         let result = runner.run(&mut frames);
         // An emulated device that sends while computing returns before its batch is sent:
@@ -788,19 +914,22 @@ async fn run_batch(
     .map_err(|e| Status::internal(format!("worker panicked: {e}")))
 }
 
-/// Serves `workers` on `addr` until `stop` resolves. Messages up to `limit` bytes.
+/// Serves `workers` on `addr` until `stop` resolves. Messages up to `limit` bytes. With a
+/// `fence`, batches from a front that does not hold the front lease are refused.
 pub fn serve(
     node: &str,
     addr: std::net::SocketAddr,
     workers: Arc<NodeWorkers>,
     limit: usize,
     served: Arc<Served>,
+    fence: Option<Arc<Fence>>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LinkError> {
     let rt = runtime()?;
     let svc = LinkService {
         workers,
         served,
+        fence,
         limit,
     };
     let err = |detail: String| LinkError::Serve {

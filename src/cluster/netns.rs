@@ -140,6 +140,27 @@ impl Lab {
         run(&["ip", "-n", &self.switch(), "link", "set", &dev, state])
     }
 
+    /// A second address of node `i`, once [`Lab::add_alias`] gave it: a service reached there
+    /// can be cut off alone ([`Lab::reach`]).
+    pub fn alias(&self, i: usize) -> String {
+        format!("10.{}.0.{}", self.subnet, 101 + i)
+    }
+
+    /// Gives node `i` its second address.
+    pub fn add_alias(&self, i: usize) -> Result<(), LabError> {
+        let cidr = format!("{}/24", self.alias(i));
+        let dev = format!("{}a{i}", self.prefix);
+        run(&["ip", "-n", &self.ns(i), "addr", "add", &cidr, "dev", &dev])
+    }
+
+    /// Cuts node `i` off from `addr` alone (`false`: a blackhole route; its other links stay),
+    /// or lets it reach it again.
+    pub fn reach(&self, i: usize, addr: &str, on: bool) -> Result<(), LabError> {
+        let to = format!("{addr}/32");
+        let verb = if on { "del" } else { "add" };
+        run(&["ip", "-n", &self.ns(i), "route", verb, "blackhole", &to])
+    }
+
     /// A command that runs `program` in node `i`'s namespace.
     pub fn command(&self, i: usize, program: &std::path::Path) -> Command {
         let mut c = Command::new("ip");

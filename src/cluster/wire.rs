@@ -166,6 +166,10 @@ pub struct BatchHeader {
     pub stage: String,
     /// Worker of the stage's pool.
     pub worker: usize,
+    /// The front that sent it (its id in the front lease), where fronts hold one: a node takes
+    /// batches only from the holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub front: Option<String>,
     /// The frames.
     pub frames: Vec<FrameHeader>,
 }
@@ -239,7 +243,12 @@ pub enum Sends {
 }
 
 /// Encodes a batch of `frames` for worker `worker` of stage `stage`.
-pub fn encode_batch(stage: &str, worker: usize, frames: &[Frame], sends: Sends) -> Packet {
+pub fn encode_batch(
+    (stage, worker): (&str, usize),
+    front: Option<&str>,
+    frames: &[Frame],
+    sends: Sends,
+) -> Packet {
     let mut body = BytesMut::new();
     let headers = frames
         .iter()
@@ -275,6 +284,7 @@ pub fn encode_batch(stage: &str, worker: usize, frames: &[Frame], sends: Sends) 
         header: header_bytes(&BatchHeader {
             stage: stage.to_string(),
             worker,
+            front: front.map(String::from),
             frames: headers,
         }),
         body: body.freeze(),
@@ -431,9 +441,15 @@ mod tests {
                 .unwrap()
                 .reversed_axes(),
         );
-        let p = encode_batch("s1", 2, &[a.clone(), b.clone()], Sends::Activation);
+        let p = encode_batch(
+            ("s1", 2),
+            Some("front@h:1"),
+            &[a.clone(), b.clone()],
+            Sends::Activation,
+        );
         let (h, got) = decode_batch(roundtrip(p)).unwrap();
         assert_eq!((h.stage.as_str(), h.worker), ("s1", 2));
+        assert_eq!(h.front.as_deref(), Some("front@h:1"));
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].activation, a.activation);
         assert_eq!(
@@ -451,12 +467,12 @@ mod tests {
     #[test]
     fn images_and_filler_take_their_bytes() {
         let f = frame(0, 1);
-        let p = encode_batch("s", 0, std::slice::from_ref(&f), Sends::Image);
+        let p = encode_batch(("s", 0), None, std::slice::from_ref(&f), Sends::Image);
         assert_eq!(p.body.len(), 6);
         let (_, got) = decode_batch(p).unwrap();
         assert_eq!(got[0].image.bytes(), f.image.bytes());
         assert_eq!(got[0].image.format, PixelFormat::BGR);
-        let p = encode_batch("s", 0, &[f.clone(), f], Sends::Filler(1000));
+        let p = encode_batch(("s", 0), None, &[f.clone(), f], Sends::Filler(1000));
         assert_eq!(p.body.len(), 2000);
         let (h, got) = decode_batch(p).unwrap();
         assert_eq!(h.frames[1].payload, Payload::Filler { bytes: 1000 });
@@ -466,7 +482,7 @@ mod tests {
     #[test]
     fn a_short_body_is_an_error_not_a_panic() {
         let f = frame(0, 1);
-        let mut p = encode_batch("s", 0, &[f], Sends::Filler(10));
+        let mut p = encode_batch(("s", 0), None, &[f], Sends::Filler(10));
         p.body = p.body.slice(..5);
         assert!(decode_batch(p).unwrap_err().0.contains("needs 10 bytes"));
     }

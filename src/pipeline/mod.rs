@@ -182,7 +182,36 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
     let p = match &p.cluster {
         Some(c) => {
             let limit = crate::cluster::message_limit(p);
-            let links = crate::cluster::link::Peers::new(&c.nodes, limit)
+            // Batches carry the front's id; a node that refuses one because another front holds
+            // the lease deposes this one, as its own lease keeper would.
+            // It asks NATS first: where NATS says this front holds the lease after all (the
+            // node read an old holder), the batch fails and the front runs on.
+            let front = front_lease.as_ref().zip(bus.clone()).map(|(l, bus)| {
+                let depose = l.keeper.deposer();
+                let said = AtomicBool::new(false);
+                let me = l.id.clone();
+                crate::cluster::link::FrontId {
+                    id: l.id.clone(),
+                    deposed: Box::new(move |why: &str| {
+                        if said.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let holder = bus.lease_holder_within(
+                            crate::cluster::bus::Lease::Front,
+                            Duration::from_secs(1),
+                        );
+                        if matches!(&holder, Ok(Some(h)) if *h == me) {
+                            tracing::warn!(why, "A node refused a batch, but this front holds the front lease: running on.");
+                            return;
+                        }
+                        if !said.swap(true, Ordering::SeqCst) {
+                            tracing::error!(why, "A node refused a batch: another front runs the cameras now; stopping.");
+                        }
+                        depose();
+                    }),
+                }
+            });
+            let links = crate::cluster::link::Peers::new(&c.nodes, limit, front)
                 .map_err(|e| PipelineError::Cluster(e.to_string()))?;
             tracing::info!(
                 nodes = c.nodes.len(),
@@ -644,10 +673,11 @@ impl Running {
         if let Some(c) = control {
             c.stop();
         }
+        // The sources before the follower, which may be waiting for NATS.
+        let sources = live.stop_sources();
         if let Some(f) = follower {
             f.stop();
         }
-        let sources = live.stop_sources();
         // A sink with `when_full = "block"` whose destination stays down would hold the
         // publisher, and so the drain, forever: after its flush timeout it drops (and counts)
         // instead.
