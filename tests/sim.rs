@@ -18,6 +18,7 @@ fn two_stage(head: u64, send: u64, tail: u64, share: u32, planned: f64) -> SimSe
         latency: (1..=4).map(|b| base * MS * (1 + b) / 2).collect(),
         transfer: (1..=4).map(|b| tr * MS * b).collect(),
         send_while_computing: false,
+        receive: Vec::new(),
     };
     SimSetup {
         models: vec![SimModel {

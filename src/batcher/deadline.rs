@@ -651,7 +651,7 @@ mod tests {
         };
         let (p, tl) = policy(vec![cost(9, 1, 0), receiving], &[1, 1], 1, 0);
         let mut tl = tl.lock().unwrap();
-        let mut book = |tl: &mut Timeline| {
+        let book = |tl: &mut Timeline| {
             let r = p.plan(tl, 0, 1);
             r.iter().for_each(|h| tl.book(h));
             hops(&r)

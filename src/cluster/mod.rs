@@ -117,3 +117,54 @@ pub fn charge_transfers_to_remote_stages(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_into_remote_workers_is_their_links_and_charging_twice_changes_nothing() {
+        let Some(profiles) = crate::profile::shared_profiles_dir() else {
+            eprintln!("skipped: no shared profiles");
+            return;
+        };
+        let nodes = [
+            ("n2".to_string(), "10.0.0.2:7070".to_string()),
+            ("n3".to_string(), "10.0.0.3:7070".to_string()),
+        ];
+        let out = std::path::Path::new("/tmp/unused.jsonl");
+        let text = netns::cut_pipeline(&profiles, &nodes, 1.0, 5, out);
+        let path = std::path::Path::new("cut.toml");
+        let mut p = crate::config::load_pipeline_str(path, &text).unwrap();
+        let (head, tail) = (
+            p.stages[0].profile.clone().unwrap(),
+            p.stages[1].profile.clone().unwrap(),
+        );
+        assert!(head.transfer.iter().all(|t| !t.is_zero()));
+        assert!(tail.receive.is_empty());
+        // n3's link measured at half the file's rate: the slowest link sets the transfer.
+        let measured =
+            std::collections::BTreeMap::from([("n2".to_string(), 1.0), ("n3".to_string(), 0.5)]);
+        charge_transfers_to_remote_stages(&mut p, &measured);
+        let (h, t) = (
+            p.stages[0].profile.clone().unwrap(),
+            p.stages[1].profile.clone().unwrap(),
+        );
+        assert!(h.transfer.iter().all(|t| t.is_zero()), "{h:?}");
+        let doubled: Vec<_> = head.transfer.iter().map(|t| *t * 2).collect();
+        assert_eq!(t.receive, doubled);
+        // The tail's latency is its own: the link is booked apart from the device.
+        assert_eq!(t.latency, tail.latency);
+        charge_transfers_to_remote_stages(&mut p, &measured);
+        assert_eq!(p.stages[1].profile.as_ref().unwrap().receive, doubled);
+        assert!(
+            p.stages[0]
+                .profile
+                .as_ref()
+                .unwrap()
+                .transfer
+                .iter()
+                .all(|t| t.is_zero())
+        );
+    }
+}
