@@ -357,25 +357,32 @@ fn a_controller_replans_when_a_cable_is_pulled_and_takes_the_node_back() {
     );
 }
 
-/// The cameras move when the front's cable is pulled: front A runs in n3 (beside node t4-1), a
-/// standby front B waits in n1. With n3 cut off, the controller re-plans without t4-1, A's
-/// front lease expires and B takes it, reconnects to the camera and runs it; when the cable is
-/// back, A finds its lease taken and stops with an error, and t4-1 rejoins B's layout.
-#[test]
-fn a_standby_front_takes_the_cameras_over_when_the_fronts_cable_is_pulled() {
-    let Some(profiles) = common::shared_profiles() else {
-        return;
-    };
-    let Some(lab) = lab() else {
-        return;
-    };
+/// Two fronts and their summary files.
+type Fronts = (
+    KillOnDrop,
+    KillOnDrop,
+    std::path::PathBuf,
+    std::path::PathBuf,
+);
+
+/// The [`controlled`] lab with front A in n3 (for 60 s), then, 5 s later, a standby front B in
+/// n1 (for `b_seconds` once it runs the cameras), both still running 3 s later. `None` (with a
+/// message) where profiles or namespaces are missing.
+fn two_fronts(b_seconds: u32) -> Option<(Lab, tempfile::TempDir, Vec<KillOnDrop>, Fronts)> {
+    let profiles = common::shared_profiles()?;
+    let lab = lab()?;
     let dir = tempfile::tempdir().unwrap();
     let (file, procs) = controlled(dir.path(), &profiles, &lab);
-    let front = |ns: usize, summary: &Path, extra: &[&str]| {
+    let fronts = start_fronts(&lab, dir.path(), &file, b_seconds);
+    Some((lab, dir, procs, fronts))
+}
+
+fn start_fronts(lab: &Lab, dir: &Path, file: &Path, b_seconds: u32) -> Fronts {
+    let front = |ns: usize, summary: &Path, seconds: u32| {
         KillOnDrop(
             lab.command(ns, &bin())
-                .args(["run", file.to_str().unwrap(), "--api", "off"])
-                .args(extra)
+                .args(["run", file.to_str().unwrap(), "--api", "off", "--duration"])
+                .arg(seconds.to_string())
                 .arg("--summary-json")
                 .arg(summary)
                 .stdout(Stdio::null())
@@ -384,13 +391,25 @@ fn a_standby_front_takes_the_cameras_over_when_the_fronts_cable_is_pulled() {
                 .unwrap(),
         )
     };
-    let (a_summary, b_summary) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    let mut a = front(2, &a_summary, &["--duration", "60"]);
+    let (a_summary, b_summary) = (dir.join("a.json"), dir.join("b.json"));
+    let mut a = front(2, &a_summary, 60);
     std::thread::sleep(Duration::from_secs(5));
-    let mut b = front(0, &b_summary, &["--duration", "12"]);
+    let mut b = front(0, &b_summary, b_seconds);
     std::thread::sleep(Duration::from_secs(3));
     assert!(a.0.try_wait().unwrap().is_none(), "front A exited");
     assert!(b.0.try_wait().unwrap().is_none(), "the standby exited");
+    (a, b, a_summary, b_summary)
+}
+
+/// The cameras move when the front's cable is pulled: front A runs in n3 (beside node t4-1), a
+/// standby front B waits in n1. With n3 cut off, the controller re-plans without t4-1, A's
+/// front lease expires and B takes it, reconnects to the camera and runs it; when the cable is
+/// back, A finds its lease taken and stops with an error, and t4-1 rejoins B's layout.
+#[test]
+fn a_standby_front_takes_the_cameras_over_when_the_fronts_cable_is_pulled() {
+    let Some((lab, _dir, procs, (mut a, mut b, a_summary, b_summary))) = two_fronts(12) else {
+        return;
+    };
     lab.set_link(2, false).unwrap();
     let cut = unix_ms();
     std::thread::sleep(Duration::from_secs(7));
@@ -430,39 +449,9 @@ fn a_standby_front_takes_the_cameras_over_when_the_fronts_cable_is_pulled() {
 
 #[test]
 fn a_front_cut_off_from_nats_alone_is_fenced_off_by_the_nodes() {
-    let Some(profiles) = common::shared_profiles() else {
+    let Some((lab, _dir, procs, (mut a, mut b, a_summary, b_summary))) = two_fronts(10) else {
         return;
     };
-    let Some(lab) = lab() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let (file, procs) = controlled(dir.path(), &profiles, &lab);
-    let front = |ns: usize, summary: &Path, seconds: &str| {
-        KillOnDrop(
-            lab.command(ns, &bin())
-                .args([
-                    "run",
-                    file.to_str().unwrap(),
-                    "--api",
-                    "off",
-                    "--duration",
-                    seconds,
-                ])
-                .arg("--summary-json")
-                .arg(summary)
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let (a_summary, b_summary) = (dir.path().join("a.json"), dir.path().join("b.json"));
-    let mut a = front(2, &a_summary, "60");
-    std::thread::sleep(Duration::from_secs(5));
-    let mut b = front(0, &b_summary, "10");
-    std::thread::sleep(Duration::from_secs(3));
-    assert!(a.0.try_wait().unwrap().is_none(), "front A exited");
     // A loses NATS and nothing else: it still reaches its cameras and every node. Its lease
     // runs out, B takes the cameras over, and the nodes, which see NATS, refuse A's batches:
     // A stops while it is still cut off (its own lease keeper cannot tell it).

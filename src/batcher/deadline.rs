@@ -637,13 +637,35 @@ mod tests {
         assert_eq!(tl.sending_until(0, 0), 43 * MS);
     }
 
+    /// 15 ms per frame to reach a worker over its link, 20 ms (+1 per frame) to compute.
+    fn behind_link() -> StageCost {
+        StageCost {
+            receive: (1..=8).map(|b| 15 * b as Nanos * MS).collect(),
+            ..cost(19, 1, 0)
+        }
+    }
+
+    /// Books worker `w` of stage 1: the batch arrived at `arrived`, and runs until `end`.
+    fn booked(tl: &mut Timeline, w: usize, arrived: Nanos, end: Nanos) {
+        tl.book(&Hop {
+            stage: 1,
+            worker: w,
+            arrived,
+            start: arrived,
+            end,
+            sent: end,
+        });
+    }
+
+    /// A 10 ms head, then two workers behind their links.
+    fn two_behind_links() -> (DeadlinePolicy<Item>, Arc<Mutex<Timeline>>) {
+        policy(vec![cost(9, 1, 0), behind_link()], &[1, 2], 1, 0)
+    }
+
     #[test]
     fn a_worker_behind_its_own_link_receives_the_next_batch_while_it_computes() {
         // Stage 0: 10 ms; stage 1: 15 ms to reach its worker, 20 ms to compute.
-        let receiving = StageCost {
-            receive: (1..=8).map(|b| 15 * b as Nanos * MS).collect(),
-            ..cost(19, 1, 0)
-        };
+        let receiving = behind_link();
         let hops = |h: &[Hop]| -> Vec<(Nanos, Nanos, Nanos)> {
             h.iter()
                 .map(|h| (h.arrived / MS, h.start / MS, h.end / MS))
@@ -671,35 +693,10 @@ mod tests {
 
         // Of two workers, the one that can start first: worker 0's link is free but it computes
         // until 100; worker 1 computes nothing but its link is busy until 60.
-        let (p, tl) = policy(
-            vec![
-                cost(9, 1, 0),
-                StageCost {
-                    receive: (1..=8).map(|b| 15 * b as Nanos * MS).collect(),
-                    ..cost(19, 1, 0)
-                },
-            ],
-            &[1, 2],
-            1,
-            0,
-        );
+        let (p, tl) = two_behind_links();
         let mut tl = tl.lock().unwrap();
-        tl.book(&Hop {
-            stage: 1,
-            worker: 0,
-            arrived: 0,
-            start: 0,
-            end: 100 * MS,
-            sent: 100 * MS,
-        });
-        tl.book(&Hop {
-            stage: 1,
-            worker: 1,
-            arrived: 60 * MS,
-            start: 60 * MS,
-            end: 60 * MS,
-            sent: 60 * MS,
-        });
+        booked(&mut tl, 0, 0, 100 * MS);
+        booked(&mut tl, 1, 60 * MS, 60 * MS);
         let r = p.plan(&tl, 0, 1);
         // Worker 1: on its link 60..75, computes 75..95; worker 0 could only start at 100.
         assert_eq!(
@@ -716,27 +713,9 @@ mod tests {
         assert_eq!(p.plan(&tl, 0, 1)[1].start, UNAVAILABLE);
 
         // Both idle: the one idle the longest takes it, then the other.
-        let (p, tl) = policy(
-            vec![
-                cost(9, 1, 0),
-                StageCost {
-                    receive: (1..=8).map(|b| 15 * b as Nanos * MS).collect(),
-                    ..cost(19, 1, 0)
-                },
-            ],
-            &[1, 2],
-            1,
-            0,
-        );
+        let (p, tl) = two_behind_links();
         let mut tl = tl.lock().unwrap();
-        tl.book(&Hop {
-            stage: 1,
-            worker: 0,
-            arrived: 0,
-            start: 0,
-            end: 5 * MS,
-            sent: 5 * MS,
-        });
+        booked(&mut tl, 0, 0, 5 * MS);
         let r = p.plan(&tl, 100 * MS, 1);
         assert_eq!(r[1].worker, 1);
         r.iter().for_each(|h| tl.book(h));
