@@ -114,12 +114,14 @@ fn a_cut_model_runs_across_three_nodes_and_survives_losing_one() {
     let s = read_summary(&summary);
     common::assert_balanced(&s);
     let (ingested, published, lost) = (sum(&s, "ingested"), sum(&s, "published"), sum(&s, "lost"));
-    // Frames in flight on n3 when it died are lost, and only those: n3's worker holds one batch
-    // at a time, and one more may have been reserved on it before the front saw it go.
+    // Frames in flight on n3 when it died are lost, and only those: the front hands n3's worker
+    // up to three batches (one awaited, one behind it, one being handed over: n3 receives the
+    // next batch while it computes one), and one more may have been reserved on it before the
+    // front saw it go.
     let n3s = common::node_of(&s, "n3");
     assert_eq!(n3s["lost"].as_u64().unwrap(), lost, "{s}");
     assert!(
-        lost <= 2 * 4,
+        lost <= 4 * 4,
         "lost {lost} frames: more than n3 could hold: {s}"
     );
     assert_eq!(n3s["downs"], 1, "{s}");
