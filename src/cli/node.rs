@@ -225,29 +225,29 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
     let workers = NodeWorkers::new(workers);
     let applied = Arc::new(AtomicU64::new(applied));
     let epochs_applied = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
-    // Batches only from the front that holds the front lease.
-    let fence = bus.as_ref().map(|b| link::Fence::new(b.clone()));
-    let follower = match (&bus, profiles, &fence) {
-        (Some(bus), Some(profiles), Some(fence)) => Some(follow(
-            bus,
-            Following {
+    // With a controller: epochs followed, and batches only from the front that holds the front
+    // lease.
+    let (follower, fence) = match (&bus, profiles) {
+        (Some(bus), Some(profiles)) => {
+            let fence = link::Fence::new(bus.clone());
+            let following = Following {
                 node: a.name.clone(),
                 base: p.clone(),
                 profiles,
                 workers: workers.clone(),
                 applied: applied.clone(),
                 log: epochs_applied.clone(),
-            },
-            fence.clone(),
-            stop.clone(),
-        )?),
-        (Some(_), _, _) => {
+            };
+            let t = follow(bus, following, fence.clone(), stop.clone())?;
+            (Some(t), Some(fence))
+        }
+        (Some(_), None) => {
             return Err(CliError::Usage(format!(
                 "{}: [cluster] nats needs a pipeline served by a plan (its epochs are plans)",
                 a.pipeline.display()
             )));
         }
-        _ => None,
+        _ => (None, None),
     };
     let flag = stop.clone();
     let stopped = async move {

@@ -11,6 +11,7 @@
 //!   process that created one renews it every second; another waits until it expires (or is
 //!   let go) and then takes it.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -285,14 +286,22 @@ impl Bus {
         Ok(rx)
     }
 
-    /// The current epoch, if one was published. Waits for NATS at most [`READ_WAIT`] (a
-    /// timeout is an error), so that a process cut off from NATS is not held up by it.
+    /// Runs a key-value operation, waiting at most `limit` for NATS: a process cut off from
+    /// NATS is held up by no call for longer (async-nats itself would wait 10 s).
+    fn within<T, E: std::fmt::Display>(
+        &self,
+        limit: Duration,
+        op: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, BusError> {
+        self.rt
+            .block_on(async { tokio::time::timeout(limit, op).await })
+            .map_err(|_| self.store_err(format!("no answer within {limit:?}")))?
+            .map_err(|e| self.store_err(e))
+    }
+
+    /// The current epoch, if one was published.
     pub fn current(&self) -> Result<Option<Epoch>, BusError> {
-        let v = self
-            .rt
-            .block_on(async { tokio::time::timeout(READ_WAIT, self.store.get("epoch")).await })
-            .map_err(|_| self.store_err(format!("no answer within {READ_WAIT:?}")))?
-            .map_err(|e| self.store_err(e))?;
+        let v = self.within(READ_WAIT, self.store.get("epoch"))?;
         v.map(|b: bytes::Bytes| serde_json::from_slice(&b).map_err(|e| self.store_err(e)))
             .transpose()
     }
@@ -348,54 +357,34 @@ impl Bus {
 
     /// Takes `lease` for `me` if no one holds it: its revision, to renew it with.
     pub fn take_lease(&self, lease: Lease, me: &str) -> Option<u64> {
-        self.rt
-            .block_on(self.lease.create(lease.key(), me.to_string().into()))
-            .ok()
+        self.within(
+            READ_WAIT,
+            self.lease.create(lease.key(), me.to_string().into()),
+        )
+        .ok()
     }
 
     /// Renews `lease` held at `revision`: the next revision, or `None` where it was lost (or
-    /// NATS did not answer within [`READ_WAIT`]).
+    /// NATS did not answer).
     pub fn renew_lease(&self, lease: Lease, me: &str, revision: u64) -> Option<u64> {
-        self.rt
-            .block_on(async {
-                tokio::time::timeout(
-                    READ_WAIT,
-                    self.lease
-                        .update(lease.key(), me.to_string().into(), revision),
-                )
-                .await
-            })
-            .ok()?
-            .ok()
+        self.within(
+            READ_WAIT,
+            self.lease
+                .update(lease.key(), me.to_string().into(), revision),
+        )
+        .ok()
     }
 
     /// Who holds `lease`: `Ok(None)` where no one does (it expired or was let go), an error
-    /// where NATS did not answer.
-    pub fn lease_holder(&self, lease: Lease) -> Result<Option<String>, BusError> {
-        let v = self
-            .rt
-            .block_on(self.lease.get(lease.key()))
-            .map_err(|e| self.store_err(e))?;
-        Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
-    }
-
-    /// [`Bus::lease_holder`], waiting at most `limit` for NATS (a timeout is an error).
-    pub fn lease_holder_within(
-        &self,
-        lease: Lease,
-        limit: Duration,
-    ) -> Result<Option<String>, BusError> {
-        let v = self
-            .rt
-            .block_on(async { tokio::time::timeout(limit, self.lease.get(lease.key())).await })
-            .map_err(|_| self.store_err(format!("no answer within {limit:?}")))?
-            .map_err(|e| self.store_err(e))?;
+    /// where NATS did not answer within `limit`.
+    pub fn lease_holder(&self, lease: Lease, limit: Duration) -> Result<Option<String>, BusError> {
+        let v = self.within(limit, self.lease.get(lease.key()))?;
         Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
     /// Lets go of `lease` (a process that stops), so another takes over at once.
     pub fn release_lease(&self, lease: Lease) {
-        let _ = self.rt.block_on(self.lease.purge(lease.key()));
+        let _ = self.within(READ_WAIT, self.lease.purge(lease.key()));
     }
 }
 
@@ -417,8 +406,10 @@ impl Lease {
     }
 }
 
-/// How long a read of the current epoch waits for NATS.
+/// How long a key-value call (the current epoch, a lease) waits for NATS at most.
 pub const READ_WAIT: Duration = Duration::from_secs(2);
+/// How long a front told by a node that it lost its lease asks NATS whether it did.
+const DEPOSED_CHECK: Duration = Duration::from_secs(1);
 
 /// A lease held and renewed every second on a thread of its own, and let go when dropped.
 /// Where another process took it (this one was stalled or cut off from NATS for longer than
@@ -428,6 +419,9 @@ pub const READ_WAIT: Duration = Duration::from_secs(2);
 /// unless this process is cut off from NATS alone; then whoever still sees NATS (a node that
 /// refuses its batches) tells it, through [`LeaseKeeper::deposer`].
 pub struct LeaseKeeper {
+    bus: Arc<Bus>,
+    lease: Lease,
+    me: String,
     stop: Arc<std::sync::atomic::AtomicBool>,
     lost: Arc<std::sync::atomic::AtomicBool>,
     on_lost: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -447,6 +441,7 @@ impl LeaseKeeper {
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));
         let (s, l, raise) = (stop.clone(), lost.clone(), on_lost.clone());
+        let (b, holder) = (bus.clone(), me.clone());
         let thread = std::thread::Builder::new()
             .name(format!("{}-lease", lease.key()))
             .spawn(move || {
@@ -462,12 +457,12 @@ impl LeaseKeeper {
                         continue;
                     }
                     last = Instant::now();
-                    if let Some(next) = bus.renew_lease(lease, &me, rev) {
+                    if let Some(next) = b.renew_lease(lease, &holder, rev) {
                         rev = next;
                         continue;
                     }
-                    match bus.lease_holder_within(lease, READ_WAIT) {
-                        Ok(Some(h)) if h != me => {
+                    match b.lease_holder(lease, READ_WAIT) {
+                        Ok(Some(h)) if h != holder => {
                             tracing::error!(lease = lease.key(), holder = %h, "Lease taken by another process: stopping.");
                             l.store(true, Ordering::SeqCst);
                             if let Some(f) = &raise {
@@ -477,16 +472,19 @@ impl LeaseKeeper {
                         }
                         // It expired (NATS was away for longer than its life): take it again.
                         Ok(None) => {
-                            if let Some(r) = bus.take_lease(lease, &me) {
+                            if let Some(r) = b.take_lease(lease, &holder) {
                                 rev = r;
                             }
                         }
                         _ => {}
                     }
                 }
-                bus.release_lease(lease);
+                b.release_lease(lease);
             })?;
         Ok(LeaseKeeper {
+            bus,
+            lease,
+            me,
             stop,
             lost,
             on_lost,
@@ -499,15 +497,35 @@ impl LeaseKeeper {
         self.lost.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// What marks the lease lost when another process learns that it is (a node that refuses
-    /// this front's batches because NATS says another front holds the lease): as if the keeper
-    /// had found it taken, it stops renewing and raises `on_lost`.
-    pub fn deposer(&self) -> impl Fn() + Send + Sync + 'static {
+    /// What to call when another process says the lease is another's (a node that refuses
+    /// this front's batches, with its reason). It asks NATS first (for at most a second): where
+    /// NATS says this process holds the lease after all (the other read an old holder), nothing
+    /// changes; else, as if the keeper had found the lease taken, it stops renewing and raises
+    /// `on_lost`.
+    pub fn deposer(&self) -> impl Fn(&str) + Send + Sync + 'static {
+        use std::sync::atomic::Ordering;
+        let (bus, lease, me) = (self.bus.clone(), self.lease, self.me.clone());
         let (lost, on_lost) = (self.lost.clone(), self.on_lost.clone());
-        move || {
-            lost.store(true, std::sync::atomic::Ordering::SeqCst);
+        move |why: &str| {
+            if lost.load(Ordering::SeqCst) {
+                return;
+            }
+            if matches!(bus.lease_holder(lease, DEPOSED_CHECK), Ok(Some(h)) if h == me) {
+                tracing::warn!(
+                    lease = lease.key(),
+                    why,
+                    "Told the lease is another's, but NATS says it is this process's: running on."
+                );
+                return;
+            }
+            tracing::error!(
+                lease = lease.key(),
+                why,
+                "Told the lease is another's: stopping."
+            );
+            lost.store(true, Ordering::SeqCst);
             if let Some(f) = &on_lost {
-                f.store(true, std::sync::atomic::Ordering::SeqCst);
+                f.store(true, Ordering::SeqCst);
             }
         }
     }

@@ -608,17 +608,14 @@ impl Fence {
             bus,
             holder: Mutex::new((None, std::time::Instant::now())),
         });
-        f.refresh(Duration::from_secs(2));
+        f.refresh(super::bus::READ_WAIT);
         f
     }
 
     /// Reads the holder again, waiting at most `limit` for NATS (blocks: not on an async
     /// thread). The node's control thread calls it every second.
     pub fn refresh(&self, limit: Duration) {
-        match self
-            .bus
-            .lease_holder_within(super::bus::Lease::Front, limit)
-        {
+        match self.bus.lease_holder(super::bus::Lease::Front, limit) {
             Ok(h) => {
                 *self.holder.lock().unwrap_or_else(|e| e.into_inner()) =
                     (h, std::time::Instant::now());
@@ -809,39 +806,35 @@ impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
         Box::pin(async move {
             let mut inbound = req.into_inner();
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Packet, Status>>(1);
-            // The next batch is received while this one runs, and no further: the reader takes
-            // a permit before it reads a batch, and the worker gives it back when it starts
-            // that batch. A slow worker thus leaves the rest in the stream's HTTP/2 window.
-            let (ready, mut batches) = tokio::sync::mpsc::channel(1);
-            let permits = Arc::new(tokio::sync::Semaphore::new(1));
-            let reader = tokio::spawn(async move {
+            // The next batch is received while this one runs, and no further: the rest waits in
+            // the stream's HTTP/2 window, which holds the front.
+            tokio::spawn(async move {
+                let mut next: Option<(Packet, std::time::Instant)> = None;
+                let mut open = true;
                 loop {
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
-                        return;
+                    let (packet, received) = match next.take() {
+                        Some(b) => b,
+                        None if open => match receive(&mut inbound).await {
+                            Some(b) => b,
+                            None => return,
+                        },
+                        None => return,
                     };
-                    let packet = match inbound.message().await {
-                        Ok(Some(p)) => p,
-                        Ok(None) => return,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "A stream from the front ended.");
-                            return;
+                    let run = run_batch(&svc, packet, received);
+                    tokio::pin!(run);
+                    let answer = loop {
+                        tokio::select! {
+                            a = &mut run => break a,
+                            b = receive(&mut inbound), if open && next.is_none() => match b {
+                                Some(b) => next = Some(b),
+                                None => open = false,
+                            },
                         }
                     };
-                    let received = std::time::Instant::now();
-                    if ready.send((packet, permit, received)).await.is_err() {
+                    if tx.send(answer).await.is_err() {
                         return;
                     }
                 }
-            });
-            tokio::spawn(async move {
-                while let Some((packet, permit, received)) = batches.recv().await {
-                    drop(permit);
-                    let answer = run_batch(&svc, packet, received).await;
-                    if tx.send(answer).await.is_err() {
-                        break;
-                    }
-                }
-                reader.abort();
             });
             let answers: Answers =
                 Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
@@ -849,6 +842,19 @@ impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
                 }));
             Ok(Response::new(answers))
         })
+    }
+}
+
+/// The next batch of a stream from the front, and when it was received; `None` when the
+/// stream ended.
+async fn receive(inbound: &mut Streaming<Packet>) -> Option<(Packet, std::time::Instant)> {
+    match inbound.message().await {
+        Ok(Some(p)) => Some((p, std::time::Instant::now())),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "A stream from the front ended.");
+            None
+        }
     }
 }
 

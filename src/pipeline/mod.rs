@@ -184,32 +184,9 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
             let limit = crate::cluster::message_limit(p);
             // Batches carry the front's id; a node that refuses one because another front holds
             // the lease deposes this one, as its own lease keeper would.
-            // It asks NATS first: where NATS says this front holds the lease after all (the
-            // node read an old holder), the batch fails and the front runs on.
-            let front = front_lease.as_ref().zip(bus.clone()).map(|(l, bus)| {
-                let depose = l.keeper.deposer();
-                let said = AtomicBool::new(false);
-                let me = l.id.clone();
-                crate::cluster::link::FrontId {
-                    id: l.id.clone(),
-                    deposed: Box::new(move |why: &str| {
-                        if said.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        let holder = bus.lease_holder_within(
-                            crate::cluster::bus::Lease::Front,
-                            Duration::from_secs(1),
-                        );
-                        if matches!(&holder, Ok(Some(h)) if *h == me) {
-                            tracing::warn!(why, "A node refused a batch, but this front holds the front lease: running on.");
-                            return;
-                        }
-                        if !said.swap(true, Ordering::SeqCst) {
-                            tracing::error!(why, "A node refused a batch: another front runs the cameras now; stopping.");
-                        }
-                        depose();
-                    }),
-                }
+            let front = front_lease.as_ref().map(|l| crate::cluster::link::FrontId {
+                id: l.id.clone(),
+                deposed: Box::new(l.keeper.deposer()),
             });
             let links = crate::cluster::link::Peers::new(&c.nodes, limit, front)
                 .map_err(|e| PipelineError::Cluster(e.to_string()))?;
@@ -467,7 +444,7 @@ type ControlPlane = (
 /// lease ends), and the current epoch (with the layout it gives `p`) if the controller
 /// published one.
 fn control_plane(p: &Pipeline, opts: &RunOptions) -> Result<ControlPlane, PipelineError> {
-    use crate::cluster::bus::{Bus, Lease, LeaseKeeper};
+    use crate::cluster::bus::{Bus, Lease, LeaseKeeper, READ_WAIT};
     let Some(url) = p.cluster.as_ref().and_then(|c| c.nats.clone()) else {
         return Ok((None, None, None));
     };
@@ -488,7 +465,7 @@ fn control_plane(p: &Pipeline, opts: &RunOptions) -> Result<ControlPlane, Pipeli
         if opts.stop.as_ref().is_some_and(Shutdown::is_triggered) {
             return Err(PipelineError::StoppedAsStandby);
         }
-        let holder = bus.lease_holder(Lease::Front).ok().flatten();
+        let holder = bus.lease_holder(Lease::Front, READ_WAIT).ok().flatten();
         if holder.is_some() && holder != said {
             tracing::info!(holder = ?holder, "Standing by: another front runs the cameras; taking them over when its lease ends.");
             said = holder;

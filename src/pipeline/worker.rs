@@ -87,19 +87,21 @@ pub(super) fn spawn_worker(
             let cx = Arc::new(cx);
             let panic_at = injected_panic(&cx.name);
             let mut broken = false;
-            // Batches still on the link, passed on when they arrive (started at the first one).
-            let mut courier: Option<Option<Courier>> = None;
-            // Batches handed to a runner that takes the next one before they are done, settled
-            // when their outputs come (started at the first one).
-            let mut answers: Option<Option<Answers>> = None;
-            for Batch { mut frames, route, seq } in rx.iter() {
+            let mut courier = Lane::new("send", 2, pass_on);
+            let mut answers = Lane::new("answers", 1, settle_answered);
+            for Batch {
+                mut frames,
+                route,
+                seq,
+            } in rx.iter()
+            {
                 let t0 = cx.clock.now();
                 let result = if broken {
                     None
                 } else {
                     // Batches are counted only where a panic was asked for.
-                    let inject = panic_at
-                        .filter(|at| cx.started.fetch_add(1, Ordering::SeqCst) + 1 == *at);
+                    let inject =
+                        panic_at.filter(|at| cx.started.fetch_add(1, Ordering::SeqCst) + 1 == *at);
                     match catch_unwind(AssertUnwindSafe(|| {
                         if let Some(n) = inject {
                             panic!("injected by {PANIC_STAGE_ENV} at batch {n}");
@@ -110,23 +112,17 @@ pub(super) fn spawn_worker(
                         }
                     })) {
                         Ok(Ok(r)) => Some(r),
+                        // Settled when its outputs come; the worker takes its next batch now
+                        // (blocking while the one before the last is still awaited).
                         Ok(Err(pending)) => {
-                            let a = answers.get_or_insert_with(|| {
-                                Answers::start(&cx)
-                                    .inspect_err(|e| tracing::error!(stage = %cx.name, error = %e, "Could not start an answers thread: the worker waits for each batch."))
-                                    .ok()
-                            });
-                            let waiting = Waiting { frames, route, seq, t0, pending };
-                            // Blocks while the batch before the last is still running: at most
-                            // two batches ahead of the one whose outputs are awaited.
-                            if let Some(Waiting { frames, route, seq, t0, pending }) = match a {
-                                Some(a) => a.tx.send(waiting).err().map(|e| e.0),
-                                None => Some(waiting),
-                            } {
-                                let mut frames = frames;
-                                let r = pending(&mut frames);
-                                settle(&cx, Ran { frames, route, seq, t0, result: Some(r) }, None, &mut courier);
-                            }
+                            let ran = Ran {
+                                frames,
+                                route,
+                                seq,
+                                t0,
+                                result: None,
+                            };
+                            answers.hand(&cx, (ran, pending));
                             continue;
                         }
                         Err(p) => {
@@ -137,16 +133,25 @@ pub(super) fn spawn_worker(
                     }
                 };
                 let on_link = runner.sent_at().filter(|_| !broken);
-                settle(&cx, Ran { frames, route, seq, t0, result }, on_link, &mut courier);
+                let (seq, output) = settle(
+                    &cx,
+                    Ran {
+                        frames,
+                        route,
+                        seq,
+                        t0,
+                        result,
+                    },
+                    on_link,
+                );
+                match on_link {
+                    // Never blocks for long: the runner waited for the previous transfer.
+                    Some(at) => courier.hand(&cx, (seq, output, at)),
+                    None => release(&cx, seq, output),
+                }
             }
-            if let Some(Some(a)) = answers {
-                drop(a.tx);
-                let _ = a.thread.join();
-            }
-            if let Some(Some(c)) = courier {
-                drop(c.tx);
-                let _ = c.thread.join();
-            }
+            answers.finish();
+            courier.finish();
         })
 }
 
@@ -160,14 +165,9 @@ struct Ran {
     result: Option<Result<(), StageError>>,
 }
 
-/// Accounts for a batch the worker let go of and passes it on: now, or at `on_link` when the
-/// runner sends it while computing the next one.
-fn settle(
-    cx: &Arc<WorkerContext>,
-    ran: Ran,
-    on_link: Option<Instant>,
-    courier: &mut Option<Option<Courier>>,
-) {
+/// Accounts for a batch the worker let go of; the batch reaches the next stage now, or at
+/// `on_link` when the runner sends it while computing the next one. Returns what to release.
+fn settle(cx: &WorkerContext, ran: Ran, on_link: Option<Instant>) -> (u64, Finished) {
     let Ran {
         mut frames,
         route,
@@ -219,65 +219,73 @@ fn settle(
             None
         }
     };
-    match on_link {
-        Some(at) => {
-            let c = courier.get_or_insert_with(|| {
-                Courier::start(cx)
-                    .inspect_err(|e| tracing::error!(stage = %cx.name, error = %e, "Could not start a courier thread: the worker waits for its transfers."))
-                    .ok()
-            });
-            // Never blocks for long: the runner waited for the previous transfer.
-            let unsent = match c {
-                Some(c) => c.tx.send((seq, output, at)).err().map(|e| e.0),
-                None => Some((seq, output, at)),
-            };
-            if let Some((seq, output, at)) = unsent {
-                crate::clock::sleep_until(at);
-                release(cx, seq, output);
-            }
+    (seq, output)
+}
+
+/// Waits for the outputs of a batch handed to a runner that takes the next one before this
+/// one is done, then settles and releases it.
+fn settle_answered(cx: &Arc<WorkerContext>, (mut ran, pending): (Ran, Pending)) {
+    ran.result = Some(pending(&mut ran.frames));
+    let (seq, output) = settle(cx, ran, None);
+    release(cx, seq, output);
+}
+
+/// Passes a batch on when its transfer ends.
+fn pass_on(cx: &Arc<WorkerContext>, (seq, output, at): (u64, Finished, Instant)) {
+    crate::clock::sleep_until(at);
+    release(cx, seq, output);
+}
+
+/// A thread of a worker's own, fed through a bounded queue and started at the first item: the
+/// batches still on the link ([`pass_on`]), or those whose outputs are awaited
+/// ([`settle_answered`]), in the order handed over. Where the thread cannot start, the worker
+/// does that work itself.
+struct Lane<T> {
+    what: &'static str,
+    room: usize,
+    each: fn(&Arc<WorkerContext>, T),
+    thread: Option<Option<(flume::Sender<T>, JoinHandle<()>)>>,
+}
+
+impl<T: Send + 'static> Lane<T> {
+    fn new(what: &'static str, room: usize, each: fn(&Arc<WorkerContext>, T)) -> Self {
+        Self {
+            what,
+            room,
+            each,
+            thread: None,
         }
-        None => release(cx, seq, output),
     }
-}
 
-/// A batch handed to a runner that takes the next one before this one is done.
-struct Waiting {
-    frames: Vec<Frame>,
-    route: Option<Vec<Hop>>,
-    seq: u64,
-    t0: crate::clock::Nanos,
-    pending: Pending,
-}
+    /// Hands `item` to the thread, waiting while its queue is full.
+    fn hand(&mut self, cx: &Arc<WorkerContext>, item: T) {
+        let (what, room, each) = (self.what, self.room, self.each);
+        let thread = self.thread.get_or_insert_with(|| {
+            let (tx, rx) = flume::bounded::<T>(room);
+            let c = cx.clone();
+            std::thread::Builder::new()
+                .name(format!("{}-{}-{what}", cx.name, cx.worker))
+                .spawn(move || rx.iter().for_each(|item| each(&c, item)))
+                .inspect_err(|e| tracing::error!(stage = %cx.name, error = %e, "Could not start the worker's {what} thread: the worker does that work itself."))
+                .ok()
+                .map(|t| (tx, t))
+        });
+        let item = match thread {
+            Some((tx, _)) => match tx.send(item) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => item,
+        };
+        each(cx, item);
+    }
 
-/// A worker's batches whose outputs are awaited: a thread that waits for each in turn (they
-/// come in the order the batches were handed over) and settles it.
-struct Answers {
-    tx: flume::Sender<Waiting>,
-    thread: JoinHandle<()>,
-}
-
-impl Answers {
-    fn start(cx: &Arc<WorkerContext>) -> std::io::Result<Self> {
-        let (tx, rx) = flume::bounded::<Waiting>(1);
-        let cx = cx.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("{}-{}-answers", cx.name, cx.worker))
-            .spawn(move || {
-                let mut courier = None;
-                for w in rx.iter() {
-                    let mut frames = w.frames;
-                    let result = (w.pending)(&mut frames);
-                    let ran = Ran {
-                        frames,
-                        route: w.route,
-                        seq: w.seq,
-                        t0: w.t0,
-                        result: Some(result),
-                    };
-                    settle(&cx, ran, None, &mut courier);
-                }
-            })?;
-        Ok(Self { tx, thread })
+    /// Waits for what was handed over.
+    fn finish(self) {
+        if let Some(Some((tx, thread))) = self.thread {
+            drop(tx);
+            let _ = thread.join();
+        }
     }
 }
 
@@ -287,29 +295,6 @@ fn release(cx: &WorkerContext, seq: u64, output: Finished) {
     let mut sq = cx.sequencer.lock().unwrap_or_else(|e| e.into_inner());
     for (frames, route) in sq.finish(seq, output).into_iter().flatten() {
         forward(cx, frames, route);
-    }
-}
-
-/// A worker's batches in transit to the next stage: a thread that passes each on when its
-/// transfer ends.
-struct Courier {
-    tx: flume::Sender<(u64, Finished, Instant)>,
-    thread: JoinHandle<()>,
-}
-
-impl Courier {
-    fn start(cx: &Arc<WorkerContext>) -> std::io::Result<Self> {
-        let (tx, rx) = flume::bounded::<(u64, Finished, Instant)>(2);
-        let cx = cx.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("{}-{}-send", cx.name, cx.worker))
-            .spawn(move || {
-                for (seq, output, at) in rx.iter() {
-                    crate::clock::sleep_until(at);
-                    release(&cx, seq, output);
-                }
-            })?;
-        Ok(Self { tx, thread })
     }
 }
 
