@@ -227,6 +227,55 @@ fn cluster_mistakes_are_refused_with_their_place() {
     let out = common::poolpipe(&["node", f.to_str().unwrap(), "--name", "n1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`n1` is the front: run `poolpipe run"));
+    // A node that the file does not name joins only with what it offers, through a controller.
+    let with_nats = write(
+        dir.path(),
+        "nats.toml",
+        &base(
+            "[cluster]\nfront = \"n1\"\nnats = \"nats://127.0.0.1:1\"\nnodes = { n2 = \"127.0.0.1:7000\" }\n",
+            "nodes = [\"n1\", \"n2\"]",
+        ),
+    );
+    let node_cases: [(&Path, &[&str], &str); 6] = [
+        (
+            &f,
+            &["--name", "n9"],
+            "no node `n9` in [cluster] nodes (n2); to join as a new node, give --gpus",
+        ),
+        (
+            &f,
+            &["--name", "n9", "--gpus", "T4:1"],
+            "needs a controller: [cluster] has no `nats`",
+        ),
+        (
+            &f,
+            &["--name", "n2", "--gpus", "T4:1"],
+            "--gpus is for a node the file does not name",
+        ),
+        (
+            &with_nats,
+            &["--name", "n9", "--gpus", "T4"],
+            "--gpus T4: expected CLASS:COUNT",
+        ),
+        (
+            &with_nats,
+            &["--name", "n9", "--gpus", "T4:1"],
+            "give --listen HOST:PORT",
+        ),
+        (
+            &with_nats,
+            &["--name", "n9", "--gpus", "T4:1", "--listen", "0.0.0.0:7000"],
+            "give --advertise HOST:PORT",
+        ),
+    ];
+    for (file, args, want) in node_cases {
+        let mut all = vec!["node", file.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = common::poolpipe(&all);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: want {want:?} in:\n{err}");
+    }
     // A controller needs `nats` in [cluster] (and a placed plan).
     let out = common::poolpipe(&["controller", f.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
@@ -586,6 +635,7 @@ fn epochs_keep_unchanged_routes_and_replan_on_the_servers_that_remain() {
         members: names.clone(),
         reason: String::new(),
         routes: name_routes(plan, &flows, n, prev),
+        addresses: Default::default(),
         plan: plan.clone(),
         plan_s: 0.0,
         at_unix_ms: 0,
@@ -751,6 +801,116 @@ fn a_front_that_starts_late_starts_in_the_current_epoch() {
     assert!(common::frames_out_of(&s, "f0.e1.") > 0, "{s}");
     assert_eq!(common::frames_out_of(&s, "f0.p0."), 0, "{s}");
     assert_eq!(sum(&s, "failed"), 0, "{s}");
+    let (ingested, published) = (sum(&s, "ingested"), sum(&s, "published"));
+    assert!(
+        published as f64 >= 0.9 * ingested as f64,
+        "published {published} of {ingested}: {s}"
+    );
+}
+
+/// Membership over NATS: a node that the file does not name joins the running cluster by
+/// offering its GPUs (`poolpipe node --gpus T4:1 --listen ...`). The controller takes it in at
+/// once and re-plans with it ("joined t4-new"); the epoch carries its address, the front links
+/// to it while running and sends it batches. An offer of a class the plan has no latencies for
+/// is refused and said in the controller's summary.
+#[test]
+fn a_node_the_file_does_not_name_joins_by_offering_its_gpus() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The file places the plan on l4-0, t4-0 and t4-1; t4-1 never comes.
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let (file, _, _nats) = controlled(dir.path(), &profiles, &names);
+    let controller = KillOnDrop(
+        Command::new(bin())
+            .args(["controller", file.to_str().unwrap(), "--startup-grace", "1"])
+            .arg("--summary-json")
+            .arg(dir.path().join("controller.json"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let nodes: Vec<KillOnDrop> = names[..2]
+        .iter()
+        .map(|n| node(&file, n, &dir.path().join(format!("{n}.json"))))
+        .collect();
+    // After the grace the controller plans without t4-1 (epoch 1), and the front starts in it.
+    std::thread::sleep(Duration::from_secs(4));
+    let summary = dir.path().join("front.json");
+    let mut front = front(&file, 16, &summary);
+    std::thread::sleep(Duration::from_secs(5));
+    let joining = |name: &str, gpus: &str| {
+        let port = free_port();
+        let child = KillOnDrop(
+            Command::new(bin())
+                .args([
+                    "node",
+                    file.to_str().unwrap(),
+                    "--name",
+                    name,
+                    "--gpus",
+                    gpus,
+                ])
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--summary-json")
+                .arg(dir.path().join(format!("{name}.json")))
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        );
+        assert!(wait_listening(port, Duration::from_secs(20)));
+        child
+    };
+    let joined_ms = poolpipe::clock::unix_ms();
+    let new = joining("t4-new", "T4:1");
+    let refused = joining("a100-x", "A100:1");
+    let status = front.0.wait().unwrap();
+    assert!(status.success(), "front exited with {status}");
+    let s = read_summary(&summary);
+    common::assert_balanced(&s);
+    assert_eq!(sum(&s, "failed"), 0, "{s}");
+    let epochs = s["epochs"].as_array().expect("epochs in the summary");
+    let numbers: Vec<u64> = epochs
+        .iter()
+        .map(|e| e["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [1, 2], "{s}");
+    assert_eq!(epochs[1]["reason"], "joined t4-new", "{s}");
+    assert!(epochs[1].get("error").is_none(), "{}", epochs[1]);
+    assert_eq!(epochs[1]["nodes_not_ready"], serde_json::json!([]));
+    assert!(
+        epochs[1]["published_unix_ms"].as_u64().unwrap() - joined_ms <= 3000,
+        "{}",
+        epochs[1]
+    );
+    // The front linked to the new node and sent it batches of epoch 2's routes.
+    assert!(common::frames_out_of(&s, "f0.e2.") > 0, "{s}");
+    let n = common::node_of(&s, "t4-new");
+    assert_eq!(n["up"], true, "{n}");
+    common::stop_with(new, "INT");
+    let t = read_summary(&dir.path().join("t4-new.json"));
+    assert!(t["frames"].as_u64().unwrap() > 0, "{t}");
+    assert_eq!(t["epochs_applied"], serde_json::json!([2]), "{t}");
+    // The A100 node was never a member: nothing ran on it.
+    common::stop_with(refused, "INT");
+    let a = read_summary(&dir.path().join("a100-x.json"));
+    assert_eq!(a["frames"], 0, "{a}");
+    for n in nodes {
+        common::stop_with(n, "INT");
+    }
+    common::stop_with(controller, "INT");
+    let c = read_summary(&dir.path().join("controller.json"));
+    let why = c["refused_offers"]["a100-x"].as_str().unwrap_or_default();
+    assert!(why.contains("class `A100`"), "{c}");
+    let published: Vec<&Value> = c["epochs"].as_array().unwrap().iter().collect();
+    assert_eq!(published.len(), 3, "{c}");
+    assert_eq!(published[2]["joined"], serde_json::json!(["t4-new"]), "{c}");
     let (ingested, published) = (sum(&s, "ingested"), sum(&s, "published"));
     assert!(
         published as f64 >= 0.9 * ingested as f64,

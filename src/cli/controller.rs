@@ -3,7 +3,8 @@
 //! It takes the controller lease (one controller acts; another waits and takes over when the
 //! lease expires), publishes epoch 0 (the file's placed plan) if none was published, and then
 //! watches the heartbeats: when the set of servers that are up changes (a node silent for
-//! [`NODE_SILENT`], or one that comes back), it plans the file's problem again on the servers
+//! [`NODE_SILENT`], one that comes back, or one the file does not name that joins by offering
+//! its GPUs: [`crate::cluster::members`]), it plans the file's problem again on the servers
 //! that are up, places the plan on them, and publishes the next epoch. A re-plan that fails (no
 //! server of a class the models need) is logged and tried again when the members change.
 
@@ -19,6 +20,7 @@ use super::CliError;
 use crate::clock::unix_ms;
 use crate::cluster::bus::{Bus, FrontCounters, Lease, LeaseKeeper, NODE_SILENT};
 use crate::cluster::epoch::{Epoch, live_servers, name_routes, planned_flows, replan_on};
+use crate::cluster::members::{Heard, Members};
 
 /// Arguments of `poolpipe controller`.
 #[derive(Debug, clap::Args)]
@@ -82,18 +84,20 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let _ = signal_hook::flag::register(sig, stop.clone());
     }
-    // Every node of the file, the front first; the servers among them can hold processes.
+    // Every node of the file, the front first; the servers among them can hold processes, and
+    // so can nodes that join by offering theirs, in a class the plan's models have latencies for.
     let mut nodes: Vec<String> = vec![cluster.front.clone()];
     nodes.extend(cluster.nodes.keys().cloned());
-    let server_names: BTreeSet<String> = placement
-        .servers
+    let classes: BTreeSet<String> = plan
+        .plan
+        .models
         .iter()
-        .map(|s| s.name.clone())
-        .filter(|n| nodes.contains(n))
+        .filter_map(|m| profiles.models.get(&m.name))
+        .flat_map(|m| m.timing.keys().map(|(c, _)| c.clone()))
         .collect();
+    let mut members = Members::new(nodes.clone(), &placement.servers, classes);
     tracing::info!(id = %me, nodes = %nodes.join(", "), "Controller waiting for the lease.");
 
-    let mut seen: BTreeMap<String, (Instant, Option<u64>)> = BTreeMap::new();
     // Fronts by id: when last heard, and what they last said of their frames.
     let mut fronts: BTreeMap<String, (Instant, FrontCounters)> = BTreeMap::new();
     let mut fronts_gone: Vec<serde_json::Value> = Vec::new();
@@ -111,12 +115,16 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
         std::thread::sleep(Duration::from_millis(50));
         let now = Instant::now();
         for hb in beats.try_iter() {
-            if let Some(f) = hb.front {
+            if let Some(f) = hb.front.clone() {
                 // A heartbeat sent before the last one may arrive after it: "stopping" stays.
                 let stopping = f.stopping || fronts.get(&f.id).is_some_and(|x| x.1.stopping);
                 fronts.insert(f.id.clone(), (now, FrontCounters { stopping, ..f }));
             }
-            seen.insert(hb.node, (now, hb.applied));
+            match members.hear(&hb, now) {
+                Some(Heard::Joined(what)) => tracing::info!("Node offer: {what}."),
+                Some(Heard::Refused(why)) => tracing::warn!("Node offer refused: {why}."),
+                None => {}
+            }
         }
         // A front that went silent without saying it stops took the frames it held with it.
         let silent: Vec<String> = fronts
@@ -157,6 +165,9 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
                 );
                 leader_since = now;
                 current = bus.current().map_err(|e| runtime(&e))?;
+                if let Some(e) = &current {
+                    members.recall(e);
+                }
                 leases.push(json!({
                     "taken_unix_ms": unix_ms(),
                     "found_epoch": current.as_ref().map(|e| e.epoch),
@@ -168,6 +179,7 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
                         members: nodes.clone(),
                         reason: "the file's plan".into(),
                         routes: name_routes(&plan.plan, &flows, 0, None),
+                        addresses: BTreeMap::new(),
                         plan: plan.plan.clone(),
                         plan_s: 0.0,
                         at_unix_ms: unix_ms(),
@@ -182,27 +194,11 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
         if lease.is_none() {
             continue;
         }
-        let up = |n: &String| match seen.get(n) {
-            Some((at, _)) => now - *at <= NODE_SILENT,
-            None => now - leader_since < grace,
-        };
-        let members: Vec<String> = nodes.iter().filter(|n| up(n)).cloned().collect();
+        let grace_until = leader_since + grace;
+        let up_now = members.live(now, grace_until);
         if now - last_members >= Duration::from_secs(1) {
             last_members = now;
-            let view: serde_json::Map<String, serde_json::Value> = nodes
-                .iter()
-                .map(|n| {
-                    let s = seen.get(n);
-                    (
-                        n.clone(),
-                        json!({
-                            "up": up(n),
-                            "applied": s.and_then(|x| x.1),
-                            "last_heard_ms": s.map(|x| (now - x.0).as_millis() as u64),
-                        }),
-                    )
-                })
-                .collect();
+            let view = members.view(now, grace_until);
             let front_view: serde_json::Map<String, serde_json::Value> = fronts
                 .iter()
                 .map(|(id, (at, c))| {
@@ -223,15 +219,15 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
                 "fronts": front_view,
             }));
         }
-        let live: BTreeSet<String> = members
+        let live: BTreeSet<String> = up_now
             .iter()
-            .filter(|n| server_names.contains(*n))
+            .filter(|n| members.is_server(n))
             .cloned()
             .collect();
         let planned: BTreeSet<String> = cur
             .members
             .iter()
-            .filter(|n| server_names.contains(*n))
+            .filter(|n| members.is_server(n))
             .cloned()
             .collect();
         if live == planned || failed_on.as_ref() == Some(&live) {
@@ -244,16 +240,17 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
             (true, false) => format!("joined {}", back.join(", ")),
             _ => format!("lost {}; joined {}", lost.join(", "), back.join(", ")),
         };
-        let servers = live_servers(&placement.servers, &members);
+        let servers = live_servers(&members.servers(), &up_now);
         let t0 = Instant::now();
         match replan_on(&plan.plan, &servers, &profiles, time_limit) {
             Ok(next) => {
                 let n = cur.epoch + 1;
                 let e = Epoch {
                     epoch: n,
-                    members: members.clone(),
+                    members: up_now.clone(),
                     reason: reason.clone(),
                     routes: name_routes(&next, &flows, n, Some(cur)),
+                    addresses: members.addresses(&up_now),
                     plan: next,
                     plan_s: t0.elapsed().as_secs_f64(),
                     at_unix_ms: unix_ms(),
@@ -284,6 +281,7 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
         "leases": leases,
         "epochs": published,
         "fronts_gone": fronts_gone,
+        "refused_offers": members.refused(),
     });
     println!("{summary}");
     if let Some(path) = &a.summary_json {

@@ -28,6 +28,8 @@ struct Following {
     /// The last epoch applied (`u64::MAX`: none), said in every heartbeat.
     applied: Arc<AtomicU64>,
     log: Arc<std::sync::Mutex<Vec<u64>>>,
+    /// What a node the file does not name offers in its heartbeats.
+    offer: Option<crate::cluster::bus::Offer>,
 }
 
 /// Heartbeats, and a thread that applies each epoch: builds the workers it places on this node
@@ -41,7 +43,13 @@ fn follow(
 ) -> Result<std::thread::JoinHandle<()>, CliError> {
     let runtime = |e: &dyn std::fmt::Display| CliError::Runtime(e.to_string());
     let epochs = bus.epochs().map_err(|e| runtime(&e))?;
-    bus.beat(&f.node, f.applied.clone(), stop.clone(), None);
+    bus.beat(
+        &f.node,
+        f.applied.clone(),
+        stop.clone(),
+        None,
+        f.offer.clone(),
+    );
     let bus = bus.clone();
     std::thread::Builder::new()
         .name("epochs".into())
@@ -143,17 +151,121 @@ fn apply(
 pub struct NodeArgs {
     /// Pipeline file (TOML) with a `[cluster]` section: the same file the front runs.
     pub pipeline: PathBuf,
-    /// This node's name in `[cluster] nodes`.
+    /// This node's name in `[cluster] nodes`, or a new name for a node that joins (`--gpus`).
     #[arg(long)]
     pub name: String,
     /// Listen here instead of on the node's address in `[cluster]` (e.g. `0.0.0.0:7070`).
     #[arg(long)]
     pub listen: Option<String>,
+    /// Join a cluster whose file does not name this node, as a server with these GPUs
+    /// (`CLASS:COUNT`, e.g. `T4:2`; a class the plan's latency profiles have). Needs
+    /// `[cluster] nats`: the controller takes the node in at its next re-plan.
+    #[arg(long, value_name = "CLASS:COUNT")]
+    pub gpus: Option<String>,
+    /// Where the front reaches a node that joins (`HOST:PORT`; default: --listen, unless that
+    /// is an unspecified address such as 0.0.0.0).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// The link of a node that joins, Gbit/s each way (default: the pipeline's
+    /// `bandwidth_gbps`).
+    #[arg(long)]
+    pub link_gbps: Option<f64>,
     /// Write what the node served as JSON to this file when it stops.
     #[arg(long)]
     pub summary_json: Option<PathBuf>,
     #[command(flatten)]
     pub load: super::validate::LoadArgs,
+}
+
+/// Where the node listens, and, for a node the file does not name, what it offers to join
+/// with. A named node is what the file says (no `--gpus`); an unnamed one needs `--gpus`, a
+/// controller (`[cluster] nats`) and an address the front can reach.
+fn own_address(
+    a: &NodeArgs,
+    cluster: &crate::config::ClusterSpec,
+    p: &Pipeline,
+) -> Result<(String, Option<crate::cluster::bus::Offer>), CliError> {
+    let file = a.pipeline.display();
+    let usage = |m: String| CliError::Usage(format!("{file}: {m}"));
+    if a.name == cluster.front {
+        return Err(usage(format!(
+            "`{}` is the front: run `poolpipe run {file}` there",
+            a.name
+        )));
+    }
+    if let Some(own) = cluster.nodes.get(&a.name) {
+        if a.gpus.is_some() {
+            return Err(usage(format!(
+                "node `{}` is in [cluster] nodes: its GPUs are the placement's, so --gpus is for a node the file does not name",
+                a.name
+            )));
+        }
+        return Ok((a.listen.clone().unwrap_or_else(|| own.clone()), None));
+    }
+    let named = cluster.nodes.keys().cloned().collect::<Vec<_>>().join(", ");
+    let Some(gpus) = &a.gpus else {
+        return Err(usage(format!(
+            "no node `{}` in [cluster] nodes ({named}); to join as a new node, give --gpus CLASS:COUNT (and --advertise HOST:PORT)",
+            a.name
+        )));
+    };
+    if cluster.nats.is_none() {
+        return Err(usage(format!(
+            "node `{}` joins with --gpus, which needs a controller: [cluster] has no `nats`",
+            a.name
+        )));
+    }
+    let (class, count) = gpus
+        .split_once(':')
+        .and_then(|(c, n)| Some((c.trim(), n.trim().parse::<u32>().ok()?)))
+        .filter(|(c, n)| !c.is_empty() && *n > 0)
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--gpus {gpus}: expected CLASS:COUNT with COUNT at least 1 (e.g. T4:2)"
+            ))
+        })?;
+    let Some(listen) = &a.listen else {
+        return Err(CliError::Usage(format!(
+            "node `{}` is not in [cluster] nodes of {file}: give --listen HOST:PORT (and --advertise where the front reaches it)",
+            a.name
+        )));
+    };
+    let advertise = match &a.advertise {
+        Some(x) => x.clone(),
+        None => {
+            let unspecified = listen
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut it| it.next())
+                .is_some_and(|s| s.ip().is_unspecified());
+            if unspecified {
+                return Err(CliError::Usage(format!(
+                    "--listen {listen} is no address the front can reach: give --advertise HOST:PORT"
+                )));
+            }
+            listen.clone()
+        }
+    };
+    if !advertise.contains(':') {
+        return Err(CliError::Usage(format!(
+            "--advertise {advertise}: expected HOST:PORT"
+        )));
+    }
+    let link_gbps = a.link_gbps.unwrap_or(p.bandwidth_gbps);
+    if !(link_gbps > 0.0 && link_gbps.is_finite()) {
+        return Err(CliError::Usage(format!(
+            "--link-gbps {link_gbps}: expected a positive rate"
+        )));
+    }
+    Ok((
+        listen.clone(),
+        Some(crate::cluster::bus::Offer {
+            address: advertise,
+            class: class.to_string(),
+            gpus: count,
+            link_gbps,
+        }),
+    ))
 }
 
 /// Serves the node's workers until a signal.
@@ -165,26 +277,7 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
             a.pipeline.display()
         )));
     };
-    let Some(own) = cluster.nodes.get(&a.name) else {
-        let hint = if a.name == cluster.front {
-            format!(
-                "`{}` is the front: run `poolpipe run {}` there",
-                a.name,
-                a.pipeline.display()
-            )
-        } else {
-            format!(
-                "nodes: {}",
-                cluster.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        };
-        return Err(CliError::Usage(format!(
-            "no node `{}` in the [cluster] of {} ({hint})",
-            a.name,
-            a.pipeline.display()
-        )));
-    };
-    let listen = a.listen.clone().unwrap_or_else(|| own.clone());
+    let (listen, offer) = own_address(&a, cluster, &p)?;
     let addr = listen
         .to_socket_addrs()
         .ok()
@@ -237,6 +330,7 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
                 workers: workers.clone(),
                 applied: applied.clone(),
                 log: epochs_applied.clone(),
+                offer,
             };
             let t = follow(bus, following, fence.clone(), stop.clone())?;
             (Some(t), Some(fence))

@@ -49,6 +49,24 @@ pub struct Heartbeat {
     /// A front's own counters (fronts only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub front: Option<FrontCounters>,
+    /// What a node that the file does not name offers to join with (its GPUs and address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offer: Option<Offer>,
+}
+
+/// A node joining a cluster the file does not name it in: the server it is (its GPUs' class
+/// and count, its link) and where the front reaches it. The controller takes it in at the
+/// next re-plan ([`super::members::Members`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    /// `HOST:PORT` its `poolpipe node` serves on, as the front reaches it.
+    pub address: String,
+    /// Device class of its GPUs (a class the latency profiles have).
+    pub class: String,
+    /// How many.
+    pub gpus: u32,
+    /// Its link, Gbit/s each way.
+    pub link_gbps: f64,
 }
 
 impl Heartbeat {
@@ -58,12 +76,14 @@ impl Heartbeat {
         node: &str,
         applied: &std::sync::atomic::AtomicU64,
         front: Option<FrontCounters>,
+        offer: Option<Offer>,
     ) -> Heartbeat {
         let a = applied.load(std::sync::atomic::Ordering::Relaxed);
         Heartbeat {
             node: node.to_string(),
             applied: (a != u64::MAX).then_some(a),
             front,
+            offer,
         }
     }
 }
@@ -204,13 +224,15 @@ impl Bus {
     }
 
     /// Publishes a heartbeat of `node` every [`HEARTBEAT`] until `stop`, its applied epoch read
-    /// from `applied` (`u64::MAX`: none yet); a front's also carry its counters.
+    /// from `applied` (`u64::MAX`: none yet); a front's also carry its counters, and those of a
+    /// node the file does not name its offer.
     pub fn beat(
         &self,
         node: &str,
         applied: Arc<std::sync::atomic::AtomicU64>,
         stop: Arc<std::sync::atomic::AtomicBool>,
         front: Option<CountFront>,
+        offer: Option<Offer>,
     ) {
         let client = self.client.clone();
         let subject = self.subject.clone();
@@ -219,7 +241,7 @@ impl Bus {
             let mut tick = tokio::time::interval(HEARTBEAT);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 tick.tick().await;
-                let hb = Heartbeat::of(&node, &applied, front.as_ref().map(|f| f()));
+                let hb = Heartbeat::of(&node, &applied, front.as_ref().map(|f| f()), offer.clone());
                 if let Ok(body) = serde_json::to_vec(&hb) {
                     let _ = client.publish(subject.clone(), body.into()).await;
                 }
@@ -242,6 +264,7 @@ impl Bus {
                 stopping: true,
                 ..count()
             }),
+            None,
         );
         let Ok(body) = serde_json::to_vec(&hb) else {
             return;

@@ -63,6 +63,9 @@ pub struct Epoch {
     pub plan: Plan,
     /// Every route, with its stages' names.
     pub routes: Vec<EpochRoute>,
+    /// `HOST:PORT` of the members the file does not name (they joined by an offer).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub addresses: BTreeMap<String, String>,
     /// Seconds the solve and placement took.
     pub plan_s: f64,
     /// When it was published, ms since the Unix epoch.
@@ -178,13 +181,21 @@ pub fn name_routes(
 }
 
 /// `base` (the file's pipeline) laid out as epoch `e`: its stages and routes those of the
-/// epoch's plan, named as the epoch names them, each process on its placed node.
+/// epoch's plan, named as the epoch names them, each process on its placed node; the nodes that
+/// joined by an offer are added to its `[cluster]` with their addresses.
 pub fn epoch_pipeline(
     base: &Pipeline,
     e: &Epoch,
     profiles: &Profiles,
 ) -> Result<Pipeline, EpochError> {
     let mut next = base.clone();
+    if let Some(c) = next.cluster.as_mut() {
+        for (node, addr) in &e.addresses {
+            if node != &c.front {
+                c.nodes.entry(node.clone()).or_insert_with(|| addr.clone());
+            }
+        }
+    }
     next.stages.clear();
     next.routes.clear();
     for f in &mut next.flows {

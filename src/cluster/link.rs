@@ -135,7 +135,9 @@ impl Peer {
 /// The other nodes of a cluster, their links and their watchers, on one small runtime.
 pub struct Peers {
     rt: Arc<tokio::runtime::Runtime>,
-    peers: BTreeMap<String, Arc<Peer>>,
+    /// By node; nodes that join while the front runs are added ([`Peers::learn`]).
+    peers: Mutex<BTreeMap<String, Arc<Peer>>>,
+    limit: usize,
     front: Option<Arc<FrontId>>,
 }
 
@@ -206,9 +208,25 @@ impl Peers {
         limit: usize,
         front: Option<FrontId>,
     ) -> Result<Self, LinkError> {
-        let rt = Arc::new(runtime()?);
-        let mut peers = BTreeMap::new();
+        let peers = Self {
+            rt: Arc::new(runtime()?),
+            peers: Mutex::new(BTreeMap::new()),
+            limit,
+            front: front.map(Arc::new),
+        };
+        peers.learn(nodes)?;
+        Ok(peers)
+    }
+
+    /// Adds links to the nodes of `nodes` it has none to (a node that joined the cluster while
+    /// this process runs), pinged from now on; returns those added. A known node keeps its link.
+    pub fn learn(&self, nodes: &BTreeMap<String, String>) -> Result<Vec<Arc<Peer>>, LinkError> {
+        let mut known = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut added = Vec::new();
         for (name, addr) in nodes {
+            if known.contains_key(name) {
+                continue;
+            }
             let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| LinkError::Address {
                     node: name.clone(),
@@ -223,7 +241,7 @@ impl Peers {
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW);
             let channel = {
-                let _guard = rt.enter();
+                let _guard = self.rt.enter();
                 endpoint.connect_lazy()
             };
             let peer = Arc::new(Peer {
@@ -232,31 +250,43 @@ impl Peers {
                 channel,
                 state: tokio::sync::watch::Sender::new(false),
                 watchers: Mutex::new(Vec::new()),
-                limit,
+                limit: self.limit,
                 counters: Arc::default(),
             });
-            rt.spawn(watch_peer(Arc::downgrade(&peer)));
-            peers.insert(name.clone(), peer);
+            self.rt.spawn(watch_peer(Arc::downgrade(&peer)));
+            known.insert(name.clone(), peer.clone());
+            added.push(peer);
         }
-        Ok(Self {
-            rt,
-            peers,
-            front: front.map(Arc::new),
-        })
+        Ok(added)
     }
 
     /// Every peer.
-    pub fn all(&self) -> impl Iterator<Item = &Arc<Peer>> {
-        self.peers.values()
+    pub fn all(&self) -> Vec<Arc<Peer>> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Measures the rate of the link to each peer that is up: the median of three pings
     /// carrying `bytes` each, in Gbit/s, by node name. A peer that is down, or fails a ping, is
     /// left out (its cuts are charged at the file's rate), and costs no wait.
     pub fn measure(&self, bytes: usize) -> BTreeMap<String, f64> {
+        let all: Vec<String> = self.all().iter().map(|p| p.name.clone()).collect();
+        self.measure_some(&all, bytes)
+    }
+
+    /// [`Peers::measure`] of the peers among `nodes`.
+    pub fn measure_some(&self, nodes: &[String], bytes: usize) -> BTreeMap<String, f64> {
         let body = bytes::Bytes::from(vec![0u8; bytes]);
         let mut out = BTreeMap::new();
-        for p in self.peers.values().filter(|p| p.is_up()) {
+        for p in self
+            .all()
+            .iter()
+            .filter(|p| p.is_up() && nodes.contains(&p.name))
+        {
             let mut times: Vec<f64> = Vec::new();
             for _ in 0..3 {
                 let t = std::time::Instant::now();
@@ -282,7 +312,7 @@ impl Peers {
     /// Waits until every peer among `nodes` answers, up to `limit`.
     pub fn wait_for(&self, nodes: &[String], limit: Duration) -> Result<(), LinkError> {
         let until = std::time::Instant::now() + limit;
-        for p in self.peers.values().filter(|p| nodes.contains(&p.name)) {
+        for p in self.all().iter().filter(|p| nodes.contains(&p.name)) {
             let mut rx = p.state.subscribe();
             let left = until.saturating_duration_since(std::time::Instant::now());
             let ok = self
@@ -309,7 +339,12 @@ impl Peers {
         worker: usize,
         sends: Sends,
     ) -> Option<Box<dyn StageRunner>> {
-        let peer = self.peers.get(node)?.clone();
+        let peer = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node)?
+            .clone();
         Some(Box::new(RemoteRunner {
             rt: self.rt.clone(),
             peer,

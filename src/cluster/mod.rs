@@ -26,8 +26,10 @@
 //! With `[cluster] nats`, `poolpipe controller` owns the plan: heartbeats, the controller lease
 //! and plan epochs go over NATS ([`bus`]); an epoch is a placed plan with its stages' names
 //! ([`epoch`]), re-planned on the servers that are up when one is lost or comes back, and
-//! applied by the nodes and the front while they run. `poolpipe deploy` writes Kubernetes
-//! manifests or bare-metal files ([`deploy`]).
+//! applied by the nodes and the front while they run. A node the file does not name joins by
+//! offering its GPUs in its heartbeats; the controller takes it in at its next re-plan and the
+//! epoch carries its address ([`members`]). `poolpipe deploy` writes Kubernetes manifests or
+//! bare-metal files ([`deploy`]).
 //!
 //! The cameras run on the front, and move with it: several `poolpipe run` of the same file may
 //! run (on different machines); the one holding the front lease ([`bus::Lease::Front`]) opens
@@ -44,6 +46,7 @@ pub mod bus;
 pub mod deploy;
 pub mod epoch;
 pub mod link;
+pub mod members;
 pub mod netns;
 pub mod wire;
 

@@ -65,6 +65,7 @@ impl Follower {
             self.applied.clone(),
             stop.clone(),
             self.counters.clone(),
+            None,
         );
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
@@ -197,6 +198,9 @@ impl Follower {
             next.flows[fi].routes = routes;
         }
         next.plan = target.plan.clone();
+        // Nodes that joined the cluster are reached before any route of theirs starts.
+        next.cluster = target.cluster.clone();
+        self.installer.reach_new_nodes(&next)?;
         let flows: Vec<usize> = (0..next.flows.len()).collect();
         self.installer
             .install(next, first_new, &started, &retired, &flows)?;

@@ -284,6 +284,9 @@ pub(super) struct Installer {
     )>,
 }
 
+/// Longest wait for a node that joined the cluster to answer the front.
+pub const JOIN_WAIT: Duration = Duration::from_secs(5);
+
 impl Installer {
     pub fn new(
         live: Arc<Live>,
@@ -306,6 +309,37 @@ impl Installer {
             resets,
             peers,
         }
+    }
+
+    /// Links to the nodes of `next`'s `[cluster]` this front has none to yet (they joined the
+    /// cluster since it started): waited for (at most [`JOIN_WAIT`]; one that does not answer
+    /// takes no batches until it does), their links measured, their counters in the summary.
+    pub fn reach_new_nodes(&mut self, next: &Pipeline) -> Result<(), PipelineError> {
+        let (Some((peers, measured)), Some(c)) = (self.peers.as_mut(), next.cluster.as_ref())
+        else {
+            return Ok(());
+        };
+        let added = peers
+            .learn(&c.nodes)
+            .map_err(|e| PipelineError::Cluster(e.to_string()))?;
+        if added.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = added.iter().map(|p| p.name().to_string()).collect();
+        for p in &added {
+            self.live
+                .stats
+                .register_node(p.name(), p.counters().clone());
+        }
+        if let Err(e) = peers.wait_for(&names, JOIN_WAIT) {
+            tracing::warn!(error = %e, "A node that joined does not answer yet.");
+        }
+        let limit = crate::cluster::message_limit(next);
+        for (node, gbps) in peers.measure_some(&names, super::PROBE_BYTES.min(limit / 2)) {
+            tracing::info!(node = %node, gbps = format!("{gbps:.2}"), "Node joined; link measured.");
+            measured.insert(node, gbps);
+        }
+        Ok(())
     }
 
     /// Makes `next` the running layout: `next` is the running one with stages from `first_new`
