@@ -414,16 +414,46 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
 
     // With a controller: a NATS server (JetStream) and two controllers (one holds the lease),
     // and the pipeline's [cluster] points at the NATS Service.
+    // A pool of two T4 pods that join by offering their GPUs.
     let ctl = dir.path().join("k8s-ctl");
-    let o = deploy(&inputs, &ctl, &["--controller"]);
+    let o = deploy(&inputs, &ctl, &["--controller", "--join", "T4:1=2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut files: Vec<PathBuf> = std::fs::read_dir(&ctl)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    for want in ["controller.yaml", "nats.yaml", "service-nats.yaml"] {
+    for want in [
+        "controller.yaml",
+        "nats.yaml",
+        "service-nats.yaml",
+        "node-join-t4.yaml",
+    ] {
         assert!(files.contains(&ctl.join(want)), "{want} in {files:?}");
+    }
+    let join = std::fs::read_to_string(ctl.join("node-join-t4.yaml")).unwrap();
+    for want in [
+        "kind: \"Deployment\"",
+        "replicas: 2",
+        "--gpus T4:1",
+        "--advertise \\\"$POD_IP:7070\\\"",
+        "fieldPath: \"status.podIP\"",
+        "nvidia.com/gpu.product: \"Tesla-T4\"",
+    ] {
+        assert!(join.contains(want), "{want} in {join}");
+    }
+    // Joining nodes need the controller, and a pool says what it is.
+    for (extra, says) in [
+        (&["--join", "T4:1=2"][..], "needs --emit k8s --controller"),
+        (
+            &["--controller", "--join", "T4=2"][..],
+            "expected CLASS:GPUS=PODS",
+        ),
+    ] {
+        let o = deploy(&inputs, &dir.path().join("k8s-bad"), extra);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
     }
     let v = check(&files);
     assert!(

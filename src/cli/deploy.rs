@@ -59,6 +59,11 @@ pub struct DeployArgs {
     /// `--controller`: the NATS server's image.
     #[arg(long, default_value = "nats:2.10-alpine")]
     pub nats_image: String,
+    /// `--emit k8s --controller`: a Deployment of PODS nodes the file does not name, each with
+    /// GPUS GPUs of CLASS, that join the cluster by offering them (`CLASS:GPUS=PODS`, e.g.
+    /// `T4:1=2`; repeatable). Scale it to add or remove servers; the controller re-plans.
+    #[arg(long, value_parser = deploy::JoinPool::parse, value_name = "CLASS:GPUS=PODS")]
+    pub join: Vec<deploy::JoinPool>,
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -93,6 +98,12 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
             })
         }
     };
+    if !a.join.is_empty() && !(a.controller && a.emit == Emit::K8s) {
+        return Err(usage(
+            "--join adds nodes that join through the controller: it needs --emit k8s --controller"
+                .into(),
+        ));
+    }
     let nats = match (a.emit, &a.nats, a.controller) {
         (_, Some(url), _) => Some(url.clone()),
         (Emit::K8s, None, true) => Some(deploy::NATS_URL.to_string()),
@@ -130,6 +141,7 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
                 products: a.product.iter().cloned().collect::<BTreeMap<_, _>>(),
                 controller: a.controller,
                 nats_image: a.nats_image.clone(),
+                join: a.join.clone(),
             };
             let objects = deploy::k8s(&plan, &used, &pipeline, &target);
             for (name, obj) in &objects {

@@ -48,6 +48,44 @@ pub struct Target {
     pub controller: bool,
     /// The NATS server's image.
     pub nats_image: String,
+    /// Pools of nodes that join by offering their GPUs (with a controller): per pool the class,
+    /// GPUs per pod and pods.
+    pub join: Vec<JoinPool>,
+}
+
+/// A Deployment of nodes the pipeline file does not name: each pod joins the cluster with
+/// `poolpipe node --gpus CLASS:GPUS`, and scaling the Deployment adds or removes servers (the
+/// controller re-plans on each change).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinPool {
+    /// Device class of the pods' GPUs.
+    pub class: String,
+    /// GPUs per pod.
+    pub gpus: u32,
+    /// Pods to start with.
+    pub replicas: u32,
+}
+
+impl JoinPool {
+    /// Parses `CLASS:GPUS=PODS` (e.g. `T4:1=2`).
+    pub fn parse(s: &str) -> Result<JoinPool, String> {
+        let bad = || format!("`{s}`: expected CLASS:GPUS=PODS (e.g. T4:1=2)");
+        let (left, pods) = s.split_once('=').ok_or_else(bad)?;
+        let (class, gpus) = left.split_once(':').ok_or_else(bad)?;
+        let gpus: u32 = gpus.trim().parse().map_err(|_| bad())?;
+        let replicas: u32 = pods.trim().parse().map_err(|_| bad())?;
+        let class = class.trim();
+        let name_ok =
+            !class.is_empty() && class.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !name_ok || gpus == 0 {
+            return Err(bad());
+        }
+        Ok(JoinPool {
+            class: class.to_string(),
+            gpus,
+            replicas,
+        })
+    }
 }
 
 /// Where the manifests' NATS server is reached.
@@ -325,6 +363,7 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
     ));
     if t.controller {
         out.extend(control_plane(t));
+        out.extend(t.join.iter().map(|pool| join_pool(pool, t)));
     }
     out.push((
         "service-front.yaml".into(),
@@ -339,6 +378,62 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
         }),
     ));
     out
+}
+
+/// The Deployment of a pool of joining nodes: each pod is a node named after itself, reached
+/// at its pod IP, that offers its GPUs to the controller.
+fn join_pool(pool: &JoinPool, t: &Target) -> (String, Value) {
+    let (volumes, mounts) = config_volume();
+    let kind = format!("join-{}", pool.class.to_ascii_lowercase());
+    let name = format!("poolpipe-{kind}");
+    let labels = json!({"app.kubernetes.io/name": "poolpipe", "app.kubernetes.io/component": "node", "poolpipe.io/kind": kind});
+    let product = t
+        .products
+        .get(&pool.class)
+        .cloned()
+        .unwrap_or_else(|| gpu_product(&pool.class));
+    let mut m = meta(&name, "node", t);
+    m["labels"] = labels.clone();
+    m["annotations"] = json!({"poolpipe.io/class": pool.class, "poolpipe.io/joins": "scale this Deployment to add or remove servers; the controller re-plans"});
+    let probe = json!({"tcpSocket": {"port": "link"}, "periodSeconds": 2, "failureThreshold": 3});
+    (
+        format!("node-{kind}.yaml"),
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": m,
+            "spec": {
+                "replicas": pool.replicas,
+                "selector": {"matchLabels": labels.clone()},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "nodeSelector": {"nvidia.com/gpu.product": product},
+                        "tolerations": tolerations(true),
+                        "terminationGracePeriodSeconds": 10,
+                        "containers": [{
+                            "name": "node",
+                            "image": t.image,
+                            "command": ["sh", "-c", format!(
+                                "exec poolpipe node /etc/poolpipe/pipeline.toml --name \"$POD_NAME\" --gpus {}:{} --listen 0.0.0.0:{NODE_PORT} --advertise \"$POD_IP:{NODE_PORT}\"",
+                                pool.class, pool.gpus
+                            )],
+                            "env": [
+                                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                            ],
+                            "ports": [{"name": "link", "containerPort": NODE_PORT}],
+                            "resources": {"limits": {"nvidia.com/gpu": pool.gpus}},
+                            "readinessProbe": probe.clone(),
+                            "livenessProbe": probe,
+                            "volumeMounts": mounts,
+                        }],
+                        "volumes": volumes,
+                    }
+                }
+            }
+        }),
+    )
 }
 
 /// The NATS server (JetStream on, its store in the pod: epochs are re-published by the
