@@ -98,7 +98,8 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
             })
         }
     };
-    if !a.join.is_empty() && !(a.controller && a.emit == Emit::K8s) {
+    let joins_through_controller = a.controller && a.emit == Emit::K8s;
+    if !a.join.is_empty() && !joins_through_controller {
         return Err(usage(
             "--join adds nodes that join through the controller: it needs --emit k8s --controller"
                 .into(),
