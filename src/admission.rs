@@ -308,6 +308,14 @@ impl Admission {
             .spawn(move || {
                 let mut routes = routes;
                 let mut split = SmoothWrr::new(routes.iter().map(|r| r.weight).collect());
+                let send = |mut f: Frame, r: &RouteEntry| {
+                    f.route = r.route;
+                    let stream = f.stream;
+                    match r.queue.send(f) {
+                        Ok(()) => stats.frames_entered(r.first_stage, 1),
+                        Err(_) => stats.frame_failed_between_stages(stream),
+                    }
+                };
                 let swap = |routes: &mut Vec<RouteEntry>, split: &mut SmoothWrr| {
                     if let Some(next) = me.swapped_routes().filter(|r| !r.is_empty()) {
                         *routes = next;
@@ -319,6 +327,18 @@ impl Admission {
                 };
                 loop {
                     swap(&mut routes, &mut split);
+                    if routes.is_empty() {
+                        // A flow this process runs no route of (fronts that share the
+                        // cameras): it has no frames either, unless its cameras came before
+                        // its routes; those fail, counted.
+                        let Some(f) = me.take() else { break };
+                        if swap(&mut routes, &mut split) {
+                            send(f, &routes[split.pick()]);
+                        } else {
+                            stats.frame_failed_between_stages(f.stream);
+                        }
+                        continue;
+                    }
                     // While streams share the flow, a route takes a frame once its first stage
                     // has room for a batch (nothing waits in its queue, a worker has room):
                     // frames wait here, in their streams' lanes, where they are taken fairly and
@@ -338,18 +358,12 @@ impl Admission {
                     if me.swap_pending() {
                         continue;
                     }
-                    let Some(mut f) = me.take() else { break };
+                    let Some(f) = me.take() else { break };
                     // New routes that came while this waited for the frame take it.
                     if swap(&mut routes, &mut split) {
                         pick = split.pick();
                     }
-                    let r = &routes[pick];
-                    f.route = r.route;
-                    let stream = f.stream;
-                    match r.queue.send(f) {
-                        Ok(()) => stats.frames_entered(r.first_stage, 1),
-                        Err(_) => stats.frame_failed_between_stages(stream),
-                    }
+                    send(f, &routes[pick]);
                 }
             })
     }

@@ -206,6 +206,20 @@ fn cluster_mistakes_are_refused_with_their_place() {
             ),
             "`http://127.0.0.1:4222`: expected nats://HOST:PORT",
         ),
+        (
+            base(
+                "[cluster]\nfront = \"n1\"\nfronts = 2\nnodes = { n2 = \"127.0.0.1:7000\" }\n",
+                "",
+            ),
+            "2 fronts share the cameras through a controller: set `nats`",
+        ),
+        (
+            base(
+                "[cluster]\nfront = \"n1\"\nfronts = 0\nnats = \"nats://127.0.0.1:4222\"\nnodes = { n2 = \"127.0.0.1:7000\" }\n",
+                "",
+            ),
+            "at least 1 front runs the cameras",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let f = write(dir.path(), &format!("c{i}.toml"), text);
@@ -666,6 +680,7 @@ fn epochs_keep_unchanged_routes_and_replan_on_the_servers_that_remain() {
         reason: String::new(),
         routes: name_routes(plan, &flows, n, prev),
         addresses: Default::default(),
+        shards: Vec::new(),
         plan: plan.clone(),
         plan_s: 0.0,
         at_unix_ms: 0,
@@ -946,6 +961,156 @@ fn a_node_the_file_does_not_name_joins_by_offering_its_gpus() {
         published as f64 >= 0.9 * ingested as f64,
         "published {published} of {ingested}: {s}"
     );
+}
+
+/// Ingest over several fronts at once (`[cluster] fronts = 2`): the controller splits the
+/// cameras and routes of a two-model plan into two shards, and each `poolpipe run` of the file
+/// takes one front lease, runs only its shard's camera and routes, and makes the reservations
+/// of those routes' workers alone. A third front stands by; when one of the two dies (SIGKILL)
+/// the standby takes its shard over, while the other front runs on untouched.
+#[test]
+fn two_fronts_share_the_cameras_and_a_standby_takes_a_dead_fronts_share() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let plan = d.join("plan.json");
+    let o = common::poolpipe(&[
+        "plan",
+        "--cluster",
+        "L4:1,T4:2",
+        "--models",
+        "wide_resnet101_2,googlenet-v3-pytorch",
+        "--time-limit",
+        "5",
+        "--profiles",
+        profiles.to_str().unwrap(),
+        "--out",
+        plan.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let servers = write(
+        d,
+        "servers.toml",
+        "[[servers]]\nname = \"l4\"\nclass = \"L4\"\ngpus = 1\nlink_gbps = 10\n\n[[servers]]\nname = \"t4\"\nclass = \"T4\"\ncount = 2\ngpus = 1\nlink_gbps = 10\n",
+    );
+    let pipeline = write(
+        d,
+        "two.toml",
+        &format!(
+            "[pipeline]\nname = \"two\"\nslo_ms = 1000\nprofiles = \"{}\"\n\n[[flow]]\nname = \"wide\"\nmodel = \"wide_resnet101_2\"\n\n[[flow]]\nname = \"goog\"\nmodel = \"googlenet-v3-pytorch\"\n\n[[source]]\nname = \"cam-wide\"\nuri = \"test://ball\"\nmax_fps = 10\nflow = \"wide\"\n\n[[source]]\nname = \"cam-goog\"\nuri = \"test://ball\"\nmax_fps = 10\nflow = \"goog\"\n\n[[sink]]\ntype = \"jsonl\"\npath = \"-\"\n",
+            profiles.display()
+        ),
+    );
+    let names = ["l4-0", "t4-0", "t4-1"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let nats_port = free_port();
+    let mut args = vec![
+        "--emit".to_string(),
+        "nodes".into(),
+        "--nats".into(),
+        format!("nats://127.0.0.1:{nats_port}"),
+    ];
+    for (n, p) in names.iter().zip(&ports) {
+        args.extend(["--address".into(), format!("{n}=127.0.0.1:{p}")]);
+    }
+    let out = d.join("bare");
+    let o = deploy(
+        &(plan, servers, pipeline),
+        &out,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = out.join("pipeline.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("[cluster]\n", "[cluster]\nfronts = 2\n"),
+    )
+    .unwrap();
+    let _nats = common::start_nats(&d.join("js"), nats_port);
+    let controller = KillOnDrop(
+        Command::new(bin())
+            .args(["controller", file.to_str().unwrap(), "--summary-json"])
+            .arg(d.join("controller.json"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let nodes: Vec<KillOnDrop> = names
+        .iter()
+        .map(|n| node(&file, n, &d.join(format!("{n}.json"))))
+        .collect();
+    for p in &ports {
+        assert!(wait_listening(*p, Duration::from_secs(20)));
+    }
+    let a = front(&file, 30, &d.join("a.json"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut b = front(&file, 16, &d.join("b.json"));
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut c = front(&file, 8, &d.join("c.json"));
+    // A and B run a shard each, C stands by; A dies.
+    std::thread::sleep(Duration::from_secs(6));
+    let killed_ms = poolpipe::clock::unix_ms();
+    drop(a);
+    for f in [&mut b, &mut c] {
+        let status = f.0.wait().unwrap();
+        assert!(status.success(), "front exited with {status}");
+    }
+    let (bs, cs) = (
+        read_summary(&d.join("b.json")),
+        read_summary(&d.join("c.json")),
+    );
+    for s in [&bs, &cs] {
+        common::assert_balanced(s);
+        assert_eq!(sum(s, "failed"), 0, "{s}");
+        assert_eq!(s["front_lease"]["fronts"], 2, "{s}");
+        // One camera each: its shard's.
+        let streams = s["streams"].as_array().unwrap();
+        assert_eq!(streams.len(), 1, "{s}");
+        let (ingested, published) = (sum(s, "ingested"), sum(s, "published"));
+        assert!(ingested > 0, "{s}");
+        assert!(
+            published as f64 >= 0.9 * ingested as f64,
+            "published {published} of {ingested}: {s}"
+        );
+    }
+    // B and C ran the two shards: different cameras, different flows' routes.
+    assert_ne!(bs["front_lease"]["shard"], cs["front_lease"]["shard"]);
+    let camera = |s: &Value| s["streams"][0]["name"].as_str().unwrap().to_string();
+    assert_ne!(camera(&bs), camera(&cs));
+    let flow_of = |cam: String| cam.trim_start_matches("cam-").to_string();
+    assert!(
+        common::frames_out_of(&bs, &flow_of(camera(&bs))) > 0,
+        "{bs}"
+    );
+    assert_eq!(common::frames_out_of(&bs, &flow_of(camera(&cs))), 0, "{bs}");
+    assert!(
+        common::frames_out_of(&cs, &flow_of(camera(&cs))) > 0,
+        "{cs}"
+    );
+    // C stood by until A's lease ran out, then took A's share within the lease's life.
+    let taken = cs["front_lease"]["taken_unix_ms"].as_u64().unwrap();
+    assert!(taken > killed_ms, "C ran before A died: {cs}");
+    assert!(
+        taken - killed_ms <= 5000,
+        "{} ms after A died",
+        taken - killed_ms
+    );
+    // B ran on through A's death: its camera ran the whole time.
+    assert!(sum(&bs, "ingested") >= 140, "{bs}");
+    // Nodes admitted both fronts' batches.
+    for (n, child) in names.iter().zip(nodes) {
+        common::stop_with(child, "INT");
+        let ns = read_summary(&d.join(format!("{n}.json")));
+        assert_eq!(ns["refused_batches"], 0, "{n}: {ns}");
+    }
+    common::stop_with(controller, "INT");
+    let ctl = read_summary(&d.join("controller.json"));
+    assert_eq!(ctl["epochs"].as_array().unwrap().len(), 1, "{ctl}");
 }
 
 /// The cameras move when the front that runs them is gone: a second `poolpipe run` of the same

@@ -19,7 +19,7 @@ use serde_json::json;
 use super::CliError;
 use crate::clock::unix_ms;
 use crate::cluster::bus::{Bus, FrontCounters, Lease, LeaseKeeper, NODE_SILENT};
-use crate::cluster::epoch::{Epoch, live_servers, name_routes, planned_flows, replan_on};
+use crate::cluster::epoch::{Epoch, live_servers, name_routes, planned_flows, replan_on, shard};
 use crate::cluster::members::{Heard, Members};
 
 /// Arguments of `poolpipe controller`.
@@ -73,6 +73,23 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
         ));
     };
     let flows = planned_flows(&p).map_err(|e| usage(e.to_string()))?;
+    // The cameras, by flow: split over the fronts where several share them.
+    let cameras: Vec<(String, String)> = p
+        .sources
+        .iter()
+        .filter_map(|s| Some((s.name.clone(), p.flows.get(p.flow_of(s)?)?.name.clone())))
+        .collect();
+    if cluster.fronts > 1
+        && placement
+            .processes
+            .iter()
+            .any(|x| placement.servers[x.server].name == cluster.front)
+    {
+        return Err(usage(format!(
+            "[cluster] fronts = {}: the plan places processes on the front `{}`, and fronts that share the cameras run none (place them on the servers: `poolpipe deploy`)",
+            cluster.fronts, cluster.front
+        )));
+    }
     let time_limit = Duration::from_secs_f64(a.time_limit.max(0.1));
     let me =
         a.id.clone()
@@ -174,11 +191,13 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
                 }));
                 tracing::info!(id = %me, epoch = ?current.as_ref().map(|e| e.epoch), "Controller lease taken.");
                 if current.is_none() {
+                    let routes = name_routes(&plan.plan, &flows, 0, None);
                     let e = Epoch {
                         epoch: 0,
                         members: nodes.clone(),
                         reason: "the file's plan".into(),
-                        routes: name_routes(&plan.plan, &flows, 0, None),
+                        shards: shard(&plan.plan, &routes, &cameras, cluster.fronts, None),
+                        routes,
                         addresses: BTreeMap::new(),
                         plan: plan.plan.clone(),
                         plan_s: 0.0,
@@ -245,11 +264,13 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
         match replan_on(&plan.plan, &servers, &profiles, time_limit) {
             Ok(next) => {
                 let n = cur.epoch + 1;
+                let routes = name_routes(&next, &flows, n, Some(cur));
                 let e = Epoch {
                     epoch: n,
                     members: up_now.clone(),
                     reason: reason.clone(),
-                    routes: name_routes(&next, &flows, n, Some(cur)),
+                    shards: shard(&next, &routes, &cameras, cluster.fronts, Some(cur)),
+                    routes,
                     addresses: members.addresses(&up_now),
                     plan: next,
                     plan_s: t0.elapsed().as_secs_f64(),

@@ -322,7 +322,7 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
     // lease.
     let (follower, fence) = match (&bus, profiles) {
         (Some(bus), Some(profiles)) => {
-            let fence = link::Fence::new(bus.clone());
+            let fence = link::Fence::new(bus.clone(), cluster.fronts);
             let following = Following {
                 node: a.name.clone(),
                 base: p.clone(),

@@ -416,15 +416,17 @@ impl Bus {
 pub enum Lease {
     /// The controller that owns the plan.
     Controller,
-    /// The front that runs the cameras (sources, batchers, sinks).
-    Front,
+    /// The front that runs shard `k` of the cameras (sources, batchers, sinks); shard 0 is
+    /// every camera where one front runs them all (`[cluster] fronts`).
+    Front(u32),
 }
 
 impl Lease {
-    fn key(self) -> &'static str {
+    fn key(self) -> String {
         match self {
-            Lease::Controller => "controller",
-            Lease::Front => "front",
+            Lease::Controller => "controller".into(),
+            Lease::Front(0) => "front".into(),
+            Lease::Front(k) => format!("front-{k}"),
         }
     }
 }

@@ -66,13 +66,42 @@ pub struct Epoch {
     /// `HOST:PORT` of the members the file does not name (they joined by an offer).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub addresses: BTreeMap<String, String>,
+    /// Where several fronts share the cameras (`[cluster] fronts`): each front's sources and
+    /// routes, by shard. Empty: one front runs them all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<Shard>,
     /// Seconds the solve and placement took.
     pub plan_s: f64,
     /// When it was published, ms since the Unix epoch.
     pub at_unix_ms: u64,
 }
 
+/// One front's share of the cameras: its sources, and the routes (indices into
+/// [`Epoch::routes`]) that serve them. Routes are not shared: each front makes the
+/// reservations of its own routes' workers, as one front does for all of them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Shard {
+    pub sources: Vec<String>,
+    pub routes: Vec<usize>,
+}
+
 impl Epoch {
+    /// The epoch as the front of shard `k` runs it: only the shard's routes (all of them where
+    /// the epoch has no shards).
+    pub fn for_shard(&self, k: u32) -> Epoch {
+        let mut e = self.clone();
+        if let Some(shard) = self.shards.get(k as usize) {
+            e.routes = shard
+                .routes
+                .iter()
+                .filter_map(|r| self.routes.get(*r).cloned())
+                .collect();
+        } else if !self.shards.is_empty() {
+            e.routes.clear();
+        }
+        e
+    }
+
     /// The nodes other than `front` that run a process of it.
     pub fn used_nodes(&self, front: &str) -> Vec<String> {
         let mut out: Vec<String> = self
@@ -233,6 +262,165 @@ pub fn epoch_pipeline(
     Ok(next)
 }
 
+/// `base` laid out as epoch `e` for the front of shard `k`: the shard's sources and routes
+/// ([`Epoch::for_shard`], [`epoch_pipeline`]).
+pub fn shard_pipeline(
+    base: &Pipeline,
+    e: &Epoch,
+    k: u32,
+    profiles: &Profiles,
+) -> Result<Pipeline, EpochError> {
+    if e.shards.is_empty() {
+        return epoch_pipeline(base, e, profiles);
+    }
+    let mut mine = base.clone();
+    let sources = e
+        .shards
+        .get(k as usize)
+        .map(|s| s.sources.clone())
+        .unwrap_or_default();
+    mine.sources.retain(|s| sources.contains(&s.name));
+    epoch_pipeline(&mine, &e.for_shard(k), profiles)
+}
+
+/// Splits the cameras of `sources` (name, flow) and the `routes` of `plan` over `fronts`
+/// shards. A route belongs to one shard (its front makes its reservations); a flow with `r`
+/// routes is spread over at most `r` shards (those that ran its cameras in `prev` first, then
+/// the least loaded ones by planned frames/s), its
+/// routes largest first each to the least loaded of those, and its sources over them in
+/// proportion to their routes' planned rates. A source stays in the shard `prev` had it in
+/// where that shard still serves its flow and has room, so a re-plan moves few cameras. A flow
+/// without routes keeps its sources in one shard. One shard (or none) where `fronts` is 1.
+pub fn shard(
+    plan: &Plan,
+    routes: &[EpochRoute],
+    sources: &[(String, String)],
+    fronts: u32,
+    prev: Option<&Epoch>,
+) -> Vec<Shard> {
+    if fronts <= 1 {
+        return Vec::new();
+    }
+    let k = fronts as usize;
+    let rate = |r: &EpochRoute| {
+        plan.models
+            .iter()
+            .find(|m| m.name == r.model)
+            .and_then(|m| m.pipelines.get(r.pipeline))
+            .map_or(0.0, |p| p.throughput)
+    };
+    let was_in = |name: &str| {
+        prev.and_then(|e| {
+            e.shards
+                .iter()
+                .position(|s| s.sources.iter().any(|x| x == name))
+        })
+    };
+    let mut out = vec![Shard::default(); k];
+    let mut load = vec![0.0f64; k];
+    let mut flows: Vec<&str> = Vec::new();
+    for f in routes
+        .iter()
+        .map(|r| r.flow.as_str())
+        .chain(sources.iter().map(|s| s.1.as_str()))
+    {
+        if !flows.contains(&f) {
+            flows.push(f);
+        }
+    }
+    for (fi, flow) in flows.iter().enumerate() {
+        let mut mine: Vec<usize> = (0..routes.len())
+            .filter(|r| routes[*r].flow == *flow)
+            .collect();
+        mine.sort_by(|a, b| {
+            rate(&routes[*b])
+                .total_cmp(&rate(&routes[*a]))
+                .then(a.cmp(b))
+        });
+        let cams: Vec<&str> = sources
+            .iter()
+            .filter(|s| s.1 == *flow)
+            .map(|s| s.0.as_str())
+            .collect();
+        if mine.is_empty() {
+            let to = fi % k;
+            out[to].sources.extend(cams.iter().map(|c| c.to_string()));
+            continue;
+        }
+        // As many shards as the flow has routes: those that ran its cameras before first, then
+        // the least loaded.
+        let hosted: Vec<bool> = (0..k)
+            .map(|s| cams.iter().any(|c| was_in(c) == Some(s)))
+            .collect();
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by(|a, b| {
+            hosted[*b]
+                .cmp(&hosted[*a])
+                .then(load[*a].total_cmp(&load[*b]))
+                .then(a.cmp(b))
+        });
+        order.truncate(mine.len().min(k));
+        let mut got = vec![0.0f64; k];
+        for r in mine {
+            let to = *order
+                .iter()
+                .min_by(|a, b| got[**a].total_cmp(&got[**b]).then(a.cmp(b)))
+                .expect("one shard at least");
+            got[to] += rate(&routes[r]).max(1e-9);
+            out[to].routes.push(r);
+        }
+        // Cameras in proportion to the shards' rates for the flow (largest remainder).
+        let total: f64 = order.iter().map(|s| got[*s]).sum();
+        let n = cams.len();
+        let mut room: Vec<(usize, usize, f64)> = order
+            .iter()
+            .map(|s| {
+                let exact = n as f64 * got[*s] / total;
+                (*s, exact.floor() as usize, exact - exact.floor())
+            })
+            .collect();
+        let mut left = n - room.iter().map(|r| r.1).sum::<usize>();
+        room.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+        for r in room.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            r.1 += 1;
+            left -= 1;
+        }
+        let mut room: BTreeMap<usize, usize> = room.into_iter().map(|r| (r.0, r.1)).collect();
+        let mut placed: Vec<Option<usize>> = vec![None; n];
+        for (i, c) in cams.iter().enumerate() {
+            if let Some(s) = was_in(c)
+                && let Some(left) = room.get_mut(&s)
+                && *left > 0
+            {
+                *left -= 1;
+                placed[i] = Some(s);
+            }
+        }
+        for (i, c) in cams.iter().enumerate() {
+            let s = match placed[i] {
+                Some(s) => s,
+                None => {
+                    let s = *room
+                        .iter()
+                        .find(|(_, left)| **left > 0)
+                        .map(|(s, _)| s)
+                        .expect("room for every camera");
+                    *room.get_mut(&s).expect("known shard") -= 1;
+                    s
+                }
+            };
+            out[s].sources.push(c.to_string());
+        }
+        for s in order {
+            load[s] += got[s];
+        }
+    }
+    out
+}
+
 /// The servers of `placed_on` (the file's placement) that are among `members`.
 pub fn live_servers(placed_on: &[Server], members: &[String]) -> Vec<Server> {
     placed_on
@@ -285,4 +473,150 @@ pub fn replan_on(
         .map_err(|e| fail(e.to_string()))?;
     plan.placement = Some(placed);
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plan whose models have pipelines of these rates (frames/s), and their routes.
+    fn plan_of(models: &[(&str, &[f64])]) -> (Plan, Vec<EpochRoute>) {
+        let models: Vec<serde_json::Value> = models
+            .iter()
+            .map(|(name, rates)| {
+                serde_json::json!({
+                    "name": name, "weight": 1.0, "slo_ms": 100.0, "slo_basis": "", "throughput": 0.0,
+                    "pipelines": rates.iter().map(|r| serde_json::json!({
+                        "batch": 1, "throughput": r, "latency_ms": 1.0, "stages": [],
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let plan: Plan = serde_json::from_value(serde_json::json!({
+            "mode": "poolpipe", "objective": 0.0, "solve_seconds": 0.0, "gap": 0.0,
+            "status": "optimal", "candidates": 0, "bandwidth_gbps": 10.0, "margin": 0.0,
+            "queueing": 0.0, "pool_tiers": [], "max_stages": 2, "classes": [], "models": models,
+        }))
+        .unwrap();
+        let flows: Vec<(String, String)> = plan
+            .models
+            .iter()
+            .map(|m| (format!("f-{}", m.name), m.name.clone()))
+            .collect();
+        let routes = name_routes(&plan, &flows, 0, None);
+        (plan, routes)
+    }
+
+    fn cams(flow: &str, n: usize) -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| (format!("{flow}-cam{i}"), flow.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shards_split_routes_and_cameras_by_planned_rate_and_keep_cameras_where_they_were() {
+        let (plan, routes) = plan_of(&[("a", &[30.0, 10.0]), ("b", &[20.0])]);
+        let mut sources = cams("f-a", 8);
+        sources.extend(cams("f-b", 3));
+        // One front: no shards at all.
+        assert!(shard(&plan, &routes, &sources, 1, None).is_empty());
+        let s = shard(&plan, &routes, &sources, 2, None);
+        assert_eq!(s.len(), 2);
+        // a's routes on both shards, the larger first on shard 0; b's one route on the less
+        // loaded shard (1: 10 of a against 30), with all of b's cameras.
+        assert_eq!(s[0].routes, [0]);
+        assert_eq!(s[1].routes, [1, 2]);
+        let count = |k: usize, flow: &str| {
+            s[k].sources
+                .iter()
+                .filter(|c| c.starts_with(&format!("{flow}-")))
+                .count()
+        };
+        // a's 8 cameras 3:1 by rate.
+        assert_eq!((count(0, "f-a"), count(1, "f-a")), (6, 2));
+        assert_eq!((count(0, "f-b"), count(1, "f-b")), (0, 3));
+        // Every camera and every route exactly once.
+        let mut all: Vec<String> = s.iter().flat_map(|x| x.sources.clone()).collect();
+        all.sort();
+        let mut want: Vec<String> = sources.iter().map(|x| x.0.clone()).collect();
+        want.sort();
+        assert_eq!(all, want);
+        // More fronts than routes: the extra front gets nothing.
+        let s3 = shard(&plan, &routes, &sources, 4, None);
+        assert_eq!(s3.iter().filter(|x| x.routes.is_empty()).count(), 1);
+        assert!(
+            s3.iter()
+                .all(|x| !x.routes.is_empty() || x.sources.is_empty())
+        );
+
+        // A re-plan that keeps a's two routes with other rates: cameras stay where they were as
+        // far as the new proportions allow.
+        let e = Epoch {
+            epoch: 0,
+            members: Vec::new(),
+            reason: String::new(),
+            plan: plan.clone(),
+            routes: routes.clone(),
+            addresses: BTreeMap::new(),
+            shards: s.clone(),
+            plan_s: 0.0,
+            at_unix_ms: 0,
+        };
+        let (plan2, routes2) = plan_of(&[("a", &[20.0, 20.0]), ("b", &[20.0])]);
+        let s2 = shard(&plan2, &routes2, &sources, 2, Some(&e));
+        let moved = s2
+            .iter()
+            .enumerate()
+            .flat_map(|(k, x)| x.sources.iter().map(move |c| (k, c.clone())))
+            .filter(|(k, c)| !s[*k].sources.contains(c))
+            .count();
+        let a_on = |sh: &[Shard], k: usize| {
+            sh[k]
+                .sources
+                .iter()
+                .filter(|c| c.starts_with("f-a-"))
+                .count()
+        };
+        assert_eq!(a_on(&s2, 0) + a_on(&s2, 1), 8);
+        // b stays on shard 1; a goes 4:4, so two of its cameras move.
+        assert_eq!(moved, 2, "{s:?} -> {s2:?}");
+
+        // A flow that lost every route keeps its cameras in one shard.
+        let (plan3, routes3) = plan_of(&[("a", &[30.0])]);
+        let s4 = shard(&plan3, &routes3, &sources, 2, None);
+        assert_eq!(
+            s4.iter()
+                .map(|x| x.sources.iter().filter(|c| c.starts_with("f-b-")).count())
+                .filter(|n| *n > 0)
+                .collect::<Vec<_>>(),
+            [3]
+        );
+    }
+
+    #[test]
+    fn a_shard_of_an_epoch_runs_only_its_routes() {
+        let (plan, routes) = plan_of(&[("a", &[30.0, 10.0])]);
+        let mut e = Epoch {
+            epoch: 3,
+            members: Vec::new(),
+            reason: String::new(),
+            plan,
+            routes: routes.clone(),
+            addresses: BTreeMap::new(),
+            shards: Vec::new(),
+            plan_s: 0.0,
+            at_unix_ms: 0,
+        };
+        assert_eq!(e.for_shard(0).routes, routes);
+        e.shards = vec![
+            Shard {
+                sources: vec!["c0".into()],
+                routes: vec![1],
+            },
+            Shard::default(),
+        ];
+        assert_eq!(e.for_shard(0).routes, vec![routes[1].clone()]);
+        assert!(e.for_shard(1).routes.is_empty());
+        assert!(e.for_shard(7).routes.is_empty());
+    }
 }

@@ -623,50 +623,61 @@ const HOLDER_READ_WAIT: Duration = Duration::from_millis(100);
 /// A holder read longer ago than this refuses nothing: the node cannot tell.
 const HOLDER_STALE: Duration = Duration::from_secs(3);
 
-/// On a node: batches are taken only from the front that holds the front lease, as NATS says.
+/// On a node: batches are taken only from a front that holds a front lease (one per shard of
+/// the cameras, `[cluster] fronts`), as NATS says.
 /// This fences off a front cut off from NATS but not from the nodes: a standby took its
 /// cameras over when its lease ran out, and its batches are refused, which tells it to stop.
-/// The data path never waits on NATS for the holder (the node's control thread reads it every
-/// second), except for at most [`HOLDER_READ_WAIT`] when a batch comes from a front other than
-/// the holder last read (one that has just taken over must not be refused); a node that has
-/// not read the holder for [`HOLDER_STALE`] (NATS does not answer it) refuses nothing.
+/// The data path never waits on NATS for the holders (the node's control thread reads them
+/// every second), except for at most [`HOLDER_READ_WAIT`] when a batch comes from a front that
+/// is not among the holders last read (one that has just taken over must not be refused); a
+/// node that has not read the holders for [`HOLDER_STALE`] (NATS does not answer it) refuses
+/// nothing.
 pub struct Fence {
     bus: Arc<super::bus::Bus>,
-    /// The holder last read (`None`: no one), and when.
-    holder: Mutex<(Option<String>, std::time::Instant)>,
+    /// How many front leases there are.
+    fronts: u32,
+    /// The holders last read (empty: no one), and when.
+    holders: Mutex<(Vec<String>, std::time::Instant)>,
 }
 
 impl Fence {
-    /// Reads the holder from `bus`.
-    pub fn new(bus: Arc<super::bus::Bus>) -> Arc<Self> {
+    /// Reads the holders of the `fronts` front leases from `bus`.
+    pub fn new(bus: Arc<super::bus::Bus>, fronts: u32) -> Arc<Self> {
         let f = Arc::new(Fence {
             bus,
-            holder: Mutex::new((None, std::time::Instant::now())),
+            fronts: fronts.max(1),
+            holders: Mutex::new((Vec::new(), std::time::Instant::now())),
         });
         f.refresh(super::bus::READ_WAIT);
         f
     }
 
-    /// Reads the holder again, waiting at most `limit` for NATS (blocks: not on an async
+    /// Reads the holders again, waiting at most `limit` for NATS each (blocks: not on an async
     /// thread). The node's control thread calls it every second.
     pub fn refresh(&self, limit: Duration) {
-        match self.bus.lease_holder(super::bus::Lease::Front, limit) {
-            Ok(h) => {
-                *self.holder.lock().unwrap_or_else(|e| e.into_inner()) =
-                    (h, std::time::Instant::now());
+        let mut holders = Vec::new();
+        for k in 0..self.fronts {
+            match self.bus.lease_holder(super::bus::Lease::Front(k), limit) {
+                Ok(h) => holders.extend(h),
+                Err(e) => {
+                    tracing::debug!(error = %e, "The front leases' holders could not be read.");
+                    return;
+                }
             }
-            Err(e) => tracing::debug!(error = %e, "The front lease's holder could not be read."),
         }
+        *self.holders.lock().unwrap_or_else(|e| e.into_inner()) =
+            (holders, std::time::Instant::now());
     }
 
-    /// Whether front `id` may send batches: `Err(holder)` where another front holds the lease.
+    /// Whether front `id` may send batches: `Err(holders)` where it holds no front lease and
+    /// others do.
     pub fn admits(&self, id: &str) -> Result<(), String> {
-        let other = |g: &(Option<String>, std::time::Instant)| match &g.0 {
-            Some(h) if h != id && g.1.elapsed() < HOLDER_STALE => Some(h.clone()),
-            _ => None,
+        let other = |g: &(Vec<String>, std::time::Instant)| {
+            (!g.0.is_empty() && !g.0.iter().any(|h| h == id) && g.1.elapsed() < HOLDER_STALE)
+                .then(|| g.0.join(", "))
         };
         {
-            let g = self.holder.lock().unwrap_or_else(|e| e.into_inner());
+            let g = self.holders.lock().unwrap_or_else(|e| e.into_inner());
             match other(&g) {
                 None => return Ok(()),
                 Some(h) if g.1.elapsed() < HOLDER_RECHECK => return Err(h),
@@ -674,7 +685,7 @@ impl Fence {
             }
         }
         self.refresh(HOLDER_READ_WAIT);
-        match other(&self.holder.lock().unwrap_or_else(|e| e.into_inner())) {
+        match other(&self.holders.lock().unwrap_or_else(|e| e.into_inner())) {
             Some(h) => Err(h),
             None => Ok(()),
         }

@@ -384,6 +384,7 @@ mod tests {
             plan,
             routes: Vec::new(),
             addresses: BTreeMap::from([("t4-9".to_string(), "10.0.0.9:7070".to_string())]),
+            shards: Vec::new(),
             plan_s: 0.0,
             at_unix_ms: 0,
         };

@@ -604,10 +604,22 @@ impl<'a> Validator<'_, 'a> {
                         format!("`{url}`: expected nats://HOST:PORT"),
                     );
                 }
+                if c.fronts == 0 {
+                    self.err("cluster.fronts", "at least 1 front runs the cameras");
+                } else if c.fronts > 1 && c.nats.is_none() {
+                    self.err(
+                        "cluster.fronts",
+                        format!(
+                            "{} fronts share the cameras through a controller: set `nats`",
+                            c.fronts
+                        ),
+                    );
+                }
                 Some(ClusterSpec {
                     front: c.front,
                     nodes: c.nodes,
                     nats: c.nats,
+                    fronts: c.fronts,
                 })
             }
             None => None,

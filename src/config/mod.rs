@@ -99,6 +99,15 @@ pub struct ClusterConfig {
     /// epochs from `poolpipe controller`. Without it the plan is the file's, fixed.
     #[serde(default)]
     pub nats: Option<String>,
+    /// How many fronts share the cameras at once (with `nats`): the controller splits the
+    /// sources and routes into this many shards, and each `poolpipe run` of the file takes one
+    /// (a further one stands by). 1 (the default): one front runs every camera.
+    #[serde(default = "one_front")]
+    pub fronts: u32,
+}
+
+fn one_front() -> u32 {
+    1
 }
 
 /// A validated `[cluster]`.
@@ -110,6 +119,8 @@ pub struct ClusterSpec {
     pub nodes: std::collections::BTreeMap<String, String>,
     /// NATS server of the control plane, when a controller owns the plan.
     pub nats: Option<String>,
+    /// Fronts sharing the cameras at once (1: one front runs them all).
+    pub fronts: u32,
 }
 
 /// How a non-live source is paced.

@@ -19,7 +19,7 @@ use super::PipelineError;
 use super::build::lock;
 use super::replan::Installer;
 use crate::cluster::bus::{Bus, Heartbeat};
-use crate::cluster::epoch::{Epoch, epoch_pipeline};
+use crate::cluster::epoch::{Epoch, shard_pipeline};
 use crate::config::Pipeline;
 use crate::profile::Profiles;
 
@@ -34,6 +34,8 @@ pub(super) struct Follower {
     pub base: Pipeline,
     pub profiles: Arc<Profiles>,
     pub front: String,
+    /// The shard of the cameras this front runs ([`crate::cluster::epoch::Shard`]).
+    pub shard: u32,
     /// The last epoch applied (`u64::MAX`: none; the file's layout runs).
     pub applied: Arc<AtomicU64>,
     /// The front's counters, for its heartbeats.
@@ -118,7 +120,7 @@ impl Follower {
                     }
                     let t0 = Instant::now();
                     let record = match self.apply(&e) {
-                        Ok((started, retired)) => {
+                        Ok((started, retired, (cams_in, cams_out))) => {
                             self.applied.store(e.epoch, Ordering::SeqCst);
                             tracing::info!(
                                 epoch = e.epoch,
@@ -137,6 +139,8 @@ impl Follower {
                                 "applied_unix_ms": crate::clock::unix_ms(),
                                 "routes_started": started,
                                 "routes_retired": retired,
+                                "cameras_taken": cams_in,
+                                "cameras_given": cams_out,
                                 "nodes_not_ready": waiting,
                             })
                         }
@@ -154,9 +158,10 @@ impl Follower {
         Ok(FollowerHandle { stop, thread })
     }
 
-    /// Runs epoch `e` from now on. Returns the routes started and retired.
-    fn apply(&mut self, e: &Epoch) -> Result<(usize, usize), PipelineError> {
-        let target = epoch_pipeline(&self.base, e, &self.profiles)
+    /// Runs epoch `e` from now on. Returns the routes started and retired, and the cameras
+    /// this front took and gave up (fronts that share the cameras).
+    fn apply(&mut self, e: &Epoch) -> Result<(usize, usize, Cameras), PipelineError> {
+        let target = shard_pipeline(&self.base, e, self.shard, &self.profiles)
             .map_err(|x| PipelineError::Cluster(x.to_string()))?;
         let mut next = lock(&self.installer.live.pipeline).clone();
         let first_new = next.stages.len();
@@ -204,6 +209,46 @@ impl Follower {
         let flows: Vec<usize> = (0..next.flows.len()).collect();
         self.installer
             .install(next, first_new, &started, &retired, &flows)?;
-        Ok((started.len(), retired.len()))
+        let cameras = if e.shards.is_empty() {
+            Cameras::default()
+        } else {
+            self.move_cameras(&target)
+        };
+        Ok((started.len(), retired.len(), cameras))
+    }
+
+    /// Fronts that share the cameras: starts the cameras of the file that `target` (this
+    /// front's shard of an epoch) gives it and stops those it gave to another front (their
+    /// frames in the pipeline finish here). Streams added through the API stay.
+    fn move_cameras(&self, target: &Pipeline) -> Cameras {
+        let live = &self.installer.live;
+        let running: Vec<String> = lock(&live.pipeline)
+            .sources
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        let mut moved = Cameras::default();
+        for s in &self.base.sources {
+            let wanted = target.sources.iter().any(|t| t.name == s.name);
+            let runs = running.contains(&s.name);
+            if wanted && !runs {
+                match live.add_stream(s.clone()) {
+                    Ok(()) => {
+                        tracing::info!(stream = %s.name, shard = self.shard, "Camera taken over from another front.");
+                        moved.0.push(s.name.clone());
+                    }
+                    Err(err) => {
+                        tracing::error!(stream = %s.name, error = %err, "Camera of this front's share not started.");
+                    }
+                }
+            } else if !wanted && runs && live.remove_stream(&s.name).is_ok() {
+                tracing::info!(stream = %s.name, shard = self.shard, "Camera given to another front.");
+                moved.1.push(s.name.clone());
+            }
+        }
+        moved
     }
 }
+
+/// Cameras a front took and gave up when it applied an epoch.
+type Cameras = (Vec<String>, Vec<String>);

@@ -367,6 +367,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                     base: file.clone(),
                     profiles,
                     front,
+                    shard: front_lease.as_ref().map_or(0, |l| l.shard),
                     applied: Arc::new(AtomicU64::new(
                         from_epoch.as_ref().map_or(u64::MAX, |(_, e)| e.epoch),
                     )),
@@ -405,6 +406,9 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
 struct FrontLease {
     keeper: crate::cluster::bus::LeaseKeeper,
     id: String,
+    /// The shard of the cameras it runs, of `fronts`.
+    shard: u32,
+    fronts: u32,
     waited_s: f64,
     taken_unix_ms: u64,
 }
@@ -413,6 +417,8 @@ impl FrontLease {
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "id": self.id,
+            "shard": self.shard,
+            "fronts": self.fronts,
             "waited_s": self.waited_s,
             "taken_unix_ms": self.taken_unix_ms,
             "lost": self.keeper.lost(),
@@ -456,42 +462,68 @@ fn control_plane(p: &Pipeline, opts: &RunOptions) -> Result<ControlPlane, Pipeli
     let cluster = |e: &dyn std::fmt::Display| PipelineError::Cluster(e.to_string());
     let bus = Arc::new(Bus::connect(&url, &p.name, NODE_WAIT).map_err(|e| cluster(&e))?);
     let id = front_id();
+    let fronts = p.cluster.as_ref().map_or(1, |c| c.fronts.max(1));
     let asked = Instant::now();
     let mut said = None;
-    let revision = loop {
-        if let Some(r) = bus.take_lease(Lease::Front, &id) {
-            break r;
+    // Any shard of the cameras that no front runs (one shard where one front runs them all).
+    let (shard, revision) = loop {
+        if let Some(taken) =
+            (0..fronts).find_map(|k| bus.take_lease(Lease::Front(k), &id).map(|r| (k, r)))
+        {
+            break taken;
         }
         if opts.stop.as_ref().is_some_and(Shutdown::is_triggered) {
             return Err(PipelineError::StoppedAsStandby);
         }
-        let holder = bus.lease_holder(Lease::Front, READ_WAIT).ok().flatten();
+        let holders: Vec<String> = (0..fronts)
+            .filter_map(|k| bus.lease_holder(Lease::Front(k), READ_WAIT).ok().flatten())
+            .collect();
+        let holder = (!holders.is_empty()).then(|| holders.join(", "));
         if holder.is_some() && holder != said {
-            tracing::info!(holder = ?holder, "Standing by: another front runs the cameras; taking them over when its lease ends.");
+            tracing::info!(holder = ?holder, "Standing by: other fronts run the cameras; taking a share over when a front lease ends.");
             said = holder;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     let waited_s = asked.elapsed().as_secs_f64();
-    if said.is_some() {
-        tracing::info!(id = %id, waited_s = format!("{waited_s:.1}"), "Front lease taken: this front runs the cameras now.");
+    if said.is_some() || fronts > 1 {
+        tracing::info!(id = %id, shard, fronts, waited_s = format!("{waited_s:.1}"), "Front lease taken: this front runs its cameras now.");
     }
     let on_lost = opts.stop.as_ref().map(Shutdown::flag);
-    let keeper = LeaseKeeper::keep(bus.clone(), Lease::Front, id.clone(), revision, on_lost)
-        .map_err(|e| cluster(&e))?;
+    let keeper = LeaseKeeper::keep(
+        bus.clone(),
+        Lease::Front(shard),
+        id.clone(),
+        revision,
+        on_lost,
+    )
+    .map_err(|e| cluster(&e))?;
     let lease = FrontLease {
         keeper,
         id,
+        shard,
+        fronts,
         waited_s,
         taken_unix_ms: crate::clock::unix_ms(),
     };
     let profiles = p.plan.as_ref().and_then(|r| r.profiles.clone());
-    let current = bus.current().map_err(|e| cluster(&e))?;
+    let mut current = bus.current().map_err(|e| cluster(&e))?;
+    // Fronts that share the cameras take their shares from the controller's epoch.
+    let until = Instant::now() + NODE_WAIT;
+    while fronts > 1 && current.is_none() {
+        if Instant::now() > until {
+            return Err(PipelineError::Cluster(format!(
+                "[cluster] fronts = {fronts}: the controller publishes which cameras each front runs, and it published no epoch within {NODE_WAIT:?} (is `poolpipe controller` running?)"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        current = bus.current().map_err(|e| cluster(&e))?;
+    }
     let from = match (current, profiles) {
         (Some(e), Some(pr)) => {
-            let layout =
-                crate::cluster::epoch::epoch_pipeline(p, &e, &pr).map_err(|x| cluster(&x))?;
-            tracing::info!(epoch = e.epoch, reason = %e.reason, "Starting in the controller's current epoch.");
+            let layout = crate::cluster::epoch::shard_pipeline(p, &e, shard, &pr)
+                .map_err(|x| cluster(&x))?;
+            tracing::info!(epoch = e.epoch, reason = %e.reason, shard, sources = layout.sources.len(), routes = layout.routes.len(), "Starting in the controller's current epoch.");
             Some((layout, e))
         }
         _ => None,
