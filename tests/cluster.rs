@@ -430,7 +430,11 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
     // and the pipeline's [cluster] points at the NATS Service.
     // A pool of two T4 pods that join by offering their GPUs.
     let ctl = dir.path().join("k8s-ctl");
-    let o = deploy(&inputs, &ctl, &["--controller", "--join", "T4:1=2"]);
+    let o = deploy(
+        &inputs,
+        &ctl,
+        &["--controller", "--join", "T4:1=2", "--fronts", "2"],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut files: Vec<PathBuf> = std::fs::read_dir(&ctl)
         .unwrap()
@@ -481,15 +485,17 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
         config.contains("nats = \"nats://poolpipe-nats:4222\""),
         "{config}"
     );
+    assert!(config.contains("fronts = 2"), "{config}");
     let controller = std::fs::read_to_string(ctl.join("controller.yaml")).unwrap();
     assert!(controller.contains("poolpipe controller"), "{controller}");
     assert!(controller.contains("replicas: 2"), "{controller}");
     let nats = std::fs::read_to_string(ctl.join("nats.yaml")).unwrap();
     assert!(nats.contains("\"-js\""), "{nats}");
-    // Two fronts, on different machines where there are: the lease holder runs the cameras and
-    // is the Service's ready endpoint; the standby never answers a liveness probe.
+    // Three fronts, on different machines where there are: the two lease holders run their
+    // shares of the cameras and are the Service's ready endpoints; the standby never answers a
+    // liveness probe.
     let front = std::fs::read_to_string(ctl.join("front.yaml")).unwrap();
-    assert!(front.contains("replicas: 2"), "{front}");
+    assert!(front.contains("replicas: 3"), "{front}");
     assert!(front.contains("podAntiAffinity"), "{front}");
     assert!(front.contains("readinessProbe"), "{front}");
     assert!(!front.contains("livenessProbe"), "{front}");

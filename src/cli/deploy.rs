@@ -64,6 +64,10 @@ pub struct DeployArgs {
     /// `T4:1=2`; repeatable). Scale it to add or remove servers; the controller re-plans.
     #[arg(long, value_parser = deploy::JoinPool::parse, value_name = "CLASS:GPUS=PODS")]
     pub join: Vec<deploy::JoinPool>,
+    /// With a controller: this many fronts share the cameras at once (`[cluster] fronts`);
+    /// `--emit k8s` runs one front more, standing by.
+    #[arg(long, default_value_t = 1)]
+    pub fronts: u32,
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -122,7 +126,13 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
     {
         used = (0..p.servers.len()).collect();
     }
-    let pipeline = deploy::pipeline_file(&text, &plan, &used, &*address, nats.as_deref())
+    if a.fronts == 0 || (a.fronts > 1 && nats.is_none()) {
+        return Err(usage(format!(
+            "--fronts {}: 1 front, or several that share the cameras through a controller (--controller or --nats)",
+            a.fronts
+        )));
+    }
+    let pipeline = deploy::pipeline_file(&text, &plan, &used, &*address, nats.as_deref(), a.fronts)
         .map_err(|e| usage(format!("{}: {e}", a.pipeline.display())))?;
     std::fs::create_dir_all(&a.out)
         .map_err(|e| CliError::Runtime(format!("{}: {e}", a.out.display())))?;
@@ -143,6 +153,7 @@ pub fn run(a: &DeployArgs) -> Result<(), CliError> {
                 controller: a.controller,
                 nats_image: a.nats_image.clone(),
                 join: a.join.clone(),
+                fronts: a.fronts,
             };
             let objects = deploy::k8s(&plan, &used, &pipeline, &target);
             for (name, obj) in &objects {

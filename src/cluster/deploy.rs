@@ -51,6 +51,8 @@ pub struct Target {
     /// Pools of nodes that join by offering their GPUs (with a controller): per pool the class,
     /// GPUs per pod and pods.
     pub join: Vec<JoinPool>,
+    /// Fronts that share the cameras at once (with a controller; one more stands by).
+    pub fronts: u32,
 }
 
 /// A Deployment of nodes the pipeline file does not name: each pod joins the cluster with
@@ -136,13 +138,15 @@ pub fn nodes_of(plan: &Plan) -> Result<(Plan, Vec<usize>), DeployError> {
 }
 
 /// The pipeline file every node loads: `text` with `[pipeline] plan = "plan.json"` and a
-/// `[cluster]` whose nodes are the used servers at `address(node)`.
+/// `[cluster]` whose nodes are the used servers at `address(node)`, with a controller's NATS
+/// server and the fronts that share the cameras, if given.
 pub fn pipeline_file(
     text: &str,
     plan: &Plan,
     used: &[usize],
     address: &dyn Fn(&str) -> String,
     nats: Option<&str>,
+    fronts: u32,
 ) -> Result<String, DeployError> {
     let mut doc: toml::Table =
         toml::from_str(text).map_err(|e| DeployError::Pipeline(e.to_string()))?;
@@ -163,6 +167,9 @@ pub fn pipeline_file(
     cluster.insert("nodes".into(), toml::Value::Table(nodes));
     if let Some(url) = nats {
         cluster.insert("nats".into(), toml::Value::String(url.into()));
+    }
+    if fronts > 1 {
+        cluster.insert("fronts".into(), toml::Value::Integer(fronts.into()));
     }
     doc.insert("cluster".into(), toml::Value::Table(cluster));
     let body = toml::to_string(&doc).map_err(|e| DeployError::Pipeline(e.to_string()))?;
@@ -332,10 +339,10 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
         "volumes": volumes,
     });
     if t.controller {
-        // Two fronts: the one holding the front lease runs the cameras (and is the Service's
-        // ready endpoint); the other stands by without an API, on another machine where there
-        // is one, and takes the cameras over when the lease ends. So no liveness probe: a
-        // standby never answers one.
+        // One front more than share the cameras: those holding a front lease run their shares
+        // of the cameras (and are the Service's ready endpoints); the other stands by without
+        // an API, on another machine where there is one, and takes a share over when a lease
+        // ends. So no liveness probe: a standby never answers one.
         front_pod["affinity"] = json!({"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
             "weight": 100,
             "podAffinityTerm": {"labelSelector": {"matchLabels": front_labels.clone()}, "topologyKey": "kubernetes.io/hostname"},
@@ -351,7 +358,7 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
             "kind": "Deployment",
             "metadata": meta("poolpipe-front", "front", t),
             "spec": {
-                "replicas": if t.controller { 2 } else { 1 },
+                "replicas": if t.controller { t.fronts.max(1) + 1 } else { 1 },
                 "strategy": {"type": "Recreate"},
                 "selector": {"matchLabels": front_labels.clone()},
                 "template": {

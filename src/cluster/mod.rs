@@ -38,9 +38,12 @@
 //! epoch. A front that runs workers itself can only be replaced on its own machine; the file
 //! `poolpipe deploy` writes has a front that runs none.
 //!
-//! Not built yet (issue "Past one machine"): cameras spread over several fronts at once (one
-//! front runs them all). A route whose remote stage is followed by another stage comes back
-//! through the front.
+//! With `[cluster] fronts = N` several fronts run at once: the controller splits each epoch's
+//! cameras and routes into N shards ([`epoch::shard`]), there are N front leases, and each
+//! front runs the shard whose lease it holds (one more stands by).
+//!
+//! Not built yet (issue "Past one machine"): a route whose remote stage is followed by another
+//! stage comes back through the front.
 
 pub mod bus;
 pub mod deploy;
