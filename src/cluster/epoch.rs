@@ -86,18 +86,19 @@ pub struct Shard {
 }
 
 impl Epoch {
-    /// The epoch as the front of shard `k` runs it: only the shard's routes (all of them where
-    /// the epoch has no shards).
-    pub fn for_shard(&self, k: u32) -> Epoch {
+    /// The epoch as the front of shards `ks` runs it: only those shards' routes (all of them
+    /// where the epoch has no shards).
+    pub fn for_shards(&self, ks: &[u32]) -> Epoch {
         let mut e = self.clone();
-        if let Some(shard) = self.shards.get(k as usize) {
-            e.routes = shard
-                .routes
+        if !self.shards.is_empty() {
+            e.routes = self
+                .shards
                 .iter()
+                .enumerate()
+                .filter(|(k, _)| ks.contains(&(*k as u32)))
+                .flat_map(|(_, s)| &s.routes)
                 .filter_map(|r| self.routes.get(*r).cloned())
                 .collect();
-        } else if !self.shards.is_empty() {
-            e.routes.clear();
         }
         e
     }
@@ -262,25 +263,27 @@ pub fn epoch_pipeline(
     Ok(next)
 }
 
-/// `base` laid out as epoch `e` for the front of shard `k`: the shard's sources and routes
-/// ([`Epoch::for_shard`], [`epoch_pipeline`]).
+/// `base` laid out as epoch `e` for the front of shards `ks`: those shards' sources and routes
+/// ([`Epoch::for_shards`], [`epoch_pipeline`]).
 pub fn shard_pipeline(
     base: &Pipeline,
     e: &Epoch,
-    k: u32,
+    ks: &[u32],
     profiles: &Profiles,
 ) -> Result<Pipeline, EpochError> {
     if e.shards.is_empty() {
         return epoch_pipeline(base, e, profiles);
     }
     let mut mine = base.clone();
-    let sources = e
+    let sources: Vec<&String> = e
         .shards
-        .get(k as usize)
-        .map(|s| s.sources.clone())
-        .unwrap_or_default();
-    mine.sources.retain(|s| sources.contains(&s.name));
-    epoch_pipeline(&mine, &e.for_shard(k), profiles)
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| ks.contains(&(*k as u32)))
+        .flat_map(|(_, s)| &s.sources)
+        .collect();
+    mine.sources.retain(|s| sources.contains(&&s.name));
+    epoch_pipeline(&mine, &e.for_shards(ks), profiles)
 }
 
 /// Splits the cameras of `sources` (name, flow) and the `routes` of `plan` over `fronts`
@@ -607,7 +610,7 @@ mod tests {
             plan_s: 0.0,
             at_unix_ms: 0,
         };
-        assert_eq!(e.for_shard(0).routes, routes);
+        assert_eq!(e.for_shards(&[0]).routes, routes);
         e.shards = vec![
             Shard {
                 sources: vec!["c0".into()],
@@ -615,8 +618,13 @@ mod tests {
             },
             Shard::default(),
         ];
-        assert_eq!(e.for_shard(0).routes, vec![routes[1].clone()]);
-        assert!(e.for_shard(1).routes.is_empty());
-        assert!(e.for_shard(7).routes.is_empty());
+        assert_eq!(e.for_shards(&[0]).routes, vec![routes[1].clone()]);
+        assert!(e.for_shards(&[1]).routes.is_empty());
+        assert!(e.for_shards(&[7]).routes.is_empty());
+        e.shards[1].routes = vec![0];
+        assert_eq!(
+            e.for_shards(&[0, 1]).routes,
+            vec![routes[1].clone(), routes[0].clone()]
+        );
     }
 }

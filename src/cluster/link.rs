@@ -615,8 +615,8 @@ pub struct Served {
 /// Marks a node's refusal of a batch whose front does not hold the front lease.
 const FENCED: &str = "fenced: ";
 
-/// How often a node reads the front lease's holder again, at most, for batches from a front
-/// that is not the holder it last read (its control thread reads it every second).
+/// How often a node reads the front leases' holders again, at most, for batches from one front
+/// that is not among the holders it last read (its control thread reads them every second).
 const HOLDER_RECHECK: Duration = Duration::from_millis(200);
 /// How long a node waits for NATS when it reads the holder on the data path.
 const HOLDER_READ_WAIT: Duration = Duration::from_millis(100);
@@ -638,6 +638,9 @@ pub struct Fence {
     fronts: u32,
     /// The holders last read (empty: no one), and when.
     holders: Mutex<(Vec<String>, std::time::Instant)>,
+    /// The last front whose batch made the node read the holders again, and when: a front that
+    /// is not among them is read for once per [`HOLDER_RECHECK`], however many batches it sends.
+    rechecked: Mutex<Option<(String, std::time::Instant)>>,
 }
 
 impl Fence {
@@ -647,6 +650,7 @@ impl Fence {
             bus,
             fronts: fronts.max(1),
             holders: Mutex::new((Vec::new(), std::time::Instant::now())),
+            rechecked: Mutex::new(None),
         });
         f.refresh(super::bus::READ_WAIT);
         f
@@ -678,11 +682,19 @@ impl Fence {
         };
         {
             let g = self.holders.lock().unwrap_or_else(|e| e.into_inner());
-            match other(&g) {
-                None => return Ok(()),
-                Some(h) if g.1.elapsed() < HOLDER_RECHECK => return Err(h),
-                Some(_) => {}
+            let Some(h) = other(&g) else {
+                return Ok(());
+            };
+            // Read again for this front, unless that was just done: a front that has just
+            // taken a lease over is not refused on a read from before it did.
+            let mut last = self.rechecked.lock().unwrap_or_else(|e| e.into_inner());
+            if last
+                .as_ref()
+                .is_some_and(|(f, at)| f == id && at.elapsed() < HOLDER_RECHECK)
+            {
+                return Err(h);
             }
+            *last = Some((id.to_string(), std::time::Instant::now()));
         }
         self.refresh(HOLDER_READ_WAIT);
         match other(&self.holders.lock().unwrap_or_else(|e| e.into_inner())) {

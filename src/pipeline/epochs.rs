@@ -26,6 +26,99 @@ use crate::profile::Profiles;
 /// Longest wait for the nodes to apply an epoch before the front applies it anyway.
 pub const NODE_APPLY_WAIT: Duration = Duration::from_secs(10);
 
+/// How long another shard's front lease must be free, as a front that runs a share sees it,
+/// before that front takes the shard over too: two lease lives, so a standby (which tries
+/// every 200 ms) or a front that is starting takes it first.
+pub const ADOPT_AFTER: Duration = Duration::from_secs(6);
+
+/// A front that shares the cameras with others, taking over the shares whose fronts are gone
+/// and no standby took: it takes the shard's front lease and runs the shard's cameras and
+/// routes beside its own, until that lease is lost.
+pub(super) struct Adopter {
+    /// This front's id in the leases.
+    pub id: String,
+    /// How many shards there are.
+    pub fronts: u32,
+    /// Leases of the shards taken over, with the flag raised where one is lost.
+    held: Vec<(u32, crate::cluster::bus::LeaseKeeper, Arc<AtomicBool>)>,
+    /// Since when each other shard's lease has been seen free, without a break.
+    free_since: HashMap<u32, Instant>,
+    checked: Instant,
+}
+
+impl Adopter {
+    pub fn new(id: String, fronts: u32) -> Self {
+        Adopter {
+            id,
+            fronts,
+            held: Vec::new(),
+            free_since: HashMap::new(),
+            checked: Instant::now(),
+        }
+    }
+
+    /// Looks (once a second) at the shards `shards` does not hold: takes over one whose lease
+    /// has been free for [`ADOPT_AFTER`], and gives up one whose lease was lost. Returns what
+    /// changed, for the epoch record, or `None`.
+    fn look(&mut self, bus: &Arc<Bus>, shards: &mut Vec<u32>) -> Option<String> {
+        use crate::cluster::bus::{Lease, LeaseKeeper, READ_WAIT};
+        if let Some(i) = self
+            .held
+            .iter()
+            .position(|(_, _, lost)| lost.load(Ordering::SeqCst))
+        {
+            let (k, _, _) = self.held.remove(i);
+            shards.retain(|s| *s != k);
+            tracing::warn!(
+                shard = k,
+                "The front lease of a shard taken over was lost: its cameras go."
+            );
+            return Some(format!("gave up shard {k}: its lease was taken"));
+        }
+        if self.checked.elapsed() < Duration::from_secs(1) {
+            return None;
+        }
+        self.checked = Instant::now();
+        for k in (0..self.fronts).filter(|k| !shards.contains(k)) {
+            match bus.lease_holder(Lease::Front(k), READ_WAIT) {
+                Ok(None) => {
+                    let since = *self.free_since.entry(k).or_insert_with(Instant::now);
+                    if since.elapsed() < ADOPT_AFTER {
+                        continue;
+                    }
+                    let Some(rev) = bus.take_lease(Lease::Front(k), &self.id) else {
+                        continue;
+                    };
+                    let lost = Arc::new(AtomicBool::new(false));
+                    match LeaseKeeper::keep(
+                        bus.clone(),
+                        Lease::Front(k),
+                        self.id.clone(),
+                        rev,
+                        Some(lost.clone()),
+                    ) {
+                        Ok(keeper) => {
+                            self.free_since.remove(&k);
+                            self.held.push((k, keeper, lost));
+                            shards.push(k);
+                            tracing::warn!(
+                                shard = k,
+                                "No front ran this shard of the cameras: taken over."
+                            );
+                            return Some(format!("took over shard {k}: no front ran it"));
+                        }
+                        Err(e) => tracing::error!(shard = k, error = %e, "Shard not taken over."),
+                    }
+                }
+                _ => {
+                    self.free_since.remove(&k);
+                }
+            }
+        }
+        None
+    }
+}
+
 /// The front's follower, before its thread starts.
 pub(super) struct Follower {
     pub installer: Installer,
@@ -34,8 +127,13 @@ pub(super) struct Follower {
     pub base: Pipeline,
     pub profiles: Arc<Profiles>,
     pub front: String,
-    /// The shard of the cameras this front runs ([`crate::cluster::epoch::Shard`]).
-    pub shard: u32,
+    /// The shards of the cameras this front runs ([`crate::cluster::epoch::Shard`]): the one
+    /// whose lease it took, and those it took over from fronts that are gone.
+    pub shards: Vec<u32>,
+    /// Fronts that share the cameras: the shares of gone fronts this one takes over.
+    pub adopter: Option<Adopter>,
+    /// The epoch it runs (`None`: the file's layout).
+    pub last: Option<Epoch>,
     /// The last epoch applied (`u64::MAX`: none; the file's layout runs).
     pub applied: Arc<AtomicU64>,
     /// The front's counters, for its heartbeats.
@@ -98,6 +196,13 @@ impl Follower {
                             pending = Some((e, Instant::now()));
                         }
                     }
+                    if let Some(adopter) = self.adopter.as_mut()
+                        && let Some(why) = adopter.look(&self.bus, &mut self.shards)
+                        && let Some(e) = self.last.clone()
+                    {
+                        let record = self.run(&e, Duration::ZERO, Vec::new(), Some(why));
+                        lock(&self.installer.live.epochs).push(record);
+                    }
                     let Some((e, since)) = &pending else { continue };
                     // Every node the epoch uses, up or not: one that is down now may answer
                     // again before it heard of the epoch.
@@ -118,37 +223,7 @@ impl Follower {
                             "Applying an epoch that some nodes have not applied after {NODE_APPLY_WAIT:?}."
                         );
                     }
-                    let t0 = Instant::now();
-                    let record = match self.apply(&e) {
-                        Ok((started, retired, (cams_in, cams_out))) => {
-                            self.applied.store(e.epoch, Ordering::SeqCst);
-                            tracing::info!(
-                                epoch = e.epoch,
-                                routes_started = started,
-                                routes_retired = retired,
-                                "Plan epoch applied."
-                            );
-                            json!({
-                                "epoch": e.epoch,
-                                "reason": e.reason,
-                                "members": e.members,
-                                "plan_s": e.plan_s,
-                                "waited_for_nodes_s": waited.as_secs_f64(),
-                                "apply_s": t0.elapsed().as_secs_f64(),
-                                "published_unix_ms": e.at_unix_ms,
-                                "applied_unix_ms": crate::clock::unix_ms(),
-                                "routes_started": started,
-                                "routes_retired": retired,
-                                "cameras_taken": cams_in,
-                                "cameras_given": cams_out,
-                                "nodes_not_ready": waiting,
-                            })
-                        }
-                        Err(err) => {
-                            tracing::error!(epoch = e.epoch, error = %err, "Plan epoch not applied; the running layout stays.");
-                            json!({"epoch": e.epoch, "reason": e.reason, "error": err.to_string()})
-                        }
-                    };
+                    let record = self.run(&e, waited, waiting, None);
                     lock(&self.installer.live.epochs).push(record);
                 }
                 if let Some(count) = &self.counters {
@@ -158,10 +233,56 @@ impl Follower {
         Ok(FollowerHandle { stop, thread })
     }
 
+    /// Applies epoch `e` (again, with `again`: why, where this front's shards changed) and says
+    /// how it went, for `/status` and the summary.
+    fn run(
+        &mut self,
+        e: &Epoch,
+        waited: Duration,
+        waiting: Vec<String>,
+        again: Option<String>,
+    ) -> serde_json::Value {
+        let t0 = Instant::now();
+        let reason = again.clone().unwrap_or_else(|| e.reason.clone());
+        match self.apply(e) {
+            Ok((started, retired, (cams_in, cams_out))) => {
+                self.applied.store(e.epoch, Ordering::SeqCst);
+                self.last = Some(e.clone());
+                tracing::info!(
+                    epoch = e.epoch,
+                    reason = %reason,
+                    routes_started = started,
+                    routes_retired = retired,
+                    "Plan epoch applied."
+                );
+                json!({
+                    "epoch": e.epoch,
+                    "reason": reason,
+                    "members": e.members,
+                    "shards": self.shards,
+                    "plan_s": e.plan_s,
+                    "waited_for_nodes_s": waited.as_secs_f64(),
+                    "apply_s": t0.elapsed().as_secs_f64(),
+                    "published_unix_ms": e.at_unix_ms,
+                    "applied_unix_ms": crate::clock::unix_ms(),
+                    "routes_started": started,
+                    "routes_retired": retired,
+                    "cameras_taken": cams_in,
+                    "cameras_given": cams_out,
+                    "nodes_not_ready": waiting,
+                })
+            }
+            Err(err) => {
+                tracing::error!(epoch = e.epoch, error = %err, "Plan epoch not applied; the running layout stays.");
+                json!({"epoch": e.epoch, "reason": reason, "error": err.to_string()})
+            }
+        }
+    }
+
     /// Runs epoch `e` from now on. Returns the routes started and retired, and the cameras
     /// this front took and gave up (fronts that share the cameras).
     fn apply(&mut self, e: &Epoch) -> Result<(usize, usize, Cameras), PipelineError> {
-        let target = shard_pipeline(&self.base, e, self.shard, &self.profiles)
+        let target = shard_pipeline(&self.base, e, &self.shards, &self.profiles)
             .map_err(|x| PipelineError::Cluster(x.to_string()))?;
         let mut next = lock(&self.installer.live.pipeline).clone();
         let first_new = next.stages.len();
@@ -234,7 +355,7 @@ impl Follower {
             if wanted && !runs {
                 match live.add_stream(s.clone()) {
                     Ok(()) => {
-                        tracing::info!(stream = %s.name, shard = self.shard, "Camera taken over from another front.");
+                        tracing::info!(stream = %s.name, shards = ?self.shards, "Camera taken over from another front.");
                         moved.0.push(s.name.clone());
                     }
                     Err(err) => {
@@ -242,7 +363,7 @@ impl Follower {
                     }
                 }
             } else if !wanted && runs && live.remove_stream(&s.name).is_ok() {
-                tracing::info!(stream = %s.name, shard = self.shard, "Camera given to another front.");
+                tracing::info!(stream = %s.name, shards = ?self.shards, "Camera given to another front.");
                 moved.1.push(s.name.clone());
             }
         }

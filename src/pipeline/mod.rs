@@ -367,7 +367,12 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
                     base: file.clone(),
                     profiles,
                     front,
-                    shard: front_lease.as_ref().map_or(0, |l| l.shard),
+                    shards: vec![front_lease.as_ref().map_or(0, |l| l.shard)],
+                    adopter: front_lease
+                        .as_ref()
+                        .filter(|l| l.fronts > 1)
+                        .map(|l| epochs::Adopter::new(l.id.clone(), l.fronts)),
+                    last: from_epoch.as_ref().map(|(_, e)| e.clone()),
                     applied: Arc::new(AtomicU64::new(
                         from_epoch.as_ref().map_or(u64::MAX, |(_, e)| e.epoch),
                     )),
@@ -521,7 +526,7 @@ fn control_plane(p: &Pipeline, opts: &RunOptions) -> Result<ControlPlane, Pipeli
     }
     let from = match (current, profiles) {
         (Some(e), Some(pr)) => {
-            let layout = crate::cluster::epoch::shard_pipeline(p, &e, shard, &pr)
+            let layout = crate::cluster::epoch::shard_pipeline(p, &e, &[shard], &pr)
                 .map_err(|x| cluster(&x))?;
             tracing::info!(epoch = e.epoch, reason = %e.reason, shard, sources = layout.sources.len(), routes = layout.routes.len(), "Starting in the controller's current epoch.");
             Some((layout, e))
