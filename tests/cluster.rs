@@ -531,7 +531,15 @@ fn kubernetes_manifests_validate_offline_and_a_missing_class_is_named() {
 /// its own) with `[cluster] nats` pointing at a nats-server started here: the pipeline file, the
 /// nodes' ports and the server.
 fn controlled(dir: &Path, profiles: &Path, names: &[&str]) -> (PathBuf, Vec<u16>, KillOnDrop) {
-    let files = planned(dir, profiles);
+    controlled_files(dir, &planned(dir, profiles), names)
+}
+
+/// [`controlled`] of the plan, servers and pipeline `files`.
+fn controlled_files(
+    dir: &Path,
+    files: &(PathBuf, PathBuf, PathBuf),
+    names: &[&str],
+) -> (PathBuf, Vec<u16>, KillOnDrop) {
     let nats_port = free_port();
     let out = dir.join("bare");
     let mut args: Vec<String> = vec![
@@ -546,7 +554,7 @@ fn controlled(dir: &Path, profiles: &Path, names: &[&str]) -> (PathBuf, Vec<u16>
         args.push(format!("{n}=127.0.0.1:{p}"));
     }
     let o = deploy(
-        &files,
+        files,
         &out,
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
@@ -983,61 +991,24 @@ fn two_fronts_share_the_cameras_and_a_standby_takes_a_dead_fronts_share() {
     };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let plan = d.join("plan.json");
-    let o = common::poolpipe(&[
-        "plan",
-        "--cluster",
-        "L4:1,T4:2",
-        "--models",
-        "wide_resnet101_2,googlenet-v3-pytorch",
-        "--time-limit",
-        "5",
-        "--profiles",
-        profiles.to_str().unwrap(),
-        "--out",
-        plan.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let servers = write(
+    let files = common::planned_flows(
         d,
-        "servers.toml",
-        "[[servers]]\nname = \"l4\"\nclass = \"L4\"\ngpus = 1\nlink_gbps = 10\n\n[[servers]]\nname = \"t4\"\nclass = \"T4\"\ncount = 2\ngpus = 1\nlink_gbps = 10\n",
-    );
-    let pipeline = write(
-        d,
-        "two.toml",
-        &format!(
-            "[pipeline]\nname = \"two\"\nslo_ms = 1000\nprofiles = \"{}\"\n\n[[flow]]\nname = \"wide\"\nmodel = \"wide_resnet101_2\"\n\n[[flow]]\nname = \"goog\"\nmodel = \"googlenet-v3-pytorch\"\n\n[[source]]\nname = \"cam-wide\"\nuri = \"test://ball\"\nmax_fps = 10\nflow = \"wide\"\n\n[[source]]\nname = \"cam-goog\"\nuri = \"test://ball\"\nmax_fps = 10\nflow = \"goog\"\n\n[[sink]]\ntype = \"jsonl\"\npath = \"-\"\n",
-            profiles.display()
-        ),
+        &profiles,
+        &[
+            ("wide", "wide_resnet101_2"),
+            ("goog", "googlenet-v3-pytorch"),
+        ],
     );
     let names = ["l4-0", "t4-0", "t4-1"];
-    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    let nats_port = free_port();
-    let mut args = vec![
-        "--emit".to_string(),
-        "nodes".into(),
-        "--nats".into(),
-        format!("nats://127.0.0.1:{nats_port}"),
-    ];
-    for (n, p) in names.iter().zip(&ports) {
-        args.extend(["--address".into(), format!("{n}=127.0.0.1:{p}")]);
-    }
-    let out = d.join("bare");
-    let o = deploy(
-        &(plan, servers, pipeline),
-        &out,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let file = out.join("pipeline.toml");
+    let (file, ports, _nats) = controlled_files(d, &files, &names);
     let text = std::fs::read_to_string(&file).unwrap();
+    // Each front's results to its own stdout.
+    let text = text.replace(&d.join("out.jsonl").display().to_string(), "-");
     std::fs::write(
         &file,
         text.replace("[cluster]\n", "[cluster]\nfronts = 2\n"),
     )
     .unwrap();
-    let _nats = common::start_nats(&d.join("js"), nats_port);
     let controller = KillOnDrop(
         Command::new(bin())
             .args(["controller", file.to_str().unwrap(), "--summary-json"])

@@ -254,23 +254,15 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
         e.1 = e.1.max(ordinal + 1);
         e.3 = e.3.max(share);
     }
-    let (volumes, mounts) = config_volume();
     for (kind, (class, replicas, gpus, share)) in &kinds {
         let name = format!("poolpipe-{kind}");
         let mut labels = json!({"app.kubernetes.io/name": "poolpipe", "app.kubernetes.io/component": "node", "poolpipe.io/kind": kind});
-        let product = t
-            .products
-            .get(class)
-            .cloned()
-            .unwrap_or_else(|| gpu_product(class));
         let mut m = meta(&name, "node", t);
         m["labels"] = labels.clone();
         // Several processes of a plan on one GPU (share > 1) are workers of this one pod; they
         // share the GPU's CUDA context without MPS or time-slicing.
         m["annotations"] =
             json!({"poolpipe.io/class": class, "poolpipe.io/max-share": share.to_string()});
-        let probe =
-            json!({"tcpSocket": {"port": "link"}, "periodSeconds": 2, "failureThreshold": 3});
         out.push((
             format!("node-{kind}.yaml"),
             json!({
@@ -282,28 +274,9 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
                     "replicas": replicas,
                     "podManagementPolicy": "Parallel",
                     "selector": {"matchLabels": labels.clone()},
-                    "template": {
-                        "metadata": {"labels": labels.take()},
-                        "spec": {
-                            "nodeSelector": {"nvidia.com/gpu.product": product},
-                            "tolerations": tolerations(true),
-                            "terminationGracePeriodSeconds": 10,
-                            "containers": [{
-                                "name": "node",
-                                "image": t.image,
-                                "command": ["sh", "-c", format!(
-                                    "exec poolpipe node /etc/poolpipe/pipeline.toml --name \"${{POD_NAME#poolpipe-}}\" --listen 0.0.0.0:{NODE_PORT}"
-                                )],
-                                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-                                "ports": [{"name": "link", "containerPort": NODE_PORT}],
-                                "resources": {"limits": {"nvidia.com/gpu": gpus}},
-                                "readinessProbe": probe.clone(),
-                                "livenessProbe": probe,
-                                "volumeMounts": mounts.clone(),
-                            }],
-                            "volumes": volumes.clone(),
-                        }
-                    }
+                    "template": node_pod(t, labels.take(), class, *gpus, format!(
+                        "exec poolpipe node /etc/poolpipe/pipeline.toml --name \"${{POD_NAME#poolpipe-}}\" --listen 0.0.0.0:{NODE_PORT}"
+                    )),
                 }
             }),
         ));
@@ -321,6 +294,7 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
             }
         }),
     ));
+    let (volumes, mounts) = config_volume();
     let front_labels =
         json!({"app.kubernetes.io/name": "poolpipe", "app.kubernetes.io/component": "front"});
     let mut front = json!({
@@ -387,22 +361,51 @@ pub fn k8s(plan: &Plan, used: &[usize], pipeline: &str, t: &Target) -> Vec<(Stri
     out
 }
 
+/// The pod template of a node with `labels`: `gpus` GPUs of `class` (on a machine labelled with
+/// its product), running `command` with the pod's name and IP in its environment, the
+/// pipeline's ConfigMap mounted, ready and alive while its link port takes connections.
+fn node_pod(t: &Target, labels: Value, class: &str, gpus: u32, command: String) -> Value {
+    let (volumes, mounts) = config_volume();
+    let product = t
+        .products
+        .get(class)
+        .cloned()
+        .unwrap_or_else(|| gpu_product(class));
+    let probe = json!({"tcpSocket": {"port": "link"}, "periodSeconds": 2, "failureThreshold": 3});
+    json!({
+        "metadata": {"labels": labels},
+        "spec": {
+            "nodeSelector": {"nvidia.com/gpu.product": product},
+            "tolerations": tolerations(true),
+            "terminationGracePeriodSeconds": 10,
+            "containers": [{
+                "name": "node",
+                "image": t.image,
+                "command": ["sh", "-c", command],
+                "env": [
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                ],
+                "ports": [{"name": "link", "containerPort": NODE_PORT}],
+                "resources": {"limits": {"nvidia.com/gpu": gpus}},
+                "readinessProbe": probe.clone(),
+                "livenessProbe": probe,
+                "volumeMounts": mounts,
+            }],
+            "volumes": volumes,
+        }
+    })
+}
+
 /// The Deployment of a pool of joining nodes: each pod is a node named after itself, reached
 /// at its pod IP, that offers its GPUs to the controller.
 fn join_pool(pool: &JoinPool, t: &Target) -> (String, Value) {
-    let (volumes, mounts) = config_volume();
     let kind = format!("join-{}", pool.class.to_ascii_lowercase());
     let name = format!("poolpipe-{kind}");
     let labels = json!({"app.kubernetes.io/name": "poolpipe", "app.kubernetes.io/component": "node", "poolpipe.io/kind": kind});
-    let product = t
-        .products
-        .get(&pool.class)
-        .cloned()
-        .unwrap_or_else(|| gpu_product(&pool.class));
     let mut m = meta(&name, "node", t);
     m["labels"] = labels.clone();
     m["annotations"] = json!({"poolpipe.io/class": pool.class, "poolpipe.io/joins": "scale this Deployment to add or remove servers; the controller re-plans"});
-    let probe = json!({"tcpSocket": {"port": "link"}, "periodSeconds": 2, "failureThreshold": 3});
     (
         format!("node-{kind}.yaml"),
         json!({
@@ -412,32 +415,10 @@ fn join_pool(pool: &JoinPool, t: &Target) -> (String, Value) {
             "spec": {
                 "replicas": pool.replicas,
                 "selector": {"matchLabels": labels.clone()},
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "nodeSelector": {"nvidia.com/gpu.product": product},
-                        "tolerations": tolerations(true),
-                        "terminationGracePeriodSeconds": 10,
-                        "containers": [{
-                            "name": "node",
-                            "image": t.image,
-                            "command": ["sh", "-c", format!(
-                                "exec poolpipe node /etc/poolpipe/pipeline.toml --name \"$POD_NAME\" --gpus {}:{} --listen 0.0.0.0:{NODE_PORT} --advertise \"$POD_IP:{NODE_PORT}\"",
-                                pool.class, pool.gpus
-                            )],
-                            "env": [
-                                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                            ],
-                            "ports": [{"name": "link", "containerPort": NODE_PORT}],
-                            "resources": {"limits": {"nvidia.com/gpu": pool.gpus}},
-                            "readinessProbe": probe.clone(),
-                            "livenessProbe": probe,
-                            "volumeMounts": mounts,
-                        }],
-                        "volumes": volumes,
-                    }
-                }
+                "template": node_pod(t, labels, &pool.class, pool.gpus, format!(
+                    "exec poolpipe node /etc/poolpipe/pipeline.toml --name \"$POD_NAME\" --gpus {}:{} --listen 0.0.0.0:{NODE_PORT} --advertise \"$POD_IP:{NODE_PORT}\"",
+                    pool.class, pool.gpus
+                )),
             }
         }),
     )

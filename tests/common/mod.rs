@@ -355,13 +355,25 @@ pub fn node_of<'a>(summary: &'a Value, name: &str) -> &'a Value {
 
 /// A plan of WideResNet-101-2 on L4:1,T4:2, and servers holding exactly those GPUs.
 pub fn planned(dir: &Path, profiles: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    planned_flows(dir, profiles, &[("f0", "wide_resnet101_2")])
+}
+
+/// A plan on L4:1,T4:2 of the models of `flows` (flow, model), servers holding exactly those
+/// GPUs, and a pipeline with one 10 fps `test://` camera per flow (`cam0`, ... when there is
+/// one flow, `cam-FLOW` otherwise).
+pub fn planned_flows(
+    dir: &Path,
+    profiles: &Path,
+    flows: &[(&str, &str)],
+) -> (PathBuf, PathBuf, PathBuf) {
     let plan = dir.join("plan.json");
+    let models: Vec<&str> = flows.iter().map(|f| f.1).collect();
     let o = poolpipe(&[
         "plan",
         "--cluster",
         "L4:1,T4:2",
         "--models",
-        "wide_resnet101_2",
+        &models.join(","),
         "--time-limit",
         "5",
         "--profiles",
@@ -375,15 +387,28 @@ pub fn planned(dir: &Path, profiles: &Path) -> (PathBuf, PathBuf, PathBuf) {
         "servers.toml",
         "[[servers]]\nname = \"l4\"\nclass = \"L4\"\ngpus = 1\nlink_gbps = 10\n\n[[servers]]\nname = \"t4\"\nclass = \"T4\"\ncount = 2\ngpus = 1\nlink_gbps = 10\n",
     );
-    let pipeline = write(
-        dir,
-        "planned.toml",
-        &format!(
-            "[pipeline]\nname = \"planned\"\nslo_ms = 1000\nprofiles = \"{}\"\n\n[[flow]]\nname = \"f0\"\nmodel = \"wide_resnet101_2\"\n\n[[source]]\nname = \"cam0\"\nuri = \"test://ball\"\nmax_fps = 10\nflow = \"f0\"\n\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
-            profiles.display(),
-            dir.join("out.jsonl").display()
-        ),
+    let mut text = format!(
+        "[pipeline]\nname = \"planned\"\nslo_ms = 1000\nprofiles = \"{}\"\n",
+        profiles.display()
     );
+    for (flow, model) in flows {
+        text += &format!("\n[[flow]]\nname = \"{flow}\"\nmodel = \"{model}\"\n");
+    }
+    for (i, (flow, _)) in flows.iter().enumerate() {
+        let cam = if flows.len() == 1 {
+            format!("cam{i}")
+        } else {
+            format!("cam-{flow}")
+        };
+        text += &format!(
+            "\n[[source]]\nname = \"{cam}\"\nuri = \"test://ball\"\nmax_fps = 10\nflow = \"{flow}\"\n"
+        );
+    }
+    text += &format!(
+        "\n[[sink]]\ntype = \"jsonl\"\npath = \"{}\"\n",
+        dir.join("out.jsonl").display()
+    );
+    let pipeline = write(dir, "planned.toml", &text);
     (plan, servers, pipeline)
 }
 
