@@ -402,8 +402,10 @@ fn node_pod(t: &Target, labels: Value, class: &str, gpus: u32, command: String) 
 fn join_pool(pool: &JoinPool, t: &Target) -> (String, Value) {
     let kind = format!("join-{}", pool.class.to_ascii_lowercase());
     let name = format!("poolpipe-{kind}");
-    let labels = json!({"app.kubernetes.io/name": "poolpipe", "app.kubernetes.io/component": "node", "poolpipe.io/kind": kind});
-    let mut m = meta(&name, "node", t);
+    // Not the `node` component: the headless Service of the placement's nodes does not select
+    // them (the front reaches them at their pod IPs, from the epoch).
+    let labels = json!({"app.kubernetes.io/name": "poolpipe", "app.kubernetes.io/component": "joining-node", "poolpipe.io/kind": kind});
+    let mut m = meta(&name, "joining-node", t);
     m["labels"] = labels.clone();
     m["annotations"] = json!({"poolpipe.io/class": pool.class, "poolpipe.io/joins": "scale this Deployment to add or remove servers; the controller re-plans"});
     (

@@ -86,20 +86,25 @@ pub struct Shard {
 }
 
 impl Epoch {
-    /// The epoch as the front of shards `ks` runs it: only those shards' routes (all of them
-    /// where the epoch has no shards).
+    /// The epoch as the front of shards `ks` runs it: only those shards' routes. An epoch
+    /// without shards is one shard: shard 0 runs every route, any other none (fronts that the
+    /// file says share the cameras never both run them all, whatever the epoch says).
     pub fn for_shards(&self, ks: &[u32]) -> Epoch {
         let mut e = self.clone();
-        if !self.shards.is_empty() {
-            e.routes = self
-                .shards
-                .iter()
-                .enumerate()
-                .filter(|(k, _)| ks.contains(&(*k as u32)))
-                .flat_map(|(_, s)| &s.routes)
-                .filter_map(|r| self.routes.get(*r).cloned())
-                .collect();
+        if self.shards.is_empty() {
+            if !ks.contains(&0) {
+                e.routes.clear();
+            }
+            return e;
         }
+        e.routes = self
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| ks.contains(&(*k as u32)))
+            .flat_map(|(_, s)| &s.routes)
+            .filter_map(|r| self.routes.get(*r).cloned())
+            .collect();
         e
     }
 
@@ -271,10 +276,13 @@ pub fn shard_pipeline(
     ks: &[u32],
     profiles: &Profiles,
 ) -> Result<Pipeline, EpochError> {
-    if e.shards.is_empty() {
-        return epoch_pipeline(base, e, profiles);
-    }
     let mut mine = base.clone();
+    if e.shards.is_empty() {
+        if !ks.contains(&0) {
+            mine.sources.clear();
+        }
+        return epoch_pipeline(&mine, &e.for_shards(ks), profiles);
+    }
     let sources: Vec<&String> = e
         .shards
         .iter()
@@ -611,6 +619,8 @@ mod tests {
             at_unix_ms: 0,
         };
         assert_eq!(e.for_shards(&[0]).routes, routes);
+        // Without shards, only shard 0 runs anything.
+        assert!(e.for_shards(&[1]).routes.is_empty());
         e.shards = vec![
             Shard {
                 sources: vec!["c0".into()],
