@@ -526,6 +526,31 @@ fn plans_are_checked_against_the_pipeline_file() {
         "{err}"
     );
 
+    // Two flows of one model would each run all of its planned devices: refused at the second.
+    let (p, plan) = planned_files(
+        dir.path(),
+        &profiles,
+        models,
+        &["wide_resnet101_2", "repvgg-b3", "wide_resnet101_2"],
+        "L4:2,T4:6",
+    );
+    let (code, err) = validate_with_plan(&p, &plan, &profiles);
+    assert_eq!(code, 2, "{err}");
+    let text_p = std::fs::read_to_string(&p).unwrap();
+    let line = text_p
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("model = \"wide_resnet101_2\""))
+        .nth(1)
+        .unwrap()
+        .0
+        + 1;
+    assert!(
+        err.contains(&format!("{}:{line}:", p.display()))
+            && err.contains("`flow[2].model`: flow `f2` serves model `wide_resnet101_2`, which flow `f0` serves too"),
+        "{err}"
+    );
+
     // A plan that `planner::check` rejects names the rule.
     let mut tampered: serde_json::Value = serde_json::from_str(&text).unwrap();
     let st = &mut tampered["models"][0]["pipelines"][0]["stages"][0];

@@ -390,6 +390,30 @@ impl<'a> Validator<'_, 'a> {
         } else {
             vec![(None, implicit)]
         };
+        // A plan's pipelines for a model are one set of devices: two flows of one model would
+        // each run all of them, booking the same GPUs twice.
+        let mut served_by: Vec<(String, String)> = Vec::new();
+        for (base, c) in &flow_list {
+            let Some(base) = base else { continue };
+            let (key, models) = match (&c.model, &c.family) {
+                (Some(m), _) => ("model", std::slice::from_ref(m)),
+                (None, Some(f)) => ("family", f.as_slice()),
+                (None, None) => continue,
+            };
+            for m in models {
+                if let Some((_, other)) = served_by.iter().find(|(x, _)| x == m) {
+                    self.err(
+                        &format!("{base}.{key}"),
+                        format!(
+                            "flow `{}` serves model `{m}`, which flow `{other}` serves too: a plan's pipelines for a model are one set of devices, and two flows would each run all of them (the GPUs booked twice); put the cameras of both in one flow",
+                            c.name
+                        ),
+                    );
+                } else {
+                    served_by.push((m.clone(), c.name.clone()));
+                }
+            }
+        }
         let mut stages: Vec<StageSpec> = Vec::new();
         let mut routes: Vec<RouteSpec> = Vec::new();
         let mut flows: Vec<FlowSpec> = Vec::new();
