@@ -103,8 +103,8 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
     }
     // Every node of the file, the front first; the servers among them can hold processes, and
     // so can nodes that join by offering theirs, in a class the plan's models have latencies for.
-    let mut nodes: Vec<String> = vec![cluster.front.clone()];
-    nodes.extend(cluster.nodes.keys().cloned());
+    let mut named: Vec<String> = vec![cluster.front.clone()];
+    named.extend(cluster.nodes.keys().cloned());
     let classes: BTreeSet<String> = plan
         .plan
         .models
@@ -112,8 +112,8 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
         .filter_map(|m| profiles.models.get(&m.name))
         .flat_map(|m| m.timing.keys().map(|(c, _)| c.clone()))
         .collect();
-    let mut members = Members::new(nodes.clone(), &placement.servers, classes);
-    tracing::info!(id = %me, nodes = %nodes.join(", "), "Controller waiting for the lease.");
+    let mut members = Members::new(named, &placement.servers, classes);
+    tracing::info!(id = %me, nodes = %members.names().join(", "), "Controller waiting for the lease.");
 
     // Fronts by id: when last heard, and what they last said of their frames.
     let mut fronts: BTreeMap<String, (Instant, FrontCounters)> = BTreeMap::new();
@@ -194,7 +194,7 @@ pub fn run(a: ControllerArgs) -> Result<(), CliError> {
                     let routes = name_routes(&plan.plan, &flows, 0, None);
                     let e = Epoch {
                         epoch: 0,
-                        members: nodes.clone(),
+                        members: members.names(),
                         reason: "the file's plan".into(),
                         shards: shard(&plan.plan, &routes, &cameras, cluster.fronts, None),
                         routes,

@@ -86,24 +86,43 @@ pub struct Shard {
 }
 
 impl Epoch {
-    /// The epoch as the front of shards `ks` runs it: only those shards' routes. An epoch
-    /// without shards is one shard: shard 0 runs every route, any other none (fronts that the
-    /// file says share the cameras never both run them all, whatever the epoch says).
+    /// What the front of shards `ks` runs: the routes (indices into [`Epoch::routes`]) and
+    /// the cameras (`None`: every one). An epoch without shards is one shard: shard 0 runs
+    /// everything, any other nothing (fronts that the file says share the cameras never both
+    /// run them all, whatever the epoch says).
+    fn share(&self, ks: &[u32]) -> (Vec<usize>, Option<Vec<&str>>) {
+        if self.shards.is_empty() {
+            return if ks.contains(&0) {
+                ((0..self.routes.len()).collect(), None)
+            } else {
+                (Vec::new(), Some(Vec::new()))
+            };
+        }
+        let mine = || {
+            self.shards
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| ks.contains(&(*k as u32)))
+                .map(|(_, s)| s)
+        };
+        (
+            mine().flat_map(|s| s.routes.iter().copied()).collect(),
+            Some(
+                mine()
+                    .flat_map(|s| s.sources.iter().map(String::as_str))
+                    .collect(),
+            ),
+        )
+    }
+
+    /// The epoch as the front of shards `ks` runs it: only those shards' routes.
     pub fn for_shards(&self, ks: &[u32]) -> Epoch {
         let mut e = self.clone();
-        if self.shards.is_empty() {
-            if !ks.contains(&0) {
-                e.routes.clear();
-            }
-            return e;
-        }
         e.routes = self
-            .shards
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| ks.contains(&(*k as u32)))
-            .flat_map(|(_, s)| &s.routes)
-            .filter_map(|r| self.routes.get(*r).cloned())
+            .share(ks)
+            .0
+            .into_iter()
+            .filter_map(|r| self.routes.get(r).cloned())
             .collect();
         e
     }
@@ -277,20 +296,9 @@ pub fn shard_pipeline(
     profiles: &Profiles,
 ) -> Result<Pipeline, EpochError> {
     let mut mine = base.clone();
-    if e.shards.is_empty() {
-        if !ks.contains(&0) {
-            mine.sources.clear();
-        }
-        return epoch_pipeline(&mine, &e.for_shards(ks), profiles);
+    if let (_, Some(cameras)) = e.share(ks) {
+        mine.sources.retain(|s| cameras.contains(&s.name.as_str()));
     }
-    let sources: Vec<&String> = e
-        .shards
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| ks.contains(&(*k as u32)))
-        .flat_map(|(_, s)| &s.sources)
-        .collect();
-    mine.sources.retain(|s| sources.contains(&&s.name));
     epoch_pipeline(&mine, &e.for_shards(ks), profiles)
 }
 

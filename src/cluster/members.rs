@@ -137,10 +137,8 @@ impl Members {
             return;
         };
         for (node, addr) in &e.addresses {
-            let known =
-                self.named.contains(node) || self.joined.iter().any(|(s, _)| &s.name == node);
             if let Some(server) = placed.servers.iter().find(|s| &s.name == node)
-                && !known
+                && !self.is_member(node)
             {
                 self.joined.push((server.clone(), addr.clone()));
             }
@@ -158,8 +156,13 @@ impl Members {
     pub fn up(&self, node: &str, now: Instant, grace_until: Instant) -> bool {
         match self.seen.get(node) {
             Some((at, _)) => now.saturating_duration_since(*at) <= NODE_SILENT,
-            None => self.names().iter().any(|n| n == node) && now < grace_until,
+            None => self.is_member(node) && now < grace_until,
         }
+    }
+
+    /// Whether `node` is named by the file or joined (up or not).
+    fn is_member(&self, node: &str) -> bool {
+        self.named.iter().any(|n| n == node) || self.joined.iter().any(|(s, _)| s.name == node)
     }
 
     /// The members up at `now`, in [`Members::names`] order.
@@ -172,7 +175,10 @@ impl Members {
 
     /// Whether `node` is a server (can hold processes).
     pub fn is_server(&self, node: &str) -> bool {
-        self.servers().iter().any(|s| s.name == node)
+        self.placed
+            .iter()
+            .chain(self.joined.iter().map(|(s, _)| s))
+            .any(|s| s.name == node)
     }
 
     /// Every server: the file's placement's, then those that joined.

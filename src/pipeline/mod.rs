@@ -471,6 +471,7 @@ fn control_plane(p: &Pipeline, opts: &RunOptions) -> Result<ControlPlane, Pipeli
     let asked = Instant::now();
     let mut said = None;
     // Any shard of the cameras that no front runs (one shard where one front runs them all).
+    let mut looked: Option<Instant> = None;
     let (shard, revision) = loop {
         if let Some(taken) =
             (0..fronts).find_map(|k| bus.take_lease(Lease::Front(k), &id).map(|r| (k, r)))
@@ -480,13 +481,17 @@ fn control_plane(p: &Pipeline, opts: &RunOptions) -> Result<ControlPlane, Pipeli
         if opts.stop.as_ref().is_some_and(Shutdown::is_triggered) {
             return Err(PipelineError::StoppedAsStandby);
         }
-        let holders: Vec<String> = (0..fronts)
-            .filter_map(|k| bus.lease_holder(Lease::Front(k), READ_WAIT).ok().flatten())
-            .collect();
-        let holder = (!holders.is_empty()).then(|| holders.join(", "));
-        if holder.is_some() && holder != said {
-            tracing::info!(holder = ?holder, "Standing by: other fronts run the cameras; taking a share over when a front lease ends.");
-            said = holder;
+        // Who holds the leases, for the log: read once a second, not at every try.
+        if looked.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+            looked = Some(Instant::now());
+            let holders: Vec<String> = (0..fronts)
+                .filter_map(|k| bus.lease_holder(Lease::Front(k), READ_WAIT).ok().flatten())
+                .collect();
+            let holder = (!holders.is_empty()).then(|| holders.join(", "));
+            if holder.is_some() && holder != said {
+                tracing::info!(holder = ?holder, "Standing by: other fronts run the cameras; taking a share over when a front lease ends.");
+                said = holder;
+            }
         }
         std::thread::sleep(Duration::from_millis(200));
     };
