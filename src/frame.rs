@@ -101,6 +101,9 @@ pub struct Frame {
     /// The activation a stage running the first blocks of a cut model passes to the stage that
     /// runs the next ones (one sample, without the batch dimension).
     pub activation: Option<ndarray::ArrayD<f32>>,
+    /// Where the activation is instead, in a cluster: the node that computed it holds it for the
+    /// node of the next stage, which takes it from there (it does not pass through this process).
+    pub held: Option<Box<Held>>,
     /// The route of its flow that it takes (index into the pipeline's routes), set when it is
     /// admitted.
     pub route: usize,
@@ -128,9 +131,26 @@ impl Frame {
             stage_nanos: Vec::new(),
             entered_stage: captured,
             activation: None,
+            held: None,
             route: 0,
         }
     }
+}
+
+/// A frame's activation held on another node of a cluster (see [`Frame::held`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Held {
+    /// The node that holds it.
+    pub node: String,
+    /// Its address (`HOST:PORT`).
+    pub addr: String,
+    /// Its key there.
+    pub key: u64,
+    /// The activation's shape (one sample), or `None` for bytes that stand for an emulated
+    /// cut's activation.
+    pub shape: Option<Vec<usize>>,
+    /// Its size.
+    pub bytes: u64,
 }
 
 /// An axis-aligned box in image pixels.

@@ -905,6 +905,9 @@ pub struct NodeCounters {
     pub lost: AtomicU64,
     /// Bytes sent to it (batches answered).
     pub bytes_sent: AtomicU64,
+    /// Bytes it took straight from other nodes for those batches (their activations held
+    /// there).
+    pub bytes_direct: AtomicU64,
     /// Link time of each batch answered: the round trip less the node's own time (its count
     /// is the batches answered, its sum their link time).
     pub link: Histogram,
@@ -922,6 +925,7 @@ impl NodeCounters {
     /// The counters now.
     pub fn summary(&self, name: &str) -> NodeSummary {
         let bytes = self.bytes_sent.load(Relaxed);
+        let direct = self.bytes_direct.load(Relaxed);
         let link_s = self.link.sum_s();
         NodeSummary {
             name: name.to_string(),
@@ -933,10 +937,11 @@ impl NodeCounters {
             frames: self.frames.load(Relaxed),
             lost: self.lost.load(Relaxed),
             bytes_sent: bytes,
+            bytes_direct: direct,
             link_p50_ms: self.link.quantile_ms(0.5),
             link_p99_ms: self.link.quantile_ms(0.99),
             link_s,
-            link_gbps: (link_s > 0.0).then(|| bytes as f64 * 8.0 / link_s / 1e9),
+            link_gbps: (link_s > 0.0).then(|| (bytes + direct) as f64 * 8.0 / link_s / 1e9),
         }
     }
 }
@@ -962,13 +967,15 @@ pub struct NodeSummary {
     pub lost: u64,
     /// Bytes sent to it in the batches it answered.
     pub bytes_sent: u64,
+    /// Bytes it took for them straight from the nodes that held their activations.
+    pub bytes_direct: u64,
     /// Median link time per batch (round trip less the node's own time), ms.
     pub link_p50_ms: Option<f64>,
     /// 99th percentile of the same, ms.
     pub link_p99_ms: Option<f64>,
     /// Link time of the batches answered, summed, seconds.
     pub link_s: f64,
-    /// Bytes sent over the link time, Gbit/s.
+    /// Bytes moved to it (sent and taken) over the link time, Gbit/s.
     pub link_gbps: Option<f64>,
 }
 

@@ -255,6 +255,7 @@ fn stage_images_per_s(spec: &config::StageSpec, batch: usize, iters: usize) -> a
         stage_nanos: Vec::new(),
         entered_stage: 0,
         activation: None,
+        held: None,
         route: 0,
     };
     let mut run = || -> anyhow::Result<()> {

@@ -315,6 +315,7 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
         let _ = signal_hook::flag::register(sig, stop.clone());
     }
     let served = Arc::new(Served::default());
+    let store = Arc::new(crate::cluster::handoff::Store::default());
     let workers = NodeWorkers::new(workers);
     let applied = Arc::new(AtomicU64::new(applied));
     let epochs_applied = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
@@ -357,6 +358,7 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
         limit,
         served.clone(),
         fence,
+        store.clone(),
         stopped,
     );
     stop.store(true, Ordering::SeqCst);
@@ -373,6 +375,7 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
         "failed_batches": served.failed.load(Ordering::Relaxed),
         "bytes_in": served.bytes_in.load(Ordering::Relaxed),
         "refused_batches": served.refused.load(Ordering::Relaxed),
+        "handoff": store.counters.json(),
     });
     println!("{summary}");
     if let Some(path) = &a.summary_json {

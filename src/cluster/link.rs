@@ -33,6 +33,7 @@ use tonic::codec::Streaming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use super::handoff::{self, Takers};
 use super::wire::{self, Packet, PacketCodec, Sends};
 use crate::engine::{Pending, StageError, StageRunner};
 use crate::frame::Frame;
@@ -45,13 +46,14 @@ pub const PING_TIMEOUT: Duration = Duration::from_millis(400);
 /// Missed pings after which a peer is down.
 pub const MISSES: u32 = 2;
 /// HTTP/2 flow-control window of one stream: room for a batch of large activations in flight.
-const STREAM_WINDOW: u32 = 32 << 20;
-const CONNECTION_WINDOW: u32 = 64 << 20;
+pub(super) const STREAM_WINDOW: u32 = 32 << 20;
+pub(super) const CONNECTION_WINDOW: u32 = 64 << 20;
 
 const RUN: &str = "/poolpipe.Link/Run";
 const PING: &str = "/poolpipe.Link/Ping";
 
 type Watchers = Vec<Box<dyn Fn(bool) + Send + Sync>>;
+type PeerMap = Mutex<BTreeMap<String, Arc<Peer>>>;
 
 /// Another node, as the front sees it.
 pub struct Peer {
@@ -136,7 +138,7 @@ impl Peer {
 pub struct Peers {
     rt: Arc<tokio::runtime::Runtime>,
     /// By node; nodes that join while the front runs are added ([`Peers::learn`]).
-    peers: Mutex<BTreeMap<String, Arc<Peer>>>,
+    peers: Arc<PeerMap>,
     limit: usize,
     front: Option<Arc<FrontId>>,
 }
@@ -210,7 +212,7 @@ impl Peers {
     ) -> Result<Self, LinkError> {
         let peers = Self {
             rt: Arc::new(runtime()?),
-            peers: Mutex::new(BTreeMap::new()),
+            peers: Arc::default(),
             limit,
             front: front.map(Arc::new),
         };
@@ -331,13 +333,15 @@ impl Peers {
     }
 
     /// The runner of worker `worker` of stage `stage`, which runs on node `node`; each frame
-    /// sends what `sends` says.
+    /// sends what `sends` says. With `direct`, a batch whose next stage is reserved on another
+    /// node leaves its outputs on this one for that node to take (see [`super::handoff`]).
     pub fn runner(
         &self,
         node: &str,
         stage: &str,
         worker: usize,
         sends: Sends,
+        direct: Option<Direct>,
     ) -> Option<Box<dyn StageRunner>> {
         let peer = self
             .peers
@@ -349,12 +353,24 @@ impl Peers {
             rt: self.rt.clone(),
             peer,
             front: self.front.clone(),
+            peers: self.peers.clone(),
             stage: stage.to_string(),
             worker,
             sends,
+            direct,
             stream: None,
         }))
     }
+}
+
+/// Where a stage's outputs may go straight to the next stage's node: the node of each worker of
+/// the next stage (`None`: this process), and what the stage's node holds for it.
+#[derive(Debug, Clone)]
+pub struct Direct {
+    /// By worker of the next stage.
+    pub next: Arc<Vec<Option<String>>>,
+    /// What to hold.
+    pub hold: wire::Hold,
 }
 
 /// Pings a peer for as long as it exists.
@@ -470,9 +486,12 @@ pub struct RemoteRunner {
     rt: Arc<tokio::runtime::Runtime>,
     peer: Arc<Peer>,
     front: Option<Arc<FrontId>>,
+    /// Every peer (a batch whose inputs another node lost counts on that node).
+    peers: Arc<PeerMap>,
     stage: String,
     worker: usize,
     sends: Sends,
+    direct: Option<Direct>,
     stream: Option<Open>,
 }
 
@@ -514,6 +533,7 @@ impl RemoteRunner {
 struct Answered {
     peer: Arc<Peer>,
     front: Option<Arc<FrontId>>,
+    peers: Arc<PeerMap>,
     sent: std::time::Instant,
     bytes: usize,
 }
@@ -522,16 +542,38 @@ impl Answered {
     fn apply(&self, answer: Answer, frames: &mut [Frame]) -> Result<(), StageError> {
         let (peer, counters) = (&self.peer, &self.peer.counters);
         match answer {
-            Ok(p) => match wire::apply_done(p, frames) {
+            Ok(p) => match wire::apply_done(p, frames, &peer.addr) {
                 Ok(Ok(ran)) => {
                     let trip = crate::clock::nanos(self.sent.elapsed());
-                    counters.answered(frames.len(), self.bytes, trip.saturating_sub(ran));
+                    counters.answered(frames.len(), self.bytes, trip.saturating_sub(ran.ran_ns));
+                    counters
+                        .bytes_direct
+                        .fetch_add(ran.taken, Ordering::Relaxed);
                     Ok(())
+                }
+                // The node could not take the batch's activations from the node that held them
+                // (it stopped, or dropped them): the frames are lost with that node.
+                Ok(Err(wire::NotRun {
+                    error,
+                    lost_on: Some(holder),
+                })) => {
+                    let known = self
+                        .peers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&holder)
+                        .cloned();
+                    if let Some(h) = known {
+                        h.counters
+                            .lost
+                            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(StageError::Lost(format!("on node `{}`: {error}", peer.name)))
                 }
                 // The node is up: it ran the batch and its engine failed, or it runs no such
                 // worker (an epoch it has not applied), or it refused the batch because another
                 // front holds the front lease (this one must stop).
-                Ok(Err(e)) => {
+                Ok(Err(wire::NotRun { error: e, .. })) => {
                     if let (Some(why), Some(front)) = (e.strip_prefix(FENCED), &self.front) {
                         (front.deposed)(&format!("node `{}`: {why}", peer.name));
                     }
@@ -555,20 +597,30 @@ impl Answered {
 
 impl StageRunner for RemoteRunner {
     fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
-        let pending = self.submit(frames).expect("a remote runner always submits");
+        let pending = self
+            .submit(frames, None)
+            .expect("a remote runner always submits");
         pending(frames)
     }
 
-    fn submit(&mut self, frames: &[Frame]) -> Option<Pending> {
+    fn submit(&mut self, frames: &[Frame], next: Option<usize>) -> Option<Pending> {
+        // The outputs stay on the node where the next stage's reserved worker is on a node.
+        let hold = self.direct.as_ref().and_then(|d| {
+            let w = next?;
+            d.next.get(w)?.as_ref()?;
+            Some(d.hold)
+        });
         let packet = wire::encode_batch(
             (&self.stage, self.worker),
             self.front.as_ref().map(|f| f.id.as_str()),
             frames,
             self.sends,
+            hold,
         );
         let answered = Answered {
             peer: self.peer.clone(),
             front: self.front.clone(),
+            peers: self.peers.clone(),
             sent: std::time::Instant::now(),
             bytes: packet.header.len() + packet.body.len(),
         };
@@ -786,9 +838,13 @@ impl NodeWorkers {
 /// The gRPC service of a node.
 #[derive(Clone)]
 struct LinkService {
+    /// This node's name.
+    node: Arc<str>,
     workers: Arc<NodeWorkers>,
     served: Arc<Served>,
     fence: Option<Arc<Fence>>,
+    /// What it holds for other nodes, and its links to take what they hold for it.
+    takers: Arc<Takers>,
     limit: usize,
 }
 
@@ -826,6 +882,13 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for LinkService {
                         .unary(PingHandler, req)
                         .await
                 }
+                handoff::TAKE => {
+                    tonic::server::Grpc::new(PacketCodec)
+                        .max_decoding_message_size(limit)
+                        .max_encoding_message_size(limit)
+                        .unary(TakeHandler(me.takers.store().clone()), req)
+                        .await
+                }
                 other => Status::unimplemented(format!("no method {other}")).into_http(),
             })
         })
@@ -848,6 +911,22 @@ impl tower_service::Service<Request<Packet>> for PingHandler {
     }
 }
 
+struct TakeHandler(Arc<handoff::Store>);
+
+impl tower_service::Service<Request<Packet>> for TakeHandler {
+    type Response = Response<Packet>;
+    type Error = Status;
+    type Future = std::future::Ready<Result<Response<Packet>, Status>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Packet>) -> Self::Future {
+        std::future::ready(handoff::answer_take(&self.0, req.get_ref()).map(Response::new))
+    }
+}
+
 struct RunHandler(LinkService);
 
 impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
@@ -862,33 +941,16 @@ impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
     fn call(&mut self, req: Request<Streaming<Packet>>) -> Self::Future {
         let svc = self.0.clone();
         Box::pin(async move {
-            let mut inbound = req.into_inner();
+            let inbound = req.into_inner();
             let (tx, rx) = tokio::sync::mpsc::channel::<Result<Packet, Status>>(1);
-            // The next batch is received while this one runs, and no further: the rest waits in
-            // the stream's HTTP/2 window, which holds the front.
+            // The next batch is received (and the activations other nodes hold for it taken)
+            // while this one runs, and no further: the rest waits in the stream's HTTP/2 window,
+            // which holds the front.
+            let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<Received>(1);
+            tokio::spawn(receive_all(inbound, svc.takers.clone(), ready_tx));
             tokio::spawn(async move {
-                let mut next: Option<(Packet, std::time::Instant)> = None;
-                let mut open = true;
-                loop {
-                    let (packet, received) = match next.take() {
-                        Some(b) => b,
-                        None if open => match receive(&mut inbound).await {
-                            Some(b) => b,
-                            None => return,
-                        },
-                        None => return,
-                    };
-                    let run = run_batch(&svc, packet, received);
-                    tokio::pin!(run);
-                    let answer = loop {
-                        tokio::select! {
-                            a = &mut run => break a,
-                            b = receive(&mut inbound), if open && next.is_none() => match b {
-                                Some(b) => next = Some(b),
-                                None => open = false,
-                            },
-                        }
-                    };
+                while let Some(batch) = ready.recv().await {
+                    let answer = run_batch(&svc, batch).await;
                     if tx.send(answer).await.is_err() {
                         return;
                     }
@@ -903,27 +965,77 @@ impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
     }
 }
 
-/// The next batch of a stream from the front, and when it was received; `None` when the
-/// stream ended.
-async fn receive(inbound: &mut Streaming<Packet>) -> Option<(Packet, std::time::Instant)> {
-    match inbound.message().await {
-        Ok(Some(p)) => Some((p, std::time::Instant::now())),
-        Ok(None) => None,
-        Err(e) => {
-            tracing::debug!(error = %e, "A stream from the front ended.");
-            None
-        }
+/// A batch as received: its packet (with the activations taken from the nodes that held them)
+/// and the bytes taken, or the node whose activations could not be taken; and when it was
+/// received.
+struct Received {
+    batch: Result<(Packet, u64), (Packet, handoff::TakeFailed)>,
+    at: std::time::Instant,
+}
+
+/// Receives a stream's batches one at a time: the next only once the one before has been
+/// started (the `ready` slot is free), so that one batch at most waits here while one runs.
+async fn receive_all(
+    mut inbound: Streaming<Packet>,
+    takers: Arc<Takers>,
+    ready: tokio::sync::mpsc::Sender<Received>,
+) {
+    loop {
+        let Ok(slot) = ready.reserve().await else {
+            return;
+        };
+        let p = match inbound.message().await {
+            Ok(Some(p)) => p,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "A stream from the front ended.");
+                return;
+            }
+        };
+        let header = p.header.clone();
+        let batch = takers.resolve(p).await.map_err(|e| {
+            (
+                Packet {
+                    header,
+                    body: bytes::Bytes::new(),
+                },
+                e,
+            )
+        });
+        slot.send(Received {
+            batch,
+            at: std::time::Instant::now(),
+        });
     }
 }
 
 /// Runs one batch on its worker, off the runtime's threads. The answer says how long the node
 /// held the batch since it was `received` (waiting for the batch before it, and running it):
 /// the front counts the rest of the round trip as link time.
-async fn run_batch(
-    svc: &LinkService,
-    packet: Packet,
-    received: std::time::Instant,
-) -> Result<Packet, Status> {
+async fn run_batch(svc: &LinkService, received: Received) -> Result<Packet, Status> {
+    let Received { batch, at: received } = received;
+    let (packet, taken) = match batch {
+        Ok(b) => b,
+        // Its frames are lost with what the other node held for them.
+        Err((packet, failed)) => {
+            let h: wire::BatchHeader = serde_json::from_slice(&packet.header)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            tracing::warn!(stage = %h.stage, worker = h.worker, holder = %failed.node, why = %failed.why, "The batch's activations could not be taken: its frames are lost.");
+            let why = format!(
+                "the activations node `{}` held for the batch could not be taken: {}",
+                failed.node, failed.why
+            );
+            return Ok(wire::encode_done(
+                &mut [],
+                &[],
+                wire::Answer {
+                    error: Some(why),
+                    lost_on: Some(failed.node),
+                    ..Default::default()
+                },
+            ));
+        }
+    };
     svc.served.bytes_in.fetch_add(
         (packet.header.len() + packet.body.len()) as u64,
         Ordering::Relaxed,
@@ -931,6 +1043,12 @@ async fn run_batch(
     let (h, mut frames) =
         wire::decode_batch(packet).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let before: Vec<usize> = frames.iter().map(|f| f.outputs.len()).collect();
+    let answer = move |error: Option<String>, ran_ns| wire::Answer {
+        error,
+        ran_ns,
+        taken,
+        ..Default::default()
+    };
     let Some(slot) = svc.workers.get(&h.stage, h.worker) else {
         // The front applied an epoch this node has not: the batch fails, the stream (and the
         // batches behind it on the stream) goes on.
@@ -938,9 +1056,10 @@ async fn run_batch(
             "this node runs no worker {} of stage `{}`",
             h.worker, h.stage
         );
-        return Ok(wire::encode_done(&mut frames, &before, Some(why), 0));
+        return Ok(wire::encode_done(&mut frames, &before, answer(Some(why), 0)));
     };
     let (served, fence) = (svc.served.clone(), svc.fence.clone());
+    let (node, store) = (svc.node.clone(), svc.takers.store().clone());
     tokio::task::spawn_blocking(move || {
         // A front that no longer holds the front lease runs nothing here: it is told, and
         // stops (a standby took its cameras over while it was cut off from NATS).
@@ -952,7 +1071,7 @@ async fn run_batch(
             let why = format!(
                 "{FENCED}front `{holder}` holds the front lease: this front (`{front}`) no longer runs the cameras"
             );
-            return wire::encode_done(&mut frames, &before, Some(why), 0);
+            return wire::encode_done(&mut frames, &before, answer(Some(why), 0));
         }
         let mut runner = slot.lock().unwrap_or_else(|e| e.into_inner());
         let result = runner.run(&mut frames);
@@ -972,14 +1091,19 @@ async fn run_batch(
             e.to_string()
         });
         let ran = crate::clock::nanos(received.elapsed());
-        wire::encode_done(&mut frames, &before, error, ran)
+        let mut a = answer(error, ran);
+        if let (Some(hold), None) = (h.hold, &a.error) {
+            a.held = handoff::hold_outputs(&store, &node, &mut frames, hold);
+        }
+        wire::encode_done(&mut frames, &before, a)
     })
     .await
     .map_err(|e| Status::internal(format!("worker panicked: {e}")))
 }
 
 /// Serves `workers` on `addr` until `stop` resolves. Messages up to `limit` bytes. With a
-/// `fence`, batches from a front that does not hold the front lease are refused.
+/// `fence`, batches from a front that does not hold the front lease are refused. Activations
+/// held for the nodes of next stages are kept in `store`.
 pub fn serve(
     node: &str,
     addr: std::net::SocketAddr,
@@ -987,13 +1111,16 @@ pub fn serve(
     limit: usize,
     served: Arc<Served>,
     fence: Option<Arc<Fence>>,
+    store: Arc<handoff::Store>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LinkError> {
     let rt = runtime()?;
     let svc = LinkService {
+        node: node.into(),
         workers,
         served,
         fence,
+        takers: Arc::new(Takers::new(node, store, limit)),
         limit,
     };
     let err = |detail: String| LinkError::Serve {

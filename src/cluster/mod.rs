@@ -48,6 +48,7 @@
 pub mod bus;
 pub mod deploy;
 pub mod epoch;
+pub mod handoff;
 pub mod link;
 pub mod members;
 pub mod netns;

@@ -126,6 +126,18 @@ pub enum Payload {
         /// How many.
         bytes: u64,
     },
+    /// An activation (or filler) held on another node, to be taken from there: no bytes here.
+    Held {
+        /// The node that holds it.
+        node: String,
+        /// Its address (empty in the holder's own answer: the front knows it).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        addr: String,
+        /// Its key there.
+        key: u64,
+        /// What it is (a tensor or filler).
+        of: Box<Payload>,
+    },
 }
 
 impl Payload {
@@ -136,6 +148,15 @@ impl Payload {
             Payload::Tensor { shape, .. } => shape.iter().product::<usize>() * 4,
             Payload::Image { width, height, .. } => *width as usize * *height as usize * 3,
             Payload::Filler { bytes } => *bytes as usize,
+            Payload::Held { .. } => 0,
+        }
+    }
+
+    /// Bytes of what it stands for: its own, or those of what is held elsewhere.
+    pub fn size(&self) -> usize {
+        match self {
+            Payload::Held { of, .. } => of.size(),
+            p => p.bytes(),
         }
     }
 }
@@ -170,8 +191,21 @@ pub struct BatchHeader {
     /// batches only from the holder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub front: Option<String>,
+    /// Keep the outputs on this node for the node of the next stage to take, rather than
+    /// answering with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
     /// The frames.
     pub frames: Vec<FrameHeader>,
+}
+
+/// What a node keeps of a batch it ran for the next stage's node (see
+/// [`super::handoff`]): each frame's activation, or, where a frame has none (an emulated cut),
+/// `filler` bytes standing for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// Bytes per frame that stand for an emulated activation (0: none).
+    pub filler: u64,
 }
 
 /// One frame of an answer.
@@ -193,6 +227,13 @@ pub struct DoneHeader {
     /// link's.
     #[serde(default)]
     pub ran_ns: Nanos,
+    /// Bytes the node took from other nodes for the batch (activations they held for it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub taken: u64,
+    /// The batch's frames are lost: this node held their inputs and could not hand them over
+    /// (it stopped, or dropped them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_on: Option<String>,
     /// The frames, in batch order (empty on error).
     pub frames: Vec<DoneFrame>,
 }
@@ -201,6 +242,10 @@ pub struct DoneHeader {
 #[derive(Debug, thiserror::Error)]
 #[error("malformed message: {0}")]
 pub struct WireError(pub String);
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 fn header_bytes<T: Serialize>(h: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(h).expect("headers serialise"))
@@ -215,6 +260,13 @@ fn put_tensor(body: &mut BytesMut, a: &ndarray::ArrayD<f32>) -> Payload {
         shape: a.shape().to_vec(),
         dtype: Dtype::F32,
     }
+}
+
+/// An activation as a payload and its bytes.
+pub fn tensor_bytes(a: &ndarray::ArrayD<f32>) -> (Payload, Bytes) {
+    let mut body = BytesMut::with_capacity(a.len() * 4);
+    let payload = put_tensor(&mut body, a);
+    (payload, body.freeze())
 }
 
 fn take_tensor(body: &mut Bytes, shape: &[usize]) -> Result<ndarray::ArrayD<f32>, WireError> {
@@ -242,18 +294,21 @@ pub enum Sends {
     Filler(u64),
 }
 
-/// Encodes a batch of `frames` for worker `worker` of stage `stage`.
+/// Encodes a batch of `frames` for worker `worker` of stage `stage` (asking it to `hold` its
+/// outputs, if given). A frame whose activation another node holds sends where it is.
 pub fn encode_batch(
     (stage, worker): (&str, usize),
     front: Option<&str>,
     frames: &[Frame],
     sends: Sends,
+    hold: Option<Hold>,
 ) -> Packet {
     let mut body = BytesMut::new();
     let headers = frames
         .iter()
         .map(|f| {
             let payload = match (&f.activation, sends) {
+                _ if f.held.is_some() => held_payload(f.held.as_deref().expect("checked")),
                 (Some(a), _) => put_tensor(&mut body, a),
                 (None, Sends::Image) => {
                     body.put_slice(f.image.bytes());
@@ -285,9 +340,25 @@ pub fn encode_batch(
             stage: stage.to_string(),
             worker,
             front: front.map(String::from),
+            hold,
             frames: headers,
         }),
         body: body.freeze(),
+    }
+}
+
+fn held_payload(h: &crate::frame::Held) -> Payload {
+    Payload::Held {
+        node: h.node.clone(),
+        addr: h.addr.clone(),
+        key: h.key,
+        of: Box::new(match &h.shape {
+            Some(shape) => Payload::Tensor {
+                shape: shape.clone(),
+                dtype: Dtype::F32,
+            },
+            None => Payload::Filler { bytes: h.bytes },
+        }),
     }
 }
 
@@ -322,6 +393,13 @@ pub fn decode_batch(p: Packet) -> Result<(BatchHeader, Vec<Frame>), WireError> {
                 f.image = Arc::new(Image::from_vec(*width, *height, *format, data));
             }
             Payload::Filler { .. } => body.advance(need),
+            // The node resolves these before it decodes the batch (see `super::handoff`).
+            Payload::Held { node, .. } => {
+                return Err(WireError(format!(
+                    "frame {}/{}: its activation is still held on node `{node}`",
+                    fh.stream, fh.seq
+                )));
+            }
             Payload::None => {}
         }
         frames.push(f);
@@ -329,32 +407,56 @@ pub fn decode_batch(p: Packet) -> Result<(BatchHeader, Vec<Frame>), WireError> {
     Ok((h, frames))
 }
 
+/// How a node answers a batch besides its frames' results.
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    /// Why the batch did not run, if it did not.
+    pub error: Option<String>,
+    /// The node's time on it.
+    pub ran_ns: Nanos,
+    /// Bytes it took from other nodes for it.
+    pub taken: u64,
+    /// The node that lost its inputs, if it did.
+    pub lost_on: Option<String>,
+    /// Per frame, the payload this node holds for the next one ([`Payload::Held`]), where it
+    /// holds it (empty: none).
+    pub held: Vec<Option<Payload>>,
+}
+
 /// Encodes a worker's answer: the results each frame gained after its first `before[i]`, and
-/// its activation.
-pub fn encode_done(
-    frames: &mut [Frame],
-    before: &[usize],
-    error: Option<String>,
-    ran_ns: Nanos,
-) -> Packet {
+/// its activation (or where it is held).
+pub fn encode_done(frames: &mut [Frame], before: &[usize], answer: Answer) -> Packet {
     let mut body = BytesMut::new();
+    let Answer {
+        error,
+        ran_ns,
+        taken,
+        lost_on,
+        mut held,
+    } = answer;
     let done = match error {
         Some(e) => DoneHeader {
             error: Some(e),
             ran_ns,
+            taken,
+            lost_on,
             frames: Vec::new(),
         },
         None => DoneHeader {
             error: None,
             ran_ns,
+            taken,
+            lost_on: None,
             frames: frames
                 .iter_mut()
                 .zip(before)
-                .map(|(f, &n)| DoneFrame {
+                .enumerate()
+                .map(|(i, (f, &n))| DoneFrame {
                     outputs: f.outputs.split_off(n.min(f.outputs.len())),
-                    payload: match &f.activation {
-                        Some(a) => put_tensor(&mut body, a),
-                        None => Payload::None,
+                    payload: match (held.get_mut(i).and_then(Option::take), &f.activation) {
+                        (Some(h), _) => h,
+                        (None, Some(a)) => put_tensor(&mut body, a),
+                        (None, None) => Payload::None,
                     },
                 })
                 .collect(),
@@ -366,12 +468,38 @@ pub fn encode_done(
     }
 }
 
-/// Applies a worker's answer to the frames it ran: their new results and activations. Returns
-/// the node's time on the batch, or the engine's error if the batch did not run.
-pub fn apply_done(p: Packet, frames: &mut [Frame]) -> Result<Result<Nanos, String>, WireError> {
+/// What a node's answer says of a batch that ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ran {
+    /// The node's time on it.
+    pub ran_ns: Nanos,
+    /// Bytes it took from other nodes for it.
+    pub taken: u64,
+}
+
+/// Why a batch did not run, as its node answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotRun {
+    /// The engine's error, or why the node could not run it.
+    pub error: String,
+    /// Its frames are lost with this node's hold of their inputs.
+    pub lost_on: Option<String>,
+}
+
+/// Applies a worker's answer to the frames it ran: their new results and activations (or
+/// where the activations are held: on node `from`, which answered, at `addr`). Returns what the
+/// node says of the batch, or why it did not run.
+pub fn apply_done(
+    p: Packet,
+    frames: &mut [Frame],
+    addr: &str,
+) -> Result<Result<Ran, NotRun>, WireError> {
     let h: DoneHeader = serde_json::from_slice(&p.header).map_err(|e| WireError(e.to_string()))?;
-    if let Some(e) = h.error {
-        return Ok(Err(e));
+    if let Some(error) = h.error {
+        return Ok(Err(NotRun {
+            error,
+            lost_on: h.lost_on,
+        }));
     }
     if h.frames.len() != frames.len() {
         return Err(WireError(format!(
@@ -383,12 +511,29 @@ pub fn apply_done(p: Packet, frames: &mut [Frame]) -> Result<Result<Nanos, Strin
     let mut body = p.body;
     for (f, d) in frames.iter_mut().zip(h.frames) {
         f.outputs.extend(d.outputs);
-        f.activation = match &d.payload {
-            Payload::Tensor { shape, .. } => Some(take_tensor(&mut body, shape)?),
+        f.held = None;
+        f.activation = match d.payload {
+            Payload::Tensor { shape, .. } => Some(take_tensor(&mut body, &shape)?),
+            Payload::Held { node, key, of, .. } => {
+                f.held = Some(Box::new(crate::frame::Held {
+                    node,
+                    addr: addr.to_string(),
+                    key,
+                    shape: match *of {
+                        Payload::Tensor { ref shape, .. } => Some(shape.clone()),
+                        _ => None,
+                    },
+                    bytes: of.size() as u64,
+                }));
+                None
+            }
             _ => None,
         };
     }
-    Ok(Ok(h.ran_ns))
+    Ok(Ok(Ran {
+        ran_ns: h.ran_ns,
+        taken: h.taken,
+    }))
 }
 
 #[cfg(test)]
@@ -446,10 +591,12 @@ mod tests {
             Some("front@h:1"),
             &[a.clone(), b.clone()],
             Sends::Activation,
+            Some(Hold { filler: 0 }),
         );
         let (h, got) = decode_batch(roundtrip(p)).unwrap();
         assert_eq!((h.stage.as_str(), h.worker), ("s1", 2));
         assert_eq!(h.front.as_deref(), Some("front@h:1"));
+        assert_eq!(h.hold, Some(Hold { filler: 0 }));
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].activation, a.activation);
         assert_eq!(
@@ -467,12 +614,12 @@ mod tests {
     #[test]
     fn images_and_filler_take_their_bytes() {
         let f = frame(0, 1);
-        let p = encode_batch(("s", 0), None, std::slice::from_ref(&f), Sends::Image);
+        let p = encode_batch(("s", 0), None, std::slice::from_ref(&f), Sends::Image, None);
         assert_eq!(p.body.len(), 6);
         let (_, got) = decode_batch(p).unwrap();
         assert_eq!(got[0].image.bytes(), f.image.bytes());
         assert_eq!(got[0].image.format, PixelFormat::BGR);
-        let p = encode_batch(("s", 0), None, &[f.clone(), f], Sends::Filler(1000));
+        let p = encode_batch(("s", 0), None, &[f.clone(), f], Sends::Filler(1000), None);
         assert_eq!(p.body.len(), 2000);
         let (h, got) = decode_batch(p).unwrap();
         assert_eq!(h.frames[1].payload, Payload::Filler { bytes: 1000 });
@@ -482,7 +629,7 @@ mod tests {
     #[test]
     fn a_short_body_is_an_error_not_a_panic() {
         let f = frame(0, 1);
-        let mut p = encode_batch(("s", 0), None, &[f], Sends::Filler(10));
+        let mut p = encode_batch(("s", 0), None, &[f], Sends::Filler(10), None);
         p.body = p.body.slice(..5);
         assert!(decode_batch(p).unwrap_err().0.contains("needs 10 bytes"));
     }
@@ -501,11 +648,24 @@ mod tests {
             f.outputs.push(class.clone());
         }
         frames[1].activation = Some(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[4]), 1.5));
-        let p = encode_done(&mut frames, &before, None, 1234);
+        let p = encode_done(
+            &mut frames,
+            &before,
+            Answer {
+                ran_ns: 1234,
+                ..Default::default()
+            },
+        );
         let mut front = vec![frame(0, 1), frame(0, 2)];
         front[0].outputs.push(StageOutput::Nothing);
         front[0].activation = Some(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[1]), 0.0));
-        assert_eq!(apply_done(p, &mut front).unwrap().unwrap(), 1234);
+        assert_eq!(
+            apply_done(p, &mut front, "h:1").unwrap().unwrap(),
+            Ran {
+                ran_ns: 1234,
+                taken: 0
+            }
+        );
         assert_eq!(front[0].outputs, vec![StageOutput::Nothing, class.clone()]);
         assert_eq!(front[1].outputs, vec![class]);
         assert_eq!(front[0].activation, None);
@@ -522,7 +682,71 @@ mod tests {
             serde_json::from_slice::<StageOutput>(&json).unwrap(),
             emulated
         );
-        let err = encode_done(&mut [], &[], Some("boom".into()), 0);
-        assert_eq!(apply_done(err, &mut []).unwrap(), Err("boom".into()));
+        let err = encode_done(
+            &mut [],
+            &[],
+            Answer {
+                error: Some("boom".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            apply_done(err, &mut [], "h:1").unwrap(),
+            Err(NotRun {
+                error: "boom".into(),
+                lost_on: None
+            })
+        );
+    }
+
+    #[test]
+    fn an_output_held_on_its_node_travels_as_where_it_is() {
+        // The node that ran the batch holds frame 0's activation and answers with its key.
+        let mut frames = vec![frame(0, 1), frame(0, 2)];
+        frames[1].activation = Some(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[2]), 3.0));
+        let held = Payload::Held {
+            node: "a".into(),
+            addr: String::new(),
+            key: 42,
+            of: Box::new(Payload::Tensor {
+                shape: vec![8, 4],
+                dtype: Dtype::F32,
+            }),
+        };
+        let p = encode_done(
+            &mut frames,
+            &[0, 0],
+            Answer {
+                taken: 99,
+                held: vec![Some(held), None],
+                ..Default::default()
+            },
+        );
+        assert_eq!(p.body.len(), 8, "only the activation not held is in the body");
+        let mut front = vec![frame(0, 1), frame(0, 2)];
+        front[0].activation = Some(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[1]), 0.0));
+        let ran = apply_done(p, &mut front, "10.0.0.2:7000").unwrap().unwrap();
+        assert_eq!(ran.taken, 99);
+        assert_eq!(front[0].activation, None);
+        let h = front[0].held.as_deref().unwrap();
+        assert_eq!(
+            (h.node.as_str(), h.addr.as_str(), h.key, h.bytes),
+            ("a", "10.0.0.2:7000", 42, 8 * 4 * 4)
+        );
+        assert_eq!(h.shape, Some(vec![8, 4]));
+        assert_eq!(front[1].activation.as_ref().unwrap().len(), 2);
+        assert!(front[1].held.is_none());
+        // The front sends it on as where it is, whatever the stage would send: no bytes.
+        let p = encode_batch(("tail", 1), None, &front[..1], Sends::Filler(1000), None);
+        assert!(p.body.is_empty());
+        let h: BatchHeader = serde_json::from_slice(&p.header).unwrap();
+        assert!(
+            matches!(&h.frames[0].payload, Payload::Held { key: 42, addr, of, .. }
+                if addr == "10.0.0.2:7000" && of.size() == 128),
+            "{:?}",
+            h.frames[0].payload
+        );
+        // A node that decodes it before taking it refuses it, naming the holder.
+        assert!(decode_batch(p).unwrap_err().0.contains("held on node `a`"));
     }
 }

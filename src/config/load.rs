@@ -644,6 +644,7 @@ impl<'a> Validator<'_, 'a> {
                     nodes: c.nodes,
                     nats: c.nats,
                     fronts: c.fronts,
+                    direct_links: c.direct_links,
                 })
             }
             None => None,

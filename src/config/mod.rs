@@ -104,10 +104,18 @@ pub struct ClusterConfig {
     /// (a further one stands by). 1 (the default): one front runs every camera.
     #[serde(default = "one_front")]
     pub fronts: u32,
+    /// A stage's output goes from the node that computed it straight to the node of the next
+    /// stage (true, the default), or back through the front (false).
+    #[serde(default = "yes")]
+    pub direct_links: bool,
 }
 
 fn one_front() -> u32 {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A validated `[cluster]`.
@@ -121,6 +129,8 @@ pub struct ClusterSpec {
     pub nats: Option<String>,
     /// Fronts sharing the cameras at once (1: one front runs them all).
     pub fronts: u32,
+    /// Outputs go straight from node to node, not through the front.
+    pub direct_links: bool,
 }
 
 /// How a non-live source is paced.

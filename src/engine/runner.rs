@@ -30,9 +30,11 @@ pub trait StageRunner: Send {
     /// For a runner that takes batch k+1 while batch k is still running (a worker on another
     /// node receives its next batch over its link while it computes): hands the batch over and
     /// returns what waits for its outputs, so that the worker can take its next batch at once.
-    /// `None`: the runner runs one batch at a time, with [`run`](Self::run).
-    fn submit(&mut self, frames: &[Frame]) -> Option<Pending> {
-        let _ = frames;
+    /// `None`: the runner runs one batch at a time, with [`run`](Self::run). `next`: the worker
+    /// of the next stage the batch is reserved on, where it is (its outputs may go straight
+    /// there).
+    fn submit(&mut self, frames: &[Frame], next: Option<usize>) -> Option<Pending> {
+        let _ = (frames, next);
         None
     }
 

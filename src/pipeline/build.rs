@@ -88,10 +88,12 @@ pub(super) fn build_engines(
         }
         let mut pool = Vec::new();
         let carries = sends(p, i);
+        let direct = direct(p, i);
         for w in 0..s.workers {
             match s.remote_node(w, p.cluster.as_ref()) {
                 Some(node) => {
-                    let remote = peers.and_then(|ps| ps.runner(node, &s.name, w, carries));
+                    let remote = peers
+                        .and_then(|ps| ps.runner(node, &s.name, w, carries, direct.clone()));
                     pool.push(remote.ok_or_else(|| {
                         PipelineError::Cluster(format!(
                             "stage `{}` worker {w} runs on node `{node}`, which this process has no link to",
@@ -143,6 +145,35 @@ fn sends(p: &Pipeline, i: usize) -> Sends {
         Some(split) if !split.first => Sends::Activation,
         _ => Sends::Image,
     }
+}
+
+/// Where the outputs of stage `i`, run on another node, may go straight to the node of the next
+/// stage (`[cluster] direct_links`): the next stage's workers' nodes, and what to hold for them
+/// (the activation of a cut, or filler as large as an emulated cut). `None` where the next
+/// stage takes images (they are here) or keeps a state per stream.
+fn direct(p: &Pipeline, i: usize) -> Option<crate::cluster::link::Direct> {
+    let cluster = p.cluster.as_ref().filter(|c| c.direct_links)?;
+    let next = p.routes.iter().find_map(|r| {
+        let k = r.stages.iter().position(|&x| x == i)?;
+        r.stages.get(k + 1).copied()
+    })?;
+    let n = &p.stages[next];
+    if n.model.kind == ModelKind::Recurrent {
+        return None;
+    }
+    let filler = match sends(p, next) {
+        Sends::Activation => 0,
+        Sends::Filler(b) if b > 0 => b,
+        _ => return None,
+    };
+    Some(crate::cluster::link::Direct {
+        next: Arc::new(
+            (0..n.workers)
+                .map(|w| n.remote_node(w, Some(cluster)).map(String::from))
+                .collect(),
+        ),
+        hold: crate::cluster::wire::Hold { filler },
+    })
 }
 
 /// The engines of the workers that `node` runs (its part of a `[cluster]` pipeline), by stage

@@ -106,7 +106,8 @@ pub(super) fn spawn_worker(
                         if let Some(n) = inject {
                             panic!("injected by {PANIC_STAGE_ENV} at batch {n}");
                         }
-                        match runner.submit(&frames) {
+                        let next = route.as_ref().and_then(|r| r.get(1)).map(|h| h.worker);
+                        match runner.submit(&frames, next) {
                             Some(pending) => Err(pending),
                             None => Ok(runner.run(&mut frames)),
                         }
