@@ -908,6 +908,8 @@ pub struct NodeCounters {
     /// Bytes it took straight from other nodes for those batches (their activations held
     /// there).
     pub bytes_direct: AtomicU64,
+    /// Bytes of its answers (the outputs that came back here).
+    pub bytes_back: AtomicU64,
     /// Link time of each batch answered: the round trip less the node's own time (its count
     /// is the batches answered, its sum their link time).
     pub link: Histogram,
@@ -926,6 +928,7 @@ impl NodeCounters {
     pub fn summary(&self, name: &str) -> NodeSummary {
         let bytes = self.bytes_sent.load(Relaxed);
         let direct = self.bytes_direct.load(Relaxed);
+        let back = self.bytes_back.load(Relaxed);
         let link_s = self.link.sum_s();
         NodeSummary {
             name: name.to_string(),
@@ -938,10 +941,11 @@ impl NodeCounters {
             lost: self.lost.load(Relaxed),
             bytes_sent: bytes,
             bytes_direct: direct,
+            bytes_back: back,
             link_p50_ms: self.link.quantile_ms(0.5),
             link_p99_ms: self.link.quantile_ms(0.99),
             link_s,
-            link_gbps: (link_s > 0.0).then(|| (bytes + direct) as f64 * 8.0 / link_s / 1e9),
+            link_gbps: (link_s > 0.0).then(|| (bytes + direct + back) as f64 * 8.0 / link_s / 1e9),
         }
     }
 }
@@ -969,13 +973,15 @@ pub struct NodeSummary {
     pub bytes_sent: u64,
     /// Bytes it took for them straight from the nodes that held their activations.
     pub bytes_direct: u64,
+    /// Bytes of its answers.
+    pub bytes_back: u64,
     /// Median link time per batch (round trip less the node's own time), ms.
     pub link_p50_ms: Option<f64>,
     /// 99th percentile of the same, ms.
     pub link_p99_ms: Option<f64>,
     /// Link time of the batches answered, summed, seconds.
     pub link_s: f64,
-    /// Bytes moved to it (sent and taken) over the link time, Gbit/s.
+    /// Bytes moved for its batches (sent, taken and answered) over the link time, Gbit/s.
     pub link_gbps: Option<f64>,
 }
 

@@ -173,6 +173,133 @@ fn a_cut_model_runs_across_three_nodes_and_survives_losing_one() {
     assert!(s["end_to_end_p99_ms"].as_f64().unwrap() <= 250.0, "{s}");
 }
 
+/// The cut model with both halves on worker nodes: the head on n2, two tail workers on n3; the
+/// front runs the cameras alone.
+fn node_to_node_file(dir: &Path, profiles: &Path, ports: (u16, u16), direct: bool) -> PathBuf {
+    write(
+        dir,
+        "direct.toml",
+        &format!(
+            r#"[pipeline]
+name = "direct"
+slo_ms = 400
+bandwidth_gbps = 10
+profiles = "{profiles}"
+
+[cluster]
+front = "n1"
+nodes = {{ n2 = "127.0.0.1:{p2}", n3 = "127.0.0.1:{p3}" }}
+direct_links = {direct}
+
+[[source]]
+name = "cam-ball"
+uri = "test://ball"
+max_fps = 8
+
+[[source]]
+name = "cam-smpte"
+uri = "test://smpte"
+max_fps = 8
+
+[[stage]]
+name = "head"
+device = "emulated:L4"
+profile = "wide_resnet101_2"
+blocks = [0, 5]
+max_batch = 4
+policy = "deadline"
+nodes = ["n2"]
+
+[[stage]]
+name = "tail"
+device = "emulated:T4"
+profile = "wide_resnet101_2"
+blocks = [5, 10]
+workers = 2
+max_batch = 4
+nodes = ["n3", "n3"]
+
+[[sink]]
+type = "jsonl"
+path = "{out}"
+"#,
+            profiles = profiles.display(),
+            p2 = ports.0,
+            p3 = ports.1,
+            out = dir.join("out.jsonl").display(),
+        ),
+    )
+}
+
+#[test]
+fn a_cut_goes_from_node_to_node_without_passing_through_the_front() {
+    let Some(profiles) = common::shared_profiles() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Per frame on each link, by the front's and the nodes' counts: (front to n3, n3 took from
+    // n2, n2's answers to the front), and n2's hand-off counters.
+    let mut runs = Vec::new();
+    for direct in [true, false] {
+        let ports = (free_port(), free_port());
+        let file = node_to_node_file(dir.path(), &profiles, ports, direct);
+        let n2 = node(&file, "n2", &dir.path().join("n2.json"));
+        let n3 = node(&file, "n3", &dir.path().join("n3.json"));
+        assert!(wait_listening(ports.0, Duration::from_secs(20)));
+        assert!(wait_listening(ports.1, Duration::from_secs(20)));
+        let summary = dir.path().join("front.json");
+        let status = front(&file, 8, &summary).0.wait().unwrap();
+        assert!(status.success(), "front exited with {status}");
+        common::stop_with(n2, "INT");
+        common::stop_with(n3, "INT");
+        let s = read_summary(&summary);
+        common::assert_balanced(&s);
+        assert_eq!(sum(&s, "lost"), 0, "{s}");
+        let (n2s, n3s) = (
+            read_summary(&dir.path().join("n2.json")),
+            read_summary(&dir.path().join("n3.json")),
+        );
+        let tail = common::node_of(&s, "n3");
+        let frames = tail["frames"].as_u64().unwrap().max(1);
+        let head = common::node_of(&s, "n2");
+        let per = |v: &Value, frames: u64| v.as_u64().unwrap() / frames;
+        runs.push((
+            s.clone(),
+            per(&tail["bytes_sent"], frames),
+            per(&tail["bytes_direct"], frames),
+            per(&head["bytes_back"], head["frames"].as_u64().unwrap().max(1)),
+            n2s["handoff"].clone(),
+            n3s["handoff"].clone(),
+        ));
+    }
+    let (s, to_tail, direct, back, n2h, n3h) = &runs[0];
+    assert_mostly_published(s);
+    // The cut (about 2.2 MB a frame) went from n2 to n3 alone; the front sent n3 headers and
+    // got headers back from n2.
+    assert!(*to_tail < 20_000, "{to_tail} bytes a frame from the front to n3: {s}");
+    assert!(*direct > 2_000_000, "{direct} bytes a frame from n2 to n3: {s}");
+    assert!(*back < 20_000, "{back} bytes a frame back from n2: {s}");
+    // Every output n2 held was handed over once, to n3; none was left to expire.
+    let held = n2h["held"].as_u64().unwrap();
+    assert!(held > 0, "{n2h}");
+    assert_eq!(n2h["given"], n3h["taken"], "{n2h} {n3h}");
+    assert_eq!(n2h["given"].as_u64().unwrap() + n2h["expired"].as_u64().unwrap(), held);
+    assert_eq!(n2h["expired"], 0, "{n2h}");
+    assert_eq!(n3h["take_failed"], 0, "{n3h}");
+    assert_eq!(
+        n3h["bytes_taken"].as_u64().unwrap(),
+        common::node_of(s, "n3")["bytes_direct"].as_u64().unwrap(),
+        "the front's count of what n3 took is n3's own"
+    );
+    // Through the front (`direct_links = false`): the cut comes back from n2 and goes out to
+    // n3, and nothing is held.
+    let (s, to_tail, direct, back, n2h, _) = &runs[1];
+    assert!(*to_tail > 2_000_000, "{to_tail}: {s}");
+    assert!(*back > 2_000_000, "{back}: {s}");
+    assert_eq!(*direct, 0, "{s}");
+    assert_eq!(n2h["held"], 0, "{n2h}");
+}
+
 #[test]
 fn cluster_mistakes_are_refused_with_their_place() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,7 @@
 //! The front still makes every reservation and sends every batch (a small header where the
 //! frames' activations are elsewhere), so a route's timing and accounting stay in one place.
 //! When the front sends a batch to a worker on node A and the batch's next stage is reserved on
-//! another node B, it asks A to hold the outputs ([`super::wire::Hold`]). A keeps each frame's
+//! another node B, it asks A to hold the outputs ([`super::wire::Onward`]). A keeps each frame's
 //! activation in its [`Store`] (bounded in bytes, each kept at most [`HOLD_FOR`]) and answers
 //! with keys instead of bytes. The front sends the batch on to B with those keys; B takes the
 //! activations from A (`/poolpipe.Link/Take`, [`Takers`]) in the step where it receives the
@@ -185,25 +185,23 @@ impl Store {
     }
 }
 
-/// Holds the outputs of a batch that ran for the next stage's node, as `hold` asks: each
-/// frame's activation (taken off the frame), or filler where it has none. Returns, per frame,
+/// Holds the outputs of a batch that ran for the next stage's node: each frame's activation
+/// (taken off the frame), or `filler` bytes where it has none. Returns, per frame,
 /// the payload that says where its output is (`None`: not held, the store being full, or
 /// nothing to hold).
 pub fn hold_outputs(
     store: &Store,
     node: &str,
     frames: &mut [crate::frame::Frame],
-    hold: super::wire::Hold,
+    filler: u64,
 ) -> Vec<Option<Payload>> {
     frames
         .iter_mut()
         .map(|f| {
             let (payload, bytes) = match &f.activation {
                 Some(a) => super::wire::tensor_bytes(a),
-                None if hold.filler > 0 => (
-                    Payload::Filler {
-                        bytes: hold.filler,
-                    },
+                None if filler > 0 => (
+                    Payload::Filler { bytes: filler },
                     Bytes::new(),
                 ),
                 None => return None,

@@ -333,15 +333,14 @@ impl Peers {
     }
 
     /// The runner of worker `worker` of stage `stage`, which runs on node `node`; each frame
-    /// sends what `sends` says. With `direct`, a batch whose next stage is reserved on another
-    /// node leaves its outputs on this one for that node to take (see [`super::handoff`]).
+    /// sends what `sends` says; its outputs go where `onward` says (see [`super::handoff`]).
     pub fn runner(
         &self,
         node: &str,
         stage: &str,
         worker: usize,
         sends: Sends,
-        direct: Option<Direct>,
+        onward: Option<Onward>,
     ) -> Option<Box<dyn StageRunner>> {
         let peer = self
             .peers
@@ -357,20 +356,22 @@ impl Peers {
             stage: stage.to_string(),
             worker,
             sends,
-            direct,
+            onward,
             stream: None,
         }))
     }
 }
 
-/// Where a stage's outputs may go straight to the next stage's node: the node of each worker of
-/// the next stage (`None`: this process), and what the stage's node holds for it.
-#[derive(Debug, Clone)]
-pub struct Direct {
-    /// By worker of the next stage.
-    pub next: Arc<Vec<Option<String>>>,
-    /// What to hold.
-    pub hold: wire::Hold,
+/// What becomes of a remote stage's outputs, where its next stage takes them: filler as large
+/// as an emulated cut (0: a real activation), and, with direct links, the node of each worker of
+/// the next stage (`None`: this process): a batch reserved on a worker on a node leaves its
+/// outputs on the stage's node for that node to take.
+#[derive(Debug, Clone, Default)]
+pub struct Onward {
+    /// Bytes per frame of an emulated output.
+    pub filler: u64,
+    /// By worker of the next stage, with direct links.
+    pub direct: Option<Arc<Vec<Option<String>>>>,
 }
 
 /// Pings a peer for as long as it exists.
@@ -491,7 +492,7 @@ pub struct RemoteRunner {
     stage: String,
     worker: usize,
     sends: Sends,
-    direct: Option<Direct>,
+    onward: Option<Onward>,
     stream: Option<Open>,
 }
 
@@ -541,6 +542,9 @@ struct Answered {
 impl Answered {
     fn apply(&self, answer: Answer, frames: &mut [Frame]) -> Result<(), StageError> {
         let (peer, counters) = (&self.peer, &self.peer.counters);
+        let back = answer
+            .as_ref()
+            .map_or(0, |p| (p.header.len() + p.body.len()) as u64);
         match answer {
             Ok(p) => match wire::apply_done(p, frames, &peer.addr) {
                 Ok(Ok(ran)) => {
@@ -549,6 +553,7 @@ impl Answered {
                     counters
                         .bytes_direct
                         .fetch_add(ran.taken, Ordering::Relaxed);
+                    counters.bytes_back.fetch_add(back, Ordering::Relaxed);
                     Ok(())
                 }
                 // The node could not take the batch's activations from the node that held them
@@ -605,17 +610,20 @@ impl StageRunner for RemoteRunner {
 
     fn submit(&mut self, frames: &[Frame], next: Option<usize>) -> Option<Pending> {
         // The outputs stay on the node where the next stage's reserved worker is on a node.
-        let hold = self.direct.as_ref().and_then(|d| {
-            let w = next?;
-            d.next.get(w)?.as_ref()?;
-            Some(d.hold)
+        let onward = self.onward.as_ref().map(|o| wire::Onward {
+            hold: o
+                .direct
+                .as_ref()
+                .zip(next)
+                .is_some_and(|(d, w)| d.get(w).is_some_and(Option::is_some)),
+            filler: o.filler,
         });
         let packet = wire::encode_batch(
             (&self.stage, self.worker),
             self.front.as_ref().map(|f| f.id.as_str()),
             frames,
             self.sends,
-            hold,
+            onward,
         );
         let answered = Answered {
             peer: self.peer.clone(),
@@ -1092,8 +1100,11 @@ async fn run_batch(svc: &LinkService, received: Received) -> Result<Packet, Stat
         });
         let ran = crate::clock::nanos(received.elapsed());
         let mut a = answer(error, ran);
-        if let (Some(hold), None) = (h.hold, &a.error) {
-            a.held = handoff::hold_outputs(&store, &node, &mut frames, hold);
+        if let (Some(onward), None) = (h.onward, &a.error) {
+            if onward.hold {
+                a.held = handoff::hold_outputs(&store, &node, &mut frames, onward.filler);
+            }
+            a.filler = onward.filler;
         }
         wire::encode_done(&mut frames, &before, a)
     })
@@ -1135,14 +1146,145 @@ pub fn serve(
         tracing::info!(node, %addr, "Serving stage workers.");
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        tonic::transport::Server::builder()
+        // Once told to stop, the server finishes what it has for at most `STOP_GRACE`: the
+        // links other nodes keep to it (to take what it holds) do not hold it up.
+        let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            stop.await;
+            let _ = stopping.send(());
+        };
+        let server = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .http2_keepalive_interval(Some(Duration::from_millis(500)))
             .http2_keepalive_timeout(Some(Duration::from_secs(1)))
             .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stop)
-            .await
-            .map_err(|e| err(e.to_string()))
+            .serve_with_incoming_shutdown(incoming, stop);
+        tokio::select! {
+            r = server => r.map_err(|e| err(e.to_string())),
+            _ = async {
+                let _ = stopped.await;
+                tokio::time::sleep(STOP_GRACE).await;
+            } => {
+                tracing::debug!(node, "Stopped with links still open.");
+                Ok(())
+            }
+        }
     })
+}
+
+/// How long a stopping node waits for the links still open to it to close.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Image, PixelFormat};
+
+    /// A stage that makes each frame's activation `2x + 1` (a 4-element vector from nothing).
+    struct Affine;
+
+    impl StageRunner for Affine {
+        fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
+            for f in frames {
+                let a = f
+                    .activation
+                    .take()
+                    .unwrap_or_else(|| ndarray::ArrayD::from_elem(ndarray::IxDyn(&[4]), 1.0));
+                f.activation = Some(a.mapv(|x| 2.0 * x + 1.0));
+            }
+            Ok(())
+        }
+    }
+
+    /// Node `name` serving stage `stage` (one worker) on a free port, holding activations for
+    /// `ttl` (the server lives as long as the test).
+    fn node(name: &str, stage: &str, ttl: Duration) -> (String, Arc<handoff::Store>) {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut w = Workers::new();
+        w.insert((stage.to_string(), 0), Box::new(Affine) as Box<dyn StageRunner>);
+        let store = Arc::new(handoff::Store::new(1 << 20, ttl));
+        let (name, s) = (name.to_string(), store.clone());
+        std::thread::spawn(move || {
+            serve(
+                &name,
+                addr,
+                NodeWorkers::new(w),
+                1 << 24,
+                Arc::default(),
+                None,
+                s,
+                std::future::pending(),
+            )
+        });
+        (addr.to_string(), store)
+    }
+
+    fn frames(n: u64) -> Vec<Frame> {
+        let img = Arc::new(Image::black(0, 0, PixelFormat::RGB));
+        (0..n).map(|i| Frame::new(0, i, img.clone(), i, i + 1_000_000_000)).collect()
+    }
+
+    #[test]
+    fn the_next_node_takes_the_output_straight_from_the_node_that_computed_it() {
+        let ttl = Duration::from_millis(500);
+        let (a_addr, a_store) = node("a", "head", ttl);
+        let (b_addr, b_store) = node("b", "tail", ttl);
+        let nodes = BTreeMap::from([("a".to_string(), a_addr), ("b".to_string(), b_addr)]);
+        let peers = Peers::new(&nodes, 1 << 24, None).unwrap();
+        peers
+            .wait_for(&["a".into(), "b".into()], Duration::from_secs(10))
+            .unwrap();
+        let direct = Onward {
+            filler: 0,
+            direct: Some(Arc::new(vec![Some("b".to_string())])),
+        };
+        let mut head = peers
+            .runner("a", "head", 0, Sends::Activation, Some(direct))
+            .unwrap();
+        let mut tail = peers
+            .runner("b", "tail", 0, Sends::Activation, None)
+            .unwrap();
+
+        // Reserved on the tail's worker 0 (on node b): the head's node keeps the outputs.
+        let mut batch = frames(3);
+        let pending = head.submit(&batch, Some(0)).unwrap();
+        pending(&mut batch).unwrap();
+        assert!(batch.iter().all(|f| f.activation.is_none() && f.held.is_some()));
+        assert_eq!(a_store.size(), 3 * 4 * 4);
+        tail.run(&mut batch).unwrap();
+        // 2(2*1+1)+1: the tail ran on the head's output, taken from a.
+        for f in &batch {
+            assert_eq!(f.activation.as_ref().unwrap().as_slice().unwrap(), &[7.0; 4]);
+            assert!(f.held.is_none());
+        }
+        assert_eq!(a_store.size(), 0);
+        assert_eq!(a_store.counters.given.load(Ordering::Relaxed), 3);
+        assert_eq!(b_store.counters.bytes_taken.load(Ordering::Relaxed), 48);
+        let b = peers.all().into_iter().find(|p| p.name() == "b").unwrap();
+        assert_eq!(b.counters().bytes_direct.load(Ordering::Relaxed), 48);
+
+        // Not reserved on a node (unknown next worker): the outputs come back here.
+        let mut batch = frames(2);
+        head.submit(&batch, None).unwrap()(&mut batch).unwrap();
+        assert!(batch.iter().all(|f| f.held.is_none() && f.activation.is_some()));
+
+        // Held on a, and dropped there before b takes them (held too long): b answers, and the
+        // frames are lost on a. (A holder that does not answer at all: see `handoff`'s tests.)
+        let mut batch = frames(2);
+        head.submit(&batch, Some(0)).unwrap()(&mut batch).unwrap();
+        std::thread::sleep(ttl + Duration::from_millis(200));
+        let err = tail.run(&mut batch).unwrap_err();
+        assert!(matches!(err, StageError::Lost(_)), "{err}");
+        assert!(err.to_string().contains("node `a` held"), "{err}");
+        let a = peers.all().into_iter().find(|p| p.name() == "a").unwrap();
+        assert_eq!(a.counters().lost.load(Ordering::Relaxed), 2);
+        assert_eq!(b.counters().lost.load(Ordering::Relaxed), 0);
+        assert!(b.is_up(), "b did nothing wrong");
+        assert_eq!(b_store.counters.take_failed.load(Ordering::Relaxed), 1);
+        assert_eq!(a_store.counters.expired.load(Ordering::Relaxed), 2);
+    }
 }

@@ -191,20 +191,24 @@ pub struct BatchHeader {
     /// batches only from the holder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub front: Option<String>,
-    /// Keep the outputs on this node for the node of the next stage to take, rather than
-    /// answering with them.
+    /// What becomes of the outputs, where the next stage takes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hold: Option<Hold>,
+    pub onward: Option<Onward>,
     /// The frames.
     pub frames: Vec<FrameHeader>,
 }
 
-/// What a node keeps of a batch it ran for the next stage's node (see
-/// [`super::handoff`]): each frame's activation, or, where a frame has none (an emulated cut),
-/// `filler` bytes standing for it.
+/// What becomes of the outputs of a batch whose next stage takes them: each frame's
+/// activation, or, where a frame has none (an emulated cut), `filler` bytes standing for it,
+/// either answered (they come back to the front, as a real activation would) or, with `hold`,
+/// kept on the node for the next stage's node to take (see [`super::handoff`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hold {
+pub struct Onward {
+    /// Kept on the node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
     /// Bytes per frame that stand for an emulated activation (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub filler: u64,
 }
 
@@ -294,14 +298,14 @@ pub enum Sends {
     Filler(u64),
 }
 
-/// Encodes a batch of `frames` for worker `worker` of stage `stage` (asking it to `hold` its
-/// outputs, if given). A frame whose activation another node holds sends where it is.
+/// Encodes a batch of `frames` for worker `worker` of stage `stage`, saying what becomes of the
+/// outputs (`onward`). A frame whose activation another node holds sends where it is.
 pub fn encode_batch(
     (stage, worker): (&str, usize),
     front: Option<&str>,
     frames: &[Frame],
     sends: Sends,
-    hold: Option<Hold>,
+    onward: Option<Onward>,
 ) -> Packet {
     let mut body = BytesMut::new();
     let headers = frames
@@ -340,7 +344,7 @@ pub fn encode_batch(
             stage: stage.to_string(),
             worker,
             front: front.map(String::from),
-            hold,
+            onward,
             frames: headers,
         }),
         body: body.freeze(),
@@ -421,6 +425,9 @@ pub struct Answer {
     /// Per frame, the payload this node holds for the next one ([`Payload::Held`]), where it
     /// holds it (empty: none).
     pub held: Vec<Option<Payload>>,
+    /// Bytes answered for each frame that has no activation and none held (an emulated cut
+    /// coming back to the front).
+    pub filler: u64,
 }
 
 /// Encodes a worker's answer: the results each frame gained after its first `before[i]`, and
@@ -433,6 +440,7 @@ pub fn encode_done(frames: &mut [Frame], before: &[usize], answer: Answer) -> Pa
         taken,
         lost_on,
         mut held,
+        filler,
     } = answer;
     let done = match error {
         Some(e) => DoneHeader {
@@ -456,6 +464,10 @@ pub fn encode_done(frames: &mut [Frame], before: &[usize], answer: Answer) -> Pa
                     payload: match (held.get_mut(i).and_then(Option::take), &f.activation) {
                         (Some(h), _) => h,
                         (None, Some(a)) => put_tensor(&mut body, a),
+                        (None, None) if filler > 0 => {
+                            body.put_bytes(0, filler as usize);
+                            Payload::Filler { bytes: filler }
+                        }
                         (None, None) => Payload::None,
                     },
                 })
@@ -527,6 +539,11 @@ pub fn apply_done(
                 }));
                 None
             }
+            Payload::Filler { bytes } => {
+                let n = (bytes as usize).min(body.remaining());
+                body.advance(n);
+                None
+            }
             _ => None,
         };
     }
@@ -591,12 +608,21 @@ mod tests {
             Some("front@h:1"),
             &[a.clone(), b.clone()],
             Sends::Activation,
-            Some(Hold { filler: 0 }),
+            Some(Onward {
+                hold: true,
+                filler: 0,
+            }),
         );
         let (h, got) = decode_batch(roundtrip(p)).unwrap();
         assert_eq!((h.stage.as_str(), h.worker), ("s1", 2));
         assert_eq!(h.front.as_deref(), Some("front@h:1"));
-        assert_eq!(h.hold, Some(Hold { filler: 0 }));
+        assert_eq!(
+            h.onward,
+            Some(Onward {
+                hold: true,
+                filler: 0
+            })
+        );
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].activation, a.activation);
         assert_eq!(

@@ -69,7 +69,7 @@ pub(super) fn build_engines(
     resets: &Arc<StreamResets>,
     peers: Option<&Peers>,
 ) -> Result<Engines, PipelineError> {
-    let mut links: HashMap<&str, Link> = HashMap::new();
+    let mut links: HashMap<String, Link> = HashMap::new();
     let mut out = Engines::default();
     for i in stages {
         let s = &p.stages[i];
@@ -88,12 +88,12 @@ pub(super) fn build_engines(
         }
         let mut pool = Vec::new();
         let carries = sends(p, i);
-        let direct = direct(p, i);
+        let onward = onward(p, i);
         for w in 0..s.workers {
             match s.remote_node(w, p.cluster.as_ref()) {
                 Some(node) => {
                     let remote = peers
-                        .and_then(|ps| ps.runner(node, &s.name, w, carries, direct.clone()));
+                        .and_then(|ps| ps.runner(node, &s.name, w, carries, onward.clone()));
                     pool.push(remote.ok_or_else(|| {
                         PipelineError::Cluster(format!(
                             "stage `{}` worker {w} runs on node `{node}`, which this process has no link to",
@@ -110,15 +110,15 @@ pub(super) fn build_engines(
 }
 
 /// The engine of worker `w` of stage `s`, run here.
-fn local_runner<'p>(
-    p: &'p Pipeline,
-    s: &'p StageSpec,
+fn local_runner(
+    p: &Pipeline,
+    s: &StageSpec,
     w: usize,
-    links: &mut HashMap<&'p str, Link>,
+    links: &mut HashMap<String, Link>,
 ) -> Result<Box<dyn StageRunner>, crate::engine::EngineError> {
     let link = match (&s.device, s.devices.get(w)) {
         (Device::Emulated { .. }, Some(id)) => {
-            Some(links.entry(id.as_str()).or_insert_with(new_link).clone())
+            Some(links.entry(id.clone()).or_insert_with(new_link).clone())
         }
         _ => None,
     };
@@ -147,33 +147,33 @@ fn sends(p: &Pipeline, i: usize) -> Sends {
     }
 }
 
-/// Where the outputs of stage `i`, run on another node, may go straight to the node of the next
-/// stage (`[cluster] direct_links`): the next stage's workers' nodes, and what to hold for them
-/// (the activation of a cut, or filler as large as an emulated cut). `None` where the next
-/// stage takes images (they are here) or keeps a state per stream.
-fn direct(p: &Pipeline, i: usize) -> Option<crate::cluster::link::Direct> {
-    let cluster = p.cluster.as_ref().filter(|c| c.direct_links)?;
+/// What becomes of the outputs of stage `i`, run on another node, where the next stage takes
+/// them: filler as large as an emulated cut comes back as a real activation would, and with
+/// `[cluster] direct_links` an output reserved for a worker on a node goes straight there (the
+/// next stage's workers' nodes). `None` where the next stage takes images (they are here).
+fn onward(p: &Pipeline, i: usize) -> Option<crate::cluster::link::Onward> {
     let next = p.routes.iter().find_map(|r| {
         let k = r.stages.iter().position(|&x| x == i)?;
         r.stages.get(k + 1).copied()
     })?;
     let n = &p.stages[next];
-    if n.model.kind == ModelKind::Recurrent {
-        return None;
-    }
     let filler = match sends(p, next) {
         Sends::Activation => 0,
         Sends::Filler(b) if b > 0 => b,
         _ => return None,
     };
-    Some(crate::cluster::link::Direct {
-        next: Arc::new(
-            (0..n.workers)
-                .map(|w| n.remote_node(w, Some(cluster)).map(String::from))
-                .collect(),
-        ),
-        hold: crate::cluster::wire::Hold { filler },
-    })
+    let direct = p
+        .cluster
+        .as_ref()
+        .filter(|c| c.direct_links && n.model.kind != ModelKind::Recurrent)
+        .map(|c| {
+            Arc::new(
+                (0..n.workers)
+                    .map(|w| n.remote_node(w, Some(c)).map(String::from))
+                    .collect(),
+            )
+        });
+    Some(crate::cluster::link::Onward { filler, direct })
 }
 
 /// The engines of the workers that `node` runs (its part of a `[cluster]` pipeline), by stage
@@ -188,9 +188,23 @@ pub fn node_workers_but(
     node: &str,
     have: &dyn Fn(&str, usize) -> bool,
 ) -> Result<Workers, PipelineError> {
-    let mut links: HashMap<&str, Link> = HashMap::new();
+    let mut links: HashMap<String, Link> = HashMap::new();
     let mut out = Workers::new();
-    for s in &p.stages {
+    for (i, s) in p.stages.iter().enumerate() {
+        // An emulated output that goes on from here crosses a real link (back to the front, or
+        // taken by the next stage's node): the device does not emulate its transfer too.
+        let real;
+        let s = match &s.profile {
+            Some(pr) if onward(p, i).is_some() && pr.transfer.iter().any(|t| !t.is_zero()) => {
+                let mut r = s.clone();
+                if let Some(pr) = r.profile.as_mut() {
+                    pr.transfer = vec![Duration::ZERO; pr.transfer.len()];
+                }
+                real = r;
+                &real
+            }
+            _ => s,
+        };
         for w in 0..s.workers {
             if s.nodes.get(w).map(String::as_str) != Some(node) || have(&s.name, w) {
                 continue;
