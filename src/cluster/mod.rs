@@ -42,8 +42,9 @@
 //! cameras and routes into N shards ([`epoch::shard`]), there are N front leases, and each
 //! front runs the shard whose lease it holds (one more stands by).
 //!
-//! Not built yet (issue "Past one machine"): a route whose remote stage is followed by another
-//! stage comes back through the front.
+//! A stage's output goes from its node straight to the node of the next stage where that
+//! stage's reserved worker is on a node ([`handoff`]): the front sends the batch on with keys,
+//! and the next node takes the activations from the node that holds them.
 
 pub mod bus;
 pub mod deploy;
