@@ -173,60 +173,22 @@ fn a_cut_model_runs_across_three_nodes_and_survives_losing_one() {
     assert!(s["end_to_end_p99_ms"].as_f64().unwrap() <= 250.0, "{s}");
 }
 
-/// The cut model with both halves on worker nodes: the head on n2, two tail workers on n3; the
-/// front runs the cameras alone.
+/// The cut model with both halves on worker nodes (head on n2, tails on n3) on loopback.
 fn node_to_node_file(dir: &Path, profiles: &Path, ports: (u16, u16), direct: bool) -> PathBuf {
+    let (n2, n3) = (
+        format!("127.0.0.1:{}", ports.0),
+        format!("127.0.0.1:{}", ports.1),
+    );
     write(
         dir,
         "direct.toml",
-        &format!(
-            r#"[pipeline]
-name = "direct"
-slo_ms = 400
-bandwidth_gbps = 10
-profiles = "{profiles}"
-
-[cluster]
-front = "n1"
-nodes = {{ n2 = "127.0.0.1:{p2}", n3 = "127.0.0.1:{p3}" }}
-direct_links = {direct}
-
-[[source]]
-name = "cam-ball"
-uri = "test://ball"
-max_fps = 8
-
-[[source]]
-name = "cam-smpte"
-uri = "test://smpte"
-max_fps = 8
-
-[[stage]]
-name = "head"
-device = "emulated:L4"
-profile = "wide_resnet101_2"
-blocks = [0, 5]
-max_batch = 4
-policy = "deadline"
-nodes = ["n2"]
-
-[[stage]]
-name = "tail"
-device = "emulated:T4"
-profile = "wide_resnet101_2"
-blocks = [5, 10]
-workers = 2
-max_batch = 4
-nodes = ["n3", "n3"]
-
-[[sink]]
-type = "jsonl"
-path = "{out}"
-"#,
-            profiles = profiles.display(),
-            p2 = ports.0,
-            p3 = ports.1,
-            out = dir.join("out.jsonl").display(),
+        &poolpipe::cluster::netns::node_to_node_pipeline(
+            profiles,
+            (&n2, &n3),
+            10.0,
+            8,
+            &dir.join("out.jsonl"),
+            direct,
         ),
     )
 }

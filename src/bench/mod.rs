@@ -145,6 +145,10 @@ pub enum BenchCommand {
         /// NATS, a server killed and restarted (re-plan and rejoin times).
         #[arg(long)]
         controller: bool,
+        /// Only node to node: both halves of the cut on worker nodes, with and without
+        /// `[cluster] direct_links` (goodput at 99%, latency, bytes through the front).
+        #[arg(long, conflicts_with = "controller")]
+        direct: bool,
     },
     /// Models on a device (`cuda:N`, `tensorrt:N`; `cpu` to try it): outputs against the CPU's,
     /// and images/s against Python onnxruntime on the same device, model and batch.
@@ -512,7 +516,13 @@ pub fn run(which: BenchCommand) -> anyhow::Result<()> {
             seconds,
             max_fps,
             controller,
+            direct,
         } => {
+            if direct {
+                anyhow::ensure!(seconds >= 3, "--seconds must be at least 3");
+                let rows = nodes::run_direct(&profiles, &gbps, seconds, max_fps)?;
+                return emit(json, &rows, |r| nodes::direct_table(r));
+            }
             if controller {
                 let rows = nodes::run_controlled(&profiles, &gbps)?;
                 return emit(json, &rows, |r| nodes::control_table(r));

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::clock::unix_ms;
-use crate::cluster::netns::{Lab, cut_pipeline};
+use crate::cluster::netns::{Lab, cut_pipeline, node_to_node_pipeline};
 
 const PORT: u16 = 7070;
 
@@ -93,6 +93,8 @@ struct Bench {
     dir: PathBuf,
     profiles: PathBuf,
     seconds: u32,
+    /// Runs [`node_to_node_pipeline`] (with `direct_links` as said) instead of the cut pipeline.
+    node_to_node: std::cell::Cell<Option<bool>>,
 }
 
 /// A finished run: the front's summary and its results file.
@@ -108,6 +110,14 @@ impl Drop for Bench {
 }
 
 impl Bench {
+    /// Shapes the links into `nodes` to `gbps`.
+    fn shape(&self, nodes: std::ops::Range<usize>, gbps: f64) -> anyhow::Result<()> {
+        for i in nodes {
+            self.lab.shape(i, Some((gbps * 1000.0).round() as u64))?;
+        }
+        Ok(())
+    }
+
     fn file(&self, nodes: bool, gbps: f64, fps: u32) -> anyhow::Result<(PathBuf, PathBuf)> {
         let out = self.dir.join("out.jsonl");
         let _ = std::fs::remove_file(&out);
@@ -124,7 +134,13 @@ impl Bench {
             Vec::new()
         };
         let path = self.dir.join("cut.toml");
-        std::fs::write(&path, cut_pipeline(&self.profiles, &nodes, gbps, fps, &out))?;
+        let text = match (self.node_to_node.get(), nodes.as_slice()) {
+            (Some(direct), [(_, n2), (_, n3)]) => {
+                node_to_node_pipeline(&self.profiles, (n2, n3), gbps, fps, &out, direct)
+            }
+            _ => cut_pipeline(&self.profiles, &nodes, gbps, fps, &out),
+        };
+        std::fs::write(&path, text)?;
         Ok((path, out))
     }
 
@@ -518,9 +534,7 @@ pub fn run_controlled(profiles: &Path, rates_gbps: &[f64]) -> anyhow::Result<Vec
     let bench = bench(profiles, 10)?;
     let mut rows = Vec::new();
     for &gbps in rates_gbps {
-        for i in 1..3 {
-            bench.lab.shape(i, Some((gbps * 1000.0).round() as u64))?;
-        }
+        bench.shape(1..3, gbps)?;
         rows.push(bench.controlled(gbps)?);
     }
     Ok(rows)
@@ -595,7 +609,101 @@ fn bench(profiles: &Path, seconds: u32) -> anyhow::Result<Bench> {
         },
         profiles: profiles.canonicalize().context("the profiles folder")?,
         seconds,
+        node_to_node: std::cell::Cell::new(None),
     })
+}
+
+/// Node to node against through the front, at one link rate and one way.
+#[derive(Debug, Serialize)]
+pub struct DirectRow {
+    /// Link rate into every node (the front's too), Gbit/s.
+    pub gbps: f64,
+    /// `direct_links`.
+    pub direct: bool,
+    /// Per-source frame rate at which 99% of frames are published.
+    pub fps_99: u32,
+    /// Published frames/s there.
+    pub goodput_99: f64,
+    /// End-to-end latency there, ms (median, 99th percentile).
+    pub e2e_p50_ms: Option<f64>,
+    pub e2e_p99_ms: Option<f64>,
+    /// Bytes per frame through the front's link (sent to the nodes and answered by them).
+    pub front_bytes_per_frame: f64,
+    /// Bytes per frame from node to node.
+    pub direct_bytes_per_frame: f64,
+}
+
+/// The node-to-node pipeline (head on n2, tails on n3, the front in n1 runs the cameras) with
+/// and without direct links, every node's link shaped to each rate.
+pub fn run_direct(
+    profiles: &Path,
+    rates_gbps: &[f64],
+    seconds: u32,
+    max_fps: u32,
+) -> anyhow::Result<Vec<DirectRow>> {
+    let bench = bench(profiles, seconds)?;
+    let mut rows = Vec::new();
+    for &gbps in rates_gbps {
+        bench.shape(0..3, gbps)?;
+        for direct in [true, false] {
+            bench.node_to_node.set(Some(direct));
+            let (fps_99, goodput_99, summary) = bench.search(true, gbps, max_fps)?;
+            let nodes = summary["nodes"].as_array().cloned().unwrap_or_default();
+            let total = |k: &str| {
+                nodes
+                    .iter()
+                    .map(|n| n[k].as_f64().unwrap_or(0.0))
+                    .sum::<f64>()
+            };
+            let frames = summary["flows"][0]["published"].as_f64().unwrap_or(0.0);
+            let per = |b: f64| if frames > 0.0 { b / frames } else { 0.0 };
+            rows.push(DirectRow {
+                gbps,
+                direct,
+                fps_99,
+                goodput_99,
+                e2e_p50_ms: summary["end_to_end_p50_ms"].as_f64(),
+                e2e_p99_ms: summary["end_to_end_p99_ms"].as_f64(),
+                front_bytes_per_frame: per(total("bytes_sent") + total("bytes_back")),
+                direct_bytes_per_frame: per(total("bytes_direct")),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The direct rows as a table.
+pub fn direct_table(rows: &[DirectRow]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Node to node (WideResNet-101-2 at block 5: L4 head on n2, two T4 tails on n3, the front in n1 runs 2 sources), SLO 400 ms, every node's link shaped"
+    );
+    let _ = writeln!(
+        s,
+        "{:>6} {:>12} {:>14} {:>10} {:>10} {:>16} {:>16}",
+        "Gbit/s", "links", "99% fps", "p50 ms", "p99 ms", "front MB/frame", "n2->n3 MB/frame"
+    );
+    let o = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:>6} {:>12} {:>14} {:>10} {:>10} {:>16.3} {:>16.3}",
+            r.gbps,
+            if r.direct { "direct" } else { "via front" },
+            format!("{} ({:.1}/s)", r.fps_99, r.goodput_99),
+            o(r.e2e_p50_ms),
+            o(r.e2e_p99_ms),
+            r.front_bytes_per_frame / 1e6,
+            r.direct_bytes_per_frame / 1e6,
+        );
+    }
+    let _ = write!(
+        s,
+        "99% fps: highest frame rate per source (1 fps steps) with 99% of frames published, and published frames/s there; latencies and bytes at that rate."
+    );
+    s
 }
 
 /// Runs the benchmark at each rate.
@@ -608,9 +716,7 @@ pub fn run(
     let bench = bench(profiles, seconds)?;
     let mut rows = Vec::new();
     for &gbps in rates_gbps {
-        for i in 1..3 {
-            bench.lab.shape(i, Some((gbps * 1000.0).round() as u64))?;
-        }
+        bench.shape(1..3, gbps)?;
         let (fps_n, good_n, summary) = bench.search(true, gbps, max_fps)?;
         let (fps_1, good_1, _) = bench.search(false, gbps, max_fps)?;
         let nodes = summary["nodes"].as_array().cloned().unwrap_or_default();

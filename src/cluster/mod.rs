@@ -84,7 +84,9 @@ pub fn message_limit(p: &Pipeline) -> usize {
 /// link ([`crate::config::StageProfile::receive`]), which the worker spends receiving batch
 /// k+1 while it computes batch k. Where a link was measured slower than the pipeline's
 /// `bandwidth_gbps` (`measured`: Gbit/s by node), the slowest link into the stage sets its
-/// transfer times. Charging twice changes nothing: the second time finds no transfer to move.
+/// transfer times. A stage on other nodes whose output comes back through the front (without
+/// `direct_links`) keeps its transfer too: the cut crosses twice. Charging twice changes
+/// nothing.
 pub fn charge_transfers_to_remote_stages(
     p: &mut Pipeline,
     measured: &std::collections::BTreeMap<String, f64>,
@@ -102,25 +104,50 @@ pub fn charge_transfers_to_remote_stages(
             if remote.is_empty() {
                 continue;
             }
-            let slowest = remote
-                .iter()
-                .filter_map(|n| measured.get(*n).copied())
-                .fold(p.bandwidth_gbps, f64::min);
-            let scale = if slowest > 0.0 {
-                p.bandwidth_gbps / slowest
-            } else {
-                1.0
+            // The slowest of the links of `nodes`, as a factor on the file's rate.
+            let bandwidth = p.bandwidth_gbps;
+            let scale = |nodes: &[&str]| {
+                let slowest = nodes
+                    .iter()
+                    .filter_map(|n| measured.get(*n).copied())
+                    .fold(bandwidth, f64::min);
+                if slowest > 0.0 {
+                    bandwidth / slowest
+                } else {
+                    1.0
+                }
             };
+            let scale_b = scale(&remote);
+            let from: Vec<&str> = (0..p.stages[a].workers)
+                .filter_map(|w| p.stages[a].remote_node(w, Some(&cluster)))
+                .collect();
+            let back_through_front = !cluster.direct_links && !from.is_empty();
+            let scale_a = scale(&from);
+            // Charged already (a second pass): the next stage's receive is set.
+            if p.stages[b]
+                .profile
+                .as_ref()
+                .is_some_and(|pr| !pr.receive.is_empty())
+            {
+                continue;
+            }
             let Some(pr) = p.stages[a].profile.as_mut() else {
                 continue;
             };
             if pr.transfer.iter().all(|t| t.is_zero()) {
                 continue;
             }
-            let transfer = std::mem::take(&mut pr.transfer);
-            pr.transfer = vec![std::time::Duration::ZERO; transfer.len()];
+            let transfer = if back_through_front {
+                let at_file_rate = pr.transfer.clone();
+                pr.transfer = at_file_rate.iter().map(|t| t.mul_f64(scale_a)).collect();
+                at_file_rate
+            } else {
+                let t = std::mem::take(&mut pr.transfer);
+                pr.transfer = vec![std::time::Duration::ZERO; t.len()];
+                t
+            };
             if let Some(pr) = p.stages[b].profile.as_mut() {
-                pr.receive = transfer.iter().map(|t| t.mul_f64(scale)).collect();
+                pr.receive = transfer.iter().map(|t| t.mul_f64(scale_b)).collect();
             }
         }
     }
@@ -174,5 +201,43 @@ mod tests {
                 .iter()
                 .all(|t| t.is_zero())
         );
+    }
+
+    #[test]
+    fn a_cut_from_node_to_node_crosses_once_and_through_the_front_twice() {
+        let Some(profiles) = crate::profile::shared_profiles_dir() else {
+            eprintln!("skipped: no shared profiles");
+            return;
+        };
+        let out = std::path::Path::new("/tmp/unused.jsonl");
+        for direct in [true, false] {
+            let text = netns::node_to_node_pipeline(
+                &profiles,
+                ("10.0.0.2:7070", "10.0.0.3:7070"),
+                1.0,
+                5,
+                out,
+                direct,
+            );
+            let mut p =
+                crate::config::load_pipeline_str(std::path::Path::new("d.toml"), &text).unwrap();
+            let transfer = p.stages[0].profile.clone().unwrap().transfer;
+            assert!(transfer.iter().all(|t| !t.is_zero()));
+            for _ in 0..2 {
+                charge_transfers_to_remote_stages(&mut p, &Default::default());
+                let (h, t) = (
+                    p.stages[0].profile.as_ref().unwrap(),
+                    p.stages[1].profile.as_ref().unwrap(),
+                );
+                // n3 receives the cut either way (from n2, or from the front) ...
+                assert_eq!(t.receive, transfer);
+                // ... and through the front it also comes back from n2 first.
+                if direct {
+                    assert!(h.transfer.iter().all(|t| t.is_zero()));
+                } else {
+                    assert_eq!(h.transfer, transfer);
+                }
+            }
+        }
     }
 }

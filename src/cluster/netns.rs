@@ -207,12 +207,7 @@ pub fn cut_pipeline(
         let names: Vec<String> = nodes.iter().map(|(n, _)| format!("\"{n}\"")).collect();
         format!("nodes = [{}]\n", names.join(", "))
     };
-    let sources: String = ["ball", "smpte"]
-        .iter()
-        .map(|p| {
-            format!("[[source]]\nname = \"cam-{p}\"\nuri = \"test://{p}\"\nmax_fps = {fps}\n\n")
-        })
-        .collect();
+    let sources = test_sources(fps);
     format!(
         r#"[pipeline]
 name = "cut"
@@ -245,4 +240,66 @@ path = "{out}"
         workers = nodes.len().max(2),
         out = out.display(),
     )
+}
+
+/// The same model with both halves on worker nodes: the head (L4) on n2 at `n2`, two tail
+/// workers (T4s) on n3 at `n3`; the front (n1) runs the two test sources alone. With `direct`
+/// (`[cluster] direct_links`) the cut goes from n2 to n3; without, through the front. What
+/// `tests/cluster.rs` and `bench nodes --direct` run.
+pub fn node_to_node_pipeline(
+    profiles: &std::path::Path,
+    (n2, n3): (&str, &str),
+    gbps: f64,
+    fps: u32,
+    out: &std::path::Path,
+    direct: bool,
+) -> String {
+    let sources = test_sources(fps);
+    format!(
+        r#"[pipeline]
+name = "direct"
+slo_ms = 400
+bandwidth_gbps = {gbps}
+profiles = "{profiles}"
+
+[cluster]
+front = "n1"
+nodes = {{ n2 = "{n2}", n3 = "{n3}" }}
+direct_links = {direct}
+
+{sources}[[stage]]
+name = "head"
+device = "emulated:L4"
+profile = "wide_resnet101_2"
+blocks = [0, 5]
+max_batch = 4
+policy = "deadline"
+nodes = ["n2"]
+
+[[stage]]
+name = "tail"
+device = "emulated:T4"
+profile = "wide_resnet101_2"
+blocks = [5, 10]
+workers = 2
+max_batch = 4
+nodes = ["n3", "n3"]
+
+[[sink]]
+type = "jsonl"
+path = "{out}"
+"#,
+        profiles = profiles.display(),
+        out = out.display(),
+    )
+}
+
+/// The two test sources of the lab's pipelines, at `fps` each.
+fn test_sources(fps: u32) -> String {
+    ["ball", "smpte"]
+        .iter()
+        .map(|p| {
+            format!("[[source]]\nname = \"cam-{p}\"\nuri = \"test://{p}\"\nmax_fps = {fps}\n\n")
+        })
+        .collect()
 }
