@@ -686,6 +686,20 @@ impl Collector for PipelineCollector {
                 Some(&Unit::Bytes),
                 &per_node(&|n| n.bytes_sent as f64),
             )?;
+            counters(
+                e,
+                "poolpipe_node_taken",
+                "Bytes another node took straight from the nodes that held its batches' activations.",
+                Some(&Unit::Bytes),
+                &per_node(&|n| n.bytes_direct as f64),
+            )?;
+            counters(
+                e,
+                "poolpipe_node_answered",
+                "Bytes of another node's answers.",
+                Some(&Unit::Bytes),
+                &per_node(&|n| n.bytes_back as f64),
+            )?;
         }
         gpu_gauges(e, &crate::gpu::telemetry())
     }

@@ -238,14 +238,23 @@ fn a_cut_goes_from_node_to_node_without_passing_through_the_front() {
     assert_mostly_published(s);
     // The cut (about 2.2 MB a frame) went from n2 to n3 alone; the front sent n3 headers and
     // got headers back from n2.
-    assert!(*to_tail < 20_000, "{to_tail} bytes a frame from the front to n3: {s}");
-    assert!(*direct > 2_000_000, "{direct} bytes a frame from n2 to n3: {s}");
+    assert!(
+        *to_tail < 20_000,
+        "{to_tail} bytes a frame from the front to n3: {s}"
+    );
+    assert!(
+        *direct > 2_000_000,
+        "{direct} bytes a frame from n2 to n3: {s}"
+    );
     assert!(*back < 20_000, "{back} bytes a frame back from n2: {s}");
     // Every output n2 held was handed over once, to n3; none was left to expire.
     let held = n2h["held"].as_u64().unwrap();
     assert!(held > 0, "{n2h}");
     assert_eq!(n2h["given"], n3h["taken"], "{n2h} {n3h}");
-    assert_eq!(n2h["given"].as_u64().unwrap() + n2h["expired"].as_u64().unwrap(), held);
+    assert_eq!(
+        n2h["given"].as_u64().unwrap() + n2h["expired"].as_u64().unwrap(),
+        held
+    );
     assert_eq!(n2h["expired"], 0, "{n2h}");
     assert_eq!(n3h["take_failed"], 0, "{n3h}");
     assert_eq!(

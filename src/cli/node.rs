@@ -352,13 +352,15 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
     };
     let limit = crate::cluster::message_limit(&p);
     let served_result = link::serve(
-        &a.name,
-        addr,
-        workers,
-        limit,
-        served.clone(),
-        fence,
-        store.clone(),
+        link::Serving {
+            node: &a.name,
+            addr,
+            workers,
+            limit,
+            served: served.clone(),
+            fence,
+            store: store.clone(),
+        },
         stopped,
     );
     stop.store(true, Ordering::SeqCst);

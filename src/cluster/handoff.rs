@@ -200,10 +200,7 @@ pub fn hold_outputs(
         .map(|f| {
             let (payload, bytes) = match &f.activation {
                 Some(a) => super::wire::tensor_bytes(a),
-                None if filler > 0 => (
-                    Payload::Filler { bytes: filler },
-                    Bytes::new(),
-                ),
+                None if filler > 0 => (Payload::Filler { bytes: filler }, Bytes::new()),
                 None => return None,
             };
             let key = store.hold(payload.clone(), bytes)?;
@@ -334,7 +331,10 @@ impl Takers {
         for payload in taken.payloads {
             let n = payload.bytes();
             if body.len() < n {
-                return Err(format!("an answer to a take is {} bytes short", n - body.len()));
+                return Err(format!(
+                    "an answer to a take is {} bytes short",
+                    n - body.len()
+                ));
             }
             out.push((payload, body.split_to(n)));
         }
@@ -475,7 +475,9 @@ mod tests {
     #[test]
     fn what_no_one_takes_expires() {
         let s = Store::new(1 << 20, Duration::from_millis(30));
-        let k = s.hold(Payload::Filler { bytes: 100 }, Bytes::new()).unwrap();
+        let k = s
+            .hold(Payload::Filler { bytes: 100 }, Bytes::new())
+            .unwrap();
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(s.take(&[k]), Err(k));
         assert_eq!(s.counters.expired.load(Ordering::Relaxed), 1);
@@ -508,17 +510,15 @@ mod tests {
         }));
         let mut inline = frame(2);
         inline.activation = Some(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[3]), 7.0));
-        let packet = wire::encode_batch(
-            ("tail", 0),
-            None,
-            &[inline, held],
-            Sends::Activation,
-            None,
-        );
+        let packet =
+            wire::encode_batch(("tail", 0), None, &[inline, held], Sends::Activation, None);
         let (packet, taken) = takers.resolve(packet).await.unwrap();
         assert_eq!(taken, 8);
         let (_, frames) = wire::decode_batch(packet).unwrap();
-        assert_eq!(frames[0].activation.as_ref().unwrap().as_slice().unwrap(), &[7.0; 3]);
+        assert_eq!(
+            frames[0].activation.as_ref().unwrap().as_slice().unwrap(),
+            &[7.0; 3]
+        );
         assert_eq!(
             frames[1].activation.as_ref().unwrap().as_slice().unwrap(),
             &[0.5, -1.5]
@@ -548,11 +548,7 @@ mod tests {
         assert_eq!(err.node, "a");
         assert!(!err.why.is_empty());
         assert_eq!(
-            takers
-                .store()
-                .counters
-                .take_failed
-                .load(Ordering::Relaxed),
+            takers.store().counters.take_failed.load(Ordering::Relaxed),
             1
         );
     }

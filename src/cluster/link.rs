@@ -573,7 +573,10 @@ impl Answered {
                             .lost
                             .fetch_add(frames.len() as u64, Ordering::Relaxed);
                     }
-                    Err(StageError::Lost(format!("on node `{}`: {error}", peer.name)))
+                    Err(StageError::Lost(format!(
+                        "on node `{}`: {error}",
+                        peer.name
+                    )))
                 }
                 // The node is up: it ran the batch and its engine failed, or it runs no such
                 // worker (an epoch it has not applied), or it refused the batch because another
@@ -1021,7 +1024,10 @@ async fn receive_all(
 /// held the batch since it was `received` (waiting for the batch before it, and running it):
 /// the front counts the rest of the round trip as link time.
 async fn run_batch(svc: &LinkService, received: Received) -> Result<Packet, Status> {
-    let Received { batch, at: received } = received;
+    let Received {
+        batch,
+        at: received,
+    } = received;
     let (packet, taken) = match batch {
         Ok(b) => b,
         // Its frames are lost with what the other node held for them.
@@ -1064,7 +1070,11 @@ async fn run_batch(svc: &LinkService, received: Received) -> Result<Packet, Stat
             "this node runs no worker {} of stage `{}`",
             h.worker, h.stage
         );
-        return Ok(wire::encode_done(&mut frames, &before, answer(Some(why), 0)));
+        return Ok(wire::encode_done(
+            &mut frames,
+            &before,
+            answer(Some(why), 0),
+        ));
     };
     let (served, fence) = (svc.served.clone(), svc.fence.clone());
     let (node, store) = (svc.node.clone(), svc.takers.store().clone());
@@ -1112,19 +1122,33 @@ async fn run_batch(svc: &LinkService, received: Received) -> Result<Packet, Stat
     .map_err(|e| Status::internal(format!("worker panicked: {e}")))
 }
 
-/// Serves `workers` on `addr` until `stop` resolves. Messages up to `limit` bytes. With a
-/// `fence`, batches from a front that does not hold the front lease are refused. Activations
-/// held for the nodes of next stages are kept in `store`.
+/// What a node serves: node `node`'s `workers`, on `addr`, in messages up to `limit` bytes,
+/// counting what it did in `served`. With a `fence`, batches from a front that does not hold the
+/// front lease are refused. Activations held for the nodes of next stages are kept in `store`.
+pub struct Serving<'a> {
+    pub node: &'a str,
+    pub addr: std::net::SocketAddr,
+    pub workers: Arc<NodeWorkers>,
+    pub limit: usize,
+    pub served: Arc<Served>,
+    pub fence: Option<Arc<Fence>>,
+    pub store: Arc<handoff::Store>,
+}
+
+/// Serves what `s` says until `stop` resolves.
 pub fn serve(
-    node: &str,
-    addr: std::net::SocketAddr,
-    workers: Arc<NodeWorkers>,
-    limit: usize,
-    served: Arc<Served>,
-    fence: Option<Arc<Fence>>,
-    store: Arc<handoff::Store>,
+    s: Serving<'_>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LinkError> {
+    let Serving {
+        node,
+        addr,
+        workers,
+        limit,
+        served,
+        fence,
+        store,
+    } = s;
     let rt = runtime()?;
     let svc = LinkService {
         node: node.into(),
@@ -1205,18 +1229,23 @@ mod tests {
             l.local_addr().unwrap()
         };
         let mut w = Workers::new();
-        w.insert((stage.to_string(), 0), Box::new(Affine) as Box<dyn StageRunner>);
+        w.insert(
+            (stage.to_string(), 0),
+            Box::new(Affine) as Box<dyn StageRunner>,
+        );
         let store = Arc::new(handoff::Store::new(1 << 20, ttl));
         let (name, s) = (name.to_string(), store.clone());
         std::thread::spawn(move || {
             serve(
-                &name,
-                addr,
-                NodeWorkers::new(w),
-                1 << 24,
-                Arc::default(),
-                None,
-                s,
+                Serving {
+                    node: &name,
+                    addr,
+                    workers: NodeWorkers::new(w),
+                    limit: 1 << 24,
+                    served: Arc::default(),
+                    fence: None,
+                    store: s,
+                },
                 std::future::pending(),
             )
         });
@@ -1225,7 +1254,9 @@ mod tests {
 
     fn frames(n: u64) -> Vec<Frame> {
         let img = Arc::new(Image::black(0, 0, PixelFormat::RGB));
-        (0..n).map(|i| Frame::new(0, i, img.clone(), i, i + 1_000_000_000)).collect()
+        (0..n)
+            .map(|i| Frame::new(0, i, img.clone(), i, i + 1_000_000_000))
+            .collect()
     }
 
     #[test]
@@ -1253,12 +1284,19 @@ mod tests {
         let mut batch = frames(3);
         let pending = head.submit(&batch, Some(0)).unwrap();
         pending(&mut batch).unwrap();
-        assert!(batch.iter().all(|f| f.activation.is_none() && f.held.is_some()));
+        assert!(
+            batch
+                .iter()
+                .all(|f| f.activation.is_none() && f.held.is_some())
+        );
         assert_eq!(a_store.size(), 3 * 4 * 4);
         tail.run(&mut batch).unwrap();
         // 2(2*1+1)+1: the tail ran on the head's output, taken from a.
         for f in &batch {
-            assert_eq!(f.activation.as_ref().unwrap().as_slice().unwrap(), &[7.0; 4]);
+            assert_eq!(
+                f.activation.as_ref().unwrap().as_slice().unwrap(),
+                &[7.0; 4]
+            );
             assert!(f.held.is_none());
         }
         assert_eq!(a_store.size(), 0);
@@ -1270,7 +1308,11 @@ mod tests {
         // Not reserved on a node (unknown next worker): the outputs come back here.
         let mut batch = frames(2);
         head.submit(&batch, None).unwrap()(&mut batch).unwrap();
-        assert!(batch.iter().all(|f| f.held.is_none() && f.activation.is_some()));
+        assert!(
+            batch
+                .iter()
+                .all(|f| f.held.is_none() && f.activation.is_some())
+        );
 
         // Held on a, and dropped there before b takes them (held too long): b answers, and the
         // frames are lost on a. (A holder that does not answer at all: see `handoff`'s tests.)

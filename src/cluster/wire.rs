@@ -748,7 +748,11 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(p.body.len(), 8, "only the activation not held is in the body");
+        assert_eq!(
+            p.body.len(),
+            8,
+            "only the activation not held is in the body"
+        );
         let mut front = vec![frame(0, 1), frame(0, 2)];
         front[0].activation = Some(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[1]), 0.0));
         let ran = apply_done(p, &mut front, "10.0.0.2:7000").unwrap().unwrap();

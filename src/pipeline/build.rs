@@ -92,8 +92,8 @@ pub(super) fn build_engines(
         for w in 0..s.workers {
             match s.remote_node(w, p.cluster.as_ref()) {
                 Some(node) => {
-                    let remote = peers
-                        .and_then(|ps| ps.runner(node, &s.name, w, carries, onward.clone()));
+                    let remote =
+                        peers.and_then(|ps| ps.runner(node, &s.name, w, carries, onward.clone()));
                     pool.push(remote.ok_or_else(|| {
                         PipelineError::Cluster(format!(
                             "stage `{}` worker {w} runs on node `{node}`, which this process has no link to",
