@@ -291,8 +291,8 @@ impl Takers {
             .map_err(|e| format!("`{addr}` is not an address: {e}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
-            .initial_stream_window_size(super::link::STREAM_WINDOW)
-            .initial_connection_window_size(super::link::CONNECTION_WINDOW)
+            .initial_stream_window_size(super::wire::STREAM_WINDOW)
+            .initial_connection_window_size(super::wire::CONNECTION_WINDOW)
             .connect_lazy();
         channels.insert(addr.to_string(), c.clone());
         Ok(c)

@@ -34,7 +34,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::handoff::{self, Takers};
-use super::wire::{self, Packet, PacketCodec, Sends};
+use super::wire::{self, CONNECTION_WINDOW, Packet, PacketCodec, STREAM_WINDOW, Sends};
 use crate::engine::{Pending, StageError, StageRunner};
 use crate::frame::Frame;
 use crate::stats::NodeCounters;
@@ -45,9 +45,6 @@ pub const PING_EVERY: Duration = Duration::from_millis(250);
 pub const PING_TIMEOUT: Duration = Duration::from_millis(400);
 /// Missed pings after which a peer is down.
 pub const MISSES: u32 = 2;
-/// HTTP/2 flow-control window of one stream: room for a batch of large activations in flight.
-pub(super) const STREAM_WINDOW: u32 = 32 << 20;
-pub(super) const CONNECTION_WINDOW: u32 = 64 << 20;
 
 const RUN: &str = "/poolpipe.Link/Run";
 const PING: &str = "/poolpipe.Link/Ping";

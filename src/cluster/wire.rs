@@ -25,6 +25,10 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use crate::clock::Nanos;
 use crate::frame::{Frame, Image, PixelFormat, StageOutput};
 
+/// HTTP/2 flow-control window of one stream: room for a batch of large activations in flight.
+pub(super) const STREAM_WINDOW: u32 = 32 << 20;
+pub(super) const CONNECTION_WINDOW: u32 = 64 << 20;
+
 /// One message: a JSON header and the bytes it describes.
 #[derive(Debug, Clone, Default)]
 pub struct Packet {
