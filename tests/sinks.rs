@@ -161,6 +161,19 @@ fn run_with_outage(
     runner.join().unwrap()
 }
 
+/// The outage runs (2 x 150 live frames at 50 fps) publish what they ingest, all but a few
+/// frames a loaded machine's sources may drop (counted): the sink must deliver every result
+/// published (`published`, the ground-truth file's), whatever that number is.
+fn assert_published_nearly_all(summary: &Value, published: usize) {
+    let streams = summary["streams"].as_array().unwrap();
+    let total = |k: &str| streams.iter().map(|s| n(s, k)).sum::<u64>();
+    assert_eq!(total("published"), published as u64, "{summary}");
+    assert!(
+        published >= 290,
+        "only {published} of 300 published: {summary}"
+    );
+}
+
 /// The sink's counters from a summary.
 fn sink_counters(summary: &Value, name: &str) -> Value {
     summary["sinks"]
@@ -425,13 +438,13 @@ fn mqtt_outage_buffers_and_delivers_everything_after_the_broker_returns() {
     // is stopped with SIGTERM (for poolpipe the outage looks the same: refused connections).
     let (summary, stderr) = run_with_outage(&p, &mut broker, 800, 1200, true);
     let truth = truth(dir.path());
-    assert_eq!(truth.len(), 300);
+    assert_published_nearly_all(&summary, truth.len());
     let got = sub.finish(truth.len());
     let dups = check_received(&got, &truth, false);
     let (delivered, dropped, resent) = sink_balance(&summary, "mqtt");
     assert_eq!(
         (delivered, dropped),
-        (300, 0),
+        (truth.len() as u64, 0),
         "{}",
         sink_counters(&summary, "mqtt")
     );
@@ -586,9 +599,10 @@ fn redis_streams_get_every_result_and_survive_an_outage() {
     let p = pipeline(dir.path(), 150, 50, &redis_sink(broker.port, ""));
     let (summary, _) = run_with_outage(&p, &mut broker, 800, 1200, false);
     let t = truth(dir.path());
+    assert_published_nearly_all(&summary, t.len());
     let dups = check_received(&redis_entries(broker.port), &t, false);
     let (delivered, dropped, resent) = sink_balance(&summary, "redis");
-    assert_eq!((delivered, dropped), (300, 0));
+    assert_eq!((delivered, dropped), (t.len() as u64, 0));
     assert!(dups as u64 <= resent, "{dups} duplicates, {resent} counted");
     assert!(n(&sink_counters(&summary, "redis"), "retries") > 0);
 }
@@ -696,8 +710,9 @@ fn nats_jetstream_gets_every_result_once_even_across_an_outage() {
     let got = jetstream_messages(broker.port, "CAMS");
     // The message ids let JetStream drop the resends: exactly once in the stream.
     check_received(&got, &t, true);
+    assert_published_nearly_all(&summary, t.len());
     let (delivered, dropped, _) = sink_balance(&summary, "nats");
-    assert_eq!((delivered, dropped), (300, 0));
+    assert_eq!((delivered, dropped), (t.len() as u64, 0));
     assert!(n(&sink_counters(&summary, "nats"), "retries") > 0);
 }
 
