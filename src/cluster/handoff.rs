@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-use super::wire::{BatchHeader, Packet, PacketCodec, Payload};
+use super::wire::{Packet, PacketCodec, Payload};
 
 /// How long a node holds an activation for the next node, at most: longer than any deadline.
 pub const HOLD_FOR: Duration = Duration::from_secs(5);
@@ -341,37 +341,36 @@ impl Takers {
         Ok(out)
     }
 
-    /// The batch `p` with the activations other nodes hold for it in place (taken from them),
-    /// and the bytes taken; `p` itself where it has none.
-    pub async fn resolve(&self, p: Packet) -> Result<(Packet, u64), TakeFailed> {
-        // Most batches hold nothing elsewhere: those are not parsed twice.
-        if !p.header.windows(6).any(|w| w == b"\"held\"") {
-            return Ok((p, 0));
-        }
-        let fail = |node: &str, why: String| TakeFailed {
-            node: node.to_string(),
-            why,
-        };
-        let mut h: BatchHeader = match serde_json::from_slice(&p.header) {
-            Ok(h) => h,
-            // The batch fails to decode later, with its reason.
-            Err(_) => return Ok((p, 0)),
-        };
-        // The keys to take, by holder.
-        let mut wanted: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
-        for f in &h.frames {
-            if let Payload::Held {
-                node, addr, key, ..
-            } = &f.payload
-            {
+    /// Takes the activations other nodes hold for `frames` (those with [`Frame::held`]) from
+    /// them, or from this node's own store, and puts them on the frames; returns the bytes
+    /// taken.
+    ///
+    /// [`Frame::held`]: crate::frame::Frame::held
+    pub async fn take_held(&self, frames: &mut [crate::frame::Frame]) -> Result<u64, TakeFailed> {
+        // The frames to take for, by holder.
+        let mut wanted: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+        for (i, f) in frames.iter().enumerate() {
+            if let Some(h) = &f.held {
                 wanted
-                    .entry((node.clone(), addr.clone()))
+                    .entry((h.node.clone(), h.addr.clone()))
                     .or_default()
-                    .push(*key);
+                    .push(i);
             }
         }
-        let mut got: HashMap<u64, (Payload, Bytes)> = HashMap::new();
-        for ((node, addr), keys) in wanted {
+        let counters = &self.store.counters;
+        let mut taken_bytes = 0u64;
+        for ((node, addr), at) in wanted {
+            let fail = |why: String| {
+                counters.take_failed.fetch_add(1, Ordering::Relaxed);
+                TakeFailed {
+                    node: node.clone(),
+                    why,
+                }
+            };
+            let keys: Vec<u64> = at
+                .iter()
+                .filter_map(|&i| frames[i].held.as_ref().map(|h| h.key))
+                .collect();
             let taken = if node == self.me {
                 self.store.take(&keys).map_err(|k| {
                     format!("nothing held under key {k} (taken, or held longer than {HOLD_FOR:?})")
@@ -379,59 +378,27 @@ impl Takers {
             } else {
                 self.take_from(&addr, keys.clone()).await
             }
-            .map_err(|why| {
-                self.store
-                    .counters
-                    .take_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                fail(&node, why)
-            })?;
+            .map_err(fail)?;
             if taken.len() != keys.len() {
-                return Err(fail(
-                    &node,
-                    format!("{} activations for {} keys", taken.len(), keys.len()),
-                ));
+                return Err(fail(format!(
+                    "{} activations for {} keys",
+                    taken.len(),
+                    keys.len()
+                )));
             }
-            got.extend(keys.into_iter().zip(taken));
-        }
-        // The body again, the taken activations where their keys were.
-        let mut old = p.body;
-        let mut body = BytesMut::new();
-        let mut taken_bytes = 0u64;
-        for f in &mut h.frames {
-            let held_key = match &f.payload {
-                Payload::Held { key, .. } => Some(*key),
-                _ => None,
-            };
-            match held_key {
-                Some(key) => {
-                    let (payload, bytes) = got.remove(&key).expect("every key was taken above");
-                    taken_bytes += bytes.len() as u64;
-                    body.put_slice(&bytes);
-                    f.payload = payload;
-                }
-                None => {
-                    let n = f.payload.bytes().min(old.len());
-                    body.put_slice(&old.split_to(n));
-                }
+            for (&i, (payload, bytes)) in at.iter().zip(taken) {
+                taken_bytes += bytes.len() as u64;
+                super::wire::put_taken(&mut frames[i], &payload, bytes)
+                    .map_err(|e| fail(e.to_string()))?;
             }
+            counters
+                .taken
+                .fetch_add(keys.len() as u64, Ordering::Relaxed);
         }
-        let c = &self.store.counters;
-        c.taken.fetch_add(
-            h.frames
-                .iter()
-                .filter(|f| !matches!(f.payload, Payload::None))
-                .count() as u64,
-            Ordering::Relaxed,
-        );
-        c.bytes_taken.fetch_add(taken_bytes, Ordering::Relaxed);
-        Ok((
-            Packet {
-                header: Bytes::from(serde_json::to_vec(&h).expect("serialises")),
-                body: body.freeze(),
-            },
-            taken_bytes,
-        ))
+        counters
+            .bytes_taken
+            .fetch_add(taken_bytes, Ordering::Relaxed);
+        Ok(taken_bytes)
     }
 }
 
@@ -512,9 +479,9 @@ mod tests {
         inline.activation = Some(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[3]), 7.0));
         let packet =
             wire::encode_batch(("tail", 0), None, &[inline, held], Sends::Activation, None);
-        let (packet, taken) = takers.resolve(packet).await.unwrap();
+        let (_, mut frames) = wire::decode_holding(packet).unwrap();
+        let taken = takers.take_held(&mut frames).await.unwrap();
         assert_eq!(taken, 8);
-        let (_, frames) = wire::decode_batch(packet).unwrap();
         assert_eq!(
             frames[0].activation.as_ref().unwrap().as_slice().unwrap(),
             &[7.0; 3]
@@ -523,7 +490,9 @@ mod tests {
             frames[1].activation.as_ref().unwrap().as_slice().unwrap(),
             &[0.5, -1.5]
         );
-        assert_eq!(store.counters.taken.load(Ordering::Relaxed), 2);
+        assert!(frames.iter().all(|f| f.held.is_none()));
+        // One activation was taken (the other came in the batch).
+        assert_eq!(store.counters.taken.load(Ordering::Relaxed), 1);
         assert_eq!(store.counters.bytes_taken.load(Ordering::Relaxed), 8);
     }
 
@@ -544,7 +513,8 @@ mod tests {
             bytes: 10,
         }));
         let packet = wire::encode_batch(("tail", 0), None, &[f], Sends::Filler(10), None);
-        let err = takers.resolve(packet).await.unwrap_err();
+        let (_, mut frames) = wire::decode_holding(packet).unwrap();
+        let err = takers.take_held(&mut frames).await.unwrap_err();
         assert_eq!(err.node, "a");
         assert!(!err.why.is_empty());
         assert_eq!(

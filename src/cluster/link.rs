@@ -955,7 +955,7 @@ impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
             // while this one runs, and no further: the rest waits in the stream's HTTP/2 window,
             // which holds the front.
             let (ready_tx, mut ready) = tokio::sync::mpsc::channel::<Received>(1);
-            tokio::spawn(receive_all(inbound, svc.takers.clone(), ready_tx));
+            tokio::spawn(receive_all(inbound, svc.clone(), ready_tx));
             tokio::spawn(async move {
                 while let Some(batch) = ready.recv().await {
                     let answer = run_batch(&svc, batch).await;
@@ -973,19 +973,33 @@ impl tower_service::Service<Request<Streaming<Packet>>> for RunHandler {
     }
 }
 
-/// A batch as received: its packet (with the activations taken from the nodes that held them)
-/// and the bytes taken, or the node whose activations could not be taken; and when it was
-/// received.
+/// A batch as received (decoded, with the activations other nodes held for it taken), and when.
 struct Received {
-    batch: Result<(Packet, u64), (Packet, handoff::TakeFailed)>,
+    batch: Result<Decoded, NotReady>,
     at: std::time::Instant,
+}
+
+/// A decoded batch with every activation on its frames, and the bytes taken for it.
+struct Decoded {
+    header: wire::BatchHeader,
+    frames: Vec<Frame>,
+    taken: u64,
+}
+
+/// Why a batch cannot run.
+enum NotReady {
+    /// The message is not a batch (the stream fails).
+    Malformed(String),
+    /// The activations another node held for it could not be taken (its frames are lost).
+    Lost(wire::BatchHeader, handoff::TakeFailed),
 }
 
 /// Receives a stream's batches one at a time: the next only once the one before has been
 /// started (the `ready` slot is free), so that one batch at most waits here while one runs.
+/// Decoding it and taking what other nodes hold for it overlap the batch that runs.
 async fn receive_all(
     mut inbound: Streaming<Packet>,
-    takers: Arc<Takers>,
+    svc: LinkService,
     ready: tokio::sync::mpsc::Sender<Received>,
 ) {
     loop {
@@ -1000,16 +1014,20 @@ async fn receive_all(
                 return;
             }
         };
-        let header = p.header.clone();
-        let batch = takers.resolve(p).await.map_err(|e| {
-            (
-                Packet {
+        svc.served
+            .bytes_in
+            .fetch_add((p.header.len() + p.body.len()) as u64, Ordering::Relaxed);
+        let batch = match wire::decode_holding(p) {
+            Err(e) => Err(NotReady::Malformed(e.to_string())),
+            Ok((header, mut frames)) => match svc.takers.take_held(&mut frames).await {
+                Ok(taken) => Ok(Decoded {
                     header,
-                    body: bytes::Bytes::new(),
-                },
-                e,
-            )
-        });
+                    frames,
+                    taken,
+                }),
+                Err(failed) => Err(NotReady::Lost(header, failed)),
+            },
+        };
         slot.send(Received {
             batch,
             at: std::time::Instant::now(),
@@ -1025,12 +1043,15 @@ async fn run_batch(svc: &LinkService, received: Received) -> Result<Packet, Stat
         batch,
         at: received,
     } = received;
-    let (packet, taken) = match batch {
+    let Decoded {
+        header: h,
+        mut frames,
+        taken,
+    } = match batch {
         Ok(b) => b,
+        Err(NotReady::Malformed(e)) => return Err(Status::invalid_argument(e)),
         // Its frames are lost with what the other node held for them.
-        Err((packet, failed)) => {
-            let h: wire::BatchHeader = serde_json::from_slice(&packet.header)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Err(NotReady::Lost(h, failed)) => {
             tracing::warn!(stage = %h.stage, worker = h.worker, holder = %failed.node, why = %failed.why, "The batch's activations could not be taken: its frames are lost.");
             let why = format!(
                 "the activations node `{}` held for the batch could not be taken: {}",
@@ -1047,12 +1068,6 @@ async fn run_batch(svc: &LinkService, received: Received) -> Result<Packet, Stat
             ));
         }
     };
-    svc.served.bytes_in.fetch_add(
-        (packet.header.len() + packet.body.len()) as u64,
-        Ordering::Relaxed,
-    );
-    let (h, mut frames) =
-        wire::decode_batch(packet).map_err(|e| Status::invalid_argument(e.to_string()))?;
     let before: Vec<usize> = frames.iter().map(|f| f.outputs.len()).collect();
     let answer = move |error: Option<String>, ran_ns| wire::Answer {
         error,

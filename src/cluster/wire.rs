@@ -355,6 +355,30 @@ pub fn encode_batch(
     }
 }
 
+/// Where a frame's activation (`of`) is held: on `node`, at `addr`, under `key`.
+fn held_at(node: String, addr: String, key: u64, of: &Payload) -> crate::frame::Held {
+    crate::frame::Held {
+        node,
+        addr,
+        key,
+        shape: match of {
+            Payload::Tensor { shape, .. } => Some(shape.clone()),
+            _ => None,
+        },
+        bytes: of.size() as u64,
+    }
+}
+
+/// Puts an activation taken from the node that held it (`payload` and its `bytes`) on `f`:
+/// a tensor becomes its activation; filler stands for one and leaves nothing.
+pub fn put_taken(f: &mut Frame, payload: &Payload, mut bytes: Bytes) -> Result<(), WireError> {
+    if let Payload::Tensor { shape, .. } = payload {
+        f.activation = Some(take_tensor(&mut bytes, shape)?);
+    }
+    f.held = None;
+    Ok(())
+}
+
 fn held_payload(h: &crate::frame::Held) -> Payload {
     Payload::Held {
         node: h.node.clone(),
@@ -372,6 +396,20 @@ fn held_payload(h: &crate::frame::Held) -> Payload {
 
 /// Decodes a batch into its header and frames (an image-less frame gets an empty image).
 pub fn decode_batch(p: Packet) -> Result<(BatchHeader, Vec<Frame>), WireError> {
+    let (h, frames) = decode_holding(p)?;
+    if let Some(f) = frames.iter().find(|f| f.held.is_some()) {
+        let node = &f.held.as_ref().expect("found").node;
+        return Err(WireError(format!(
+            "frame {}/{}: its activation is still held on node `{node}`",
+            f.stream, f.seq
+        )));
+    }
+    Ok((h, frames))
+}
+
+/// [`decode_batch`], where a frame whose activation another node holds says where it is
+/// ([`Frame::held`]): the node takes it from there ([`super::handoff::Takers::take_held`]).
+pub fn decode_holding(p: Packet) -> Result<(BatchHeader, Vec<Frame>), WireError> {
     let mut h: BatchHeader =
         serde_json::from_slice(&p.header).map_err(|e| WireError(e.to_string()))?;
     let mut body = p.body;
@@ -401,13 +439,12 @@ pub fn decode_batch(p: Packet) -> Result<(BatchHeader, Vec<Frame>), WireError> {
                 f.image = Arc::new(Image::from_vec(*width, *height, *format, data));
             }
             Payload::Filler { .. } => body.advance(need),
-            // The node resolves these before it decodes the batch (see `super::handoff`).
-            Payload::Held { node, .. } => {
-                return Err(WireError(format!(
-                    "frame {}/{}: its activation is still held on node `{node}`",
-                    fh.stream, fh.seq
-                )));
-            }
+            Payload::Held {
+                node,
+                addr,
+                key,
+                of,
+            } => f.held = Some(Box::new(held_at(node.clone(), addr.clone(), *key, of))),
             Payload::None => {}
         }
         frames.push(f);
@@ -531,16 +568,7 @@ pub fn apply_done(
         f.activation = match d.payload {
             Payload::Tensor { shape, .. } => Some(take_tensor(&mut body, &shape)?),
             Payload::Held { node, key, of, .. } => {
-                f.held = Some(Box::new(crate::frame::Held {
-                    node,
-                    addr: addr.to_string(),
-                    key,
-                    shape: match *of {
-                        Payload::Tensor { ref shape, .. } => Some(shape.clone()),
-                        _ => None,
-                    },
-                    bytes: of.size() as u64,
-                }));
+                f.held = Some(Box::new(held_at(node, addr.to_string(), key, &of)));
                 None
             }
             Payload::Filler { bytes } => {
