@@ -207,38 +207,17 @@ pub fn cut_pipeline(
         let names: Vec<String> = nodes.iter().map(|(n, _)| format!("\"{n}\"")).collect();
         format!("nodes = [{}]\n", names.join(", "))
     };
-    let sources = test_sources(fps);
-    format!(
-        r#"[pipeline]
-name = "cut"
-slo_ms = 250
-bandwidth_gbps = {gbps}
-profiles = "{profiles}"
-
-{cluster}
-{sources}[[stage]]
-name = "head"
-device = "emulated:L4"
-profile = "wide_resnet101_2"
-blocks = [0, 5]
-max_batch = 4
-policy = "deadline"
-
-[[stage]]
-name = "tail"
-device = "emulated:T4"
-profile = "wide_resnet101_2"
-blocks = [5, 10]
-workers = {workers}
-max_batch = 4
-{placed}
-[[sink]]
-type = "jsonl"
-path = "{out}"
-"#,
-        profiles = profiles.display(),
-        workers = nodes.len().max(2),
-        out = out.display(),
+    cut_text(
+        profiles,
+        (gbps, fps, out),
+        Halves {
+            name: "cut",
+            slo_ms: 250,
+            cluster,
+            head: String::new(),
+            tails: nodes.len().max(2),
+            tail: placed,
+        },
     )
 }
 
@@ -254,19 +233,49 @@ pub fn node_to_node_pipeline(
     out: &std::path::Path,
     direct: bool,
 ) -> String {
+    cut_text(
+        profiles,
+        (gbps, fps, out),
+        Halves {
+            name: "direct",
+            slo_ms: 400,
+            cluster: format!(
+                "[cluster]\nfront = \"n1\"\nnodes = {{ n2 = \"{n2}\", n3 = \"{n3}\" }}\ndirect_links = {direct}\n"
+            ),
+            head: "nodes = [\"n2\"]\n".into(),
+            tails: 2,
+            tail: "nodes = [\"n3\", \"n3\"]\n".into(),
+        },
+    )
+}
+
+/// What differs between the lab's pipelines: the name, SLO, `[cluster]` section, the head's
+/// extra keys, the tail's workers and its extra keys.
+struct Halves {
+    name: &'static str,
+    slo_ms: u32,
+    cluster: String,
+    head: String,
+    tails: usize,
+    tail: String,
+}
+
+/// WideResNet-101-2 cut after block 5 (head on an emulated L4, tails on emulated T4s), two test
+/// sources at `fps` each, results to `out`, as `h` says.
+fn cut_text(
+    profiles: &std::path::Path,
+    (gbps, fps, out): (f64, u32, &std::path::Path),
+    h: Halves,
+) -> String {
     let sources = test_sources(fps);
     format!(
         r#"[pipeline]
-name = "direct"
-slo_ms = 400
+name = "{name}"
+slo_ms = {slo}
 bandwidth_gbps = {gbps}
 profiles = "{profiles}"
 
-[cluster]
-front = "n1"
-nodes = {{ n2 = "{n2}", n3 = "{n3}" }}
-direct_links = {direct}
-
+{cluster}
 {sources}[[stage]]
 name = "head"
 device = "emulated:L4"
@@ -274,21 +283,25 @@ profile = "wide_resnet101_2"
 blocks = [0, 5]
 max_batch = 4
 policy = "deadline"
-nodes = ["n2"]
-
+{head}
 [[stage]]
 name = "tail"
 device = "emulated:T4"
 profile = "wide_resnet101_2"
 blocks = [5, 10]
-workers = 2
+workers = {tails}
 max_batch = 4
-nodes = ["n3", "n3"]
-
+{tail}
 [[sink]]
 type = "jsonl"
 path = "{out}"
 "#,
+        name = h.name,
+        slo = h.slo_ms,
+        cluster = h.cluster,
+        head = h.head,
+        tails = h.tails,
+        tail = h.tail,
         profiles = profiles.display(),
         out = out.display(),
     )
