@@ -104,6 +104,10 @@ pub struct Frame {
     /// Where the activation is instead, in a cluster: the node that computed it holds it for the
     /// node of the next stage, which takes it from there (it does not pass through this process).
     pub held: Option<Box<Held>>,
+    /// Where the activation is instead when the engine that computed it kept it in its own
+    /// memory (a GPU's, or ONNX Runtime's on the CPU) for the next stage, whose engine reads it
+    /// from there: no copy to and from the host between the two.
+    pub kept: Option<Kept>,
     /// The route of its flow that it takes (index into the pipeline's routes), set when it is
     /// admitted.
     pub route: usize,
@@ -132,8 +136,58 @@ impl Frame {
             entered_stage: captured,
             activation: None,
             held: None,
+            kept: None,
             route: 0,
         }
+    }
+}
+
+/// A batch of activations an engine left where it computed them (see [`Frame::kept`]).
+pub trait KeptBatch: Send + Sync + std::fmt::Debug {
+    /// Samples in the batch.
+    fn len(&self) -> usize;
+    /// Whether the batch has no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The shape of one sample.
+    fn sample_shape(&self) -> &[usize];
+    /// A copy of sample `i` in host memory.
+    fn sample_to_host(&self, i: usize) -> Result<ndarray::ArrayD<f32>, String>;
+    /// The concrete type, for the engine that reads it.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// One frame's activation: sample `index` of a batch an engine kept.
+#[derive(Debug, Clone)]
+pub struct Kept {
+    /// The batch, shared by the frames that were computed together.
+    pub batch: Arc<dyn KeptBatch>,
+    /// The frame's sample in it.
+    pub index: usize,
+}
+
+impl Kept {
+    /// Every sample of `batch`, in order.
+    pub fn all(batch: &Arc<dyn KeptBatch>) -> Vec<Kept> {
+        (0..batch.len())
+            .map(|index| Kept {
+                batch: batch.clone(),
+                index,
+            })
+            .collect()
+    }
+
+    /// Whether `kept` are the samples of one batch, all of them, in order: the batch can be fed
+    /// to the next engine as it is.
+    pub fn whole_batch(kept: &[&Kept]) -> Option<Arc<dyn KeptBatch>> {
+        let first = kept.first()?;
+        let whole = first.batch.len() == kept.len()
+            && kept
+                .iter()
+                .enumerate()
+                .all(|(i, k)| k.index == i && Arc::ptr_eq(&k.batch, &first.batch));
+        whole.then(|| first.batch.clone())
     }
 }
 

@@ -522,22 +522,44 @@ fn the_detector_cut_into_two_stages_publishes_what_the_uncut_pipeline_publishes(
     let sample = require("samples/campus.mp4");
     require("engines/ppocr/det.blocks/manifest.json");
     let mut texts = Vec::new();
-    for stages in [
-        "[[stage]]\nname = \"det\"\nmodel = \"ppocr-det\"\nthreads = 1\n\n",
-        "[[stage]]\nname = \"det-head\"\nmodel = \"ppocr-det\"\nblocks = [0, 1]\nthreads = 1\n\n\
-         [[stage]]\nname = \"det\"\nmodel = \"ppocr-det\"\nblocks = [1, 2]\nthreads = 1\n\n",
+    let cut = "[[stage]]\nname = \"det-head\"\nmodel = \"ppocr-det\"\nblocks = [0, 1]\nthreads = 1\n\n\
+         [[stage]]\nname = \"det\"\nmodel = \"ppocr-det\"\nblocks = [1, 2]\nthreads = 1\n\n";
+    // Uncut; cut with the activation kept in ONNX Runtime's memory from one stage to the next
+    // (the default); cut with it copied to the host and back; both blocks chained in one stage
+    // (kept from block to block).
+    for (stages, keep) in [
+        (
+            "[[stage]]\nname = \"det\"\nmodel = \"ppocr-det\"\nthreads = 1\n\n",
+            true,
+        ),
+        (cut, true),
+        (cut, false),
+        (
+            "[[stage]]\nname = \"det\"\nmodel = \"ppocr-det\"\nblocks = [0, 2]\nthreads = 1\n\n",
+            true,
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
+        let head = header("split", 120_000);
+        let head = if keep {
+            head
+        } else {
+            head.replacen("\n\n", "\nkeep_activations = false\n\n", 1)
+        };
         let pipeline = format!(
-            "{}[[source]]\nname = \"cam\"\nuri = \"{}\"\npace = \"fast\"\n\n{stages}\
+            "{head}[[source]]\nname = \"cam\"\nuri = \"{}\"\npace = \"fast\"\n\n{stages}\
              [[stage]]\nname = \"ocr\"\nmodel = \"ppocr-rec\"\nthreads = 1\n\n{}",
-            header("split", 120_000),
             sample.display(),
             sink(dir.path())
         );
-        let (results, summary, _) = run_pipeline(dir.path(), &pipeline, &["--max-frames", "4"]);
+        let (results, summary, stderr) =
+            run_pipeline(dir.path(), &pipeline, &["--max-frames", "4"]);
         assert_balanced(&summary);
         assert_eq!(results.len(), 4, "{summary}");
+        assert!(
+            !stderr.contains("the plain way"),
+            "keeping activations never fell back to the host: {stderr}"
+        );
         let per_frame: Vec<(Vec<String>, Vec<f64>)> = results
             .iter()
             .map(|r| {
@@ -573,7 +595,7 @@ fn the_detector_cut_into_two_stages_publishes_what_the_uncut_pipeline_publishes(
         "{:?}",
         texts[0]
     );
-    for (uncut, cut) in texts[0].iter().zip(&texts[1]) {
+    for (uncut, cut) in texts.iter().skip(1).flat_map(|t| texts[0].iter().zip(t)) {
         assert_eq!(uncut.0, cut.0, "the same text");
         assert_eq!(uncut.1.len(), cut.1.len(), "the same boxes");
         for (a, b) in uncut.1.iter().zip(&cut.1) {

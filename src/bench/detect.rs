@@ -237,7 +237,7 @@ impl Drop for TempDir {
 
 /// The whole detect stage on `batch` frames of the sample's size, images/s.
 fn stage_images_per_s(spec: &config::StageSpec, batch: usize, iters: usize) -> anyhow::Result<f64> {
-    let mut runner = pipeline::stage::build_runner(spec, None, None, None)?;
+    let mut runner = pipeline::stage::build_runner(spec, None, None, None, false)?;
     let (w, h) = (768u32, 576u32);
     let pixels: Vec<u8> = (0..w as usize * h as usize * 3)
         .map(|i| ((i * 7) % 251) as u8)
@@ -255,6 +255,7 @@ fn stage_images_per_s(spec: &config::StageSpec, batch: usize, iters: usize) -> a
         stage_nanos: Vec::new(),
         entered_stage: 0,
         activation: None,
+        kept: None,
         held: None,
         route: 0,
     };

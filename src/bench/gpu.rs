@@ -43,6 +43,33 @@ pub struct ModelRow {
     pub throughput: Vec<(usize, f64, Option<f64>, Option<f64>)>,
 }
 
+/// A model cut in two, both blocks on the device: the activation kept there from one block to
+/// the next against copied to the host and back (as two stages do without
+/// `keep_activations`: out of the first block, a host array per frame, stacked, into the
+/// second).
+#[derive(Debug, Serialize)]
+pub struct CutReport {
+    /// Model file name.
+    pub model: String,
+    /// Bytes per frame crossing the cut.
+    pub cut_bytes: u64,
+    /// Per batch size: (batch, kept ms per batch, copied ms per batch, copied / kept), medians.
+    pub rows: Vec<(usize, f64, f64, f64)>,
+}
+
+/// A GPU session's batches through page-locked host buffers against ordinary memory.
+#[derive(Debug, Serialize)]
+pub struct StagingRow {
+    /// Model file name.
+    pub model: String,
+    /// Batch.
+    pub batch: usize,
+    /// Images/s through pinned buffers.
+    pub pinned: f64,
+    /// Images/s through ordinary memory.
+    pub ordinary: f64,
+}
+
 /// The report.
 #[derive(Debug, Serialize)]
 pub struct GpuReport {
@@ -50,6 +77,10 @@ pub struct GpuReport {
     pub device: String,
     /// One row per model.
     pub models: Vec<ModelRow>,
+    /// The first model cut in two (absent where it has no cut).
+    pub cut: Option<CutReport>,
+    /// Pinned against ordinary host buffers (GPU devices).
+    pub staging: Vec<StagingRow>,
 }
 
 fn load(model: &Path, gpu: Option<GpuSession>) -> anyhow::Result<OrtEngine> {
@@ -146,17 +177,125 @@ pub fn run(b: &GpuBench) -> anyhow::Result<GpuReport> {
             throughput.push((batch, ours, py, py.map(|p| ours / p)));
         }
         rows.push(ModelRow {
-            model: model
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            model: file_name(model),
             max_relative_difference: diff,
             throughput,
         });
     }
+    let mut staging = Vec::new();
+    if let Some(model) = b.models.first().filter(|_| b.device != "cpu") {
+        let mut pinned = load(model, session(max_batch)?)?;
+        let mut ordinary = load(model, session(max_batch)?)?.without_staging();
+        for &batch in &b.batches {
+            let x = input(&pinned, batch, b.hw)?;
+            staging.push(StagingRow {
+                model: file_name(model),
+                batch,
+                pinned: super::images_per_s(&mut pinned, &x, b.iters)?,
+                ordinary: super::images_per_s(&mut ordinary, &x, b.iters)?,
+            });
+        }
+    }
+    let cut = match b.models.first() {
+        Some(model) => cut_handoff(b, model, &session(max_batch)?)
+            .inspect_err(|e| eprintln!("no cut measured for {}: {e:#}", model.display()))
+            .ok(),
+        None => None,
+    };
     Ok(GpuReport {
         device: b.device.clone(),
         models: rows,
+        cut,
+        staging,
+    })
+}
+
+fn file_name(model: &Path) -> String {
+    model
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Median milliseconds of `f` over `iters` runs, after 3 unmeasured.
+fn median_ms(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = std::time::Instant::now();
+        f()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
+}
+
+/// Cuts `model` in two and times a batch through both blocks on the device, the activation
+/// kept there or copied through the host; the outputs of both ways must agree.
+fn cut_handoff(b: &GpuBench, model: &Path, gpu: &Option<GpuSession>) -> anyhow::Result<CutReport> {
+    let probe = load(model, None)?;
+    let sample: Vec<usize> = input(&probe, 1, b.hw)?.shape()[1..].to_vec();
+    drop(probe);
+    let dir = std::env::temp_dir().join(format!("poolpipe-bench-gpu-cut-{}", std::process::id()));
+    let result = cut_blocks(b, model, gpu, sample, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn cut_blocks(
+    b: &GpuBench,
+    model: &Path,
+    gpu: &Option<GpuSession>,
+    sample: Vec<usize>,
+    dir: &Path,
+) -> anyhow::Result<CutReport> {
+    use crate::engine::Feed;
+    use crate::frame::Kept;
+    use ndarray::Axis;
+    let cfg = crate::partition::split::RunConfig {
+        sample_shape: sample,
+        threads: 1,
+        optimize: true,
+    };
+    let m = crate::partition::split::split(model, 2, dir, &cfg)?;
+    let block = |i: usize| {
+        let g = gpu.clone().map(|g| GpuSession {
+            blocks: Some([i, i + 1]),
+            ..g
+        });
+        load(&dir.join(&m.blocks[i].file), g)
+    };
+    let (mut head, mut tail) = (block(0)?, block(1)?);
+    let mut rows = Vec::new();
+    for &batch in &b.batches {
+        let x = input(&head, batch, b.hw)?;
+        let kept_way =
+            |head: &mut OrtEngine, tail: &mut OrtEngine| -> anyhow::Result<Vec<ArrayD<f32>>> {
+                let k = Kept::all(&head.infer_keeping(Feed::Host(x.view()))?);
+                Ok(tail.infer_feed(Feed::Kept(&k.iter().collect::<Vec<_>>()))?)
+            };
+        let copied_way =
+            |head: &mut OrtEngine, tail: &mut OrtEngine| -> anyhow::Result<Vec<ArrayD<f32>>> {
+                let out = head.infer(x.view())?.swap_remove(0);
+                let frames: Vec<ArrayD<f32>> = out.outer_iter().map(|a| a.to_owned()).collect();
+                let views: Vec<_> = frames.iter().map(|a| a.view()).collect();
+                Ok(tail.infer(ndarray::stack(Axis(0), &views)?.view())?)
+            };
+        let diff = relative_difference(
+            &copied_way(&mut head, &mut tail)?,
+            &kept_way(&mut head, &mut tail)?,
+        );
+        anyhow::ensure!(diff < 1e-5, "kept and copied outputs differ by {diff:e}");
+        let kept = median_ms(b.iters, || kept_way(&mut head, &mut tail).map(drop))?;
+        let copied = median_ms(b.iters, || copied_way(&mut head, &mut tail).map(drop))?;
+        rows.push((batch, kept, copied, copied / kept));
+    }
+    Ok(CutReport {
+        model: file_name(model),
+        cut_bytes: m.blocks[0].cut_bytes,
+        rows,
     })
 }
 
@@ -181,6 +320,31 @@ pub fn table(r: &GpuReport) -> String {
                 ours,
                 py.map_or("-".into(), |p| format!("{p:.1}")),
                 ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+            );
+        }
+    }
+    if let Some(c) = &r.cut {
+        s += &format!(
+            "\n{} cut in two ({} bytes per frame cross the cut); ms per batch, medians\n{:>6} {:>12} {:>12} {:>8}\n",
+            c.model, c.cut_bytes, "batch", "kept", "copied", "ratio"
+        );
+        for (batch, kept, copied, ratio) in &c.rows {
+            s += &format!("{batch:>6} {kept:>12.3} {copied:>12.3} {ratio:>7.2}x\n");
+        }
+    }
+    if !r.staging.is_empty() {
+        s += &format!(
+            "\nhost buffers, images/s\n{:<34} {:>6} {:>10} {:>10} {:>8}\n",
+            "model", "batch", "pinned", "ordinary", "ratio"
+        );
+        for t in &r.staging {
+            s += &format!(
+                "{:<34} {:>6} {:>10.1} {:>10.1} {:>7.2}x\n",
+                t.model,
+                t.batch,
+                t.pinned,
+                t.ordinary,
+                t.pinned / t.ordinary
             );
         }
     }

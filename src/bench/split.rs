@@ -69,6 +69,7 @@ fn pipeline(
         slo: Duration::from_secs(600),
         onnxruntime: None,
         engine_cache: PathBuf::from("engines/trt-cache"),
+        keep_activations: true,
         sources: vec![SourceSpec {
             name: "pattern".into(),
             decode: Default::default(),

@@ -95,7 +95,7 @@ pub fn build_engines(a: &BuildEnginesArgs) -> Result<(), CliError> {
         let g = crate::pipeline::stage::gpu_session(s, w, &p.engine_cache);
         let device = g.as_ref().map(gpu::GpuSession::device).unwrap_or_default();
         let started = Instant::now();
-        crate::pipeline::stage::build_runner(s, p.onnxruntime.as_deref(), None, g)
+        crate::pipeline::stage::build_runner(s, p.onnxruntime.as_deref(), None, g, false)
             .map_err(|e| CliError::Runtime(format!("stage `{}` on {device}: {e}", s.name)))?;
         bar.line(&format!(
             "stage {} on {device}: {:.1} s",

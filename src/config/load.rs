@@ -575,6 +575,7 @@ impl<'a> Validator<'_, 'a> {
                 Some(p) => self.resolve(p),
                 None => self.resolve(&h.engines_dir).join("trt-cache"),
             },
+            keep_activations: h.keep_activations,
             sources: sources?,
             outputs: outputs?,
             stages,

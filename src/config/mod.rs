@@ -57,6 +57,12 @@ pub struct PipelineSection {
     /// folder).
     #[serde(default)]
     pub engine_cache: Option<PathBuf>,
+    /// A stage that runs the first blocks of a cut model leaves each batch's activation where
+    /// its engine computed it (on its GPU, or in ONNX Runtime's host memory) when the next stage
+    /// runs in this process on the same side; `false` copies every activation to the host and
+    /// back.
+    #[serde(default = "yes")]
+    pub keep_activations: bool,
     /// Folder of latency profiles (see [`crate::profile`]) for emulated and profiled stages
     /// (else `--profiles`, `POOLPIPE_PROFILES`, or `profiles` in the engines folder).
     #[serde(default)]
@@ -637,6 +643,9 @@ pub struct Pipeline {
     pub onnxruntime: Option<PathBuf>,
     /// Folder of built TensorRT engines.
     pub engine_cache: PathBuf,
+    /// Cut models' activations stay where they were computed, for the next stage in this
+    /// process (`[pipeline] keep_activations`).
+    pub keep_activations: bool,
     /// Sources in file order; a frame's `stream` indexes this.
     pub sources: Vec<SourceSpec>,
     /// Stages in order.

@@ -15,7 +15,11 @@ mod runner;
 
 pub use runner::{Pending, StageError, StageRunner};
 
-use ndarray::{ArrayD, ArrayViewD};
+use std::sync::Arc;
+
+use ndarray::{ArrayD, ArrayViewD, Axis};
+
+use crate::frame::{Kept, KeptBatch};
 
 /// Name and shape of a model input or output; `-1` marks a dynamic dimension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +64,86 @@ pub enum EngineError {
     Gpu(#[from] crate::gpu::GpuError),
 }
 
+/// Where an engine computes, and so where the outputs it keeps are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Place {
+    /// Host memory.
+    Cpu,
+    /// The memory of GPU N.
+    Gpu(u32),
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Cpu => f.write_str("cpu"),
+            Place::Gpu(n) => write!(f, "gpu {n}"),
+        }
+    }
+}
+
+/// What a batch is fed from.
+#[derive(Debug, Clone)]
+pub enum Feed<'a> {
+    /// A tensor in host memory (the first dimension is the batch).
+    Host(ArrayViewD<'a, f32>),
+    /// Samples that engines kept where they computed them, one per frame of the batch.
+    Kept(&'a [&'a Kept]),
+}
+
+/// A batch in host memory kept for the next engine: what an engine that cannot keep its
+/// outputs elsewhere keeps.
+#[derive(Debug)]
+pub struct HostBatch(pub ArrayD<f32>);
+
+impl KeptBatch for HostBatch {
+    fn len(&self) -> usize {
+        self.0.shape().first().copied().unwrap_or(0)
+    }
+
+    fn sample_shape(&self) -> &[usize] {
+        self.0.shape().get(1..).unwrap_or(&[])
+    }
+
+    fn sample_to_host(&self, i: usize) -> Result<ArrayD<f32>, String> {
+        if i >= self.len() {
+            return Err(format!("sample {i} of a batch of {}", self.len()));
+        }
+        Ok(self.0.index_axis(Axis(0), i).to_owned())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The kept samples `kept`, stacked in host memory (one copy of each).
+pub fn kept_to_host(kept: &[&Kept]) -> Result<ArrayD<f32>, EngineError> {
+    let Some(first) = kept.first() else {
+        return Err(EngineError::Input("an empty batch".into()));
+    };
+    let sample = first.batch.sample_shape().to_vec();
+    let per: usize = sample.iter().product();
+    let mut flat = Vec::with_capacity(per * kept.len());
+    for k in kept {
+        if k.batch.sample_shape() != sample.as_slice() {
+            return Err(EngineError::Input(format!(
+                "activations of different shapes: {:?} and {:?}",
+                sample,
+                k.batch.sample_shape()
+            )));
+        }
+        let a = k
+            .batch
+            .sample_to_host(k.index)
+            .map_err(EngineError::Infer)?;
+        flat.extend(a.iter().copied());
+    }
+    let mut shape = vec![kept.len()];
+    shape.extend(sample);
+    ArrayD::from_shape_vec(shape, flat).map_err(|e| EngineError::Input(e.to_string()))
+}
+
 /// A loaded model that runs batches synchronously.
 pub trait Engine: Send {
     /// Inputs and outputs of the model.
@@ -82,6 +166,33 @@ pub trait Engine: Send {
     }
     /// A custom metadata value stored in the model file.
     fn metadata(&self, key: &str) -> Option<String>;
+
+    /// Where this engine computes, when it can keep its outputs there for another engine
+    /// (`None`: it gives them to the host).
+    fn place(&self) -> Option<Place> {
+        None
+    }
+
+    /// Runs one batch fed from the host or from samples engines kept, and returns every output
+    /// in host memory. Kept samples go through the host here; engines that read them where they
+    /// are say so.
+    fn infer_feed(&mut self, feed: Feed<'_>) -> Result<Vec<ArrayD<f32>>, EngineError> {
+        match feed {
+            Feed::Host(x) => self.infer(x),
+            Feed::Kept(k) => self.infer(kept_to_host(k)?.view()),
+        }
+    }
+
+    /// Runs one batch and keeps its first output for the next engine, where this engine
+    /// computed it (in host memory, here).
+    fn infer_keeping(&mut self, feed: Feed<'_>) -> Result<Arc<dyn KeptBatch>, EngineError> {
+        let out = self
+            .infer_feed(feed)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| EngineError::Infer("the model returned no outputs".into()))?;
+        Ok(Arc::new(HostBatch(out)))
+    }
 }
 
 /// An engine that computes nothing and returns no outputs.

@@ -1,14 +1,16 @@
 //! ONNX Runtime backend (`ort` crate, `load-dynamic`: the library is found at run time).
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-use ndarray::{ArrayD, ArrayViewD};
+use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::value::{TensorRef, ValueType};
+use ort::value::{DynTensor, DynTensorValueType, Tensor, TensorRef, ValueType};
 
-use super::{Engine, EngineError, EngineInfo, TensorInfo};
+use super::{Engine, EngineError, EngineInfo, Feed, Place, TensorInfo};
+use crate::frame::{Kept, KeptBatch};
 use crate::gpu::GpuSession;
 
 /// The file name `setup.sh` installs.
@@ -121,12 +123,241 @@ pub fn init(
 
 /// One ONNX Runtime session.
 pub struct OrtEngine {
+    /// Host buffers the batches go through (dropped before the session whose allocator made
+    /// them).
+    staging: Option<Staging>,
     /// The session (`run` needs `&mut`).
     session: Session,
     /// Name of the input fed with the batch.
     input: String,
     /// Inputs and outputs.
     info: EngineInfo,
+    /// Where the session computes.
+    place: Place,
+    /// Set once keeping an output, or reading kept ones where they are, failed where the plain
+    /// way worked: from then on this engine gives its outputs to the host.
+    keep_failed: bool,
+}
+
+/// Host buffers a GPU session's batches go through: page-locked (CUDA pinned) memory, which
+/// the GPU copies from and to directly and asynchronously, where ordinary memory would first be
+/// copied once more by the driver. The input buffer is reused from batch to batch.
+struct Staging {
+    /// The input batch's buffer, and its shape (dropped before its allocator).
+    buffer: Option<(Vec<usize>, Tensor<f32>)>,
+    /// Allocates the input buffer.
+    input: Allocator,
+    /// Where the outputs are written.
+    output: MemoryInfo<'static>,
+}
+
+impl Staging {
+    /// CUDA pinned memory of GPU `gpu`, from `session`'s allocators.
+    fn pinned(session: &Session, gpu: u32) -> ort::Result<Self> {
+        let id = gpu as i32;
+        Ok(Self {
+            buffer: None,
+            input: Allocator::new(
+                session,
+                MemoryInfo::new(
+                    AllocationDevice::CUDA_PINNED,
+                    id,
+                    AllocatorType::Device,
+                    MemoryType::CPUInput,
+                )?,
+            )?,
+            output: MemoryInfo::new(
+                AllocationDevice::CUDA_PINNED,
+                id,
+                AllocatorType::Device,
+                MemoryType::CPUOutput,
+            )?,
+        })
+    }
+
+    /// Ordinary host memory through the same steps (what a CPU session needs no staging for;
+    /// it exercises them where there is no GPU).
+    fn host() -> ort::Result<Self> {
+        Ok(Self {
+            buffer: None,
+            input: Allocator::default(),
+            output: cpu_memory()?,
+        })
+    }
+
+    /// The input buffer holding a copy of `x`, made anew only when the shape changes.
+    fn fill(&mut self, x: ArrayViewD<'_, f32>) -> ort::Result<&Tensor<f32>> {
+        if self
+            .buffer
+            .as_ref()
+            .is_none_or(|(shape, _)| shape.as_slice() != x.shape())
+        {
+            self.buffer = None;
+            let t = Tensor::<f32>::new(&self.input, x.shape().to_vec())?;
+            self.buffer = Some((x.shape().to_vec(), t));
+        }
+        let (shape, t) = self.buffer.as_mut().expect("made above");
+        let (_, data) = t.try_extract_tensor_mut::<f32>()?;
+        ArrayViewMutD::from_shape(shape.clone(), data)
+            .map_err(|e| ort::Error::new(e.to_string()))?
+            .assign(&x);
+        Ok(t)
+    }
+}
+
+/// Host memory as ONNX Runtime names it.
+fn cpu_memory() -> ort::Result<MemoryInfo<'static>> {
+    MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
+}
+
+/// The memory of `place` as ONNX Runtime names it.
+fn memory_of(place: Place) -> ort::Result<MemoryInfo<'static>> {
+    match place {
+        Place::Cpu => cpu_memory(),
+        Place::Gpu(n) => MemoryInfo::new(
+            AllocationDevice::CUDA,
+            n as i32,
+            AllocatorType::Device,
+            MemoryType::Default,
+        ),
+    }
+}
+
+/// A batch output ONNX Runtime kept in the memory of the device that computed it; the next
+/// stage's session reads it there.
+pub struct KeptValue {
+    /// The tensor (the first dimension is the batch).
+    value: DynTensor,
+    /// Its shape.
+    shape: Vec<usize>,
+    /// Where it is.
+    place: Place,
+    /// A host copy, made once where some reader needs one.
+    host: OnceLock<Result<ArrayD<f32>, String>>,
+}
+
+impl std::fmt::Debug for KeptValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeptValue({:?} on {})", self.shape, self.place)
+    }
+}
+
+impl KeptValue {
+    fn new(value: DynTensor, place: Place) -> Self {
+        let shape = value.shape().iter().map(|&d| d.max(0) as usize).collect();
+        Self {
+            value,
+            shape,
+            place,
+            host: OnceLock::new(),
+        }
+    }
+
+    /// Where it is.
+    pub fn place(&self) -> Place {
+        self.place
+    }
+
+    fn download(&self) -> Result<ArrayD<f32>, String> {
+        let view = |v: &DynTensor| {
+            v.try_extract_array::<f32>()
+                .map(|a| a.to_owned())
+                .map_err(|e| e.to_string())
+        };
+        if self.value.memory_info().is_cpu_accessible() {
+            view(&self.value)
+        } else {
+            let on_host = self.value.to(AllocationDevice::CPU, 0).map_err(|e| {
+                format!(
+                    "copying a kept activation from {} to the host: {e}",
+                    self.place
+                )
+            })?;
+            view(&on_host)
+        }
+    }
+}
+
+impl KeptBatch for KeptValue {
+    fn len(&self) -> usize {
+        self.shape.first().copied().unwrap_or(0)
+    }
+
+    fn sample_shape(&self) -> &[usize] {
+        self.shape.get(1..).unwrap_or(&[])
+    }
+
+    fn sample_to_host(&self, i: usize) -> Result<ArrayD<f32>, String> {
+        if i >= self.len() {
+            return Err(format!("sample {i} of a batch of {}", self.len()));
+        }
+        let all = self
+            .host
+            .get_or_init(|| self.download())
+            .as_ref()
+            .map_err(Clone::clone)?;
+        Ok(all.index_axis(Axis(0), i).to_owned())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Copies the samples `kept` into one batch tensor in host memory (for a batch that is not one
+/// whole kept batch: other frames, another order). Samples in host memory are read where they
+/// are; samples on a GPU are copied to the host first (a GPU session then copies the batch to
+/// its GPU). ONNX Runtime cannot read a slice of a tensor in place: binding a borrowed view
+/// makes it clone the view, and in `ort` 2.0.0-rc.15 that clone deadlocks on its own lock.
+pub fn gather(kept: &[&Kept]) -> Result<Tensor<f32>, EngineError> {
+    let first = kept
+        .first()
+        .ok_or_else(|| EngineError::Input("an empty batch".into()))?;
+    let sample = first.batch.sample_shape().to_vec();
+    let per: usize = sample.iter().product();
+    let mut flat = Vec::with_capacity(per * kept.len());
+    for k in kept {
+        if k.batch.sample_shape() != sample.as_slice() {
+            return Err(EngineError::Input(format!(
+                "activations of different shapes: {:?} and {:?}",
+                sample,
+                k.batch.sample_shape()
+            )));
+        }
+        let in_place = k
+            .batch
+            .as_any()
+            .downcast_ref::<KeptValue>()
+            .filter(|v| k.index < v.len() && v.value.memory_info().is_cpu_accessible())
+            .and_then(|v| v.value.try_extract_tensor::<f32>().ok());
+        match in_place {
+            Some((_, data)) => flat.extend_from_slice(&data[k.index * per..(k.index + 1) * per]),
+            None => {
+                let a = k
+                    .batch
+                    .sample_to_host(k.index)
+                    .map_err(EngineError::Infer)?;
+                flat.extend(a.iter().copied());
+            }
+        }
+    }
+    let mut shape = vec![kept.len()];
+    shape.extend(sample);
+    Tensor::from_array((shape, flat))
+        .map_err(|e| EngineError::Infer(format!("gathering kept activations: {e}")))
+}
+
+/// What a bound run gives.
+enum Bound {
+    /// Every output, in host memory.
+    Host(Vec<ArrayD<f32>>),
+    /// The first output, where the session computed it.
+    Kept(DynTensor),
 }
 
 /// How to load an ONNX model.
@@ -240,11 +471,130 @@ impl OrtEngine {
                 .map(|i| i.name.clone())
                 .ok_or_else(|| load_err("the model has no inputs".into()))?,
         };
+        let place = cfg.gpu.as_ref().map_or(Place::Cpu, |g| Place::Gpu(g.index));
+        let staging = match place {
+            Place::Gpu(n) => Staging::pinned(&session, n)
+                .inspect_err(|e| tracing::warn!(model = %cfg.model.display(), error = %e, "No pinned host buffers for this GPU session: batches go through ordinary memory."))
+                .ok(),
+            Place::Cpu => None,
+        };
         Ok(Self {
+            staging,
             session,
             input,
             info,
+            place,
+            keep_failed: false,
         })
+    }
+
+    /// Sends batches through reused host buffers as a GPU session does (there page-locked),
+    /// here in ordinary memory: to run those steps where there is no GPU.
+    pub fn with_host_staging(mut self) -> Result<Self, EngineError> {
+        self.staging = Some(Staging::host().map_err(|e| EngineError::Runtime(e.to_string()))?);
+        Ok(self)
+    }
+
+    /// Sends a GPU session's batches through ordinary host memory (to measure what the pinned
+    /// buffers gain).
+    pub fn without_staging(mut self) -> Self {
+        self.staging = None;
+        self
+    }
+
+    /// Runs one batch with its input and outputs bound where they are and where they go: the
+    /// input from the host (through the staging buffer, if any) or from kept samples (read in
+    /// place when they are one whole batch kept on this session's device, else gathered onto
+    /// it); the first output kept on the device (`keep`), or every output to the host (into
+    /// staging memory, if any).
+    fn run_bound(&mut self, feed: Feed<'_>, keep: bool) -> Result<Bound, EngineError> {
+        let err = |e: ort::Error| EngineError::Infer(e.to_string());
+        let mut binding = self.session.create_binding().map_err(err)?;
+        let gathered;
+        match feed {
+            Feed::Host(x) => match self.staging.as_mut() {
+                Some(st) => binding
+                    .bind_input(&self.input, st.fill(x).map_err(err)?)
+                    .map_err(err)?,
+                None => {
+                    // An owned copy: a borrowed view would be cloned by the binding (see
+                    // `gather`).
+                    let t = Tensor::from_array(x.as_standard_layout().into_owned())
+                        .map_err(|e| EngineError::Input(e.to_string()))?;
+                    binding.bind_input(&self.input, &t).map_err(err)?;
+                }
+            },
+            Feed::Kept(kept) => {
+                let whole = Kept::whole_batch(kept);
+                match whole
+                    .as_ref()
+                    .and_then(|b| b.as_any().downcast_ref::<KeptValue>())
+                {
+                    // Read where it is: on this session's device, or on another GPU (ONNX
+                    // Runtime copies it device to device), or from the host to a GPU. A CPU
+                    // session cannot reach a GPU's memory.
+                    Some(v) if !(self.place == Place::Cpu && v.place != Place::Cpu) => {
+                        binding.bind_input(&self.input, &v.value).map_err(err)?
+                    }
+                    _ => {
+                        gathered = gather(kept)?;
+                        binding.bind_input(&self.input, &gathered).map_err(err)?;
+                    }
+                }
+            }
+        }
+        let first = self
+            .info
+            .outputs
+            .first()
+            .ok_or_else(|| EngineError::Infer("the model has no outputs".into()))?
+            .name
+            .clone();
+        if keep {
+            binding
+                .bind_output_to_device(&first, &memory_of(self.place).map_err(err)?)
+                .map_err(err)?;
+        } else {
+            let host = match &self.staging {
+                Some(st) => st.output.clone(),
+                None => cpu_memory().map_err(err)?,
+            };
+            for o in &self.info.outputs {
+                binding.bind_output_to_device(&o.name, &host).map_err(err)?;
+            }
+        }
+        let mut outputs = self.session.run_binding(&binding).map_err(err)?;
+        if keep {
+            let v = outputs
+                .remove(&first)
+                .ok_or_else(|| EngineError::Infer(format!("no output `{first}`")))?
+                .downcast::<DynTensorValueType>()
+                .map_err(err)?;
+            Ok(Bound::Kept(v))
+        } else {
+            owned(&outputs).map(Bound::Host)
+        }
+    }
+
+    /// The plain way: the batch in host memory, every output back to the host.
+    fn run_plain(&mut self, input: ArrayViewD<'_, f32>) -> Result<Vec<ArrayD<f32>>, EngineError> {
+        // ONNX Runtime reads a view in place only where it is contiguous.
+        let input = input.as_standard_layout();
+        let tensor = TensorRef::from_array_view(input.view())
+            .map_err(|e| EngineError::Input(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input.as_str() => tensor])
+            .map_err(|e| EngineError::Infer(e.to_string()))?;
+        owned(&outputs)
+    }
+
+    /// After `failed` (a bound run) the plain way worked: tells once, and runs the plain way from
+    /// then on.
+    fn give_up_binding(&mut self, what: &str, failed: &EngineError) {
+        tracing::warn!(place = %self.place, error = %failed, "{what} failed where the plain way worked: this engine's batches now go through ordinary host memory.");
+        self.staging = None;
+        self.keep_failed = true;
     }
 }
 
@@ -279,13 +629,18 @@ impl Engine for OrtEngine {
     }
 
     fn infer(&mut self, input: ArrayViewD<'_, f32>) -> Result<Vec<ArrayD<f32>>, EngineError> {
-        let tensor =
-            TensorRef::from_array_view(input).map_err(|e| EngineError::Input(e.to_string()))?;
-        let outputs = self
-            .session
-            .run(ort::inputs![self.input.as_str() => tensor])
-            .map_err(|e| EngineError::Infer(e.to_string()))?;
-        owned(&outputs)
+        if self.staging.is_none() {
+            return self.run_plain(input);
+        }
+        match self.run_bound(Feed::Host(input.view()), false) {
+            Ok(Bound::Host(out)) => Ok(out),
+            Ok(Bound::Kept(_)) => unreachable!("asked for host outputs"),
+            Err(e) => {
+                let out = self.run_plain(input)?;
+                self.give_up_binding("Staging the batch through pinned buffers", &e);
+                Ok(out)
+            }
+        }
     }
 
     fn infer_named(
@@ -310,5 +665,241 @@ impl Engine for OrtEngine {
 
     fn metadata(&self, key: &str) -> Option<String> {
         self.session.metadata().ok()?.custom(key)
+    }
+
+    fn place(&self) -> Option<Place> {
+        (!self.keep_failed).then_some(self.place)
+    }
+
+    fn infer_feed(&mut self, feed: Feed<'_>) -> Result<Vec<ArrayD<f32>>, EngineError> {
+        let kept = match feed {
+            Feed::Host(x) => return self.infer(x),
+            Feed::Kept(k) if self.keep_failed => return self.infer(super::kept_to_host(k)?.view()),
+            Feed::Kept(k) => k,
+        };
+        match self.run_bound(Feed::Kept(kept), false) {
+            Ok(Bound::Host(out)) => Ok(out),
+            Ok(Bound::Kept(_)) => unreachable!("asked for host outputs"),
+            Err(e) => {
+                let out = self.infer(super::kept_to_host(kept)?.view())?;
+                self.give_up_binding("Reading kept activations where they are", &e);
+                Ok(out)
+            }
+        }
+    }
+
+    fn infer_keeping(&mut self, feed: Feed<'_>) -> Result<Arc<dyn KeptBatch>, EngineError> {
+        let host = |out: Vec<ArrayD<f32>>| -> Result<Arc<dyn KeptBatch>, EngineError> {
+            let first = out
+                .into_iter()
+                .next()
+                .ok_or_else(|| EngineError::Infer("the model returned no outputs".into()))?;
+            Ok(Arc::new(super::HostBatch(first)))
+        };
+        if self.keep_failed {
+            let out = self.infer_feed(feed)?;
+            return host(out);
+        }
+        match self.run_bound(feed.clone(), true) {
+            Ok(Bound::Kept(v)) => Ok(Arc::new(KeptValue::new(v, self.place))),
+            Ok(Bound::Host(_)) => unreachable!("asked to keep the output"),
+            Err(e) => {
+                let plain = match feed {
+                    Feed::Host(x) => self.run_plain(x)?,
+                    Feed::Kept(k) => self.run_plain(super::kept_to_host(k)?.view())?,
+                };
+                self.give_up_binding("Keeping the output where it was computed", &e);
+                host(plain)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::engine::HostBatch;
+    use ndarray::{Array2, ArrayD};
+    use onnx_protobuf::{
+        GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto,
+        ValueInfoProto, tensor_shape_proto, type_proto,
+    };
+
+    /// Writes `y = a * x + b` (x: N x 4, float) as an ONNX model at `path`.
+    pub(crate) fn affine_model(path: &Path, a: f32, b: f32) {
+        let vi = |name: &str| {
+            let mut shape = onnx_protobuf::TensorShapeProto::new();
+            for d in [
+                tensor_shape_proto::dimension::Value::DimParam("N".into()),
+                tensor_shape_proto::dimension::Value::DimValue(4),
+            ] {
+                let mut dim = tensor_shape_proto::Dimension::new();
+                dim.value = Some(d);
+                shape.dim.push(dim);
+            }
+            let mut t = type_proto::Tensor::new();
+            t.elem_type = 1;
+            t.shape = Some(shape).into();
+            let mut tp = TypeProto::new();
+            tp.value = Some(type_proto::Value::TensorType(t));
+            let mut v = ValueInfoProto::new();
+            v.name = name.into();
+            v.type_ = Some(tp).into();
+            v
+        };
+        let scalar = |name: &str, x: f32| {
+            let mut t = TensorProto::new();
+            t.name = name.into();
+            t.data_type = 1;
+            t.float_data = vec![x];
+            t
+        };
+        let node = |op: &str, i: [&str; 2], o: &str| {
+            let mut n = NodeProto::new();
+            n.op_type = op.into();
+            n.input = i.iter().map(|s| s.to_string()).collect();
+            n.output = vec![o.into()];
+            n
+        };
+        let mut g = GraphProto::new();
+        g.name = "affine".into();
+        g.input = vec![vi("x")];
+        g.output = vec![vi("y")];
+        g.initializer = vec![scalar("a", a), scalar("b", b)];
+        g.node = vec![node("Mul", ["x", "a"], "ax"), node("Add", ["ax", "b"], "y")];
+        let mut m = ModelProto::new();
+        m.ir_version = 8;
+        let mut op = OperatorSetIdProto::new();
+        op.version = 13;
+        m.opset_import = vec![op];
+        m.graph = Some(g).into();
+        std::fs::write(path, m.write_to_bytes().unwrap()).unwrap();
+    }
+
+    /// A CPU engine of `y = a * x + b`.
+    pub(crate) fn affine(dir: &Path, a: f32, b: f32) -> OrtEngine {
+        let path = dir.join(format!("affine-{a}-{b}.onnx"));
+        affine_model(&path, a, b);
+        OrtEngine::load(&OrtConfig {
+            model: path,
+            input: None,
+            threads: 1,
+            library: None,
+            optimize: false,
+            spin: false,
+            gpu: None,
+        })
+        .unwrap()
+    }
+
+    fn batch(rows: usize) -> ArrayD<f32> {
+        Array2::from_shape_fn((rows, 4), |(i, j)| (4 * i + j) as f32).into_dyn()
+    }
+
+    fn values(a: &ArrayD<f32>) -> Vec<f32> {
+        a.iter().copied().collect()
+    }
+
+    #[test]
+    fn kept_outputs_feed_the_next_engine_in_place_gathered_or_through_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut head, mut tail) = (affine(dir.path(), 2.0, 1.0), affine(dir.path(), 3.0, 0.0));
+        assert_eq!(head.place(), Some(Place::Cpu));
+        let x = batch(3);
+        let kept = head.infer_keeping(Feed::Host(x.view())).unwrap();
+        let v = kept
+            .as_any()
+            .downcast_ref::<KeptValue>()
+            .expect("ONNX Runtime kept its output");
+        assert_eq!(v.place(), Place::Cpu);
+        assert_eq!((kept.len(), kept.sample_shape()), (3, &[4][..]));
+        assert_eq!(
+            values(&kept.sample_to_host(1).unwrap()),
+            vec![9.0, 11.0, 13.0, 15.0]
+        );
+        assert!(kept.sample_to_host(3).is_err());
+        let all = Kept::all(&kept);
+        let expect = |rows: &[usize]| -> Vec<f32> {
+            rows.iter()
+                .flat_map(|&r| (0..4).map(move |j| 3.0 * (2.0 * (4 * r + j) as f32 + 1.0)))
+                .collect()
+        };
+
+        // The whole batch, in order: read where it is.
+        let refs: Vec<&Kept> = all.iter().collect();
+        assert!(Kept::whole_batch(&refs).is_some());
+        let out = tail.infer_feed(Feed::Kept(&refs)).unwrap();
+        assert_eq!(values(&out[0]), expect(&[0, 1, 2]));
+
+        // Some of it, out of order: gathered into a new batch.
+        let some = [&all[2], &all[0]];
+        assert!(Kept::whole_batch(&some).is_none());
+        let out = tail.infer_feed(Feed::Kept(&some)).unwrap();
+        assert_eq!(values(&out[0]), expect(&[2, 0]));
+
+        // Mixed with a sample kept in host memory by an engine that cannot keep its own.
+        let host: Arc<dyn KeptBatch> = Arc::new(HostBatch(batch(2).mapv(|x| 2.0 * x + 1.0)));
+        let other = Kept::all(&host);
+        let mixed = [&other[1], &all[1]];
+        let out = tail.infer_feed(Feed::Kept(&mixed)).unwrap();
+        assert_eq!(values(&out[0]), expect(&[1, 1]));
+
+        // Kept in, kept out: three engines in a row without the host.
+        let again = tail.infer_keeping(Feed::Kept(&refs)).unwrap();
+        assert!(again.as_any().is::<KeptValue>());
+        let last = Kept::all(&again);
+        let out = head
+            .infer_feed(Feed::Kept(&last.iter().collect::<Vec<_>>()))
+            .unwrap();
+        let want: Vec<f32> = expect(&[0, 1, 2]).iter().map(|y| 2.0 * y + 1.0).collect();
+        assert_eq!(values(&out[0]), want);
+        assert!(
+            !tail.keep_failed && !head.keep_failed,
+            "nothing fell back to the plain way"
+        );
+    }
+
+    #[test]
+    fn kept_samples_of_different_shapes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tail = affine(dir.path(), 1.0, 0.0);
+        let a: Arc<dyn KeptBatch> = Arc::new(HostBatch(batch(1)));
+        let b: Arc<dyn KeptBatch> = Arc::new(HostBatch(ArrayD::zeros(ndarray::IxDyn(&[1, 5]))));
+        let (a, b) = (Kept::all(&a), Kept::all(&b));
+        let e = gather(&[&a[0], &b[0]]).unwrap_err();
+        assert!(e.to_string().contains("different shapes"), "{e}");
+        assert!(tail.infer_feed(Feed::Kept(&[&a[0], &b[0]])).is_err());
+    }
+
+    #[test]
+    fn batches_staged_through_reused_host_buffers_give_the_plain_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut plain = affine(dir.path(), 2.0, 1.0);
+        let mut staged = affine(dir.path(), 2.0, 1.0).with_host_staging().unwrap();
+        for rows in [3, 3, 1, 5] {
+            let x = batch(rows);
+            let want = plain.infer(x.view()).unwrap();
+            assert_eq!(staged.infer(x.view()).unwrap(), want, "batch of {rows}");
+            assert_eq!(
+                staged.staging.as_ref().unwrap().buffer.as_ref().unwrap().0,
+                vec![rows, 4],
+                "the buffer has the batch's shape"
+            );
+        }
+        // A view that is not contiguous in memory (every other column of a wider array).
+        let wide = Array2::from_shape_fn((2, 8), |(i, j)| (8 * i + j) as f32);
+        let x = wide.slice(ndarray::s![.., ..;2]).into_dyn();
+        assert!(!x.is_standard_layout());
+        let want = plain.infer(x.to_owned().view()).unwrap();
+        assert_eq!(staged.infer(x.view()).unwrap(), want);
+        assert_eq!(
+            plain.infer(x.view()).unwrap(),
+            want,
+            "the plain way reads it too"
+        );
+        assert!(
+            staged.staging.is_some() && !staged.keep_failed,
+            "staging never fell back"
+        );
     }
 }

@@ -136,6 +136,7 @@ mod tests {
             stage_nanos: vec![0],
             entered_stage: 0,
             activation: None,
+            kept: None,
             held: None,
             route: 0,
         }

@@ -101,7 +101,7 @@ pub(super) fn build_engines(
                         ))
                     })?);
                 }
-                None => pool.push(local_runner(p, s, w, &mut links).map_err(failed)?),
+                None => pool.push(local_runner(p, s, w, &mut links, keeps(p, i)).map_err(failed)?),
             }
         }
         out.runners.insert(i, pool);
@@ -109,12 +109,13 @@ pub(super) fn build_engines(
     Ok(out)
 }
 
-/// The engine of worker `w` of stage `s`, run here.
+/// The engine of worker `w` of stage `s`, run here; `keep`: see [`keeps`].
 fn local_runner(
     p: &Pipeline,
     s: &StageSpec,
     w: usize,
     links: &mut HashMap<String, Link>,
+    keep: bool,
 ) -> Result<Box<dyn StageRunner>, crate::engine::EngineError> {
     let link = match (&s.device, s.devices.get(w)) {
         (Device::Emulated { .. }, Some(id)) => {
@@ -123,7 +124,44 @@ fn local_runner(
         _ => None,
     };
     let gpu = stage::gpu_session(s, w, &p.engine_cache);
-    build_runner(s, p.onnxruntime.as_deref(), link, gpu)
+    build_runner(s, p.onnxruntime.as_deref(), link, gpu, keep)
+}
+
+/// Whether stage `i` (run in this process) leaves its activations where its engines computed
+/// them: it runs the first blocks of a cut model on ONNX Runtime, and the next stage of every
+/// route through it takes them in this process, on ONNX Runtime, on the same side (the host,
+/// or GPUs: from one GPU to another they are copied device to device). Otherwise (the next
+/// stage on another node, emulated, or across host and GPU) they go to the host as they are
+/// computed.
+pub(super) fn keeps(p: &Pipeline, i: usize) -> bool {
+    let s = &p.stages[i];
+    let on_gpu = |d: &Device| matches!(d, Device::Gpu { .. });
+    let real = |s: &StageSpec| {
+        !matches!(s.device, Device::Emulated { .. })
+            && s.model.kind != ModelKind::Recurrent
+            && s.model.backend == crate::config::Backend::Onnxruntime
+    };
+    if !p.keep_activations || !real(s) || s.split.as_ref().is_none_or(|sp| sp.last) {
+        return false;
+    }
+    let mut nexts = p
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let k = r.stages.iter().position(|&x| x == i)?;
+            Some(r.stages.get(k + 1).copied())
+        })
+        .peekable();
+    nexts.peek().is_some()
+        && nexts.all(|n| {
+            n.is_some_and(|n| {
+                let ns = &p.stages[n];
+                real(ns)
+                    && ns.split.as_ref().is_some_and(|sp| !sp.first)
+                    && on_gpu(&ns.device) == on_gpu(&s.device)
+                    && (0..ns.workers).all(|w| ns.remote_node(w, p.cluster.as_ref()).is_none())
+            })
+        })
 }
 
 /// What a batch for stage `i` carries to another node: the activation of a cut model, filler as
@@ -209,11 +247,13 @@ pub fn node_workers_but(
             if s.nodes.get(w).map(String::as_str) != Some(node) || have(&s.name, w) {
                 continue;
             }
-            let runner =
-                local_runner(p, s, w, &mut links).map_err(|source| PipelineError::Engine {
+            // A node answers its outputs over its link: they go to the host.
+            let runner = local_runner(p, s, w, &mut links, false).map_err(|source| {
+                PipelineError::Engine {
                     stage: s.name.clone(),
                     source,
-                })?;
+                }
+            })?;
             out.insert((s.name.clone(), w), runner);
         }
     }
@@ -476,4 +516,51 @@ fn auto_tuner(
         (spec.auto.batch, spec.auto.wait),
         (spec.max_batch, ns(&spec.max_wait)),
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keeps;
+
+    /// The OCR demo with the detector cut in two (its blocks are made by `./setup.sh`).
+    fn cut_demo(pipeline: &str, tail: &str) -> crate::config::Pipeline {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        assert!(
+            root.join("engines/ppocr/det.blocks/manifest.json")
+                .is_file(),
+            "run ./setup.sh first: it cuts the detector into blocks"
+        );
+        let text = format!(
+            "[pipeline]\nname = \"keep\"\nslo_ms = 3000\nengines_dir = \"{}\"\n{pipeline}\n\
+             [[source]]\nname = \"cam\"\nuri = \"test://ball\"\n\n\
+             [[stage]]\nname = \"head\"\nmodel = \"ppocr-det\"\nblocks = [0, 1]\n\n\
+             [[stage]]\nname = \"tail\"\nmodel = \"ppocr-det\"\nblocks = [1, 2]\n{tail}\n\n\
+             [[stage]]\nname = \"ocr\"\nmodel = \"ppocr-rec\"\n\n\
+             [[sink]]\ntype = \"jsonl\"\npath = \"-\"\n",
+            root.join("engines").display()
+        );
+        crate::config::load_pipeline_str(&root.join("keep.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn a_cut_keeps_its_activation_only_for_a_next_stage_in_this_process_on_the_same_side() {
+        let p = cut_demo("", "");
+        assert_eq!(
+            (0..3).map(|i| keeps(&p, i)).collect::<Vec<_>>(),
+            vec![true, false, false],
+            "the head keeps its output for the tail; the tail and the recogniser end their models"
+        );
+        assert!(
+            !keeps(&cut_demo("keep_activations = false", ""), 0),
+            "turned off"
+        );
+        let remote = cut_demo(
+            "\n[cluster]\nfront = \"n1\"\nnodes = { n2 = \"127.0.0.1:7000\" }",
+            "nodes = [\"n2\"]",
+        );
+        assert!(
+            !keeps(&remote, 0),
+            "the tail runs on another node: the output goes on the wire"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! What a stage does to a batch of frames: pre-processing, inference, post-processing.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use ndarray::{Array4, Axis, s};
 
@@ -9,8 +10,8 @@ use crate::config::{
     TextRecognizeParams,
 };
 use crate::engine::ort::{OrtConfig, OrtEngine};
-use crate::engine::{Engine, EngineError, NoopEngine};
-use crate::frame::{Frame, Object, StageOutput, TextLine};
+use crate::engine::{Engine, EngineError, Feed, NoopEngine, Place};
+use crate::frame::{Frame, Kept, KeptBatch, Object, StageOutput, TextLine};
 use crate::gpu::GpuSession;
 use crate::postprocess::{classify, ctc, detect, image, text_detect};
 
@@ -44,12 +45,15 @@ pub fn gpu_session(spec: &StageSpec, worker: usize, cache: &Path) -> Option<GpuS
 }
 
 /// Loads the engine of a stage and wraps it in the runner for its model kind; `gpu` is the
-/// worker's GPU session (from [`gpu_session`]) on GPU stages.
+/// worker's GPU session (from [`gpu_session`]) on GPU stages. `keep`: a stage running the first
+/// blocks of a cut model leaves its activations where its engine computed them (on its GPU, or
+/// in ONNX Runtime's host memory) for the next stage's engines, which run in this process.
 pub fn build_runner(
     spec: &StageSpec,
     library: Option<&Path>,
     link: Option<crate::device::emulated::Link>,
     gpu: Option<GpuSession>,
+    keep: bool,
 ) -> Result<Box<dyn StageRunner>, EngineError> {
     if let (Device::Emulated { class }, Some(profile)) = (&spec.device, &spec.profile) {
         let mut d = crate::device::emulated::EmulatedDevice::new(
@@ -112,6 +116,7 @@ pub fn build_runner(
             image,
             input,
             blocks: split.blocks,
+            keep,
         }));
     }
     Ok(match m.kind {
@@ -232,6 +237,23 @@ struct Chain {
     engines: Vec<OrtEngine>,
 }
 
+impl Chain {
+    /// Runs `feed` through every engine but the last, each keeping its output where it
+    /// computed it for the next: the samples the last engine is fed.
+    fn through_all_but_last(&mut self, feed: Feed<'_>) -> Result<Option<Vec<Kept>>, EngineError> {
+        let n = self.engines.len();
+        let mut kept: Option<Vec<Kept>> = None;
+        for e in &mut self.engines[..n.saturating_sub(1)] {
+            let out = match &kept {
+                Some(k) => e.infer_keeping(Feed::Kept(&k.iter().collect::<Vec<_>>()))?,
+                None => e.infer_keeping(feed.clone())?,
+            };
+            kept = Some(Kept::all(&out));
+        }
+        Ok(kept)
+    }
+}
+
 impl Engine for Chain {
     fn info(&self) -> &crate::engine::EngineInfo {
         self.engines[0].info()
@@ -241,35 +263,58 @@ impl Engine for Chain {
         &mut self,
         input: ndarray::ArrayViewD<'_, f32>,
     ) -> Result<Vec<ndarray::ArrayD<f32>>, EngineError> {
-        let (first, rest) = self.engines.split_first_mut().expect("a chain has engines");
-        let mut out = first.infer(input)?;
-        for e in rest {
-            let x = out
-                .into_iter()
-                .next()
-                .ok_or_else(|| EngineError::Infer("a block returned no output".into()))?;
-            out = e.infer(x.view())?;
-        }
-        Ok(out)
+        self.infer_feed(Feed::Host(input))
     }
 
     fn metadata(&self, key: &str) -> Option<String> {
         self.engines.iter().find_map(|e| e.metadata(key))
     }
+
+    fn place(&self) -> Option<Place> {
+        let first = self.engines.first()?.place()?;
+        self.engines
+            .iter()
+            .all(|e| e.place() == Some(first))
+            .then_some(first)
+    }
+
+    fn infer_feed(&mut self, feed: Feed<'_>) -> Result<Vec<ndarray::ArrayD<f32>>, EngineError> {
+        let kept = self.through_all_but_last(feed.clone())?;
+        let refs: Vec<&Kept> = kept.iter().flatten().collect();
+        let last = self.engines.last_mut().expect("a chain has engines");
+        match kept {
+            Some(_) => last.infer_feed(Feed::Kept(&refs)),
+            None => last.infer_feed(feed),
+        }
+    }
+
+    fn infer_keeping(&mut self, feed: Feed<'_>) -> Result<Arc<dyn KeptBatch>, EngineError> {
+        let kept = self.through_all_but_last(feed.clone())?;
+        let refs: Vec<&Kept> = kept.iter().flatten().collect();
+        let last = self.engines.last_mut().expect("a chain has engines");
+        match kept {
+            Some(_) => last.infer_keeping(Feed::Kept(&refs)),
+            None => last.infer_keeping(feed),
+        }
+    }
 }
 
-/// Runs the batch through the engine and returns its first output.
-fn infer_batch(
-    engine: &mut dyn Engine,
-    image: &ImageSpec,
-    input: Input,
-    frames: &mut [Frame],
-) -> Result<ndarray::ArrayD<f32>, StageError> {
-    let x = match input {
+/// What a stage feeds its engine for a batch.
+enum Fed {
+    /// A tensor in host memory.
+    Host(ndarray::ArrayD<f32>),
+    /// The activations the previous stage's engines kept.
+    Kept(Vec<Kept>),
+}
+
+/// The batch a stage feeds its engine: its frames' images, or the activations the stage before
+/// left on them (taken off the frames).
+fn batch_feed(image: &ImageSpec, input: Input, frames: &mut [Frame]) -> Result<Fed, StageError> {
+    Ok(match input {
         Input::Image => {
             let images: Vec<&crate::frame::Image> =
                 frames.iter().map(|f| f.image.as_ref()).collect();
-            image::batch_tensor(&images, image).into_dyn()
+            Fed::Host(image::batch_tensor(&images, image).into_dyn())
         }
         Input::Fitted(resize, pad) => {
             let mut t = image::batch_zeros(frames.len(), image);
@@ -281,26 +326,46 @@ fn infer_batch(
                 );
                 detect::fill(&f.image, &fit, image, pad, t.index_axis_mut(Axis(0), i));
             }
-            t.into_dyn()
+            Fed::Host(t.into_dyn())
+        }
+        Input::Activation if frames.iter().all(|f| f.kept.is_some()) => {
+            Fed::Kept(frames.iter_mut().filter_map(|f| f.kept.take()).collect())
         }
         Input::Activation => {
-            let views: Vec<ndarray::ArrayViewD<'_, f32>> = frames
-                .iter()
-                .map(|f| f.activation.as_ref().map(|a| a.view()))
-                .collect::<Option<_>>()
-                .ok_or_else(|| {
-                    StageError::Output("a frame has no activation from the previous blocks".into())
-                })?;
-            ndarray::stack(Axis(0), &views)
-                .map_err(|e| StageError::Output(format!("activations of different shapes: {e}")))?
+            let missing =
+                || StageError::Output("a frame has no activation from the previous blocks".into());
+            let views: Vec<ndarray::ArrayD<f32>> = frames
+                .iter_mut()
+                .map(|f| match (f.activation.take(), f.kept.take()) {
+                    (Some(a), _) => Ok(a),
+                    (None, Some(k)) => k
+                        .batch
+                        .sample_to_host(k.index)
+                        .map_err(|e| StageError::Engine(EngineError::Infer(e))),
+                    (None, None) => Err(missing()),
+                })
+                .collect::<Result<_, _>>()?;
+            let views: Vec<ndarray::ArrayViewD<'_, f32>> = views.iter().map(|a| a.view()).collect();
+            Fed::Host(
+                ndarray::stack(Axis(0), &views).map_err(|e| {
+                    StageError::Output(format!("activations of different shapes: {e}"))
+                })?,
+            )
         }
+    })
+}
+
+/// Runs the batch through the engine and returns its first output.
+fn infer_batch(
+    engine: &mut dyn Engine,
+    image: &ImageSpec,
+    input: Input,
+    frames: &mut [Frame],
+) -> Result<ndarray::ArrayD<f32>, StageError> {
+    let mut outs = match batch_feed(image, input, frames)? {
+        Fed::Host(x) => engine.infer_feed(Feed::Host(x.view()))?,
+        Fed::Kept(k) => engine.infer_feed(Feed::Kept(&k.iter().collect::<Vec<_>>()))?,
     };
-    if input == Input::Activation {
-        for f in frames.iter_mut() {
-            f.activation = None;
-        }
-    }
-    let mut outs = engine.infer(x.view())?;
     if outs.is_empty() {
         return Err(StageError::Output("the model returned no outputs".into()));
     }
@@ -315,25 +380,53 @@ fn infer_batch(
     Ok(out)
 }
 
-/// The first blocks of a cut model: leaves each frame's activation for the next stage.
+/// The first blocks of a cut model: leaves each frame's activation for the next stage, kept
+/// where the engine computed it (`keep`) or copied to the host.
 struct Partial {
     engine: Box<dyn Engine>,
     image: ImageSpec,
     input: Input,
     blocks: [usize; 2],
+    keep: bool,
 }
 
 impl StageRunner for Partial {
     fn run(&mut self, frames: &mut [Frame]) -> Result<(), StageError> {
-        let out = infer_batch(self.engine.as_mut(), &self.image, self.input, frames)?;
-        for (i, f) in frames.iter_mut().enumerate() {
-            let a = out.index_axis(Axis(0), i).to_owned();
+        if !self.keep {
+            let out = infer_batch(self.engine.as_mut(), &self.image, self.input, frames)?;
+            for (i, f) in frames.iter_mut().enumerate() {
+                let a = out.index_axis(Axis(0), i).to_owned();
+                f.outputs
+                    .push(StageOutput::Partial(crate::frame::PartialRun {
+                        blocks: self.blocks,
+                        shape: a.shape().to_vec(),
+                    }));
+                f.activation = Some(a);
+            }
+            return Ok(());
+        }
+        let batch = match batch_feed(&self.image, self.input, frames)? {
+            Fed::Host(x) => self.engine.infer_keeping(Feed::Host(x.view()))?,
+            Fed::Kept(k) => self
+                .engine
+                .infer_keeping(Feed::Kept(&k.iter().collect::<Vec<_>>()))?,
+        };
+        if batch.len() != frames.len() {
+            return Err(StageError::Output(format!(
+                "first output has {} samples for a batch of {}",
+                batch.len(),
+                frames.len()
+            )));
+        }
+        let shape = batch.sample_shape().to_vec();
+        for (k, f) in Kept::all(&batch).into_iter().zip(frames.iter_mut()) {
             f.outputs
                 .push(StageOutput::Partial(crate::frame::PartialRun {
                     blocks: self.blocks,
-                    shape: a.shape().to_vec(),
+                    shape: shape.clone(),
                 }));
-            f.activation = Some(a);
+            f.activation = None;
+            f.kept = Some(k);
         }
         Ok(())
     }

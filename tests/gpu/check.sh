@@ -8,10 +8,12 @@
 #      (aim < 1e-3), and images/s at batch 1, 8, 32 on cuda:0 vs Python onnxruntime-gpu on the
 #      same model and batch (aim >= 1.0x): `poolpipe bench gpu`;
 #   3. the same through tensorrt:0 where TensorRT is installed (else its clear error);
-#   4. a pipeline stage on cuda:0 end to end (`poolpipe run` on a test source).
-# Not measured, because it is not built: keeping activations on the device between two stages on
-# one GPU (I/O binding) and device-to-device copies between GPUs; every batch goes through host
-# memory.
+#   4. a pipeline stage on cuda:0 end to end (`poolpipe run` on a test source);
+#   5. the detector cut in two, both stages on cuda:0, its activation kept on the GPU from one
+#      stage to the next (I/O binding) against copied to the host and back
+#      (`keep_activations = false`): frames/s of each run. `bench gpu` (step 2) also times the
+#      hand-off alone (the "cut in two" table) and pinned against ordinary host buffers.
+# Not measured: device-to-device copies between GPUs (one GPU here).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu-check}"; mkdir -p "$OUT"
@@ -95,3 +97,53 @@ std = [0.5, 0.5, 0.5]
 TOML
 timeout 120 "$BIN" run "$OUT/run/p.toml" --api 127.0.0.1:0 --summary-json "$OUT/run/summary.json" 2>&1 | tail -15 | tee -a "$OUT/check.log"
 echo "results: $(wc -l < "$OUT/run/results.jsonl" 2>/dev/null || echo 0)" | tee -a "$OUT/check.log"
+
+log "the detector cut in two on ${CUT_DEVICE:-cuda:0}: activation kept on the device vs copied through the host"
+DEV="${CUT_DEVICE:-cuda:0}"
+"$BIN" split "$C/models/ch_PP-OCRv4_det_infer.onnx" --blocks 2 --input-shape 3,576,768 --out "$OUT/run/det.blocks" 2>&1 | tail -3 | tee -a "$OUT/check.log"
+grep -q '^split' "$OUT/run/det.toml" || sed -i '/^kind = /a split = "det.blocks"' "$OUT/run/det.toml"
+cut_pipeline() {
+  cat <<TOML
+[pipeline]
+name = "gpu-check-cut"
+slo_ms = 5000
+engines_dir = "$OUT/run"
+keep_activations = $1
+
+[[source]]
+name = "pattern"
+uri = "test://ball"
+pace = "fast"
+num_buffers = ${CUT_FRAMES:-600}
+
+[[stage]]
+name = "head"
+model = "det"
+blocks = [0, 1]
+device = "$DEV"
+max_batch = 8
+max_wait_ms = 5
+
+[[stage]]
+name = "tail"
+model = "det"
+blocks = [1, 2]
+device = "$DEV"
+max_batch = 8
+max_wait_ms = 5
+
+[[sink]]
+type = "jsonl"
+path = "$OUT/run/results-cut-$1.jsonl"
+TOML
+}
+for keep in true false; do
+  cut_pipeline "$keep" > "$OUT/run/cut-$keep.toml"
+  start=$(date +%s%N)
+  timeout 150 "$BIN" run "$OUT/run/cut-$keep.toml" --api 127.0.0.1:0 --summary-json "$OUT/run/summary-cut-$keep.json" > "$OUT/run/cut-$keep.log" 2>&1
+  rc=$?
+  ms=$(( ($(date +%s%N) - start) / 1000000 ))
+  n=$(wc -l < "$OUT/run/results-cut-$keep.jsonl" 2>/dev/null || echo 0)
+  echo "keep_activations = $keep: exit $rc, $n results in $ms ms" | tee -a "$OUT/check.log"
+  tail -12 "$OUT/run/cut-$keep.log" | tee -a "$OUT/check.log"
+done
