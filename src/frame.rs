@@ -154,6 +154,11 @@ pub trait KeptBatch: Send + Sync + std::fmt::Debug {
     fn sample_shape(&self) -> &[usize];
     /// A copy of sample `i` in host memory.
     fn sample_to_host(&self, i: usize) -> Result<ndarray::ArrayD<f32>, String>;
+    /// Sample `i` read where it is, when that is host memory (else `None`).
+    fn sample_in_host_memory(&self, i: usize) -> Option<&[f32]> {
+        let _ = i;
+        None
+    }
     /// The concrete type, for the engine that reads it.
     fn as_any(&self) -> &dyn std::any::Any;
 }

@@ -112,12 +112,19 @@ impl KeptBatch for HostBatch {
         Ok(self.0.index_axis(Axis(0), i).to_owned())
     }
 
+    fn sample_in_host_memory(&self, i: usize) -> Option<&[f32]> {
+        let per: usize = self.sample_shape().iter().product();
+        let all = self.0.as_slice()?;
+        all.get(i * per..(i + 1) * per)
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
 }
 
-/// The kept samples `kept`, stacked in host memory (one copy of each).
+/// The kept samples `kept`, stacked in host memory (one copy of each: read in place where they
+/// are in host memory, else copied there first).
 pub fn kept_to_host(kept: &[&Kept]) -> Result<ArrayD<f32>, EngineError> {
     let Some(first) = kept.first() else {
         return Err(EngineError::Input("an empty batch".into()));
@@ -133,11 +140,16 @@ pub fn kept_to_host(kept: &[&Kept]) -> Result<ArrayD<f32>, EngineError> {
                 k.batch.sample_shape()
             )));
         }
-        let a = k
-            .batch
-            .sample_to_host(k.index)
-            .map_err(EngineError::Infer)?;
-        flat.extend(a.iter().copied());
+        match k.batch.sample_in_host_memory(k.index) {
+            Some(data) => flat.extend_from_slice(data),
+            None => {
+                let a = k
+                    .batch
+                    .sample_to_host(k.index)
+                    .map_err(EngineError::Infer)?;
+                flat.extend(a.iter().copied());
+            }
+        }
     }
     let mut shape = vec![kept.len()];
     shape.extend(sample);
@@ -166,12 +178,6 @@ pub trait Engine: Send {
     }
     /// A custom metadata value stored in the model file.
     fn metadata(&self, key: &str) -> Option<String>;
-
-    /// Where this engine computes, when it can keep its outputs there for another engine
-    /// (`None`: it gives them to the host).
-    fn place(&self) -> Option<Place> {
-        None
-    }
 
     /// Runs one batch fed from the host or from samples engines kept, and returns every output
     /// in host memory. Kept samples go through the host here; engines that read them where they

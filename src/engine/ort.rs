@@ -304,6 +304,15 @@ impl KeptBatch for KeptValue {
         Ok(all.index_axis(Axis(0), i).to_owned())
     }
 
+    fn sample_in_host_memory(&self, i: usize) -> Option<&[f32]> {
+        if i >= self.len() || !self.value.memory_info().is_cpu_accessible() {
+            return None;
+        }
+        let per: usize = self.sample_shape().iter().product();
+        let (_, data) = self.value.try_extract_tensor::<f32>().ok()?;
+        data.get(i * per..(i + 1) * per)
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
@@ -315,40 +324,7 @@ impl KeptBatch for KeptValue {
 /// its GPU). ONNX Runtime cannot read a slice of a tensor in place: binding a borrowed view
 /// makes it clone the view, and in `ort` 2.0.0-rc.15 that clone deadlocks on its own lock.
 pub fn gather(kept: &[&Kept]) -> Result<Tensor<f32>, EngineError> {
-    let first = kept
-        .first()
-        .ok_or_else(|| EngineError::Input("an empty batch".into()))?;
-    let sample = first.batch.sample_shape().to_vec();
-    let per: usize = sample.iter().product();
-    let mut flat = Vec::with_capacity(per * kept.len());
-    for k in kept {
-        if k.batch.sample_shape() != sample.as_slice() {
-            return Err(EngineError::Input(format!(
-                "activations of different shapes: {:?} and {:?}",
-                sample,
-                k.batch.sample_shape()
-            )));
-        }
-        let in_place = k
-            .batch
-            .as_any()
-            .downcast_ref::<KeptValue>()
-            .filter(|v| k.index < v.len() && v.value.memory_info().is_cpu_accessible())
-            .and_then(|v| v.value.try_extract_tensor::<f32>().ok());
-        match in_place {
-            Some((_, data)) => flat.extend_from_slice(&data[k.index * per..(k.index + 1) * per]),
-            None => {
-                let a = k
-                    .batch
-                    .sample_to_host(k.index)
-                    .map_err(EngineError::Infer)?;
-                flat.extend(a.iter().copied());
-            }
-        }
-    }
-    let mut shape = vec![kept.len()];
-    shape.extend(sample);
-    Tensor::from_array((shape, flat))
+    Tensor::from_array(super::kept_to_host(kept)?)
         .map_err(|e| EngineError::Infer(format!("gathering kept activations: {e}")))
 }
 
@@ -667,10 +643,6 @@ impl Engine for OrtEngine {
         self.session.metadata().ok()?.custom(key)
     }
 
-    fn place(&self) -> Option<Place> {
-        (!self.keep_failed).then_some(self.place)
-    }
-
     fn infer_feed(&mut self, feed: Feed<'_>) -> Result<Vec<ArrayD<f32>>, EngineError> {
         let kept = match feed {
             Feed::Host(x) => return self.infer(x),
@@ -804,7 +776,6 @@ pub(crate) mod tests {
     fn kept_outputs_feed_the_next_engine_in_place_gathered_or_through_the_host() {
         let dir = tempfile::tempdir().unwrap();
         let (mut head, mut tail) = (affine(dir.path(), 2.0, 1.0), affine(dir.path(), 3.0, 0.0));
-        assert_eq!(head.place(), Some(Place::Cpu));
         let x = batch(3);
         let kept = head.infer_keeping(Feed::Host(x.view())).unwrap();
         let v = kept

@@ -10,7 +10,7 @@ use crate::config::{
     TextRecognizeParams,
 };
 use crate::engine::ort::{OrtConfig, OrtEngine};
-use crate::engine::{Engine, EngineError, Feed, NoopEngine, Place};
+use crate::engine::{Engine, EngineError, Feed, NoopEngine};
 use crate::frame::{Frame, Kept, KeptBatch, Object, StageOutput, TextLine};
 use crate::gpu::GpuSession;
 use crate::postprocess::{classify, ctc, detect, image, text_detect};
@@ -252,6 +252,21 @@ impl Chain {
         }
         Ok(kept)
     }
+
+    /// Runs `feed` through every engine but the last, then `last` on the last one.
+    fn then_last<T>(
+        &mut self,
+        feed: Feed<'_>,
+        last: impl FnOnce(&mut OrtEngine, Feed<'_>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let kept = self.through_all_but_last(feed.clone())?;
+        let refs: Vec<&Kept> = kept.iter().flatten().collect();
+        let e = self.engines.last_mut().expect("a chain has engines");
+        match kept {
+            Some(_) => last(e, Feed::Kept(&refs)),
+            None => last(e, feed),
+        }
+    }
 }
 
 impl Engine for Chain {
@@ -270,32 +285,12 @@ impl Engine for Chain {
         self.engines.iter().find_map(|e| e.metadata(key))
     }
 
-    fn place(&self) -> Option<Place> {
-        let first = self.engines.first()?.place()?;
-        self.engines
-            .iter()
-            .all(|e| e.place() == Some(first))
-            .then_some(first)
-    }
-
     fn infer_feed(&mut self, feed: Feed<'_>) -> Result<Vec<ndarray::ArrayD<f32>>, EngineError> {
-        let kept = self.through_all_but_last(feed.clone())?;
-        let refs: Vec<&Kept> = kept.iter().flatten().collect();
-        let last = self.engines.last_mut().expect("a chain has engines");
-        match kept {
-            Some(_) => last.infer_feed(Feed::Kept(&refs)),
-            None => last.infer_feed(feed),
-        }
+        self.then_last(feed, |e, f| e.infer_feed(f))
     }
 
     fn infer_keeping(&mut self, feed: Feed<'_>) -> Result<Arc<dyn KeptBatch>, EngineError> {
-        let kept = self.through_all_but_last(feed.clone())?;
-        let refs: Vec<&Kept> = kept.iter().flatten().collect();
-        let last = self.engines.last_mut().expect("a chain has engines");
-        match kept {
-            Some(_) => last.infer_keeping(Feed::Kept(&refs)),
-            None => last.infer_keeping(feed),
-        }
+        self.then_last(feed, |e, f| e.infer_keeping(f))
     }
 }
 
