@@ -318,6 +318,13 @@ pub fn encode_batch(
             let payload = match (&f.activation, sends) {
                 _ if f.held.is_some() => held_payload(f.held.as_deref().expect("checked")),
                 (Some(a), _) => put_tensor(&mut body, a),
+                // Kept where a stage of this process computed it: copied out to be sent.
+                (None, Sends::Activation) if f.kept.is_some() => {
+                    match f.kept.as_ref().map(|k| k.batch.sample_to_host(k.index)) {
+                        Some(Ok(a)) => put_tensor(&mut body, &a),
+                        _ => Payload::None,
+                    }
+                }
                 (None, Sends::Image) => {
                     body.put_slice(f.image.bytes());
                     Payload::Image {
@@ -615,6 +622,22 @@ mod tests {
             header,
             body: bytes,
         }
+    }
+
+    #[test]
+    fn an_activation_kept_by_a_local_engine_is_sent_as_a_tensor() {
+        let batch: Arc<dyn crate::frame::KeptBatch> = Arc::new(crate::engine::HostBatch(
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 2]), vec![1.0, 2.0, 3.0, 4.0])
+                .unwrap(),
+        ));
+        let mut f = frame(0, 1);
+        f.kept = Some(crate::frame::Kept { batch, index: 1 });
+        let p = encode_batch(("s", 0), None, &[f], Sends::Activation, None);
+        let (_, got) = decode_batch(roundtrip(p)).unwrap();
+        assert_eq!(
+            got[0].activation.as_ref().unwrap().as_slice().unwrap(),
+            &[3.0, 4.0]
+        );
     }
 
     #[test]
