@@ -327,6 +327,20 @@ fn cluster_mistakes_are_refused_with_their_place() {
             ),
             "at least 1 front runs the cameras",
         ),
+        (
+            base(
+                "[cluster]\nfront = \"n1\"\nhold_ms = 0\nnodes = { n2 = \"127.0.0.1:7000\" }\n",
+                "",
+            ),
+            "`cluster.hold_ms`: a node must hold an output for at least 1 ms",
+        ),
+        (
+            base(
+                "[cluster]\nfront = \"n1\"\nhold_mib = 0\nnodes = { n2 = \"127.0.0.1:7000\" }\n",
+                "",
+            ),
+            "`cluster.hold_mib`: a node needs room to hold at least 1 MiB",
+        ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let f = write(dir.path(), &format!("c{i}.toml"), text);

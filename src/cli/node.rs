@@ -315,7 +315,10 @@ pub fn run(a: NodeArgs) -> Result<(), CliError> {
         let _ = signal_hook::flag::register(sig, stop.clone());
     }
     let served = Arc::new(Served::default());
-    let store = Arc::new(crate::cluster::handoff::Store::default());
+    let store = Arc::new(crate::cluster::handoff::Store::new(
+        cluster.hold_bytes,
+        cluster.hold_for,
+    ));
     let workers = NodeWorkers::new(workers);
     let applied = Arc::new(AtomicU64::new(applied));
     let epochs_applied = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));

@@ -26,10 +26,11 @@ use tonic::{Request, Status};
 
 use super::wire::{Packet, PacketCodec, Payload};
 
-/// How long a node holds an activation for the next node, at most: longer than any deadline.
-pub const HOLD_FOR: Duration = Duration::from_secs(5);
-/// Bytes a node holds for other nodes, at most.
-pub const HOLD_BYTES: usize = 1 << 30;
+/// How long a node holds an activation for the next node, at most, by default (`[cluster]
+/// hold_ms`): longer than any deadline.
+pub const HOLD_FOR: Duration = Duration::from_millis(crate::config::DEFAULT_HOLD_MS);
+/// Bytes a node holds for other nodes, at most, by default (`[cluster] hold_mib`).
+pub const HOLD_BYTES: usize = (crate::config::DEFAULT_HOLD_MIB as usize) << 20;
 /// How long a take may take.
 pub const TAKE_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -640,12 +640,27 @@ impl<'a> Validator<'_, 'a> {
                         ),
                     );
                 }
+                if c.hold_mib == 0 {
+                    self.err(
+                        "cluster.hold_mib",
+                        "a node needs room to hold at least 1 MiB",
+                    );
+                }
+                if c.hold_ms == 0 {
+                    self.err(
+                        "cluster.hold_ms",
+                        "a node must hold an output for at least 1 ms",
+                    );
+                }
                 Some(ClusterSpec {
                     front: c.front,
                     nodes: c.nodes,
                     nats: c.nats,
                     fronts: c.fronts,
                     direct_links: c.direct_links,
+                    hold_bytes: usize::try_from(c.hold_mib.saturating_mul(1 << 20))
+                        .unwrap_or(usize::MAX),
+                    hold_for: Duration::from_millis(c.hold_ms),
                 })
             }
             None => None,

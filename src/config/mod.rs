@@ -114,10 +114,31 @@ pub struct ClusterConfig {
     /// stage (true, the default), or back through the front (false).
     #[serde(default = "yes")]
     pub direct_links: bool,
+    /// With direct links: the most a node holds for the next stages' nodes to take, MiB; past
+    /// it, it answers with the bytes instead.
+    #[serde(default = "hold_mib")]
+    pub hold_mib: u64,
+    /// With direct links: how long a node holds an output nobody took, ms (then it is dropped
+    /// and counted `expired`).
+    #[serde(default = "hold_ms")]
+    pub hold_ms: u64,
 }
 
 fn one_front() -> u32 {
     1
+}
+
+/// `[cluster] hold_mib` by default.
+pub const DEFAULT_HOLD_MIB: u64 = 1024;
+/// `[cluster] hold_ms` by default.
+pub const DEFAULT_HOLD_MS: u64 = 5000;
+
+fn hold_mib() -> u64 {
+    DEFAULT_HOLD_MIB
+}
+
+fn hold_ms() -> u64 {
+    DEFAULT_HOLD_MS
 }
 
 fn yes() -> bool {
@@ -137,6 +158,10 @@ pub struct ClusterSpec {
     pub fronts: u32,
     /// Outputs go straight from node to node, not through the front.
     pub direct_links: bool,
+    /// The most a node holds for other nodes to take, bytes.
+    pub hold_bytes: usize,
+    /// How long a node holds an output nobody took.
+    pub hold_for: Duration,
 }
 
 /// How a non-live source is paced.

@@ -521,6 +521,7 @@ fn auto_tuner(
 #[cfg(test)]
 mod tests {
     use super::keeps;
+    use std::time::Duration;
 
     /// The OCR demo with the detector cut in two (its blocks are made by `./setup.sh`).
     fn cut_demo(pipeline: &str, tail: &str) -> crate::config::Pipeline {
@@ -561,6 +562,21 @@ mod tests {
         assert!(
             !keeps(&remote, 0),
             "the tail runs on another node: the output goes on the wire"
+        );
+        let c = remote.cluster.as_ref().unwrap();
+        assert_eq!(
+            (c.hold_bytes, c.hold_for),
+            (1 << 30, Duration::from_secs(5)),
+            "defaults"
+        );
+        let held = cut_demo(
+            "\n[cluster]\nfront = \"n1\"\nhold_mib = 2\nhold_ms = 250\nnodes = { n2 = \"127.0.0.1:7000\" }",
+            "nodes = [\"n2\"]",
+        );
+        let c = held.cluster.as_ref().unwrap();
+        assert_eq!(
+            (c.hold_bytes, c.hold_for),
+            (2 << 20, Duration::from_millis(250))
         );
     }
 }
