@@ -228,8 +228,7 @@ fn median_ms(iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow:
         f()?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    ms.sort_by(f64::total_cmp);
-    Ok(ms[ms.len() / 2])
+    super::median_of(&ms).ok_or_else(|| anyhow::anyhow!("no timed runs"))
 }
 
 /// Cuts `model` in two and times a batch through both blocks on the device, the activation

@@ -96,6 +96,17 @@ pub enum Feed<'a> {
 #[derive(Debug)]
 pub struct HostBatch(pub ArrayD<f32>);
 
+impl HostBatch {
+    /// The first of a run's outputs, kept in host memory.
+    pub fn first_of(outputs: Vec<ArrayD<f32>>) -> Result<Arc<dyn KeptBatch>, EngineError> {
+        let first = outputs
+            .into_iter()
+            .next()
+            .ok_or_else(|| EngineError::Infer("the model returned no outputs".into()))?;
+        Ok(Arc::new(HostBatch(first)))
+    }
+}
+
 impl KeptBatch for HostBatch {
     fn len(&self) -> usize {
         self.0.shape().first().copied().unwrap_or(0)
@@ -192,12 +203,7 @@ pub trait Engine: Send {
     /// Runs one batch and keeps its first output for the next engine, where this engine
     /// computed it (in host memory, here).
     fn infer_keeping(&mut self, feed: Feed<'_>) -> Result<Arc<dyn KeptBatch>, EngineError> {
-        let out = self
-            .infer_feed(feed)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| EngineError::Infer("the model returned no outputs".into()))?;
-        Ok(Arc::new(HostBatch(out)))
+        HostBatch::first_of(self.infer_feed(feed)?)
     }
 }
 

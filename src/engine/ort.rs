@@ -237,7 +237,7 @@ pub struct KeptValue {
     shape: Vec<usize>,
     /// Where it is.
     place: Place,
-    /// A host copy, made once where some reader needs one.
+    /// A host copy of a batch in device memory, made once where some reader needs one.
     host: OnceLock<Result<ArrayD<f32>, String>>,
 }
 
@@ -263,23 +263,17 @@ impl KeptValue {
         self.place
     }
 
+    /// The whole batch copied from the device to the host (once; see `host`).
     fn download(&self) -> Result<ArrayD<f32>, String> {
-        let view = |v: &DynTensor| {
-            v.try_extract_array::<f32>()
-                .map(|a| a.to_owned())
-                .map_err(|e| e.to_string())
-        };
-        if self.value.memory_info().is_cpu_accessible() {
-            view(&self.value)
-        } else {
-            let on_host = self.value.to(AllocationDevice::CPU, 0).map_err(|e| {
+        self.value
+            .to(AllocationDevice::CPU, 0)
+            .and_then(|v| v.try_extract_array::<f32>().map(|a| a.to_owned()))
+            .map_err(|e| {
                 format!(
                     "copying a kept activation from {} to the host: {e}",
                     self.place
                 )
-            })?;
-            view(&on_host)
-        }
+            })
     }
 }
 
@@ -295,6 +289,10 @@ impl KeptBatch for KeptValue {
     fn sample_to_host(&self, i: usize) -> Result<ArrayD<f32>, String> {
         if i >= self.len() {
             return Err(format!("sample {i} of a batch of {}", self.len()));
+        }
+        if let Some(data) = self.sample_in_host_memory(i) {
+            return ArrayD::from_shape_vec(self.sample_shape(), data.to_vec())
+                .map_err(|e| e.to_string());
         }
         let all = self
             .host
@@ -330,10 +328,20 @@ pub fn gather(kept: &[&Kept]) -> Result<Tensor<f32>, EngineError> {
 
 /// What a bound run gives.
 enum Bound {
-    /// Every output, in host memory.
+    /// Every output, in host memory (and the fallback's outputs).
     Host(Vec<ArrayD<f32>>),
     /// The first output, where the session computed it.
     Kept(DynTensor),
+}
+
+impl Bound {
+    /// The outputs of a run that was asked for host outputs.
+    fn into_host(self) -> Vec<ArrayD<f32>> {
+        match self {
+            Bound::Host(out) => out,
+            Bound::Kept(v) => unreachable!("a run for host outputs kept {v:?}"),
+        }
+    }
 }
 
 /// How to load an ONNX model.
@@ -565,12 +573,28 @@ impl OrtEngine {
         owned(&outputs)
     }
 
-    /// After `failed` (a bound run) the plain way worked: tells once, and runs the plain way from
-    /// then on.
-    fn give_up_binding(&mut self, what: &str, failed: &EngineError) {
+    /// A bound run ([`run_bound`](Self::run_bound)), or, where it fails and the plain way
+    /// works, the plain way's outputs: then it says so once (`what` failed) and this engine
+    /// runs the plain way from then on. A batch the plain way cannot run either fails with the
+    /// plain way's error.
+    fn bound_or_plain(
+        &mut self,
+        feed: Feed<'_>,
+        keep: bool,
+        what: &str,
+    ) -> Result<Bound, EngineError> {
+        let failed = match self.run_bound(feed.clone(), keep) {
+            Ok(b) => return Ok(b),
+            Err(e) => e,
+        };
+        let plain = match feed {
+            Feed::Host(x) => self.run_plain(x)?,
+            Feed::Kept(k) => self.run_plain(super::kept_to_host(k)?.view())?,
+        };
         tracing::warn!(place = %self.place, error = %failed, "{what} failed where the plain way worked: this engine's batches now go through ordinary host memory.");
         self.staging = None;
         self.keep_failed = true;
+        Ok(Bound::Host(plain))
     }
 }
 
@@ -608,15 +632,10 @@ impl Engine for OrtEngine {
         if self.staging.is_none() {
             return self.run_plain(input);
         }
-        match self.run_bound(Feed::Host(input.view()), false) {
-            Ok(Bound::Host(out)) => Ok(out),
-            Ok(Bound::Kept(_)) => unreachable!("asked for host outputs"),
-            Err(e) => {
-                let out = self.run_plain(input)?;
-                self.give_up_binding("Staging the batch through pinned buffers", &e);
-                Ok(out)
-            }
-        }
+        let what = "Staging the batch through pinned buffers";
+        Ok(self
+            .bound_or_plain(Feed::Host(input), false, what)?
+            .into_host())
     }
 
     fn infer_named(
@@ -644,45 +663,24 @@ impl Engine for OrtEngine {
     }
 
     fn infer_feed(&mut self, feed: Feed<'_>) -> Result<Vec<ArrayD<f32>>, EngineError> {
-        let kept = match feed {
-            Feed::Host(x) => return self.infer(x),
-            Feed::Kept(k) if self.keep_failed => return self.infer(super::kept_to_host(k)?.view()),
-            Feed::Kept(k) => k,
-        };
-        match self.run_bound(Feed::Kept(kept), false) {
-            Ok(Bound::Host(out)) => Ok(out),
-            Ok(Bound::Kept(_)) => unreachable!("asked for host outputs"),
-            Err(e) => {
-                let out = self.infer(super::kept_to_host(kept)?.view())?;
-                self.give_up_binding("Reading kept activations where they are", &e);
-                Ok(out)
+        match feed {
+            Feed::Host(x) => self.infer(x),
+            Feed::Kept(k) if self.keep_failed => self.run_plain(super::kept_to_host(k)?.view()),
+            Feed::Kept(_) => {
+                let what = "Reading kept activations where they are";
+                Ok(self.bound_or_plain(feed, false, what)?.into_host())
             }
         }
     }
 
     fn infer_keeping(&mut self, feed: Feed<'_>) -> Result<Arc<dyn KeptBatch>, EngineError> {
-        let host = |out: Vec<ArrayD<f32>>| -> Result<Arc<dyn KeptBatch>, EngineError> {
-            let first = out
-                .into_iter()
-                .next()
-                .ok_or_else(|| EngineError::Infer("the model returned no outputs".into()))?;
-            Ok(Arc::new(super::HostBatch(first)))
-        };
         if self.keep_failed {
-            let out = self.infer_feed(feed)?;
-            return host(out);
+            return super::HostBatch::first_of(self.infer_feed(feed)?);
         }
-        match self.run_bound(feed.clone(), true) {
-            Ok(Bound::Kept(v)) => Ok(Arc::new(KeptValue::new(v, self.place))),
-            Ok(Bound::Host(_)) => unreachable!("asked to keep the output"),
-            Err(e) => {
-                let plain = match feed {
-                    Feed::Host(x) => self.run_plain(x)?,
-                    Feed::Kept(k) => self.run_plain(super::kept_to_host(k)?.view())?,
-                };
-                self.give_up_binding("Keeping the output where it was computed", &e);
-                host(plain)
-            }
+        let what = "Keeping the output where it was computed";
+        match self.bound_or_plain(feed, true, what)? {
+            Bound::Kept(v) => Ok(Arc::new(KeptValue::new(v, self.place))),
+            Bound::Host(out) => super::HostBatch::first_of(out),
         }
     }
 }
