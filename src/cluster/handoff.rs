@@ -13,6 +13,10 @@
 //!
 //! A take that fails (A stopped, or dropped what it held) loses the batch's frames: B answers
 //! the batch as not run, naming A, and the front counts the frames `lost` on A.
+//!
+//! A frame the front drops before its next stage took its activation (late, in the next stage's
+//! queue) has it released on A at once ([`Releaser`], the same call with `release` set), so that
+//! what no one will take does not fill A's store until it expires.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -47,6 +51,8 @@ pub struct HandoffCounters {
     pub bytes_given: AtomicU64,
     /// Activations no one took in time.
     pub expired: AtomicU64,
+    /// Activations let go of unread: the front dropped their frames.
+    pub released: AtomicU64,
     /// Activations not held because the store was full (sent back through the front).
     pub full: AtomicU64,
     /// Activations this node took from others.
@@ -66,6 +72,7 @@ impl HandoffCounters {
             "given": n(&self.given),
             "bytes_given": n(&self.bytes_given),
             "expired": n(&self.expired),
+            "released": n(&self.released),
             "full": n(&self.full),
             "taken": n(&self.taken),
             "bytes_taken": n(&self.bytes_taken),
@@ -180,6 +187,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Lets go of what `keys` hold, unread (keys no longer held are passed over); returns how
+    /// many were held.
+    pub fn release(&self, keys: &[u64]) -> u64 {
+        let mut held = self.lock();
+        let mut n = 0;
+        for k in keys {
+            if let Some(e) = held.map.remove(k) {
+                held.size -= e.payload.size();
+                n += 1;
+            }
+        }
+        self.counters.released.fetch_add(n, Ordering::Relaxed);
+        n
+    }
+
     /// Bytes held now.
     pub fn size(&self) -> usize {
         self.lock().size
@@ -216,10 +238,13 @@ pub fn hold_outputs(
         .collect()
 }
 
-/// A take: the keys asked for.
+/// A take: the keys asked for; with `release`, what they hold is dropped and nothing is
+/// answered.
 #[derive(Debug, Serialize, Deserialize)]
 struct TakeRequest {
     keys: Vec<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    release: bool,
 }
 
 /// Its answer: what each key held, in order; the body has their bytes.
@@ -232,6 +257,13 @@ struct Taken {
 pub(super) fn answer_take(store: &Store, p: &Packet) -> Result<Packet, Status> {
     let req: TakeRequest = serde_json::from_slice(&p.header)
         .map_err(|e| Status::invalid_argument(format!("malformed take: {e}")))?;
+    if req.release {
+        store.release(&req.keys);
+        return Ok(Packet {
+            header: Bytes::from_static(br#"{"payloads":[]}"#),
+            body: Bytes::new(),
+        });
+    }
     let taken = store.take(&req.keys).map_err(|k| {
         Status::not_found(format!(
             "nothing held under key {k} (taken, or held longer than {HOLD_FOR:?})"
@@ -247,6 +279,95 @@ pub(super) fn answer_take(store: &Store, p: &Packet) -> Result<Packet, Status> {
         header: Bytes::from(serde_json::to_vec(&Taken { payloads }).expect("serialises")),
         body: body.freeze(),
     })
+}
+
+/// Sends a take (or a release) over `channel` and waits for its answer, at most
+/// [`TAKE_TIMEOUT`].
+async fn call_take(channel: Channel, limit: usize, req: TakeRequest) -> Result<Packet, String> {
+    let mut grpc = tonic::client::Grpc::new(channel)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let call = async {
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        grpc.unary(
+            Request::new(Packet {
+                header: Bytes::from(serde_json::to_vec(&req).expect("serialises")),
+                body: Bytes::new(),
+            }),
+            http::uri::PathAndQuery::from_static(TAKE),
+            PacketCodec,
+        )
+        .await
+    };
+    Ok(tokio::time::timeout(TAKE_TIMEOUT, call)
+        .await
+        .map_err(|_| format!("no answer in {TAKE_TIMEOUT:?}"))?
+        .map_err(|e| e.message().to_string())?
+        .into_inner())
+}
+
+/// Activations released per call, at most.
+const RELEASE_BATCH: usize = 1024;
+
+/// Frames' activations queued for release, at most; beyond that they are left to expire.
+const RELEASE_QUEUE: usize = 4096;
+
+/// Where a front (or any process that drops frames whose activation another node holds) lets
+/// those activations go: queued without waiting, and released in the background, one call per
+/// holder for whatever has queued up. A release that cannot be queued or sent is passed over:
+/// the activation then expires on its holder as before.
+#[derive(Clone)]
+pub struct Releaser {
+    tx: tokio::sync::mpsc::Sender<crate::frame::Held>,
+}
+
+impl Releaser {
+    /// A releaser whose calls run on `rt`; `channel_of` gives the link to a holding node by
+    /// name (`None`: no link, passed over).
+    pub fn spawn(
+        rt: &tokio::runtime::Runtime,
+        limit: usize,
+        channel_of: impl Fn(&str) -> Option<Channel> + Send + 'static,
+    ) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<crate::frame::Held>(RELEASE_QUEUE);
+        rt.spawn(async move {
+            let mut queued = Vec::with_capacity(RELEASE_BATCH);
+            while rx.recv_many(&mut queued, RELEASE_BATCH).await > 0 {
+                let mut by_node: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+                for h in queued.drain(..) {
+                    by_node.entry(h.node).or_default().push(h.key);
+                }
+                for (node, keys) in by_node {
+                    let Some(channel) = channel_of(&node) else {
+                        continue;
+                    };
+                    let n = keys.len();
+                    let req = TakeRequest {
+                        keys,
+                        release: true,
+                    };
+                    if let Err(why) = call_take(channel, limit, req).await {
+                        tracing::debug!(
+                            node,
+                            n,
+                            why,
+                            "Could not release held activations; they expire there."
+                        );
+                    }
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    /// Lets go of the activation `f` has held on another node, if any.
+    pub fn release(&self, f: &mut crate::frame::Frame) {
+        if let Some(h) = f.held.take() {
+            let _ = self.tx.try_send(*h);
+        }
+    }
 }
 
 /// The links a node takes activations over, one per node it took from, made on first use.
@@ -300,31 +421,15 @@ impl Takers {
     }
 
     async fn take_from(&self, addr: &str, keys: Vec<u64>) -> Result<Vec<(Payload, Bytes)>, String> {
-        let channel = self.channel(addr)?;
-        let mut grpc = tonic::client::Grpc::new(channel)
-            .max_decoding_message_size(self.limit)
-            .max_encoding_message_size(self.limit);
-        let call = async {
-            grpc.ready()
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            grpc.unary(
-                Request::new(Packet {
-                    header: Bytes::from(
-                        serde_json::to_vec(&TakeRequest { keys }).expect("serialises"),
-                    ),
-                    body: Bytes::new(),
-                }),
-                http::uri::PathAndQuery::from_static(TAKE),
-                PacketCodec,
-            )
-            .await
-        };
-        let answer = tokio::time::timeout(TAKE_TIMEOUT, call)
-            .await
-            .map_err(|_| format!("no answer in {TAKE_TIMEOUT:?}"))?
-            .map_err(|e| e.message().to_string())?
-            .into_inner();
+        let answer = call_take(
+            self.channel(addr)?,
+            self.limit,
+            TakeRequest {
+                keys,
+                release: false,
+            },
+        )
+        .await?;
         let taken: Taken = serde_json::from_slice(&answer.header)
             .map_err(|e| format!("malformed answer to a take: {e}"))?;
         let mut body = answer.body;

@@ -329,6 +329,16 @@ impl Peers {
         Ok(())
     }
 
+    /// Where frames dropped here let go of the activations nodes hold for them (see
+    /// [`handoff::Releaser`]).
+    pub fn releaser(&self) -> handoff::Releaser {
+        let peers = self.peers.clone();
+        handoff::Releaser::spawn(&self.rt, self.limit, move |node| {
+            let known = peers.lock().unwrap_or_else(|e| e.into_inner());
+            known.get(node).map(|p| p.channel.clone())
+        })
+    }
+
     /// The runner of worker `worker` of stage `stage`, which runs on node `node`; each frame
     /// sends what `sends` says; its outputs go where `onward` says (see [`super::handoff`]).
     pub fn runner(
@@ -1339,6 +1349,25 @@ mod tests {
         assert_eq!(b.counters().lost.load(Ordering::Relaxed), 0);
         assert!(b.is_up(), "b did nothing wrong");
         assert_eq!(b_store.counters.take_failed.load(Ordering::Relaxed), 1);
+        assert_eq!(a_store.counters.expired.load(Ordering::Relaxed), 2);
+
+        // Held on a for frames this process then drops: released on a at once, not left to
+        // expire; a frame with nothing held is passed over.
+        let mut batch = frames(3);
+        head.submit(&batch, Some(0)).unwrap()(&mut batch).unwrap();
+        assert_eq!(a_store.size(), 3 * 4 * 4);
+        batch[2].held = None;
+        let releaser = peers.releaser();
+        batch.iter_mut().for_each(|f| releaser.release(f));
+        assert!(batch.iter().all(|f| f.held.is_none()));
+        let t0 = std::time::Instant::now();
+        while a_store.counters.released.load(Ordering::Relaxed) < 2
+            && t0.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(a_store.counters.released.load(Ordering::Relaxed), 2);
+        assert_eq!(a_store.size(), 4 * 4, "the third is still held");
         assert_eq!(a_store.counters.expired.load(Ordering::Relaxed), 2);
     }
 }

@@ -268,6 +268,9 @@ pub(super) struct Wiring {
     pub clock: SharedClock,
     pub system_clock: SystemClock,
     pub threads: Threads,
+    /// Where frames dropped late let go of activations other nodes hold for them (a front
+    /// with cluster links).
+    pub release: Option<crate::cluster::handoff::Releaser>,
 }
 
 /// A built route: the entry its flow's admission sends to, and its stages' queues (by stage
@@ -353,6 +356,7 @@ impl Wiring {
                     },
                     timeline.clone(),
                     self.stats.clone(),
+                    self.release.clone(),
                     self.system_clock,
                 )?,
             ));
@@ -377,6 +381,7 @@ impl Wiring {
                             stats: self.stats.clone(),
                             clock: self.clock.clone(),
                             started: started.clone(),
+                            release: self.release.clone(),
                         },
                         runner,
                         rx,

@@ -11,6 +11,7 @@ use crate::batcher::deadline::{StageCost, Timeline};
 use crate::batcher::thread::{self, Inbox, Outbox, Recv};
 use crate::batcher::{Assigned, Driver, Hop, Load, PolicyKind, PolicySettings, make_policy};
 use crate::clock::{Clock, Nanos, SystemClock, nanos};
+use crate::cluster::handoff::Releaser;
 use crate::config::Pipeline;
 use crate::frame::Frame;
 use crate::stats::Stats;
@@ -193,6 +194,8 @@ struct PoolOutbox {
     pool: Pool,
     feedback: flume::Receiver<bool>,
     stats: Arc<Stats>,
+    /// Where a frame dropped here lets go of an activation another node holds for it.
+    release: Option<Releaser>,
 }
 
 impl Load for PoolOutbox {
@@ -215,7 +218,10 @@ impl Outbox<Frame> for PoolOutbox {
         }
     }
 
-    fn late(&mut self, f: Frame) {
+    fn late(&mut self, mut f: Frame) {
+        if let Some(r) = &self.release {
+            r.release(&mut f);
+        }
         self.stats.frame_late_in_stage(self.stage, f.stream);
     }
 
@@ -245,6 +251,7 @@ pub(super) fn spawn_batcher(
     settings: PolicySettings,
     timeline: Arc<Mutex<Timeline>>,
     stats: Arc<Stats>,
+    release: Option<Releaser>,
     clock: SystemClock,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -261,6 +268,7 @@ pub(super) fn spawn_batcher(
                 pool,
                 feedback,
                 stats,
+                release,
             };
             let clock: &dyn Clock = &clock;
             thread::run(&mut driver, clock, &mut inbox, &mut outbox);

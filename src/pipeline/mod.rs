@@ -282,6 +282,7 @@ pub fn start(p: &Pipeline, opts: &RunOptions) -> Result<Running, PipelineError> 
         clock: clock.clone(),
         system_clock,
         threads: threads.clone(),
+        release: peers.as_deref().map(crate::cluster::link::Peers::releaser),
     };
     let mut queues: Vec<Option<live::StageQueues>> = p.stages.iter().map(|_| None).collect();
     let mut entries: Vec<Vec<RouteEntry>> = p.flows.iter().map(|_| Vec::new()).collect();

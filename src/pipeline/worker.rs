@@ -15,6 +15,7 @@ use super::graph::{Batch, Downstream, Sequencer};
 use crate::batcher::Hop;
 use crate::batcher::deadline::Timeline;
 use crate::clock::SharedClock;
+use crate::cluster::handoff::Releaser;
 use crate::engine::{Pending, StageError, StageRunner};
 use crate::frame::Frame;
 use crate::panics::panic_message;
@@ -53,6 +54,18 @@ pub(super) struct WorkerContext {
     pub clock: SharedClock,
     /// Batches the stage's pool has started, counted only when [`PANIC_STAGE_ENV`] names it.
     pub started: Arc<AtomicU64>,
+    /// Where the frames of a batch that did not run let go of activations other nodes hold
+    /// for them.
+    pub release: Option<Releaser>,
+}
+
+impl WorkerContext {
+    /// Lets go of what other nodes hold for `frames`, which go no further.
+    fn let_go(&self, frames: &mut [Frame]) {
+        if let Some(r) = &self.release {
+            frames.iter_mut().for_each(|f| r.release(f));
+        }
+    }
 }
 
 /// The batch number at which stage `name` is asked to panic, if it is.
@@ -198,6 +211,7 @@ fn settle(cx: &WorkerContext, ran: Ran, on_link: Option<Instant>) -> (u64, Finis
     }
     let output = match result {
         Some(Err(StageError::Lost(_))) => {
+            cx.let_go(&mut frames);
             for f in frames {
                 stats.frame_lost_in_stage(cx.stage, f.stream);
             }
@@ -214,6 +228,7 @@ fn settle(cx: &WorkerContext, ran: Ran, on_link: Option<Instant>) -> (u64, Finis
         }
         // An engine error, a panic, or a worker that panicked before.
         _ => {
+            cx.let_go(&mut frames);
             for f in frames {
                 stats.frame_failed_in_stage(cx.stage, f.stream);
             }
@@ -317,7 +332,8 @@ fn forward(cx: &WorkerContext, frames: Vec<Frame>, route: Option<Vec<Hop>>) {
                     stats.frames_entered(next, n);
                 }
             }
-            Err(lost) => {
+            Err(mut lost) => {
+                cx.let_go(&mut lost.frames);
                 for f in lost.frames {
                     stats.frame_failed_between_stages(f.stream);
                 }
