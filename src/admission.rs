@@ -81,6 +81,8 @@ pub enum Refused {
 
 struct Lane {
     frames: VecDeque<Frame>,
+    /// The stream's priority, given to its frames as they are taken.
+    priority: u32,
     /// When its last frame arrived: a stream that delivered within [`ACTIVE`] keeps earning its
     /// share while its lane is momentarily empty.
     last: Option<Instant>,
@@ -231,6 +233,7 @@ impl Admission {
             .push(f64::from(priority.max(1)));
         s.lanes.push(Lane {
             frames: VecDeque::new(),
+            priority: priority.max(1),
             last: None,
         });
         Inlet {
@@ -283,7 +286,11 @@ impl Admission {
             if let Some(i) = picked {
                 // Lanes of removed streams stay (indices never move) and, once empty, are never
                 // eligible again.
-                let f = lanes[i].frames.pop_front();
+                let priority = lanes[i].priority;
+                let f = lanes[i].frames.pop_front().map(|mut f| {
+                    f.priority = priority;
+                    f
+                });
                 drop(s);
                 self.room.notify_all();
                 return f;

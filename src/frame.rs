@@ -111,6 +111,8 @@ pub struct Frame {
     /// The route of its flow that it takes (index into the pipeline's routes), set when it is
     /// admitted.
     pub route: usize,
+    /// Its stream's `priority` (share under overload), set when it is admitted (1 before).
+    pub priority: u32,
 }
 
 impl Frame {
@@ -138,6 +140,7 @@ impl Frame {
             held: None,
             kept: None,
             route: 0,
+            priority: 1,
         }
     }
 }

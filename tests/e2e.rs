@@ -518,6 +518,64 @@ fn under_overload_the_deadline_policy_drops_early_and_publishes_more_than_fixed(
 }
 
 #[test]
+fn cameras_that_overload_a_cut_pipeline_share_it_by_priority() {
+    let Some(profiles) = shared_profiles() else {
+        return;
+    };
+    let shipped = std::fs::read_to_string(root().join("pipelines/emulated.toml")).unwrap();
+    // Three cameras started together (frames nearly in phase), 90 frames/s in all, into a cut
+    // pipeline whose 0.5 Gbit/s link lets its head serve about 24 within the SLO. Served oldest
+    // first, the camera whose frames reached the head first took nearly every slot (314, 34
+    // and 11 frames in 15 s).
+    let run = |priorities: [u32; 3]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pipeline = shipped
+            .replace(
+                "bandwidth_gbps = 10\n",
+                &format!(
+                    "bandwidth_gbps = 0.5\nprofiles = \"{}\"\n",
+                    profiles.display()
+                ),
+            )
+            .replace(
+                "path = \"-\"",
+                &format!("path = \"{}\"", dir.path().join("out.jsonl").display()),
+            );
+        for (cam, pattern) in [("cam-a", "ball"), ("cam-b", "smpte")] {
+            pipeline = pipeline.replace(
+                &format!("name = \"{cam}\"\nuri = \"test://{pattern}\"\nmax_fps = 15"),
+                &format!("name = \"{cam}\"\nuri = \"test://ball\"\nmax_fps = 30"),
+            );
+        }
+        pipeline = pipeline.replacen(
+            "[[stage]]",
+            "[[source]]\nname = \"cam-c\"\nuri = \"test://ball\"\nmax_fps = 30\n\n[[stage]]",
+            1,
+        );
+        for (cam, p) in ["cam-a", "cam-b", "cam-c"].iter().zip(priorities) {
+            pipeline = pipeline.replace(
+                &format!("name = \"{cam}\"\n"),
+                &format!("name = \"{cam}\"\npriority = {p}\n"),
+            );
+        }
+        let (_, summary, _) = run_pipeline(dir.path(), &pipeline, &["--duration", "8"]);
+        let streams = assert_balanced(&summary);
+        assert!(
+            summary["stages"][0]["dropped_late"].as_u64().unwrap() > 0,
+            "overloaded: {summary}"
+        );
+        ["cam-a", "cam-b", "cam-c"].map(|c| streams[c]["published"].as_u64().unwrap() as f64)
+    };
+    let x = run([1, 1, 1]);
+    let jain = poolpipe::stats::jain_index(&x).unwrap();
+    assert!(jain >= 0.95, "Jain's index {jain:.3} over {x:?}");
+    assert!(x.iter().all(|&n| n >= 40.0), "{x:?}");
+    let y = run([2, 1, 1]);
+    let share = y[0] / (y[1] + y[2]);
+    assert!((0.8..=1.25).contains(&share), "2:1:1 gave {y:?}");
+}
+
+#[test]
 fn the_detector_cut_into_two_stages_publishes_what_the_uncut_pipeline_publishes() {
     let sample = require("samples/campus.mp4");
     require("engines/ppocr/det.blocks/manifest.json");

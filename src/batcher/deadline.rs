@@ -12,6 +12,15 @@
 //!   which it still fits (minus the margin, which also absorbs the batcher's wake-up delay); if a
 //!   larger batch no longer fits, what fits goes at once.
 //! - If not even the oldest frame alone fits, it is dropped at once (late), never run late.
+//! - Frames of several streams share what is served fairly. Where a batch leaves frames behind
+//!   that no later batch could serve in time, the frames it takes among those are those of the
+//!   streams it served least (each frame counted 1/`priority` of its stream); otherwise it takes
+//!   the oldest. A batch whose route cannot start before its first worker is free commits to
+//!   its frames only at the last moment that costs nothing (when it must leave to start then),
+//!   so that frames of every stream that arrived by then are in the choice, and it holds a
+//!   frame of every stream besides two batches. Without this, under overload, whichever
+//!   camera's frames arrived first in each frame interval took nearly every slot. A single
+//!   stream is batched as before.
 //! - Before a batch goes, its route is booked in the shared [`Timeline`]; later stages run it on
 //!   the reserved workers. Bookings only ever start after a worker's last booking, so
 //!   reservations on one worker never overlap.
@@ -25,7 +34,7 @@
 //!   batch has arrived and the worker is free. The worker taken is the one that would start it
 //!   first (on ties, the one idle the longest, so that idle nodes take turns).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use super::{BatchPolicy, Deadline, Dispatch, Hop};
@@ -220,7 +229,19 @@ pub struct DeadlinePolicy<T> {
     late: Vec<T>,
     /// When a waiting batch must go at the latest.
     wakeup: Option<Nanos>,
+    /// Frames served per stream, each counted 1/weight (see [`FAIR_SPAN`]).
+    served: BTreeMap<usize, f64>,
+    /// When each stream's last frame arrived.
+    arrivals: BTreeMap<usize, Nanos>,
 }
+
+/// How long after its last frame a stream still counts among those that compete.
+const STREAM_ACTIVE: Nanos = 1_000_000_000;
+
+/// How far (in weighted frames) a stream's count of frames served may lag the most served
+/// stream's: a stream that comes back after a pause, or a new one, gets at most this many
+/// frames ahead of the others before they take turns again.
+pub const FAIR_SPAN: f64 = 4.0;
 
 impl<T: Deadline> DeadlinePolicy<T> {
     /// A policy over the shared timeline.
@@ -245,7 +266,110 @@ impl<T: Deadline> DeadlinePolicy<T> {
             queue: VecDeque::new(),
             late: Vec::new(),
             wakeup: None,
+            served: BTreeMap::new(),
+            arrivals: BTreeMap::new(),
         }
+    }
+
+    /// Streams that sent a frame within [`STREAM_ACTIVE`] of the last frame.
+    fn active_streams(&self) -> usize {
+        let last = self.arrivals.values().copied().max().unwrap_or(0);
+        self.arrivals
+            .values()
+            .filter(|&&t| t + STREAM_ACTIVE >= last)
+            .count()
+    }
+
+    /// Whether the queue holds frames of more than one stream.
+    fn streams_differ(&self) -> bool {
+        let mut it = self.queue.iter().map(|(t, _)| t.stream());
+        it.next()
+            .is_some_and(|first| it.any(|stream| stream != first))
+    }
+
+    /// When a batch of `b` planned as `route` at `now` could still leave and keep that route
+    /// (its first worker is busy until then), if that is worth waiting for.
+    fn leave_later(&self, tl: &Timeline, now: Nanos, b: usize, route: &[Hop]) -> Option<Nanos> {
+        let first = route.first()?;
+        let leave = first
+            .start
+            .saturating_sub(first.arrived.saturating_sub(now));
+        let wake = leave.saturating_sub(self.cfg.margin);
+        if wake <= now.saturating_add(self.cfg.margin) {
+            return None;
+        }
+        let finish = |r: &[Hop]| r.last().map(|h| h.sent);
+        (finish(&self.plan(tl, wake, b)) == finish(route)).then_some(wake)
+    }
+
+    /// Takes the `b` frames of the batch planned as `route` from the queue: the first `b`,
+    /// unless frames of several streams that only this batch can still serve (their deadline
+    /// falls before the earliest finish of a batch after it) outnumber, or lie beyond, them.
+    /// Then those frames go first, the least served streams' first, and what room is left goes
+    /// to the oldest frames that fit.
+    fn take_batch(&mut self, tl: &Timeline, now: Nanos, b: usize, route: &[Hop]) -> Vec<T> {
+        let taken: Vec<T> = if b >= self.queue.len() || !self.streams_differ() {
+            self.queue.drain(..b).map(|(t, _)| t).collect()
+        } else {
+            let finish = route.last().map_or(now, |h| h.sent) + self.cfg.margin;
+            let mut after = tl.clone();
+            route.iter().for_each(|hop| after.book(hop));
+            let next = self.plan(&after, now, 1).last().map_or(now, |h| h.sent) + self.cfg.margin;
+            let fits = |d: Nanos| d >= finish;
+            let urgent: Vec<usize> = (0..self.queue.len())
+                .filter(|&i| {
+                    let d = self.queue[i].0.deadline();
+                    fits(d) && d < next
+                })
+                .collect();
+            if urgent.iter().all(|&i| i < b) {
+                self.queue.drain(..b).map(|(t, _)| t).collect()
+            } else {
+                let top = self.served.values().copied().fold(0.0, f64::max);
+                let owed = |t: &T| {
+                    self.served
+                        .get(&t.stream())
+                        .copied()
+                        .unwrap_or(0.0)
+                        .max(top - FAIR_SPAN)
+                };
+                let mut order = urgent.clone();
+                order.sort_by(|&i, &j| {
+                    let (x, y) = (&self.queue[i].0, &self.queue[j].0);
+                    owed(x)
+                        .total_cmp(&owed(y))
+                        .then(x.deadline().cmp(&y.deadline()))
+                        .then(i.cmp(&j))
+                });
+                let mut chosen: Vec<usize> = order.into_iter().take(b).collect();
+                for i in 0..self.queue.len() {
+                    if chosen.len() == b {
+                        break;
+                    }
+                    if !chosen.contains(&i) && fits(self.queue[i].0.deadline()) {
+                        chosen.push(i);
+                    }
+                }
+                chosen.sort_unstable();
+                let mut kept = VecDeque::with_capacity(self.queue.len() - chosen.len());
+                let mut out = Vec::with_capacity(chosen.len());
+                for (i, item) in std::mem::take(&mut self.queue).into_iter().enumerate() {
+                    if chosen.binary_search(&i).is_ok() {
+                        out.push(item.0);
+                    } else {
+                        kept.push_back(item);
+                    }
+                }
+                self.queue = kept;
+                out
+            }
+        };
+        let top = self.served.values().copied().fold(0.0, f64::max);
+        for t in &taken {
+            let n = self.served.entry(t.stream()).or_insert(0.0);
+            *n = n.max(top - FAIR_SPAN) + 1.0 / f64::from(t.weight().max(1));
+        }
+        taken
     }
 
     /// The route a batch of `b` would take if it left at `now`. A hop holds its worker for the
@@ -315,6 +439,7 @@ impl<T: Deadline + Send> BatchPolicy<T> for DeadlinePolicy<T> {
     }
 
     fn push(&mut self, item: T, now: Nanos) {
+        self.arrivals.insert(item.stream(), now);
         self.queue.push_back((item, now));
     }
 
@@ -350,18 +475,28 @@ impl<T: Deadline + Send> BatchPolicy<T> for DeadlinePolicy<T> {
             };
             let full = b == self.cfg.planned;
             let larger_no_longer_fits = b < self.queue.len();
-            if full || larger_no_longer_fits || closing || slack <= self.cfg.margin {
+            let last_moment = now + slack - self.cfg.margin;
+            let must = closing || slack <= self.cfg.margin;
+            if must || full || larger_no_longer_fits {
+                // Streams compete: choose which frames go when the batch must leave.
+                let later = (!must && self.active_streams() > 1)
+                    .then(|| self.leave_later(&tl, now, b, &route))
+                    .flatten();
+                if let Some(wake) = later {
+                    self.wakeup = Some(wake.min(last_moment));
+                    return None;
+                }
+                let items = self.take_batch(&tl, now, b, &route);
                 for hop in &route {
                     tl.book(hop);
                 }
-                let items = self.queue.drain(..b).map(|(t, _)| t).collect();
                 return Some(Dispatch {
                     items,
                     route: Some(route),
                 });
             }
             // Wait for more frames, until the last moment this batch still fits.
-            self.wakeup = Some(now + slack - self.cfg.margin);
+            self.wakeup = Some(last_moment);
             return None;
         }
     }
@@ -379,6 +514,15 @@ impl<T: Deadline + Send> BatchPolicy<T> for DeadlinePolicy<T> {
 
     fn max_batch(&self) -> usize {
         self.cfg.planned
+    }
+
+    fn holds(&self) -> usize {
+        // Where frames of several streams compete: the batch, the next one, and a frame of
+        // every other stream that sent one lately, which is what is chosen from.
+        match self.active_streams() {
+            0 | 1 => self.cfg.planned,
+            n => 2 * self.cfg.planned + n - 1,
+        }
     }
 }
 
@@ -776,6 +920,29 @@ mod tests {
         workers: &[usize],
         planned: usize,
     ) -> (Vec<Sent<Item>>, Vec<Item>) {
+        let items = arrivals
+            .iter()
+            .enumerate()
+            .map(|(id, (at, slo))| {
+                (
+                    *at,
+                    Item {
+                        id,
+                        deadline: at + slo,
+                    },
+                )
+            })
+            .collect();
+        run_script(items, costs, workers, planned)
+    }
+
+    /// [`simulate`] for any items.
+    fn run_script<T: Deadline + Send + 'static>(
+        arrivals: VecDeque<(Nanos, T)>,
+        costs: Vec<StageCost>,
+        workers: &[usize],
+        planned: usize,
+    ) -> (Vec<Sent<T>>, Vec<T>) {
         // The head stage's workers hold a batch for its latency, and its transfer when another
         // stage follows, as the policy books them.
         let latency: Vec<Nanos> = (0..costs[0].latency.len())
@@ -788,28 +955,115 @@ mod tests {
                     }
             })
             .collect();
-        let (p, tl) = policy(costs, workers, planned, MS);
-        let mut driver = Driver::new(Box::new(p) as Box<dyn BatchPolicy<Item>>);
+        let tl = Arc::new(Mutex::new(Timeline::new(workers)));
+        let p = DeadlinePolicy::<T>::new(
+            DeadlineConfig {
+                stage: 0,
+                costs,
+                planned,
+                margin: MS,
+            },
+            tl.clone(),
+        );
+        let mut driver = Driver::new(Box::new(p) as Box<dyn BatchPolicy<T>>);
         let clock = Arc::new(ManualClock::new(0));
         let mut inbox = ScriptInbox {
-            arrivals: arrivals
-                .iter()
-                .enumerate()
-                .map(|(id, (at, slo))| {
-                    (
-                        *at,
-                        Item {
-                            id,
-                            deadline: at + slo,
-                        },
-                    )
-                })
-                .collect(),
+            arrivals,
             clock: clock.clone(),
         };
         let mut outbox = ScriptOutbox::new(clock.clone(), latency, workers[0], tl);
         crate::batcher::thread::run(&mut driver, &*clock, &mut inbox, &mut outbox);
         (outbox.sent, outbox.late)
+    }
+
+    /// A frame of camera `stream`, whose priority is `weight`.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Cam {
+        id: usize,
+        stream: usize,
+        weight: u32,
+        deadline: Nanos,
+    }
+    impl Deadline for Cam {
+        fn deadline(&self) -> Nanos {
+            self.deadline
+        }
+        fn stream(&self) -> usize {
+            self.stream
+        }
+        fn weight(&self) -> u32 {
+            self.weight
+        }
+    }
+
+    /// Cameras of these priorities, each sending a frame every `period` for `n` periods, camera
+    /// k's `k * skew` after camera 0's (nearly in phase, as cameras started together are);
+    /// deadline `slo` after capture.
+    fn cameras(
+        weights: &[u32],
+        period: Nanos,
+        skew: Nanos,
+        n: usize,
+        slo: Nanos,
+    ) -> VecDeque<(Nanos, Cam)> {
+        let mut out = VecDeque::new();
+        for i in 0..n {
+            for (k, &weight) in weights.iter().enumerate() {
+                let at = i as Nanos * period + k as Nanos * skew;
+                let id = out.len();
+                out.push_back((
+                    at,
+                    Cam {
+                        id,
+                        stream: k,
+                        weight,
+                        deadline: at + slo,
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// Frames served per camera.
+    fn served(sent: &[Sent<Cam>], cameras: usize) -> Vec<usize> {
+        let mut n = vec![0; cameras];
+        for c in sent.iter().flat_map(|d| &d.items) {
+            n[c.stream] += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn overloaded_cameras_share_what_is_served_by_their_priority() {
+        // One worker, 40 ms a frame (25 frames/s); three cameras at 30 frames/s, 0.2 ms apart,
+        // SLO 100 ms: under a third of the frames can be served. Served oldest first, the
+        // camera whose frames come first in each period took nearly every slot.
+        let run = |weights: &[u32], planned: usize| {
+            let arrivals = cameras(weights, 33 * MS, MS / 5, 90, 100 * MS);
+            let total = arrivals.len();
+            let (sent, late) = run_script(arrivals, vec![cost(39, 1, 0)], &[1], planned);
+            assert_eq!(
+                sent.iter().map(|d| d.items.len()).sum::<usize>() + late.len(),
+                total,
+                "every frame served or dropped late"
+            );
+            for d in &sent {
+                let end = d.route.as_ref().unwrap()[0].end;
+                assert!(d.items.iter().all(|c| end <= c.deadline), "{d:?}");
+            }
+            served(&sent, weights.len())
+        };
+        for planned in [1, 2] {
+            let n = run(&[1, 1, 1], planned);
+            let (lo, hi) = (n.iter().min().unwrap(), n.iter().max().unwrap());
+            assert!(*lo >= 20, "batch {planned}: {n:?}");
+            assert!(hi - lo <= 2, "batch {planned}: {n:?}");
+            // Priorities 2:1:1 give camera 0 half of what is served.
+            let n = run(&[2, 1, 1], planned);
+            assert!(n[1].abs_diff(n[2]) <= 2, "batch {planned}: {n:?}");
+            assert!(n[0].abs_diff(n[1] + n[2]) <= 3, "batch {planned}: {n:?}");
+        }
     }
 
     proptest! {
@@ -851,6 +1105,39 @@ mod tests {
                 }
             }
             for v in booked.values_mut() {
+                v.sort();
+                prop_assert!(v.windows(2).all(|w| w[0].1 <= w[1].0), "overlap: {:?}", v);
+            }
+        }
+
+        #[test]
+        fn several_cameras_lose_no_frame_and_miss_no_deadline(
+            gaps in proptest::collection::vec(0u64..15, 1..150),
+            cams in proptest::collection::vec((0usize..4, 1u32..4), 1..150),
+            slo in 20u64..150,
+            base in 0u64..20,
+            per in 1u64..10,
+            workers in 1usize..3,
+            planned in 1usize..6,
+        ) {
+            let mut t = 0;
+            let arrivals: VecDeque<(Nanos, Cam)> = gaps.iter().zip(cams.iter().cycle()).enumerate().map(|(id, (g, &(stream, weight)))| {
+                t += g * MS;
+                (t, Cam { id, stream, weight, deadline: t + slo * MS })
+            }).collect();
+            let n = arrivals.len();
+            let (sent, late) = run_script(arrivals, vec![cost(base, per, 0)], &[workers], planned);
+            let mut seen: Vec<usize> = sent.iter().flat_map(|d| d.items.iter().map(|c| c.id)).chain(late.iter().map(|c| c.id)).collect();
+            seen.sort();
+            prop_assert_eq!(seen, (0..n).collect::<Vec<_>>());
+            let mut booked: Vec<Vec<(Nanos, Nanos)>> = vec![Vec::new(); workers];
+            for d in &sent {
+                prop_assert!(d.items.len() <= planned);
+                let hop = d.route.as_ref().unwrap()[0];
+                prop_assert!(d.items.iter().all(|c| hop.end <= c.deadline), "{:?}", d);
+                booked[hop.worker].push((hop.start, hop.end));
+            }
+            for v in &mut booked {
                 v.sort();
                 prop_assert!(v.windows(2).all(|w| w[0].1 <= w[1].0), "overlap: {:?}", v);
             }

@@ -184,7 +184,7 @@ impl<T> Driver<T> {
 
     /// Items it takes before a batch is full (pull no more than this from the stage's queue).
     pub fn room(&self) -> usize {
-        self.policy.max_batch().saturating_sub(self.policy.len())
+        self.policy.holds().saturating_sub(self.policy.len())
     }
 
     /// Items queued.

@@ -48,11 +48,26 @@ pub enum PolicyKind {
 pub trait Deadline {
     /// The time by which it must be done.
     fn deadline(&self) -> Nanos;
+    /// The stream it belongs to: where not every queued item can be served, a policy shares
+    /// what it serves among streams (everything is one stream by default).
+    fn stream(&self) -> usize {
+        0
+    }
+    /// Its stream's weight in that share (at least 1).
+    fn weight(&self) -> u32 {
+        1
+    }
 }
 
 impl Deadline for crate::frame::Frame {
     fn deadline(&self) -> Nanos {
         self.deadline
+    }
+    fn stream(&self) -> usize {
+        self.stream
+    }
+    fn weight(&self) -> u32 {
+        self.priority
     }
 }
 
@@ -110,8 +125,13 @@ pub trait BatchPolicy<T>: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Largest batch; the batcher pulls no more than this from its channel.
+    /// Largest batch.
     fn max_batch(&self) -> usize;
+    /// Items the batcher holds at most: it pulls no more from its channel (by default, a
+    /// batch).
+    fn holds(&self) -> usize {
+        self.max_batch()
+    }
     /// Whether a dispatched batch finished by the earliest deadline in it.
     fn feedback(&mut self, _on_time: bool) {}
     /// Whether `next_batch` can find items late that `take_late` just before, at the same time,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -243,22 +243,7 @@ fn stage_images_per_s(spec: &config::StageSpec, batch: usize, iters: usize) -> a
         .map(|i| ((i * 7) % 251) as u8)
         .collect();
     let image = Arc::new(Image::from_vec(w, h, PixelFormat::RGB, pixels));
-    let frame = |seq: u64| Frame {
-        stream: 0,
-        seq,
-        pts: None,
-        captured_wall: SystemTime::now(),
-        captured: 0,
-        deadline: u64::MAX,
-        image: image.clone(),
-        outputs: Vec::new(),
-        stage_nanos: Vec::new(),
-        entered_stage: 0,
-        activation: None,
-        kept: None,
-        held: None,
-        route: 0,
-    };
+    let frame = |seq: u64| Frame::new(0, seq, image.clone(), 0, u64::MAX);
     let mut run = || -> anyhow::Result<()> {
         let mut frames: Vec<Frame> = (0..batch as u64).map(frame).collect();
         runner.run(&mut frames)?;

@@ -139,6 +139,7 @@ mod tests {
             kept: None,
             held: None,
             route: 0,
+            priority: 1,
         }
     }
 
