@@ -255,6 +255,84 @@ fn sigterm_stops_sources_drains_and_exits_zero() {
     );
 }
 
+#[test]
+fn a_run_whose_standard_output_is_closed_stops_and_accounts_for_every_frame() {
+    // `poolpipe run p.toml | head -n 3` with a live source and no duration: once head exits,
+    // nothing will ever read the results again. The run stops as if told to, instead of
+    // retrying standard output until someone presses Ctrl-C.
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "p.toml",
+        &format!(
+            "{}[[source]]\nname = \"live\"\nuri = \"test://smpte\"\nmax_fps = 30\n\n\
+             [[stage]]\nname = \"pass\"\nmodel = \"noop\"\n\n\
+             [[sink]]\ntype = \"jsonl\"\npath = \"-\"\n",
+            header("closed-stdout", 60_000),
+        ),
+    );
+    let summary = dir.path().join("summary.json");
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            p.to_str().unwrap(),
+            "--api",
+            "off",
+            "--summary-json",
+            summary.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    for _ in 0..3 {
+        let line = lines.next().expect("a result").unwrap();
+        assert!(line.contains("\"stream\":\"live\""), "{line}");
+    }
+    let t0 = Instant::now();
+    drop(lines);
+    // A run that does not stop is killed after 20 s (and fails below), not left to hang.
+    let (done, watch) = std::sync::mpsc::channel::<()>();
+    let pid = child.id() as i32;
+    let watchdog = std::thread::spawn(move || {
+        if watch.recv_timeout(Duration::from_secs(20)).is_err() {
+            // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
+            unsafe { libc_kill(pid, 9) };
+        }
+    });
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "stopped {:?} after its reader went away",
+        t0.elapsed()
+    );
+    assert!(
+        stderr.contains("Standard output was closed by its reader"),
+        "{stderr}"
+    );
+    let s = read_summary(&summary);
+    assert_balanced(&s);
+    let sink = &s["sinks"][0];
+    let n = |k: &str| {
+        sink[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {sink}"))
+    };
+    assert!(n("delivered") >= 3, "{sink}");
+    assert!(n("dropped_rejected") >= 1, "{sink}");
+    assert_eq!(
+        n("offered"),
+        n("delivered") + n("dropped_rejected") + n("dropped_overflow") + n("left_at_shutdown"),
+        "{sink}"
+    );
+}
+
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;

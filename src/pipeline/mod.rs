@@ -660,7 +660,10 @@ impl Running {
             let panicked = stats.any_panicked();
             // Another front took the cameras over (this one was cut off from NATS): stop.
             let deposed = front_lease.as_ref().is_some_and(|l| l.keeper.lost());
+            // Results went to a standard output whose reader went away (`| head`).
+            let stdout_gone = crate::sinks::jsonl::stdout_closed();
             if shutdown.is_triggered()
+                || stdout_gone
                 || out_of_budget
                 || timed_out
                 || all_ended
