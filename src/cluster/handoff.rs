@@ -14,9 +14,10 @@
 //! A take that fails (A stopped, or dropped what it held) loses the batch's frames: B answers
 //! the batch as not run, naming A, and the front counts the frames `lost` on A.
 //!
-//! A frame the front drops before its next stage took its activation (late, in the next stage's
-//! queue) has it released on A at once ([`Releaser`], the same call with `release` set), so that
-//! what no one will take does not fill A's store until it expires.
+//! A frame the front drops before B took its activation (B's batch failed or was lost with B,
+//! the frame could not be forwarded, or it was dropped late) has it released on A at once
+//! ([`Releaser`], the same call with `release` set), so that what no one will take does not fill
+//! A's store until it expires.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
