@@ -211,32 +211,44 @@ fn overload_drops_are_counted_and_published_frames_meet_the_slo() {
     }
 }
 
-#[test]
-fn sigterm_stops_sources_drains_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
+/// `poolpipe run` of a pipeline `name` in `dir`: a live 30 frames/s test pattern through a
+/// no-op `stage` into `sink`, without a duration, writing its summary to `summary.json`.
+fn live_run(dir: &std::path::Path, name: &str, stage: &str, sink: &str, api: &str) -> Command {
     let p = write(
-        dir.path(),
+        dir,
         "p.toml",
         &format!(
             "{}[[source]]\nname = \"live\"\nuri = \"test://smpte\"\nmax_fps = 30\n\n\
-             [[stage]]\nname = \"pass\"\nmodel = \"noop\"\nmax_wait_ms = 200\nmax_batch = 64\n\n{}",
-            header("sigterm", 60_000),
-            sink(dir.path())
+             [[stage]]\nname = \"pass\"\nmodel = \"noop\"\n{stage}\n{sink}",
+            header(name, 60_000),
         ),
     );
+    let mut run = Command::new(bin());
+    run.args([
+        "run",
+        p.to_str().unwrap(),
+        "--api",
+        api,
+        "--summary-json",
+        dir.join("summary.json").to_str().unwrap(),
+    ]);
+    run
+}
+
+#[test]
+fn sigterm_stops_sources_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
     let summary = dir.path().join("summary.json");
-    let mut child = Command::new(bin())
-        .args([
-            "run",
-            p.to_str().unwrap(),
-            "--api",
-            "127.0.0.1:0",
-            "--summary-json",
-            summary.to_str().unwrap(),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = live_run(
+        dir.path(),
+        "sigterm",
+        "max_wait_ms = 200\nmax_batch = 64\n",
+        &sink(dir.path()),
+        "127.0.0.1:0",
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let t0 = Instant::now();
     // SAFETY: kill(2) on our own child's pid.
@@ -261,26 +273,9 @@ fn a_run_whose_standard_output_is_closed_stops_and_accounts_for_every_frame() {
     // nothing will ever read the results again. The run stops as if told to, instead of
     // retrying standard output until someone presses Ctrl-C.
     let dir = tempfile::tempdir().unwrap();
-    let p = write(
-        dir.path(),
-        "p.toml",
-        &format!(
-            "{}[[source]]\nname = \"live\"\nuri = \"test://smpte\"\nmax_fps = 30\n\n\
-             [[stage]]\nname = \"pass\"\nmodel = \"noop\"\n\n\
-             [[sink]]\ntype = \"jsonl\"\npath = \"-\"\n",
-            header("closed-stdout", 60_000),
-        ),
-    );
     let summary = dir.path().join("summary.json");
-    let mut child = Command::new(bin())
-        .args([
-            "run",
-            p.to_str().unwrap(),
-            "--api",
-            "off",
-            "--summary-json",
-            summary.to_str().unwrap(),
-        ])
+    let stdout = "[[sink]]\ntype = \"jsonl\"\npath = \"-\"\n";
+    let mut child = live_run(dir.path(), "closed-stdout", "", stdout, "off")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -325,19 +325,11 @@ impl<T: Deadline> DeadlinePolicy<T> {
             if urgent.iter().all(|&i| i < b) {
                 self.queue.drain(..b).map(|(t, _)| t).collect()
             } else {
-                let top = self.served.values().copied().fold(0.0, f64::max);
-                let owed = |t: &T| {
-                    self.served
-                        .get(&t.stream())
-                        .copied()
-                        .unwrap_or(0.0)
-                        .max(top - FAIR_SPAN)
-                };
-                let mut order = urgent.clone();
+                let mut order = urgent;
                 order.sort_by(|&i, &j| {
                     let (x, y) = (&self.queue[i].0, &self.queue[j].0);
-                    owed(x)
-                        .total_cmp(&owed(y))
+                    self.served_of(x.stream())
+                        .total_cmp(&self.served_of(y.stream()))
                         .then(x.deadline().cmp(&y.deadline()))
                         .then(i.cmp(&j))
                 });
@@ -364,12 +356,21 @@ impl<T: Deadline> DeadlinePolicy<T> {
                 out
             }
         };
-        let top = self.served.values().copied().fold(0.0, f64::max);
         for t in &taken {
-            let n = self.served.entry(t.stream()).or_insert(0.0);
-            *n = n.max(top - FAIR_SPAN) + 1.0 / f64::from(t.weight().max(1));
+            let n = self.served_of(t.stream()) + 1.0 / f64::from(t.weight().max(1));
+            self.served.insert(t.stream(), n);
         }
         taken
+    }
+
+    /// Frames served to `stream`, weighted, at most [`FAIR_SPAN`] behind the most served.
+    fn served_of(&self, stream: usize) -> f64 {
+        let top = self.served.values().copied().fold(0.0, f64::max);
+        self.served
+            .get(&stream)
+            .copied()
+            .unwrap_or(0.0)
+            .max(top - FAIR_SPAN)
     }
 
     /// The route a batch of `b` would take if it left at `now`. A hop holds its worker for the
